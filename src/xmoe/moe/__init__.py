@@ -1,0 +1,39 @@
+"""xmoe.moe: the XMoE layer. Depends on torch only.
+
+    from xmoe.moe import MoEConfig, MoELayer
+    layer = MoELayer(MoEConfig(model_dim=768, num_experts=64, expert_dim=384, threshold=0.9))
+    out = layer(x)                      # out.output, out.aux_loss, out.stats
+"""
+
+from .backends import BACKENDS, auto_backend
+from .config import MoEConfig, capacity
+from .dispatch import DispatchPlan, combine, dispatch, make_plan
+from .experts import Experts
+from .layer import MoELayer, MoEOutput, set_threshold
+from .losses import load_balancing_loss, router_z_loss
+from .router import Router, RouterOutput, apply_capacity, threshold_mask, topk_mask
+from .stats import RoutingStats, routing_stats
+
+__all__ = [
+    "BACKENDS",
+    "DispatchPlan",
+    "Experts",
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "Router",
+    "RouterOutput",
+    "RoutingStats",
+    "apply_capacity",
+    "auto_backend",
+    "capacity",
+    "combine",
+    "dispatch",
+    "load_balancing_loss",
+    "make_plan",
+    "router_z_loss",
+    "routing_stats",
+    "set_threshold",
+    "threshold_mask",
+    "topk_mask",
+]

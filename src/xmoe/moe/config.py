@@ -1,0 +1,118 @@
+"""Configuration of one MoE layer.
+
+Every field of the XMoE method (Yang et al., 2024, arXiv 2403.18926) is named here, and every
+value is checked when the config is built, so a wrong setting fails at construction with a
+message naming the field, not deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ROUTERS = ("threshold", "topk")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+INITS = ("independent", "identical")
+BACKENDS = ("auto", "loop", "grouped_mm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE layer: E experts of width F on a model of width D, and how tokens pick them.
+
+    Routing (see docs/xmoe.md, "The routing rule, exactly"):
+        router="threshold": each token takes the smallest prefix of its experts, sorted by
+            router probability, whose probabilities add up to at least ``threshold``.
+        router="topk": each token takes its ``top_k`` most probable experts (top_k=1 is Switch).
+    Capacity: each expert keeps at most ``C = min(S, max(ceil(capacity_factor * S / E),
+    min_capacity))`` of the S tokens of one call, by priority ``(K - rank) + p``.
+    ``capacity_factor=None`` is dropless. In eval mode ``eval_capacity_factor`` applies instead
+    (default None: dropless, so a token's output never depends on its neighbours).
+    """
+
+    model_dim: int
+    num_experts: int
+    expert_dim: int
+    router: str = "threshold"
+    threshold: float = 0.9
+    top_k: int = 2
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 4
+    renormalize: bool = False
+    activation: str = "gelu"
+    expert_bias: bool = True
+    init: str = "independent"
+    init_std: float | None = None
+    backend: str = "auto"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("model_dim", "num_experts", "expert_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {value!r}")
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("init", self.init, INITS)
+        _check_choice("backend", self.backend, BACKENDS)
+        check_threshold(self.threshold)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"MoEConfig.top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}; "
+                f"use top_k <= num_experts"
+            )
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(
+                    f"MoEConfig.{name} must be a positive number, or None for dropless routing; "
+                    f"got {value!r}"
+                )
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ValueError(
+                f"MoEConfig.min_capacity must be a non-negative integer, got {self.min_capacity!r}"
+            )
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(
+                f"MoEConfig.init_std must be positive, or None for the nn.Linear default; "
+                f"got {self.init_std!r}"
+            )
+
+    @property
+    def num_matrices(self) -> int:
+        """Weight matrices per expert: two for GeLU/ReLU, three for SwiGLU."""
+        return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Forward multiply-add FLOPs of one expert on one token (2 per multiply-add)."""
+        return 2 * self.model_dim * self.expert_dim * self.num_matrices
+
+
+def check_threshold(threshold: float) -> None:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0:
+        raise ValueError(
+            f"threshold must be a number > 0 (0.9 in the paper; >= 1 engages every expert), "
+            f"got {threshold!r}"
+        )
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN; use a number > 0")
+
+
+def capacity(num_tokens: int, num_experts: int, factor: float | None, min_capacity: int) -> int | None:
+    """Slots per expert, ``min(S, max(ceil(factor * S / E), min_capacity))``; None when dropless.
+
+    The clamp to S is ours: the reference forgets it and crashes when a batch is smaller than
+    the minimum capacity.
+    """
+    if factor is None:
+        return None
+    return min(num_tokens, max(math.ceil(factor * num_tokens / num_experts), min_capacity))
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"MoEConfig.{field}={value!r} is not one of {', '.join(choices)}")

@@ -1,0 +1,111 @@
+"""MoELayer: route -> dispatch -> experts -> combine, for any leading shape.
+
+A drop-in replacement for a Transformer block's FFN. Only the (token, expert) pairs the router
+kept are computed, so a threshold router that engages 3 of 64 experts costs 3/64 of the experts'
+FLOPs, in wall time too. One host sync per call (the per-expert pair counts, which also carries
+the non-finite check), none per expert.
+
+Shapes: T tokens, D model dim, E experts, N kept pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .dispatch import combine, dispatch, make_plan
+from .experts import Experts
+from .losses import load_balancing_loss, router_z_loss
+from .router import Router, RouterOutput
+from .stats import RoutingStats, routing_stats
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    output: Tensor  # same shape and dtype as the input
+    aux_loss: Tensor  # fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss
+    z_loss: Tensor  # fp32 scalar, the router z-loss (optional; not in XMoE's recipe)
+    stats: RoutingStats
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg  # the config the layer was built with; see set_threshold for the live one
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+
+    @property
+    def threshold(self) -> float:
+        return self.router.threshold
+
+    def set_threshold(self, threshold: float) -> None:
+        """Change t of a built layer, e.g. at inference, where t is the compute dial."""
+        self.router.threshold = threshold
+
+    def route(self, x_TD: Tensor) -> RouterOutput:
+        """The routing decision for [T, model_dim] tokens, for tests and analysis."""
+        self._check_input(x_TD)
+        decision = self.router(x_TD.reshape(-1, self.cfg.model_dim))
+        if self.cfg.check_finite and not torch.isfinite(decision.logits_TE).all():
+            raise _non_finite_error()
+        return decision
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        self._check_input(x)
+        x_TD = x.reshape(-1, self.cfg.model_dim)
+        num_tokens = x_TD.shape[0]
+        decision = self.router(x_TD)
+
+        counts_E = decision.kept_TE.sum(dim=0)
+        # The layer's one host sync: the pair counts (to size and slice the groups), and with
+        # them, for free, whether the logits were finite.
+        finite = torch.isfinite(decision.logits_TE).all() if self.cfg.check_finite else counts_E.new_ones(())
+        *counts, finite = torch.cat([counts_E, finite.long().reshape(1)]).tolist()
+        if not finite:
+            raise _non_finite_error()
+
+        plan = make_plan(decision.kept_TE, decision.weights_TE, counts_E, tuple(counts))
+        y_ND = self.experts(dispatch(x_TD, plan), plan)
+        y_TD = combine(y_ND, plan, num_tokens)
+        return MoEOutput(
+            output=y_TD.to(x.dtype).reshape(x.shape),
+            aux_loss=load_balancing_loss(decision.probs_TE),
+            z_loss=router_z_loss(decision.logits_TE),
+            stats=routing_stats(decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg),
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.cfg.model_dim:
+            raise ValueError(
+                f"MoELayer expects inputs of shape [..., model_dim={self.cfg.model_dim}], got "
+                f"{tuple(x.shape)}; check MoEConfig.model_dim against your model's hidden size"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"MoELayer needs a floating-point input, got {x.dtype}")
+        weight_dtype = self.experts.w1.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"input dtype {x.dtype} does not match the layer's parameter dtype {weight_dtype}: "
+                f"convert the layer (layer.to({x.dtype})) or run under torch.autocast"
+            )
+
+
+def set_threshold(model: nn.Module, threshold: float) -> int:
+    """Set t on every threshold-routed MoELayer inside ``model``; returns how many were set."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.router.kind == "threshold"]
+    for layer in layers:
+        layer.set_threshold(threshold)
+    return len(layers)
+
+
+def _non_finite_error() -> FloatingPointError:
+    return FloatingPointError(
+        "MoE router logits contain NaN or Inf, so no routing decision is meaningful; the input "
+        "or the router weights have diverged (lower the learning rate, check for fp16 overflow). "
+        "This check costs nothing extra in forward (it rides on the layer's one host sync); "
+        "MoEConfig(check_finite=False) turns it off."
+    )

@@ -1,0 +1,37 @@
+"""Router losses: pure functions of the router's fp32 outputs.
+
+load_balancing_loss is the auxiliary loss of XMoE (Switch style, on the top-1 choice only):
+
+    l_aux = E * sum_e f_e * P_e
+
+f_e: fraction of tokens whose most probable expert is e (before capacity; no gradient),
+P_e: mean router probability of e. It equals 1 when both are uniform. The training loss adds
+``0.01 * sum over MoE layers of l_aux`` (docs/xmoe.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def load_balancing_loss(probs_TE: Tensor) -> Tensor:
+    """Unscaled Switch balancing loss of one layer; 0 for zero tokens."""
+    num_tokens, num_experts = probs_TE.shape
+    if num_tokens == 0:
+        return probs_TE.sum()  # 0, still attached to the graph
+    top1_T = probs_TE.detach().argmax(dim=-1)  # ties: the lower expert index, as in routing
+    fraction_E = torch.bincount(top1_T, minlength=num_experts).to(probs_TE.dtype) / num_tokens
+    mean_prob_E = probs_TE.mean(dim=0)
+    return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE's z-loss (Zoph et al., 2022): mean squared log-partition of the router logits.
+
+    Keeps logits small so the fp32 softmax stays well conditioned; not part of XMoE's recipe,
+    offered as an option (weight it yourself, 1e-3 in ST-MoE).
+    """
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum()
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -1,0 +1,168 @@
+"""Routers: which experts each token wants, and which of those pairs capacity lets through.
+
+Implements the routing rule of XMoE (Yang et al., 2024, arXiv 2403.18926, Sec. 3), written out
+in docs/xmoe.md:
+
+    p = softmax(W_g x)                          in fp32, whatever the input dtype
+    rank j of the sorted p is wanted   iff  j == 1  or  p(1) + ... + p(j-1) < t
+    capacity  C = min(S, max(ceil(gamma * S / E), m))
+    priority of (token, expert)  =  (K - r) + p_e       r: the expert's 0-based rank for the token,
+                                                        K: the most experts any token wants
+    combine weight = p_e (raw probability; ``renormalize`` divides by the wanted mass)
+
+and the top-k baseline (GShard-like; top_k=1 is Switch) with the same capacity machinery.
+
+Shapes: T tokens, D model dim, E experts. Ties between equal probabilities go to the lower
+expert index; ties between equal priorities at a full expert go to the earlier token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig, capacity, check_threshold
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """The routing decision for T tokens. Dense [T, E] masks: small next to the activations."""
+
+    logits_TE: Tensor  # fp32 router logits
+    probs_TE: Tensor  # fp32 softmax over all experts
+    wanted_TE: Tensor  # bool: the router picked this pair (before capacity)
+    kept_TE: Tensor  # bool: the pair survived capacity and will be computed
+    weights_TE: Tensor  # fp32 combine weights, 0 where not kept
+    capacity: int | None  # slots per expert in this call; None when dropless
+
+    def combine_weights(self) -> Tensor:
+        """Dense [T, E] fp32 weights each expert output is multiplied by; 0 where not computed."""
+        return self.weights_TE
+
+
+def threshold_mask(probs_TE: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Wanted pairs of the threshold rule, and each expert's 0-based rank for its token.
+
+    Worked example, t = 0.9, one token with sorted p = [0.60, 0.25, 0.10, 0.03, 0.02]:
+    exclusive sums [0, 0.60, 0.85, 0.95, 0.98] -> ranks 0, 1, 2 are wanted (0.85 < 0.9 still
+    lets the third in, whose mass reaches 0.95).
+    """
+    sorted_p, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
+    if threshold >= 1.0:
+        # Every expert, exactly: the fp sum of E probabilities may stop just short of 1.
+        wanted_sorted = torch.ones_like(sorted_p, dtype=torch.bool)
+    else:
+        # The exclusive sum in fp64 where the device has it, so that the strict `< t` test does
+        # not flip on fp32 rounding of a long cumulative sum.
+        acc = sorted_p.to(_wide_dtype(probs_TE.device)).cumsum(dim=-1)
+        exclusive = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1)
+        wanted_sorted = exclusive < threshold  # rank 0 always: its exclusive sum is 0 < t
+    return _unsort(wanted_sorted, order_TE), _ranks(order_TE)
+
+
+def topk_mask(probs_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Wanted pairs of the top-k rule (the k most probable experts), and the ranks."""
+    order_TE = probs_TE.sort(dim=-1, descending=True, stable=True).indices
+    ranks_TE = _ranks(order_TE)
+    return ranks_TE < k, ranks_TE
+
+
+def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, ranks_TE: Tensor, slots: int | None) -> Tensor:
+    """Keep, for each expert, its ``slots`` wanted pairs of highest priority ``(K - r) + p``.
+
+    K is the same for every pair of the call, so the order is: all first choices before any
+    second choice, and within a rank, higher probability first. No position bias, no noise.
+    """
+    if slots is None or wanted_TE.shape[0] == 0:
+        return wanted_TE
+    wide = _wide_dtype(probs_TE.device)  # p must not be rounded away next to an integer K - r
+    max_wanted = wanted_TE.sum(dim=-1).max()
+    priority_TE = (max_wanted - ranks_TE).to(wide) + probs_TE.to(wide)
+    priority_TE = priority_TE.masked_fill(~wanted_TE, float("-inf"))
+    queue_ET = priority_TE.T.sort(dim=-1, descending=True, stable=True).indices
+    position_TE = _ranks(queue_ET).T  # place of each token in its expert's queue
+    return wanted_TE & (position_TE < slots)
+
+
+class Router(nn.Module):
+    """Linear gate ``W_g`` [E, D] without bias, and the rule that turns its scores into pairs.
+
+    ``threshold``, ``top_k`` and the capacity factors are plain attributes, so a built model's
+    compute can be dialled at inference (``router.threshold = 0.7``) without rebuilding it.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.kind = cfg.router
+        self._threshold = cfg.threshold
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.eval_capacity_factor = cfg.eval_capacity_factor
+        self.min_capacity = cfg.min_capacity
+        self.renormalize = cfg.renormalize
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
+        self.init_std = cfg.init_std
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        check_threshold(value)
+        self._threshold = float(value)
+
+    def reset_parameters(self) -> None:
+        if self.init_std is None:
+            bound = self.weight.shape[1] ** -0.5  # nn.Linear's default range
+            nn.init.uniform_(self.weight, -bound, bound)
+        else:
+            nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        # Routing decisions are discontinuous in p; bf16 logits would move tokens between
+        # experts. Autocast is switched off so the gate really runs in fp32.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = x_TD.float() @ self.weight.float().T
+        probs_TE = logits_TE.softmax(dim=-1)
+        with torch.no_grad():
+            if self.kind == "threshold":
+                wanted_TE, ranks_TE = threshold_mask(probs_TE, self._threshold)
+            else:
+                wanted_TE, ranks_TE = topk_mask(probs_TE, self.top_k)
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
+            kept_TE = apply_capacity(probs_TE, wanted_TE, ranks_TE, slots)
+        weights_TE = probs_TE
+        if self.renormalize:
+            weights_TE = probs_TE / (probs_TE * wanted_TE).sum(dim=-1, keepdim=True)
+        weights_TE = weights_TE * kept_TE
+        return RouterOutput(logits_TE, probs_TE, wanted_TE, kept_TE, weights_TE, slots)
+
+    def extra_repr(self) -> str:
+        rule = f"threshold={self._threshold}" if self.kind == "threshold" else f"top_k={self.top_k}"
+        return (
+            f"{self.kind}, {rule}, experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}"
+        )
+
+
+def _ranks(order: Tensor) -> Tensor:
+    """Inverse permutation along the last dim: ``ranks[i, order[i, j]] = j``."""
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def _unsort(values_sorted: Tensor, order: Tensor) -> Tensor:
+    return torch.empty_like(values_sorted).scatter_(-1, order, values_sorted)
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no fp64
