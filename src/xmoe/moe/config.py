@@ -13,7 +13,7 @@ from dataclasses import dataclass
 ROUTERS = ("threshold", "topk")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 INITS = ("independent", "identical")
-BACKENDS = ("auto", "loop", "grouped_mm")
+BACKENDS = ("auto", "loop", "fused", "grouped_mm")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,8 +9,9 @@ One layout serves every backend (``x @ w``, no transposes):
     FFN_e(x) = act(x w1_e + b1_e) w2_e + b2_e          gelu, relu
     FFN_e(x) = (silu(x w1_e + b1_e) * (x w3_e + b3_e)) w2_e + b2_e    swiglu
 
-The experts never see the router: they take rows already grouped by expert and the group sizes,
-as ScatterMoE's MLP does. Which kernel runs the groups is the backend's business (backends/).
+The experts never see the router: they take the tokens and a dispatch plan (which pairs, in
+which order, with which weights), as ScatterMoE's MLP takes routing as input. How the pairs are
+gathered, computed and combined is the backend's business (backends/).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .activations import activate
 from .backends import get_backend
 from .config import MoEConfig
 from .dispatch import DispatchPlan
@@ -70,12 +71,8 @@ class Experts(nn.Module):
 
     def hidden(self, up: Tensor, gate: Tensor | None) -> Tensor:
         """The activation between the projections; ``gate`` is x w3 + b3 for SwiGLU."""
-        if self.activation == "gelu":
-            return F.gelu(up)
-        if self.activation == "relu":
-            return F.relu(up)
-        return F.silu(up) * gate
+        return activate(self.activation, up, gate)
 
-    def forward(self, x_ND: Tensor, plan: DispatchPlan) -> Tensor:
-        """Run each expert on its rows of ``x_ND`` (grouped as in ``plan``): [N, D] -> [N, D]."""
-        return get_backend(self.backend, self, x_ND)(self, x_ND, plan)
+    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        """``out[t] = sum over kept pairs (t, e) of w_te * FFN_e(x_t)``: [T, D] -> [T, D] fp32."""
+        return get_backend(self.backend, self, x_TD)(self, x_TD, plan)

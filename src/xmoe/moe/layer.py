@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import combine, dispatch, make_plan
+from .dispatch import make_plan
 from .experts import Experts
 from .losses import load_balancing_loss, router_z_loss
 from .router import Router, RouterOutput
@@ -57,7 +57,6 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor) -> MoEOutput:
         self._check_input(x)
         x_TD = x.reshape(-1, self.cfg.model_dim)
-        num_tokens = x_TD.shape[0]
         decision = self.router(x_TD)
 
         counts_E = decision.kept_TE.sum(dim=0)
@@ -69,8 +68,7 @@ class MoELayer(nn.Module):
             raise _non_finite_error()
 
         plan = make_plan(decision.kept_TE, decision.weights_TE, counts_E, tuple(counts))
-        y_ND = self.experts(dispatch(x_TD, plan), plan)
-        y_TD = combine(y_ND, plan, num_tokens)
+        y_TD = self.experts(x_TD, plan)
         return MoEOutput(
             output=y_TD.to(x.dtype).reshape(x.shape),
             aux_loss=load_balancing_loss(decision.probs_TE),

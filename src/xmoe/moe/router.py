@@ -43,7 +43,7 @@ class RouterOutput:
 
 
 def threshold_mask(probs_TE: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Wanted pairs of the threshold rule, and each expert's 0-based rank for its token.
+    """Wanted pairs of the threshold rule, and each token's experts from most to least probable.
 
     Worked example, t = 0.9, one token with sorted p = [0.60, 0.25, 0.10, 0.03, 0.02]:
     exclusive sums [0, 0.60, 0.85, 0.95, 0.98] -> ranks 0, 1, 2 are wanted (0.85 < 0.9 still
@@ -56,20 +56,20 @@ def threshold_mask(probs_TE: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     else:
         # The exclusive sum in fp64 where the device has it, so that the strict `< t` test does
         # not flip on fp32 rounding of a long cumulative sum.
-        acc = sorted_p.to(_wide_dtype(probs_TE.device)).cumsum(dim=-1)
+        acc = sorted_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))
         exclusive = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1)
         wanted_sorted = exclusive < threshold  # rank 0 always: its exclusive sum is 0 < t
-    return _unsort(wanted_sorted, order_TE), _ranks(order_TE)
+    return _unsort(wanted_sorted, order_TE), order_TE
 
 
 def topk_mask(probs_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Wanted pairs of the top-k rule (the k most probable experts), and the ranks."""
+    """Wanted pairs of the top-k rule (the k most probable experts), and the expert order."""
     order_TE = probs_TE.sort(dim=-1, descending=True, stable=True).indices
-    ranks_TE = _ranks(order_TE)
-    return ranks_TE < k, ranks_TE
+    wanted_sorted = torch.arange(order_TE.shape[-1], device=order_TE.device) < k
+    return _unsort(wanted_sorted.expand_as(order_TE), order_TE), order_TE
 
 
-def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, ranks_TE: Tensor, slots: int | None) -> Tensor:
+def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor, slots: int | None) -> Tensor:
     """Keep, for each expert, its ``slots`` wanted pairs of highest priority ``(K - r) + p``.
 
     K is the same for every pair of the call, so the order is: all first choices before any
@@ -77,8 +77,13 @@ def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, ranks_TE: Tensor, slots:
     """
     if slots is None or wanted_TE.shape[0] == 0:
         return wanted_TE
+    if probs_TE.device.type == "cpu" and wanted_TE.sum(dim=0).max() <= slots:
+        # Nothing overflows, as is usual at the paper's gamma = 8. Reading the loads is free on
+        # the CPU; on a GPU it would be a host sync, dearer than the sort it saves.
+        return wanted_TE
     wide = _wide_dtype(probs_TE.device)  # p must not be rounded away next to an integer K - r
     max_wanted = wanted_TE.sum(dim=-1).max()
+    ranks_TE = _ranks(order_TE)  # r: 0 for each token's most probable expert
     priority_TE = (max_wanted - ranks_TE).to(wide) + probs_TE.to(wide)
     priority_TE = priority_TE.masked_fill(~wanted_TE, float("-inf"))
     queue_ET = priority_TE.T.sort(dim=-1, descending=True, stable=True).indices
@@ -134,12 +139,12 @@ class Router(nn.Module):
         probs_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
             if self.kind == "threshold":
-                wanted_TE, ranks_TE = threshold_mask(probs_TE, self._threshold)
+                wanted_TE, order_TE = threshold_mask(probs_TE, self._threshold)
             else:
-                wanted_TE, ranks_TE = topk_mask(probs_TE, self.top_k)
+                wanted_TE, order_TE = topk_mask(probs_TE, self.top_k)
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
-            kept_TE = apply_capacity(probs_TE, wanted_TE, ranks_TE, slots)
+            kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots)
         weights_TE = probs_TE
         if self.renormalize:
             weights_TE = probs_TE / (probs_TE * wanted_TE).sum(dim=-1, keepdim=True)

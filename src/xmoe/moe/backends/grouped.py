@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..dispatch import combine, dispatch
+
 
 def grouped_mm_problem(experts, x: Tensor) -> str | None:
     """Why grouped_mm cannot run these experts on x, or None when it can."""
@@ -20,7 +22,10 @@ def grouped_mm_problem(experts, x: Tensor) -> str | None:
         return "grouped_mm needs a CUDA GPU of compute capability 8.0 or newer"
     if x.device.type not in ("cuda", "cpu"):
         return f"grouped_mm does not run on {x.device.type}"
-    itemsize = torch.empty((), dtype=compute_dtype(x)).element_size()
+    dtype = compute_dtype(x)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped_mm takes float32, bfloat16 or float16, not {dtype}"
+    itemsize = dtype.itemsize
     dims = {"model_dim": experts.w1.shape[1], "expert_dim": experts.w1.shape[2]}
     for name, size in dims.items():
         if size * itemsize % 16:
@@ -35,7 +40,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_backend(experts, x_ND: Tensor, plan) -> Tensor:
+def grouped_mm_backend(experts, x_TD: Tensor, plan) -> Tensor:
+    return combine(_run_experts(experts, dispatch(x_TD, plan), plan), plan, x_TD.shape[0])
+
+
+def _run_experts(experts, x_ND: Tensor, plan) -> Tensor:
     problem = grouped_mm_problem(experts, x_ND)
     if problem:
         raise ValueError(f"backend='grouped_mm' cannot run here: {problem}. Use backend='loop' or 'auto'")

@@ -1,4 +1,6 @@
-"""The "loop" backend: one plain GEMM chain per expert on its own rows.
+"""The "loop" backend, the plain reference: dispatch, one GEMM chain per expert, combine.
+
+Every step is an ordinary differentiable torch op, so autograd writes the backward.
 
 The weights are split once per call with ``unbind`` (not indexed as ``w[e]`` inside the loop,
 whose backward would materialise a full [E, ...] gradient per expert), and the rows with
@@ -11,8 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..dispatch import combine, dispatch
 
-def loop_backend(experts, x_ND: Tensor, plan) -> Tensor:
+
+def loop_backend(experts, x_TD: Tensor, plan) -> Tensor:
+    return combine(_run_experts(experts, dispatch(x_TD, plan), plan), plan, x_TD.shape[0])
+
+
+def _run_experts(experts, x_ND: Tensor, plan) -> Tensor:
     E = experts.num_experts
     w1, w2, w3, b1, b2, b3 = (
         _per_expert(p, E) for p in (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2, experts.b3)

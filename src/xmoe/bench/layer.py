@@ -1,0 +1,257 @@
+"""Layer benchmark: does XMoE turn saved FLOPs into saved seconds?
+
+Times one MoE layer, forward and forward+backward, against baselines measured in the same
+process, interleaved, and prints ratios (these machines are noisy; an absolute time means
+little):
+
+    speed limit   one dense GEMM chain doing exactly the kept pairs' FLOPs ([N, D] rows through
+                  one expert-sized MLP): what a perfect sparse kernel could reach
+    C slots       the authors' scheme: every expert computes all C = gamma*S/E capacity slots
+                  (re-implemented from docs/xmoe.md, with index dispatch instead of the
+                  reference's one-hot einsums, which only make it slower)
+    mask loop     a Python loop over all experts with boolean masks, the common Hugging Face
+                  style (nn.Linear per expert, torch.where per expert)
+    top-k         our own layer with the same experts and a top-k router (k = 8 at 64 x 384)
+
+The router weights are scaled so that the threshold router engages 2-4 experts per token, as a
+trained router does (an untrained one is near uniform and engages most experts).
+
+Shapes: T tokens, D model dim, F expert dim, E experts, C slots, N kept pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xmoe.moe import BACKENDS, MoEConfig, MoELayer, auto_backend, capacity
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    model_dim: int
+    expert_dim: int
+    num_experts: int
+    top_k: int  # the top-k baseline's k (8 at 64 x 384: the FLOPs of one dense 3072 FFN)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} T={self.tokens} D={self.model_dim} F={self.expert_dim} E={self.num_experts}"
+
+
+Candidate = tuple[Callable[[], Tensor], list[Tensor]]  # what to time, and its gradient leaves
+
+SHAPES = {
+    "small": Shape("small", 1024, 256, 128, 32, 8),
+    "S1": Shape("S1", 4096, 768, 384, 64, 8),
+    "large": Shape("large", 8192, 1024, 512, 64, 8),
+}
+
+
+def build_layer(shape: Shape, router: str, backend: str, target_k: float, x: Tensor, seed: int) -> MoELayer:
+    """An MoE layer whose (threshold) router engages about ``target_k`` experts per token on x."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        model_dim=shape.model_dim, num_experts=shape.num_experts, expert_dim=shape.expert_dim,
+        router=router, threshold=0.9, top_k=shape.top_k, capacity_factor=8.0, backend=backend,
+    )
+    layer = MoELayer(cfg).to(device=x.device, dtype=x.dtype)
+    if router == "threshold":
+        _calibrate_router(layer, x, target_k)
+    return layer
+
+
+@torch.no_grad()
+def _calibrate_router(layer: MoELayer, x: Tensor, target_k: float) -> None:
+    """Scale the router weights (bisection on log scale) until mean wanted experts ~ target_k."""
+    base = layer.router.weight.detach().clone()
+    lo, hi = 0.0, 8.0  # log2 of the scale
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        layer.router.weight.copy_(base * 2**mid)
+        k = layer.route(x).wanted_TE.sum(-1).float().mean().item()
+        lo, hi = (mid, hi) if k > target_k else (lo, mid)
+    layer.router.weight.copy_(base * 2**hi)
+
+
+def speed_limit(layer: MoELayer, num_pairs: int, x: Tensor) -> Candidate:
+    """One dense GEMM chain over N rows with one expert's weights: the kept pairs' FLOPs."""
+    rows = x.new_empty(num_pairs, x.shape[1]).normal_().requires_grad_(x.requires_grad)
+    w1 = layer.experts.w1[0].detach().clone().requires_grad_(True)
+    b1 = layer.experts.b1[0].detach().clone().requires_grad_(True)
+    w2 = layer.experts.w2[0].detach().clone().requires_grad_(True)
+    b2 = layer.experts.b2[0].detach().clone().requires_grad_(True)
+    return (lambda: torch.addmm(b2, F.gelu(torch.addmm(b1, rows, w1)), w2)), [rows, w1, b1, w2, b2]
+
+
+def capacity_slots(layer: MoELayer, x: Tensor) -> Candidate:
+    """The authors' scheme: route as XMoE, then every expert computes all C slots ([E, C, D])."""
+    E = layer.cfg.num_experts
+    ex = layer.experts
+
+    def run() -> Tensor:
+        decision = layer.router(x)
+        T, D = x.shape
+        slots = decision.capacity
+        kept_ET = decision.kept_TE.T
+        position_ET = kept_ET.long().cumsum(dim=1) - 1  # slot of each kept token in its expert
+        e_idx, t_idx = kept_ET.nonzero(as_tuple=True)
+        slot_idx = position_ET[e_idx, t_idx]
+        buffer_ECD = x.new_zeros(E, slots, D)
+        buffer_ECD[e_idx, slot_idx] = x[t_idx]
+        h_ECF = F.gelu(torch.baddbmm(ex.b1.unsqueeze(1), buffer_ECD, ex.w1))
+        y_ECD = torch.baddbmm(ex.b2.unsqueeze(1), h_ECF, ex.w2)
+        weights = decision.weights_TE[t_idx, e_idx].unsqueeze(-1)
+        return x.new_zeros(T, D).index_add(0, t_idx, y_ECD[e_idx, slot_idx] * weights)
+
+    return run, [x, *layer.parameters()]
+
+
+def mask_loop(layer: MoELayer, x: Tensor) -> Candidate:
+    """Hugging Face style: nn.Linear experts, a loop over all of them, torch.where per expert."""
+    ex = layer.experts
+    ups, downs = nn.ModuleList(), nn.ModuleList()
+    for e in range(layer.cfg.num_experts):
+        up = nn.Linear(ex.w1.shape[1], ex.w1.shape[2]).to(x.device, x.dtype)
+        down = nn.Linear(ex.w2.shape[1], ex.w2.shape[2]).to(x.device, x.dtype)
+        with torch.no_grad():
+            up.weight.copy_(ex.w1[e].T), up.bias.copy_(ex.b1[e])
+            down.weight.copy_(ex.w2[e].T), down.bias.copy_(ex.b2[e])
+        ups.append(up), downs.append(down)
+
+    def run() -> Tensor:
+        decision = layer.router(x)
+        out = torch.zeros_like(x)
+        for e in range(len(ups)):
+            (tokens,) = torch.where(decision.kept_TE[:, e])
+            y = downs[e](F.gelu(ups[e](x[tokens]))) * decision.weights_TE[tokens, e, None].to(x.dtype)
+            out = out.index_add(0, tokens, y)
+        return out
+
+    return run, [x, *layer.router.parameters(), *ups.parameters(), *downs.parameters()]
+
+
+def timed(fn: Callable[[], Tensor], backward: bool, sync: Callable[[], None], leaves: list[Tensor]) -> float:
+    for leaf in leaves:  # as optimizer.zero_grad() does: fresh gradients, no accumulation
+        leaf.grad = None
+    start = time.perf_counter()
+    if backward:
+        out = fn()
+        out.backward(torch.ones_like(out))  # a real (not expanded) gradient, as a loss would give
+    else:
+        with torch.no_grad():
+            fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_shape(shape: Shape, *, device: torch.device, dtype: torch.dtype, target_k: float,
+                repeats: int, seed: int, backends: list[str]) -> list[dict]:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.tokens, shape.model_dim, generator=gen).to(device=device, dtype=dtype)
+    layers = {b: build_layer(shape, "threshold", b, target_k, x, seed) for b in backends}
+    ref = layers[backends[0]]
+    for layer in layers.values():  # same weights for every backend
+        layer.load_state_dict(ref.state_dict())
+    topk = build_layer(shape, "topk", "auto", target_k, x, seed)
+    topk.experts.load_state_dict(ref.experts.state_dict())
+    topk.router.weight.data.copy_(ref.router.weight)
+
+    with torch.no_grad():
+        stats = ref(x).stats
+    num_pairs = int(stats.kept_per_token.item() * shape.tokens + 0.5)
+    slots = capacity(shape.tokens, shape.num_experts, 8.0, 4)
+
+    x_grad = x.clone().requires_grad_(True)
+    candidates: dict[str, Candidate] = {
+        f"xmoe[{b}]": ((lambda l=l: l(x_grad).output), [x_grad, *l.parameters()]) for b, l in layers.items()
+    }
+    candidates.update({
+        "speed limit": speed_limit(ref, num_pairs, x_grad),
+        "C slots": capacity_slots(ref, x_grad),
+        "mask loop": mask_loop(ref, x_grad),
+        f"top-{shape.top_k}": ((lambda: topk(x_grad).output), [x_grad, *topk.parameters()]),
+    })
+    rows = []
+    for backward in (False, True):
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        for fn, leaves in candidates.values():  # warm-up
+            timed(fn, backward, sync, leaves)
+        for _ in range(repeats):  # interleaved, so drift hits every candidate alike
+            for name, (fn, leaves) in candidates.items():
+                times[name].append(timed(fn, backward, sync, leaves))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        best = min((n for n in med if n.startswith("xmoe[")), key=med.get)
+        rows.append({
+            "shape": shape.label, "pass": "fwd+bwd" if backward else "fwd",
+            "experts_per_token": stats.kept_per_token.item(), "capacity": slots,
+            "ms": {n: 1e3 * t for n, t in med.items()},
+            "best_backend": best[5:-1],
+            "speed_limit_fraction": med["speed limit"] / med[best],
+            "speedup_vs_C_slots": med["C slots"] / med[best],
+            "speedup_vs_mask_loop": med["mask loop"] / med[best],
+            "time_vs_topk": med[best] / med[f"top-{shape.top_k}"],
+            "auto_backend": auto_backend(ref.experts, x),
+        })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    names = list(rows[0]["ms"])
+    print("| shape | pass | experts/token | " + " | ".join(f"{n} ms" for n in names)
+          + " | best | speed-limit fraction | vs C slots | vs mask loop | time / top-k |")
+    print("|" + "---|" * (len(names) + 8))
+    for r in rows:
+        print(f"| {r['shape']} | {r['pass']} | {r['experts_per_token']:.2f} | "
+              + " | ".join(f"{r['ms'][n]:.1f}" for n in names)
+              + f" | {r['best_backend']} | {r['speed_limit_fraction']:.2f} | {r['speedup_vs_C_slots']:.1f}x"
+              f" | {r['speedup_vs_mask_loop']:.1f}x | {r['time_vs_topk']:.2f} |")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=["small", "S1", "large"], choices=list(SHAPES))
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--target-k", type=float, default=3.0, help="mean experts per token to calibrate the router to")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    print(f"# xmoe layer benchmark: {device}, {dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}, threshold router t=0.9, capacity factor 8")
+    rows = []
+    for name in args.shapes:
+        rows += bench_shape(SHAPES[name], device=device, dtype=dtype, target_k=args.target_k,
+                            repeats=args.repeats, seed=args.seed, backends=args.backends)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""xmoe.data: corpora, byte-level BPE tokenizer, token cache and resumable LM batches.
+
+Imports nothing else from xmoe.
+
+    from xmoe.data import DataConfig, prepare_lm_data
+    data = prepare_lm_data(DataConfig(path=None, vocab_size=4096), run_dir)
+    train = data.train_batches(batch_size=16, seq_len=256, seed=0)
+    x_BL, y_BL = train.batch(step)          # pure function of (seed, step): exact resume
+    for x_BL, y_BL in data.val_batches(batch_size=16, seq_len=256, max_batches=20): ...
+
+    # evaluation of new text with a run's tokenizer
+    tokens = load_eval_tokens("new.txt", run_dir)
+    batches = ValBatches(tokens=tokens, batch_size=16, seq_len=256, name="'new.txt'")
+"""
+
+from .batches import TrainBatches, ValBatches
+from .cache import cached_arrays, default_cache_dir
+from .config import DataConfig
+from .corpus import (
+    DEFAULT_MODULES,
+    TEXT_SUFFIXES,
+    corpus_fingerprint,
+    default_corpus,
+    load_corpus,
+    split_documents,
+)
+from .lm import LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
+from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "DEFAULT_MODULES",
+    "DataConfig",
+    "EOT",
+    "LMData",
+    "TEXT_SUFFIXES",
+    "TOKENIZER_FILE",
+    "TrainBatches",
+    "ValBatches",
+    "cached_arrays",
+    "corpus_fingerprint",
+    "default_cache_dir",
+    "default_corpus",
+    "describe_source",
+    "load_corpus",
+    "load_eval_tokens",
+    "load_tokenizer",
+    "prepare_lm_data",
+    "split_documents",
+]

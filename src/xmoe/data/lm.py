@@ -1,0 +1,161 @@
+"""Language-model data for a run: corpus -> split -> tokenizer (in the run dir) -> cached tokens.
+
+    data = prepare_lm_data(DataConfig(path=None, vocab_size=4096), run_dir)
+    train = data.train_batches(batch_size=16, seq_len=256, seed=0)
+    x_BL, y_BL = train.batch(step)                    # the same batch after a resume
+    for x_BL, y_BL in data.val_batches(batch_size=16, seq_len=256, max_batches=20): ...
+
+A run directory that already holds ``tokenizer.json`` keeps it (resume, evaluation); a fresh one
+gets a tokenizer trained on the train split. Token arrays are cached under
+``DataConfig.cache_dir``, keyed by the corpus content, the split and the tokenizer, so a second
+run with the same inputs tokenizes nothing. New text for evaluation goes through the run's
+tokenizer with ``load_eval_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .batches import TrainBatches, ValBatches
+from .cache import cache_key, cached_arrays, default_cache_dir
+from .config import DataConfig
+from .corpus import corpus_fingerprint, load_corpus, split_documents
+from .tokenizer import TOKENIZER_FILE, BPETokenizer
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LMData:
+    """The tokenizer and the train/validation token streams (read-only memory maps) of a run."""
+
+    tokenizer: BPETokenizer
+    train_tokens: np.ndarray = field(repr=False)
+    val_tokens: np.ndarray = field(repr=False)
+    source: str
+    fingerprint: str
+    cache_entry: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eot_id(self) -> int:
+        return self.tokenizer.eot_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.tokenizer.decode(ids)
+
+    def train_batches(self, *, batch_size: int, seq_len: int, seed: int = 0) -> TrainBatches:
+        """Training batches; ``.batch(i)`` is a pure function of ``(seed, i)``."""
+        return TrainBatches(
+            tokens=self.train_tokens,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            name=f"the train split of {self.source}",
+        )
+
+    def val_batches(
+        self, *, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> ValBatches:
+        """Validation batches: non-overlapping windows in order, the same every time."""
+        return ValBatches(
+            tokens=self.val_tokens,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_batches=max_batches,
+            name=f"the validation split of {self.source}",
+        )
+
+
+def prepare_lm_data(cfg: DataConfig, run_dir: str | os.PathLike[str]) -> LMData:
+    """Load, split and tokenize the corpus of ``cfg``; train or reuse ``run_dir/tokenizer.json``."""
+    source = describe_source(cfg.path)
+    documents = load_corpus(cfg.path)
+    train_docs, val_docs = split_documents(documents, cfg.val_fraction, source=source)
+
+    tokenizer_path = Path(run_dir) / TOKENIZER_FILE
+    if tokenizer_path.is_file():
+        tokenizer = BPETokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            warnings.warn(
+                f"{str(tokenizer_path)!r} has {tokenizer.vocab_size} tokens, more than "
+                f"DataConfig.vocab_size={cfg.vocab_size}; using the saved tokenizer (delete it "
+                f"or use a new run directory to train one of the configured size)",
+                stacklevel=2,
+            )
+    else:
+        tokenizer = BPETokenizer.train(train_docs, vocab_size=cfg.vocab_size)
+        tokenizer.save(tokenizer_path)
+
+    fingerprint = corpus_fingerprint(documents)
+    cache_dir = _cache_dir(cfg.cache_dir)
+    key = cache_key(
+        corpus=fingerprint, val_fraction=cfg.val_fraction, tokenizer=_tokenizer_hash(tokenizer)
+    )
+    arrays = cached_arrays(
+        cache_dir,
+        key,
+        ("train", "val"),
+        lambda: {
+            "train": tokenizer.encode_documents(train_docs),
+            "val": tokenizer.encode_documents(val_docs),
+        },
+    )
+    return LMData(
+        tokenizer=tokenizer,
+        train_tokens=arrays["train"],
+        val_tokens=arrays["val"],
+        source=source,
+        fingerprint=fingerprint,
+        cache_entry=cache_dir / key,
+    )
+
+
+def load_tokenizer(run_dir: str | os.PathLike[str]) -> BPETokenizer:
+    """The tokenizer saved in a run directory by ``prepare_lm_data``."""
+    return BPETokenizer.load(Path(run_dir) / TOKENIZER_FILE)
+
+
+def load_eval_tokens(
+    path: str, run_dir: str | os.PathLike[str], *, cache_dir: str | None = None
+) -> np.ndarray:
+    """Every document at ``path`` tokenized with the run's tokenizer (no split), cached.
+
+    Evaluate with ``ValBatches(tokens=..., batch_size=..., seq_len=..., name=repr(path))``.
+    """
+    tokenizer = load_tokenizer(run_dir)
+    documents = load_corpus(path)
+    key = cache_key(
+        corpus=corpus_fingerprint(documents), val_fraction=None, tokenizer=_tokenizer_hash(tokenizer)
+    )
+    arrays = cached_arrays(
+        _cache_dir(cache_dir), key, ("all",), lambda: {"all": tokenizer.encode_documents(documents)}
+    )
+    return arrays["all"]
+
+
+def describe_source(path: str | None) -> str:
+    """How error messages name a corpus: its path, or the default corpus and Python version."""
+    if path is None:
+        return f"the default corpus (Python {sys.version_info.major}.{sys.version_info.minor} docs)"
+    return repr(path)
+
+
+def _cache_dir(cache_dir: str | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def _tokenizer_hash(tokenizer: BPETokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()

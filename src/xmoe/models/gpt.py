@@ -1,0 +1,501 @@
+"""GPT: a GPT-2-style decoder-only language model whose FFNs are, in every ``moe_every``-th
+layer, XMoE layers.
+
+References: GPT-2 (Radford et al., 2019): pre-LN, learned positional embeddings, input and
+output embeddings tied, GeLU FFN with biases, init N(0, 0.02) with residual projections scaled
+by 1/sqrt(2 n_layer); nanoGPT's model.py for the layout. XMoE (Yang et al., 2024,
+arXiv 2403.18926, Sec. 4 and docs/xmoe.md "Baselines"/"Experiments"): MoE replaces the FFN of
+layers 2, 4, ..., 12 of GPT-2 small; the parameter-matched family Switch 8x3072, top-k 16x1536
+(k=2), top-k 64x384 (k=8), XMoE 16x1536, 32x768, 64x384 (t = 0.9), all about 323M parameters;
+LM capacity factor 8, minimum capacity 4.
+
+The model returns the *unscaled* sum of the MoE layers' balancing losses; the training loop
+forms ``loss + 0.01 * aux_loss`` (the paper's coefficient). No training or file IO here.
+
+Shape legend: B batch, L sequence length, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xmoe.moe import MoEConfig, MoELayer, RoutingStats
+
+from .layers import Block, KVCache, init_gpt2_
+
+IGNORE_INDEX = -100  # target value that the loss skips (torch's cross_entropy default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+    """A GPT-2-style decoder. ``moe`` replaces the FFN of layers i (1-based) with
+    ``i % moe_every == 0``: moe_every=2 gives layers 2, 4, ..., as in the paper. ``moe=None`` is
+    the dense model (``moe_every`` is then unused). ``moe.model_dim`` must equal ``d_model``."""
+
+    vocab_size: int
+    block_size: int  # context length: the most positions the model sees at once
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_ff: int  # hidden width of the dense FFNs
+    dropout: float = 0.0  # embeddings, attention probabilities, residual branches
+    moe_every: int = 2
+    moe: MoEConfig | None = None
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"GPTConfig.d_model={self.d_model} is not divisible by GPTConfig.n_head={self.n_head}; "
+                f"pick n_head dividing d_model (head dim = d_model / n_head)"
+            )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("init_std", "layer_norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        if self.moe is None:
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(
+                f"GPTConfig.moe must be an xmoe.moe.MoEConfig or None (dense), got {type(self.moe).__name__}"
+            )
+        if self.moe.model_dim != self.d_model:
+            raise ValueError(
+                f"GPTConfig.moe.model_dim={self.moe.model_dim} differs from GPTConfig.d_model="
+                f"{self.d_model}; build the MoEConfig with model_dim=d_model"
+            )
+        if self.moe_every > self.n_layer:
+            raise ValueError(
+                f"GPTConfig.moe_every={self.moe_every} > n_layer={self.n_layer} places no MoE layer; "
+                f"use moe_every <= n_layer, or moe=None for a dense model"
+            )
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """0-based indices of the MoE blocks: layer i+1 (1-based) when (i+1) % moe_every == 0."""
+        if self.moe is None:
+            return ()
+        return tuple(i for i in range(self.n_layer) if i % self.moe_every == 0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass(frozen=True)
+class GPTOutput:
+    logits_BLV: Tensor  # next-token logits at every position, in the compute dtype
+    loss: Tensor | None  # fp32 mean cross-entropy over targets != IGNORE_INDEX; None without targets
+    aux_loss: Tensor  # fp32 scalar: sum over MoE layers of the *unscaled* balancing loss; 0 if dense
+    z_loss: Tensor  # fp32 scalar: sum over MoE layers of the router z-loss; 0 if dense
+    stats: tuple[RoutingStats, ...]  # one per MoE layer, in layer order
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        moe_layers = set(cfg.moe_layers)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model=cfg.d_model,
+                n_head=cfg.n_head,
+                d_ff=cfg.d_ff,
+                dropout=cfg.dropout,
+                moe=cfg.moe if i in moe_layers else None,
+                causal=True,
+                layer_idx=i,
+                layer_norm_eps=cfg.layer_norm_eps,
+            )
+            for i in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        init_gpt2_(self, std=cfg.init_std, num_layers=cfg.n_layer)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers, in layer order (same order as ``GPTOutput.stats``)."""
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding (buffers are allocated on first use)."""
+        return KVCache(num_layers=self.cfg.n_layer, max_len=self.cfg.block_size)
+
+    def forward(self, idx_BL: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> GPTOutput:
+        """Logits for token ids ``idx_BL`` [B, L]; with ``targets`` [B, L], the mean CE too.
+
+        With ``cache``, ``idx_BL`` continues the tokens already in it (positions
+        ``cache.position ..``), and the cache advances by L. The cache needs eval mode.
+        """
+        B, L = idx_BL.shape
+        start = 0
+        if cache is not None:
+            if self.training:
+                raise ValueError(
+                    "GPT.forward got a KV cache in training mode; call model.eval() first (in "
+                    "training, MoE capacity makes a token's routing depend on the whole batch, so "
+                    "incremental decoding would not match a full forward)"
+                )
+            start = cache.position
+        if start + L > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {start + L} positions is longer than GPTConfig.block_size="
+                f"{self.cfg.block_size}; crop the input to the last block_size tokens"
+            )
+        pos_L = torch.arange(start, start + L, device=idx_BL.device)
+        x_BLD = self.drop(self.wte(idx_BL) + self.wpe(pos_L))
+        moe_outputs = []
+        for block in self.blocks:
+            x_BLD, moe_out = block(x_BLD, cache=cache)
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+        if cache is not None:
+            cache.advance(L)
+        logits_BLV = self.lm_head(self.ln_f(x_BLD))
+
+        loss = None
+        if targets is not None:
+            # fp32 log-softmax: the loss of a bf16 model's logits would round badly over V.
+            loss = F.cross_entropy(
+                logits_BLV.float().reshape(B * L, -1), targets.reshape(B * L), ignore_index=IGNORE_INDEX
+            )
+        zero = torch.zeros((), dtype=torch.float32, device=idx_BL.device)
+        return GPTOutput(
+            logits_BLV=logits_BLV,
+            loss=loss,
+            aux_loss=sum((o.aux_loss for o in moe_outputs), zero),
+            z_loss=sum((o.z_loss for o in moe_outputs), zero),
+            stats=tuple(o.stats for o in moe_outputs),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx_BL: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx_BL``: [B, L + max_new_tokens].
+
+        Runs in eval mode (restoring the previous mode after), so MoE layers are dropless and a
+        token's routing is exactly that of a full forward pass. Decodes incrementally with a KV
+        cache; once the context fills ``block_size``, each step re-reads the last ``block_size``
+        tokens from scratch (what cropping the context means with absolute positions).
+        ``temperature == 0`` is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the
+        smallest set whose probability reaches top_p (nucleus sampling).
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if idx_BL.ndim != 2 or idx_BL.shape[1] == 0:
+            raise ValueError(f"generate needs a [B, L] prompt with L >= 1, got shape {tuple(idx_BL.shape)}")
+        if any(layer.router.eval_capacity_factor is not None for layer in self.moe_layers()):
+            warnings.warn(
+                "a MoE layer has eval_capacity_factor set, so generation routes with capacity: a "
+                "token's experts can differ from a full forward pass; use eval_capacity_factor=None",
+                stacklevel=2,
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            block = self.cfg.block_size
+            cache = self.new_cache()
+            pending_BL = idx_BL[:, -block:]  # tokens not yet in the cache
+            for _ in range(max_new_tokens):
+                if cache.position + pending_BL.shape[1] > block:
+                    cache = self.new_cache()
+                    pending_BL = idx_BL[:, -block:]
+                logits_BV = self(pending_BL, cache=cache).logits_BLV[:, -1, :].float()
+                next_B1 = _sample(logits_BV, temperature, top_k, top_p, generator)
+                idx_BL = torch.cat([idx_BL, next_B1], dim=1)
+                pending_BL = next_B1
+        finally:
+            self.train(was_training)
+        return idx_BL
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _sample(
+    logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
+    """One token per row: [B, 1]."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        drop_sorted_BV = (probs_BV.cumsum(dim=-1) - probs_BV) >= top_p
+        drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
+    probs_BV = logits_BV.softmax(dim=-1)
+    return torch.multinomial(probs_BV, num_samples=1, generator=generator)
+
+
+# --- parameter and FLOP counts ---------------------------------------------------------------
+
+
+def num_params(model_or_cfg: nn.Module | GPTConfig, *, non_embedding: bool = False) -> int:
+    """Parameters of a model, or of the GPT a config builds (counted without building it).
+
+    Tied embeddings count once. ``non_embedding=True`` leaves out the position embeddings (as
+    nanoGPT reports; the token embeddings are also the output layer, so they stay).
+    """
+    if isinstance(model_or_cfg, GPTConfig):
+        cfg = model_or_cfg
+        D = cfg.d_model
+        per_layer = 4 * D  # two LayerNorms
+        per_layer += 4 * D * D + 4 * D  # attention: qkv and output projections, with biases
+        total = cfg.vocab_size * D + cfg.block_size * D + 2 * D  # wte (= lm_head), wpe, ln_f
+        total += cfg.n_layer * per_layer
+        num_moe = len(cfg.moe_layers)
+        total += (cfg.n_layer - num_moe) * (2 * D * cfg.d_ff + cfg.d_ff + D)
+        if cfg.moe is not None:
+            total += num_moe * _moe_params(cfg.moe)
+        return total - (cfg.block_size * D if non_embedding else 0)
+    total = sum(p.numel() for p in model_or_cfg.parameters())  # parameters() skips tied duplicates
+    if non_embedding and isinstance(model_or_cfg, GPT):
+        total -= model_or_cfg.wpe.weight.numel()
+    return total
+
+
+def _moe_params(moe: MoEConfig) -> int:
+    E, D, F_ = moe.num_experts, moe.model_dim, moe.expert_dim
+    weights = E * D * F_ * moe.num_matrices
+    biases = E * (F_ * (moe.num_matrices - 1) + D) if moe.expert_bias else 0
+    return E * D + weights + biases  # router, experts
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Forward FLOPs per token (2 per multiply-add), by part. Attention scores assume the full
+    context (``block_size`` keys per query, the Kaplan et al. 2020 convention); biases, norms
+    and activations are left out. MoE experts are counted at the top-k-equivalent budget,
+    ``moe.top_k`` experts per token in every MoE layer: for XMoE presets top_k is set to the
+    parameter-matched top-k (one dense FFN's FLOPs), the budget the threshold router undercuts."""
+
+    attention: int  # QKV and output projections, QK^T and AV
+    dense_ffn: int  # the dense FFN layers
+    router: int  # MoE gates
+    experts: int  # MoE experts at the top-k-equivalent budget
+    lm_head: int  # output logits
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.dense_ffn + self.router + self.experts + self.lm_head
+
+
+def flops_breakdown(cfg: GPTConfig, *, context: int | None = None) -> FlopsPerToken:
+    """Activated forward FLOPs per token of ``cfg``, by part; ``context`` defaults to block_size."""
+    D, ctx = cfg.d_model, cfg.block_size if context is None else context
+    num_moe = len(cfg.moe_layers)
+    moe = cfg.moe
+    return FlopsPerToken(
+        attention=cfg.n_layer * (2 * 4 * D * D + 2 * 2 * ctx * D),
+        dense_ffn=(cfg.n_layer - num_moe) * 2 * 2 * D * cfg.d_ff,
+        router=num_moe * 2 * D * moe.num_experts if moe is not None else 0,
+        experts=num_moe * moe.top_k * moe.flops_per_pair if moe is not None else 0,
+        lm_head=2 * D * cfg.vocab_size,
+    )
+
+
+def flops_per_token(cfg: GPTConfig, *, context: int | None = None) -> int:
+    """Total activated forward FLOPs per token (see FlopsPerToken for what is counted)."""
+    return flops_breakdown(cfg, context=context).total
+
+
+def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequence[float | Tensor]) -> float:
+    """Expert FLOPs per token actually activated, summed over the MoE layers, from the measured
+    mean experts per token of each layer (e.g. ``[s.kept_per_token for s in out.stats]``), or
+    one number for every layer. Same count as ``RoutingStats.expert_flops_per_token``, summed."""
+    if cfg.moe is None:
+        raise ValueError("moe_flops_per_token needs a MoE config; GPTConfig.moe is None (dense)")
+    num_moe = len(cfg.moe_layers)
+    if isinstance(experts_per_token, (int, float, Tensor)):
+        experts_per_token = [experts_per_token] * num_moe
+    if len(experts_per_token) != num_moe:
+        raise ValueError(
+            f"experts_per_token has {len(experts_per_token)} values, the config has {num_moe} MoE "
+            f"layers; give one mean per MoE layer (or one number for all)"
+        )
+    return sum(float(e) for e in experts_per_token) * cfg.moe.flops_per_pair
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+GPT2_VOCAB = 50257
+CPU_VOCAB = 8192  # a small BPE; the trainer passes the tokenizer's size
+DEBUG_VOCAB = 256  # bytes
+
+
+def family_moe(router: str | None, num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig | None:
+    """The paper's parameter-matched MoE for a model whose dense FFN has width ``d_ff``.
+
+    Experts of width ``8 * d_ff / num_experts``, so every variant holds the parameters of
+    Switch 8 x d_ff; ``top_k = num_experts / 8``, so a top-k layer activates one dense FFN's
+    FLOPs (Switch: 8 experts, k = 1). ``router="threshold"`` is XMoE at t = 0.9 (top_k is then
+    only the budget that RoutingStats.flops_ratio compares against). LM capacity: factor 8,
+    minimum 4 in training; dropless in eval. GeLU experts with biases, init N(0, 0.02).
+    ``router=None`` is the dense model.
+    """
+    if router is None:
+        return None
+    if (8 * d_ff) % num_experts or num_experts % 8:
+        raise ValueError(
+            f"num_experts={num_experts} must be a multiple of 8 dividing 8 * d_ff={8 * d_ff} for a "
+            f"parameter-matched expert width"
+        )
+    return MoEConfig(
+        model_dim=d_model,
+        num_experts=num_experts,
+        expert_dim=8 * d_ff // num_experts,
+        router=router,
+        threshold=0.9,
+        top_k=num_experts // 8,
+        capacity_factor=8.0,
+        eval_capacity_factor=None,
+        min_capacity=4,
+        activation="gelu",
+        expert_bias=True,
+        init_std=0.02,
+    )
+
+
+def gpt2(router: str | None = None, num_experts: int = 0, *, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
+    """GPT-2 small (12 layers, d 768, 12 heads, FFN 3072, context 1024; 124M dense) with MoE in
+    layers 2, 4, ..., 12; dropout 0.1 as GPT-2."""
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        d_ff=3072,
+        dropout=0.1,
+        moe_every=2,
+        moe=family_moe(router, num_experts, d_model=768, d_ff=3072),
+    )
+
+
+def cpu(router: str | None = None, num_experts: int = 0, *, vocab_size: int = CPU_VOCAB) -> GPTConfig:
+    """The same family at CPU size: 4 layers, d 256, 4 heads, FFN 1024, context 256, MoE in
+    layers 2 and 4 (a few million parameters, mostly in the experts)."""
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=256,
+        n_layer=4,
+        n_head=4,
+        d_model=256,
+        d_ff=1024,
+        dropout=0.1,
+        moe_every=2,
+        moe=family_moe(router, num_experts, d_model=256, d_ff=1024),
+    )
+
+
+def debug(router: str | None = None, num_experts: int = 0, *, vocab_size: int = DEBUG_VOCAB) -> GPTConfig:
+    """Trains in seconds on CPU: 2 layers, d 64, 2 heads, FFN 256, context 64, MoE in layer 2."""
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_head=2,
+        d_model=64,
+        d_ff=256,
+        dropout=0.0,
+        moe_every=2,
+        moe=family_moe(router, num_experts, d_model=64, d_ff=256),
+    )
+
+
+def _family(prefix: str, build: Callable[..., GPTConfig], d_ff: int) -> dict[str, Callable[..., GPTConfig]]:
+    """The paper's parameter-matched variants of one model size, named by experts x width."""
+    variants = (
+        ("switch", "topk", 8),
+        ("topk", "topk", 16),
+        ("topk", "topk", 64),
+        ("xmoe", "threshold", 16),
+        ("xmoe", "threshold", 32),
+        ("xmoe", "threshold", 64),
+    )
+    presets = {f"{prefix}-dense": partial(build, None, 0)}
+    for label, router, experts in variants:
+        presets[f"{prefix}-{label}-{experts}x{8 * d_ff // experts}"] = partial(build, router, experts)
+    return presets
+
+
+PRESETS: dict[str, Callable[..., GPTConfig]] = {
+    **_family("gpt2", gpt2, 3072),
+    **_family("cpu", cpu, 1024),
+    "debug-dense": partial(debug, None, 0),
+    "debug-switch": partial(debug, "topk", 8),
+    "debug-topk": partial(debug, "topk", 16),
+    "debug-xmoe": partial(debug, "threshold", 16),
+}
+
+
+def get_preset(name: str, *, vocab_size: int | None = None) -> GPTConfig:
+    """The config of preset ``name``; ``vocab_size`` overrides the preset's default."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown GPT preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]() if vocab_size is None else PRESETS[name](vocab_size=vocab_size)
+
+
+@dataclass(frozen=True)
+class PresetRow:
+    name: str
+    params: int
+    flops_per_token: int  # total activated forward FLOPs per token (top-k-equivalent budget)
+    moe_flops_per_token: int  # expert FLOPs per token over the MoE layers, same budget; 0 if dense
+    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9"
+
+
+def list_presets() -> list[PresetRow]:
+    """One row per preset at its default vocabulary, for ``xmoe presets``."""
+    rows = []
+    for name in PRESETS:
+        cfg = get_preset(name)
+        fl = flops_breakdown(cfg)
+        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, _describe(cfg.moe)))
+    return rows
+
+
+def _describe(moe: MoEConfig | None) -> str:
+    if moe is None:
+        return "dense"
+    rule = f"t={moe.threshold:g}" if moe.router == "threshold" else f"top-{moe.top_k}"
+    return f"{moe.num_experts}x{moe.expert_dim} {rule}"
