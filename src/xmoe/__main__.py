@@ -1,0 +1,3 @@
+from xmoe.cli.main import main
+
+main()
