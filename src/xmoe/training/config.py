@@ -1,0 +1,220 @@
+"""Run configuration: typed dataclasses, dotted command-line overrides, JSON round trip.
+
+    cfg = lm_run_config("cpu-xmoe-64x128", overrides={"model.moe.threshold": "0.8",
+                                                      "train.max_steps": "200"})
+    save_json(cfg)  ->  config.json next to every checkpoint, so `xmoe eval` needs no flags.
+
+Overrides are applied to the nested dataclasses by name; an unknown key or a value that does not
+parse as the field's type is a ValueError naming the key. Every dataclass re-validates itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmoe.data import DataConfig
+from xmoe.models.gpt import GPTConfig, get_preset
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train: the recipe of XMoE's LM experiments (docs/xmoe.md), scaled by the preset."""
+
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence (<= the model's block_size)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio (paper: 4.5e-4 -> 4.5e-6)
+    warmup_fraction: float = 0.1  # of max_steps (paper: 10%)
+    schedule: str = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    grad_clip: float = 1.0  # 0 disables
+    aux_loss_coef: float = 0.01  # times the sum over MoE layers of the balancing loss
+    z_loss_coef: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 200  # 0: only at the end
+    device: str = "auto"  # auto: cuda if available, else cpu
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMRunConfig:
+    """Everything a language-model run needs; saved as config.json with each checkpoint."""
+
+    preset: str
+    model: GPTConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.block_size:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
+                f"lower train.seq_len or raise model.block_size"
+            )
+
+
+def lm_run_config(preset: str, *, vocab_size: int | None = None, overrides: dict[str, str] | None = None,
+                  **sections: Any) -> LMRunConfig:
+    """The run config of a GPT preset, with ``sections`` (data=..., train=...) and overrides."""
+    cfg = LMRunConfig(preset=preset, model=get_preset(preset, vocab_size=vocab_size), **sections)
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
+    """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from strings.
+
+    ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too.
+    """
+    data = to_dict(cfg)
+    for key, text in overrides.items():
+        _set(type(cfg), data, key, text)
+    if "model.d_model" in overrides and "model.moe.model_dim" not in overrides and data["model"].get("moe"):
+        data["model"]["moe"]["model_dim"] = data["model"]["d_model"]
+    return from_dict(type(cfg), data)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--train.max_steps=200", "--model.moe.threshold", "0.8"]`` -> a key/value dict."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"unexpected argument {arg!r}; config overrides look like --train.max_steps=200")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"override --{key} has no value; write --{key}=VALUE")
+            value, i = args[i + 1], i + 1
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        inner = _dataclass_of(hints[name])
+        if inner is not None and isinstance(value, dict):
+            value = from_dict(inner, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set(cls: type, data: dict, key: str, text: str) -> None:
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            prefix = ".".join(parts[:depth])
+            choices = [f"{prefix}.{n}" if prefix else n for n in hints]
+            guess = difflib.get_close_matches(key, choices, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(choices)}"
+            raise ValueError(f"unknown config key {key!r}{hint}")
+        if depth == len(parts) - 1:
+            if _dataclass_of(hints[part]) is not None:
+                raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.FIELD=VALUE")
+            data[part] = _parse(hints[part], text, key)
+            return
+        cls = _dataclass_of(hints[part])
+        if cls is None:
+            raise ValueError(f"config key {'.'.join(parts[:depth + 1])!r} has no fields; cannot set {key!r}")
+        if data[part] is None:
+            raise ValueError(
+                f"cannot set {key!r}: {'.'.join(parts[:depth + 1])} is None in this config "
+                f"(e.g. a dense preset has no model.moe); pick a preset that has it"
+            )
+        data = data[part]
+
+
+def _parse(tp: Any, text: str, key: str) -> Any:
+    args = typing.get_args(tp)
+    if _is_optional(tp):
+        if text.lower() in ("none", "null"):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(tp) is tuple:
+            items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
+            if len(items) != len(args):
+                raise ValueError
+            return tuple(_parse(a, s.strip(), key) for a, s in zip(args, items))
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        pass
+    raise ValueError(f"config key {key!r}: cannot read {text!r} as {_type_name(tp)}")
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if _is_optional(tp):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a comma-separated tuple of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))

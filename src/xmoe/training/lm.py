@@ -1,0 +1,206 @@
+"""Language modelling on the shared loop: the task, evaluation with routing statistics, and the
+three entry points the CLI wires up (train, load, evaluate).
+
+Loss: ``CE + aux_loss_coef * sum over MoE layers of l_aux (+ z_loss_coef * z-loss)``, as in
+XMoE's recipe (coefficient 0.01).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
+from xmoe.models.gpt import GPT
+from xmoe.moe import RoutingStats
+
+from .checkpoint import load_checkpoint, read_config
+from .config import LMRunConfig, from_dict, to_dict
+from .loop import TrainResult, autocast_context, resolve_device, train
+
+
+class LMTask:
+    def __init__(self, data: LMData, cfg: LMRunConfig) -> None:
+        t = cfg.train
+        self.data, self.train_cfg = data, t
+        self.batches = data.train_batches(batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
+
+    def train_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.batches.batch(index)
+
+    def tokens(self, batch: tuple[Tensor, ...]) -> int:
+        return batch[0].numel()
+
+    def loss(self, model, batch):
+        x_BL, y_BL = batch
+        out = model(x_BL, y_BL)
+        t = self.train_cfg
+        loss = out.loss + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
+        logs = {"loss": loss.detach(), "ce": out.loss.detach(), "aux_loss": out.aux_loss.detach()}
+        if out.stats:
+            logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+            logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
+        return loss, logs
+
+    def evaluate(self, model) -> dict:
+        t = self.train_cfg
+        batches = self.data.val_batches(batch_size=t.batch_size, seq_len=t.seq_len, max_batches=t.eval_batches)
+        return evaluate_lm(model, batches).to_dict()
+
+
+@dataclass
+class LayerSummary:
+    """Routing of one MoE layer summed over an evaluation."""
+
+    tokens: int = 0
+    kept_pairs: float = 0.0
+    wanted_pairs: float = 0.0
+    dropped_pairs: int = 0
+    kept_histogram: Tensor | None = None
+    tokens_per_expert: Tensor | None = None
+    top1_quartiles_sum: Tensor | None = None
+    calls: int = 0
+
+    def add(self, s: RoutingStats) -> None:
+        n = s.num_tokens
+        self.tokens += n
+        self.kept_pairs += float(s.kept_per_token) * n
+        self.wanted_pairs += float(s.wanted_per_token) * n
+        self.dropped_pairs += int(s.dropped_pairs)
+        hist, per_expert = s.kept_histogram.cpu(), s.tokens_per_expert.cpu()
+        self.kept_histogram = hist if self.kept_histogram is None else self.kept_histogram + hist
+        self.tokens_per_expert = per_expert if self.tokens_per_expert is None else self.tokens_per_expert + per_expert
+        q = s.top1_quartiles.cpu() * n
+        self.top1_quartiles_sum = q if self.top1_quartiles_sum is None else self.top1_quartiles_sum + q
+
+    def to_dict(self) -> dict:
+        n = max(self.tokens, 1)
+        return {
+            "experts_per_token": self.kept_pairs / n,
+            "wanted_per_token": self.wanted_pairs / n,
+            "dropped_pairs": self.dropped_pairs,
+            "experts_histogram": self.kept_histogram.tolist(),
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "top1_quartiles": (self.top1_quartiles_sum / n).tolist(),  # token-weighted mean of per-batch quartiles
+        }
+
+
+@dataclass
+class LMEval:
+    loss: float
+    tokens: int
+    layers: list[LayerSummary] = field(default_factory=list)
+    moe_flops_per_token: float = 0.0
+    topk_moe_flops_per_token: float = 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    def to_dict(self) -> dict:
+        out = {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
+        if self.layers:
+            per_layer = [layer.to_dict() for layer in self.layers]
+            out.update(
+                experts_per_token=sum(l["experts_per_token"] for l in per_layer) / len(per_layer),
+                moe_flops_per_token=self.moe_flops_per_token,
+                topk_moe_flops_per_token=self.topk_moe_flops_per_token,
+                moe_flops_ratio=self.moe_flops_per_token / self.topk_moe_flops_per_token,
+                layers=per_layer,
+            )
+        return out
+
+
+@torch.no_grad()
+def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precision: str = "auto") -> LMEval:
+    """Token-weighted mean loss and routing summary over ``batches`` (model put in eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, total_tokens, layers = 0.0, 0, None
+    for x_BL, y_BL in batches:
+        x_BL, y_BL = x_BL.to(device), y_BL.to(device)
+        with autocast_context(device, precision):
+            out = model(x_BL, y_BL)
+        n = y_BL.numel()
+        total_loss += float(out.loss) * n
+        total_tokens += n
+        if layers is None:
+            layers = [LayerSummary() for _ in out.stats]
+        for layer, s in zip(layers, out.stats):
+            layer.add(s)
+    if total_tokens == 0:
+        raise ValueError("evaluation got no batches: the evaluation text is shorter than one sequence")
+    result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers or [])
+    moe = model.cfg.moe
+    if moe is not None and result.layers:
+        result.moe_flops_per_token = sum(l.kept_pairs / l.tokens for l in result.layers) * moe.flops_per_pair
+        result.topk_moe_flops_per_token = len(result.layers) * moe.top_k * moe.flops_per_pair
+    return result
+
+
+def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+             progress: bool = True) -> TrainResult:
+    """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop."""
+    run_dir = Path(run_dir)
+    if resume:
+        saved = from_dict(LMRunConfig, read_config(run_dir))
+        if saved.data != cfg.data:
+            raise ValueError(
+                f"--resume: the data config differs from the one saved in {run_dir}; "
+                f"resume with the same preset and overrides (only train.* may change)"
+            )
+    elif (run_dir / "checkpoint").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
+        )
+    data = prepare_lm_data(cfg.data, run_dir)
+    # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
+    # corpus can give fewer tokens).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+    if resume and saved.model != cfg.model:
+        raise ValueError(f"--resume: the model config differs from the one saved in {run_dir}")
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume, progress=progress)
+
+
+@dataclass(frozen=True)
+class LoadedLM:
+    model: GPT
+    cfg: LMRunConfig
+    run_dir: Path
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.run_dir)
+
+
+def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
+    """A trained model, its resolved config and its run folder, from a run or checkpoint folder."""
+    cfg = from_dict(LMRunConfig, read_config(path))
+    model = GPT(cfg.model)
+    load_checkpoint(path, model)
+    model.to(resolve_device(device)).eval()
+    run_dir = Path(path)
+    run_dir = run_dir if (run_dir / "checkpoint").exists() else run_dir.parent
+    return LoadedLM(model, cfg, run_dir)
+
+
+def eval_batches(loaded: LoadedLM, data_path: str | None, *, batch_size: int | None = None,
+                 max_batches: int | None = None) -> ValBatches:
+    """Validation batches of the run (data_path None) or of new text through the run's tokenizer."""
+    t = loaded.cfg.train
+    batch_size = batch_size or t.batch_size
+    if data_path is None:
+        data = prepare_lm_data(loaded.cfg.data, loaded.run_dir)
+        return data.val_batches(batch_size=batch_size, seq_len=t.seq_len, max_batches=max_batches)
+    tokens = load_eval_tokens(data_path, loaded.run_dir, cache_dir=loaded.cfg.data.cache_dir)
+    return ValBatches(tokens=tokens, batch_size=batch_size, seq_len=t.seq_len, max_batches=max_batches,
+                      name=repr(data_path))

@@ -1,0 +1,179 @@
+"""One training loop for every model: the task says what a batch and a loss are; the loop does
+the rest (device, precision, accumulation, clipping, schedule, logging, evaluation,
+checkpoints, exact resume, Ctrl-C).
+
+A task is any object with:
+
+    train_batch(index) -> tuple of tensors        a pure function of index: exact resume
+    loss(model, batch) -> (loss, logs)             the loss to backpropagate and numbers to log
+    evaluate(model) -> dict                        validation metrics (the model is in eval mode)
+    tokens(batch) -> int                           tokens in a batch, for tokens/s
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .optim import build_optimizer, lr_at
+
+
+class Task(Protocol):
+    def train_batch(self, index: int) -> tuple[Tensor, ...]: ...
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Any]]: ...
+    def evaluate(self, model: nn.Module) -> dict[str, Any]: ...
+    def tokens(self, batch: tuple[Tensor, ...]) -> int: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    train_losses: list[float]  # loss of every optimizer step this call ran
+    final_eval: dict[str, Any]
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    start = 0
+    if resume:
+        start = load_checkpoint(run_dir, model, optimizer, restore_rng=True)["step"]
+    else:
+        torch.manual_seed(cfg.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start if resume else 0)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config)
+
+    losses, interrupted, step = [], False, start
+    bar = _progress(start, cfg.max_steps, progress)
+    try:
+        for step in range(start, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            t0 = time.perf_counter()
+            logs, tokens = _accumulate(step_model, task, cfg, step, device)
+            grad_norm = _clip(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            losses.append(logs["loss"])
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"training loss became {logs['loss']} at step {step}; lower train.lr")
+            row = {"step": step + 1, "split": "train", "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens / seconds, **logs}
+            if (step + 1) % cfg.log_every == 0 or step == start:
+                log.write(row)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(row), refresh=False)
+            last = step + 1 == cfg.max_steps
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+                log.write({"step": step + 1, "split": "val", **_evaluate(model, task, cfg, device)})
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                save(step + 1)
+        step = cfg.max_steps
+    except KeyboardInterrupt:
+        interrupted = True  # `step` is the first step not completed; save what is done
+    finally:
+        bar.close()
+    save(step)
+    final = {} if interrupted else _evaluate(model, task, cfg, device)
+    if final:
+        log.write({"step": step, "split": "val", **final})
+    return TrainResult(steps=step, train_losses=losses, final_eval=final, interrupted=interrupted)
+
+
+def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device):
+    totals: dict[str, float] = {}
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        batch = tuple(t.to(device) for t in task.train_batch(step * cfg.grad_accum + micro))
+        with autocast_context(device, cfg.precision):
+            loss, logs = task.loss(model, batch)
+        (loss / cfg.grad_accum).backward()
+        tokens += task.tokens(batch)
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accum
+    return totals, tokens
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    model.eval()
+    with autocast_context(device, cfg.precision):
+        return task.evaluate(model)
+
+
+def _clip(model: nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm <= 0:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class MetricsLog:
+    """JSON lines, one row per log event; a resume drops the rows after its checkpoint."""
+
+    def __init__(self, path: Path, keep_before: int = 0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = read_metrics(path) if keep_before and path.exists() else []
+        with open(path, "w") as f:
+            for row in rows:
+                if row["step"] <= keep_before:
+                    f.write(json.dumps(row) + "\n")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _postfix(row: dict) -> str:
+    parts = [f"loss {row['loss']:.3f}", f"{row['tokens_per_s']:.0f} tok/s"]
+    if "experts_per_token" in row:
+        parts.append(f"experts/token {row['experts_per_token']:.2f}")
+    return ", ".join(parts)
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "read_metrics", "checkpoint_dir"]

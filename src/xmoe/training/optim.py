@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule of the XMoE recipe (docs/xmoe.md).
+
+AdamW with weight decay on matrices only (not on norms, biases or embeddings, as GPT-2 setups
+do); linear warm-up, then cosine decay to ``lr * min_lr_ratio`` (LM), inverse square root
+(translation, Vaswani et al. 2017), or constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    seen = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            # Embeddings and 1-D tensors (biases, norm gains) are not decayed.
+            is_embedding = isinstance(module, nn.Embedding)
+            (no_decay if is_embedding or param.ndim < 2 or name.startswith("b") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based)."""
+    warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps)) if cfg.warmup_fraction > 0 else 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(max(warmup, 1) / (step + 1))
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
