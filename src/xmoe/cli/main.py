@@ -1,34 +1,247 @@
-"""`xmoe <command>`: one subcommand per job. Each is a small function over the library."""
+"""`xmoe <command>`: one small function per command; the work lives in the library.
+
+    xmoe demo                                   the main job: train, evaluate, report (CPU, minutes)
+    xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data PATH] [--resume] [--train.max_steps=200 ...]
+    xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
+    xmoe sweep-threshold --checkpoint runs/a [--thresholds 0.5 0.7 0.9 1.0]
+    xmoe generate --checkpoint runs/a --prompt "def "
+    xmoe report runs/a
+    xmoe presets
+    xmoe bench layer
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "cpu-xmoe-64x128"
 
 
-def _bench_layer(args: argparse.Namespace) -> None:
+def cmd_presets(args: argparse.Namespace) -> None:
+    from xmoe.models.gpt import list_presets
+
+    print(f"| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
+    print("|---|---|---|---|---|")
+    for row in list_presets():
+        print(f"| {row.name} | {row.experts} | {row.params / 1e6:.1f}M | {row.flops_per_token / 1e9:.3f} "
+              f"| {row.moe_flops_per_token / 1e6:.1f} |")
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from xmoe.training import train_lm
+
+    if args.data is not None:
+        overrides = {"data.path": args.data, **overrides}
+    cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
+    print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'} -> {args.out}")
+    result = train_lm(cfg, args.out, resume=args.resume)
+    if result.interrupted:
+        print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
+              f"continue with: xmoe train --out {args.out} --resume")
+        sys.exit(130)
+    _print_eval(result.final_eval)
+    from xmoe.training.report import write_report
+
+    print(f"report: {write_report(args.out)}")
+
+
+def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
+    from xmoe.training import LMRunConfig, apply_overrides, from_dict, lm_run_config, read_config
+
+    if resume_dir is not None:  # continue with the saved config; only train.* may be overridden
+        bad = [k for k in overrides if not k.startswith("train.")]
+        if bad:
+            raise ValueError(f"--resume keeps the saved model and data; only train.* overrides apply, not {bad}")
+        return apply_overrides(from_dict(LMRunConfig, read_config(resume_dir)), overrides)
+    return lm_run_config(preset, overrides=overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from xmoe.training import eval_batches, evaluate_lm
+
+    loaded = _load(args)
+    result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
+    summary = result.to_dict()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_eval(summary)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from xmoe.moe import set_threshold
+    from xmoe.training import eval_batches, evaluate_lm
+    from xmoe.training.report import plot_threshold_sweep, sweep_table
+
+    loaded = _load(args)
+    if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
+        raise ValueError(f"{args.checkpoint} has no threshold router to sweep (preset {loaded.cfg.preset})")
+    batches = eval_batches(loaded, args.data, max_batches=args.max_batches)
+    rows = []
+    for t in args.thresholds:
+        set_threshold(loaded.model, t)
+        r = evaluate_lm(loaded.model, batches).to_dict()
+        rows.append({"threshold": t, "perplexity": r["perplexity"], "experts_per_token": r["experts_per_token"],
+                     "moe_flops_ratio": r["moe_flops_ratio"]})
+    print(sweep_table(rows))
+    out = Path(args.out or Path(loaded.run_dir) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_threshold_sweep(rows, out / "threshold_sweep.png")
+    (out / "threshold_sweep.json").write_text(json.dumps(rows, indent=2))
+    print(f"plot: {out / 'threshold_sweep.png'}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    loaded = _load(args)
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty; give some text to continue")
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from xmoe.training.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job: a CPU-sized XMoE trained on text that ships with Python, then evaluated."""
+    overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
+    out = Path(args.out)
+    if (out / "checkpoint").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
+    train_args = argparse.Namespace(preset=args.preset, out=str(out), data=args.data, resume=False)
+    cmd_train(train_args, overrides)
+
+
+_DEMO_TRAIN = {"train.batch_size": "16", "train.seq_len": "128", "train.eval_every": "100",
+               "train.save_every": "100", "train.lr": "2e-3"}
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> None:
     from xmoe.bench import layer
 
     layer.run(args)
 
 
+def _load(args: argparse.Namespace):
+    from xmoe.moe import MoELayer, set_threshold
+    from xmoe.training import load_lm
+
+    loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
+    if getattr(args, "threshold", None) is not None:
+        if set_threshold(loaded.model, args.threshold) == 0:
+            raise ValueError(f"--threshold: {args.checkpoint} has no threshold-routed MoE layer")
+    if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
+        for m in loaded.model.modules():
+            if isinstance(m, MoELayer):
+                m.router.eval_capacity_factor = m.router.capacity_factor
+    return loaded
+
+
+def _print_eval(summary: dict) -> None:
+    print(f"validation loss {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} "
+          f"({summary['tokens']} tokens)")
+    if "layers" in summary:
+        per_layer = ", ".join(f"{l['experts_per_token']:.2f}" for l in summary["layers"])
+        print(f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})")
+        print(f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = "
+              f"{summary['moe_flops_ratio']:.1%} of the top-k model of equal parameters "
+              f"({1 - summary['moe_flops_ratio']:.1%} saved)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router")
+    parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
+    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("train", help="train a GPT preset; extra --section.key=value flags override the config")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="see `xmoe presets`")
+    p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, tokenizer, metrics, report")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.set_defaults(func=cmd_train, overrides=True)
+
+    for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
+                              ("sweep-threshold", cmd_sweep, "perplexity and MoE FLOPs for several thresholds")):
+        p = commands.add_parser(name, help=help_)
+        p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
+        p.add_argument("--data", default=None, help="evaluate on this text instead of the run's validation split")
+        p.add_argument("--max-batches", type=int, default=None)
+        p.add_argument("--capacity", action="store_true",
+                       help="apply the training capacity (default: dropless, so no token depends on its neighbours)")
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=func)
+    commands.choices["eval"].add_argument("--threshold", type=float, default=None, help="change t at inference")
+    commands.choices["eval"].add_argument("--json", action="store_true", help="print the full result as JSON")
+    commands.choices["sweep-threshold"].add_argument(
+        "--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
+    commands.choices["sweep-threshold"].add_argument("--out", default=None, help="default: RUN/report")
+
+    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None, help="change t at inference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("report", help="plots and a markdown summary of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN/report")
+    p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("presets", help="list model presets with parameters and FLOPs")
+    p.set_defaults(func=cmd_presets)
+
     bench = commands.add_parser("bench", help="benchmarks")
-    bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
     from xmoe.bench import layer
 
-    bench_layer = bench_kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
-    layer.add_arguments(bench_layer)
-    bench_layer.set_defaults(func=_bench_layer)
+    p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
+    layer.add_arguments(p)
+    p.set_defaults(func=cmd_bench_layer)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "overrides", False):
+            from xmoe.training import parse_overrides
+
+            args.func(args, parse_overrides(rest))
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        else:
+            args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

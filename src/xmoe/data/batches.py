@@ -112,7 +112,9 @@ class ValBatches:
         return (self.batch(j) for j in range(len(self)))
 
 
-def _windows(tokens: np.ndarray, starts_B: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(
+    tokens: np.ndarray, starts_B: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x_BL = tokens[s : s+L]`` and ``y_BL = tokens[s+1 : s+L+1]`` for each start s."""
     index_BL1 = starts_B[:, None] + np.arange(seq_len + 1)
     windows_BL1 = torch.from_numpy(tokens[index_BL1].astype(np.int64))

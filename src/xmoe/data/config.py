@@ -1,4 +1,4 @@
-"""Configuration of the language-model data: which corpus, which tokenizer, which split, where to cache.
+"""Configuration of the language-model data: corpus, tokenizer size, split, cache folder.
 
 Batch shape (batch size, sequence length) and the batch seed are not here: they belong to the
 training run and are given to ``LMData.train_batches`` / ``LMData.val_batches``.

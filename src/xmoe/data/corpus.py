@@ -324,7 +324,7 @@ def _module_document(stdlib: Path, name: str) -> str | None:
 
 
 def _docstrings(body: list[ast.stmt], *, prefix: str) -> Iterator[str]:
-    """``title\\ndocstring`` for every class and function in ``body``, depth-first, in source order."""
+    """``title\\ndocstring`` of each class and function in ``body``, depth-first, source order."""
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             title = f"{prefix}{node.name}({ast.unparse(node.args)})"

@@ -137,9 +137,8 @@ def load_eval_tokens(
     """
     tokenizer = load_tokenizer(run_dir)
     documents = load_corpus(path)
-    key = cache_key(
-        corpus=corpus_fingerprint(documents), val_fraction=None, tokenizer=_tokenizer_hash(tokenizer)
-    )
+    fingerprint = corpus_fingerprint(documents)
+    key = cache_key(corpus=fingerprint, val_fraction=None, tokenizer=_tokenizer_hash(tokenizer))
     arrays = cached_arrays(
         _cache_dir(cache_dir), key, ("all",), lambda: {"all": tokenizer.encode_documents(documents)}
     )

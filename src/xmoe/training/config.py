@@ -91,22 +91,34 @@ class LMRunConfig:
 
 def lm_run_config(preset: str, *, vocab_size: int | None = None, overrides: dict[str, str] | None = None,
                   **sections: Any) -> LMRunConfig:
-    """The run config of a GPT preset, with ``sections`` (data=..., train=...) and overrides."""
-    cfg = LMRunConfig(preset=preset, model=get_preset(preset, vocab_size=vocab_size), **sections)
-    return apply_overrides(cfg, overrides or {})
+    """The run config of a GPT preset, with ``sections`` (data=..., train=...) and overrides.
+
+    Without a train section, ``train.seq_len`` defaults to at most the preset's context length.
+    """
+    model = get_preset(preset, vocab_size=vocab_size)
+    train = sections.pop("train", None) or TrainConfig(seq_len=min(TrainConfig.seq_len, model.block_size))
+    data = {"preset": preset, "model": to_dict(model), "data": to_dict(sections.pop("data", DataConfig())),
+            "train": to_dict(train)}
+    if sections:
+        raise TypeError(f"unknown config sections: {', '.join(sections)}")
+    return _with_overrides(LMRunConfig, data, overrides or {})
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
-    """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from strings.
+    """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from strings."""
+    return _with_overrides(type(cfg), to_dict(cfg), overrides)
 
-    ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too.
-    """
-    data = to_dict(cfg)
+
+def _with_overrides(cls: type, data: dict, overrides: dict[str, str]) -> Any:
+    """Overrides are set on the plain dict first and validated once, together, so that two
+    fields checked against each other (train.seq_len, model.block_size) can change in one go.
+    ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too."""
     for key, text in overrides.items():
-        _set(type(cfg), data, key, text)
-    if "model.d_model" in overrides and "model.moe.model_dim" not in overrides and data["model"].get("moe"):
-        data["model"]["moe"]["model_dim"] = data["model"]["d_model"]
-    return from_dict(type(cfg), data)
+        _set(cls, data, key, text)
+    model = data.get("model") or {}
+    if "model.d_model" in overrides and "model.moe.model_dim" not in overrides and model.get("moe"):
+        model["moe"]["model_dim"] = model["d_model"]
+    return from_dict(cls, data)
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
