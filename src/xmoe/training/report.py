@@ -153,7 +153,7 @@ def split_rows(rows: Iterable[dict]) -> tuple[list[dict], list[dict]]:
 
 def _last_routed_val(val_rows: list[dict]) -> dict | None:
     routed = [r for r in val_rows if r.get("layers")]
-    return routed[0] if routed else None
+    return routed[-1] if routed else None
 
 
 def _is_moe(train_rows: list[dict], val_rows: list[dict]) -> bool:

@@ -1,0 +1,223 @@
+"""The training loop, configs and checkpoints, on a tiny model and text made here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xmoe.data import DataConfig
+from xmoe.models.gpt import GPT
+from xmoe.training import (
+    CheckpointError,
+    LMRunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    lm_run_config,
+    load_checkpoint,
+    load_lm,
+    parse_overrides,
+    read_metrics,
+    save_checkpoint,
+    to_dict,
+    train_lm,
+)
+from xmoe.training import lm as lm_module
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tiny_config(corpus, tmp_path, **train) -> LMRunConfig:
+    train = {"max_steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "save_every": 3,
+             "log_every": 1, "eval_batches": 2, "lr": 3e-3, **train}
+    return lm_run_config(
+        "debug-xmoe",
+        data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache")),
+        train=TrainConfig(**train),
+        overrides={"model.dropout": "0.1"},  # so that an exact resume must restore the RNG too
+    )
+
+
+def test_overrides_set_nested_fields_and_revalidate(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path)
+    out = apply_overrides(cfg, {"model.moe.threshold": "0.7", "train.betas": "0.8,0.9",
+                                "model.moe.capacity_factor": "none", "train.compile": "false"})
+    assert out.model.moe.threshold == 0.7
+    assert out.train.betas == (0.8, 0.9)
+    assert out.model.moe.capacity_factor is None
+    assert cfg.model.moe.threshold == 0.9  # the original is untouched
+    # d_model carries moe.model_dim along, so the pair stays consistent
+    assert apply_overrides(cfg, {"model.d_model": "32"}).model.moe.model_dim == 32
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.moe.treshold", "0.5", "did you mean 'model.moe.threshold'"),
+    ("train.max_steps", "many", "cannot read 'many' as int"),
+    ("model.moe.threshold", "-1", "threshold must be a number > 0"),
+    ("train", "3", "is a section"),
+    ("train.betas", "0.9", "comma-separated tuple"),
+])
+def test_bad_overrides_name_the_key(corpus, tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(tiny_config(corpus, tmp_path), {key: value})
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--a.b=1", "--c.d", "2", "--e-f=x"]) == {"a.b": "1", "c.d": "2", "e_f": "x"}
+    with pytest.raises(ValueError, match="has no value"):
+        parse_overrides(["--a.b"])
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_overrides(["positional"])
+
+
+def test_config_json_round_trip(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path)
+    assert from_dict(LMRunConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_training_lowers_the_loss_and_logs(corpus, tmp_path):
+    result = train_lm(tiny_config(corpus, tmp_path, max_steps=30, save_every=0), tmp_path / "run", progress=False)
+    assert result.steps == 30 and not result.interrupted
+    assert sum(result.train_losses[-5:]) / 5 < sum(result.train_losses[:5]) / 5 - 0.3
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 31))
+    final = rows[-1]
+    assert final["split"] == "val" and final["perplexity"] == pytest.approx(2.718281828 ** final["loss"], rel=1e-6)
+    assert len(final["layers"]) == 1 and sum(final["layers"][0]["experts_histogram"]) == final["tokens"]
+
+
+def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    cfg = tiny_config(corpus, tmp_path)
+    whole = train_lm(cfg, tmp_path / "whole", progress=False)
+
+    original = lm_module.LMTask.train_batch
+
+    def interrupt_at_step_4(self, index):
+        if index == 4:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(lm_module.LMTask, "train_batch", interrupt_at_step_4)
+    first = train_lm(cfg, tmp_path / "split", progress=False)
+    assert first.interrupted and first.steps == 4
+    monkeypatch.setattr(lm_module.LMTask, "train_batch", original)
+    second = train_lm(cfg, tmp_path / "split", resume=True, progress=False)
+
+    assert first.train_losses + second.train_losses == whole.train_losses  # bit for bit
+    a, b = load_lm(tmp_path / "whole").model, load_lm(tmp_path / "split").model
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    split_rows = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["split"] == "train"]
+    assert split_rows == list(range(1, 7))  # no step logged twice across the resume
+
+
+def test_fresh_training_refuses_to_overwrite_a_run(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path, max_steps=1)
+    train_lm(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_lm(cfg, tmp_path / "run", progress=False)
+
+
+def _tiny_model(seed=0, **overrides):
+    cfg = lm_run_config("debug-xmoe", overrides=overrides).model
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = _tiny_model().eval()
+    save_checkpoint(tmp_path, model=model, optimizer=None, step=7, config={"x": 1})
+    other = _tiny_model(seed=1).eval()
+    assert load_checkpoint(tmp_path, other)["step"] == 7
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    assert torch.equal(model(idx).logits_BLV, other(idx).logits_BLV)
+
+
+def test_corrupted_and_mismatched_checkpoints_give_clear_errors(tmp_path):
+    model = _tiny_model()
+    save_checkpoint(tmp_path, model=model, optimizer=None, step=1, config={})
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        load_checkpoint(tmp_path, _tiny_model(**{"model.d_model": "32"}))
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path, model)
+    (tmp_path / "checkpoint" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: missing config.json"):
+        load_checkpoint(tmp_path, model)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere", model)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = _tiny_model()
+    save_checkpoint(tmp_path, model=model, optimizer=None, step=1, config={})
+    import xmoe.training.checkpoint as ckpt
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "_write_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model=model, optimizer=None, step=2, config={})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path, _tiny_model())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary left behind
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "xmoe", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_end_to_end(corpus, tmp_path):
+    run = tmp_path / "run"
+    common = ["--train.batch_size=4", "--train.seq_len=32", "--train.eval_batches=2",
+              f"--data.cache_dir={tmp_path / 'cache'}", "--data.vocab_size=300"]
+    r = run_cli("train", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(run),
+                "--train.max_steps=8", "--train.log_every=2", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and "experts per token" in r.stdout
+    assert (run / "report" / "loss.png").is_file()
+
+    r = run_cli("eval", "--checkpoint", str(run), "--threshold", "0.5", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["experts_per_token"] >= 1
+
+    r = run_cli("eval", "--checkpoint", str(run), "--data", str(corpus), "--max-batches", "2", cwd=tmp_path)
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
+
+    r = run_cli("sweep-threshold", "--checkpoint", str(run), "--thresholds", "0.5", "1.0", "--max-batches", "2",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (run / "report" / "threshold_sweep.png").is_file()
+
+    r = run_cli("generate", "--checkpoint", str(run), "--prompt", "the quick", "--max-new-tokens", "5",
+                cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("the quick"), r.stderr
+
+    r = run_cli("train", "--out", str(run), "--resume", "--train.max_steps=10", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--checkpoint", "missing"], "does not exist"),
+    (["train", "--out", "x", "--train.max_stepz=3"], "did you mean 'train.max_steps'"),
+    (["train", "--out", "x", "--data", "no-such-file.txt"], "no-such-file.txt"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
