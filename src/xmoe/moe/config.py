@@ -35,7 +35,7 @@ class MoEConfig:
     expert_dim: int
     router: str = "threshold"
     threshold: float = 0.9
-    top_k: int = 2
+    top_k: int = 2  # the top-k router's k; for a threshold router, the top-k budget stats compare to
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     min_capacity: int = 4
@@ -59,17 +59,17 @@ class MoEConfig:
         check_threshold(self.threshold)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
             raise ValueError(f"MoEConfig.top_k must be a positive integer, got {self.top_k!r}")
-        if self.top_k > self.num_experts:
+        if self.router == "topk" and self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}; "
                 f"use top_k <= num_experts"
             )
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(
-                    f"MoEConfig.{name} must be a positive number, or None for dropless routing; "
-                    f"got {value!r}"
+                    f"MoEConfig.{name} must be a positive finite number, or None for dropless "
+                    f"routing; got {value!r}"
                 )
         if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             raise ValueError(
@@ -110,7 +110,10 @@ def capacity(num_tokens: int, num_experts: int, factor: float | None, min_capaci
     """
     if factor is None:
         return None
-    return min(num_tokens, max(math.ceil(factor * num_tokens / num_experts), min_capacity))
+    slots = factor * num_tokens / num_experts
+    if slots >= num_tokens:  # also keeps ceil() away from an overflowing product
+        return num_tokens
+    return min(num_tokens, max(math.ceil(slots), min_capacity))
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

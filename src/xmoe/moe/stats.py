@@ -30,7 +30,7 @@ class RoutingStats:
     dropped_token_fraction: Tensor  # fraction of tokens that lost at least one pair
     top1_quartiles: Tensor  # [3]: 25/50/75% quantiles of each token's top-1 probability
     expert_flops_per_token: Tensor  # forward expert FLOPs actually computed, per token
-    topk_flops_per_token: float  # the same for a top-k layer of these experts (k = cfg.top_k)
+    topk_flops_per_token: float  # the same for a top-k layer of these experts (k = cfg.top_k, at most E)
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -70,7 +70,7 @@ def routing_stats(
         dropped_token_fraction=_mean(kept_T < wanted_T),
         top1_quartiles=quartiles,
         expert_flops_per_token=_mean(kept_T) * cfg.flops_per_pair,
-        topk_flops_per_token=float(cfg.top_k * cfg.flops_per_pair),
+        topk_flops_per_token=float(min(cfg.top_k, num_experts) * cfg.flops_per_pair),
     )
 
 

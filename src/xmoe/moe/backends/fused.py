@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..activations import activate, activate_backward
+from .grouped import compute_dtype
 
 
 def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
@@ -28,9 +29,15 @@ def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_TD, plan.weight_N, *params)
     )
-    return _FusedExperts.apply(
-        x_TD, plan.weight_N, plan.token_idx_N, plan.counts, experts.activation, needs_grad, *params
-    )
+    # mm/addmm with out= are not autocast ops: cast by hand to the dtype autocast would use, so
+    # training and inference compute in the same precision; the casts carry gradients back.
+    dtype = compute_dtype(x_TD)
+    x_TD = x_TD.to(dtype)
+    params = tuple(p.to(dtype) if p is not None else None for p in params)
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        return _FusedExperts.apply(
+            x_TD, plan.weight_N, plan.token_idx_N, plan.counts, experts.activation, needs_grad, *params
+        )
 
 
 class _FusedExperts(torch.autograd.Function):

@@ -1,0 +1,116 @@
+"""The balancing loss (E * sum_e f_e P_e), the z-loss and the statistics, against independent
+computations; and the zero-token call."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import moe_oracle as oracle
+from moe_testing import make_layer, params64, run_oracle
+from xmoe.moe import BACKENDS, load_balancing_loss, router_z_loss
+
+
+@pytest.mark.parametrize("rule", ["threshold", "topk"])
+@pytest.mark.parametrize("num_experts", [1, 3, 8])
+def test_aux_loss_and_its_gradient_equal_oracle(rule: str, num_experts: int) -> None:
+    layer = make_layer(seed=num_experts, router=rule, num_experts=num_experts, top_k=1)
+    with torch.no_grad():
+        layer.router.weight.mul_(3.0)
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(11))
+    P = params64(layer)
+    _, probs64, _, _ = run_oracle(layer, x, P)
+    # f_e counts each token's top-1: make sure no top-1 is a near-tie that fp32 could flip.
+    for row in probs64.detach().tolist():
+        top = sorted(row, reverse=True)
+        assert len(top) == 1 or top[0] - top[1] > 1e-5
+    expected = oracle.balancing_loss(probs64)
+
+    out = layer(x)
+    assert out.aux_loss.dtype == torch.float32 and out.aux_loss.shape == ()
+    torch.testing.assert_close(out.aux_loss.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+
+    out.aux_loss.backward()  # the gradient reaches the router through P_e only
+    expected.backward()
+    torch.testing.assert_close(layer.router.weight.grad.double(), P.router.grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in layer.experts.parameters())
+
+
+def test_aux_loss_is_one_at_perfect_balance() -> None:
+    # Circulant rows: token t's top-1 is expert t (f_e = 1/E), every column averages 1/E.
+    row = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    probs = torch.stack([row.roll(t) for t in range(4)] * 3)
+    assert probs.argmax(dim=-1).tolist() == [0, 1, 2, 3] * 3
+    torch.testing.assert_close(load_balancing_loss(probs), torch.tensor(1.0))
+    # Uniform probabilities (a zero router): every top-1 is expert 0 (lowest index), P_e = 1/E,
+    # so E * 1 * (1/E) = 1 as well.
+    layer = make_layer(num_experts=4)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    torch.testing.assert_close(layer(torch.randn(10, 8)).aux_loss, torch.tensor(1.0))
+
+
+def test_aux_loss_is_E_at_total_collapse() -> None:
+    probs = torch.zeros(5, 4)
+    probs[:, 2] = 1.0  # every token sends everything to expert 2: f_2 = P_2 = 1
+    torch.testing.assert_close(load_balancing_loss(probs), torch.tensor(4.0))
+
+
+def test_z_loss_equals_hand_computation() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    lse = [math.log(math.exp(1) + math.exp(2) + math.exp(3)), math.log(3.0)]
+    expected = (lse[0] ** 2 + lse[1] ** 2) / 2
+    torch.testing.assert_close(router_z_loss(logits), torch.tensor(expected))
+    assert router_z_loss(torch.empty(0, 3)) == 0
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8)])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_zero_tokens(backend: str, shape: tuple, capacity_factor) -> None:
+    layer = make_layer(backend=backend, capacity_factor=capacity_factor)
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    assert out.output.shape == shape and out.output.dtype == x.dtype
+    assert out.aux_loss.item() == 0.0 and out.z_loss.item() == 0.0
+    stats = out.stats
+    assert stats.num_tokens == 0
+    assert stats.capacity == (None if capacity_factor is None else 0)
+    assert stats.tokens_per_expert.tolist() == [0] * 8
+    assert int(stats.dropped_pairs) == 0
+    assert float(stats.kept_per_token) == 0.0 and float(stats.wanted_per_token) == 0.0
+    assert stats.wanted_histogram.tolist() == [0] * 9
+    json.dumps(stats.to_dict())  # loggable even when empty
+    (out.output.sum() + out.aux_loss).backward()  # an empty batch must not break training
+    assert x.grad.shape == shape
+
+
+def test_stats_worked_example() -> None:
+    """A dominant expert under capacity: every token wants expert 0 alone, 4 slots keep 4."""
+    layer = make_layer(threshold=0.5, capacity_factor=1.0, min_capacity=4)
+    with torch.no_grad():
+        layer.router.weight[:, 0] = 0.0
+        layer.router.weight[0, 0] = 2.0
+    x = torch.randn(12, 8)
+    x[:, 0] = 3.0
+    stats = layer(x).stats
+    # C = min(12, max(ceil(1.0 * 12 / 8), 4)) = 4.
+    assert stats.capacity == 4
+    assert stats.tokens_per_expert.tolist() == [4, 0, 0, 0, 0, 0, 0, 0]
+    assert float(stats.wanted_per_token) == 1.0
+    torch.testing.assert_close(stats.kept_per_token, torch.tensor(4 / 12))
+    assert int(stats.dropped_pairs) == 8
+    torch.testing.assert_close(stats.dropped_token_fraction, torch.tensor(8 / 12))
+    assert stats.wanted_histogram.tolist() == [0, 12] + [0] * 7
+    assert stats.kept_histogram.tolist() == [8, 4] + [0] * 7
+    # Expert FLOPs: 2 matrices of 8 x 16, 2 FLOPs per multiply-add, 4 pairs over 12 tokens;
+    # the top-2 layer of the same experts would do 2 pairs per token.
+    torch.testing.assert_close(stats.expert_flops_per_token, torch.tensor(2 * 8 * 16 * 2 * 4 / 12))
+    assert stats.topk_flops_per_token == 2 * (2 * 8 * 16 * 2)
+    torch.testing.assert_close(stats.flops_ratio, torch.tensor((4 / 12) / 2))
+    d = stats.to_dict()
+    assert d["tokens_per_expert"] == [4, 0, 0, 0, 0, 0, 0, 0] and d["capacity"] == 4
+    json.dumps(d)

@@ -1,0 +1,195 @@
+"""Property tests (hypothesis, derandomized): the routing rule's invariants on arbitrary rows,
+the bookkeeping of a whole layer call, and token-permutation equivariance without capacity."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import moe_oracle as oracle
+from moe_testing import PROPERTY, make_layer, oracle_routing
+from xmoe.moe import BACKENDS, apply_capacity, threshold_mask, topk_mask
+
+# A probability: mostly arbitrary, sometimes one of a few exact values so that ties happen.
+_weight = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.125, 0.25, 0.5]))
+
+
+@st.composite
+def prob_rows(draw, max_tokens: int = 8, max_experts: int = 10) -> torch.Tensor:
+    """[T, E] fp32 rows that sum to one (an all-zero draw becomes uniform)."""
+    E = draw(st.integers(1, max_experts))
+    T = draw(st.integers(1, max_tokens))
+    raw = torch.tensor(draw(st.lists(st.lists(_weight, min_size=E, max_size=E), min_size=T, max_size=T)))
+    raw[raw.sum(dim=-1) == 0] = 1.0
+    return (raw / raw.sum(dim=-1, keepdim=True)).float()
+
+
+def _prefix_sums(p: list[float], order: list[int]) -> list[float]:
+    sums, acc = [], 0.0
+    for e in order:
+        acc += p[e]
+        sums.append(acc)
+    return sums
+
+
+@PROPERTY
+@given(probs=prob_rows(), threshold=st.floats(0.01, 1.5))
+def test_threshold_picks_minimal_prefix_reaching_t(probs: torch.Tensor, threshold: float) -> None:
+    T, E = probs.shape
+    rows = probs.double().tolist()  # the fp32 values exactly; the library sums them in float64 too
+    # Keep clear of sums that land within float64 rounding of t (exact hits are worked examples).
+    assume(all(abs(s - threshold) > 1e-12 for p in rows for s in _prefix_sums(p, oracle.experts_by_rank(p))))
+    wanted_TE, order_TE = threshold_mask(probs, threshold)
+    for t, p in enumerate(rows):
+        order = oracle.experts_by_rank(p)
+        chosen = set(torch.nonzero(wanted_TE[t]).flatten().tolist())
+        k = len(chosen)
+        assert 1 <= k <= E
+        assert chosen == set(order[:k]), "not a prefix of the experts sorted by (-p, index)"
+        assert order_TE[t].tolist() == order
+        sums = _prefix_sums(p, order)
+        if threshold >= 1:
+            assert k == E
+        else:
+            assert k == E or sums[k - 1] >= threshold, "the prefix does not reach t"
+            assert k == 1 or sums[k - 2] < threshold, "a shorter prefix already reached t"
+    # A larger threshold never takes experts away.
+    wanted_more, _ = threshold_mask(probs, threshold + 0.05)
+    assert not (wanted_TE & ~wanted_more).any()
+
+
+@PROPERTY
+@given(probs=prob_rows(), data=st.data())
+def test_topk_picks_first_k(probs: torch.Tensor, data) -> None:
+    T, E = probs.shape
+    k = data.draw(st.integers(1, E))
+    wanted_TE, _ = topk_mask(probs, k)
+    for t, p in enumerate(probs.double().tolist()):
+        assert set(torch.nonzero(wanted_TE[t]).flatten().tolist()) == set(oracle.topk_choice(p, k))
+
+
+@PROPERTY
+@given(probs=prob_rows(max_tokens=12, max_experts=6), data=st.data())
+def test_capacity_keeps_highest_priority(probs: torch.Tensor, data) -> None:
+    T, E = probs.shape
+    if data.draw(st.booleans(), label="threshold rule"):
+        wanted_TE, order_TE = threshold_mask(probs, data.draw(st.floats(0.05, 1.0), label="t"))
+    else:
+        wanted_TE, order_TE = topk_mask(probs, data.draw(st.integers(1, E), label="k"))
+    slots = data.draw(st.integers(1, T), label="slots")
+    kept_TE = apply_capacity(probs, wanted_TE, order_TE, slots)
+
+    rows = probs.double().tolist()
+    wanted = [[e for e in oracle.experts_by_rank(p) if wanted_TE[t, e]] for t, p in enumerate(rows)]
+    # Exactly the oracle's choice: (K - r) + p is computed from the same fp32 p in float64 on
+    # both sides, so there is no rounding difference to keep away from.
+    expected = oracle.keep_pairs(rows, wanted, E, slots)
+    assert {tuple(pair) for pair in torch.nonzero(kept_TE).tolist()} == expected
+
+    assert not (kept_TE & ~wanted_TE).any()
+    for e in range(E):
+        assert kept_TE[:, e].sum() == min(slots, int(wanted_TE[:, e].sum()))
+        kept = [t for t in range(T) if kept_TE[t, e]]
+        dropped = [t for t in range(T) if wanted_TE[t, e] and not kept_TE[t, e]]
+        for a in kept:
+            for b in dropped:
+                pa, pb = oracle.priority(wanted, rows, a, e), oracle.priority(wanted, rows, b, e)
+                assert pa > pb or (pa == pb and a < b), f"expert {e}: kept {a} below dropped {b}"
+
+
+@st.composite
+def layer_setups(draw):
+    E = draw(st.integers(1, 6), label="experts")
+    rule = draw(st.sampled_from(["threshold", "topk"]), label="router")
+    factor = draw(st.one_of(st.none(), st.floats(0.25, 3.0)), label="capacity_factor")
+    training = draw(st.booleans(), label="training")
+    cfg = dict(
+        model_dim=4,
+        expert_dim=4,
+        num_experts=E,
+        router=rule,
+        threshold=draw(st.floats(0.2, 1.0), label="threshold"),
+        top_k=draw(st.integers(1, E), label="top_k"),
+        min_capacity=draw(st.integers(0, 5), label="min_capacity"),
+        # The factor goes where this mode reads it.
+        capacity_factor=factor if training else None,
+        eval_capacity_factor=None if training else factor,
+        activation=draw(st.sampled_from(["gelu", "relu", "swiglu"]), label="activation"),
+        backend=draw(st.sampled_from(sorted(BACKENDS)), label="backend"),
+    )
+    T = draw(st.integers(0, 20), label="tokens")
+    seed = draw(st.integers(0, 2**16), label="seed")
+    return cfg, training, T, seed
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's and torch's default)."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+@PROPERTY
+@given(setup=layer_setups())
+def test_stats_count_kept_pairs_consistently(setup) -> None:
+    cfg, training, T, seed = setup
+    layer = make_layer(seed=seed, **cfg).train(training)
+    x = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = layer(x)
+        decision = layer.route(x)
+    stats, E = out.stats, cfg["num_experts"]
+
+    # Decisions equal the oracle's, taken on the layer's own fp32 probabilities (cast to float64):
+    # random layers can sit arbitrarily close to a boundary, so the float64 softmax could differ.
+    routing = oracle_routing(layer, x, from_layer_probs=True)
+    assert torch.equal(decision.wanted_TE, routing.wanted_mask(E))
+    assert torch.equal(decision.kept_TE, routing.kept_mask(E))
+
+    wanted_T = [len(w) for w in routing.wanted]
+    kept_T = [len(routing.kept_experts(t)) for t in range(T)]
+    assert stats.num_tokens == T
+    assert stats.capacity == routing.capacity == decision.capacity
+    assert all(1 <= k <= E for k in wanted_T)
+    num_kept = int(stats.tokens_per_expert.sum())
+    assert num_kept == sum(kept_T) == int((decision.combine_weights() != 0).sum())
+    assert stats.tokens_per_expert.tolist() == [sum(1 for t, e in routing.kept if e == x_) for x_ in range(E)]
+    if routing.capacity is not None:
+        assert max(stats.tokens_per_expert.tolist(), default=0) <= routing.capacity
+    assert abs(float(stats.kept_per_token) * T - sum(kept_T)) < 1e-4
+    assert abs(float(stats.wanted_per_token) * T - sum(wanted_T)) < 1e-4
+    assert int(stats.dropped_pairs) == sum(wanted_T) - sum(kept_T)
+    assert abs(float(stats.dropped_token_fraction) * T - sum(k < w for k, w in zip(kept_T, wanted_T))) < 1e-4
+    assert stats.wanted_histogram.tolist() == [wanted_T.count(k) for k in range(E + 1)]
+    assert stats.kept_histogram.tolist() == [kept_T.count(k) for k in range(E + 1)]
+    assert int(stats.wanted_histogram.sum()) == int(stats.kept_histogram.sum()) == T
+    per_pair = 2 * 4 * 4 * (3 if cfg["activation"] == "swiglu" else 2)
+    assert abs(float(stats.expert_flops_per_token) - per_pair * sum(kept_T) / max(T, 1)) < 1e-3
+    assert stats.topk_flops_per_token == cfg["top_k"] * per_pair
+    if T:
+        top1 = decision.probs_TE.max(dim=-1).values.double().tolist()
+        expected = [_quantile(top1, q) for q in (0.25, 0.5, 0.75)]
+        torch.testing.assert_close(stats.top1_quartiles.double(), torch.tensor(expected, dtype=torch.float64))
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    T=st.integers(1, 16),
+    rule=st.sampled_from(["threshold", "topk"]),
+    backend=st.sampled_from(sorted(BACKENDS)),
+)
+def test_dropless_layer_is_token_permutation_equivariant(seed: int, T: int, rule: str, backend: str) -> None:
+    layer = make_layer(seed=seed, router=rule, threshold=0.8, top_k=3, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, 8, generator=gen)
+    perm = torch.randperm(T, generator=gen)
+    with torch.no_grad():
+        out, out_perm = layer(x), layer(x[perm])
+        kept, kept_perm = layer.route(x).kept_TE, layer.route(x[perm]).kept_TE
+    assert torch.equal(kept_perm, kept[perm])
+    torch.testing.assert_close(out_perm.output, out.output[perm], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_perm.aux_loss, out.aux_loss)
