@@ -17,6 +17,7 @@ Shape legend: B batch, L sequence length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -90,11 +91,28 @@ class GPTConfig:
         """0-based indices of the MoE blocks: layer i+1 (1-based) when (i+1) % moe_every == 0."""
         if self.moe is None:
             return ()
-        return tuple(i for i in range(self.n_layer) if i % self.moe_every == 0)
+        return tuple(i for i in range(self.n_layer) if (i + 1) % self.moe_every == 0)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        """Plain values, JSON-ready, the MoE config nested; ``from_dict`` rebuilds the config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        values = dict(values)
+        moe = values.pop("moe", None)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        unknown_moe = sorted(set(moe or {}) - {f.name for f in dataclasses.fields(MoEConfig)})
+        if unknown or unknown_moe:
+            raise ValueError(
+                f"unknown GPTConfig fields {unknown} / MoEConfig fields {unknown_moe}; the config was "
+                f"saved by another version of xmoe: drop or rename those fields"
+            )
+        return cls(**values, moe=MoEConfig(**moe) if moe is not None else None)
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,9 @@ class GPTOutput:
 
 
 class GPT(nn.Module):
+    """Token + position embeddings -> n_layer pre-LN blocks (MoE FFN at cfg.moe_layers) ->
+    final LayerNorm -> logits through the tied token embeddings."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -358,8 +379,8 @@ def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequ
 # --- presets ---------------------------------------------------------------------------------
 
 GPT2_VOCAB = 50257
-CPU_VOCAB = 8192  # a small BPE; the trainer passes the tokenizer's size
-DEBUG_VOCAB = 256  # bytes
+CPU_VOCAB = 4096  # xmoe.data's default BPE size; the trainer passes the real one
+DEBUG_VOCAB = 512  # a tiny BPE
 
 
 def family_moe(router: str | None, num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig | None:
