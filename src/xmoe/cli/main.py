@@ -72,26 +72,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from xmoe.moe import set_threshold
-    from xmoe.training import eval_batches, evaluate_lm
-    from xmoe.training.report import plot_threshold_sweep, sweep_table
+    from xmoe.training import eval_batches
 
     loaded = _load(args)
+    _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
+           Path(args.out or Path(loaded.run_dir) / "report"))
+
+
+def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
+    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``."""
+    from xmoe.moe import set_threshold
+    from xmoe.training import evaluate_lm
+    from xmoe.training.report import plot_threshold_sweep, sweep_table
+
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
-        raise ValueError(f"{args.checkpoint} has no threshold router to sweep (preset {loaded.cfg.preset})")
-    batches = eval_batches(loaded, args.data, max_batches=args.max_batches)
+        raise ValueError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
     rows = []
-    for t in args.thresholds:
+    for t in thresholds:
         set_threshold(loaded.model, t)
         r = evaluate_lm(loaded.model, batches).to_dict()
         rows.append({"threshold": t, "perplexity": r["perplexity"], "experts_per_token": r["experts_per_token"],
                      "moe_flops_ratio": r["moe_flops_ratio"]})
     print(sweep_table(rows))
-    out = Path(args.out or Path(loaded.run_dir) / "report")
     out.mkdir(parents=True, exist_ok=True)
     plot_threshold_sweep(rows, out / "threshold_sweep.png")
     (out / "threshold_sweep.json").write_text(json.dumps(rows, indent=2))
     print(f"plot: {out / 'threshold_sweep.png'}")
+    return rows
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -124,6 +131,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
     train_args = argparse.Namespace(preset=args.preset, out=str(out), data=args.data, resume=False)
     cmd_train(train_args, overrides)
+
+    from xmoe.training import eval_batches, load_lm
+
+    loaded = load_lm(out)
+    if loaded.model.cfg.moe is not None and loaded.model.cfg.moe.router == "threshold":
+        print("\nthe compute dial: the same model evaluated at other thresholds (dropless)")
+        _sweep(loaded, [0.5, 0.7, 0.9, 1.0], eval_batches(loaded, None, max_batches=10), out / "report")
 
 
 _DEMO_TRAIN = {"train.batch_size": "16", "train.seq_len": "128", "train.eval_every": "100",

@@ -142,7 +142,10 @@ def _clip(model: nn.Module, max_norm: float) -> float:
 
 
 class MetricsLog:
-    """JSON lines, one row per log event; a resume drops the rows after its checkpoint."""
+    """JSON lines, one row per log event; a resume drops the rows after its checkpoint.
+
+    Scalars also go to TensorBoard (RUN/tensorboard) when the ``tensorboard`` package is installed.
+    """
 
     def __init__(self, path: Path, keep_before: int = 0) -> None:
         self.path = path
@@ -152,10 +155,24 @@ class MetricsLog:
             for row in rows:
                 if row["step"] <= keep_before:
                     f.write(json.dumps(row) + "\n")
+        self.board = _tensorboard(path.parent / "tensorboard")
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            self.board.flush()
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
