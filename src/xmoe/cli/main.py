@@ -171,9 +171,17 @@ def _print_eval(summary: dict) -> None:
     if "layers" in summary:
         per_layer = ", ".join(f"{l['experts_per_token']:.2f}" for l in summary["layers"])
         print(f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})")
+        ratio = summary["moe_flops_ratio"]
+        verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
         print(f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = "
-              f"{summary['moe_flops_ratio']:.1%} of the top-k model of equal parameters "
-              f"({1 - summary['moe_flops_ratio']:.1%} saved)")
+              f"{ratio:.1%} of the top-k model of equal parameters ({verdict})")
+        median_top1 = sum(l["top1_quartiles"][1] for l in summary["layers"]) / len(summary["layers"])
+        print(f"router confidence: median top-1 probability {median_top1:.3f} "
+              f"(1/E = {1 / len(summary['layers'][0]['tokens_per_expert']):.3f} is a uniform router)")
+        if ratio > 1:
+            print("  the router is still unsure, so the threshold rule engages many experts; XMoE's saving "
+                  "comes as training sharpens it (the paper trains 60k steps). Train longer "
+                  "(--train.max_steps, or xmoe demo --steps), or lower the threshold at inference (see the sweep).")
 
 
 def build_parser() -> argparse.ArgumentParser:
