@@ -21,6 +21,7 @@ Shapes: T tokens, D model dim, E experts.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,8 @@ def topk_choice(p_E: list[float], k: int) -> list[int]:
 def capacity(num_tokens: int, num_experts: int, factor: float | None, min_capacity: int) -> int | None:
     if factor is None:
         return None
-    return min(num_tokens, max(math.ceil(factor * num_tokens / num_experts), min_capacity))
+    exact = Fraction(str(factor)) * num_tokens / num_experts  # the factor as written, no float noise
+    return min(num_tokens, max(math.ceil(exact), min_capacity))
 
 
 def priority(wanted_T: list[list[int]], p_TE: list[list[float]], t: int, e: int) -> float:

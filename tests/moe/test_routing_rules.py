@@ -165,6 +165,7 @@ def test_apply_capacity_zero_token_expert_and_dropless() -> None:
         (3, 2, 8.0, 4, 3),  # the paper's gamma = 8 on a tiny batch: clamped to S
         (0, 8, 2.0, 4, 0),  # no tokens, no slots
         (24, 8, None, 4, None),  # dropless
+        (100, 10, 1.1, 0, 11),  # 1.1 * 100 / 10 is 11.000000000000002 in floats: still 11 slots
     ],
 )
 def test_capacity_formula(tokens, experts, factor, min_capacity, expected) -> None:

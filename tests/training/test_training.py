@@ -221,3 +221,61 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, message):
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interrupt_during_evaluation_saves_the_completed_step(corpus, tmp_path, monkeypatch):
+    """Ctrl-C after an optimizer step (here, in the evaluation after step 2) must checkpoint
+    step 2, not 1: the weights already hold step 2's update."""
+    cfg = tiny_config(corpus, tmp_path, eval_every=2, save_every=0)
+
+    def interrupted_eval(self, model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_module.LMTask, "evaluate", interrupted_eval)
+    result = train_lm(cfg, tmp_path / "run", progress=False)
+    assert result.interrupted and result.steps == 2
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_non_finite_loss_raises_before_updating_or_saving(corpus, tmp_path, monkeypatch):
+    cfg = tiny_config(corpus, tmp_path, max_steps=4, save_every=1)
+    original = lm_module.LMTask.loss
+
+    def nan_at_step_3(self, model, batch):
+        loss, logs = original(self, model, batch)
+        if self.batches_seen == 2:
+            loss = loss * float("nan")
+            logs["loss"] = loss.detach()
+        self.batches_seen += 1
+        return loss, logs
+
+    monkeypatch.setattr(lm_module.LMTask, "batches_seen", 0, raising=False)
+    monkeypatch.setattr(lm_module.LMTask, "loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="nothing was updated or saved"):
+        train_lm(cfg, tmp_path / "run", progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    weights = load_lm(tmp_path / "run").model.state_dict()
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_refuses_changes_that_break_exactness(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path, max_steps=2)
+    train_lm(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        train_lm(apply_overrides(cfg, {"train.batch_size": "8", "train.max_steps": "4"}), tmp_path / "run",
+                 resume=True, progress=False)
+    with pytest.raises(ValueError, match="already at step 2"):
+        train_lm(cfg, tmp_path / "run", resume=True, progress=False)
+    (corpus).write_text(corpus.read_text() + "\nnew text changes the batches")
+    with pytest.raises(ValueError, match="changed since"):
+        train_lm(apply_overrides(cfg, {"train.max_steps": "4"}), tmp_path / "run", resume=True, progress=False)
+
+
+def test_bad_device_and_flag_without_value_are_clear():
+    from xmoe.training.loop import resolve_device
+
+    with pytest.raises(ValueError, match="not a torch device"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="has no value"):
+        parse_overrides(["--train.compile", "--train.lr=1"])

@@ -51,11 +51,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
     from xmoe.training import LMRunConfig, apply_overrides, from_dict, lm_run_config, read_config
 
-    if resume_dir is not None:  # continue with the saved config; only train.* may be overridden
-        bad = [k for k in overrides if not k.startswith("train.")]
-        if bad:
-            raise ValueError(f"--resume keeps the saved model and data; only train.* overrides apply, not {bad}")
-        return apply_overrides(from_dict(LMRunConfig, read_config(resume_dir)), overrides)
+    if resume_dir is not None:  # the saved config; train_lm refuses overrides that break exactness
+        saved = from_dict(LMRunConfig, read_config(resume_dir))
+        if preset != DEFAULT_PRESET and preset != saved.preset:
+            raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
+        return apply_overrides(saved, overrides)
     return lm_run_config(preset, overrides=overrides)
 
 
@@ -159,9 +159,11 @@ def _load(args: argparse.Namespace):
         if set_threshold(loaded.model, args.threshold) == 0:
             raise ValueError(f"--threshold: {args.checkpoint} has no threshold-routed MoE layer")
     if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
-        for m in loaded.model.modules():
-            if isinstance(m, MoELayer):
-                m.router.eval_capacity_factor = m.router.capacity_factor
+        layers = [m for m in loaded.model.modules() if isinstance(m, MoELayer)]
+        if not any(m.router.capacity_factor is not None for m in layers):
+            raise ValueError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
+        for m in layers:
+            m.router.eval_capacity_factor = m.router.capacity_factor
     return loaded
 
 

@@ -113,7 +113,8 @@ def capacity(num_tokens: int, num_experts: int, factor: float | None, min_capaci
     slots = factor * num_tokens / num_experts
     if slots >= num_tokens:  # also keeps ceil() away from an overflowing product
         return num_tokens
-    return min(num_tokens, max(math.ceil(slots), min_capacity))
+    # Rounded first, so that float noise (1.1 * 100 / 10 = 11.000000000000002) does not add a slot.
+    return min(num_tokens, max(math.ceil(round(slots, 9)), min_capacity))
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

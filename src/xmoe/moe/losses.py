@@ -21,7 +21,8 @@ def load_balancing_loss(probs_TE: Tensor) -> Tensor:
     if num_tokens == 0:
         return probs_TE.sum()  # 0, still attached to the graph
     top1_T = probs_TE.detach().argmax(dim=-1)  # ties: the lower expert index, as in routing
-    fraction_E = torch.bincount(top1_T, minlength=num_experts).to(probs_TE.dtype) / num_tokens
+    counts_E = top1_T.new_zeros(num_experts).scatter_add_(0, top1_T, torch.ones_like(top1_T))  # bincount syncs on CUDA
+    fraction_E = counts_E.to(probs_TE.dtype) / num_tokens
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * (fraction_E * mean_prob_E).sum()
 

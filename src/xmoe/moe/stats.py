@@ -63,8 +63,8 @@ def routing_stats(
         capacity=capacity,
         wanted_per_token=_mean(wanted_T),
         kept_per_token=_mean(kept_T),
-        wanted_histogram=torch.bincount(wanted_T, minlength=num_experts + 1),
-        kept_histogram=torch.bincount(kept_T, minlength=num_experts + 1),
+        wanted_histogram=count(wanted_T, num_experts + 1),
+        kept_histogram=count(kept_T, num_experts + 1),
         tokens_per_expert=kept_TE.sum(dim=0),
         dropped_pairs=(wanted_T - kept_T).sum(),
         dropped_token_fraction=_mean(kept_T < wanted_T),
@@ -72,6 +72,11 @@ def routing_stats(
         expert_flops_per_token=_mean(kept_T) * cfg.flops_per_pair,
         topk_flops_per_token=float(min(cfg.top_k, num_experts) * cfg.flops_per_pair),
     )
+
+
+def count(values: Tensor, size: int) -> Tensor:
+    """``bincount`` without its host syncs on CUDA (it reads min and max back to size the output)."""
+    return values.new_zeros(size).scatter_add_(0, values, torch.ones_like(values))
 
 
 def _mean(x: Tensor) -> Tensor:

@@ -56,16 +56,19 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: 
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         _write_json(tmp / "state.json", {"step": step, **(extra or {})})
         _write_json(tmp / "config.json", config)
+        for file in tmp.iterdir():  # on disk before the rename makes them the checkpoint
+            _fsync(file)
         previous = run_dir / "checkpoint.previous"
         if target.exists():
             shutil.rmtree(previous, ignore_errors=True)
             target.rename(previous)
         tmp.rename(target)
+        _fsync(run_dir)  # the renames too, before the fallback is deleted
         shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,8 +136,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _write_json(path: Path, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_json(path: Path) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,8 +60,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -68,8 +69,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +131,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             raise ValueError(f"unexpected argument {arg!r}; config overrides look like --train.max_steps=200")
         key, sep, value = arg[2:].partition("=")
         if not sep:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ValueError(f"override --{key} has no value; write --{key}=VALUE")
             value, i = args[i + 1], i + 1
         out[key.replace("-", "_")] = value

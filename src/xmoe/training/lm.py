@@ -8,6 +8,7 @@ XMoE's recipe (coefficient 0.01).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prep
 from xmoe.models.gpt import GPT
 from xmoe.moe import RoutingStats
 
-from .checkpoint import load_checkpoint, read_config
+from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import LMRunConfig, from_dict, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
 
@@ -52,7 +53,7 @@ class LMTask:
     def evaluate(self, model) -> dict:
         t = self.train_cfg
         batches = self.data.val_batches(batch_size=t.batch_size, seq_len=t.seq_len, max_batches=t.eval_batches)
-        return evaluate_lm(model, batches).to_dict()
+        return evaluate_lm(model, batches, precision=t.precision).to_dict()
 
 
 @dataclass
@@ -141,8 +142,12 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     moe = model.cfg.moe
     if moe is not None and result.layers:
         result.moe_flops_per_token = sum(l.kept_pairs / l.tokens for l in result.layers) * moe.flops_per_pair
-        result.topk_moe_flops_per_token = len(result.layers) * moe.top_k * moe.flops_per_pair
+        result.topk_moe_flops_per_token = len(result.layers) * min(moe.top_k, moe.num_experts) * moe.flops_per_pair
     return result
+
+
+# Fields a resume may change: they do not alter which batches come next or how steps update.
+RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
 
 
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
@@ -150,25 +155,45 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop."""
     run_dir = Path(run_dir)
     if resume:
+        saved_state = _saved_state(run_dir)
         saved = from_dict(LMRunConfig, read_config(run_dir))
-        if saved.data != cfg.data:
-            raise ValueError(
-                f"--resume: the data config differs from the one saved in {run_dir}; "
-                f"resume with the same preset and overrides (only train.* may change)"
-            )
-    elif (run_dir / "checkpoint").exists():
+        _check_resumable(saved, cfg, run_dir)
+    elif (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
         )
     data = prepare_lm_data(cfg.data, run_dir)
+    if resume and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
+        raise ValueError(
+            f"--resume: the text behind data.path={cfg.data.path!r} changed since {run_dir} was "
+            f"trained (another file, or another Python version for the default corpus); resuming "
+            f"would train on other batches. Start a new run with --out"
+        )
     # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
     # corpus can give fewer tokens).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
-    if resume and saved.model != cfg.model:
-        raise ValueError(f"--resume: the model config differs from the one saved in {run_dir}")
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
-    return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume, progress=progress)
+    return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                 progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+
+
+def _check_resumable(saved: LMRunConfig, cfg: LMRunConfig, run_dir: Path) -> None:
+    changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
+               if f.name != "vocab_size" and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+    changed += [f"data.{f.name}" for f in dataclasses.fields(cfg.data)
+                if getattr(saved.data, f.name) != getattr(cfg.data, f.name)]
+    changed += [f"train.{f.name}" for f in dataclasses.fields(cfg.train)
+                if f.name not in RESUMABLE_TRAIN_FIELDS and getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
+    if changed:
+        raise ValueError(
+            f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
+            f"a resume may change only train.{', train.'.join(RESUMABLE_TRAIN_FIELDS)}"
+        )
+
+
+def _saved_state(run_dir: Path) -> dict:
+    return json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -188,9 +213,7 @@ def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
     model = GPT(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()
-    run_dir = Path(path)
-    run_dir = run_dir if (run_dir / "checkpoint").exists() else run_dir.parent
-    return LoadedLM(model, cfg, run_dir)
+    return LoadedLM(model, cfg, checkpoint_dir(path).parent)
 
 
 def eval_batches(loaded: LoadedLM, data_path: str | None, *, batch_size: int | None = None,

@@ -46,7 +46,13 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu or auto")
+    return device
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -56,8 +62,11 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
-          resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``."""
+          resume: bool = False, progress: bool = True, extra_state: dict | None = None) -> TrainResult:
+    """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``.
+
+    ``extra_state`` is saved in each checkpoint's state.json (e.g. the corpus fingerprint).
+    """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -65,15 +74,21 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     start = 0
     if resume:
         start = load_checkpoint(run_dir, model, optimizer, restore_rng=True)["step"]
+        if start >= cfg.max_steps:
+            raise ValueError(
+                f"the checkpoint in {run_dir} is already at step {start}; to continue, raise "
+                f"train.max_steps above {start} (e.g. --train.max_steps={2 * start})"
+            )
     else:
         torch.manual_seed(cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start if resume else 0)
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start)
     step_model = torch.compile(model) if cfg.compile else model
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config)
+        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state)
 
-    losses, interrupted, step = [], False, start
+    losses, interrupted = [], False
+    done = start  # optimizer steps applied to the weights: what a checkpoint must say
     bar = _progress(start, cfg.max_steps, progress)
     try:
         for step in range(start, cfg.max_steps):
@@ -84,33 +99,38 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             t0 = time.perf_counter()
             logs, tokens = _accumulate(step_model, task, cfg, step, device)
             grad_norm = _clip(model, cfg.grad_clip)
+            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
+                # Raise before stepping, so neither the weights nor any checkpoint see it.
+                raise FloatingPointError(
+                    f"step {step + 1}: loss {logs['loss']}, gradient norm {grad_norm}; nothing was "
+                    f"updated or saved. Lower train.lr, or resume from the last checkpoint"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            done = step + 1
             seconds = time.perf_counter() - t0
             losses.append(logs["loss"])
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"training loss became {logs['loss']} at step {step}; lower train.lr")
-            row = {"step": step + 1, "split": "train", "lr": lr, "grad_norm": grad_norm,
+            row = {"step": done, "split": "train", "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens / seconds, **logs}
-            if (step + 1) % cfg.log_every == 0 or step == start:
+            if done % cfg.log_every == 0 or step == 0:
                 log.write(row)
             bar.update(1)
             bar.set_postfix_str(_postfix(row), refresh=False)
-            last = step + 1 == cfg.max_steps
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-                log.write({"step": step + 1, "split": "val", **_evaluate(model, task, cfg, device)})
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                save(step + 1)
-        step = cfg.max_steps
+            last = done == cfg.max_steps
+            if cfg.eval_every and done % cfg.eval_every == 0 and not last:
+                log.write({"step": done, "split": "val", **_evaluate(model, task, cfg, device)})
+            if cfg.save_every and done % cfg.save_every == 0 and not last:
+                save(done)
     except KeyboardInterrupt:
-        interrupted = True  # `step` is the first step not completed; save what is done
+        interrupted = True
     finally:
         bar.close()
-    save(step)
+    save(done)
     final = {} if interrupted else _evaluate(model, task, cfg, device)
     if final:
-        log.write({"step": step, "split": "val", **final})
-    return TrainResult(steps=step, train_losses=losses, final_eval=final, interrupted=interrupted)
+        log.write({"step": done, "split": "val", **final})
+    log.close()
+    return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=interrupted)
 
 
 def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device):
@@ -127,11 +147,8 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
     return totals, tokens
 
 
-@torch.no_grad()
 def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    model.eval()
-    with autocast_context(device, cfg.precision):
-        return task.evaluate(model)
+    return task.evaluate(model)  # the task sets eval mode, no_grad and precision
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
@@ -155,7 +172,7 @@ class MetricsLog:
             for row in rows:
                 if row["step"] <= keep_before:
                     f.write(json.dumps(row) + "\n")
-        self.board = _tensorboard(path.parent / "tensorboard")
+        self.board = _tensorboard(path.parent / "tensorboard", purge_step=keep_before + 1 if keep_before else None)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -166,13 +183,17 @@ class MetricsLog:
                     self.board.add_scalar(f"{row['split']}/{key}", value, row["step"])
             self.board.flush()
 
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
-def _tensorboard(folder: Path):
+
+def _tensorboard(folder: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)  # a resume drops the later events
 
 
 def read_metrics(path: str | Path) -> list[dict]:

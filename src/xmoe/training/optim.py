@@ -15,6 +15,9 @@ from torch import nn
 from .config import TrainConfig
 
 
+BIASES = {"bias", "b1", "b2", "b3"}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     seen = set()
@@ -23,9 +26,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            # Embeddings and 1-D tensors (biases, norm gains) are not decayed.
+            # Embeddings, biases (expert biases are [E, F]: 2-D, still biases) and norm gains
+            # are not decayed.
             is_embedding = isinstance(module, nn.Embedding)
-            (no_decay if is_embedding or param.ndim < 2 or name.startswith("b") else decay).append(param)
+            (no_decay if is_embedding or param.ndim < 2 or name in BIASES else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 

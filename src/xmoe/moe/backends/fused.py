@@ -66,7 +66,8 @@ class _FusedExperts(torch.autograd.Function):
         x_TD, weight_N, token_idx_N, up_NF, gate_NF, y_ND, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
         grad_TD = grad_TD.contiguous()
         need = ctx.needs_input_grad
-        g_x = torch.zeros_like(x_TD) if need[0] else None
+        # fp32, like the forward's combine: a token's input gradient sums several experts' parts.
+        g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need[0] else None
         g_weight = torch.zeros_like(weight_N) if need[1] else None
         # Weight gradients are written expert by expert; only the idle experts' slices need
         # zeros (zero-filling whole buffers costs more than it seems: first-touch page faults).
@@ -97,7 +98,8 @@ class _FusedExperts(torch.autograd.Function):
                 if g_b is not None:
                     torch.sum(g_pre, dim=0, out=g_b[e])
                 if g_x is not None:
-                    g_x.index_add_(0, tokens, g_pre @ w[e].T)
+                    g_x.index_add_(0, tokens, (g_pre @ w[e].T).float())
+        g_x = g_x.to(x_TD.dtype) if g_x is not None else None
         return g_x, g_weight, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
 
 
