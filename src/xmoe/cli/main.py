@@ -23,7 +23,7 @@ DEFAULT_PRESET = "cpu-xmoe-64x128"
 def cmd_presets(args: argparse.Namespace) -> None:
     from xmoe.models.gpt import list_presets
 
-    print(f"| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
+    print("| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
     print("|---|---|---|---|---|")
     for row in list_presets():
         print(f"| {row.name} | {row.experts} | {row.params / 1e6:.1f}M | {row.flops_per_token / 1e9:.3f} "

@@ -17,7 +17,6 @@ Shape legend: B batch, L sequence length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -96,23 +95,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
-
-    def to_dict(self) -> dict:
-        """Plain values, JSON-ready, the MoE config nested; ``from_dict`` rebuilds the config."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> GPTConfig:
-        values = dict(values)
-        moe = values.pop("moe", None)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        unknown_moe = sorted(set(moe or {}) - {f.name for f in dataclasses.fields(MoEConfig)})
-        if unknown or unknown_moe:
-            raise ValueError(
-                f"unknown GPTConfig fields {unknown} / MoEConfig fields {unknown_moe}; the config was "
-                f"saved by another version of xmoe: drop or rename those fields"
-            )
-        return cls(**values, moe=MoEConfig(**moe) if moe is not None else None)
 
 
 @dataclass(frozen=True)
