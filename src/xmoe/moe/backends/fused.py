@@ -55,7 +55,8 @@ class _FusedExperts(torch.autograd.Function):
             up = _linear(x_nD, w1[e], b1, e, out=up_NF[rows] if save else None)
             gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if gate_NF is not None else None) if w3 is not None else None
             y = _linear(activate(activation, up, gate), w2[e], b2, e, out=y_ND[rows] if save else None)
-            out_TD.index_add_(0, tokens, y.float() * weight_N[rows, None])
+            # Weighted in place, on a copy only when y is kept for backward.
+            out_TD.index_add_(0, tokens, y.to(torch.float32, copy=save).mul_(weight_N[rows, None]))
         if save:
             ctx.save_for_backward(x_TD, weight_N, token_idx_N, up_NF, gate_NF, y_ND, w1, b1, w2, b2, w3, b3)
             ctx.counts, ctx.activation = counts, activation
