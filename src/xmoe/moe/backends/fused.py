@@ -53,7 +53,9 @@ class _FusedExperts(torch.autograd.Function):
             tokens = token_idx_N[rows]
             x_nD = x_TD.index_select(0, tokens)
             up = _linear(x_nD, w1[e], b1, e, out=up_NF[rows] if save else None)
-            gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if gate_NF is not None else None) if w3 is not None else None
+            gate = None
+            if w3 is not None:
+                gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if save else None)
             y = _linear(activate(activation, up, gate), w2[e], b2, e, out=y_ND[rows] if save else None)
             # Weighted in place, on a copy only when y is kept for backward.
             out_TD.index_add_(0, tokens, y.to(torch.float32, copy=save).mul_(weight_N[rows, None]))
