@@ -331,7 +331,7 @@ def flops_breakdown(cfg: GPTConfig, *, context: int | None = None) -> FlopsPerTo
         attention=cfg.n_layer * (2 * 4 * D * D + 2 * 2 * ctx * D),
         dense_ffn=(cfg.n_layer - num_moe) * 2 * 2 * D * cfg.d_ff,
         router=num_moe * 2 * D * moe.num_experts if moe is not None else 0,
-        experts=num_moe * moe.top_k * moe.flops_per_pair if moe is not None else 0,
+        experts=num_moe * min(moe.top_k, moe.num_experts) * moe.flops_per_pair if moe is not None else 0,
         lm_head=2 * D * cfg.vocab_size,
     )
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
-from xmoe.models.gpt import GPT
+from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
 from xmoe.moe import RoutingStats
 
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
@@ -139,10 +139,9 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     if total_tokens == 0:
         raise ValueError("evaluation got no batches: the evaluation text is shorter than one sequence")
     result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers or [])
-    moe = model.cfg.moe
-    if moe is not None and result.layers:
-        result.moe_flops_per_token = sum(l.kept_pairs / l.tokens for l in result.layers) * moe.flops_per_pair
-        result.topk_moe_flops_per_token = len(result.layers) * min(moe.top_k, moe.num_experts) * moe.flops_per_pair
+    if model.cfg.moe is not None and result.layers:
+        result.moe_flops_per_token = moe_flops_per_token(model.cfg, [l.kept_pairs / l.tokens for l in result.layers])
+        result.topk_moe_flops_per_token = flops_breakdown(model.cfg).experts
     return result
 
 
