@@ -191,6 +191,11 @@ def gelu(z):
     return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
 
 
+def gelu_tanh(z):
+    """GPT-2's approximation: 0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))."""
+    return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
 def relu(z):
     return torch.where(z > 0, z, torch.zeros_like(z))
 
@@ -209,12 +214,12 @@ def ffn(x_D: torch.Tensor, P: Params, e: int, activation: str) -> torch.Tensor:
     if activation == "swiglu":
         hidden = silu(up) * (x_D @ P.w3[e] + bias(P.b3))
     else:
-        hidden = {"gelu": gelu, "relu": relu}[activation](up)
+        hidden = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu}[activation](up)
     return hidden @ P.w2[e] + bias(P.b2)
 
 
-def combine_weights(probs_TE: torch.Tensor, routing: Routing, renormalize: bool) -> torch.Tensor:
-    """Dense [T, E] float64 weights: p (or p / wanted mass) on kept pairs, 0 elsewhere."""
+def combine_weights(probs_TE: torch.Tensor, routing: Routing, renormalize: bool, ones: bool = False) -> torch.Tensor:
+    """Dense [T, E] float64 weights: p (or p / wanted mass, or 1 with ``ones``) on kept pairs, 0 elsewhere."""
     T, E = probs_TE.shape
     rows = []
     for t in range(T):
@@ -222,7 +227,10 @@ def combine_weights(probs_TE: torch.Tensor, routing: Routing, renormalize: bool)
         row = []
         for e in range(E):
             if (t, e) in routing.kept:
-                row.append(probs_TE[t, e] / wanted_mass if renormalize else probs_TE[t, e])
+                if ones:
+                    row.append(probs_TE.new_ones(()))
+                else:
+                    row.append(probs_TE[t, e] / wanted_mass if renormalize else probs_TE[t, e])
             else:
                 row.append(probs_TE.new_zeros(()))
         rows.append(torch.stack(row))
@@ -241,6 +249,7 @@ def forward(
     renormalize: bool,
     activation: str,
     route_probs: list[list[float]] | None = None,
+    combine: str = "probs",
 ):
     """The layer's output [T, D] float64, its probabilities [T, E] and routing decisions.
 
@@ -258,7 +267,7 @@ def forward(
         capacity_factor=capacity_factor,
         min_capacity=min_capacity,
     )
-    weights_TE = combine_weights(probs_TE, routing, renormalize)
+    weights_TE = combine_weights(probs_TE, routing, renormalize, ones=combine == "ones")
     outputs = []
     for t in range(x_TD.shape[0]):
         y_D = x_TD.new_zeros(x_TD.shape[1])

@@ -67,6 +67,7 @@ def run_oracle(layer: MoELayer, x_TD: torch.Tensor, P: oracle.Params | None = No
         renormalize=cfg.renormalize,
         activation=cfg.activation,
         route_probs=route_probs,
+        combine=cfg.combine,
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import moe_oracle as oracle
 from moe_testing import make_layer, oracle_routing, run_oracle
 from xmoe.moe import BACKENDS, MoEConfig, MoELayer, set_threshold
 
@@ -36,6 +37,7 @@ BASE = dict(model_dim=8, num_experts=4, expert_dim=16)
         ("eval_capacity_factor", -0.5),
         ("min_capacity", -1),
         ("activation", "tanh"),
+        ("combine", "sum"),
         ("router", "expert_choice"),
         ("backend", "triton_v9"),
         ("init", "orthogonal"),
@@ -334,3 +336,53 @@ def test_one_expert_layer_is_a_dense_mlp(backend: str, activation: str, rule: st
     torch.testing.assert_close(layer.experts.w1.grad[0], mlp[0].weight.grad.T, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.experts.b2.grad[0], mlp[2].bias.grad, rtol=1e-5, atol=1e-6)
     assert layer.router.weight.grad.abs().max() < 1e-6  # p = 1 whatever the router does
+
+
+# ----------------------------------------------------------------------------- padding mask
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_masked_tokens_are_never_routed(backend: str) -> None:
+    """With a mask, the layer is exactly the layer run on the real tokens alone: padding takes
+    no capacity (C is computed from the real count), no compute, and is absent from the loss and
+    the statistics; its output is 0."""
+    layer = make_layer(threshold=0.8, capacity_factor=1.0, min_capacity=1, backend=backend)
+    with torch.no_grad():
+        layer.router.weight.mul_(3.0)
+    x = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :7] = mask[1, :2] = mask[2, :10] = True  # 19 real tokens of 30
+    real = x[mask]
+    y64, probs64, _, routing = run_oracle(layer, real)
+
+    out = layer(x, mask=mask)
+    assert out.output.shape == x.shape
+    assert torch.equal(out.output[~mask], torch.zeros_like(out.output[~mask]))
+    torch.testing.assert_close(out.output[mask].double(), y64, rtol=1e-5, atol=1e-5)
+    assert out.stats.num_tokens == 19 and out.stats.capacity == routing.capacity == math.ceil(19 / 8)
+    assert int(out.stats.tokens_per_expert.sum()) == len(routing.kept)
+    torch.testing.assert_close(out.aux_loss.double(), oracle.balancing_loss(probs64), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_gradients_reach_only_real_tokens() -> None:
+    layer = make_layer(threshold=0.9)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    mask = torch.tensor([[True, True, False, False, False], [True, False, True, False, False]])
+    out = layer(x, mask=mask)
+    (out.output.sum() + out.aux_loss).backward()
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    assert x.grad[mask].abs().sum(dim=-1).gt(0).all()
+
+
+def test_all_padding_gives_zeros_and_zero_loss() -> None:
+    layer = make_layer()
+    x = torch.randn(2, 3, 8)
+    out = layer(x, mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(out.output, torch.zeros_like(x)) and out.aux_loss.item() == 0.0
+    assert out.stats.num_tokens == 0
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 3), torch.ones(6, dtype=torch.bool)])
+def test_bad_mask_raises_value_error(mask) -> None:
+    with pytest.raises(ValueError, match="mask must be a bool tensor of shape"):
+        make_layer()(torch.randn(2, 3, 8), mask=mask)

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 
 ROUTERS = ("threshold", "topk")
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+COMBINES = ("probs", "ones")
 INITS = ("independent", "identical")
 BACKENDS = ("auto", "loop", "fused", "grouped_mm")
 
@@ -28,6 +29,11 @@ class MoEConfig:
     min_capacity))`` of the S tokens of one call, by priority ``(K - rank) + p``.
     ``capacity_factor=None`` is dropless. In eval mode ``eval_capacity_factor`` applies instead
     (default None: dropless, so a token's output never depends on its neighbours).
+    Combine: ``combine="probs"`` weighs each kept expert by its raw probability (the paper);
+    ``combine="ones"`` adds the kept experts' outputs unweighted, so a dense FFN split into
+    experts is reproduced exactly when every expert is engaged (the router then gets no gradient
+    from the output, only from the balancing loss: fit it separately, as conversion does).
+    Activations: gelu (exact erf), gelu_tanh (GPT-2's tanh approximation), relu, swiglu.
     """
 
     model_dim: int
@@ -40,6 +46,7 @@ class MoEConfig:
     eval_capacity_factor: float | None = None
     min_capacity: int = 4
     renormalize: bool = False
+    combine: str = "probs"  # "ones": unit weights, y = sum of kept experts (dense -> MoE conversion)
     activation: str = "gelu"
     expert_bias: bool = True
     init: str = "independent"
@@ -54,6 +61,9 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a positive integer, got {value!r}")
         _check_choice("router", self.router, ROUTERS)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("combine", self.combine, COMBINES)
+        if self.combine == "ones" and self.renormalize:
+            raise ValueError("MoEConfig.renormalize=True has no effect with combine='ones'; drop one of them")
         _check_choice("init", self.init, INITS)
         _check_choice("backend", self.backend, BACKENDS)
         check_threshold(self.threshold)

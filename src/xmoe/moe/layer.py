@@ -54,8 +54,16 @@ class MoELayer(nn.Module):
             raise _non_finite_error()
         return decision
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        """Route and compute ``x`` [..., model_dim].
+
+        ``mask`` (bool, shape ``x.shape[:-1]``, True = a real token) keeps padding out entirely:
+        masked tokens are never routed, take no capacity and no compute, and enter neither the
+        balancing loss nor the statistics; their output is 0 (the residual carries them).
+        """
         self._check_input(x)
+        if mask is not None:
+            return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
         decision = self.router(x_TD)
 
@@ -75,6 +83,18 @@ class MoELayer(nn.Module):
             z_loss=router_z_loss(decision.logits_TE),
             stats=routing_stats(decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg),
         )
+
+    def _forward_masked(self, x: Tensor, mask: Tensor) -> MoEOutput:
+        if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} (the input without its last "
+                f"dim, True for real tokens), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        x_TD = x.reshape(-1, self.cfg.model_dim)
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # a host sync, only when a mask is given
+        inner = self.forward(x_TD.index_select(0, rows))
+        out_TD = x_TD.new_zeros(x_TD.shape).index_copy(0, rows, inner.output)
+        return MoEOutput(out_TD.reshape(x.shape), inner.aux_loss, inner.z_loss, inner.stats)
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim == 0 or x.shape[-1] != self.cfg.model_dim:

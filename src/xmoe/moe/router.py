@@ -8,7 +8,8 @@ in docs/xmoe.md:
     capacity  C = min(S, max(ceil(gamma * S / E), m))
     priority of (token, expert)  =  (K - r) + p_e       r: the expert's 0-based rank for the token,
                                                         K: the most experts any token wants
-    combine weight = p_e (raw probability; ``renormalize`` divides by the wanted mass)
+    combine weight = p_e (raw probability; ``renormalize`` divides by the wanted mass;
+                          ``combine="ones"`` uses 1 for every kept pair)
 
 and the top-k baseline (GShard-like; top_k=1 is Switch) with the same capacity machinery.
 
@@ -107,6 +108,7 @@ class Router(nn.Module):
         self.eval_capacity_factor = cfg.eval_capacity_factor
         self.min_capacity = cfg.min_capacity
         self.renormalize = cfg.renormalize
+        self.combine = cfg.combine
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
         self.init_std = cfg.init_std
         self.reset_parameters()
@@ -146,7 +148,9 @@ class Router(nn.Module):
             slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
             kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots)
         weights_TE = probs_TE
-        if self.renormalize:
+        if self.combine == "ones":
+            weights_TE = torch.ones_like(probs_TE)
+        elif self.renormalize:
             weights_TE = probs_TE / (probs_TE * wanted_TE).sum(dim=-1, keepdim=True)
         weights_TE = weights_TE * kept_TE
         return RouterOutput(logits_TE, probs_TE, wanted_TE, kept_TE, weights_TE, slots)
