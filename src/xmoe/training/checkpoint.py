@@ -4,13 +4,17 @@ Layout of ``RUN/checkpoint/``:
 
     model.safetensors   weights (tied tensors stored once)
     optimizer.pt        optimizer state (torch.save, read back with weights_only=True)
-    rng.pt              torch CPU (and CUDA) RNG states, for an exact resume
+    rng.pt              torch CPU (and CUDA) RNG states, for an exact resume (one CPU state per
+                        rank in a distributed run)
     state.json          {"step": ...}: the next step to run; batches are a function of it
     config.json         the resolved run config: `xmoe eval --checkpoint RUN` needs no flags
 
 A checkpoint is written to a temporary folder beside the target and then renamed into place,
 so a crash mid-write never destroys the previous one; ``load`` falls back to the previous one
 if a crash fell between the two renames.
+
+A distributed run saves the same layout: expert shards are gathered first (see
+xmoe.distributed), so a checkpoint never depends on the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 MODEL_FILE = "model.safetensors"
 REQUIRED = (MODEL_FILE, "state.json", "config.json")
@@ -45,17 +49,29 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"no checkpoint in {path}: expected {path}/checkpoint/state.json (written by `xmoe train`)")
 
 
-def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    step: int, config: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, step: int, config: dict,
+                    extra: dict | None = None, model_state: dict[str, Tensor] | None = None,
+                    optimizer_state: dict | None = None, rng_states: list[Tensor] | None = None) -> Path:
+    """Write ``RUN/checkpoint`` atomically from a model and optimizer, or from their (gathered)
+    state dicts ``model_state``/``optimizer_state``; ``rng_states``: one CPU RNG state per rank."""
+    if (model is None) == (model_state is None):
+        raise ValueError("save_checkpoint needs exactly one of model= and model_state=")
+    if model is not None:
+        model_state = _unwrap(model).state_dict()
+    if optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "checkpoint"
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
     try:
-        save_model(_unwrap(model), str(tmp / MODEL_FILE))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(_distinct(model_state), str(tmp / MODEL_FILE))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
+        if rng_states is not None:
+            rng["ranks"] = rng_states
         if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
@@ -81,8 +97,11 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, restore_rng: bool = False) -> dict:
-    """Load weights (and optimizer, RNG) into ``model``; returns state.json's contents."""
+                    *, restore_rng: bool = False, parallel=None) -> dict:
+    """Load weights (and optimizer, RNG) into ``model``; returns state.json's contents.
+
+    ``parallel`` (xmoe.distributed.Parallel): ``model`` holds expert shards; each takes its slice.
+    """
     folder = checkpoint_dir(path)
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
@@ -91,17 +110,26 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         tensors = load_file(str(folder / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {folder / MODEL_FILE} are corrupted or unreadable: {err}") from err
+    if parallel is not None:
+        tensors = parallel.local_model_state(tensors)
     _load_weights(_unwrap(model), tensors, folder)
     if optimizer is not None:
         try:
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            state = torch.load(folder / "optimizer.pt", weights_only=True)
+            if parallel is not None:
+                state = parallel.local_optimizer_state(state, _unwrap(model), optimizer)
+            optimizer.load_state_dict(state)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed") from err
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err}") from err
     if restore_rng:
         rng = torch.load(folder / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
+        ranks = rng.get("ranks", [rng["cpu"]])
+        rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+        # Each rank continues its own stream when the number of ranks is unchanged; otherwise
+        # (a different layout) dropout masks cannot be replayed, and rank 0's state seeds all.
+        torch.set_rng_state(ranks[rank] if len(ranks) == world else ranks[0])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return _read_json(folder / "state.json")
@@ -127,6 +155,17 @@ def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
             f"config: load it with the config.json saved beside it"
         )
     model.load_state_dict(tensors, strict=False)
+
+
+def _distinct(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tied tensors (the same storage under two names) stored once; all contiguous."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().cpu().contiguous()
+    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -150,8 +150,12 @@ RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches"
 
 
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-             progress: bool = True) -> TrainResult:
-    """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop."""
+             progress: bool = True, parallel=None) -> TrainResult:
+    """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop.
+
+    ``parallel`` (xmoe.distributed.Parallel): this process is one rank of a distributed run;
+    rank 0 prepares the data first, the others then read what it wrote.
+    """
     run_dir = Path(run_dir)
     if resume:
         saved_state = _saved_state(run_dir)
@@ -161,7 +165,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
         )
-    data = prepare_lm_data(cfg.data, run_dir)
+    data = _prepare_once(cfg, run_dir, parallel)
     if resume and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
         raise ValueError(
             f"--resume: the text behind data.path={cfg.data.path!r} changed since {run_dir} was "
@@ -172,9 +176,18 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     # corpus can give fewer tokens).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
     return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+                 progress=progress, extra_state={"data_fingerprint": data.fingerprint}, parallel=parallel)
+
+
+def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
+    """Tokenizer and token cache written by one rank; the others wait, then reuse them."""
+    if parallel is None:
+        return prepare_lm_data(cfg.data, run_dir)
+    data = prepare_lm_data(cfg.data, run_dir) if parallel.is_main else None
+    parallel.barrier()
+    return data if data is not None else prepare_lm_data(cfg.data, run_dir)
 
 
 def _check_resumable(saved: LMRunConfig, cfg: LMRunConfig, run_dir: Path) -> None:

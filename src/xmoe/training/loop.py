@@ -8,6 +8,10 @@ A task is any object with:
     loss(model, batch) -> (loss, logs)             the loss to backpropagate and numbers to log
     evaluate(model) -> dict                        validation metrics (the model is in eval mode)
     tokens(batch) -> int                           tokens in a batch, for tokens/s
+
+In a distributed run (``parallel``, xmoe.distributed.Parallel) every rank runs this same loop
+on its own micro-batches; the parallel object shards the experts, averages gradients, computes
+the global gradient norm, and gathers the state rank 0 saves. Rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from xmoe.distributed import SingleProcess
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -62,18 +68,22 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
-          resume: bool = False, progress: bool = True, extra_state: dict | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, extra_state: dict | None = None,
+          parallel: SingleProcess | None = None) -> TrainResult:
     """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``.
 
     ``extra_state`` is saved in each checkpoint's state.json (e.g. the corpus fingerprint).
+    ``parallel``: this process's place in a distributed run (default: a run of one).
     """
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+    parallel = parallel or SingleProcess()
+    device = getattr(parallel, "device", None) or resolve_device(cfg.device)
     model.to(device)
+    parallel.shard(model)
     optimizer = build_optimizer(model, cfg)
     start = 0
     if resume:
-        start = load_checkpoint(run_dir, model, optimizer, restore_rng=True)["step"]
+        start = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=parallel)["step"]
         if start >= cfg.max_steps:
             raise ValueError(
                 f"the checkpoint in {run_dir} is already at step {start}; to continue, raise "
@@ -81,15 +91,20 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             )
     else:
         torch.manual_seed(cfg.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start)
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else _NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state)
+        model_state, optimizer_state = parallel.full_state(model, optimizer)  # collective
+        rng_states = parallel.rng_states()
+        if parallel.is_main:
+            save_checkpoint(run_dir, model_state=model_state, optimizer_state=optimizer_state, step=step,
+                            config=config, extra=extra_state, rng_states=rng_states)
+        parallel.barrier()
 
     losses, interrupted = [], False
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
-    bar = _progress(start, cfg.max_steps, progress)
+    bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
     try:
         for step in range(start, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -97,8 +112,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                 group["lr"] = lr
             model.train()
             t0 = time.perf_counter()
-            logs, tokens = _accumulate(step_model, task, cfg, step, device)
-            grad_norm = _clip(model, cfg.grad_clip)
+            logs, tokens = _accumulate(step_model, task, cfg, step, device, parallel)
+            parallel.sync_gradients(model)
+            grad_norm = parallel.clip(model, cfg.grad_clip)
+            logs, tokens = parallel.mean(logs), parallel.sum(tokens)
             if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
                 # Raise before stepping, so neither the weights nor any checkpoint see it.
                 raise FloatingPointError(
@@ -133,11 +150,12 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=interrupted)
 
 
-def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device):
+def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device, parallel):
     totals: dict[str, float] = {}
     tokens = 0
     for micro in range(cfg.grad_accum):
-        batch = tuple(t.to(device) for t in task.train_batch(step * cfg.grad_accum + micro))
+        index = parallel.batch_index(step * cfg.grad_accum + micro)
+        batch = tuple(t.to(device) for t in task.train_batch(index))
         with autocast_context(device, cfg.precision):
             loss, logs = task.loss(model, batch)
         (loss / cfg.grad_accum).backward()
@@ -149,13 +167,6 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
 
 def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     return task.evaluate(model)  # the task sets eval mode, no_grad and precision
-
-
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm <= 0:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 class MetricsLog:
@@ -186,6 +197,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+
+class _NoLog:
+    """The metrics log of a rank that does not write (all but rank 0)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _tensorboard(folder: Path, purge_step: int | None):

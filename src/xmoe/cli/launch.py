@@ -1,0 +1,68 @@
+"""Distributed launch for `xmoe train`: `--nproc N` re-runs the command under torchrun, and a
+process that torchrun started joins the run (xmoe.distributed.init_from_env).
+
+    xmoe train --nproc 2 --ep-size 2 --preset cpu-xmoe-64x128 --out runs/ep
+    torchrun --nproc-per-node 2 -m xmoe train --ep-size 2 --preset cpu-xmoe-64x128 --out runs/ep
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (launched with torchrun; gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--ep-size", type=int, default=1,
+                   help="expert-parallel group size: each rank holds E/ep-size experts of every MoE layer "
+                        "(1 = experts replicated, pure data parallelism)")
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(args: argparse.Namespace) -> int:
+    """Run this same `xmoe` command under torchrun with ``--nproc`` processes; its exit code."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    argv = _without_nproc(args.argv)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "xmoe", *argv]
+    print("launching:", " ".join(command), flush=True)
+    return subprocess.call(command)
+
+
+@contextlib.contextmanager
+def parallel_context(ep_size: int):
+    """The Parallel of this rank under torchrun (None in a plain single process)."""
+    if not under_torchrun():
+        if ep_size != 1:
+            raise ValueError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
+        yield None
+        return
+    import torch.distributed as dist
+
+    from xmoe.distributed import init_from_env
+
+    parallel, _ = init_from_env(ep_size)
+    try:
+        yield parallel
+    finally:
+        dist.destroy_process_group()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

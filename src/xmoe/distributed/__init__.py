@@ -1,0 +1,12 @@
+"""xmoe.distributed: expert parallelism and data parallelism on torch.distributed.
+
+    torchrun --nproc-per-node 2 -m xmoe train --preset cpu-xmoe-64x128 --out runs/ep --ep-size 2
+    xmoe train --nproc 2 --ep-size 2 ...                      (the same, launched for you)
+
+Depends on xmoe.moe and torch only. See docs/distributed.md for the layout and its costs.
+"""
+
+from .experts import ExpertParallelExperts, all_to_all, shard_experts
+from .parallel import Layout, Parallel, SingleProcess, init_from_env
+
+__all__ = ["ExpertParallelExperts", "Layout", "Parallel", "SingleProcess", "all_to_all", "init_from_env", "shard_experts"]
