@@ -160,7 +160,8 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     if resume:
         saved_state = _saved_state(run_dir)
         saved = from_dict(LMRunConfig, read_config(run_dir))
-        _check_resumable(saved, cfg, run_dir)
+        world_size = parallel.world_size if parallel is not None else 1
+        _check_resumable(saved, cfg, run_dir, saved_ranks=saved_state.get("world_size", 1), ranks=world_size)
     elif (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
@@ -178,7 +179,9 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
     return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint}, parallel=parallel)
+                 progress=progress, extra_state={"data_fingerprint": data.fingerprint,
+                                                 "world_size": parallel.world_size if parallel else 1},
+                 parallel=parallel)
 
 
 def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
@@ -190,13 +193,25 @@ def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
     return data if data is not None else prepare_lm_data(cfg.data, run_dir)
 
 
-def _check_resumable(saved: LMRunConfig, cfg: LMRunConfig, run_dir: Path) -> None:
+def _check_resumable(saved: LMRunConfig, cfg: LMRunConfig, run_dir: Path, *, saved_ranks: int = 1,
+                     ranks: int = 1) -> None:
+    """A resume must replay the same micro-batches per step: same config, and the same
+    grad_accum x ranks (a run may move between numbers of processes if it keeps that product)."""
+    saved_micro, micro = saved.train.grad_accum * saved_ranks, cfg.train.grad_accum * ranks
+    if saved_micro != micro:
+        hint = f"; with {ranks} rank(s) use --train.grad_accum={saved_micro // ranks}" if saved_micro % ranks == 0 else ""
+        raise ValueError(
+            f"--resume: {run_dir} took {saved_micro} micro-batches per step (train.grad_accum="
+            f"{saved.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
+            f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
+        )
     changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
                if f.name != "vocab_size" and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
     changed += [f"data.{f.name}" for f in dataclasses.fields(cfg.data)
                 if getattr(saved.data, f.name) != getattr(cfg.data, f.name)]
     changed += [f"train.{f.name}" for f in dataclasses.fields(cfg.train)
-                if f.name not in RESUMABLE_TRAIN_FIELDS and getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
+                if f.name not in (*RESUMABLE_TRAIN_FIELDS, "grad_accum")
+                and getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
     if changed:
         raise ValueError(
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "

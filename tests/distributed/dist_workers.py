@@ -1,0 +1,101 @@
+"""Code the spawned ranks run (gloo on 127.0.0.1). Each writes what it computed to OUT/rank{r}.pt;
+the tests compare it with a single process doing the same work. Nothing here checks anything."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from xmoe.distributed import Layout, Parallel
+from xmoe.moe import MoEConfig, MoELayer
+
+# The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
+LAYER_CASES = {
+    "threshold-dropless": (dict(threshold=0.8), (7, 3)),
+    "threshold-capacity": (dict(threshold=0.8, capacity_factor=1.0, min_capacity=1), (9, 5)),
+    "top2-capacity-swiglu": (dict(router="topk", top_k=2, capacity_factor=1.0, min_capacity=1,
+                                  activation="swiglu"), (8, 8)),
+    "top1-dropless-zero-tokens": (dict(router="topk", top_k=1), (6, 0)),
+}
+BACKENDS = ("loop", "fused")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def layer_case(name: str, backend: str, rank: int | None = None):
+    """The full layer of a case and every rank's tokens and upstream gradients (same on all ranks)."""
+    fields, tokens = LAYER_CASES[name]
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(model_dim=8, num_experts=8, expert_dim=16, backend=backend, **fields))
+    with torch.no_grad():
+        layer.router.weight.mul_(3.0)  # tokens want 2-5 experts, and capacity overflows
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, 8, generator=gen) for n in tokens]
+    gs = [torch.randn(n, 8, generator=gen) for n in tokens]
+    return layer, xs, gs
+
+
+def run_layer_cases(rank: int, world_size: int, out: str) -> None:
+    parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
+    results = {}
+    for name in LAYER_CASES:
+        for backend in BACKENDS:
+            layer, xs, gs = layer_case(name, backend)
+            parallel.shard(layer)
+            x = xs[rank].clone().requires_grad_(True)
+            result = layer(x)
+            (result.output * gs[rank]).sum().add(0.1 * result.aux_loss).backward()
+            results[name, backend] = {
+                "output": result.output.detach(),
+                "x_grad": x.grad,
+                "aux_loss": result.aux_loss.detach(),
+                "router_grad": layer.router.weight.grad,
+                "experts": {n: getattr(layer.experts, n).grad for n in ("w1", "b1", "w2", "b2", "w3", "b3")
+                            if getattr(layer.experts, n) is not None},
+                "kept": int(result.stats.tokens_per_expert.sum()),
+            }
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor) -> None:
+    """Train with ``world_size`` ranks; then reload the checkpoint into a sharded model and save
+    its logits on ``probe`` (every rank computes the same)."""
+    from xmoe.models.gpt import GPT
+    from xmoe.training import LMRunConfig, from_dict, load_checkpoint, read_config, train_lm
+
+    parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
+    cfg = from_dict(LMRunConfig, cfg_dict)
+    train_lm(cfg, run_dir, progress=False, parallel=parallel)
+
+    saved = from_dict(LMRunConfig, read_config(run_dir))
+    model = GPT(saved.model)
+    parallel.shard(model)
+    load_checkpoint(run_dir, model, parallel=parallel)
+    model.eval()
+    with torch.no_grad():
+        logits = model(probe).logits_BLV
+    torch.save({"logits": logits}, Path(run_dir) / f"probe-rank{rank}.pt")

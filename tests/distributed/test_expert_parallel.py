@@ -1,0 +1,163 @@
+"""Expert and data parallelism on 2 gloo processes (127.0.0.1), against one process doing the
+same work: the layer (outputs and every gradient), a few training steps, and checkpoints that a
+different number of processes loads.
+
+The single-process references are independent of xmoe.distributed: the plain MoELayer run on
+each rank's tokens in turn (routing and capacity per call, as each rank routes its own batch),
+and a plain training run with grad_accum = ranks (the same micro-batches per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dist_workers as workers
+from xmoe.data import DataConfig
+from xmoe.distributed import Layout
+from xmoe.models.gpt import GPT
+from xmoe.training import TrainConfig, lm_run_config, load_checkpoint, load_lm, read_metrics, to_dict, train_lm
+
+WORLD = 2
+
+
+# --- the layout (pure) ------------------------------------------------------------------
+
+
+def test_layout_groups_form_a_dp_by_ep_grid() -> None:
+    layout = Layout(world_size=8, ep_size=4)
+    assert layout.dp_size == 2
+    assert layout.ep_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert layout.replica_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.coords(6) == (1, 2)
+    # Every rank is in exactly one group of each kind, and one ep group and one replica group
+    # meet in exactly one rank.
+    for groups in (layout.ep_groups(), layout.replica_groups()):
+        assert sorted(r for g in groups for r in g) == list(range(8))
+    for ep in layout.ep_groups():
+        for rep in layout.replica_groups():
+            assert len(set(ep) & set(rep)) == 1
+
+
+@pytest.mark.parametrize("world, ep", [(4, 3), (2, 0), (2, 4)])
+def test_layout_rejects_an_ep_size_that_does_not_divide(world: int, ep: int) -> None:
+    with pytest.raises(ValueError, match="--ep-size"):
+        Layout(world_size=world, ep_size=ep)
+
+
+# --- the layer --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layer_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep_layer")
+    workers.spawn(workers.run_layer_cases, WORLD, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("backend", workers.BACKENDS)
+@pytest.mark.parametrize("case", list(workers.LAYER_CASES))
+def test_expert_parallel_layer_matches_one_process(layer_results, case: str, backend: str) -> None:
+    layer, xs, gs = workers.layer_case(case, backend)
+    kept = []
+    for rank in range(WORLD):  # each rank's tokens, routed on their own, gradients accumulating
+        x = xs[rank].clone().requires_grad_(True)
+        ref = layer(x)
+        (ref.output * gs[rank]).sum().add(0.1 * ref.aux_loss).backward()
+        got = layer_results[rank][case, backend]
+        torch.testing.assert_close(got["output"], ref.output.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["x_grad"], x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["aux_loss"], ref.aux_loss.detach())
+        kept.append(int(ref.stats.tokens_per_expert.sum()))
+        assert got["kept"] == kept[-1]
+    # The router is replicated: its gradient is the sum of the ranks' (before any averaging).
+    router = sum(layer_results[r][case, backend]["router_grad"] for r in range(WORLD))
+    torch.testing.assert_close(router, layer.router.weight.grad, rtol=1e-5, atol=1e-6)
+    # Experts are sharded: rank r holds experts [4r, 4r + 4) with the gradient of every token.
+    for name, shard in layer_results[0][case, backend]["experts"].items():
+        full = torch.cat([layer_results[r][case, backend]["experts"][name] for r in range(WORLD)])
+        assert shard.shape[0] == 4
+        torch.testing.assert_close(full, getattr(layer.experts, name).grad, rtol=1e-5, atol=1e-6, msg=name)
+    if case.endswith("zero-tokens"):
+        assert kept[1] == 0  # rank 1 routed nothing, and still served rank 0's pairs
+
+
+# --- training, checkpoints --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3):
+    train = TrainConfig(max_steps=max_steps, batch_size=4, seq_len=32, grad_accum=grad_accum, eval_every=0,
+                        save_every=0, log_every=1, eval_batches=2, lr=3e-3, device="cpu")
+    return lm_run_config("debug-xmoe", data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(cache)),
+                         train=train, overrides={"model.moe.capacity_factor": "2.0"})
+
+
+PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
+
+
+@pytest.mark.parametrize("ep_size", [2, 1], ids=["ep2", "dp2"])
+def test_two_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, ep_size):
+    """Weights to 1e-5 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
+    gradients (attention key biases) into ~1e-6 moves; a real error moves weights by ~lr."""
+    cfg = _config(corpus, tmp_path / "cache", grad_accum=1)
+    two = tmp_path / "two"
+    workers.spawn(workers.run_training, WORLD, to_dict(cfg), str(two), ep_size, PROBE)
+
+    # One process, the same micro-batches per step: grad_accum = ranks.
+    one = tmp_path / "one"
+    train_lm(_config(corpus, tmp_path / "cache", grad_accum=WORLD), one, progress=False)
+    train_rows = lambda run, key: [r[key] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train_rows(two, "loss")) == 3
+    assert train_rows(two, "loss") == pytest.approx(train_rows(one, "loss"), rel=1e-5)
+    # Adam hides a wrong gradient scale; the global gradient norm (averaging, and each expert
+    # shard counted once) does not.
+    assert train_rows(two, "grad_norm") == pytest.approx(train_rows(one, "grad_norm"), rel=1e-4)
+
+    single, sharded = load_lm(one, device="cpu").model, load_lm(two, device="cpu").model
+    for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+
+    # Saved by 2 ranks, loaded by one: the same logits as the 2 ranks' sharded model.
+    with torch.no_grad():
+        logits = sharded(PROBE).logits_BLV
+    for rank in range(WORLD):
+        torch.testing.assert_close(torch.load(two / f"probe-rank{rank}.pt")["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpus, tmp_path):
+    """The consolidated optimizer state lets one process continue a 2-rank run; it must keep
+    grad_accum x ranks, and says how when it does not."""
+    cache = tmp_path / "cache"
+    two = tmp_path / "two"
+    workers.spawn(workers.run_training, WORLD, to_dict(_config(corpus, cache, grad_accum=1)), str(two), 2, PROBE)
+    with pytest.raises(ValueError, match="train.grad_accum=2"):
+        train_lm(_config(corpus, cache, grad_accum=1, max_steps=4), two, resume=True, progress=False)
+    train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), two, resume=True, progress=False)
+
+    straight = tmp_path / "straight"  # the same schedule: 3 steps planned, then extended to 4
+    train_lm(_config(corpus, cache, grad_accum=2), straight, progress=False)
+    train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), straight, resume=True, progress=False)
+    resumed, reference = load_lm(two, device="cpu").model, load_lm(straight, device="cpu").model
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+
+
+def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_the_experts(corpus, tmp_path):
+    from xmoe.distributed import ExpertParallelExperts
+
+    model = GPT(_config(corpus, tmp_path, grad_accum=1).model)
+    layer = model.moe_layers()[0] if callable(model.moe_layers) else model.moe_layers[0]
+    with pytest.raises(ValueError, match="--ep-size"):
+        ExpertParallelExperts(layer.experts, ep_rank=0, ep_size=3, group=None)
