@@ -81,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
         """Local experts: what the backends iterate over."""
         return self.w1.shape[0]
 
-    hidden = Experts.hidden
+    hidden = Experts.hidden  # the activation between the projections, as the full module computes it
 
     def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
         L, ep = self.num_experts, self.ep_size

@@ -156,8 +156,9 @@ class Parallel(SingleProcess):
     def clip(self, model: nn.Module, max_norm: float) -> float:
         """The global gradient norm (each expert shard counted once), clipped as clip_grad_norm_ does."""
         dense, experts = self._split(model)
-        sq = _sum_sq(dense) + self._all_reduce_sum(_sum_sq(experts), self.ep_group)
-        norm = math.sqrt(sq)
+        expert_sq = _sum_sq(experts, self.device)
+        dist.all_reduce(expert_sq, group=self.ep_group)
+        norm = math.sqrt(float(_sum_sq(dense, self.device) + expert_sq))  # the step's one host read
         if max_norm > 0:
             scale = min(1.0, max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
             if scale < 1.0:
@@ -280,8 +281,13 @@ def _average_grads(params: list[nn.Parameter], group, group_size: int, world_siz
         p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
 
 
-def _sum_sq(params: list[nn.Parameter]) -> float:
-    return sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+def _sum_sq(params: list[nn.Parameter], device: torch.device) -> Tensor:
+    """Sum of squared gradients in fp64, on the device (no host read per parameter)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.double().pow(2).sum()
+    return total
 
 
 def _per_param(value) -> bool:
