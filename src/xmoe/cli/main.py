@@ -2,11 +2,14 @@
 
     xmoe demo                                   the main job: train, evaluate, report (CPU, minutes)
     xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data PATH] [--resume] [--train.max_steps=200 ...]
+    xmoe train --nproc 2 --ep-size 2 ...        the same on 2 processes, experts split over them (torchrun)
     xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
     xmoe sweep-threshold --checkpoint runs/a [--thresholds 0.5 0.7 0.9 1.0]
     xmoe generate --checkpoint runs/a --prompt "def "
     xmoe report runs/a
+    xmoe convert --checkpoint runs/dense --experts 8 --out runs/dense-x8 [--partition clustered]
     xmoe presets
+    xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
     xmoe bench layer
 """
 
@@ -31,13 +34,22 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from xmoe.cli import launch
     from xmoe.training import train_lm
 
+    if args.nproc != 1 and not launch.under_torchrun():
+        sys.exit(launch.relaunch(args))
     if args.data is not None:
         overrides = {"data.path": args.data, **overrides}
     cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
-    print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'} -> {args.out}")
-    result = train_lm(cfg, args.out, resume=args.resume)
+    with launch.parallel_context(args.ep_size) as parallel:
+        main_rank = parallel is None or parallel.is_main
+        if main_rank:
+            ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {args.ep_size})"
+            print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'}{ranks} -> {args.out}")
+        result = train_lm(cfg, args.out, resume=args.resume, parallel=parallel)
+    if not main_rank:
+        return
     if result.interrupted:
         print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
               f"continue with: xmoe train --out {args.out} --resume")
@@ -203,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", required=True, help="run folder: checkpoint, tokenizer, metrics, report")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    from xmoe.cli import launch
+
+    launch.add_arguments(p)
     p.set_defaults(func=cmd_train, overrides=True)
 
     for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
@@ -238,8 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: RUN/report")
     p.set_defaults(func=cmd_report)
 
+    from xmoe.cli import convert
+
+    convert.add_command(commands)
+
+    from xmoe.cli.study import add_parser as add_study_parser
+
+    add_study_parser(commands)
+
     p = commands.add_parser("presets", help="list model presets with parameters and FLOPs")
     p.set_defaults(func=cmd_presets)
+
+    from xmoe.cli.mt import add_mt_commands
+
+    add_mt_commands(commands)  # train-mt, translate, eval-mt
 
     bench = commands.add_parser("bench", help="benchmarks")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
@@ -254,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if getattr(args, "overrides", False):
             from xmoe.training import parse_overrides

@@ -25,6 +25,7 @@ from .corpus import (
     split_documents,
 )
 from .lm import LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
+from .parallel import ParallelData, ParallelDataConfig, SubwordVocab, prepare_parallel_data, read_parallel
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
 
 __all__ = [
@@ -33,8 +34,11 @@ __all__ = [
     "DataConfig",
     "EOT",
     "LMData",
+    "ParallelData",
+    "ParallelDataConfig",
     "TEXT_SUFFIXES",
     "TOKENIZER_FILE",
+    "SubwordVocab",
     "TrainBatches",
     "ValBatches",
     "cached_arrays",
@@ -46,5 +50,7 @@ __all__ = [
     "load_eval_tokens",
     "load_tokenizer",
     "prepare_lm_data",
+    "prepare_parallel_data",
+    "read_parallel",
     "split_documents",
 ]

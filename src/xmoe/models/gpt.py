@@ -17,6 +17,7 @@ Shape legend: B batch, L sequence length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +52,10 @@ class GPTConfig:
     moe: MoEConfig | None = None
     init_std: float = 0.02
     layer_norm_eps: float = 1e-5
+    # MoE blocks add one shared output bias [D] after the experts, whatever experts are engaged:
+    # a dense FFN converted to experts keeps its down-projection bias here, added once, so the
+    # converted block equals the dense one when every expert is engaged (xmoe.conversion).
+    moe_output_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
@@ -68,6 +73,8 @@ class GPTConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.moe_output_bias, bool):
+            raise ValueError(f"GPTConfig.moe_output_bias must be True or False, got {self.moe_output_bias!r}")
         if self.moe is None:
             return
         if not isinstance(self.moe, MoEConfig):
@@ -127,6 +134,7 @@ class GPT(nn.Module):
                 causal=True,
                 layer_idx=i,
                 layer_norm_eps=cfg.layer_norm_eps,
+                moe_output_bias=cfg.moe_output_bias,
             )
             for i in range(cfg.n_layer)
         )
@@ -288,7 +296,7 @@ def num_params(model_or_cfg: nn.Module | GPTConfig, *, non_embedding: bool = Fal
         num_moe = len(cfg.moe_layers)
         total += (cfg.n_layer - num_moe) * (2 * D * cfg.d_ff + cfg.d_ff + D)
         if cfg.moe is not None:
-            total += num_moe * _moe_params(cfg.moe)
+            total += num_moe * (_moe_params(cfg.moe) + (D if cfg.moe_output_bias else 0))
         return total - (cfg.block_size * D if non_embedding else 0)
     total = sum(p.numel() for p in model_or_cfg.parameters())  # parameters() skips tied duplicates
     if non_embedding and isinstance(model_or_cfg, GPT):
@@ -445,6 +453,40 @@ def debug(router: str | None = None, num_experts: int = 0, *, vocab_size: int = 
     )
 
 
+def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
+    """A dense FFN of width ``d_ff`` split into ``num_experts`` experts of width d_ff / E: the
+    paper's dense-model recipe (docs/xmoe.md, "Dense models": 3072 -> 8 x 384, trained at t = 1.0,
+    then t lowered at inference). t = 1 engages every expert (no capacity, so none is dropped) and
+    the combine weights are the router probabilities, so the router learns how much each slice
+    matters. ``top_k = E``: the FLOPs budget the statistics compare with is the whole dense FFN,
+    so ``flops_ratio`` is the fraction of the dense FFN's FLOPs a token engages."""
+    if d_ff % num_experts:
+        raise ValueError(f"num_experts={num_experts} must divide d_ff={d_ff} to split the FFN evenly")
+    return MoEConfig(
+        model_dim=d_model,
+        num_experts=num_experts,
+        expert_dim=d_ff // num_experts,
+        router="threshold",
+        threshold=1.0,
+        top_k=num_experts,
+        capacity_factor=None,
+        eval_capacity_factor=None,
+        combine="probs",
+        activation="gelu",
+        expert_bias=True,
+        init_std=0.02,
+    )
+
+
+def dense_split(build: Callable[..., GPTConfig], num_experts: int, *, vocab_size: int | None = None) -> GPTConfig:
+    """The dense model of ``build`` with every FFN (``moe_every=1``) split into ``num_experts``
+    experts by ``split_moe``: the same parameters and, at t = 1, the same FFN FLOPs."""
+    dense = build(None, 0) if vocab_size is None else build(None, 0, vocab_size=vocab_size)
+    return dataclasses.replace(
+        dense, moe_every=1, moe=split_moe(num_experts, d_model=dense.d_model, d_ff=dense.d_ff)
+    )
+
+
 def _family(prefix: str, build: Callable[..., GPTConfig], d_ff: int) -> dict[str, Callable[..., GPTConfig]]:
     """The paper's parameter-matched variants of one model size, named by experts x width."""
     variants = (
@@ -468,6 +510,10 @@ PRESETS: dict[str, Callable[..., GPTConfig]] = {
     "debug-switch": partial(debug, "topk", 8),
     "debug-topk": partial(debug, "topk", 16),
     "debug-xmoe": partial(debug, "threshold", 16),
+    # Route 1 of dense -> sparse (named apart from the parameter-matched families above).
+    "split8-gpt2": partial(dense_split, gpt2, 8),
+    "split8-cpu": partial(dense_split, cpu, 8),
+    "split8-debug": partial(dense_split, debug, 8),
 }
 
 

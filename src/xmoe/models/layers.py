@@ -69,6 +69,14 @@ class KVCache:
     def advance(self, num_positions: int) -> None:
         self.position += num_positions
 
+    def reorder(self, index_B: Tensor) -> None:
+        """Keep batch rows ``index_B`` of every layer (beam search: each hypothesis continues one
+        of the previous step's hypotheses)."""
+        for i, (k_BHSA, v_BHSA) in enumerate(zip(self._k_BHSA, self._v_BHSA)):
+            if k_BHSA is not None:
+                self._k_BHSA[i] = k_BHSA.index_select(0, index_B)
+                self._v_BHSA[i] = v_BHSA.index_select(0, index_B)
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention, fused QKV projection, ``F.scaled_dot_product_attention``.
@@ -142,7 +150,8 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: ``x + drop(attn(ln_1(x)))``, then ``x + drop(ffn(ln_2(x)))``.
 
-    The FFN is a MoELayer when ``moe`` is given, else a dense FeedForward. ``forward`` returns
+    The FFN is a MoELayer when ``moe`` is given, else a dense FeedForward; ``moe_output_bias``
+    adds one shared bias after a MoE layer. ``forward`` returns
     the new hidden states and the MoE layer's output (for its losses and statistics), or None.
     """
 
@@ -157,12 +166,16 @@ class Block(nn.Module):
         causal: bool,
         layer_idx: int,
         layer_norm_eps: float = 1e-5,
+        moe_output_bias: bool = False,
     ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.attn = SelfAttention(d_model, n_head, dropout, causal=causal, layer_idx=layer_idx)
         self.ln_2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.ffn: nn.Module = MoELayer(moe) if moe is not None else FeedForward(d_model, d_ff)
+        # One bias added after the MoE output, not per expert: a converted dense FFN's output bias
+        # (see GPTConfig.moe_output_bias). Starts at 0.
+        self.ffn_bias = nn.Parameter(torch.zeros(d_model)) if moe is not None and moe_output_bias else None
         self.drop = nn.Dropout(dropout)
 
     @property
@@ -176,7 +189,8 @@ class Block(nn.Module):
         h_BLD = self.ln_2(x_BLD)
         if self.is_moe:
             moe_out = self.ffn(h_BLD)
-            return x_BLD + self.drop(moe_out.output), moe_out
+            y_BLD = moe_out.output if self.ffn_bias is None else moe_out.output + self.ffn_bias
+            return x_BLD + self.drop(y_BLD), moe_out
         return x_BLD + self.drop(self.ffn(h_BLD)), None
 
 

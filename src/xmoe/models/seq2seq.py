@@ -1,0 +1,576 @@
+"""A Transformer encoder-decoder for translation whose FFNs are, in chosen layers, XMoE layers.
+
+References: Vaswani et al. (2017), "Attention Is All You Need": Transformer-base (6 + 6 layers,
+d 512, FFN 2048, 8 heads), post-LN sub-layers ``LN(x + drop(f(x)))``, sinusoidal positions
+(eq. in Sec. 3.5), embeddings scaled by sqrt(d) and shared by encoder, decoder and output
+layer (joint vocabulary), Xavier-uniform linear layers. Pre-LN (``x + drop(f(LN(x)))`` with a
+final LN per stack; Xiong et al. 2020) is an option. Beam search with the length penalty
+``score / length ** alpha`` (as fairseq's ``--lenpen``). XMoE (Yang et al., 2024,
+arXiv 2403.18926, Sec. 4, docs/xmoe.md "Machine translation"): MoE replaces the FFN of encoder
+layers 2, 4, 6 with 64 experts of width 1024, threshold 0.9, capacity factor 2, against top-2
+routing over the same experts; decoder MoE layers are an option here (``dec_moe_every``).
+
+Choices of ours, said once: the FFN (dense and experts) uses GeLU, as the rest of this package;
+the experts keep their MoEConfig init (N(0, init_std)). Padding is never routed: every MoE layer
+gets the non-padding mask, so pad tokens take no capacity or compute and enter neither the
+balancing loss nor the statistics (the authors' translation code routes them).
+
+The model returns logits and the *unscaled* sum of the MoE balancing losses; the training task
+forms the label-smoothed loss. No training or file IO here.
+
+Shape legend: B batch (sentences, or sentences x beams), S source length, L target length,
+D model dim, V vocabulary, K beam size, H heads, A head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
+
+from .layers import FeedForward, KVCache, SelfAttention
+
+NORMS = ("post", "pre")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqConfig:
+    """An encoder-decoder. ``moe`` replaces the FFN of encoder layer i (1-based) when
+    ``i % enc_moe_every == 0`` and of decoder layer i when ``dec_moe_every`` and
+    ``i % dec_moe_every == 0`` (0: no decoder MoE). ``moe=None`` is the dense model.
+    Token ids ``pad_id``/``bos_id``/``eos_id`` are the tokenizer's; ``max_len`` bounds the
+    positions of a source or target sequence (special tokens included)."""
+
+    vocab_size: int
+    max_len: int = 256
+    n_enc_layer: int = 6
+    n_dec_layer: int = 6
+    n_head: int = 8
+    d_model: int = 512
+    d_ff: int = 2048
+    dropout: float = 0.1  # embeddings, attention probabilities, residual branches
+    norm: str = "post"  # "post" (the paper, Vaswani et al.) or "pre"
+    enc_moe_every: int = 2
+    dec_moe_every: int = 0
+    moe: MoEConfig | None = None
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"Seq2SeqConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                f"pick n_head dividing d_model"
+            )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"Seq2SeqConfig.norm={self.norm!r} is not one of {', '.join(NORMS)}")
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        if len(set(ids)) != 3 or max(ids) >= self.vocab_size:
+            raise ValueError(
+                f"Seq2SeqConfig pad_id, bos_id, eos_id = {ids} must be distinct ids below "
+                f"vocab_size={self.vocab_size}"
+            )
+        if self.moe is None:
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"Seq2SeqConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+        if self.moe.model_dim != self.d_model:
+            raise ValueError(
+                f"Seq2SeqConfig.moe.model_dim={self.moe.model_dim} differs from d_model={self.d_model}; "
+                f"build the MoEConfig with model_dim=d_model"
+            )
+        if not self.enc_moe_layers and not self.dec_moe_layers:
+            raise ValueError(
+                f"Seq2SeqConfig places no MoE layer (enc_moe_every={self.enc_moe_every}, "
+                f"dec_moe_every={self.dec_moe_every}); use moe=None for a dense model"
+            )
+
+    @property
+    def enc_moe_layers(self) -> tuple[int, ...]:
+        """0-based indices of the encoder's MoE layers."""
+        return _moe_layers(self.n_enc_layer, self.enc_moe_every if self.moe is not None else 0)
+
+    @property
+    def dec_moe_layers(self) -> tuple[int, ...]:
+        """0-based indices of the decoder's MoE layers."""
+        return _moe_layers(self.n_dec_layer, self.dec_moe_every if self.moe is not None else 0)
+
+
+def _moe_layers(num_layers: int, every: int) -> tuple[int, ...]:
+    return tuple(i for i in range(num_layers) if every and (i + 1) % every == 0)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Seq2SeqConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def sinusoidal_positions(num_positions: int, d_model: int) -> Tensor:
+    """Vaswani et al. (2017), Sec. 3.5: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
+    pos_P1 = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(num_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos_P1 * freq)
+    table[:, 1::2] = torch.cos(pos_P1 * freq[: d_model // 2])
+    return table.float()
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention. The encoder's keys and values are projected once per
+    sentence (``memory_kv``) and reused at every decoding step."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def memory_kv(self, memory_BSD: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, D = memory_BSD.shape
+        k_BSD, v_BSD = self.kv(memory_BSD).split(D, dim=-1)
+        return tuple(t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (k_BSD, v_BSD))
+
+    def forward(self, x_BLD: Tensor, kv: tuple[Tensor, Tensor], attn_mask_B11S: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        q_BHLA = self.q(x_BLD).view(B, L, self.n_head, D // self.n_head).transpose(1, 2)
+        y_BHLA = F.scaled_dot_product_attention(
+            q_BHLA, *kv, attn_mask=attn_mask_B11S, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y_BHLA.transpose(1, 2).reshape(B, L, D))
+
+
+class _Layer(nn.Module):
+    """Shared by encoder and decoder layers: residual sub-layers in post- or pre-LN order, and
+    the FFN (dense or MoE, the MoE seeing only real tokens)."""
+
+    def __init__(self, cfg: Seq2SeqConfig, moe: MoEConfig | None, num_sublayers: int) -> None:
+        super().__init__()
+        self.pre_ln = cfg.norm == "pre"
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) for _ in range(num_sublayers))
+        self.ffn: nn.Module = MoELayer(moe) if moe is not None else FeedForward(cfg.d_model, cfg.d_ff)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def residual(self, i: int, x_BLD: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.pre_ln:
+            return x_BLD + self.drop(f(self.norms[i](x_BLD)))
+        return self.norms[i](x_BLD + self.drop(f(x_BLD)))
+
+    def feed_forward(self, x_BLD: Tensor, nonpad_BL: Tensor) -> tuple[Tensor, MoEOutput | None]:
+        """The last sub-layer; returns the MoE output (losses, stats) too, or None."""
+        moe_outputs: list[MoEOutput] = []
+
+        def ffn(h_BLD: Tensor) -> Tensor:
+            if not self.is_moe:
+                return self.ffn(h_BLD)
+            moe_outputs.append(self.ffn(h_BLD, mask=nonpad_BL))
+            return moe_outputs[0].output
+
+        x_BLD = self.residual(len(self.norms) - 1, x_BLD, ffn)
+        return x_BLD, (moe_outputs[0] if moe_outputs else None)
+
+
+class EncoderLayer(_Layer):
+    def __init__(self, cfg: Seq2SeqConfig, *, moe: MoEConfig | None, layer_idx: int) -> None:
+        super().__init__(cfg, moe, num_sublayers=2)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.dropout, causal=False, layer_idx=layer_idx)
+
+    def forward(self, x_BSD: Tensor, nonpad_BS: Tensor, attn_mask_B11S: Tensor) -> tuple[Tensor, MoEOutput | None]:
+        x_BSD = self.residual(0, x_BSD, partial(self.attn, attn_mask=attn_mask_B11S))
+        return self.feed_forward(x_BSD, nonpad_BS)
+
+
+class DecoderLayer(_Layer):
+    def __init__(self, cfg: Seq2SeqConfig, *, moe: MoEConfig | None, layer_idx: int) -> None:
+        super().__init__(cfg, moe, num_sublayers=3)
+        self.layer_idx = layer_idx
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.dropout, causal=True, layer_idx=layer_idx)
+        self.cross = CrossAttention(cfg.d_model, cfg.n_head, cfg.dropout)
+
+    def forward(
+        self, x_BLD: Tensor, nonpad_BL: Tensor, memory: Memory, cache: DecoderCache | None
+    ) -> tuple[Tensor, MoEOutput | None]:
+        # Targets are right-padded, so causal masking alone keeps real tokens off padding keys.
+        x_BLD = self.residual(0, x_BLD, partial(self.attn, cache=None if cache is None else cache.self_kv))
+        kv = self.cross.memory_kv(memory.h_BSD) if cache is None else cache.cross_kv(self.layer_idx, self.cross, memory)
+        x_BLD = self.residual(1, x_BLD, lambda h: self.cross(h, kv, memory.attn_mask_B11S))
+        return self.feed_forward(x_BLD, nonpad_BL)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The encoder's output for a batch of source sentences."""
+
+    h_BSD: Tensor
+    nonpad_BS: Tensor  # True at real source tokens
+    moe_outputs: tuple[MoEOutput, ...]  # one per encoder MoE layer
+
+    @property
+    def attn_mask_B11S(self) -> Tensor:
+        return self.nonpad_BS[:, None, None, :]
+
+    def index_select(self, index_B: Tensor) -> Memory:
+        """Rows ``index_B`` (e.g. each sentence repeated K times for beam search)."""
+        return Memory(self.h_BSD.index_select(0, index_B), self.nonpad_BS.index_select(0, index_B), self.moe_outputs)
+
+
+class DecoderCache:
+    """Everything incremental decoding reuses: the decoder's self-attention keys and values, and
+    each layer's projection of the encoder memory (computed at the first step)."""
+
+    def __init__(self, *, num_layers: int, max_len: int) -> None:
+        self.self_kv = KVCache(num_layers=num_layers, max_len=max_len)
+        self._cross: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+
+    @property
+    def position(self) -> int:
+        return self.self_kv.position
+
+    def cross_kv(self, layer: int, attention: CrossAttention, memory: Memory) -> tuple[Tensor, Tensor]:
+        if self._cross[layer] is None:
+            self._cross[layer] = attention.memory_kv(memory.h_BSD)
+        return self._cross[layer]
+
+    def reorder(self, index_B: Tensor) -> None:
+        """Keep rows ``index_B`` (the memory passed to later steps must be reordered alike)."""
+        self.self_kv.reorder(index_B)
+        self._cross = [None if kv is None else (kv[0].index_select(0, index_B), kv[1].index_select(0, index_B))
+                       for kv in self._cross]
+
+
+@dataclass(frozen=True)
+class Seq2SeqOutput:
+    logits_BLV: Tensor  # next-token logits at every target position, in the compute dtype
+    aux_loss: Tensor  # fp32 scalar: sum over MoE layers of the unscaled balancing loss; 0 if dense
+    z_loss: Tensor  # fp32 scalar: sum over MoE layers of the router z-loss
+    stats: tuple[RoutingStats, ...]  # encoder MoE layers, then decoder MoE layers
+
+
+class Seq2Seq(nn.Module):
+    """Shared embeddings (x sqrt(D)) + sinusoidal positions -> encoder layers; decoder layers
+    with causal self-attention and cross-attention -> logits through the shared embeddings."""
+
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.register_buffer("pos_PD", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        enc, dec = set(cfg.enc_moe_layers), set(cfg.dec_moe_layers)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(cfg, moe=cfg.moe if i in enc else None, layer_idx=i) for i in range(cfg.n_enc_layer))
+        self.decoder = nn.ModuleList(
+            DecoderLayer(cfg, moe=cfg.moe if i in dec else None, layer_idx=i) for i in range(cfg.n_dec_layer))
+        pre = cfg.norm == "pre"
+        self.enc_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if pre else nn.Identity()
+        self.dec_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if pre else nn.Identity()
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """Xavier-uniform linear layers, zero biases; embeddings N(0, D^-1/2), so that after the
+        sqrt(D) scale they have unit variance (fairseq's Transformer). Experts keep their init."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
+        self.embed.weight[self.cfg.pad_id].zero_()
+
+    def moe_layers(self) -> list[MoELayer]:
+        """Encoder MoE layers then decoder MoE layers (the order of Seq2SeqOutput.stats)."""
+        return [layer.ffn for layer in (*self.encoder, *self.decoder) if layer.is_moe]
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(num_layers=self.cfg.n_dec_layer, max_len=self.cfg.max_len)
+
+    def _embed(self, ids_BL: Tensor, start: int) -> Tensor:
+        L = ids_BL.shape[1]
+        if start + L > self.cfg.max_len:
+            raise ValueError(
+                f"a sequence of {start + L} positions is longer than Seq2SeqConfig.max_len="
+                f"{self.cfg.max_len}; filter or crop longer sentences (data.max_len)"
+            )
+        x_BLD = self.embed(ids_BL) * math.sqrt(self.cfg.d_model) + self.pos_PD[start:start + L]
+        return self.drop(x_BLD)
+
+    def encode(self, src_BS: Tensor) -> Memory:
+        """Encode right-padded source ids [B, S]; every row needs at least one real token."""
+        nonpad_BS = src_BS != self.cfg.pad_id
+        attn_mask_B11S = nonpad_BS[:, None, None, :]
+        x_BSD = self._embed(src_BS, 0)
+        moe_outputs = []
+        for layer in self.encoder:
+            x_BSD, moe_out = layer(x_BSD, nonpad_BS, attn_mask_B11S)
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+        return Memory(self.enc_norm(x_BSD), nonpad_BS, tuple(moe_outputs))
+
+    def decode(self, tgt_in_BL: Tensor, memory: Memory, cache: DecoderCache | None = None
+               ) -> tuple[Tensor, tuple[MoEOutput, ...]]:
+        """Logits [B, L, V] for decoder inputs (BOS + target, right-padded), and the decoder's MoE
+        outputs. With ``cache`` the inputs continue the ones already decoded (eval mode only)."""
+        start = 0
+        if cache is not None:
+            if self.training:
+                raise ValueError(
+                    "Seq2Seq.decode got a cache in training mode; call model.eval() first (training "
+                    "capacity makes routing depend on the whole batch, so a cache would not match)"
+                )
+            start = cache.position
+        nonpad_BL = tgt_in_BL != self.cfg.pad_id
+        x_BLD = self._embed(tgt_in_BL, start)
+        moe_outputs = []
+        for layer in self.decoder:
+            x_BLD, moe_out = layer(x_BLD, nonpad_BL, memory, cache)
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+        if cache is not None:
+            cache.self_kv.advance(tgt_in_BL.shape[1])
+        logits_BLV = F.linear(self.dec_norm(x_BLD), self.embed.weight)  # shared output embedding
+        return logits_BLV, tuple(moe_outputs)
+
+    def forward(self, src_BS: Tensor, tgt_in_BL: Tensor) -> Seq2SeqOutput:
+        memory = self.encode(src_BS)
+        logits_BLV, dec_moe = self.decode(tgt_in_BL, memory)
+        moe_outputs = (*memory.moe_outputs, *dec_moe)
+        zero = torch.zeros((), dtype=torch.float32, device=src_BS.device)
+        return Seq2SeqOutput(
+            logits_BLV=logits_BLV,
+            aux_loss=sum((o.aux_loss for o in moe_outputs), zero),
+            z_loss=sum((o.z_loss for o in moe_outputs), zero),
+            stats=tuple(o.stats for o in moe_outputs),
+        )
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def max_output_len(self, src_len: int, max_len_a: float, max_len_b: int) -> int:
+        """Most tokens to generate (EOS included) for a source of ``src_len`` positions."""
+        return max(1, min(int(max_len_a * src_len + max_len_b), self.cfg.max_len - 1))
+
+    def _allowed(self, logits_BV: Tensor, last: bool) -> Tensor:
+        """PAD and BOS are never produced; at the length limit only EOS is (as fairseq). Works
+        on logits or log-probabilities."""
+        cfg = self.cfg
+        if last:
+            eos_BV = torch.zeros_like(logits_BV, dtype=torch.bool)
+            eos_BV[:, cfg.eos_id] = True
+            return logits_BV.masked_fill(~eos_BV, float("-inf"))
+        return logits_BV.index_fill(-1, torch.tensor([cfg.pad_id, cfg.bos_id], device=logits_BV.device), float("-inf"))
+
+    @torch.no_grad()
+    def greedy(self, src_BS: Tensor, *, max_len_a: float = 1.5, max_len_b: int = 10) -> list[list[int]]:
+        """Greedy decoding with the cache: the argmax token until EOS (forced at the length
+        limit); ids without BOS/EOS."""
+        self.eval()
+        cfg = self.cfg
+        memory = self.encode(src_BS)
+        B = src_BS.shape[0]
+        cache = self.new_cache()
+        out: list[list[int]] = [[] for _ in range(B)]
+        done_B = torch.zeros(B, dtype=torch.bool, device=src_BS.device)
+        prev_B1 = src_BS.new_full((B, 1), cfg.bos_id)
+        steps = self.max_output_len(src_BS.shape[1], max_len_a, max_len_b)
+        for step in range(steps):
+            logits_BV = self._allowed(self.decode(prev_B1, memory, cache)[0][:, -1].float(), step == steps - 1)
+            next_B = logits_BV.argmax(dim=-1)
+            for b, (token, done) in enumerate(zip(next_B.tolist(), done_B.tolist())):
+                if not done and token != cfg.eos_id:
+                    out[b].append(token)
+            done_B |= next_B == cfg.eos_id
+            if bool(done_B.all()):
+                break
+            prev_B1 = next_B.masked_fill(done_B, cfg.pad_id)[:, None]  # finished rows feed padding: not routed
+        return out
+
+    @torch.no_grad()
+    def beam_search(self, src_BS: Tensor, *, beam: int = 4, length_penalty: float = 1.0,
+                    max_len_a: float = 1.5, max_len_b: int = 10) -> list[list[int]]:
+        """Batched beam search with the cache; the best hypothesis of each sentence, without
+        BOS/EOS. A hypothesis ends at EOS and is scored ``sum log p / length ** length_penalty``
+        (length counting EOS); a sentence is done once it has ``beam`` ended hypotheses, as in
+        fairseq. ``beam=1`` is greedy decoding."""
+        if not isinstance(beam, int) or beam < 1:
+            raise ValueError(f"beam must be a positive integer, got {beam!r}")
+        self.eval()
+        B, K, V = src_BS.shape[0], beam, self.cfg.vocab_size
+        rows = torch.arange(B, device=src_BS.device).repeat_interleave(K)
+        memory = self.encode(src_BS).index_select(rows)
+        search = _BeamState(B, K, self.cfg, length_penalty, src_BS.device)
+        cache = self.new_cache()
+        steps = self.max_output_len(src_BS.shape[1], max_len_a, max_len_b)
+        for step in range(steps):
+            last = step == steps - 1
+            logits_BKV = self.decode(search.last_tokens(), memory, cache)[0][:, -1].float()
+            # masked after the softmax: a forced EOS keeps its own probability, as in fairseq
+            logp_BKV = self._allowed(logits_BKV.log_softmax(dim=-1), last).view(B, K, V)
+            index_BK = search.step(logp_BKV, last=last)
+            if search.all_done:
+                break
+            cache.reorder(index_BK)
+            memory = memory.index_select(index_BK)
+        return search.best()
+
+
+class _BeamState:
+    """The book-keeping of beam search: K live hypotheses per sentence, their scores, and the
+    ended ones. Finished sentences keep K rows in the batch, fed padding (never routed)."""
+
+    def __init__(self, B: int, K: int, cfg: Seq2SeqConfig, length_penalty: float, device: torch.device) -> None:
+        self.B, self.K, self.cfg, self.alpha = B, K, cfg, length_penalty
+        self.tokens: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+        # Only beam 0 is live at the start, so the first step does not pick K copies of one token.
+        self.scores_BK = torch.full((B, K), float("-inf"), device=device)
+        self.scores_BK[:, 0] = 0.0
+        self.ended: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        self.done = [False] * B
+        self.device = device
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def last_tokens(self) -> Tensor:
+        """[B * K, 1]: BOS at the start, else each hypothesis' last token; padding when done."""
+        cfg = self.cfg
+        ids = [cfg.pad_id if self.done[b] else (hyp[-1] if hyp else cfg.bos_id)
+               for b in range(self.B) for hyp in self.tokens[b]]
+        return torch.tensor(ids, device=self.device)[:, None]
+
+    def step(self, logp_BKV: Tensor, *, last: bool) -> Tensor:
+        """Extend every sentence by its 2K best (hypothesis, token) candidates; the flat row
+        index [B * K] each new hypothesis continues from."""
+        B, K, V = logp_BKV.shape
+        cand_BKV = self.scores_BK[:, :, None] + logp_BKV
+        top_scores, top_index = cand_BKV.view(B, K * V).topk(min(2 * K, K * V), dim=-1)
+        new_scores = self.scores_BK.clone()
+        index = torch.arange(B * K, device=self.device).view(B, K).clone()
+        for b, (scores, flat) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
+            if self.done[b]:
+                continue
+            live: list[tuple[float, int, int]] = []
+            for rank, (score, i) in enumerate(zip(scores, flat)):
+                k, token = divmod(i, V)
+                if score == float("-inf"):
+                    break
+                if token == self.cfg.eos_id:
+                    if rank < K:  # an ended hypothesis counts only among the K best candidates
+                        self._end(b, score, self.tokens[b][k])
+                elif len(live) < K:
+                    live.append((score, k, token))
+            if len(self.ended[b]) >= K or last or not live:
+                self.done[b] = True
+                continue
+            while len(live) < K:  # fewer live candidates than beams (tiny vocabularies): dead beams
+                live.append((float("-inf"), live[0][1], live[0][2]))
+            self.tokens[b] = [self.tokens[b][k] + [token] for _, k, token in live]
+            new_scores[b] = torch.tensor([s for s, _, _ in live])
+            index[b] = torch.tensor([b * K + k for _, k, _ in live])
+        self.scores_BK = new_scores
+        return index.view(-1)
+
+    def _end(self, b: int, score: float, tokens: list[int]) -> None:
+        length = len(tokens) + 1  # with EOS
+        self.ended[b].append((score / length ** self.alpha, tokens))
+
+    def best(self) -> list[list[int]]:
+        return [max(ended, key=lambda e: e[0])[1] if ended else [] for ended in self.ended]
+
+
+# --- parameters and MoE FLOPs ----------------------------------------------------------------
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def moe_flops_budget(cfg: Seq2SeqConfig) -> float:
+    """Expert FLOPs per token summed over the MoE layers for the top-k model of equal
+    parameters (``moe.top_k`` experts per token per layer; for XMoE presets top_k is the
+    parameter-matched baseline's k)."""
+    if cfg.moe is None:
+        return 0.0
+    num_moe = len(cfg.enc_moe_layers) + len(cfg.dec_moe_layers)
+    return float(num_moe * min(cfg.moe.top_k, cfg.moe.num_experts) * cfg.moe.flops_per_pair)
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+BASE_VOCAB = 32000
+CPU_VOCAB = 8000
+DEBUG_VOCAB = 256
+
+
+def mt_moe(router: str, num_experts: int, expert_dim: int, top_k: int, *, d_model: int) -> MoEConfig:
+    """The paper's MT MoE layer: capacity factor 2 (min 4) in training, dropless in eval,
+    threshold 0.9; ``top_k`` is the top-k router's k, or for XMoE the budget compared against."""
+    return MoEConfig(
+        model_dim=d_model, num_experts=num_experts, expert_dim=expert_dim, router=router, threshold=0.9,
+        top_k=top_k, capacity_factor=2.0, eval_capacity_factor=None, min_capacity=4, activation="gelu",
+        expert_bias=True, init_std=0.02,
+    )
+
+
+def _size(name: str) -> dict:
+    """Layout of each size: Transformer-base, a CPU size, and a debug size that trains in seconds."""
+    return {
+        "base": dict(n_enc_layer=6, n_dec_layer=6, n_head=8, d_model=512, d_ff=2048, dropout=0.3, max_len=256),
+        "cpu": dict(n_enc_layer=3, n_dec_layer=3, n_head=4, d_model=256, d_ff=1024, dropout=0.1, max_len=128),
+        "debug": dict(n_enc_layer=2, n_dec_layer=2, n_head=2, d_model=64, d_ff=128, dropout=0.0, max_len=64),
+    }[name]
+
+
+def _preset(size: str, router: str | None, num_experts: int, expert_dim: int, top_k: int, *,
+            vocab_size: int) -> Seq2SeqConfig:
+    layout = _size(size)
+    moe = None if router is None else mt_moe(router, num_experts, expert_dim, top_k, d_model=layout["d_model"])
+    return Seq2SeqConfig(vocab_size=vocab_size, moe=moe, enc_moe_every=2, **layout)
+
+
+def _family(size: str, num_experts: int, d_ff: int, vocab: int) -> dict[str, Callable[..., Seq2SeqConfig]]:
+    """Experts of width d_ff / 2: XMoE (t = 0.9) and top-2 over the same ``num_experts``, Switch
+    over half as many experts of width d_ff (same parameters), and the dense model. Every top-k
+    baseline activates one dense FFN's FLOPs per token; that is XMoE's budget (top_k = 2).
+    Base: the paper's 64 x 1024."""
+    n, w = num_experts, d_ff // 2
+    return {
+        f"{size}-dense": partial(_preset, size, None, 0, 0, 1, vocab_size=vocab),
+        f"{size}-xmoe-{n}x{w}": partial(_preset, size, "threshold", n, w, 2, vocab_size=vocab),
+        f"{size}-top2-{n}x{w}": partial(_preset, size, "topk", n, w, 2, vocab_size=vocab),
+        f"{size}-switch-{n // 2}x{d_ff}": partial(_preset, size, "topk", n // 2, d_ff, 1, vocab_size=vocab),
+    }
+
+
+MT_PRESETS: dict[str, Callable[..., Seq2SeqConfig]] = {
+    **_family("base", 64, 2048, BASE_VOCAB),
+    **_family("cpu", 32, 1024, CPU_VOCAB),
+    **_family("debug", 16, 128, DEBUG_VOCAB),
+}
+
+
+def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
+    """The config of MT preset ``name``; ``vocab_size`` overrides the preset's default."""
+    if name not in MT_PRESETS:
+        raise ValueError(f"unknown translation preset {name!r}; choose one of {', '.join(MT_PRESETS)}")
+    return MT_PRESETS[name]() if vocab_size is None else MT_PRESETS[name](vocab_size=vocab_size)

@@ -1,0 +1,215 @@
+"""Train one study run (or finish an interrupted one) and measure it, in one process.
+
+Measured per run (XMoE, Yang et al. 2024, Sec. 4: perplexity at equal parameters and the MoE
+computation; docs/xmoe.md "Statistics"):
+
+    perplexity            exp(token-mean CE) on the first ``train.eval_batches`` validation
+                          batches, dropless (eval_capacity_factor None), as `xmoe eval`
+    experts per token     per MoE layer, kept (= wanted when dropless), on the same batches
+    MoE FLOPs per token   ``moe_flops_per_token(cfg, per-layer experts/token)``, and the top-k
+                          budget ``flops_breakdown(cfg).experts`` it is compared with
+    dropped pairs         evaluating again with the training capacity (factor 8): the pairs
+                          capacity drops, and the fraction of training tokens that lost a pair
+                          (metrics.jsonl)
+    training tokens/s     median of the per-step rates in metrics.jsonl (the first step left out)
+    inference tokens/s    a timed dropless evaluation pass (best of ``repeats``, after a warm-up
+                          batch) in this process, batches prepared beforehand
+
+``measurements.json`` in the run folder, written last and atomically, marks a finished run; a
+study skips such runs when it resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from xmoe.models.gpt import flops_breakdown, num_params
+from xmoe.moe import MoELayer, set_threshold
+from xmoe.training import (
+    LMEval,
+    LMRunConfig,
+    checkpoint_dir,
+    eval_batches,
+    evaluate_lm,
+    load_lm,
+    read_metrics,
+    to_dict,
+    train_lm,
+)
+
+MEASUREMENTS = "measurements.json"
+INFERENCE_SWEEP = "inference_sweep.json"
+TIMING_REPEATS = 2
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / MEASUREMENTS).is_file()
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a crash leaves the old file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def planned_config(cfg: LMRunConfig) -> dict:
+    """The config a run was planned with, as saved in measurements.json (the vocabulary is the
+    tokenizer's, so it is left out of the comparison on resume)."""
+    data = json.loads(json.dumps(to_dict(cfg)))  # as read back from JSON (tuples become lists)
+    data["model"].pop("vocab_size")
+    return data
+
+
+def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> dict:
+    """Train (or resume) the run in ``run_dir``, measure it, write measurements.json; a run that
+    already has one is only checked against ``cfg`` and read back."""
+    run_dir = Path(run_dir)
+    if is_finished(run_dir):
+        done = read_json(run_dir / MEASUREMENTS)
+        if done["config"] != planned_config(cfg):
+            raise ValueError(
+                f"{run_dir} holds a finished run with another config than this study plans (other "
+                f"--steps, --scale or --data?); use another --out, or delete {run_dir}"
+            )
+        return done
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    resumed_at = _train(cfg, run_dir, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    loaded = load_lm(run_dir, device=cfg.train.device)
+    batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches))
+    dropless, infer_tps = timed_eval(loaded.model, batches, precision=cfg.train.precision)
+    result = {
+        "config": planned_config(cfg),
+        "preset": cfg.preset,
+        "params": num_params(loaded.model),
+        "steps": cfg.train.max_steps,
+        "tokens_trained": cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
+        "train_seconds": train_seconds,
+        "resumed_at_step": resumed_at,
+        "load_average_before": load_before,
+        "forward_flops_per_token_budget": flops_breakdown(loaded.model.cfg).total,
+        "inference_tokens_per_s": infer_tps,
+        **_eval_numbers(dropless),
+        **training_numbers(read_metrics(run_dir / "metrics.jsonl")),
+    }
+    if loaded.model.cfg.moe is not None:
+        with training_capacity(loaded.model):
+            capped = evaluate_lm(loaded.model, batches, precision=cfg.train.precision).to_dict()
+        result["capacity_eval"] = {
+            "perplexity": capped["perplexity"],
+            "experts_per_token_layers": [l["experts_per_token"] for l in capped["layers"]],
+            "dropped_pairs_layers": [l["dropped_pairs"] for l in capped["layers"]],
+            "dropped_pairs_per_token": sum(l["dropped_pairs"] for l in capped["layers"]) / capped["tokens"],
+        }
+    write_json(run_dir / MEASUREMENTS, result)
+    return result
+
+
+def _train(cfg: LMRunConfig, run_dir: Path, *, progress: bool) -> int | None:
+    """Train from scratch, or continue a checkpoint left by an interrupted study; returns the
+    step resumed from (None for a fresh run)."""
+    try:
+        step = read_json(checkpoint_dir(run_dir) / "state.json")["step"]
+    except (ValueError, FileNotFoundError):  # no checkpoint yet (CheckpointError is a ValueError)
+        step = None
+    if step is None:
+        result = train_lm(cfg, run_dir, progress=progress)
+    elif step < cfg.train.max_steps:
+        result = train_lm(cfg, run_dir, resume=True, progress=progress)
+    else:
+        return step
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return step
+
+
+def timed_eval(model, batches: list, *, precision: str = "auto", repeats: int = TIMING_REPEATS) -> tuple[LMEval, float]:
+    """The evaluation of ``batches`` and its speed in tokens/s (best of ``repeats`` passes after
+    one warm-up batch: the machine is shared, so the fastest pass is the least disturbed)."""
+    evaluate_lm(model, batches[:1], precision=precision)
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = evaluate_lm(model, batches, precision=precision)
+        best = min(best, time.perf_counter() - t0)
+    return result, result.tokens / best
+
+
+def _eval_numbers(ev: LMEval) -> dict:
+    """Perplexity and routing of a dropless evaluation, the per-layer lists kept."""
+    d = ev.to_dict()
+    out = {"loss": d["loss"], "perplexity": d["perplexity"], "eval_tokens": d["tokens"]}
+    if "layers" in d:
+        out.update(
+            experts_per_token=d["experts_per_token"],
+            experts_per_token_layers=[l["experts_per_token"] for l in d["layers"]],
+            top1_median_layers=[l["top1_quartiles"][1] for l in d["layers"]],
+            moe_flops_per_token=d["moe_flops_per_token"],
+            topk_moe_flops_per_token=d["topk_moe_flops_per_token"],
+            moe_flops_ratio=d["moe_flops_ratio"],
+        )
+    return out
+
+
+def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
+    """Training speed (median tokens/s, the first step left out: it pays for warm-up) and, over
+    the last ``tail`` of the logged steps, experts per token and the fraction of tokens that
+    lost a pair to capacity."""
+    train = [r for r in rows if r.get("split") == "train"]
+    if not train:
+        raise ValueError("metrics.jsonl has no training rows; the run did not train")
+    steady = train[1:] or train
+    last = train[-max(1, round(len(train) * tail)):]
+    out = {"train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+           "final_train_ce": statistics.fmean(r["ce"] for r in last)}
+    if "experts_per_token" in train[0]:
+        out["train_experts_per_token"] = statistics.fmean(r["experts_per_token"] for r in last)
+        out["train_dropped_token_fraction"] = statistics.fmean(r["dropped_token_fraction"] for r in last)
+    return out
+
+
+@contextmanager
+def training_capacity(model) -> Iterator[None]:
+    """Evaluate with each MoE layer's training capacity factor instead of dropless."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    saved = [m.router.eval_capacity_factor for m in layers]
+    try:
+        for m in layers:
+            m.router.eval_capacity_factor = m.router.capacity_factor
+        yield
+    finally:
+        for m, factor in zip(layers, saved):
+            m.router.eval_capacity_factor = factor
+
+
+def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...]) -> list[dict]:
+    """The trained model of ``run_dir`` evaluated (dropless, timed) at each threshold; cached in
+    inference_sweep.json, recomputed if the thresholds differ."""
+    path = Path(run_dir) / INFERENCE_SWEEP
+    if path.is_file():
+        rows = read_json(path)
+        if [r["threshold"] for r in rows] == list(thresholds):
+            return rows
+    loaded = load_lm(run_dir, device=cfg.train.device)
+    batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches))
+    rows = []
+    for t in thresholds:
+        set_threshold(loaded.model, t)
+        ev, tps = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
+        rows.append({"threshold": t, "inference_tokens_per_s": tps, **_eval_numbers(ev)})
+    write_json(path, rows)
+    return rows

@@ -1,0 +1,160 @@
+"""Run a study: train and measure each planned run (skipping finished ones), then write
+results.json, results.md and the plots into the output folder.
+
+    out/runs/NAME/        one run folder each (checkpoint, tokenizer, metrics.jsonl, measurements.json)
+    out/results.json      every setting, every run's numbers, the aggregated tables
+    out/results.md        the tables in markdown, with the plots
+    out/*.png             main.png, threshold.png, granularity.png, loss_curves.png
+
+The results are rewritten after every finished run, so an interrupted study still has tables
+of what finished; running the same command again resumes it (finished runs are read back,
+an interrupted run continues from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .aggregate import pairwise, summarize
+from .measure import INFERENCE_SWEEP, MEASUREMENTS, inference_sweep, is_finished, measure_run, read_json, write_json
+from .plan import INFERENCE_THRESHOLDS, StudyPlan, Variant, plan_study
+from .plots import write_plots
+from .tables import results_markdown
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def default_out(scale: str, data: str | None) -> Path:
+    """``runs/study/SCALE-CORPUS``: CORPUS is ``default``, a folder's name, or a file's folder and stem."""
+    if data is None:
+        corpus = "default"
+    else:
+        p = Path(data).resolve()
+        corpus = p.name if p.is_dir() else f"{p.parent.name}-{p.stem}".strip("-")
+    return Path("runs") / "study" / f"{scale}-{corpus}"
+
+
+def run_study(name: str, *, out: str | os.PathLike | None = None, data: str | None = None, seeds: int = 3,
+              sweep_seeds: int = 1, scale: str = "cpu", steps: int | None = None,
+              overrides: dict[str, str] | None = None, progress: bool = False,
+              log: Callable[[str], None] = print) -> dict:
+    """Train and measure every run of study ``name`` that is not finished in ``out``; write the
+    results after each run and at the end; return the results dict."""
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder; give a text file, a folder of "
+                                f".txt/.md/.rst/.jsonl files, or a .jsonl file")
+    plan = plan_study(name, scale=scale, seeds=seeds, sweep_seeds=sweep_seeds, steps=steps, data=data,
+                      overrides=overrides)
+    out = Path(out) if out is not None else default_out(scale, data)
+    started = time.time()
+    log(f"study {name} at scale {scale}: {len(plan.runs)} runs -> {out}")
+    inference_runs = {plan.run(v, s).name for v in plan.inference_models for s in plan.sweep_seeds}
+    for i, spec in enumerate(plan.runs, 1):
+        run_dir = out / "runs" / spec.name
+        if is_finished(run_dir):
+            log(f"[{i}/{len(plan.runs)}] {spec.name}: finished before, skipped")
+            measure_run(spec.config(), run_dir)  # checks that it was trained with this plan's config
+        else:
+            log(f"[{i}/{len(plan.runs)}] {spec.name}: training ({_elapsed(started)} since start)")
+            m = measure_run(spec.config(), run_dir, progress=progress)
+            log(f"    perplexity {m['perplexity']:.2f}, {m['train_seconds']:.0f} s, "
+                f"{m['train_tokens_per_s']:.0f} train tok/s, {m['inference_tokens_per_s']:.0f} inference tok/s"
+                + (f", {m['experts_per_token']:.2f} experts/token" if "experts_per_token" in m else ""))
+        if spec.name in inference_runs:
+            inference_sweep(spec.config(), run_dir, INFERENCE_THRESHOLDS)
+        write_results(plan, out)
+    log(f"done in {_elapsed(started)}: {out / RESULTS_MD}")
+    return read_json(out / RESULTS_JSON)
+
+
+def _elapsed(since: float) -> str:
+    return f"{(time.time() - since) / 60:.1f} min"
+
+
+def write_results(plan: StudyPlan, out: Path) -> dict:
+    """Collect the finished runs of ``plan`` in ``out`` into results.json, results.md and plots."""
+    results = collect(plan, out)
+    write_json(out / RESULTS_JSON, results)
+    results["plots"] = write_plots(results, out)
+    write_json(out / RESULTS_JSON, results)
+    md = out / RESULTS_MD
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(results_markdown(results), encoding="utf-8")
+    os.replace(tmp, md)
+    return results
+
+
+def collect(plan: StudyPlan, out: Path) -> dict:
+    """The results dict: settings, environment, every finished run, and the tables."""
+    runs, missing = {}, []
+    for spec in plan.runs:
+        run_dir = out / "runs" / spec.name
+        if not is_finished(run_dir):
+            missing.append(spec.name)
+            continue
+        runs[spec.name] = {"label": spec.label, "seed": spec.seed, "preset": spec.preset,
+                           "overrides": spec.overrides, "run_dir": f"runs/{spec.name}",
+                           **read_json(run_dir / MEASUREMENTS)}
+        if (run_dir / INFERENCE_SWEEP).is_file():
+            runs[spec.name]["inference_sweep"] = read_json(run_dir / INFERENCE_SWEEP)
+    results = {
+        "study": plan.name,
+        "scale": plan.scale.name,
+        "scale_note": plan.scale.note,
+        "data": plan.data or "default corpus (Python's reference docs and docstrings)",
+        "seeds": list(plan.seeds),
+        "sweep_seeds": list(plan.sweep_seeds),
+        "common_overrides": plan.scale.overrides(),
+        "environment": environment(),
+        "missing_runs": missing,
+        "runs": runs,
+    }
+    results.update(tables(plan, runs))
+    return results
+
+
+def tables(plan: StudyPlan, runs: dict[str, dict]) -> dict:
+    """The study's tables from finished runs (rows whose runs have not finished are left out)."""
+    def row(variant: Variant, seeds, **extra):
+        finished = [runs[n] for n in (plan.run(variant, s).name for s in seeds) if n in runs]
+        return summarize(variant.label(plan.scale.d_ff), finished, **extra) if finished else None
+
+    out = {}
+    if plan.main:
+        rows = [r for r in (row(v, plan.seeds) for v in plan.main) if r]
+        out["main"] = {"rows": rows, "pairs": pairwise(rows)}
+    if plan.train_thresholds:
+        rows = [row(v, plan.sweep_seeds, threshold=v.threshold) for v in plan.train_thresholds]
+        out["threshold_train"] = {"rows": [r for r in rows if r]}
+        out["threshold_inference"] = {"rows": _inference_rows(plan, runs)}
+    if plan.granularity:
+        rows = [row(v, plan.sweep_seeds, num_experts=v.num_experts,
+                    expert_dim=8 * plan.scale.d_ff // v.num_experts) for v in plan.granularity]
+        out["granularity"] = {"rows": [r for r in rows if r]}
+    return out
+
+
+def _inference_rows(plan: StudyPlan, runs: dict[str, dict]) -> list[dict]:
+    """One row per inference threshold, averaged over the swept models (one per sweep seed)."""
+    sweeps = [runs[n]["inference_sweep"] for n in
+              (plan.run(v, s).name for v in plan.inference_models for s in plan.sweep_seeds)
+              if n in runs and "inference_sweep" in runs[n]]
+    rows = []
+    for i, t in enumerate(INFERENCE_THRESHOLDS):
+        if sweeps:
+            rows.append(summarize(f"t={t:g}", [sweep[i] for sweep in sweeps], threshold=t))
+    return rows
+
+
+def environment() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -1,0 +1,330 @@
+"""Machine translation on the shared loop: the run config, the task, decoding and evaluation
+(BLEU and chrF++ from sacreBLEU, routing statistics, MoE FLOPs), and the entry points the CLI
+wires up (train, load, translate, evaluate).
+
+Recipe (XMoE, Yang et al. 2024, Sec. 4; docs/xmoe.md "Machine translation"): label-smoothed
+cross entropy (0.1; Szegedy et al. 2016) over real target tokens, Adam (0.9, 0.98), inverse
+square-root schedule after a linear warm-up, dropout in the model config, and
+``+ aux_loss_coef * sum of the MoE balancing losses`` (0.01). BLEU (Papineni et al. 2002) and
+chrF++ (Popović 2017; ``CHRF(word_order=2)``) are sacreBLEU's (Post 2018), reported with their
+signatures; nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xmoe.data.parallel import (
+    PAD_ID,
+    ParallelData,
+    ParallelDataConfig,
+    Pairs,
+    SubwordVocab,
+    encode_pairs,
+    eval_batches,
+    load_subword_vocab,
+    prepare_parallel_data,
+    source_batches,
+)
+from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops_budget
+
+from .checkpoint import checkpoint_dir, load_checkpoint, read_config
+from .config import TrainConfig, apply_overrides, from_dict, to_dict
+from .lm import RESUMABLE_TRAIN_FIELDS, LayerSummary
+from .loop import TrainResult, autocast_context, resolve_device, train
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How to translate: beam search (``beam=1``: greedy) with length penalty ``score /
+    length ** length_penalty``, at most ``max_len_a * source length + max_len_b`` tokens."""
+
+    beam: int = 4
+    length_penalty: float = 1.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    max_tokens: int = 2048  # padded source tokens per translation batch
+
+    def __post_init__(self) -> None:
+        for name in ("beam", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"decode.{name} must be a positive integer, got {value!r}")
+        if not (self.length_penalty >= 0 and self.max_len_a >= 0 and self.max_len_b >= 0):
+            raise ValueError("decode.length_penalty, decode.max_len_a and decode.max_len_b must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MTRunConfig:
+    """Everything a translation run needs; saved as config.json with each checkpoint.
+
+    train.batch_size and train.seq_len are unused here: data.max_tokens sets the batch."""
+
+    preset: str
+    model: Seq2SeqConfig
+    data: ParallelDataConfig = field(default_factory=ParallelDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    label_smoothing: float = 0.1
+    eval_bleu_sentences: int = 200  # validation sentences translated (greedy) at each evaluation
+
+    def __post_init__(self) -> None:
+        if self.data.max_len > self.model.max_len:
+            raise ValueError(
+                f"data.max_len={self.data.max_len} exceeds model.max_len={self.model.max_len} (the "
+                f"positions the model has); lower data.max_len or raise model.max_len"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not isinstance(self.eval_bleu_sentences, int) or self.eval_bleu_sentences < 0:
+            raise ValueError(f"eval_bleu_sentences must be an integer >= 0, got {self.eval_bleu_sentences!r}")
+
+
+# Per model size: the recipe's optimizer settings and a batch and vocabulary that fit the size.
+_RECIPES = {
+    "base": dict(train=dict(lr=5e-4, max_steps=20000, save_every=1000, eval_every=1000),
+                 data=dict(vocab_size=32000, max_len=256, max_tokens=4096)),
+    "cpu": dict(train=dict(lr=1e-3, max_steps=2000, save_every=500, eval_every=500),
+                data=dict(vocab_size=8000, max_len=128, max_tokens=2048)),
+    "debug": dict(train=dict(lr=3e-3, max_steps=200, save_every=100, eval_every=0, log_every=10),
+                  data=dict(vocab_size=256, max_len=64, max_tokens=512)),
+}
+
+
+def mt_run_config(preset: str, *, overrides: dict[str, str] | None = None) -> MTRunConfig:
+    """The run config of an MT preset with the translation recipe, then ``overrides``."""
+    model = get_mt_preset(preset)
+    recipe = _RECIPES[preset.split("-")[0]]
+    train = TrainConfig(betas=(0.9, 0.98), weight_decay=0.0, schedule="inverse_sqrt", warmup_fraction=0.1,
+                        **recipe["train"])
+    cfg = MTRunConfig(preset=preset, model=model, data=ParallelDataConfig(**recipe["data"]), train=train)
+    return apply_overrides(cfg, overrides or {})
+
+
+# --- the task --------------------------------------------------------------------------------
+
+
+def label_smoothed_loss(logits_BLV: Tensor, tgt_out_BL: Tensor, smoothing: float) -> Tensor:
+    """Mean label-smoothed cross entropy over the real target tokens, in fp32."""
+    V = logits_BLV.shape[-1]
+    return F.cross_entropy(logits_BLV.float().reshape(-1, V), tgt_out_BL.reshape(-1), ignore_index=PAD_ID,
+                           label_smoothing=smoothing)
+
+
+class MTTask:
+    """A Task for xmoe.training.loop.train."""
+
+    def __init__(self, data: ParallelData, cfg: MTRunConfig) -> None:
+        self.data, self.cfg = data, cfg
+        self.batches = data.train_batches(max_tokens=cfg.data.max_tokens, seed=cfg.train.seed)
+
+    def train_batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.batches.batch(index)
+
+    def tokens(self, batch: tuple[Tensor, ...]) -> int:
+        return int((batch[2] != PAD_ID).sum())
+
+    def loss(self, model: Seq2Seq, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Any]]:
+        src_BS, tgt_in_BL, tgt_out_BL = batch
+        out = model(src_BS, tgt_in_BL)
+        ce = label_smoothed_loss(out.logits_BLV, tgt_out_BL, self.cfg.label_smoothing)
+        t = self.cfg.train
+        loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
+        logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach()}
+        if out.stats:
+            logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+            logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
+        return loss, logs
+
+    def evaluate(self, model: Seq2Seq) -> dict[str, Any]:
+        """Validation loss and routing on every pair; BLEU/chrF++ of greedy translations of the
+        first ``eval_bleu_sentences`` sentences."""
+        cfg = self.cfg
+        result = teacher_forced(model, self.data.valid, max_tokens=cfg.data.max_tokens,
+                                precision=cfg.train.precision)
+        n = cfg.eval_bleu_sentences
+        if n:
+            decode = dataclasses.replace(cfg.decode, beam=1)
+            hyps = translate_lines(model, self.data.vocab, self.data.valid_src[:n], decode,
+                                   precision=cfg.train.precision)
+            scores = corpus_scores(hyps, self.data.valid_ref[:n])
+            result.update(bleu=scores["bleu"], chrf=scores["chrf"])
+        return result
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: str = "auto") -> dict[str, Any]:
+    """Token-weighted validation cross entropy (no smoothing) over real target tokens, and the
+    routing of the real tokens of both sides: experts per token, MoE FLOPs per token (each MoE
+    layer over its own side's tokens, summed over layers) and their ratio to the top-k model of
+    equal parameters."""
+    if not len(pairs):
+        raise ValueError("evaluation got no sentence pairs (all filtered as over-long?)")
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens, layers = 0.0, 0, [LayerSummary() for _ in model.moe_layers()]
+    for _, batch in eval_batches(pairs, max_tokens):
+        src_BS, tgt_in_BL, tgt_out_BL = (t.to(device) for t in batch)
+        with autocast_context(device, precision):
+            out = model(src_BS, tgt_in_BL)
+        n = int((tgt_out_BL != PAD_ID).sum())
+        total += float(label_smoothed_loss(out.logits_BLV, tgt_out_BL, 0.0)) * n
+        tokens += n
+        for layer, stats in zip(layers, out.stats):
+            layer.add(stats)
+    result: dict[str, Any] = {"loss": total / tokens, "tokens": tokens}
+    result.update(moe_summary(model.cfg, layers))
+    return result
+
+
+def moe_summary(cfg: Seq2SeqConfig, layers: Sequence[LayerSummary]) -> dict[str, Any]:
+    """Experts per token (mean over MoE layers) and MoE FLOPs against the top-k budget."""
+    if cfg.moe is None or not layers:
+        return {}
+    per_layer = [layer.to_dict() for layer in layers]
+    experts = [layer["experts_per_token"] for layer in per_layer]
+    flops = sum(experts) * cfg.moe.flops_per_pair
+    budget = moe_flops_budget(cfg)
+    return {"experts_per_token": sum(experts) / len(experts), "moe_flops_per_token": flops,
+            "topk_moe_flops_per_token": budget, "moe_flops_ratio": flops / budget, "layers": per_layer}
+
+
+@torch.no_grad()
+def translate_lines(model: Seq2Seq, vocab: SubwordVocab, lines: Sequence[str], decode: DecodeConfig, *,
+                    precision: str = "auto") -> list[str]:
+    """Translations of ``lines``, in order, batched by source length."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(lines)
+    for index, src_BS in source_batches(vocab, lines, max_tokens=decode.max_tokens, max_len=model.cfg.max_len):
+        with autocast_context(device, precision):
+            ids = model.beam_search(src_BS.to(device), beam=decode.beam, length_penalty=decode.length_penalty,
+                                    max_len_a=decode.max_len_a, max_len_b=decode.max_len_b)
+        for i, hyp in zip(index.tolist(), ids):
+            out[i] = vocab.decode(hyp)
+    return out
+
+
+def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """sacreBLEU's corpus BLEU and chrF++ with their signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
+    bleu, chrf = BLEU(), CHRF(word_order=2)
+    b, c = bleu.corpus_score(list(hyps), [list(refs)]), chrf.corpus_score(list(hyps), [list(refs)])
+    return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "bleu_text": str(b),
+            "chrf": c.score, "chrf_signature": str(chrf.get_signature()), "chrf_text": str(c)}
+
+
+def evaluate_mt(loaded: LoadedMT, src_lines: Sequence[str], ref_lines: Sequence[str], *,
+                decode: DecodeConfig | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Translate ``src_lines``, score against ``ref_lines`` (BLEU, chrF++), and measure the
+    routing on the (source, reference) pairs. Returns the summary and the translations."""
+    if len(src_lines) != len(ref_lines):
+        raise ValueError(f"--src has {len(src_lines)} lines, --ref has {len(ref_lines)}; they must be line-aligned")
+    decode = decode or loaded.cfg.decode
+    precision = loaded.cfg.train.precision
+    hyps = translate_lines(loaded.model, loaded.vocab, src_lines, decode, precision=precision)
+    summary = {"sentences": len(hyps), "beam": decode.beam, **corpus_scores(hyps, ref_lines)}
+    pairs = encode_pairs(loaded.vocab, src_lines, ref_lines, max_len=loaded.model.cfg.max_len)
+    summary.update(teacher_forced(loaded.model, pairs, max_tokens=decode.max_tokens, precision=precision))
+    return summary, hyps
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+
+def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+             progress: bool = True) -> TrainResult:
+    """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
+    run_dir = Path(run_dir)
+    if resume:
+        saved = from_dict(MTRunConfig, read_config(run_dir))
+        _check_resumable(saved, cfg, run_dir)
+        saved_state = json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
+    elif (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
+        )
+    data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
+    if resume and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
+        raise ValueError(
+            f"--resume: the parallel files changed since {run_dir} was trained; resuming would "
+            f"train on other batches. Start a new run with --out"
+        )
+    vocab = data.vocab
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
+    torch.manual_seed(cfg.train.seed)
+    model = Seq2Seq(cfg.model)
+    return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                 progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+
+
+# Fields outside `train` that a resume may change: decoding and evaluation only.
+_RESUMABLE = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"eval_bleu_sentences"}
+
+
+def _check_resumable(saved: MTRunConfig, cfg: MTRunConfig, run_dir: Path) -> None:
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+    changed = sorted(key for key in old.keys() | new.keys()
+                     if old.get(key) != new.get(key) and key not in _RESUMABLE
+                     and not key.startswith("decode.") and key not in ("model.vocab_size",))
+    if changed:
+        raise ValueError(
+            f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
+            f"a resume may change only decode.*, eval_bleu_sentences and {', '.join(sorted(_RESUMABLE - {'eval_bleu_sentences'}))}"
+        )
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclass(frozen=True)
+class LoadedMT:
+    model: Seq2Seq
+    cfg: MTRunConfig
+    run_dir: Path
+    vocab: SubwordVocab
+
+
+def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedMT:
+    """A trained model, its config, run folder and vocabulary, from a run or checkpoint folder."""
+    cfg = from_dict(MTRunConfig, read_config(path))
+    model = Seq2Seq(cfg.model)
+    load_checkpoint(path, model)
+    model.to(resolve_device(device)).eval()
+    run_dir = checkpoint_dir(path).parent
+    return LoadedMT(model, cfg, run_dir, load_subword_vocab(run_dir))
+
+
+def translate(loaded: LoadedMT, lines: Sequence[str], *, decode: DecodeConfig | None = None) -> list[str]:
+    return translate_lines(loaded.model, loaded.vocab, lines, decode or loaded.cfg.decode,
+                           precision=loaded.cfg.train.precision)
+
+
+__all__ = [
+    "DecodeConfig", "LoadedMT", "MTRunConfig", "MTTask", "corpus_scores", "evaluate_mt", "label_smoothed_loss",
+    "load_mt", "moe_summary", "mt_run_config", "teacher_forced", "train_mt", "translate", "translate_lines",
+]

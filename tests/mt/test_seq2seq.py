@@ -1,0 +1,201 @@
+"""The encoder-decoder: shapes, masks, padding never routed, the cache, greedy and beam search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mt_helpers import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
+from xmoe.models.seq2seq import (
+    MT_PRESETS,
+    Seq2Seq,
+    Seq2SeqConfig,
+    get_mt_preset,
+    moe_flops_budget,
+    num_params,
+    sinusoidal_positions,
+)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_shapes_and_stats_count_only_real_tokens(norm):
+    model = Seq2Seq(tiny_config(norm=norm, dec_moe_every=2))
+    src, tgt = random_batch(3, 7, 5)
+    out = model(src, tgt)
+    assert out.logits_BLV.shape == (3, 5, 40)
+    assert len(out.stats) == 3  # encoder layers 1 and 2, decoder layer 2
+    real_src, real_tgt = int((src != PAD).sum()), int((tgt != PAD).sum())
+    assert real_src < src.numel() and real_tgt < tgt.numel()  # the batch has padding on both sides
+    assert [s.num_tokens for s in out.stats] == [real_src, real_src, real_tgt]
+    assert out.aux_loss.dtype == torch.float32 and out.aux_loss > 0
+
+
+def test_padding_is_never_routed_even_when_capacity_binds():
+    """Extra padding columns and garbage in the pad embedding change nothing for real tokens:
+    not their outputs, routing, capacity, dropped pairs, balancing loss or statistics. In
+    training mode, so capacity is on: routed padding would change C and the drops."""
+    model = Seq2Seq(tiny_config(dec_moe_every=1, capacity_factor=1.0, min_capacity=1))
+    sharpen_routers(model)
+    model.train()  # dropout is 0: training mode only turns capacity on
+    src, tgt = random_batch(4, 9, 7)
+    with record_routing(model) as calls:
+        out = model(src, tgt)
+    real_src, real_tgt = int((src != PAD).sum()), int((tgt != PAD).sum())
+    assert [c[0].probs_TE.shape[0] for c in calls.values()] == [real_src, real_src, real_tgt, real_tgt]
+    assert sum(int(s.dropped_pairs) for s in out.stats) > 0  # capacity really binds
+
+    with torch.no_grad():
+        model.embed.weight[PAD].normal_(std=3.0)
+    out2 = model(F.pad(src, (0, 5), value=PAD), F.pad(tgt, (0, 4), value=PAD))
+    real_BL = tgt != PAD
+    # (the output layer is tied to the embeddings, so only the PAD logit itself may change)
+    torch.testing.assert_close(out2.logits_BLV[:, :7][real_BL][:, PAD + 1:], out.logits_BLV[real_BL][:, PAD + 1:],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out2.aux_loss, out.aux_loss)
+    for a, b in zip(out.stats, out2.stats):
+        assert (a.num_tokens, a.capacity) == (b.num_tokens, b.capacity)
+        for name in ("tokens_per_expert", "kept_histogram", "wanted_histogram", "dropped_pairs"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_cached_decoding_equals_full_forward_logits_and_routing():
+    """Decoder MoE on: incremental decoding (a chunk of 4, then one token at a time) gives the
+    full forward's logits and the same experts for every target token."""
+    model = Seq2Seq(tiny_config(dec_moe_every=1)).eval()
+    sharpen_routers(model)
+    src, _ = random_batch(2, 6, 1)
+    tgt = torch.randint(FIRST_WORD, 40, (2, 10))
+    tgt[:, 0] = BOS
+    dec_layers = [2, 3]  # MoE layer indices of the decoder (encoder: 0, 1)
+    with torch.no_grad():
+        memory = model.encode(src)
+        with record_routing(model) as full_calls:
+            full, _ = model.decode(tgt, memory)
+        cache = model.new_cache()
+        pieces = [(0, 4)] + [(t, t + 1) for t in range(4, 10)]
+        with record_routing(model) as inc_calls:
+            inc = torch.cat([model.decode(tgt[:, a:b], memory, cache)[0] for a, b in pieces], dim=1)
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+    for i in dec_layers:
+        full_kept = full_calls[i][0].kept_TE.reshape(2, 10, -1)
+        inc_kept = torch.cat([c.kept_TE.reshape(2, -1, full_kept.shape[-1]) for c in inc_calls[i]], dim=1)
+        assert torch.equal(inc_kept, full_kept)
+        assert full_kept.sum(-1).min() < full_kept.sum(-1).max()  # tokens differ in experts: a real check
+
+
+def _naive_greedy(model: Seq2Seq, src_1S: torch.Tensor, max_words: int) -> list[int]:
+    """Greedy decoding of one sentence by full forward passes, no cache, no batching; PAD and
+    BOS are never produced."""
+    ys = [BOS]
+    with torch.no_grad():
+        for _ in range(max_words):
+            logits = model(src_1S, torch.tensor([ys])).logits_BLV[0, -1]
+            logits[[PAD, BOS]] = float("-inf")
+            token = int(logits.argmax())
+            if token == EOS:
+                break
+            ys.append(token)
+    return ys[1:]
+
+
+def _decoding_model() -> Seq2Seq:
+    """An untrained model with decoder MoE (at seed 0 its greedy outputs end early for some
+    sentences and run to the length limit for others)."""
+    model = Seq2Seq(tiny_config(dec_moe_every=1)).eval()
+    sharpen_routers(model)
+    return model
+
+
+def test_greedy_equals_naive_loop_and_beam_one():
+    model = _decoding_model()
+    src, _ = random_batch(5, 6, 1)
+    greedy = model.greedy(src, max_len_a=0.0, max_len_b=12)
+    assert len({len(g) for g in greedy}) > 1  # varied lengths: EOS handling is exercised
+    for b in range(5):
+        row = src[b:b + 1, : int((src[b] != PAD).sum())]
+        assert greedy[b] == _naive_greedy(model, row, 11)  # the 12th token is EOS at the latest
+    assert model.beam_search(src, beam=1, max_len_a=0.0, max_len_b=12) == greedy
+
+
+def test_batched_beam_search_equals_one_sentence_at_a_time():
+    model = _decoding_model()
+    src, _ = random_batch(4, 6, 1)
+    batched = model.beam_search(src, beam=3, length_penalty=1.0, max_len_a=0.0, max_len_b=10)
+    alone = [model.beam_search(src[b:b + 1, : int((src[b] != PAD).sum())], beam=3, max_len_a=0.0, max_len_b=10)[0]
+             for b in range(4)]
+    assert batched == alone
+
+
+def test_beam_search_keeps_the_best_scored_hypothesis():
+    """A beam wider than all candidates and a 3-token limit (EOS included) make beam search
+    exhaustive: its answer must have the best ``log p / length ** alpha`` of every hypothesis
+    of at most 2 tokens, each scored here by teacher forcing, for every length penalty alpha."""
+    model = Seq2Seq(tiny_config(router=None, vocab_size=6)).eval()
+    src = torch.tensor([[4, 5, 4, EOS]])
+
+    def logp(hyp):
+        with torch.no_grad():
+            logp_LV = model(src, torch.tensor([[BOS, *hyp]])).logits_BLV[0].log_softmax(-1)
+        return sum(float(logp_LV[i, t]) for i, t in enumerate([*hyp, EOS]))
+
+    tokens = (1, 4, 5)  # UNK and the words; PAD and BOS are never produced
+    candidates = [[]] + [[a] for a in tokens] + [[a, b] for a in tokens for b in tokens]
+    answers = []
+    for alpha in (0.0, 1.0, 4.0):
+        best = model.beam_search(src, beam=12, length_penalty=alpha, max_len_a=0.0, max_len_b=3)[0]
+        scores = sorted(logp(c) / (len(c) + 1) ** alpha for c in candidates)
+        assert scores[-1] - scores[-2] > 1e-4  # one clear best
+        assert logp(best) / (len(best) + 1) ** alpha == pytest.approx(scores[-1], abs=1e-6)
+        answers.append(best)
+    assert len({len(a) for a in answers}) > 1  # the length penalty changes the answer here
+
+
+def test_cache_refused_in_training_mode():
+    model = Seq2Seq(tiny_config())
+    src, tgt = random_batch(1, 3, 2)
+    with pytest.raises(ValueError, match="eval"):
+        model.decode(tgt, model.encode(src), model.new_cache())
+
+
+def test_sinusoidal_positions_match_the_formula():
+    table = sinusoidal_positions(50, 16)
+    for p, i in ((0, 0), (7, 2), (49, 7)):
+        angle = p / 10000 ** (2 * i / 16)
+        assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(n_head=3), "divisible"),
+        (dict(norm="mid"), "norm"),
+        (dict(pad_id=2), "distinct"),
+        (dict(enc_moe_every=0), "no MoE layer"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_config_errors_name_the_field(kw, match):
+    base = tiny_config()
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__} | kw
+    with pytest.raises(ValueError, match=match):
+        Seq2SeqConfig(**fields)
+
+
+def test_presets_follow_the_paper():
+    cfg = get_mt_preset("base-xmoe-64x1024")
+    assert (cfg.n_enc_layer, cfg.n_dec_layer, cfg.d_model, cfg.d_ff, cfg.n_head) == (6, 6, 512, 2048, 8)
+    assert cfg.enc_moe_layers == (1, 3, 5) and cfg.dec_moe_layers == ()  # layers 2, 4, 6
+    moe = cfg.moe
+    assert (moe.num_experts, moe.expert_dim, moe.threshold, moe.capacity_factor) == (64, 1024, 0.9, 2.0)
+    assert cfg.norm == "post"
+    # top-2 over the same experts: equal parameters; its budget is one dense 2048 FFN per MoE layer
+    top2 = get_mt_preset("base-top2-64x1024", vocab_size=1000)
+    xmoe = get_mt_preset("base-xmoe-64x1024", vocab_size=1000)
+    with torch.device("meta"):  # counts without allocating 256M parameters
+        assert num_params(Seq2Seq(top2)) == num_params(Seq2Seq(xmoe))
+    assert moe_flops_budget(xmoe) == 3 * 2 * (2 * 512 * 2048)
+    assert all(name in MT_PRESETS for name in ("cpu-xmoe-32x512", "cpu-top2-32x512", "debug-dense"))
