@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
               f"continue with: xmoe train --out {args.out} --resume")
         sys.exit(130)
-    _print_eval(result.final_eval)
+    _print_eval(result.final_eval, _baseline(cfg.model.moe))
     from xmoe.training.report import write_report
 
     print(f"report: {write_report(args.out)}")
@@ -80,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_eval(summary)
+        _print_eval(summary, _baseline(loaded.model.cfg.moe))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -179,7 +179,14 @@ def _load(args: argparse.Namespace):
     return loaded
 
 
-def _print_eval(summary: dict) -> None:
+def _baseline(moe) -> str:
+    """What the MoE FLOPs ratio compares with: a split dense FFN (top_k = E) is its own baseline."""
+    if moe is not None and moe.top_k >= moe.num_experts:
+        return "the dense FFN (every expert engaged)"
+    return "the top-k model of equal parameters"
+
+
+def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters") -> None:
     print(f"validation loss {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} "
           f"({summary['tokens']} tokens)")
     if "layers" in summary:
@@ -188,7 +195,7 @@ def _print_eval(summary: dict) -> None:
         ratio = summary["moe_flops_ratio"]
         verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
         print(f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = "
-              f"{ratio:.1%} of the top-k model of equal parameters ({verdict})")
+              f"{ratio:.1%} of {baseline} ({verdict})")
         median_top1 = sum(l["top1_quartiles"][1] for l in summary["layers"]) / len(summary["layers"])
         print(f"router confidence: median top-1 probability {median_top1:.3f} "
               f"(1/E = {1 / len(summary['layers'][0]['tokens_per_expert']):.3f} is a uniform router)")
