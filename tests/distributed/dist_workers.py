@@ -21,8 +21,10 @@ LAYER_CASES = {
     "top2-capacity-swiglu": (dict(router="topk", top_k=2, capacity_factor=1.0, min_capacity=1,
                                   activation="swiglu"), (8, 8)),
     "top1-dropless-zero-tokens": (dict(router="topk", top_k=1), (6, 0)),
+    # Every token picks expert 0: rank 1 holds experts 4-7 and receives no row at all.
+    "top1-one-rank-idle": (dict(router="topk", top_k=1), (5, 4)),
 }
-BACKENDS = ("loop", "fused")
+BACKENDS = ("loop", "fused", "grouped_mm")
 
 
 def free_port() -> int:
@@ -53,8 +55,11 @@ def layer_case(name: str, backend: str, rank: int | None = None):
     layer = MoELayer(MoEConfig(model_dim=8, num_experts=8, expert_dim=16, backend=backend, **fields))
     with torch.no_grad():
         layer.router.weight.mul_(3.0)  # tokens want 2-5 experts, and capacity overflows
+        if name.endswith("idle"):
+            layer.router.weight.zero_()
+            layer.router.weight[0, 0] = 1.0
     gen = torch.Generator().manual_seed(1)
-    xs = [torch.randn(n, 8, generator=gen) for n in tokens]
+    xs = [torch.randn(n, 8, generator=gen).abs() for n in tokens]  # x[:, 0] > 0: expert 0 wins when "idle"
     gs = [torch.randn(n, 8, generator=gen) for n in tokens]
     return layer, xs, gs
 

@@ -34,7 +34,12 @@ def relaunch(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", "-m", "xmoe", *argv]
     print("launching:", " ".join(command), flush=True)
-    return subprocess.call(command)
+    proc = subprocess.Popen(command)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # torchrun got the Ctrl-C too: wait while it stops its workers
+            continue
 
 
 @contextlib.contextmanager

@@ -90,11 +90,16 @@ class ExpertParallelExperts(nn.Module):
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_SL = recv_counts.view(ep, L)
+        recv_rows = recv_SL.tolist()  # a host read, like the layer's own pair counts
         send = [sum(plan.counts[r * L : (r + 1) * L]) for r in range(ep)]
-        recv = recv_SL.sum(dim=1).tolist()  # a host read, like the layer's own pair counts
+        recv = [sum(row) for row in recv_rows]
 
         x_RD = all_to_all(dispatch(x_TD, plan), recv, send, self.group)  # grouped by source rank
-        y_RD = get_backend(self.backend, self, x_RD)(self, x_RD, _local_plan(recv_SL))
+        y_RD = get_backend(self.backend, self, x_RD)(self, x_RD, _local_plan(recv_SL, recv_rows))
+        if x_RD.requires_grad and not y_RD.requires_grad:
+            # No row arrived, and a backend returned a constant empty tensor: keep it in the graph,
+            # or this rank would skip the backward exchanges its peers wait in.
+            y_RD = y_RD + 0 * x_RD.sum()
         y_ND = all_to_all(y_RD.to(x_RD.dtype), send, recv, self.group)
         return combine(y_ND, plan, x_TD.shape[0])
 
@@ -102,21 +107,23 @@ class ExpertParallelExperts(nn.Module):
         return f"experts {self.first}..{self.first + self.num_experts - 1} of {self.num_global_experts}"
 
 
-def _local_plan(recv_SL: Tensor) -> DispatchPlan:
+def _local_plan(recv_SL: Tensor, recv_rows: list[list[int]]) -> DispatchPlan:
     """Regroup received rows (source-major) by local expert; each row is its own output row.
 
     The backends gather ``token_idx_N`` rows and scatter-add ``weight_N * FFN(row)`` back to the
     same index, so with unit weights they return every row's expert output in place.
     """
     L = recv_SL.shape[1]
-    expert_of_row = torch.arange(L, device=recv_SL.device).repeat(recv_SL.shape[0]).repeat_interleave(recv_SL.flatten())
+    experts = torch.arange(L, device=recv_SL.device).repeat(recv_SL.shape[0])
+    total = sum(map(sum, recv_rows))  # given, so repeat_interleave does not read it back from a GPU
+    expert_of_row = experts.repeat_interleave(recv_SL.flatten(), output_size=total)
     row_idx = expert_of_row.argsort(stable=True)  # by expert, then by source rank, then in order
     counts_L = recv_SL.sum(dim=0)
     return DispatchPlan(
         token_idx_N=row_idx,
         expert_idx_N=expert_of_row[row_idx],
         weight_N=torch.ones(row_idx.shape[0], device=recv_SL.device),
-        counts=tuple(counts_L.tolist()),
+        counts=tuple(map(sum, zip(*recv_rows))),  # per local expert, from the host copy
         offsets_E=counts_L.cumsum(dim=0).to(torch.int32),
     )
 

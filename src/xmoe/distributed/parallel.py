@@ -129,8 +129,10 @@ class Parallel(SingleProcess):
     # --- model ----------------------------------------------------------------------------
 
     def shard(self, model: nn.Module) -> None:
-        names = shard_experts(model, ep_rank=self.ep_rank, ep_size=self.layout.ep_size, group=self.ep_group)
-        self.sharded = set(names)
+        """Keep this rank's experts. With ep = 1 experts stay whole (replicated, reduced like dense)."""
+        if self.layout.ep_size > 1:
+            names = shard_experts(model, ep_rank=self.ep_rank, ep_size=self.layout.ep_size, group=self.ep_group)
+            self.sharded = set(names)
 
     def batch_index(self, index: int) -> int:
         """Micro-batch ``index`` of this rank: the global sequence interleaves the ranks, so W ranks
@@ -184,7 +186,10 @@ class Parallel(SingleProcess):
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
         """Model and optimizer state with every shard gathered: the single-process layout.
-        Collective: every rank must call it."""
+        Collective: every rank must call it. Only the first dp row gathers (rank 0 is in it):
+        the other rows hold copies of the same experts and return nothing."""
+        if self.dp_rank != 0:
+            return {}, None
         model_state = {name: self._gather(t) if name in self.sharded else t for name, t in model.state_dict().items()}
         if optimizer is None:
             return model_state, None
@@ -229,7 +234,7 @@ class Parallel(SingleProcess):
                 f"{self.layout.ep_size}"
             )
         size = full.shape[0] // self.layout.ep_size
-        return full[self.ep_rank * size : (self.ep_rank + 1) * size]
+        return full[self.ep_rank * size : (self.ep_rank + 1) * size].clone()  # not a view: frees the rest
 
     @staticmethod
     def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:

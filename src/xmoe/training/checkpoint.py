@@ -115,7 +115,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _load_weights(_unwrap(model), tensors, folder)
     if optimizer is not None:
         try:
-            state = torch.load(folder / "optimizer.pt", weights_only=True)
+            # On the CPU first: load_state_dict moves each entry to its parameter's device.
+            state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
             if parallel is not None:
                 state = parallel.local_optimizer_state(state, _unwrap(model), optimizer)
             optimizer.load_state_dict(state)

@@ -90,7 +90,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                 f"train.max_steps above {start} (e.g. --train.max_steps={2 * start})"
             )
     else:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + parallel.rank)  # ranks draw their own dropout masks
     log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else _NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
