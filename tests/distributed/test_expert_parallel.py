@@ -112,17 +112,17 @@ def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3):
 PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
 
 
-@pytest.mark.parametrize("ep_size", [2, 1], ids=["ep2", "dp2"])
-def test_two_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, ep_size):
+@pytest.mark.parametrize("world, ep_size", [(2, 2), (2, 1), (4, 2)], ids=["ep2", "dp2", "dp2xep2"])
+def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size):
     """Weights to 1e-5 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
     gradients (attention key biases) into ~1e-6 moves; a real error moves weights by ~lr."""
     cfg = _config(corpus, tmp_path / "cache", grad_accum=1)
     two = tmp_path / "two"
-    workers.spawn(workers.run_training, WORLD, to_dict(cfg), str(two), ep_size, PROBE)
+    workers.spawn(workers.run_training, world, to_dict(cfg), str(two), ep_size, PROBE)
 
     # One process, the same micro-batches per step: grad_accum = ranks.
     one = tmp_path / "one"
-    train_lm(_config(corpus, tmp_path / "cache", grad_accum=WORLD), one, progress=False)
+    train_lm(_config(corpus, tmp_path / "cache", grad_accum=world), one, progress=False)
     train_rows = lambda run, key: [r[key] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
     assert len(train_rows(two, "loss")) == 3
     assert train_rows(two, "loss") == pytest.approx(train_rows(one, "loss"), rel=1e-5)
@@ -137,7 +137,7 @@ def test_two_ranks_train_like_one_process_and_save_a_checkpoint_one_process_load
     # Saved by 2 ranks, loaded by one: the same logits as the 2 ranks' sharded model.
     with torch.no_grad():
         logits = sharded(PROBE).logits_BLV
-    for rank in range(WORLD):
+    for rank in range(world):
         torch.testing.assert_close(torch.load(two / f"probe-rank{rank}.pt")["logits"], logits, rtol=1e-5, atol=1e-5)
 
 
