@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from xmoe.models.gpt import flops_breakdown, num_params
 from xmoe.moe import MoELayer, set_threshold
 from xmoe.training import (
@@ -101,6 +103,7 @@ def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> d
         "train_seconds": train_seconds,
         "resumed_at_step": resumed_at,
         "load_average_before": load_before,
+        "torch_threads": torch.get_num_threads(),
         "forward_flops_per_token_budget": flops_breakdown(loaded.model.cfg).total,
         "inference_tokens_per_s": infer_tps,
         **_eval_numbers(dropless),

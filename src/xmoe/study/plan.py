@@ -159,6 +159,12 @@ class StudyPlan:
     train_thresholds: tuple[Variant, ...] = ()
     inference_models: tuple[Variant, ...] = ()  # evaluated at INFERENCE_THRESHOLDS
     granularity: tuple[Variant, ...] = ()
+    extra_overrides: dict[str, str] = field(default_factory=dict)  # given by the user, on top of the scale's
+
+    def common_overrides(self) -> dict[str, str]:
+        """The overrides every run of the plan shares (the scale's and the user's)."""
+        first = self.runs[0].overrides
+        return {k: v for k, v in first.items() if all(r.overrides.get(k) == v for r in self.runs)}
 
     def run(self, variant: Variant, seed: int) -> RunSpec:
         name = run_name(variant, seed, self.scale)
@@ -195,9 +201,10 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
     train_t = train_t if "threshold" in parts else ()
     inference = (Variant(router="threshold", num_experts=SWEEP_EXPERTS),) if "threshold" in parts else ()
     gran = tuple(Variant(router="threshold", num_experts=e) for e in GRANULARITY_EXPERTS) if "granularity" in parts else ()
-    wanted = [(v, s) for v in main for s in range(seeds)]
-    wanted += [(v, s) for v in train_t + inference + gran for s in range(sweep_seeds)]
-    wanted.sort(key=lambda pair: pair[1])  # seed by seed: a cut-short study has whole comparisons
+    # The main comparison first, seed by seed, then the sweeps: a study cut short has whole
+    # comparisons, and the sweeps (secondary) are what it lacks.
+    wanted = [(v, s) for s in range(seeds) for v in main]
+    wanted += [(v, s) for s in range(sweep_seeds) for v in train_t + inference + gran]
     runs: dict[str, RunSpec] = {}
     for variant, seed in wanted:
         spec = _run_spec(sc, variant, seed, extra)
@@ -206,7 +213,7 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
         spec.config()  # a bad override fails now, not an hour in
     return StudyPlan(name=name, scale=sc, data=data, seeds=tuple(range(seeds)), sweep_seeds=tuple(range(sweep_seeds)),
                      runs=tuple(runs.values()), main=main, train_thresholds=train_t, inference_models=inference,
-                     granularity=gran)
+                     granularity=gran, extra_overrides=dict(overrides or {}))
 
 
 def _parts(name: str) -> tuple[str, ...]:

@@ -14,8 +14,10 @@ from typing import Any, Sequence
 
 def results_markdown(results: dict) -> str:
     parts = [f"# xmoe study `{results['study']}`: {results['scale']} scale", "",
-             f"Corpus: {results['data']}. Scale: {results['scale_note']}. Seeds: main comparison "
-             f"{_seeds(results['seeds'])}, sweeps {_seeds(results['sweep_seeds'])}.", ""]
+             f"Corpus: {results['data']}. Scale: {results['scale_note']}"
+             + (f", changed on the command line: `{json.dumps(results['user_overrides'])}`"
+                if results["user_overrides"] else "")
+             + f". Seeds: main comparison {_seeds(results['seeds'])}, sweeps {_seeds(results['sweep_seeds'])}.", ""]
     if results["missing_runs"]:
         parts += [f"**Not finished yet ({len(results['missing_runs'])}):** "
                   + ", ".join(results["missing_runs"]), ""]
