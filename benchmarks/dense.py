@@ -69,7 +69,7 @@ def convert(dense: Path, partition: str, out: Path, args: argparse.Namespace) ->
     if not (out / "checkpoint").exists():
         start = time.perf_counter()
         convert_checkpoint(dense, out, ConversionConfig(num_experts=args.experts, partition=partition),
-                           calibration_tokens=args.calibration_tokens, data=args.data, device="cpu")
+                           calibration_tokens=args.calibration_tokens, data=None, device="cpu")  # the run's training split
         print(f"converted ({partition}) in {time.perf_counter() - start:.0f} s -> {out}", flush=True)
     return out
 
@@ -92,6 +92,8 @@ def time_forward(configs: dict[str, tuple[torch.nn.Module, float | None]], x_BL:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.experts != 8:
+        raise SystemExit("--experts: route 1 is the split8-cpu preset (8 experts); only --experts 8 compares like with like")
     torch.manual_seed(0)
     out = Path(args.out)
     runs = {"route 1 (split8-cpu, trained at t=1)": train("split8-cpu", out / "split8", args)}
@@ -99,6 +101,9 @@ def main(argv=None) -> None:
     runs["route 2 contiguous"] = convert(dense_dir, "contiguous", out / "conv-contiguous", args)
     runs["route 2 clustered"] = convert(dense_dir, "clustered", out / "conv-clustered", args)
 
+    tokenizers = {(path / "tokenizer.json").read_text() for path in (dense_dir, out / "split8")}
+    if len(tokenizers) != 1:
+        raise SystemExit(f"{out}/dense and {out}/split8 have different tokenizers; delete {out} and re-run")
     dense = load_lm(dense_dir, device="cpu")
     batches = list(eval_batches(dense, None, max_batches=args.eval_batches))
     dense_point = evaluate_point(dense.model, batches, gpt_logits)

@@ -80,6 +80,7 @@ def test_dropped_experts_remove_exactly_their_neurons():
         layer.router.weight.copy_(torch.randn(3, 6) * 5)
     x = torch.randn(4, 6)
     kept = layer.route(x).kept_TE
+    assert not kept.all() and kept.any(dim=1).all()  # some experts really are dropped
     y = layer(x).output + ffn.b2_D
     for t in range(4):
         neurons = [j for e in range(3) if kept[t, e] for j in groups[e].tolist()]

@@ -9,7 +9,7 @@ token's FFN output each group carries:
 
 (see ffn.py, equation (1)). W_g is fitted to minimise the cross-entropy ``-sum_e q_e log p_e``
 averaged over calibration tokens (full batch, Adam), so that at threshold t a token engages the
-groups predicted to carry a fraction t of its output. (MoEfication fits an MLP router to predict
+groups predicted to carry a fraction t of the summed group-output norms. (MoEfication fits an MLP router to predict
 each expert's activation sum; a linear softmax router is what XMoE's layer has.)
 
 Shape legend: T tokens, D model dim, E experts.

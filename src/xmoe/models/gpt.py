@@ -480,7 +480,8 @@ def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
 
 def dense_split(build: Callable[..., GPTConfig], num_experts: int, *, vocab_size: int | None = None) -> GPTConfig:
     """The dense model of ``build`` with every FFN (``moe_every=1``) split into ``num_experts``
-    experts by ``split_moe``: the same parameters and, at t = 1, the same FFN FLOPs."""
+    experts by ``split_moe``: the same FFN weights (plus a router and per-expert output biases)
+    and, at t = 1, the same FFN FLOPs."""
     dense = build(None, 0) if vocab_size is None else build(None, 0, vocab_size=vocab_size)
     return dataclasses.replace(
         dense, moe_every=1, moe=split_moe(num_experts, d_model=dense.d_model, d_ff=dense.d_ff)
