@@ -87,3 +87,13 @@ def test_route_1_split_preset_trains_at_t_1_and_sweeps(runs, capsys):
     assert model.cfg.moe.combine == "probs" and model.cfg.moe.capacity_factor is None
     table = run_cli(["sweep-threshold", "--checkpoint", str(out), "--thresholds", "0.5", "1.0"], capsys)
     assert "| 1 | 8.00 | 1.000 |" in table  # every expert, the whole dense FFN's FLOPs, at t = 1
+
+
+def test_a_hugging_face_folder_is_pointed_to_the_python_api(tmp_path, capsys):
+    folder = tmp_path / "hf-gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "convert_hf_folder" in capsys.readouterr().err and not (tmp_path / "out").exists()

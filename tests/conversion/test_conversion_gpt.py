@@ -84,3 +84,15 @@ def test_non_dense_models_and_bad_expert_counts_are_refused():
         convert_gpt(dense_model(), torch.randint(50, (1, 8)), ConversionConfig(num_experts=7))
     with pytest.raises(ValueError, match="partition"):
         ConversionConfig(num_experts=8, partition="random")
+
+
+def test_sweep_table_and_plot_take_a_point_at_the_models_own_threshold(tmp_path):
+    import math
+
+    from xmoe.conversion.sweep import SweepPoint, plot_sweeps, sweep_markdown
+
+    curves = {"m": [SweepPoint(None, math.log(20.0), 0.5, 2.0), SweepPoint(0.9, math.log(25.0), 0.25, 1.0)]}
+    table = sweep_markdown(curves)
+    assert "| m | - | 0.500 | 2.00 | 20.00 |" in table and "| m | 0.9 | 0.250 | 1.00 | 25.00 |" in table
+    plot_sweeps(curves, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0

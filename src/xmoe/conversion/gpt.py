@@ -110,6 +110,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
         raise ValueError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
     if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
         raise ValueError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
+    folder = Path(checkpoint)
+    if (folder / "config.json").is_file() and not ((folder / "checkpoint").exists() or (folder / "state.json").exists()):
+        raise ValueError(
+            f"{checkpoint} looks like a Hugging Face model folder, not an `xmoe train` run; convert it "
+            f"in Python with xmoe.conversion.hf.convert_hf_folder (pip install 'xmoe[hf]')"
+        )
     loaded = load_lm(checkpoint, device=device)
     check_dense(loaded.model, cfg.num_experts, name=f"the checkpoint {checkpoint}")
     model, reports = convert_gpt(loaded.model, calibration_batch(loaded, data, calibration_tokens), cfg)

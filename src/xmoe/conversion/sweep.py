@@ -117,8 +117,13 @@ def sweep_markdown(curves: dict[str, Sequence[SweepPoint]], dense: SweepPoint | 
     for name, points in curves.items():
         for p in points:
             experts = "-" if p.experts_per_token is None else f"{p.experts_per_token:.2f}"
-            lines.append(f"| {name} | {p.threshold:g} | {p.ffn_flops_fraction:.3f} | {experts} | {p.perplexity:.2f} |")
+            lines.append(f"| {name} | {_t(p)} | {p.ffn_flops_fraction:.3f} | {experts} | {p.perplexity:.2f} |")
     return "\n".join(lines)
+
+
+def _t(point: SweepPoint) -> str:
+    """The threshold as a label; "-" for a point measured at the model's own setting."""
+    return "-" if point.threshold is None else f"{point.threshold:g}"
 
 
 def plot_sweeps(curves: dict[str, Sequence[SweepPoint]], path: str | os.PathLike,
@@ -135,7 +140,7 @@ def plot_sweeps(curves: dict[str, Sequence[SweepPoint]], path: str | os.PathLike
         pts = sorted(points, key=lambda p: p.ffn_flops_fraction)
         ax.plot([p.ffn_flops_fraction for p in pts], [p.perplexity for p in pts], marker="o", label=name)
         for p in pts:
-            ax.annotate(f"{p.threshold:g}", (p.ffn_flops_fraction, p.perplexity), fontsize=7,
+            ax.annotate(_t(p), (p.ffn_flops_fraction, p.perplexity), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     if dense is not None:
         ax.axhline(dense.perplexity, color="black", linestyle="--", linewidth=1, label="dense")
