@@ -46,6 +46,15 @@ def test_vocabulary_is_joint_saved_and_round_trips(toy_files, tmp_path):
     assert len(data.train) == 600 and len(data.valid) == 30
 
 
+def test_resume_without_the_saved_vocabulary_is_an_error(toy_files, tmp_path):
+    """A resume must reuse the run's spm.model: retraining it could renumber the pieces."""
+    src, tgt = toy_files["train"]
+    cfg = ParallelDataConfig(src=src, tgt=tgt, vocab_size=60)
+    with pytest.raises(FileNotFoundError, match="spm.model"):
+        prepare_parallel_data(cfg, tmp_path / "run", reuse_vocab=True)
+    assert not (tmp_path / "run" / SPM_FILE).exists()
+
+
 def _pairs(src_lens, tgt_lens) -> Pairs:
     """Pairs whose token ids encode (pair number, position), so batches can be checked exactly."""
     src = [np.array([100 + 1000 * i + j for j in range(n)]) for i, n in enumerate(src_lens)]

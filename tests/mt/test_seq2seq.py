@@ -86,6 +86,47 @@ def test_cached_decoding_equals_full_forward_logits_and_routing():
         assert full_kept.sum(-1).min() < full_kept.sum(-1).max()  # tokens differ in experts: a real check
 
 
+def _per_token(kept_TE: torch.Tensor, real_BL: torch.Tensor) -> torch.Tensor:
+    """Routed (real) tokens' expert choices put back at their [B, L] places; zeros at padding."""
+    out_BLE = torch.zeros(*real_BL.shape, kept_TE.shape[-1], dtype=kept_TE.dtype)
+    out_BLE[real_BL] = kept_TE
+    return out_BLE
+
+
+def test_cache_reordered_like_beam_search_with_finished_rows_fed_padding():
+    """Beam search reorders the cache by a permutation with repeats and feeds PAD to finished
+    rows. Decode 4 tokens, reorder rows by ``perm``, then decode 4 more one at a time with
+    rows 1 and 3 finished (PAD) from the 2nd extra step: logits and experts of every real
+    token equal one full forward on the reordered prefixes."""
+    model = Seq2Seq(tiny_config(dec_moe_every=1)).eval()
+    sharpen_routers(model)
+    src, _ = random_batch(4, 6, 1)
+    first = torch.randint(FIRST_WORD, 40, (4, 4))
+    first[:, 0] = BOS
+    later = torch.randint(FIRST_WORD, 40, (4, 4))
+    later[[1, 3], 1:] = PAD
+    perm = torch.tensor([2, 0, 2, 1])  # row 2 twice, row 3 dropped: as beam search's index
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache = model.new_cache()
+        with record_routing(model) as inc_calls:
+            head = model.decode(first, memory, cache)[0]
+            cache.reorder(perm)
+            memory_perm = model.encode(src[perm])  # the memory of the reordered rows, computed afresh
+            tail = [model.decode(later[:, t:t + 1], memory_perm, cache)[0] for t in range(4)]
+        full_in = torch.cat([first[perm], later], dim=1)
+        with record_routing(model) as full_calls:
+            full, _ = model.decode(full_in, memory_perm)
+    real_BL = full_in != PAD
+    inc = torch.cat([head[perm], *tail], dim=1)
+    torch.testing.assert_close(inc[real_BL], full[real_BL], rtol=1e-5, atol=1e-5)
+    for i in (2, 3):  # the decoder's MoE layers
+        calls = inc_calls[i]
+        pieces = [_per_token(calls[0].kept_TE, first != PAD)[perm]]
+        pieces += [_per_token(c.kept_TE, later[:, t:t + 1] != PAD) for t, c in enumerate(calls[1:])]
+        assert torch.equal(torch.cat(pieces, dim=1), _per_token(full_calls[i][0].kept_TE, real_BL))
+
+
 def _naive_greedy(model: Seq2Seq, src_1S: torch.Tensor, max_words: int) -> list[int]:
     """Greedy decoding of one sentence by full forward passes, no cache, no batching; PAD and
     BOS are never produced."""
@@ -120,13 +161,33 @@ def test_greedy_equals_naive_loop_and_beam_one():
     assert model.beam_search(src, beam=1, max_len_a=0.0, max_len_b=12) == greedy
 
 
+def _alone(src_BS: torch.Tensor, b: int) -> torch.Tensor:
+    """Row ``b`` of a batch as a batch of one, without its padding."""
+    return src_BS[b:b + 1, : int((src_BS[b] != PAD).sum())]
+
+
 def test_batched_beam_search_equals_one_sentence_at_a_time():
+    """With the default length limit (1.5 x source length + 10), which differs between the
+    sentences of the batch: each sentence's limit is its own, not the padded width's."""
     model = _decoding_model()
     src, _ = random_batch(4, 6, 1)
-    batched = model.beam_search(src, beam=3, length_penalty=1.0, max_len_a=0.0, max_len_b=10)
-    alone = [model.beam_search(src[b:b + 1, : int((src[b] != PAD).sum())], beam=3, max_len_a=0.0, max_len_b=10)[0]
-             for b in range(4)]
+    batched = model.beam_search(src, beam=3, length_penalty=1.0)
+    alone = [model.beam_search(_alone(src, b), beam=3)[0] for b in range(4)]
     assert batched == alone
+    lengths = (src != PAD).sum(1).tolist()
+    # a sentence shorter than the batch width runs to its own limit (EOS excluded): a real check
+    assert any(n < 6 and len(hyp) == int(1.5 * n + 10) - 1 for n, hyp in zip(lengths, alone))
+
+
+def test_batched_greedy_equals_one_sentence_at_a_time():
+    """As above for greedy decoding, also against the naive loop with each sentence's limit."""
+    model = _decoding_model()
+    src, _ = random_batch(4, 6, 1)
+    batched = model.greedy(src)
+    limits = [int(1.5 * n + 10) for n in (src != PAD).sum(1).tolist()]
+    for b, limit in enumerate(limits):
+        assert batched[b] == model.greedy(_alone(src, b))[0] == _naive_greedy(model, _alone(src, b), limit - 1)
+    assert any(limit < limits[0] and len(hyp) == limit - 1 for limit, hyp in zip(limits, batched))
 
 
 def test_beam_search_keeps_the_best_scored_hypothesis():
@@ -151,6 +212,23 @@ def test_beam_search_keeps_the_best_scored_hypothesis():
         assert logp(best) / (len(best) + 1) ** alpha == pytest.approx(scores[-1], abs=1e-6)
         answers.append(best)
     assert len({len(a) for a in answers}) > 1  # the length penalty changes the answer here
+
+
+def test_a_source_row_without_real_tokens_is_an_error():
+    model = Seq2Seq(tiny_config()).eval()
+    src = torch.tensor([[5, 6, EOS], [PAD, PAD, PAD]])
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.encode(src)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam_search"])
+def test_decoding_refuses_training_mode_and_leaves_it(search):
+    """As decode with a cache: decoding needs eval mode, and the mode is the caller's."""
+    model = Seq2Seq(tiny_config())
+    src, _ = random_batch(2, 3, 1)
+    with pytest.raises(ValueError, match="eval"):
+        getattr(model, search)(src)
+    assert model.training
 
 
 def test_cache_refused_in_training_mode():

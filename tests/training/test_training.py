@@ -279,3 +279,28 @@ def test_bad_device_and_flag_without_value_are_clear():
         resolve_device("gpu")
     with pytest.raises(ValueError, match="has no value"):
         parse_overrides(["--train.compile", "--train.lr=1"])
+
+
+def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
+    """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
+    warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""
+    from xmoe.training.optim import lr_at
+
+    fixed = TrainConfig(lr=1e-3, max_steps=1000, schedule="inverse_sqrt", warmup_fraction=0.1, warmup_steps=512)
+    for step, lr in ((0, 1e-3 / 512), (255, 5e-4), (511, 1e-3), (2047, 5e-4), (8191, 2.5e-4)):
+        assert lr_at(step, fixed) == pytest.approx(lr, rel=1e-12), step
+    fraction = TrainConfig(lr=1e-3, max_steps=1000, schedule="inverse_sqrt", warmup_fraction=0.1)
+    for step, lr in ((0, 1e-5), (99, 1e-3), (399, 5e-4)):  # 100 warm-up steps
+        assert lr_at(step, fraction) == pytest.approx(lr, rel=1e-12), step
+    none = TrainConfig(lr=1e-3, max_steps=1000, schedule="inverse_sqrt", warmup_steps=0)
+    assert (lr_at(0, none), lr_at(3, none)) == pytest.approx((1e-3, 5e-4), rel=1e-12)
+    cosine = TrainConfig(lr=1e-3, max_steps=100, min_lr_ratio=0.0, warmup_steps=20)
+    assert (lr_at(9, cosine), lr_at(60, cosine)) == pytest.approx((5e-4, 5e-4), rel=1e-12)  # mid-decay at 60
+    assert TrainConfig().warmup_steps is None  # the LM recipe keeps its 10% warm-up
+    assert apply_overrides(fixed, {"warmup_steps": "none"}).warmup_steps is None
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_bad_warmup_steps_is_a_clear_error(value):
+    with pytest.raises(ValueError, match="train.warmup_steps"):
+        TrainConfig(warmup_steps=value)

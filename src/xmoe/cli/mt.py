@@ -106,7 +106,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
     from xmoe.training.mt import translate
 
     loaded, decode = _load(args)
-    lines = [line.rstrip("\n") for line in sys.stdin]
+    lines = [line.rstrip("\r\n") for line in sys.stdin]  # Unix or Windows line ends
     for hyp in translate(loaded, lines, decode=decode):
         print(hyp)
 

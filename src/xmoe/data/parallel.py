@@ -279,7 +279,7 @@ class ParallelData:
 def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *,
                           reuse_vocab: bool = False) -> ParallelData:
     """Read and split the pairs, train the joint vocabulary on the training pairs (or, with
-    ``reuse_vocab``, load RUN/spm.model when it exists: a resume), encode and filter."""
+    ``reuse_vocab``, load RUN/spm.model, which must exist: a resume), encode and filter."""
     if cfg.src is None or cfg.tgt is None:
         raise ValueError("data.src and data.tgt are required: the parallel training files (--src, --tgt)")
     src, tgt = read_parallel(cfg.src, cfg.tgt)
@@ -296,7 +296,12 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
         src, valid_src = src[:-cfg.val_lines], src[-cfg.val_lines:]
         tgt, valid_ref = tgt[:-cfg.val_lines], tgt[-cfg.val_lines:]
     run_dir = Path(run_dir)
-    if reuse_vocab and (run_dir / SPM_FILE).is_file():
+    if reuse_vocab:
+        if not (run_dir / SPM_FILE).is_file():
+            raise FileNotFoundError(
+                f"--resume needs the vocabulary the run was trained with, {run_dir / SPM_FILE}, and it is "
+                f"missing; restore it (a new vocabulary would renumber the pieces), or start a new run with --out"
+            )
         vocab = load_subword_vocab(run_dir)
     else:
         vocab = train_subword_vocab(src + tgt, run_dir, cfg.vocab_size)

@@ -316,8 +316,14 @@ class Seq2Seq(nn.Module):
         return self.drop(x_BLD)
 
     def encode(self, src_BS: Tensor) -> Memory:
-        """Encode right-padded source ids [B, S]; every row needs at least one real token."""
+        """Encode right-padded source ids [B, S]; every row needs at least one real token (its
+        cross-attention would otherwise have no key to attend to)."""
         nonpad_BS = src_BS != self.cfg.pad_id
+        if not bool(nonpad_BS.any(dim=1).all()):
+            raise ValueError(
+                "Seq2Seq.encode: every source row needs at least one real token (not PAD), e.g. the "
+                "EOS that data.parallel.collate appends; drop or fill the empty rows"
+            )
         attn_mask_B11S = nonpad_BS[:, None, None, :]
         x_BSD = self._embed(src_BS, 0)
         moe_outputs = []
@@ -366,24 +372,37 @@ class Seq2Seq(nn.Module):
     # --- decoding ------------------------------------------------------------------------------
 
     def max_output_len(self, src_len: int, max_len_a: float, max_len_b: int) -> int:
-        """Most tokens to generate (EOS included) for a source of ``src_len`` positions."""
+        """Most tokens to generate (EOS included) for a source of ``src_len`` real tokens."""
         return max(1, min(int(max_len_a * src_len + max_len_b), self.cfg.max_len - 1))
 
-    def _allowed(self, logits_BV: Tensor, last: bool) -> Tensor:
-        """PAD and BOS are never produced; at the length limit only EOS is (as fairseq). Works
-        on logits or log-probabilities."""
+    def output_limits(self, src_BS: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+        """[B] ``max_output_len`` of each row from its own number of real tokens, so that a
+        sentence's translation does not depend on the padded width of its batch."""
+        lengths = (src_BS != self.cfg.pad_id).sum(dim=1).tolist()
+        return torch.tensor([self.max_output_len(n, max_len_a, max_len_b) for n in lengths], device=src_BS.device)
+
+    def _allowed(self, logits_BV: Tensor, last_B: Tensor) -> Tensor:
+        """PAD and BOS are never produced; in rows at their length limit (``last_B``) only EOS
+        is (as fairseq). Works on logits or log-probabilities."""
         cfg = self.cfg
-        if last:
-            eos_BV = torch.zeros_like(logits_BV, dtype=torch.bool)
-            eos_BV[:, cfg.eos_id] = True
-            return logits_BV.masked_fill(~eos_BV, float("-inf"))
-        return logits_BV.index_fill(-1, torch.tensor([cfg.pad_id, cfg.bos_id], device=logits_BV.device), float("-inf"))
+        allowed_BV = torch.ones_like(logits_BV, dtype=torch.bool)
+        allowed_BV[:, [cfg.pad_id, cfg.bos_id]] = False
+        allowed_BV[last_B] = False
+        allowed_BV[:, cfg.eos_id] = True
+        return logits_BV.masked_fill(~allowed_BV, float("-inf"))
+
+    def _check_eval(self, search: str) -> None:
+        if self.training:
+            raise ValueError(
+                f"Seq2Seq.{search} needs eval mode; call model.eval() first (training capacity makes "
+                f"routing depend on the whole batch, and dropout would perturb the search)"
+            )
 
     @torch.no_grad()
     def greedy(self, src_BS: Tensor, *, max_len_a: float = 1.5, max_len_b: int = 10) -> list[list[int]]:
-        """Greedy decoding with the cache: the argmax token until EOS (forced at the length
-        limit); ids without BOS/EOS."""
-        self.eval()
+        """Greedy decoding with the cache (eval mode only): the argmax token until EOS, forced
+        at each row's length limit; ids without BOS/EOS."""
+        self._check_eval("greedy")
         cfg = self.cfg
         memory = self.encode(src_BS)
         B = src_BS.shape[0]
@@ -391,9 +410,9 @@ class Seq2Seq(nn.Module):
         out: list[list[int]] = [[] for _ in range(B)]
         done_B = torch.zeros(B, dtype=torch.bool, device=src_BS.device)
         prev_B1 = src_BS.new_full((B, 1), cfg.bos_id)
-        steps = self.max_output_len(src_BS.shape[1], max_len_a, max_len_b)
-        for step in range(steps):
-            logits_BV = self._allowed(self.decode(prev_B1, memory, cache)[0][:, -1].float(), step == steps - 1)
+        limit_B = self.output_limits(src_BS, max_len_a, max_len_b)
+        for step in range(int(limit_B.max())):
+            logits_BV = self._allowed(self.decode(prev_B1, memory, cache)[0][:, -1].float(), limit_B == step + 1)
             next_B = logits_BV.argmax(dim=-1)
             for b, (token, done) in enumerate(zip(next_B.tolist(), done_B.tolist())):
                 if not done and token != cfg.eos_id:
@@ -410,26 +429,28 @@ class Seq2Seq(nn.Module):
         """Batched beam search with the cache; the best hypothesis of each sentence, without
         BOS/EOS. A hypothesis ends at EOS and is scored ``sum log p / length ** length_penalty``
         (length counting EOS); a sentence is done once it has ``beam`` ended hypotheses, as in
-        fairseq. ``beam=1`` is greedy decoding."""
+        fairseq. ``beam=1`` is greedy decoding. Eval mode only; each sentence's length limit
+        comes from its own source length."""
         if not isinstance(beam, int) or beam < 1:
             raise ValueError(f"beam must be a positive integer, got {beam!r}")
-        self.eval()
+        self._check_eval("beam_search")
         B, K, V = src_BS.shape[0], beam, self.cfg.vocab_size
         rows = torch.arange(B, device=src_BS.device).repeat_interleave(K)
         memory = self.encode(src_BS).index_select(rows)
         search = _BeamState(B, K, self.cfg, length_penalty, src_BS.device)
         cache = self.new_cache()
-        steps = self.max_output_len(src_BS.shape[1], max_len_a, max_len_b)
-        for step in range(steps):
-            last = step == steps - 1
+        limit_B = self.output_limits(src_BS, max_len_a, max_len_b)
+        for step in range(int(limit_B.max())):
+            last_B = limit_B == step + 1
             logits_BKV = self.decode(search.last_tokens(), memory, cache)[0][:, -1].float()
             # masked after the softmax: a forced EOS keeps its own probability, as in fairseq
-            logp_BKV = self._allowed(logits_BKV.log_softmax(dim=-1), last).view(B, K, V)
-            index_BK = search.step(logp_BKV, last=last)
+            logp_BKV = self._allowed(logits_BKV.log_softmax(dim=-1), last_B.repeat_interleave(K)).view(B, K, V)
+            index_BK = search.step(logp_BKV, last_B=last_B.tolist())
             if search.all_done:
                 break
+            # index_BK only moves rows within a sentence's K rows, whose memory is the same
+            # sentence's: the memory needs no reorder; the cache's self-attention keys do.
             cache.reorder(index_BK)
-            memory = memory.index_select(index_BK)
         return search.best()
 
 
@@ -458,9 +479,10 @@ class _BeamState:
                for b in range(self.B) for hyp in self.tokens[b]]
         return torch.tensor(ids, device=self.device)[:, None]
 
-    def step(self, logp_BKV: Tensor, *, last: bool) -> Tensor:
+    def step(self, logp_BKV: Tensor, *, last_B: list[bool]) -> Tensor:
         """Extend every sentence by its 2K best (hypothesis, token) candidates; the flat row
-        index [B * K] each new hypothesis continues from."""
+        index [B * K] each new hypothesis continues from (always one of the same sentence's K
+        rows). A sentence at its length limit (``last_B``) is done after this step."""
         B, K, V = logp_BKV.shape
         cand_BKV = self.scores_BK[:, :, None] + logp_BKV
         top_scores, top_index = cand_BKV.view(B, K * V).topk(min(2 * K, K * V), dim=-1)
@@ -479,7 +501,7 @@ class _BeamState:
                         self._end(b, score, self.tokens[b][k])
                 elif len(live) < K:
                     live.append((score, k, token))
-            if len(self.ended[b]) >= K or last or not live:
+            if len(self.ended[b]) >= K or last_B[b] or not live:
                 self.done[b] = True
                 continue
             while len(live) < K:  # fewer live candidates than beams (tiny vocabularies): dead beams

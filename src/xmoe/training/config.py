@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio (paper: 4.5e-4 -> 4.5e-6)
     warmup_fraction: float = 0.1  # of max_steps (paper: 10%)
+    warmup_steps: int | None = None  # fixed warm-up steps; overrides warmup_fraction when set (MT: 512)
     schedule: str = "cosine"
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1  # not applied to norms, biases, embeddings
@@ -64,6 +65,9 @@ class TrainConfig:
             raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+        w = self.warmup_steps
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
+            raise ValueError(f"train.warmup_steps must be an integer >= 0 or None (use warmup_fraction), got {w!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:

@@ -4,8 +4,8 @@ wires up (train, load, translate, evaluate).
 
 Recipe (XMoE, Yang et al. 2024, Sec. 4; docs/xmoe.md "Machine translation"): label-smoothed
 cross entropy (0.1; Szegedy et al. 2016) over real target tokens, Adam (0.9, 0.98), inverse
-square-root schedule after a linear warm-up, dropout in the model config, and
-``+ aux_loss_coef * sum of the MoE balancing losses`` (0.01). BLEU (Papineni et al. 2002) and
+square-root schedule after a linear warm-up (512 steps at base size), dropout in the model
+config, and ``+ aux_loss_coef * sum of the MoE balancing losses`` (0.01). BLEU (Papineni et al. 2002) and
 chrF++ (Popović 2017; ``CHRF(word_order=2)``) are sacreBLEU's (Post 2018), reported with their
 signatures; nothing here re-implements them.
 """
@@ -91,8 +91,9 @@ class MTRunConfig:
 
 
 # Per model size: the recipe's optimizer settings and a batch and vocabulary that fit the size.
+# Base is the paper's (lr 5e-4, 512 fixed warm-up steps); smaller sizes warm up for 10% of their steps.
 _RECIPES = {
-    "base": dict(train=dict(lr=5e-4, max_steps=20000, save_every=1000, eval_every=1000),
+    "base": dict(train=dict(lr=5e-4, warmup_steps=512, max_steps=20000, save_every=1000, eval_every=1000),
                  data=dict(vocab_size=32000, max_len=256, max_tokens=4096)),
     "cpu": dict(train=dict(lr=1e-3, max_steps=2000, save_every=500, eval_every=500),
                 data=dict(vocab_size=8000, max_len=128, max_tokens=2048)),
@@ -135,6 +136,12 @@ class MTTask:
         return int((batch[2] != PAD_ID).sum())
 
     def loss(self, model: Seq2Seq, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Any]]:
+        """The loss of one micro-batch: label-smoothed cross entropy averaged over *this
+        micro-batch's* real target tokens, plus the weighted MoE losses. The shared loop divides
+        it by ``grad_accum`` and sums, so with ``grad_accum > 1`` a step averages micro-batches
+        with equal weight, not tokens (fairseq instead normalises summed token losses by the
+        step's total token count). Kept on purpose: one rule for LM and MT in the loop, and
+        micro-batches are filled up to data.max_tokens, so their token counts are mostly close."""
         src_BS, tgt_in_BL, tgt_out_BL = batch
         out = model(src_BS, tgt_in_BL)
         ce = label_smoothed_loss(out.logits_BLV, tgt_out_BL, self.cfg.label_smoothing)

@@ -35,8 +35,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (0-based)."""
-    warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps)) if cfg.warmup_fraction > 0 else 0
+    """The learning rate of optimizer step ``step`` (0-based). Warm-up lasts ``warmup_steps``
+    when set (the translation recipe's 512), else ``warmup_fraction`` of ``max_steps``."""
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps)) if cfg.warmup_fraction > 0 else 0
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
