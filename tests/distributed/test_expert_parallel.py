@@ -9,7 +9,6 @@ and a plain training run with grad_accum = ranks (the same micro-batches per ste
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import dist_workers as workers
 from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
-from xmoe.training import TrainConfig, lm_run_config, load_checkpoint, load_lm, read_metrics, to_dict, train_lm
+from xmoe.training import TrainConfig, lm_run_config, load_lm, read_metrics, to_dict, train_lm
 
 WORLD = 2
 

@@ -8,7 +8,6 @@ XMoE's recipe (coefficient 0.01).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from xmoe.moe import RoutingStats
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import LMRunConfig, from_dict, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
+from .runs import begin_run, check_resumable, check_same_data
 
 
 class LMTask:
@@ -145,10 +145,6 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     return result
 
 
-# Fields a resume may change: they do not alter which batches come next or how steps update.
-RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
-
-
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
              progress: bool = True, parallel=None) -> TrainResult:
     """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop.
@@ -157,22 +153,15 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     rank 0 prepares the data first, the others then read what it wrote.
     """
     run_dir = Path(run_dir)
+    saved_state = begin_run(run_dir, resume=resume)
     if resume:
-        saved_state = _saved_state(run_dir)
         saved = from_dict(LMRunConfig, read_config(run_dir))
-        world_size = parallel.world_size if parallel is not None else 1
-        _check_resumable(saved, cfg, run_dir, saved_ranks=saved_state.get("world_size", 1), ranks=world_size)
-    elif (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
-        )
+        check_resumable(saved, cfg, run_dir, saved_state=saved_state,
+                        ranks=parallel.world_size if parallel is not None else 1)
     data = _prepare_once(cfg, run_dir, parallel)
-    if resume and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
-        raise ValueError(
-            f"--resume: the text behind data.path={cfg.data.path!r} changed since {run_dir} was "
-            f"trained (another file, or another Python version for the default corpus); resuming "
-            f"would train on other batches. Start a new run with --out"
-        )
+    check_same_data(saved_state, data.fingerprint, run_dir,
+                    f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
+                    f"for the default corpus)")
     # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
     # corpus can give fewer tokens).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
@@ -191,36 +180,6 @@ def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
     data = prepare_lm_data(cfg.data, run_dir) if parallel.is_main else None
     parallel.barrier()
     return data if data is not None else prepare_lm_data(cfg.data, run_dir)
-
-
-def _check_resumable(saved: LMRunConfig, cfg: LMRunConfig, run_dir: Path, *, saved_ranks: int = 1,
-                     ranks: int = 1) -> None:
-    """A resume must replay the same micro-batches per step: same config, and the same
-    grad_accum x ranks (a run may move between numbers of processes if it keeps that product)."""
-    saved_micro, micro = saved.train.grad_accum * saved_ranks, cfg.train.grad_accum * ranks
-    if saved_micro != micro:
-        hint = f"; with {ranks} rank(s) use --train.grad_accum={saved_micro // ranks}" if saved_micro % ranks == 0 else ""
-        raise ValueError(
-            f"--resume: {run_dir} took {saved_micro} micro-batches per step (train.grad_accum="
-            f"{saved.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
-            f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
-        )
-    changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
-               if f.name != "vocab_size" and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
-    changed += [f"data.{f.name}" for f in dataclasses.fields(cfg.data)
-                if getattr(saved.data, f.name) != getattr(cfg.data, f.name)]
-    changed += [f"train.{f.name}" for f in dataclasses.fields(cfg.train)
-                if f.name not in (*RESUMABLE_TRAIN_FIELDS, "grad_accum")
-                and getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
-    if changed:
-        raise ValueError(
-            f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
-            f"a resume may change only train.{', train.'.join(RESUMABLE_TRAIN_FIELDS)}"
-        )
-
-
-def _saved_state(run_dir: Path) -> dict:
-    return json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ signatures; nothing here re-implements them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,8 +39,9 @@ from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops
 
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import TrainConfig, apply_overrides, from_dict, to_dict
-from .lm import RESUMABLE_TRAIN_FIELDS, LayerSummary
+from .lm import LayerSummary
 from .loop import TrainResult, autocast_context, resolve_device, train
+from .runs import begin_run, check_resumable, check_same_data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,20 +259,12 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
              progress: bool = True) -> TrainResult:
     """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
     run_dir = Path(run_dir)
+    saved_state = begin_run(run_dir, resume=resume)
     if resume:
         saved = from_dict(MTRunConfig, read_config(run_dir))
-        _check_resumable(saved, cfg, run_dir)
-        saved_state = json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
-    elif (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
-        )
+        check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
     data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
-    if resume and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
-        raise ValueError(
-            f"--resume: the parallel files changed since {run_dir} was trained; resuming would "
-            f"train on other batches. Start a new run with --out"
-        )
+    check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
     vocab = data.vocab
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
@@ -282,30 +274,8 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
                  progress=progress, extra_state={"data_fingerprint": data.fingerprint})
 
 
-# Fields outside `train` that a resume may change: decoding and evaluation only.
-_RESUMABLE = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"eval_bleu_sentences"}
-
-
-def _check_resumable(saved: MTRunConfig, cfg: MTRunConfig, run_dir: Path) -> None:
-    old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-    changed = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and key not in _RESUMABLE
-                     and not key.startswith("decode.") and key not in ("model.vocab_size",))
-    if changed:
-        raise ValueError(
-            f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
-            f"a resume may change only decode.*, eval_bleu_sentences and {', '.join(sorted(_RESUMABLE - {'eval_bleu_sentences'}))}"
-        )
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+# Beyond the training fields every task may change on a resume: decoding and evaluation only.
+_ALSO_RESUMABLE = ("decode.", "eval_bleu_sentences")
 
 
 @dataclass(frozen=True)
