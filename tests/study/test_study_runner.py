@@ -91,7 +91,9 @@ def test_numbers_match_an_independent_recomputation(study):
         top_k_budget = 1 * moe.top_k * 2 * 2 * moe.model_dim * moe.expert_dim  # one MoE layer in debug
         assert row["moe_flops_ratio"] == pytest.approx(by_hand / top_k_budget, rel=1e-3)
     gran = {r["label"]: r for r in results["granularity"]["rows"]}
-    assert gran["xmoe-16x128-t0.9"]["perplexity"]["mean"] == results["runs"]["xmoe-16x128-t0.9-s0"]["perplexity"]
+    run = results["runs"]["xmoe-16x128-t0.9-s0"]
+    assert gran["xmoe-16x128-t0.9"]["perplexity"]["mean"] == run["perplexity"]
+    assert gran["xmoe-16x128-t0.9"]["capacity_perplexity"]["mean"] == run["capacity_eval"]["perplexity"]
 
 
 def test_training_speed_and_drops_come_from_the_run_folder(study):
@@ -156,3 +158,18 @@ def test_plan_names_match_the_run_folders(study, corpus):
     out, _, _ = study
     plan = plan_study("granularity", scale="debug", data=str(corpus), steps=STEPS)
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(r.name for r in plan.runs)
+
+
+def test_a_config_field_added_since_a_run_finished_takes_its_default(study, corpus, tmp_path):
+    out, _, _ = study
+    copy = tmp_path / "older"
+    shutil.copytree(out, copy)
+    path = copy / "runs/xmoe-8x256-t0.9-s0" / MEASUREMENTS
+    m = json.loads(path.read_text())
+    del m["config"]["train"]["z_loss_coef"]  # as if the run predates the field (default 0.0)
+    path.write_text(json.dumps(m))
+    run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=lambda s: None)
+    m["config"]["train"]["z_loss_coef"] = 0.5  # a real difference is still refused
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="holds a finished run with another config"):
+        run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=lambda s: None)

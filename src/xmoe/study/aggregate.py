@@ -13,7 +13,7 @@ import math
 from typing import Any, Sequence
 
 # Numbers averaged over seeds for every table row (missing keys, e.g. routing of a dense model, skip).
-SUMMARY_KEYS = ("perplexity", "experts_per_token", "moe_flops_per_token", "moe_flops_ratio",
+SUMMARY_KEYS = ("perplexity", "capacity_perplexity", "experts_per_token", "moe_flops_per_token", "moe_flops_ratio",
                 "train_tokens_per_s", "inference_tokens_per_s", "train_experts_per_token",
                 "train_dropped_token_fraction", "dropped_pairs_per_token", "train_seconds")
 
@@ -42,6 +42,7 @@ def flat(m: dict) -> dict:
     out = {k: m[k] for k in SUMMARY_KEYS if k in m}
     if "capacity_eval" in m:
         out["dropped_pairs_per_token"] = m["capacity_eval"]["dropped_pairs_per_token"]
+        out["capacity_perplexity"] = m["capacity_eval"]["perplexity"]
     return out
 
 

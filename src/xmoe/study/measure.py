@@ -39,6 +39,7 @@ from xmoe.training import (
     checkpoint_dir,
     eval_batches,
     evaluate_lm,
+    from_dict,
     load_lm,
     read_metrics,
     to_dict,
@@ -75,13 +76,21 @@ def planned_config(cfg: LMRunConfig) -> dict:
     return data
 
 
+def _same_config(saved: dict, cfg: LMRunConfig) -> bool:
+    """Whether a finished run's saved config is ``cfg``; fields added to the configs since it ran
+    take their defaults (rebuilding the saved config fills them in)."""
+    saved = json.loads(json.dumps(saved))
+    saved["model"]["vocab_size"] = cfg.model.vocab_size
+    return planned_config(from_dict(LMRunConfig, saved)) == planned_config(cfg)
+
+
 def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> dict:
     """Train (or resume) the run in ``run_dir``, measure it, write measurements.json; a run that
     already has one is only checked against ``cfg`` and read back."""
     run_dir = Path(run_dir)
     if is_finished(run_dir):
         done = read_json(run_dir / MEASUREMENTS)
-        if done["config"] != planned_config(cfg):
+        if not _same_config(done["config"], cfg):
             raise ValueError(
                 f"{run_dir} holds a finished run with another config than this study plans (other "
                 f"--steps, --scale or --data?); use another --out, or delete {run_dir}"

@@ -4,6 +4,8 @@ Cells read "mean ± std" over seeds (std: sample standard deviation), or a singl
 only one seed ran. MoE FLOPs are the experts' forward FLOPs per token summed over the MoE
 layers; the ratio compares them with the top-k budget of the same experts (one dense FFN's
 FLOPs per MoE layer), the quantity behind XMoE's "over 50% less computation" (Sec. 4).
+"val PPL" is dropless (how `xmoe eval` scores); "val PPL, train capacity" is the same
+evaluation with the training capacity factor, the regime the model was trained in.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def results_markdown(results: dict) -> str:
 
 
 def _main(main: dict) -> list[str]:
-    header = ["model", "params", "seeds", "val PPL", "experts/token per MoE layer", "MoE MFLOPs/token",
+    header = ["model", "params", "seeds", "val PPL", "val PPL, train capacity", "experts/token per MoE layer",
+              "MoE MFLOPs/token",
               "vs top-k FLOPs", "train experts/token", "dropped pairs/token (train capacity)",
               "train tok/s", "inference tok/s", "train s"]
     lines = [_row(header), _row(["---"] * len(header))]
     for r in main["rows"]:
         lines.append(_row([r["label"], f"{r['params'] / 1e6:.2f}M", str(r["n"]), _ms(r, "perplexity", ".2f"),
-                           _layers(r), _ms(r, "moe_flops_per_token", ".2f", 1e-6), _ms(r, "moe_flops_ratio", ".2f"),
+                           _ms(r, "capacity_perplexity", ".2f"), _layers(r), _ms(r, "moe_flops_per_token", ".2f", 1e-6), _ms(r, "moe_flops_ratio", ".2f"),
                            _ms(r, "train_experts_per_token", ".2f"), _ms(r, "dropped_pairs_per_token", ".3f"),
                            _ms(r, "train_tokens_per_s", ",.0f"), _ms(r, "inference_tokens_per_s", ",.0f"),
                            _ms(r, "train_seconds", ".0f")]))
@@ -69,11 +72,13 @@ def _pairs(main: dict) -> list[str]:
 
 
 def _threshold(train: dict, inference: dict) -> list[str]:
-    header = ["trained at t", "seeds", "val PPL", "experts/token per MoE layer", "vs top-k FLOPs",
+    header = ["trained at t", "seeds", "val PPL", "val PPL, train capacity", "experts/token per MoE layer",
+              "vs top-k FLOPs",
               "train experts/token", "train tokens that lost a pair", "inference tok/s"]
     lines = [_row(header), _row(["---"] * len(header))]
     for r in train["rows"]:
-        lines.append(_row([f"{r['threshold']:g}", str(r["n"]), _ms(r, "perplexity", ".2f"), _layers(r),
+        lines.append(_row([f"{r['threshold']:g}", str(r["n"]), _ms(r, "perplexity", ".2f"),
+                           _ms(r, "capacity_perplexity", ".2f"), _layers(r),
                            _ms(r, "moe_flops_ratio", ".2f"), _ms(r, "train_experts_per_token", ".2f"),
                            _ms(r, "train_dropped_token_fraction", ".3f"), _ms(r, "inference_tokens_per_s", ",.0f")]))
     header = ["evaluated at t", "models", "val PPL", "experts/token per MoE layer", "vs top-k FLOPs",
@@ -87,12 +92,13 @@ def _threshold(train: dict, inference: dict) -> list[str]:
 
 
 def _granularity(gran: dict) -> list[str]:
-    header = ["experts x width", "seeds", "val PPL", "experts/token per MoE layer", "MoE MFLOPs/token",
+    header = ["experts x width", "seeds", "val PPL", "val PPL, train capacity", "experts/token per MoE layer",
+              "MoE MFLOPs/token",
               "vs top-k FLOPs", "train tok/s", "inference tok/s"]
     lines = [_row(header), _row(["---"] * len(header))]
     for r in gran["rows"]:
         lines.append(_row([f"{r['num_experts']}x{r['expert_dim']}", str(r["n"]), _ms(r, "perplexity", ".2f"),
-                           _layers(r), _ms(r, "moe_flops_per_token", ".2f", 1e-6), _ms(r, "moe_flops_ratio", ".2f"),
+                           _ms(r, "capacity_perplexity", ".2f"), _layers(r), _ms(r, "moe_flops_per_token", ".2f", 1e-6), _ms(r, "moe_flops_ratio", ".2f"),
                            _ms(r, "train_tokens_per_s", ",.0f"), _ms(r, "inference_tokens_per_s", ",.0f")]))
     return ["## Granularity sweep (XMoE t = 0.9, equal total parameters)", ""] + lines + [""]
 
