@@ -304,3 +304,18 @@ def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
 def test_bad_warmup_steps_is_a_clear_error(value):
     with pytest.raises(ValueError, match="train.warmup_steps"):
         TrainConfig(warmup_steps=value)
+
+
+def test_demo_runs_end_to_end(corpus, tmp_path, monkeypatch, capsys):
+    """`xmoe demo` (the README's main job) at toy size: train, evaluate, sweep, report."""
+    from xmoe.cli import main as cli
+
+    monkeypatch.setattr(cli, "_DEMO_TRAIN", {
+        **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
+        "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
+    out = tmp_path / "demo"
+    cli.main(["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "experts per token" in printed
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "report" / "threshold_sweep.png").is_file()

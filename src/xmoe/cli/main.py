@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / "checkpoint").exists():
         raise FileExistsError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
-    train_args = argparse.Namespace(preset=args.preset, out=str(out), data=args.data, resume=False)
+    train_args = argparse.Namespace(preset=args.preset, out=str(out), data=args.data, resume=False, nproc=1, ep_size=1)
     cmd_train(train_args, overrides)
 
     from xmoe.training import eval_batches, load_lm
