@@ -113,8 +113,10 @@ PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
 
 @pytest.mark.parametrize("world, ep_size", [(2, 2), (2, 1), (4, 2)], ids=["ep2", "dp2", "dp2xep2"])
 def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size):
-    """Weights to 1e-5 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
-    gradients (attention key biases) into ~1e-6 moves; a real error moves weights by ~lr."""
+    """Weights to 1e-4 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
+    or tiny gradients (attention key biases, rare tokens' embeddings) into moves of up to ~2e-5
+    (the ranks sum a token's experts in another order than one process); a real error moves
+    weights by ~lr."""
     cfg = _config(corpus, tmp_path / "cache", grad_accum=1)
     two = tmp_path / "two"
     workers.spawn(workers.run_training, world, to_dict(cfg), str(two), ep_size, PROBE)
@@ -131,7 +133,7 @@ def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(co
 
     single, sharded = load_lm(one, device="cpu").model, load_lm(two, device="cpu").model
     for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
 
     # Saved by 2 ranks, loaded by one: the same logits as the 2 ranks' sharded model.
     with torch.no_grad():
@@ -155,7 +157,7 @@ def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpu
     train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), straight, resume=True, progress=False)
     resumed, reference = load_lm(two, device="cpu").model, load_lm(straight, device="cpu").model
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: name + m)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
 
 
 def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_the_experts(corpus, tmp_path):

@@ -18,6 +18,7 @@ import torch
 import moe_oracle as oracle
 from moe_testing import MARGIN, layer_params, make_layer, params64, run_oracle
 from xmoe.moe import BACKENDS, MoELayer
+from xmoe.moe.backends import fused
 
 T = 24  # tokens per case; the layers are D=8, E=8, F=16
 
@@ -182,6 +183,20 @@ def _setup(case: Case, backend: str):
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_layer_matches_oracle(case: Case, backend: str) -> None:
+    _check_against_oracle(case, backend)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fused_chunks_match_oracle(case: Case, rows: int, monkeypatch) -> None:
+    """The fused backend walks the experts in runs holding about CHUNK_BYTES of rows (at these
+    sizes, one run of all experts); tiny budgets give runs of one expert each, and runs of
+    several experts that end mid-batch."""
+    monkeypatch.setattr(fused, "CHUNK_BYTES", rows * 8 * 4)  # rows of D=8 fp32
+    _check_against_oracle(case, "fused")
+
+
+def _check_against_oracle(case: Case, backend: str) -> None:
     layer, x = _setup(case, backend)
     E = layer.cfg.num_experts
     P = params64(layer)

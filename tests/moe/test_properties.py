@@ -9,7 +9,10 @@ from hypothesis import strategies as st
 
 import moe_oracle as oracle
 from moe_testing import PROPERTY, make_layer, oracle_routing
+from unittest import mock
+
 from xmoe.moe import BACKENDS, apply_capacity, threshold_mask, topk_mask
+from xmoe.moe import router as router_module
 
 # A probability: mostly arbitrary, sometimes one of a few exact values so that ties happen.
 _weight = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.125, 0.25, 0.5]))
@@ -79,6 +82,7 @@ def test_capacity_keeps_highest_priority(probs: torch.Tensor, data) -> None:
         wanted_TE, order_TE = topk_mask(probs, data.draw(st.integers(1, E), label="k"))
     slots = data.draw(st.integers(1, T), label="slots")
     kept_TE = apply_capacity(probs, wanted_TE, order_TE, slots)
+    assert torch.equal(apply_capacity(probs, wanted_TE, None, slots), kept_TE)  # sorts by itself
 
     rows = probs.double().tolist()
     wanted = [[e for e in oracle.experts_by_rank(p) if wanted_TE[t, e]] for t, p in enumerate(rows)]
@@ -193,3 +197,24 @@ def test_dropless_layer_is_token_permutation_equivariant(seed: int, T: int, rule
     assert torch.equal(kept_perm, kept[perm])
     torch.testing.assert_close(out_perm.output, out.output[perm], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_perm.aux_loss, out.aux_loss)
+
+
+@PROPERTY
+@given(probs=prob_rows(max_tokens=12, max_experts=10), data=st.data())
+def test_router_fast_path_decides_like_the_sort(probs: torch.Tensor, data) -> None:
+    """The router's CPU path reads each token's top CANDIDATES + 1 experts instead of sorting
+    all of them; with few candidates, tokens land on both sides of its fallback (a prefix longer
+    than the candidates, ties), and every decision must equal the full stable sort's."""
+    T, E = probs.shape
+    peak = data.draw(st.sampled_from([1.0, 4.0]), label="peak")  # sharper rows: shorter prefixes
+    probs = probs.double().pow(peak).float()
+    probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, 1.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    candidates = data.draw(st.integers(1, 4), label="candidates")
+    threshold = data.draw(st.floats(0.05, 1.2), label="t")
+    k = data.draw(st.integers(1, E), label="k")
+    with mock.patch.object(router_module, "CANDIDATES", candidates):
+        fast_threshold, _ = router_module.wanted_pairs(probs, "threshold", threshold, k)
+        fast_topk, _ = router_module.wanted_pairs(probs, "topk", threshold, k)
+    assert torch.equal(fast_threshold, threshold_mask(probs, threshold)[0])
+    assert torch.equal(fast_topk, topk_mask(probs, k)[0])

@@ -70,11 +70,15 @@ def topk_mask(probs_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return _unsort(wanted_sorted.expand_as(order_TE), order_TE), order_TE
 
 
-def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor, slots: int | None) -> Tensor:
+def apply_capacity(
+    probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor | None, slots: int | None
+) -> Tensor:
     """Keep, for each expert, its ``slots`` wanted pairs of highest priority ``(K - r) + p``.
 
     K is the same for every pair of the call, so the order is: all first choices before any
     second choice, and within a rank, higher probability first. No position bias, no noise.
+    ``order_TE`` is each token's experts from most to least probable (the second result of
+    ``threshold_mask``/``topk_mask``); None sorts here, only if some expert overflows.
     """
     if slots is None or wanted_TE.shape[0] == 0:
         return wanted_TE
@@ -82,6 +86,8 @@ def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor, slots:
         # Nothing overflows, as is usual at the paper's gamma = 8. Reading the loads is free on
         # the CPU; on a GPU it would be a host sync, dearer than the sort it saves.
         return wanted_TE
+    if order_TE is None:
+        order_TE = probs_TE.sort(dim=-1, descending=True, stable=True).indices
     wide = _wide_dtype(probs_TE.device)  # p must not be rounded away next to an integer K - r
     max_wanted = wanted_TE.sum(dim=-1).max()
     ranks_TE = _ranks(order_TE)  # r: 0 for each token's most probable expert
@@ -90,6 +96,46 @@ def apply_capacity(probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor, slots:
     queue_ET = priority_TE.T.sort(dim=-1, descending=True, stable=True).indices
     position_TE = _ranks(queue_ET).T  # place of each token in its expert's queue
     return wanted_TE & (position_TE < slots)
+
+
+CANDIDATES = 8  # experts the CPU fast path examines per token before it falls back to a sort
+
+
+def wanted_pairs(probs_TE: Tensor, kind: str, threshold: float, k: int) -> tuple[Tensor, Tensor | None]:
+    """The router's wanted pairs, and the expert order when it was computed on the way.
+
+    The same decisions as ``threshold_mask``/``topk_mask``, exactly. On a CPU, sorting all E
+    probabilities of every token is the dearest step of routing (3 of the 6 ms at S1), so the
+    decision is read from each token's top ``CANDIDATES + 1`` experts instead. A token falls
+    back to the full stable sort when its top experts hold a tie (whose order ``topk`` leaves
+    undefined) that could change the decision, or, for the threshold rule, when its wanted
+    prefix does not end within the candidates. The fallback is a data-dependent branch (a host
+    sync), free on a CPU; elsewhere the sort runs, as it is cheap there.
+    """
+    if probs_TE.device.type != "cpu":
+        return threshold_mask(probs_TE, threshold) if kind == "threshold" else topk_mask(probs_TE, k)
+    E = probs_TE.shape[-1]
+    if kind == "threshold" and threshold >= 1.0:
+        return torch.ones_like(probs_TE, dtype=torch.bool), None
+    n = min(E, CANDIDATES if kind == "threshold" else k)  # candidates decided here
+    top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
+    if kind == "threshold":
+        acc = top_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))  # as threshold_mask sums
+        wanted_top = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1) < threshold
+        # Ties anywhere in the prefix could swap experts between wanted and not.
+        unsure = (top_p[:, 1:] == top_p[:, :-1]).any(dim=-1)
+        if n < E:
+            unsure |= wanted_top[:, n]  # the prefix goes on past the candidates
+    else:
+        wanted_top = (torch.arange(top_p.shape[-1], device=top_p.device) < n).expand_as(top_p)
+        # Only a tie across the k-th place changes the set.
+        unsure = top_p[:, n - 1] == top_p[:, n] if n < E else torch.zeros_like(top_p[:, 0], dtype=torch.bool)
+    wanted_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx[:, :n], wanted_top[:, :n])
+    rows = unsure.nonzero().squeeze(1)
+    if rows.numel():
+        slow = threshold_mask if kind == "threshold" else topk_mask
+        wanted_TE[rows] = slow(probs_TE[rows], threshold if kind == "threshold" else k)[0]
+    return wanted_TE, None
 
 
 class Router(nn.Module):
@@ -140,10 +186,7 @@ class Router(nn.Module):
             logits_TE = x_TD.float() @ self.weight.float().T
         probs_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
-            if self.kind == "threshold":
-                wanted_TE, order_TE = threshold_mask(probs_TE, self._threshold)
-            else:
-                wanted_TE, order_TE = topk_mask(probs_TE, self.top_k)
+            wanted_TE, order_TE = wanted_pairs(probs_TE, self.kind, self._threshold, self.top_k)
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
             kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots)

@@ -1,16 +1,24 @@
-"""The "fused" backend: gather -> expert MLP -> weighted scatter-add, one expert at a time.
+"""The "fused" backend: gather -> expert MLP -> weighted scatter-add, a few experts at a time.
 
-Forward and backward work on one expert's rows at a time (a few hundred rows: cache-sized), so
-no [N, D] gather, concatenation or product is ever materialised. On CPU that matters more than
-it seems: a fresh 40 MB buffer costs more in first-touch page faults than the copy into it (see
-benchmarks/README.md). Only what backward needs is stored: each pair's pre-activation [N, F]
-(and gate, for SwiGLU) and expert output [N, D], the latter for the gradient of the combine
-weights. The backward is written out by hand:
+Forward and backward walk the experts in chunks of consecutive experts holding about
+``CHUNK_BYTES`` of rows (a few experts at S1: cache-sized), with one gather and one scatter-add
+per chunk, so no [N, D] gather, product or expert output is ever materialised. On CPU that
+matters more than it seems: a fresh 40 MB buffer costs more in first-touch page faults than the
+copy into it (see benchmarks/README.md). The only tensors kept for backward are the
+pre-activations [N, F] (and the gate, for SwiGLU): memory grows with the kept pairs at the
+expert width, not the model width.
 
-    y = act(x W1 + b1) W2 + b2          out[t] += w * y
-    dw = <dout[t], y>                    dy = w * dout[t]
-    dW2 = h^T dy    db2 = sum dy         dh = dy W2^T      da = act'(a) * dh
-    dW1 = x^T da    db1 = sum da         dx[t] += da W1^T
+The combine weight is applied on the narrow side. For one pair (token t, expert e, weight w):
+
+    a = act(x W1 + b1)                   out[t] += (w a) W2 + w b2
+
+so the weighting multiplies an [n, F] activation instead of an [n, D] output, and the bias
+term ``sum_e w_te b2_e`` of all pairs is one small [T, E] x [E, D] product. The backward, by
+hand, with g = dout[t] and u = g W2^T:
+
+    dw  = <u, a> + <g, b2>               dW2 = (w a)^T g          db2 = sum_t w_te g_t
+    da  = w u     dup = act'(up) * da    dW1 = x^T dup            db1 = sum dup
+    dx[t] += dup W1^T
 
 Shapes: T tokens, D model dim, F expert dim, E experts, N kept pairs, n one expert's pairs.
 """
@@ -22,6 +30,8 @@ from torch import Tensor
 
 from ..activations import activate, activate_backward
 from .grouped import compute_dtype
+
+CHUNK_BYTES = 2 << 20  # rows gathered per chunk: ~2 MB of [rows, D], measured best at S1 on CPU
 
 
 def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
@@ -36,74 +46,101 @@ def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
     params = tuple(p.to(dtype) if p is not None else None for p in params)
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         return _FusedExperts.apply(
-            x_TD, plan.weight_N, plan.token_idx_N, plan.counts, experts.activation, needs_grad, *params
+            x_TD, plan.weight_N, plan.token_idx_N, plan.expert_idx_N, plan.counts, experts.activation,
+            needs_grad, *params,
         )
 
 
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weight_N, token_idx_N, counts, activation, save, w1, b1, w2, b2, w3, b3):
+    def forward(ctx, x_TD, weight_N, token_idx_N, expert_idx_N, counts, activation, save, w1, b1, w2, b2, w3, b3):
         num_pairs, (T, D), F_ = sum(counts), x_TD.shape, w1.shape[-1]
-        out_TD = x_TD.new_zeros(T, D, dtype=torch.float32)  # fp32: a token sums several experts
+        weight_TE = _dense_weights(weight_N, token_idx_N, expert_idx_N, T, len(counts)) if b2 is not None else None
+        # fp32: a token sums several experts. It starts as every pair's weighted output bias.
+        out_TD = weight_TE @ b2.float() if b2 is not None else x_TD.new_zeros(T, D, dtype=torch.float32)
         # Stored for backward only when a gradient is wanted; inference keeps per-expert scratch.
         up_NF = x_TD.new_empty(num_pairs, F_) if save else None
         gate_NF = x_TD.new_empty(num_pairs, F_) if save and w3 is not None else None
-        y_ND = x_TD.new_empty(num_pairs, D) if save else None
-        for e, rows in _spans(counts):
-            tokens = token_idx_N[rows]
-            x_nD = x_TD.index_select(0, tokens)
-            up = _linear(x_nD, w1[e], b1, e, out=up_NF[rows] if save else None)
-            gate = None
-            if w3 is not None:
-                gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if save else None)
-            y = _linear(activate(activation, up, gate), w2[e], b2, e, out=y_ND[rows] if save else None)
-            # Weighted in place, on a copy only when y is kept for backward.
-            out_TD.index_add_(0, tokens, y.to(torch.float32, copy=save).mul_(weight_N[rows, None]))
+        weight_N1 = weight_N.to(x_TD.dtype).unsqueeze(1)
+        for chunk, experts in _chunks(counts, _min_rows(x_TD)):
+            tokens = token_idx_N[chunk]
+            x_cD = x_TD.index_select(0, tokens)
+            y_cD = x_cD.new_empty(x_cD.shape)
+            for e, rows, local in experts:
+                x_nD = x_cD[local]
+                up = _linear(x_nD, w1[e], b1, e, out=up_NF[rows] if save else None)
+                gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if save else None) if w3 is not None else None
+                hidden = activate(activation, up, gate).mul_(weight_N1[rows])
+                torch.mm(hidden, w2[e], out=y_cD[local])
+            out_TD.index_add_(0, tokens, y_cD.float())
         if save:
-            ctx.save_for_backward(x_TD, weight_N, token_idx_N, up_NF, gate_NF, y_ND, w1, b1, w2, b2, w3, b3)
+            ctx.save_for_backward(
+                x_TD, weight_N, token_idx_N, expert_idx_N, weight_TE, up_NF, gate_NF, w1, b1, w2, b2, w3, b3
+            )
             ctx.counts, ctx.activation = counts, activation
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
-        x_TD, weight_N, token_idx_N, up_NF, gate_NF, y_ND, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
-        grad_TD = grad_TD.contiguous()
+        x_TD, weight_N, token_idx_N, expert_idx_N, weight_TE, up_NF, gate_NF, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
         need = ctx.needs_input_grad
+        need_x, need_weight = need[0], need[1]
+        g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = (need[7 + i] for i in range(6))
+        grad_TD = grad_TD.contiguous()
         # fp32, like the forward's combine: a token's input gradient sums several experts' parts.
-        g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need[0] else None
-        g_weight = torch.zeros_like(weight_N) if need[1] else None
+        g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need_x else None
+        g_weight = None
+        if need_weight:  # dw's bias part, <g, b2_e>, for all pairs at once
+            has_bias = b2 is not None
+            g_weight = (grad_TD @ b2.float().T)[token_idx_N, expert_idx_N] if has_bias else torch.zeros_like(weight_N)
+        g_b2 = (weight_TE.T @ grad_TD).to(b2.dtype) if g_b2 else None
         # Weight gradients are written expert by expert; only the idle experts' slices need
         # zeros (zero-filling whole buffers costs more than it seems: first-touch page faults).
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
-        g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = (
-            _weight_grad(p, idle) if p is not None and need[6 + i] else None
-            for i, p in enumerate((w1, b1, w2, b2, w3, b3))
+        g_w1, g_b1, g_w2, g_w3, g_b3 = (
+            _weight_grad(p, idle) if wanted else None
+            for wanted, p in ((g_w1, w1), (g_b1, b1), (g_w2, w2), (g_w3, w3), (g_b3, b3))
         )
-        for e, rows in _spans(ctx.counts):
-            tokens = token_idx_N[rows]
-            g_out = grad_TD.index_select(0, tokens)  # [n, D] fp32
-            y = y_ND[rows]
-            if g_weight is not None:
-                g_weight[rows] = (g_out * y.float()).sum(dim=-1)
-            g_y = (g_out * weight_N[rows, None]).to(y.dtype)
-            up, gate = up_NF[rows], gate_NF[rows] if gate_NF is not None else None
-            if g_w2 is not None:
-                torch.mm(activate(ctx.activation, up, gate).T, g_y, out=g_w2[e])
-            if g_b2 is not None:
-                torch.sum(g_y, dim=0, out=g_b2[e])
-            g_up, g_gate = activate_backward(ctx.activation, g_y @ w2[e].T, up, gate)
-            x_nD = x_TD.index_select(0, tokens) if g_w1 is not None or g_w3 is not None else None
-            for g_pre, w, g_w, g_b in ((g_up, w1, g_w1, g_b1), (g_gate, w3, g_w3, g_b3)):
-                if g_pre is None:
-                    continue
-                if g_w is not None:
-                    torch.mm(x_nD.T, g_pre, out=g_w[e])
-                if g_b is not None:
-                    torch.sum(g_pre, dim=0, out=g_b[e])
-                if g_x is not None:
-                    g_x.index_add_(0, tokens, (g_pre @ w[e].T).float())
+        dtype = x_TD.dtype
+        weight_N1 = weight_N.to(dtype).unsqueeze(1)
+        for chunk, experts in _chunks(ctx.counts, _min_rows(x_TD)):
+            tokens = token_idx_N[chunk]
+            g_cD = grad_TD.index_select(0, tokens).to(dtype)
+            x_cD = x_TD.index_select(0, tokens) if g_w1 is not None or g_w3 is not None else None
+            g_x_cD = x_TD.new_empty(g_cD.shape) if g_x is not None else None
+            for e, rows, local in experts:
+                g = g_cD[local]
+                up, gate = up_NF[rows], gate_NF[rows] if gate_NF is not None else None
+                hidden = activate(ctx.activation, up, gate)
+                g_hidden = g @ w2[e].T  # the gradient of the unweighted hidden activation
+                if g_weight is not None:
+                    g_weight[rows] += (g_hidden * hidden).sum(dim=-1, dtype=torch.float32)
+                if g_w2 is not None:
+                    torch.mm(hidden.mul_(weight_N1[rows]).T, g, out=g_w2[e])
+                g_up, g_gate = activate_backward(ctx.activation, g_hidden.mul_(weight_N1[rows]), up, gate)
+                first = True
+                for g_pre, w, g_w, g_b in ((g_up, w1, g_w1, g_b1), (g_gate, w3, g_w3, g_b3)):
+                    if g_pre is None:
+                        continue
+                    if g_w is not None:
+                        torch.mm(x_cD[local].T, g_pre, out=g_w[e])
+                    if g_b is not None:
+                        torch.sum(g_pre, dim=0, out=g_b[e])
+                    if g_x_cD is not None:
+                        if first:
+                            torch.mm(g_pre, w[e].T, out=g_x_cD[local])
+                        else:
+                            g_x_cD[local].addmm_(g_pre, w[e].T)
+                    first = False
+            if g_x is not None:
+                g_x.index_add_(0, tokens, g_x_cD.float())
         g_x = g_x.to(x_TD.dtype) if g_x is not None else None
-        return g_x, g_weight, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
+        return g_x, g_weight, None, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
+
+
+def _dense_weights(weight_N: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, T: int, E: int) -> Tensor:
+    """The pairs' combine weights as a dense fp32 [T, E] matrix (0 where no pair)."""
+    return weight_N.new_zeros(T, E, dtype=torch.float32).index_put_((token_idx_N, expert_idx_N), weight_N.float())
 
 
 def _weight_grad(param: Tensor, idle: list[int]) -> Tensor:
@@ -112,13 +149,25 @@ def _weight_grad(param: Tensor, idle: list[int]) -> Tensor:
     return grad
 
 
-def _spans(counts: tuple[int, ...]):
-    """(expert, slice of its pairs) for every expert that has pairs."""
-    start = 0
+def _min_rows(x_TD: Tensor) -> int:
+    return max(1, CHUNK_BYTES // max(1, x_TD.shape[1] * x_TD.element_size()))
+
+
+def _chunks(counts: tuple[int, ...], min_rows: int):
+    """Runs of consecutive experts with at least ``min_rows`` pairs between them (the last run
+    may have fewer): ``(slice of the run's pairs, [(expert, slice of its pairs, slice of its
+    rows inside the run)])``, idle experts left out."""
+    start = stop = 0
+    members: list[tuple[int, slice, slice]] = []
     for e, n in enumerate(counts):
         if n:
-            yield e, slice(start, start + n)
-        start += n
+            members.append((e, slice(stop, stop + n), slice(stop - start, stop - start + n)))
+        stop += n
+        if stop - start >= min_rows:
+            yield slice(start, stop), members
+            start, members = stop, []
+    if members:
+        yield slice(start, stop), members
 
 
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None, e: int, out: Tensor | None) -> Tensor:
