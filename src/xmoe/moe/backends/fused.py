@@ -83,23 +83,20 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TD):
         x_TD, weight_N, token_idx_N, expert_idx_N, weight_TE, up_NF, gate_NF, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x, need_weight = need[0], need[1]
-        g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = (need[7 + i] for i in range(6))
+        need_x, need_weight, *_, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
         grad_TD = grad_TD.contiguous()
         # fp32, like the forward's combine: a token's input gradient sums several experts' parts.
         g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need_x else None
         g_weight = None
-        if need_weight:  # dw's bias part, <g, b2_e>, for all pairs at once
-            has_bias = b2 is not None
-            g_weight = (grad_TD @ b2.float().T)[token_idx_N, expert_idx_N] if has_bias else torch.zeros_like(weight_N)
-        g_b2 = (weight_TE.T @ grad_TD).to(b2.dtype) if g_b2 else None
+        if need_weight:  # starts as dw's bias part, <g, b2_e>, for all pairs at once
+            g_weight = (grad_TD @ b2.float().T)[token_idx_N, expert_idx_N] if b2 is not None else torch.zeros_like(weight_N)
+        g_b2 = (weight_TE.T @ grad_TD).to(b2.dtype) if need_b2 else None
         # Weight gradients are written expert by expert; only the idle experts' slices need
         # zeros (zero-filling whole buffers costs more than it seems: first-touch page faults).
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
         g_w1, g_b1, g_w2, g_w3, g_b3 = (
             _weight_grad(p, idle) if wanted else None
-            for wanted, p in ((g_w1, w1), (g_b1, b1), (g_w2, w2), (g_w3, w3), (g_b3, b3))
+            for wanted, p in ((need_w1, w1), (need_b1, b1), (need_w2, w2), (need_w3, w3), (need_b3, b3))
         )
         dtype = x_TD.dtype
         weight_N1 = weight_N.to(dtype).unsqueeze(1)
@@ -118,20 +115,15 @@ class _FusedExperts(torch.autograd.Function):
                 if g_w2 is not None:
                     torch.mm(hidden.mul_(weight_N1[rows]).T, g, out=g_w2[e])
                 g_up, g_gate = activate_backward(ctx.activation, g_hidden.mul_(weight_N1[rows]), up, gate)
-                first = True
-                for g_pre, w, g_w, g_b in ((g_up, w1, g_w1, g_b1), (g_gate, w3, g_w3, g_b3)):
-                    if g_pre is None:
-                        continue
-                    if g_w is not None:
+                for g_pre, g_w, g_b in ((g_up, g_w1, g_b1), (g_gate, g_w3, g_b3)):
+                    if g_pre is not None and g_w is not None:
                         torch.mm(x_cD[local].T, g_pre, out=g_w[e])
-                    if g_b is not None:
+                    if g_pre is not None and g_b is not None:
                         torch.sum(g_pre, dim=0, out=g_b[e])
-                    if g_x_cD is not None:
-                        if first:
-                            torch.mm(g_pre, w[e].T, out=g_x_cD[local])
-                        else:
-                            g_x_cD[local].addmm_(g_pre, w[e].T)
-                    first = False
+                if g_x_cD is not None:
+                    g_x_nD = torch.mm(g_up, w1[e].T, out=g_x_cD[local])
+                    if g_gate is not None:
+                        g_x_nD.addmm_(g_gate, w3[e].T)
             if g_x is not None:
                 g_x.index_add_(0, tokens, g_x_cD.float())
         g_x = g_x.to(x_TD.dtype) if g_x is not None else None

@@ -1,0 +1,68 @@
+"""The layer benchmark's baselines compute what they claim, and the script runs end to end.
+
+A baseline that computed something else (or less) would make every ratio in
+benchmarks/README.md meaningless, so the ones that implement the layer's function are held to
+the layer, and the two GEMM-only ones to the kept pairs' row counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from xmoe.bench import layer as bench
+
+TINY = bench.Shape("tiny", tokens=96, model_dim=16, expert_dim=8, num_experts=8, top_k=2)
+
+
+def _candidates():
+    x = torch.randn(TINY.tokens, TINY.model_dim, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    candidates, ref = bench.make_candidates(TINY, x, target_k=2.5, seed=0, backends=["loop", "fused"])
+    return candidates, ref, x
+
+
+def test_baselines_compute_the_layers_function() -> None:
+    candidates, ref, x = _candidates()
+    with torch.no_grad():
+        decision = ref.route(x)
+        expected = ref(x).output
+        # An independent float64 loop over the kept pairs: sum_e w_te FFN_e(x_t).
+        ex = {k: v.double() for k, v in ref.experts.state_dict().items()}
+        by_hand = torch.zeros_like(expected, dtype=torch.float64)
+        for t, e in decision.kept_TE.nonzero().tolist():
+            hidden = torch.nn.functional.gelu(x[t].double() @ ex["w1"][e] + ex["b1"][e])
+            by_hand[t] += decision.weights_TE[t, e].double() * (hidden @ ex["w2"][e] + ex["b2"][e])
+    assert 1.5 < decision.kept_TE.sum(-1).float().mean() < 3.5  # the router was calibrated
+    torch.testing.assert_close(expected.double(), by_hand, rtol=1e-5, atol=1e-6)
+    for name in ("xmoe[loop]", "xmoe[fused]", "C slots", "mask loop"):
+        with torch.no_grad():
+            out = candidates[name][0]()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_gemm_baselines_do_the_kept_pairs_work() -> None:
+    candidates, ref, x = _candidates()
+    with torch.no_grad():
+        counts = ref.route(x).kept_TE.sum(0).tolist()
+        limit = candidates["speed limit"][0]()
+        parts = candidates["expert GEMMs"][0]()
+    assert limit.shape == (sum(counts), TINY.model_dim)
+    assert [p.shape[0] for p in parts] == [n for n in counts if n]
+
+
+def test_script_prints_a_table(capsys) -> None:
+    rows = bench.run(bench_args(["--shapes", "small", "--repeats", "1", "--backends", "fused"]))
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["best_backend"] == "fused"
+        assert set(r["ms"]) == {"xmoe[fused]", "speed limit", "expert GEMMs", "C slots", "mask loop", "top-8"}
+        assert all(ms > 0 for ms in r["ms"].values())
+    table = capsys.readouterr().out
+    assert "| small T=1024 D=256 F=128 E=32 | fwd+bwd |" in table and "expert-GEMM fraction" in table
+
+
+def bench_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
