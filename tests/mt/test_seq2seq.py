@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from mt_helpers import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
+from xmoe.cli.main import main
 from xmoe.models.seq2seq import (
     MT_PRESETS,
     Seq2Seq,
     Seq2SeqConfig,
     get_mt_preset,
+    list_mt_presets,
     moe_flops_budget,
     num_params,
     sinusoidal_positions,
@@ -277,3 +279,15 @@ def test_presets_follow_the_paper():
         assert num_params(Seq2Seq(top2)) == num_params(Seq2Seq(xmoe))
     assert moe_flops_budget(xmoe) == 3 * 2 * (2 * 512 * 2048)
     assert all(name in MT_PRESETS for name in ("cpu-xmoe-32x512", "cpu-top2-32x512", "debug-dense"))
+
+
+def test_presets_are_listed_with_their_real_sizes(capsys):
+    rows = {row.name: row for row in list_mt_presets()}
+    assert list(rows) == list(MT_PRESETS)
+    for name in ("debug-dense", "debug-xmoe-16x64", "cpu-switch-16x1024"):  # built for real here
+        assert rows[name].params == sum(p.numel() for p in Seq2Seq(get_mt_preset(name)).parameters())
+    assert rows["base-xmoe-64x1024"].experts == "64x1024 t=0.9 in encoder layers 2, 4, 6"
+    assert rows["base-dense"].experts == "dense" and rows["base-dense"].moe_flops_per_token == 0
+    main(["presets"])
+    out = capsys.readouterr().out
+    assert "| gpt2-xmoe-64x384 |" in out and "| base-top2-64x1024 | 6+6 d512 | 64x1024 top-2 in encoder" in out

@@ -596,3 +596,32 @@ def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
     if name not in MT_PRESETS:
         raise ValueError(f"unknown translation preset {name!r}; choose one of {', '.join(MT_PRESETS)}")
     return MT_PRESETS[name]() if vocab_size is None else MT_PRESETS[name](vocab_size=vocab_size)
+
+
+@dataclass(frozen=True)
+class MTPresetRow:
+    name: str
+    layers: str  # e.g. "6+6 d512"
+    experts: str  # e.g. "dense", "64x1024 t=0.9 in encoder layers 2, 4, 6"
+    params: int  # at the preset's default vocabulary
+    moe_flops_per_token: float  # the top-k budget of moe_flops_budget; 0 if dense
+
+
+def list_mt_presets() -> list[MTPresetRow]:
+    """One row per translation preset, for ``xmoe presets``; counted on the meta device, so
+    the base presets' 200M+ parameters are never allocated."""
+    rows = []
+    for name in MT_PRESETS:
+        cfg = get_mt_preset(name)
+        with torch.device("meta"):
+            params = num_params(Seq2Seq(cfg))
+        experts = "dense"
+        if cfg.moe is not None:
+            rule = f"t={cfg.moe.threshold:g}" if cfg.moe.router == "threshold" else f"top-{cfg.moe.top_k}"
+            where = [f"{side} layers {', '.join(str(i + 1) for i in layers)}"
+                     for side, layers in (("encoder", cfg.enc_moe_layers), ("decoder", cfg.dec_moe_layers)) if layers]
+            experts = f"{cfg.moe.num_experts}x{cfg.moe.expert_dim} {rule} in {'; '.join(where)}"
+        layers = f"{cfg.n_enc_layer}+{cfg.n_dec_layer} d{cfg.d_model}"
+        rows.append(MTPresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
+    return rows
+
