@@ -11,7 +11,7 @@ import torch
 
 import moe_oracle as oracle
 from moe_testing import make_layer, params64, run_oracle
-from xmoe.moe import BACKENDS, load_balancing_loss, router_z_loss
+from xmoe.moe import BACKENDS, RoutingSummary, load_balancing_loss, router_z_loss
 
 
 @pytest.mark.parametrize("rule", ["threshold", "topk"])
@@ -114,3 +114,35 @@ def test_stats_worked_example() -> None:
     d = stats.to_dict()
     assert d["tokens_per_expert"] == [4, 0, 0, 0, 0, 0, 0, 0] and d["capacity"] == 4
     json.dumps(d)
+
+
+def test_routing_summary_adds_calls_like_one_count_over_all_tokens() -> None:
+    """Summed over calls (with capacity dropping pairs, and an empty call), the summary equals
+    counts taken directly from each call's decision masks."""
+    layer = make_layer(seed=3, threshold=0.8, capacity_factor=1.0, min_capacity=1)
+    with torch.no_grad():
+        layer.router.weight.mul_(3.0)
+    summary = RoutingSummary()
+    kept_total = wanted_total = tokens = 0
+    histogram, per_expert = torch.zeros(9, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    for seed, num_tokens in ((1, 20), (2, 0), (3, 13)):
+        x = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            summary.add(layer(x).stats)
+            decision = layer.route(x)
+        kept_T = decision.kept_TE.sum(-1)
+        kept_total += int(kept_T.sum())
+        wanted_total += int(decision.wanted_TE.sum())
+        tokens += num_tokens
+        histogram += torch.bincount(kept_T, minlength=9)
+        per_expert += decision.kept_TE.sum(0)
+    d = summary.to_dict()
+    assert wanted_total > kept_total  # capacity dropped some pairs
+    assert summary.tokens == tokens == 33
+    assert d["experts_per_token"] == pytest.approx(kept_total / tokens)
+    assert d["wanted_per_token"] == pytest.approx(wanted_total / tokens)
+    assert d["dropped_pairs"] == wanted_total - kept_total
+    assert d["experts_histogram"] == histogram.tolist()
+    assert d["tokens_per_expert"] == per_expert.tolist()
+    assert all(0 < q <= 1 for q in d["top1_quartiles"])
+    assert RoutingSummary().to_dict()["experts_histogram"] == []  # nothing added: no crash

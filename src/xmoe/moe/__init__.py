@@ -12,7 +12,7 @@ from .experts import Experts
 from .layer import MoELayer, MoEOutput, set_threshold
 from .losses import load_balancing_loss, router_z_loss
 from .router import Router, RouterOutput, apply_capacity, threshold_mask, topk_mask
-from .stats import RoutingStats, routing_stats
+from .stats import RoutingStats, RoutingSummary, routing_stats
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +24,7 @@ __all__ = [
     "Router",
     "RouterOutput",
     "RoutingStats",
+    "RoutingSummary",
     "apply_capacity",
     "auto_backend",
     "capacity",

@@ -82,3 +82,48 @@ def count(values: Tensor, size: int) -> Tensor:
 def _mean(x: Tensor) -> Tensor:
     """Mean as fp32; 0 (not NaN) for an empty tensor."""
     return x.float().sum() / max(x.numel(), 1)
+
+
+@dataclass
+class RoutingSummary:
+    """One layer's routing statistics summed over many calls (an evaluation, a sweep): token-
+    weighted means, summed histograms and loads. ``add`` fetches each call's numbers to the
+    host (one sync per call)."""
+
+    tokens: int = 0
+    kept_pairs: float = 0.0
+    wanted_pairs: float = 0.0
+    dropped_pairs: int = 0
+    kept_histogram: Tensor | None = None
+    tokens_per_expert: Tensor | None = None
+    top1_quartiles_sum: Tensor | None = None
+
+    def add(self, s: RoutingStats) -> None:
+        n = s.num_tokens
+        if n == 0:  # nothing routed (its quartiles are NaN)
+            return
+        self.tokens += n
+        self.kept_pairs += float(s.kept_per_token) * n
+        self.wanted_pairs += float(s.wanted_per_token) * n
+        self.dropped_pairs += int(s.dropped_pairs)
+        hist, per_expert = s.kept_histogram.cpu(), s.tokens_per_expert.cpu()
+        self.kept_histogram = hist if self.kept_histogram is None else self.kept_histogram + hist
+        self.tokens_per_expert = per_expert if self.tokens_per_expert is None else self.tokens_per_expert + per_expert
+        q = s.top1_quartiles.cpu() * n
+        self.top1_quartiles_sum = q if self.top1_quartiles_sum is None else self.top1_quartiles_sum + q
+
+    def to_dict(self) -> dict:
+        n = max(self.tokens, 1)
+        return {
+            "experts_per_token": self.kept_pairs / n,
+            "wanted_per_token": self.wanted_pairs / n,
+            "dropped_pairs": self.dropped_pairs,
+            "experts_histogram": _list(self.kept_histogram),
+            "tokens_per_expert": _list(self.tokens_per_expert),
+            # The token-weighted mean of each call's quartiles (not the quartiles of all tokens).
+            "top1_quartiles": _list(self.top1_quartiles_sum / n if self.top1_quartiles_sum is not None else None),
+        }
+
+
+def _list(t: Tensor | None) -> list:
+    return t.tolist() if t is not None else []

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
-from xmoe.moe import RoutingStats
+from xmoe.moe import RoutingSummary
 
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import LMRunConfig, from_dict, to_dict
@@ -57,47 +57,10 @@ class LMTask:
 
 
 @dataclass
-class LayerSummary:
-    """Routing of one MoE layer summed over an evaluation."""
-
-    tokens: int = 0
-    kept_pairs: float = 0.0
-    wanted_pairs: float = 0.0
-    dropped_pairs: int = 0
-    kept_histogram: Tensor | None = None
-    tokens_per_expert: Tensor | None = None
-    top1_quartiles_sum: Tensor | None = None
-    calls: int = 0
-
-    def add(self, s: RoutingStats) -> None:
-        n = s.num_tokens
-        self.tokens += n
-        self.kept_pairs += float(s.kept_per_token) * n
-        self.wanted_pairs += float(s.wanted_per_token) * n
-        self.dropped_pairs += int(s.dropped_pairs)
-        hist, per_expert = s.kept_histogram.cpu(), s.tokens_per_expert.cpu()
-        self.kept_histogram = hist if self.kept_histogram is None else self.kept_histogram + hist
-        self.tokens_per_expert = per_expert if self.tokens_per_expert is None else self.tokens_per_expert + per_expert
-        q = s.top1_quartiles.cpu() * n
-        self.top1_quartiles_sum = q if self.top1_quartiles_sum is None else self.top1_quartiles_sum + q
-
-    def to_dict(self) -> dict:
-        n = max(self.tokens, 1)
-        return {
-            "experts_per_token": self.kept_pairs / n,
-            "wanted_per_token": self.wanted_pairs / n,
-            "dropped_pairs": self.dropped_pairs,
-            "experts_histogram": self.kept_histogram.tolist(),
-            "tokens_per_expert": self.tokens_per_expert.tolist(),
-            "top1_quartiles": (self.top1_quartiles_sum / n).tolist(),  # token-weighted mean of per-batch quartiles
-        }
-
-
-@dataclass
 class LMEval:
     loss: float
     tokens: int
-    layers: list[LayerSummary] = field(default_factory=list)
+    layers: list[RoutingSummary] = field(default_factory=list)
     moe_flops_per_token: float = 0.0
     topk_moe_flops_per_token: float = 0.0
 
@@ -133,7 +96,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         total_loss += float(out.loss) * n
         total_tokens += n
         if layers is None:
-            layers = [LayerSummary() for _ in out.stats]
+            layers = [RoutingSummary() for _ in out.stats]
         for layer, s in zip(layers, out.stats):
             layer.add(s)
     if total_tokens == 0:

@@ -36,10 +36,10 @@ from xmoe.data.parallel import (
     source_batches,
 )
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops_budget
+from xmoe.moe import RoutingSummary
 
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import TrainConfig, apply_overrides, from_dict, to_dict
-from .lm import LayerSummary
 from .loop import TrainResult, autocast_context, resolve_device, train
 from .runs import begin_run, check_resumable, check_same_data
 
@@ -182,7 +182,7 @@ def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: 
         raise ValueError("evaluation got no sentence pairs (all filtered as over-long?)")
     model.eval()
     device = next(model.parameters()).device
-    total, tokens, layers = 0.0, 0, [LayerSummary() for _ in model.moe_layers()]
+    total, tokens, layers = 0.0, 0, [RoutingSummary() for _ in model.moe_layers()]
     for _, batch in eval_batches(pairs, max_tokens):
         src_BS, tgt_in_BL, tgt_out_BL = (t.to(device) for t in batch)
         with autocast_context(device, precision):
@@ -197,7 +197,7 @@ def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: 
     return result
 
 
-def moe_summary(cfg: Seq2SeqConfig, layers: Sequence[LayerSummary]) -> dict[str, Any]:
+def moe_summary(cfg: Seq2SeqConfig, layers: Sequence[RoutingSummary]) -> dict[str, Any]:
     """Experts per token (mean over MoE layers) and MoE FLOPs against the top-k budget."""
     if cfg.moe is None or not layers:
         return {}

@@ -2,7 +2,7 @@
 plot and table of a threshold sweep (``xmoe report``, ``xmoe sweep-threshold``).
 
 What is drawn (MoE plots come from the last validation row, which holds the per-layer routing
-summary that ``lm.LayerSummary`` writes):
+summary that ``xmoe.moe.RoutingSummary`` writes):
 
     loss.png                              train and validation cross-entropy vs step
     experts_per_token.png                 share of tokens that used k experts, k = 0..E, per MoE layer
