@@ -89,11 +89,13 @@ def test_route_1_split_preset_trains_at_t_1_and_sweeps(runs, capsys):
     assert "| 1 | 8.00 | 1.000 |" in table  # every expert, the whole dense FFN's FLOPs, at t = 1
 
 
-def test_a_hugging_face_folder_is_pointed_to_the_python_api(tmp_path, capsys):
+def test_a_hugging_face_folder_takes_the_hugging_face_route(tmp_path, capsys):
+    """Recognised by its config.json (no transformers needed to say so); it brings no training
+    text, so calibration text is required (the route itself: test_conversion_hf_cli.py)."""
     folder = tmp_path / "hf-gpt2"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "convert_hf_folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "--data FILE" in capsys.readouterr().err and not (tmp_path / "out").exists()

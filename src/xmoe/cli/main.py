@@ -93,11 +93,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from xmoe.conversion.hf import is_converted_folder
     from xmoe.training import eval_batches
 
+    if is_converted_folder(args.checkpoint):
+        return _sweep_hf(args)
     loaded = _load(args)
     _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
            Path(args.out or Path(loaded.run_dir) / "report"))
+
+
+def _sweep_hf(args: argparse.Namespace) -> None:
+    """sweep-threshold on a Hugging Face model converted by `xmoe convert`."""
+    from xmoe.conversion import plot_sweeps, sweep_markdown
+    from xmoe.conversion.hf import sweep_converted
+    from xmoe.training.loop import resolve_device
+
+    if args.data is None:
+        raise ValueError(f"{args.checkpoint} is a converted Hugging Face model, which brings no evaluation text: "
+                         f"give held-out text with --data FILE")
+    if args.capacity:
+        raise ValueError("--capacity: a converted model has no training capacity (it is dropless)")
+    points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
+                             device=resolve_device(args.device))
+    print(sweep_markdown({Path(args.checkpoint).name: points}))
+    out = Path(args.out or Path(args.checkpoint) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_sweeps({Path(args.checkpoint).name: points}, out / "threshold_sweep.png")
+    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
 
 
 def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
@@ -172,9 +195,15 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.moe import MoELayer, set_threshold
     from xmoe.training import load_lm
 
+    if is_converted_folder(args.checkpoint) or is_hf_folder(args.checkpoint):
+        raise ValueError(
+            f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; evaluate a converted one "
+            f"with: xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
+        )
     loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
     if getattr(args, "threshold", None) is not None:
         if set_threshold(loaded.model, args.threshold) == 0:

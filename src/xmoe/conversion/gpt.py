@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,7 +30,7 @@ from xmoe.models.layers import FeedForward
 from xmoe.training import LoadedLM, checkpoint_dir, load_lm, save_checkpoint, to_dict
 
 from .ffn import DenseFFN, expert_config
-from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn
+from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
 from .partition import check_divides
 
 CONVERSION_FILE = "conversion.json"
@@ -88,14 +87,7 @@ def calibration_batch(loaded: LoadedLM, data: str | None, num_tokens: int) -> Te
         tokens = prepare_lm_data(loaded.cfg.data, loaded.run_dir).train_tokens
     else:
         tokens = load_eval_tokens(data, loaded.run_dir, cache_dir=loaded.cfg.data.cache_dir)
-    count = min(num_tokens, len(tokens)) // L
-    if count == 0:
-        raise ValueError(
-            f"the calibration text has {len(tokens)} tokens, fewer than one sequence of {L} "
-            f"(--calibration-tokens {num_tokens}); give more text with --data or more --calibration-tokens"
-        )
-    starts = np.linspace(0, len(tokens) - L, count).astype(np.int64)
-    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + L], dtype=np.int64) for s in starts]))
+    return even_windows(tokens, num_tokens, L)
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
@@ -113,8 +105,9 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     folder = Path(checkpoint)
     if (folder / "config.json").is_file() and not ((folder / "checkpoint").exists() or (folder / "state.json").exists()):
         raise ValueError(
-            f"{checkpoint} looks like a Hugging Face model folder, not an `xmoe train` run; convert it "
-            f"in Python with xmoe.conversion.hf.convert_hf_folder (pip install 'xmoe[hf]')"
+            f"{checkpoint} looks like a Hugging Face model folder, not an `xmoe train` run; convert it with "
+            f"`xmoe convert --checkpoint {checkpoint} --data TEXT ...` or xmoe.conversion.hf.convert_hf_checkpoint "
+            f"(pip install 'xmoe[hf]')"
         )
     loaded = load_lm(checkpoint, device=device)
     check_dense(loaded.model, cfg.num_experts, name=f"the checkpoint {checkpoint}")

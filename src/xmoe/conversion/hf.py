@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 from xmoe.moe import MoEConfig, MoELayer
 
 from .ffn import DenseFFN
-from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn
+from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
+from .sweep import SweepPoint, hf_logits, sweep
 
 CONVERSION_FILE = "xmoe_conversion.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -117,9 +119,10 @@ def convert_hf_folder(path: str | os.PathLike, calibration_BL: Tensor, cfg: Conv
     return model, convert_hf(model, calibration_BL, cfg)
 
 
-def save_converted(model: nn.Module, out: str | os.PathLike) -> Path:
+def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, extra: dict | None = None) -> Path:
     """Write a converted model to the new folder ``out``: its HF config, the weights
-    (safetensors) and where the converted FFNs sit with their MoE config."""
+    (safetensors), where the converted FFNs sit with their MoE config (plus ``extra``, e.g. the
+    conversion's reports), and the ``tokenizer`` if given. ``out`` appears complete or not at all."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -129,13 +132,16 @@ def save_converted(model: nn.Module, out: str | os.PathLike) -> Path:
     if not converted:
         raise ValueError("the model has no converted FFN; run convert_hf first")
     first = next(iter(converted.values()))
-    meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None}
+    meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None,
+            **(extra or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE))
         (tmp / CONVERSION_FILE).write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,6 +165,98 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
         _replace(model, name, ConvertedMLP(MoELayer(moe), bias))
     load_model(model, str(path / WEIGHTS_FILE))
     return model.eval()
+
+
+def is_converted_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONVERSION_FILE).is_file()
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A Hugging Face model folder (config.json), not an ``xmoe train`` run or a converted model."""
+    path = Path(path)
+    run_files = ("checkpoint", "state.json", CONVERSION_FILE)
+    return (path / "config.json").is_file() and not any((path / name).exists() for name in run_files)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in the local folder ``path`` (``tokenizer.save_pretrained``)."""
+    fix = f"save the model's tokenizer there with tokenizer.save_pretrained({str(path)!r})"
+    # Checked first: given only config.json, transformers may build an empty tokenizer silently.
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); {fix}")
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the tokenizer in {path} could not be loaded ({err}); {fix}") from err
+
+
+def text_tokens(tokenizer, data: str | os.PathLike) -> list[int]:
+    """The documents at ``data`` (a text file, a .jsonl file or a folder, as for training)
+    through ``tokenizer``, joined by its end-of-text token where it has one."""
+    from xmoe.data.corpus import load_corpus
+
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tokens: list[int] = []
+    for document in load_corpus(str(data)):
+        tokens += tokenizer(document, verbose=False)["input_ids"] + separator
+    return tokens
+
+
+def context_length(model: nn.Module, longest: int) -> int:
+    """``longest``, or less when the model's positions stop sooner."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return min(longest, limit) if limit else longest
+
+
+def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
+                          data: str | os.PathLike | None, calibration_tokens: int = 16384,
+                          seq_len: int = 256, device: str | torch.device = "cpu") -> tuple[Path, list[LayerReport]]:
+    """Convert the causal LM and tokenizer saved in ``folder`` and write the converted model,
+    with the tokenizer and the conversion's reports, to the new folder ``out``.
+
+    Calibration text is ``data`` through the model's own tokenizer, as windows of ``seq_len``
+    tokens (fewer if the model's context is shorter) spread over the text. Nothing is written
+    when an input is wrong.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
+    if data is None:
+        raise ValueError(
+            f"{folder} is a Hugging Face model, which brings no training text: give calibration text "
+            f"with --data FILE (a text file, .jsonl or folder; a few thousand tokens of text like the model's)"
+        )
+    if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
+        raise ValueError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder} is not a folder; give a local folder written by save_pretrained")
+    tokenizer = load_tokenizer(folder)
+    model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device)
+    calibration_BL = even_windows(text_tokens(tokenizer, data), calibration_tokens, context_length(model, seq_len))
+    reports = convert_hf(model, calibration_BL, cfg)
+    extra = {"converted_from": str(folder), "config": dataclasses.asdict(cfg), "calibration_data": str(data),
+             "calibration_tokens": int(calibration_BL.numel()), "layers": [dataclasses.asdict(r) for r in reports]}
+    return save_converted(model.cpu(), out, tokenizer=tokenizer, extra=extra), reports
+
+
+def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, thresholds: Sequence[float], *,
+                    max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
+                    device: str | torch.device = "cpu") -> list[SweepPoint]:
+    """Perplexity and engaged FFN FLOPs of the converted model in ``folder`` at each threshold,
+    on the text at ``data``: up to ``max_batches`` batches of ``batch_size`` windows of
+    ``seq_len`` tokens (fewer if the model's context is shorter), spread over the text."""
+    if not is_converted_folder(folder):
+        raise ValueError(f"{folder} holds no converted model ({CONVERSION_FILE} is missing); convert one first")
+    model = load_converted(folder).to(device)
+    tokens = text_tokens(load_tokenizer(folder), data)
+    L = context_length(model, seq_len) + 1  # inputs and their next tokens
+    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
+    batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
+    return sweep(model, batches, thresholds, hf_logits)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -100,3 +101,17 @@ def capture_inputs(modules: list[nn.Module], forward: Callable[[Tensor], object]
     if not seen or not seen[0]:
         raise ValueError("the calibration text gave no tokens; give more calibration text")
     return [torch.cat(chunks) for chunks in seen]
+
+
+def even_windows(tokens, num_tokens: int, seq_len: int, *, what: str = "the calibration text",
+                 asked: str = "--calibration-tokens") -> Tensor:
+    """``num_tokens`` tokens (rounded down to whole sequences of ``seq_len``) as [B, L] windows
+    spread evenly over the token sequence ``tokens`` (any 1-D sequence of ints). ``what`` and
+    ``asked`` (the option that sets ``num_tokens``) name things in the error."""
+    count = min(num_tokens, len(tokens)) // seq_len
+    if len(tokens) < seq_len:
+        raise ValueError(f"{what} has {len(tokens)} tokens, fewer than one sequence of {seq_len}; give more text with --data")
+    if count == 0:
+        raise ValueError(f"{asked} asks for {num_tokens} tokens, fewer than one sequence of {seq_len}; ask for more")
+    starts = np.linspace(0, len(tokens) - seq_len, count).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))

@@ -1,0 +1,102 @@
+"""`xmoe convert` and `xmoe sweep-threshold` on a Hugging Face model folder: a tiny GPT-2 and
+a byte-level BPE tokenizer made here (nothing is downloaded), converted end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+
+from xmoe.cli.main import main  # noqa: E402
+from xmoe.conversion.hf import ConvertedMLP, load_converted  # noqa: E402
+
+WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A GPT-2 folder as save_pretrained writes it, with its tokenizer, and a text file."""
+    root = tmp_path_factory.mktemp("hf")
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=gen)) for _ in range(300)]
+    text = root / "text.txt"
+    text.write_text("\n".join(lines))
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                  n_inner=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    folder = root / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, text, model
+
+
+def run(argv, capsys) -> str:
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_convert_then_sweep_a_hugging_face_folder(hf_folder, tmp_path, capsys):
+    folder, text, dense = hf_folder
+    out = tmp_path / "x4"
+    printed = run(["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(out),
+                   "--data", str(text), "--calibration-tokens", "512", "--device", "cpu"], capsys)
+    assert "2 FFNs split into 4 experts" in printed and "sweep-threshold" in printed
+
+    converted = load_converted(out)
+    assert sum(isinstance(m, ConvertedMLP) for m in converted.modules()) == 2
+    meta = json.loads((out / "xmoe_conversion.json").read_text())
+    assert meta["calibration_tokens"] == 512 and len(meta["layers"]) == 2  # 8 windows of the 64-token context
+    ids = torch.randint(len(WORDS), (2, 20))
+    with torch.no_grad():  # t = 1: every expert, the dense model exactly
+        torch.testing.assert_close(converted(input_ids=ids).logits, dense(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+    table = run(["sweep-threshold", "--checkpoint", str(out), "--data", str(text), "--thresholds", "0.3", "1.0",
+                 "--max-batches", "1", "--device", "cpu"], capsys)
+    rows = json.loads((out / "report" / "threshold_sweep.json").read_text())
+    assert [r["threshold"] for r in rows] == [0.3, 1.0]
+    assert rows[1]["ffn_flops_fraction"] == 1.0 and rows[0]["ffn_flops_fraction"] < 1.0
+    assert (out / "report" / "threshold_sweep.png").is_file() and "| x4 | 1 | 1.000 |" in table
+    # At t = 1 the perplexity is the dense model's on the same text: 8 windows of 64 inputs and
+    # their next tokens, spread evenly over the tokenized file (one document, then end-of-text).
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokens = tokenizer(text.read_text())["input_ids"] + [tokenizer.eos_token_id]
+    starts = torch.linspace(0, len(tokens) - 65, 8, dtype=torch.float64).long()
+    windows = torch.tensor([tokens[s:s + 65] for s in starts.tolist()])
+    with torch.no_grad():
+        logits = dense(input_ids=windows[:, :-1]).logits
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert rows[1]["perplexity"] == pytest.approx(torch.exp(ce).item(), rel=1e-4)
+
+
+def test_hugging_face_errors_name_the_fix(hf_folder, tmp_path, capsys):
+    folder, text, _ = hf_folder
+    cases = [
+        (["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(tmp_path / "a")], "--data FILE"),
+        (["convert", "--checkpoint", str(folder), "--experts", "3", "--out", str(tmp_path / "b"), "--data", str(text)],
+         "divide"),
+        (["eval", "--checkpoint", str(folder)], "xmoe sweep-threshold"),
+    ]
+    bare = tmp_path / "no-tokenizer"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1,
+                                                         n_head=2)).save_pretrained(bare)
+    cases.append((["convert", "--checkpoint", str(bare), "--experts", "4", "--out", str(tmp_path / "c"),
+                   "--data", str(text)], "tokenizer.save_pretrained"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    assert not any((tmp_path / name).exists() for name in "abc")
