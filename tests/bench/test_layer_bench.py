@@ -18,7 +18,7 @@ TINY = bench.Shape("tiny", tokens=96, model_dim=16, expert_dim=8, num_experts=8,
 
 def _candidates():
     x = torch.randn(TINY.tokens, TINY.model_dim, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-    candidates, ref = bench.make_candidates(TINY, x, target_k=2.5, seed=0, backends=["loop", "fused"])
+    candidates, ref = bench.make_candidates(TINY, x, target_k=2.5, seed=0, backends=["loop", "fused", "grouped_mm"])
     return candidates, ref, x
 
 
@@ -35,7 +35,7 @@ def test_baselines_compute_the_layers_function() -> None:
             by_hand[t] += decision.weights_TE[t, e].double() * (hidden @ ex["w2"][e] + ex["b2"][e])
     assert 1.5 < decision.kept_TE.sum(-1).float().mean() < 3.5  # the router was calibrated
     torch.testing.assert_close(expected.double(), by_hand, rtol=1e-5, atol=1e-6)
-    for name in ("xmoe[loop]", "xmoe[fused]", "C slots", "mask loop"):
+    for name in ("xmoe[loop]", "xmoe[fused]", "xmoe[grouped_mm]", "C slots", "mask loop"):
         with torch.no_grad():
             out = candidates[name][0]()
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

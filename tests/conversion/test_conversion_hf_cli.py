@@ -87,16 +87,52 @@ def test_hugging_face_errors_name_the_fix(hf_folder, tmp_path, capsys):
         (["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(tmp_path / "a")], "--data FILE"),
         (["convert", "--checkpoint", str(folder), "--experts", "3", "--out", str(tmp_path / "b"), "--data", str(text)],
          "divide"),
-        (["eval", "--checkpoint", str(folder)], "xmoe sweep-threshold"),
+        (["eval", "--checkpoint", str(folder)], "make it sparse first: xmoe convert"),
     ]
     bare = tmp_path / "no-tokenizer"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1,
                                                          n_head=2)).save_pretrained(bare)
     cases.append((["convert", "--checkpoint", str(bare), "--experts", "4", "--out", str(tmp_path / "c"),
                    "--data", str(text)], "tokenizer.save_pretrained"))
+    converted = tmp_path / "converted"
+    main(["convert", "--checkpoint", str(folder), "--experts", "2", "--out", str(converted), "--data", str(text),
+          "--calibration-tokens", "128"])
+    cases += [
+        (["eval", "--checkpoint", str(converted)], "xmoe sweep-threshold --checkpoint"),
+        (["sweep-threshold", "--checkpoint", str(converted)], "--data FILE"),
+        (["convert", "--checkpoint", str(converted), "--experts", "2", "--out", str(tmp_path / "d"),
+          "--data", str(text)], "already converted"),
+    ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, argv
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_a_bf16_llama_folder_stays_bf16_and_matches_at_t_1(hf_folder, tmp_path, capsys):
+    """Real LLaMA-style checkpoints are saved in bf16: the converted layers keep that dtype,
+    and the loaded model runs (and equals the dense one at t = 1, to bf16 rounding)."""
+    folder, text, _ = hf_folder
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(1)
+    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    llama = tmp_path / "llama-bf16"
+    dense.save_pretrained(llama)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(llama)
+    out = tmp_path / "llama-x4"
+    run(["convert", "--checkpoint", str(llama), "--experts", "4", "--out", str(out), "--data", str(text),
+         "--calibration-tokens", "256", "--device", "cpu"], capsys)
+    converted = load_converted(out)
+    mlps = [m for m in converted.modules() if isinstance(m, ConvertedMLP)]
+    assert len(mlps) == 2 and all(p.dtype == torch.bfloat16 for m in mlps for p in m.parameters())
+    assert mlps[0].moe.cfg.activation == "swiglu"
+    ids = torch.randint(300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits.float(), dense(input_ids=ids).logits.float(),
+                                   rtol=0.02, atol=0.02)
+    table = run(["sweep-threshold", "--checkpoint", str(out), "--data", str(text), "--thresholds", "1.0",
+                 "--max-batches", "1"], capsys)
+    assert "| llama-x4 | 1 | 1.000 |" in table

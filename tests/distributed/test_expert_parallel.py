@@ -115,8 +115,9 @@ PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
 def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size):
     """Weights to 1e-4 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
     or tiny gradients (attention key biases, rare tokens' embeddings) into moves of up to ~2e-5
-    (the ranks sum a token's experts in another order than one process); a real error moves
-    weights by ~lr."""
+    (rounding differs: one process weights the activation before W2 in the fused backend, the
+    ranks weight each expert's output after, on the token's rank); a real error moves weights
+    by ~lr."""
     cfg = _config(corpus, tmp_path / "cache", grad_accum=1)
     two = tmp_path / "two"
     workers.spawn(workers.run_training, world, to_dict(cfg), str(two), ep_size, PROBE)

@@ -218,3 +218,21 @@ def test_router_fast_path_decides_like_the_sort(probs: torch.Tensor, data) -> No
         fast_topk, _ = router_module.wanted_pairs(probs, "topk", threshold, k)
     assert torch.equal(fast_threshold, threshold_mask(probs, threshold)[0])
     assert torch.equal(fast_topk, topk_mask(probs, k)[0])
+
+
+def test_router_fast_path_sorts_only_the_rows_that_need_it() -> None:
+    """Peaked rows with distinct probabilities are decided from their top experts alone; a row
+    with a tie, or whose prefix runs past the candidates, goes to the sort, and only that row."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(4 * torch.randn(6, 32, generator=gen), dim=-1)  # ~2-4 experts reach 0.9
+    probs[4] = 1 / 32  # uniform: ties everywhere, and a prefix of 29 experts
+    sorted_rows = []
+
+    def spy(p, threshold):
+        sorted_rows.append(p.shape[0])
+        return threshold_mask(p, threshold)
+
+    with mock.patch.object(router_module, "threshold_mask", spy):
+        fast, _ = router_module.wanted_pairs(probs, "threshold", 0.9, 2)
+    assert sorted_rows == [1]  # row 4 only
+    assert torch.equal(fast, threshold_mask(probs, 0.9)[0])

@@ -41,9 +41,12 @@ def add_command(commands) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from xmoe.conversion import ConversionConfig, convert_checkpoint
-    from xmoe.conversion.hf import is_hf_folder
+    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
 
     cfg = ConversionConfig(num_experts=args.experts, partition=args.partition)
+    if is_converted_folder(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
+                         f"dense model it came from instead")
     if is_hf_folder(args.checkpoint):
         return _convert_hf(args, cfg)
     out = convert_checkpoint(args.checkpoint, args.out, cfg, calibration_tokens=args.calibration_tokens,

@@ -199,10 +199,15 @@ def _load(args: argparse.Namespace):
     from xmoe.moe import MoELayer, set_threshold
     from xmoe.training import load_lm
 
-    if is_converted_folder(args.checkpoint) or is_hf_folder(args.checkpoint):
+    if is_converted_folder(args.checkpoint):
         raise ValueError(
-            f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; evaluate a converted one "
-            f"with: xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
+            f"{args.checkpoint} is a converted Hugging Face model, not an `xmoe train` run; evaluate it with: "
+            f"xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
+        )
+    if is_hf_folder(args.checkpoint):
+        raise ValueError(
+            f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; make it sparse first: "
+            f"xmoe convert --checkpoint {args.checkpoint} --experts E --out NEW_FOLDER --data TEXT"
         )
     loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
     if getattr(args, "threshold", None) is not None:

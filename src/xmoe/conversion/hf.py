@@ -132,8 +132,9 @@ def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, 
     if not converted:
         raise ValueError("the model has no converted FFN; run convert_hf first")
     first = next(iter(converted.values()))
+    dtype = str(first.moe.router.weight.dtype).removeprefix("torch.")  # the FFNs' dtype (bf16 models stay bf16)
     meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None,
-            **(extra or {})}
+            "dtype": dtype, **(extra or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -160,9 +161,10 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     tf = _transformers()
     model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
     moe = MoEConfig(**meta["moe"])
+    dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else next(model.parameters()).dtype
     for name in meta["modules"]:
         bias = torch.zeros(moe.model_dim) if meta["bias"] else None
-        _replace(model, name, ConvertedMLP(MoELayer(moe), bias))
+        _replace(model, name, ConvertedMLP(MoELayer(moe), bias).to(dtype))
     load_model(model, str(path / WEIGHTS_FILE))
     return model.eval()
 
@@ -193,16 +195,32 @@ def load_tokenizer(path: str | os.PathLike):
         raise ValueError(f"the tokenizer in {path} could not be loaded ({err}); {fix}") from err
 
 
-def text_tokens(tokenizer, data: str | os.PathLike) -> list[int]:
+def text_tokens(tokenizer, data: str | os.PathLike, limit: int | None = None) -> list[int]:
     """The documents at ``data`` (a text file, a .jsonl file or a folder, as for training)
-    through ``tokenizer``, joined by its end-of-text token where it has one."""
+    through ``tokenizer``, joined by its end-of-text token where it has one. With ``limit``,
+    tokenizing stops at the first line break after ``limit`` tokens, so a big corpus costs
+    only what is used."""
     from xmoe.data.corpus import load_corpus
 
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     tokens: list[int] = []
     for document in load_corpus(str(data)):
-        tokens += tokenizer(document, verbose=False)["input_ids"] + separator
+        pieces = list(_pieces(document))
+        for i, piece in enumerate(pieces):
+            tokens += tokenizer(piece, verbose=False)["input_ids"] + (separator if i == len(pieces) - 1 else [])
+            if limit is not None and len(tokens) >= limit:
+                return tokens
     return tokens
+
+
+def _pieces(text: str, size: int = 1 << 16):
+    """``text`` in pieces of about ``size`` characters, cut after a line break where there is one."""
+    start = 0
+    while start < len(text):
+        stop = text.rfind("\n", start, start + size) + 1 if start + size < len(text) else len(text)
+        stop = stop if stop > start else min(start + size, len(text))
+        yield text[start:stop]
+        start = stop
 
 
 def context_length(model: nn.Module, longest: int) -> int:
@@ -236,7 +254,9 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
         raise ValueError(f"{folder} is not a folder; give a local folder written by save_pretrained")
     tokenizer = load_tokenizer(folder)
     model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device)
-    calibration_BL = even_windows(text_tokens(tokenizer, data), calibration_tokens, context_length(model, seq_len))
+    # Windows spread over (up to) four times the tokens they need.
+    tokens = text_tokens(tokenizer, data, limit=4 * calibration_tokens)
+    calibration_BL = even_windows(tokens, calibration_tokens, context_length(model, seq_len))
     reports = convert_hf(model, calibration_BL, cfg)
     extra = {"converted_from": str(folder), "config": dataclasses.asdict(cfg), "calibration_data": str(data),
              "calibration_tokens": int(calibration_BL.numel()), "layers": [dataclasses.asdict(r) for r in reports]}
@@ -252,8 +272,8 @@ def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, threshol
     if not is_converted_folder(folder):
         raise ValueError(f"{folder} holds no converted model ({CONVERSION_FILE} is missing); convert one first")
     model = load_converted(folder).to(device)
-    tokens = text_tokens(load_tokenizer(folder), data)
     L = context_length(model, seq_len) + 1  # inputs and their next tokens
+    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
     return sweep(model, batches, thresholds, hf_logits)

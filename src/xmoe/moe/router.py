@@ -104,7 +104,8 @@ CANDIDATES = 8  # experts the CPU fast path examines per token before it falls b
 def wanted_pairs(probs_TE: Tensor, kind: str, threshold: float, k: int) -> tuple[Tensor, Tensor | None]:
     """The router's wanted pairs, and the expert order when it was computed on the way.
 
-    The same decisions as ``threshold_mask``/``topk_mask``, exactly. On a CPU, sorting all E
+    The same decisions as ``threshold_mask``/``topk_mask``, exactly (for finite probabilities:
+    NaN rows, possible only with ``check_finite=False``, are decided arbitrarily). On a CPU, sorting all E
     probabilities of every token is the dearest step of routing (3 of the 6 ms at S1), so the
     decision is read from each token's top ``CANDIDATES + 1`` experts instead. A token falls
     back to the full stable sort when its top experts hold a tie (whose order ``topk`` leaves
@@ -122,7 +123,9 @@ def wanted_pairs(probs_TE: Tensor, kind: str, threshold: float, k: int) -> tuple
     if kind == "threshold":
         acc = top_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))  # as threshold_mask sums
         wanted_top = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1) < threshold
-        # Ties anywhere in the prefix could swap experts between wanted and not.
+        # A tie among the candidates: only one across the wanted boundary could change the set
+        # (the sums do not depend on the order of equal values), but any tie is rare enough
+        # to send to the sort.
         unsure = (top_p[:, 1:] == top_p[:, :-1]).any(dim=-1)
         if n < E:
             unsure |= wanted_top[:, n]  # the prefix goes on past the candidates

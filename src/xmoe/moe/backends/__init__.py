@@ -7,8 +7,8 @@ every one of them to a naive float64 per-token loop.
 
     "loop"        the plain reference: dispatch(), one GEMM chain per expert on its slice,
                   combine(); autograd does the rest. Any device, any dtype.
-    "fused"       gather, MLP and weighted scatter-add one expert at a time, with a hand-written
-                  backward: no [N, D] temporaries. The fastest on CPU.
+    "fused"       gather, MLP and weighted scatter-add a few experts at a time (~2 MB of rows),
+                  with a hand-written backward: no [N, D] temporaries. The fastest on CPU.
     "grouped_mm"  dispatch(), torch.nn.functional.grouped_mm for all experts at once, combine();
                   no Python loop over experts. For CUDA bf16 (sm80+); also runs on CPU.
     "auto"        the fastest for the input's device and dtype, as measured by

@@ -1,8 +1,8 @@
 """The "fused" backend: gather -> expert MLP -> weighted scatter-add, a few experts at a time.
 
-Forward and backward walk the experts in chunks of consecutive experts holding about
-``CHUNK_BYTES`` of rows (a few experts at S1: cache-sized), with one gather and one scatter-add
-per chunk, so no [N, D] gather, product or expert output is ever materialised. On CPU that
+Forward and backward walk the experts in runs of consecutive experts holding at least
+``CHUNK_BYTES`` of rows (a few experts at S1: cache-sized; one busy expert is a run of its own),
+with one gather and one scatter-add per run, so no [N, D] gather, product or expert output is ever materialised. On CPU that
 matters more than it seems: a fresh 40 MB buffer costs more in first-touch page faults than the
 copy into it (see benchmarks/README.md). The only tensors kept for backward are the
 pre-activations [N, F] (and the gate, for SwiGLU): memory grows with the kept pairs at the
@@ -12,13 +12,17 @@ The combine weight is applied on the narrow side. For one pair (token t, expert 
 
     a = act(x W1 + b1)                   out[t] += (w a) W2 + w b2
 
-so the weighting multiplies an [n, F] activation instead of an [n, D] output, and the bias
-term ``sum_e w_te b2_e`` of all pairs is one small [T, E] x [E, D] product. The backward, by
-hand, with g = dout[t] and u = g W2^T:
+so the weighting multiplies an [n, F] activation instead of an [n, D] output; the weighted
+bias is a rank-1 update of each expert's output rows. The backward, by hand, with g = dout[t]
+and u = g W2^T (the gradient of the weighted activation w a):
 
-    dw  = <u, a> + <g, b2>               dW2 = (w a)^T g          db2 = sum_t w_te g_t
+    dw  = <u, a> + <g, b2>               dW2 = (w a)^T g          db2 = g^T w
     da  = w u     dup = act'(up) * da    dW1 = x^T dup            db1 = sum dup
     dx[t] += dup W1^T
+
+Under autocast the weight is rounded to the compute dtype before it multiplies the activation
+(``loop`` multiplies the output in fp32 instead): bf16 outputs are ~15% further from fp64 than
+``loop``'s, well within bf16's own rounding.
 
 Shapes: T tokens, D model dim, F expert dim, E experts, N kept pairs, n one expert's pairs.
 """
@@ -46,18 +50,16 @@ def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
     params = tuple(p.to(dtype) if p is not None else None for p in params)
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         return _FusedExperts.apply(
-            x_TD, plan.weight_N, plan.token_idx_N, plan.expert_idx_N, plan.counts, experts.activation,
+            x_TD, plan.weight_N, plan.token_idx_N, plan.counts, experts.activation,
             needs_grad, *params,
         )
 
 
 class _FusedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weight_N, token_idx_N, expert_idx_N, counts, activation, save, w1, b1, w2, b2, w3, b3):
+    def forward(ctx, x_TD, weight_N, token_idx_N, counts, activation, save, w1, b1, w2, b2, w3, b3):
         num_pairs, (T, D), F_ = sum(counts), x_TD.shape, w1.shape[-1]
-        weight_TE = _dense_weights(weight_N, token_idx_N, expert_idx_N, T, len(counts)) if b2 is not None else None
-        # fp32: a token sums several experts. It starts as every pair's weighted output bias.
-        out_TD = weight_TE @ b2.float() if b2 is not None else x_TD.new_zeros(T, D, dtype=torch.float32)
+        out_TD = x_TD.new_zeros(T, D, dtype=torch.float32)  # fp32: a token sums several experts
         # Stored for backward only when a gradient is wanted; inference keeps per-expert scratch.
         up_NF = x_TD.new_empty(num_pairs, F_) if save else None
         gate_NF = x_TD.new_empty(num_pairs, F_) if save and w3 is not None else None
@@ -71,32 +73,31 @@ class _FusedExperts(torch.autograd.Function):
                 up = _linear(x_nD, w1[e], b1, e, out=up_NF[rows] if save else None)
                 gate = _linear(x_nD, w3[e], b3, e, out=gate_NF[rows] if save else None) if w3 is not None else None
                 hidden = activate(activation, up, gate).mul_(weight_N1[rows])
-                torch.mm(hidden, w2[e], out=y_cD[local])
+                y = torch.mm(hidden, w2[e], out=y_cD[local])
+                if b2 is not None:
+                    y.addr_(weight_N1[rows, 0], b2[e])  # + w b2
             out_TD.index_add_(0, tokens, y_cD.float())
         if save:
             ctx.save_for_backward(
-                x_TD, weight_N, token_idx_N, expert_idx_N, weight_TE, up_NF, gate_NF, w1, b1, w2, b2, w3, b3
+                x_TD, weight_N, token_idx_N, up_NF, gate_NF, w1, b1, w2, b2, w3, b3
             )
             ctx.counts, ctx.activation = counts, activation
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
-        x_TD, weight_N, token_idx_N, expert_idx_N, weight_TE, up_NF, gate_NF, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
+        x_TD, weight_N, token_idx_N, up_NF, gate_NF, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
         need_x, need_weight, *_, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
         grad_TD = grad_TD.contiguous()
         # fp32, like the forward's combine: a token's input gradient sums several experts' parts.
         g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need_x else None
-        g_weight = None
-        if need_weight:  # starts as dw's bias part, <g, b2_e>, for all pairs at once
-            g_weight = (grad_TD @ b2.float().T)[token_idx_N, expert_idx_N] if b2 is not None else torch.zeros_like(weight_N)
-        g_b2 = (weight_TE.T @ grad_TD).to(b2.dtype) if need_b2 else None
+        g_weight = torch.empty_like(weight_N) if need_weight else None
         # Weight gradients are written expert by expert; only the idle experts' slices need
         # zeros (zero-filling whole buffers costs more than it seems: first-touch page faults).
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
-        g_w1, g_b1, g_w2, g_w3, g_b3 = (
+        g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = (
             _weight_grad(p, idle) if wanted else None
-            for wanted, p in ((need_w1, w1), (need_b1, b1), (need_w2, w2), (need_w3, w3), (need_b3, b3))
+            for wanted, p in ((need_w1, w1), (need_b1, b1), (need_w2, w2), (need_b2, b2), (need_w3, w3), (need_b3, b3))
         )
         dtype = x_TD.dtype
         weight_N1 = weight_N.to(dtype).unsqueeze(1)
@@ -109,9 +110,12 @@ class _FusedExperts(torch.autograd.Function):
                 g = g_cD[local]
                 up, gate = up_NF[rows], gate_NF[rows] if gate_NF is not None else None
                 hidden = activate(ctx.activation, up, gate)
-                g_hidden = g @ w2[e].T  # the gradient of the unweighted hidden activation
+                g_hidden = g @ w2[e].T  # u: the gradient of the weighted activation w a
                 if g_weight is not None:
-                    g_weight[rows] += (g_hidden * hidden).sum(dim=-1, dtype=torch.float32)
+                    dw = (g_hidden * hidden).sum(dim=-1, dtype=torch.float32)
+                    g_weight[rows] = dw + (g @ b2[e]).float() if b2 is not None else dw
+                if g_b2 is not None:
+                    torch.mv(g.T, weight_N1[rows, 0], out=g_b2[e])
                 if g_w2 is not None:
                     torch.mm(hidden.mul_(weight_N1[rows]).T, g, out=g_w2[e])
                 g_up, g_gate = activate_backward(ctx.activation, g_hidden.mul_(weight_N1[rows]), up, gate)
@@ -127,12 +131,7 @@ class _FusedExperts(torch.autograd.Function):
             if g_x is not None:
                 g_x.index_add_(0, tokens, g_x_cD.float())
         g_x = g_x.to(x_TD.dtype) if g_x is not None else None
-        return g_x, g_weight, None, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
-
-
-def _dense_weights(weight_N: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, T: int, E: int) -> Tensor:
-    """The pairs' combine weights as a dense fp32 [T, E] matrix (0 where no pair)."""
-    return weight_N.new_zeros(T, E, dtype=torch.float32).index_put_((token_idx_N, expert_idx_N), weight_N.float())
+        return g_x, g_weight, None, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
 
 
 def _weight_grad(param: Tensor, idle: list[int]) -> Tensor:
@@ -147,7 +146,7 @@ def _min_rows(x_TD: Tensor) -> int:
 
 def _chunks(counts: tuple[int, ...], min_rows: int):
     """Runs of consecutive experts with at least ``min_rows`` pairs between them (the last run
-    may have fewer): ``(slice of the run's pairs, [(expert, slice of its pairs, slice of its
+    may have fewer, one busy expert many more): ``(slice of the run's pairs, [(expert, slice of its pairs, slice of its
     rows inside the run)])``, idle experts left out."""
     start = stop = 0
     members: list[tuple[int, slice, slice]] = []
