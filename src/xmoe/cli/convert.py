@@ -24,11 +24,12 @@ def add_command(commands) -> None:
     """Register `xmoe convert` on the subparsers of cli.main."""
     from xmoe.conversion.partition import PARTITIONS
 
-    p = commands.add_parser("convert", help="split a dense GPT's FFNs into experts with a fitted threshold router")
+    p = commands.add_parser(
+        "convert", help="split a dense model's FFNs (an xmoe GPT run or a Hugging Face folder) into experts")
     p.add_argument("--checkpoint", required=True,
                    help="run folder of a dense GPT (a *-dense preset), or a Hugging Face model folder")
     p.add_argument("--experts", type=int, required=True, help="experts per FFN; must divide d_ff")
-    p.add_argument("--out", required=True, help="new run folder for the converted model (must not exist)")
+    p.add_argument("--out", required=True, help="new folder for the converted model (must not exist)")
     p.add_argument("--partition", choices=PARTITIONS, default="contiguous",
                    help="how neurons are grouped: contiguous slices, or clustered by co-activation")
     p.add_argument("--calibration-tokens", type=int, default=16384,
