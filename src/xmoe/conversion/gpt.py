@@ -30,6 +30,7 @@ from xmoe.models.layers import FeedForward
 from xmoe.training import LoadedLM, checkpoint_dir, load_lm, save_checkpoint, to_dict
 
 from .ffn import DenseFFN, expert_config
+from .hf import is_converted_folder, is_hf_folder
 from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
 from .partition import check_divides
 
@@ -103,9 +104,10 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
         raise ValueError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
     folder = Path(checkpoint)
-    if (folder / "config.json").is_file() and not ((folder / "checkpoint").exists() or (folder / "state.json").exists()):
+    if is_hf_folder(folder) or is_converted_folder(folder):
         raise ValueError(
-            f"{checkpoint} looks like a Hugging Face model folder, not an `xmoe train` run; convert it with "
+            f"{checkpoint} is a Hugging Face model folder (or an already converted one), not an `xmoe train` "
+            f"run; convert a dense one with "
             f"`xmoe convert --checkpoint {checkpoint} --data TEXT ...` or xmoe.conversion.hf.convert_hf_checkpoint "
             f"(pip install 'xmoe[hf]')"
         )

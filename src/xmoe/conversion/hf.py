@@ -269,9 +269,7 @@ def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, threshol
     """Perplexity and engaged FFN FLOPs of the converted model in ``folder`` at each threshold,
     on the text at ``data``: up to ``max_batches`` batches of ``batch_size`` windows of
     ``seq_len`` tokens (fewer if the model's context is shorter), spread over the text."""
-    if not is_converted_folder(folder):
-        raise ValueError(f"{folder} holds no converted model ({CONVERSION_FILE} is missing); convert one first")
-    model = load_converted(folder).to(device)
+    model = load_converted(folder).to(device)  # a clear error if folder holds no converted model
     L = context_length(model, seq_len) + 1  # inputs and their next tokens
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")

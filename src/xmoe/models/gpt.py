@@ -540,11 +540,12 @@ def list_presets() -> list[PresetRow]:
     for name in PRESETS:
         cfg = get_preset(name)
         fl = flops_breakdown(cfg)
-        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, _describe(cfg.moe)))
+        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, describe_moe(cfg.moe)))
     return rows
 
 
-def _describe(moe: MoEConfig | None) -> str:
+def describe_moe(moe: MoEConfig | None) -> str:
+    """E.g. "dense", "8x3072 top-1", "64x384 t=0.9": the experts and the routing rule."""
     if moe is None:
         return "dense"
     rule = f"t={moe.threshold:g}" if moe.router == "threshold" else f"top-{moe.top_k}"

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
+from .gpt import describe_moe
 from .layers import FeedForward, KVCache, SelfAttention
 
 NORMS = ("post", "pre")
@@ -615,12 +616,11 @@ def list_mt_presets() -> list[MTPresetRow]:
         cfg = get_mt_preset(name)
         with torch.device("meta"):
             params = num_params(Seq2Seq(cfg))
-        experts = "dense"
+        experts = describe_moe(cfg.moe)
         if cfg.moe is not None:
-            rule = f"t={cfg.moe.threshold:g}" if cfg.moe.router == "threshold" else f"top-{cfg.moe.top_k}"
             where = [f"{side} layers {', '.join(str(i + 1) for i in layers)}"
                      for side, layers in (("encoder", cfg.enc_moe_layers), ("decoder", cfg.dec_moe_layers)) if layers]
-            experts = f"{cfg.moe.num_experts}x{cfg.moe.expert_dim} {rule} in {'; '.join(where)}"
+            experts += f" in {'; '.join(where)}"
         layers = f"{cfg.n_enc_layer}+{cfg.n_dec_layer} d{cfg.d_model}"
         rows.append(MTPresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
     return rows
