@@ -162,9 +162,9 @@ def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpu
 
 
 def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_the_experts(corpus, tmp_path):
-    from xmoe.distributed import ExpertParallelExperts
+    from xmoe.distributed import local_shard
 
     model = GPT(_config(corpus, tmp_path, grad_accum=1).model)
     layer = model.moe_layers()[0] if callable(model.moe_layers) else model.moe_layers[0]
     with pytest.raises(ValueError, match="--ep-size"):
-        ExpertParallelExperts(layer.experts, ep_rank=0, ep_size=3, group=None)
+        local_shard(layer.experts, layer.cfg, ep_rank=0, ep_size=3)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import moe_oracle as oracle
-from moe_testing import make_layer, params64, run_oracle
-from xmoe.moe import BACKENDS, RoutingSummary, load_balancing_loss, router_z_loss
+from moe_testing import CPU_BACKENDS, make_layer, params64, run_oracle
+from xmoe.moe import RoutingSummary, load_balancing_loss, router_z_loss
 
 
 @pytest.mark.parametrize("rule", ["threshold", "topk"])
@@ -67,7 +67,7 @@ def test_z_loss_equals_hand_computation() -> None:
     assert router_z_loss(torch.empty(0, 3)) == 0
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8)])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_zero_tokens(backend: str, shape: tuple, capacity_factor) -> None:

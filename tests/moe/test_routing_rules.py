@@ -68,6 +68,27 @@ def test_threshold_mask_worked_examples(threshold: float, row: list[float], expe
     assert order_TE[0].tolist() == oracle.experts_by_rank(row)
 
 
+MAX_EXPERTS_EXAMPLES = [
+    # The paper's example capped at 2: sorted experts 1, 4, 3 wanted -> the first two, 1 and 4.
+    (0.9, 2, [0.03, 0.60, 0.02, 0.10, 0.25], {1, 4}),
+    # A cap above the wanted count changes nothing.
+    (0.9, 4, [0.03, 0.60, 0.02, 0.10, 0.25], {1, 4, 3}),
+    # t >= 1 with a cap is top-k: ties to the lower index (sorted experts 0, 1, 2, 3).
+    (1.0, 3, [0.25, 0.25, 0.25, 0.25], {0, 1, 2}),
+    # A cap of 1 is top-1.
+    (0.99, 1, [0.125, 0.375, 0.375, 0.125], {1}),
+]
+
+
+@pytest.mark.parametrize("threshold, cap, row, expected", MAX_EXPERTS_EXAMPLES)
+def test_threshold_mask_max_experts_keeps_the_first_ranks(threshold, cap, row, expected) -> None:
+    """max_experts (a deviation from the paper, for static shapes): the threshold rule, then at
+    most ``cap`` of the token's experts, most probable first."""
+    wanted, _ = threshold_mask(_probs(row), threshold, cap)
+    assert _experts(wanted) == [expected]
+    assert expected == set(oracle.threshold_choice(row, threshold)[:cap])
+
+
 def test_threshold_mask_rows_are_independent() -> None:
     """Several tokens at once: each row is decided on its own."""
     rows = [row for t, row, _ in THRESHOLD_EXAMPLES if t == 0.9 and len(row) == 5]

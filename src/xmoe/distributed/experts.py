@@ -1,21 +1,25 @@
 """Expert parallelism: each rank holds E / ep of a layer's experts; tokens travel to them.
 
+``AllToAllDispatcher`` is the layer's dispatcher under expert parallelism: the same three steps
+as the local one (xmoe.moe.dispatch), with the ranks of an expert-parallel group in between.
 One MoE layer call on one rank (its own micro-batch; routing, capacity and the balancing loss
 stay local, as XMoE computes them per micro-batch):
 
-    route locally  ->  plan: kept pairs grouped by expert (dispatch.make_plan)
-    exchange counts       all_to_all of the [E] pair counts: who sends how many rows to whom
-    send rows             all_to_all of x[token of each pair], split sizes vary per step
-    compute               the local experts on the rows they received, grouped by expert,
-                          with the layer's own backend (each row its own "token", weight 1)
-    send results back     all_to_all in reverse
-    combine               weighted fp32 scatter-add on the token's rank (dispatch.combine)
+    plan       kept pairs grouped by (global) expert, as locally; all_to_all of the [E] pair
+               counts tells every rank how many rows it sends to and receives from each peer
+    dispatch   all_to_all of x[token of each pair] (split sizes vary per step), then the
+               received rows, which arrive grouped by source rank, regrouped by local expert
+    experts    the local shard (a plain Experts module of L experts) on its rows, with any
+               grouped backend
+    combine    rows back in the received order, all_to_all in reverse, and the weighted fp32
+               scatter-add on the token's rank
 
-The two row exchanges are differentiable (the backward of an all_to_all is the all_to_all with
-the split sizes swapped), so gradients reach the input, the router (through the combine
-weights) and the experts. Every rank runs every local expert, including experts that got no
-rows (an empty slice still joins autograd), so gradient synchronisation never waits on a
-missing gradient.
+The row exchanges are differentiable (the backward of an all_to_all is the all_to_all with the
+split sizes swapped), so gradients reach the input, the router (through the combine weights)
+and the experts. Every grouped backend returns an output that depends on its input even when a
+rank received no row, so every rank takes part in every backward exchange.
+
+Host reads per call: the local counts (as without parallelism) and the received counts.
 
 Shapes: T tokens, D model dim, E experts (global), L local experts, N pairs this rank routes,
 R rows this rank receives.
@@ -23,14 +27,14 @@ R rows this rank receives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from xmoe.moe import DispatchPlan, Experts, MoELayer, combine, dispatch
-from xmoe.moe.backends import get_backend
-
-EXPERT_PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
+from xmoe.moe import DispatchPlan, Experts, Groups, LocalDispatcher, MoEConfig, MoELayer, combine
+from xmoe.moe.experts import PARAMS as EXPERT_PARAMS
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,80 +56,93 @@ def all_to_all(x: Tensor, recv: list[int], send: list[int], group) -> Tensor:
     return _AllToAll.apply(x, recv, send, group)
 
 
-class ExpertParallelExperts(nn.Module):
-    """The local shard of an ``Experts`` module: experts ``[first, first + L)`` of E.
+@dataclass(frozen=True)
+class ExchangePlan:
+    """A local plan plus what the exchange needs: who sends how many rows to whom, and how the
+    received rows are regrouped by local expert."""
+
+    local: DispatchPlan  # this rank's kept pairs, grouped by global expert
+    send: list[int]  # rows to each rank of the group
+    recv: list[int]  # rows from each rank of the group
+    order_R: Tensor  # received row of each position, sorted by local expert (stable)
+    groups: Groups  # the received rows, grouped by local expert
+
+    @property
+    def also_read(self) -> int | None:
+        return self.local.also_read
+
+
+class AllToAllDispatcher:
+    """Sends each kept pair's row to the rank holding its expert, and the result back."""
+
+    local = False  # no whole-stage backends: the rows cross ranks between gather and compute
+
+    def __init__(self, *, num_experts: int, ep_rank: int, ep_size: int, group) -> None:
+        self.num_experts, self.ep_rank, self.ep_size, self.group = num_experts, ep_rank, ep_size, group
+        self.num_local = num_experts // ep_size
+        self._local = LocalDispatcher()
+
+    def plan(self, kept_TE: Tensor, weights_TE: Tensor, *, max_pairs: int | None = None,
+             also_read: Tensor | None = None) -> ExchangePlan:
+        if max_pairs is not None:
+            raise ValueError("static_shapes=True cannot run under expert parallelism (the exchange sizes "
+                             "are read on the host); build the model with static_shapes=False")
+        local = self._local.plan(kept_TE, weights_TE, also_read=also_read)
+        L, ep = self.num_local, self.ep_size
+        counts_E = torch.tensor(local.counts, dtype=torch.int64, device=kept_TE.device)
+        recv_counts = torch.empty_like(counts_E)  # [s * L + l]: rows rank s sends to my expert l
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        recv_SL = recv_counts.view(ep, L)
+        recv_rows = recv_SL.tolist()  # a host read, like the local counts
+        send = [sum(local.counts[r * L : (r + 1) * L]) for r in range(ep)]
+        recv = [sum(row) for row in recv_rows]
+
+        expert_R = torch.arange(L, device=recv_SL.device).repeat(ep)
+        total = sum(recv)  # given, so repeat_interleave does not read it back from a GPU
+        expert_R = expert_R.repeat_interleave(recv_SL.flatten(), output_size=total)
+        order_R = expert_R.argsort(stable=True)  # by local expert, then source rank, then arrival
+        counts_L = tuple(map(sum, zip(*recv_rows)))
+        offsets_L = recv_SL.sum(dim=0).cumsum(dim=0).to(torch.int32)
+        groups = Groups(counts_L, offsets_L, expert_R[order_R], None)
+        return ExchangePlan(local, send, recv, order_R, groups)
+
+    def dispatch(self, x_TD: Tensor, plan: ExchangePlan) -> Tensor:
+        """The rows this rank's experts compute, grouped by local expert: [R, D]."""
+        x_ND = self._local.dispatch(x_TD, plan.local)
+        x_RD = all_to_all(x_ND, plan.recv, plan.send, self.group)
+        return x_RD.index_select(0, plan.order_R)
+
+    def combine(self, y_RD: Tensor, plan: ExchangePlan) -> Tensor:
+        """Results back to the ranks that sent the rows, then summed per token: [T, D] fp32."""
+        y_arrival = torch.empty_like(y_RD).index_copy(0, plan.order_R, y_RD)
+        y_ND = all_to_all(y_arrival, plan.send, plan.recv, self.group)
+        return combine(y_ND, plan.local.token_idx_N, plan.local.weight_N, plan.local.num_tokens)
+
+    def __repr__(self) -> str:
+        first = self.ep_rank * self.num_local
+        return f"AllToAllDispatcher(experts {first}..{first + self.num_local - 1} of {self.num_experts})"
+
+
+def local_shard(full: Experts, cfg: MoEConfig, *, ep_rank: int, ep_size: int) -> Experts:
+    """Experts ``[first, first + L)`` of ``full`` as an Experts module of their own.
 
     Parameters keep the names and layout of ``Experts`` (w1 [L, D, F], ...), so state-dict keys
     match a single-process model and a checkpoint is the shards concatenated along dim 0.
     """
-
-    def __init__(self, full: Experts, *, ep_rank: int, ep_size: int, group) -> None:
-        super().__init__()
-        E = full.num_experts
-        if E % ep_size:
-            raise ValueError(
-                f"{E} experts cannot be split evenly over an expert-parallel group of {ep_size} "
-                f"ranks; choose --ep-size dividing {E}"
-            )
-        self.num_global_experts, self.ep_rank, self.ep_size, self.group = E, ep_rank, ep_size, group
-        L = E // ep_size
-        self.first = ep_rank * L
-        self.activation, self.backend = full.activation, full.backend
+    E = full.num_experts
+    if E % ep_size:
+        raise ValueError(
+            f"{E} experts cannot be split evenly over an expert-parallel group of {ep_size} "
+            f"ranks; choose --ep-size dividing {E}"
+        )
+    L = E // ep_size
+    first = ep_rank * L
+    shard = Experts(cfg, num_experts=L).to(device=full.w1.device, dtype=full.w1.dtype)
+    with torch.no_grad():
         for name in EXPERT_PARAMS:
-            param = getattr(full, name)
-            shard = None if param is None else nn.Parameter(param.detach()[self.first : self.first + L].clone())
-            setattr(self, name, shard)
-
-    @property
-    def num_experts(self) -> int:
-        """Local experts: what the backends iterate over."""
-        return self.w1.shape[0]
-
-    hidden = Experts.hidden  # the activation between the projections, as the full module computes it
-
-    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        L, ep = self.num_experts, self.ep_size
-        counts_E = torch.tensor(plan.counts, dtype=torch.int64, device=x_TD.device)
-        # recv_counts[s, l]: rows rank s sends to my local expert l.
-        recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
-        recv_SL = recv_counts.view(ep, L)
-        recv_rows = recv_SL.tolist()  # a host read, like the layer's own pair counts
-        send = [sum(plan.counts[r * L : (r + 1) * L]) for r in range(ep)]
-        recv = [sum(row) for row in recv_rows]
-
-        x_RD = all_to_all(dispatch(x_TD, plan), recv, send, self.group)  # grouped by source rank
-        y_RD = get_backend(self.backend, self, x_RD)(self, x_RD, _local_plan(recv_SL, recv_rows))
-        if x_RD.requires_grad and not y_RD.requires_grad:
-            # No row arrived, and a backend returned a constant empty tensor: keep it in the graph,
-            # or this rank would skip the backward exchanges its peers wait in.
-            y_RD = y_RD + 0 * x_RD.sum()
-        y_ND = all_to_all(y_RD.to(x_RD.dtype), send, recv, self.group)
-        return combine(y_ND, plan, x_TD.shape[0])
-
-    def extra_repr(self) -> str:
-        return f"experts {self.first}..{self.first + self.num_experts - 1} of {self.num_global_experts}"
-
-
-def _local_plan(recv_SL: Tensor, recv_rows: list[list[int]]) -> DispatchPlan:
-    """Regroup received rows (source-major) by local expert; each row is its own output row.
-
-    The backends gather ``token_idx_N`` rows and scatter-add ``weight_N * FFN(row)`` back to the
-    same index, so with unit weights they return every row's expert output in place.
-    """
-    L = recv_SL.shape[1]
-    experts = torch.arange(L, device=recv_SL.device).repeat(recv_SL.shape[0])
-    total = sum(map(sum, recv_rows))  # given, so repeat_interleave does not read it back from a GPU
-    expert_of_row = experts.repeat_interleave(recv_SL.flatten(), output_size=total)
-    row_idx = expert_of_row.argsort(stable=True)  # by expert, then by source rank, then in order
-    counts_L = recv_SL.sum(dim=0)
-    return DispatchPlan(
-        token_idx_N=row_idx,
-        expert_idx_N=expert_of_row[row_idx],
-        weight_N=torch.ones(row_idx.shape[0], device=recv_SL.device),
-        counts=tuple(map(sum, zip(*recv_rows))),  # per local expert, from the host copy
-        offsets_E=counts_L.cumsum(dim=0).to(torch.int32),
-    )
+            if getattr(full, name) is not None:
+                getattr(shard, name).copy_(getattr(full, name)[first : first + L])
+    return shard
 
 
 def shard_experts(model: nn.Module, *, ep_rank: int, ep_size: int, group) -> list[str]:
@@ -135,8 +152,10 @@ def shard_experts(model: nn.Module, *, ep_rank: int, ep_size: int, group) -> lis
     """
     names = []
     for prefix, layer in model.named_modules():
-        if isinstance(layer, MoELayer) and isinstance(layer.experts, Experts):
-            layer.experts = ExpertParallelExperts(layer.experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
+        if isinstance(layer, MoELayer) and layer.dispatcher.local:
+            E = layer.experts.num_experts
+            layer.experts = local_shard(layer.experts, layer.cfg, ep_rank=ep_rank, ep_size=ep_size)
+            layer.dispatcher = AllToAllDispatcher(num_experts=E, ep_rank=ep_rank, ep_size=ep_size, group=group)
             names += [f"{prefix}.experts.{n}" if prefix else f"experts.{n}"
                       for n in EXPERT_PARAMS if getattr(layer.experts, n) is not None]
     return names

@@ -5,10 +5,10 @@
     out = layer(x)                      # out.output, out.aux_loss, out.stats
 """
 
-from .backends import BACKENDS, auto_backend
+from .backends import BACKENDS, Backend, auto_backend
 from .config import MoEConfig, capacity
-from .dispatch import DispatchPlan, combine, dispatch, make_plan
-from .experts import Experts
+from .dispatch import DispatchPlan, Groups, LocalDispatcher, combine
+from .experts import Experts, ExpertWeights
 from .layer import MoELayer, MoEOutput, set_threshold
 from .losses import load_balancing_loss, router_z_loss
 from .router import Router, RouterOutput, apply_capacity, threshold_mask, topk_mask
@@ -16,8 +16,12 @@ from .stats import RoutingStats, RoutingSummary, routing_stats
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "DispatchPlan",
+    "ExpertWeights",
     "Experts",
+    "Groups",
+    "LocalDispatcher",
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
@@ -29,9 +33,7 @@ __all__ = [
     "auto_backend",
     "capacity",
     "combine",
-    "dispatch",
     "load_balancing_loss",
-    "make_plan",
     "router_z_loss",
     "routing_stats",
     "set_threshold",

@@ -14,7 +14,7 @@ ROUTERS = ("threshold", "topk")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 COMBINES = ("probs", "ones")
 INITS = ("independent", "identical")
-BACKENDS = ("auto", "loop", "fused", "grouped_mm")
+BACKENDS = ("auto", "loop", "fused", "grouped_mm", "triton")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +34,13 @@ class MoEConfig:
     experts is reproduced exactly when every expert is engaged (the router then gets no gradient
     from the output, only from the balancing loss: fit it separately, as conversion does).
     Activations: gelu (exact erf), gelu_tanh (GPT-2's tanh approximation), relu, swiglu.
+    ``max_experts`` caps the threshold rule at a token's K most probable experts (a deviation
+    from the paper, off by default; docs/method.md). ``static_shapes=True`` runs the layer with
+    no host sync at all (CUDA graphs, ``torch.compile(fullgraph=True)``): the kept pairs are
+    padded to a bound known from the shapes, so the rule must have one (a capacity factor in
+    training and evaluation, a top-k router, or ``max_experts``). ``check_finite`` raises on
+    non-finite router logits; None checks where it is free (riding on the layer's one host
+    sync), that is, everywhere but in static mode.
     """
 
     model_dim: int
@@ -51,8 +58,10 @@ class MoEConfig:
     expert_bias: bool = True
     init: str = "independent"
     init_std: float | None = None
+    max_experts: int | None = None  # threshold router: at most this many experts per token
     backend: str = "auto"
-    check_finite: bool = True
+    static_shapes: bool = False
+    check_finite: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_dim", "num_experts", "expert_dim"):
@@ -85,11 +94,45 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.min_capacity must be a non-negative integer, got {self.min_capacity!r}"
             )
+        self._check_static_bound()
         if self.init_std is not None and not self.init_std > 0:
             raise ValueError(
                 f"MoEConfig.init_std must be positive, or None for the nn.Linear default; "
                 f"got {self.init_std!r}"
             )
+
+    def _check_static_bound(self) -> None:
+        if self.max_experts is not None:
+            if not _positive_int(self.max_experts) or self.max_experts > self.num_experts:
+                raise ValueError(
+                    f"MoEConfig.max_experts must be an integer in 1..num_experts={self.num_experts}, or None "
+                    f"for no cap; got {self.max_experts!r}"
+                )
+            if self.router != "threshold":
+                raise ValueError("MoEConfig.max_experts caps the threshold router; a top-k router is capped by top_k")
+        if not self.static_shapes:
+            return
+        if self.check_finite:
+            raise ValueError(
+                "MoEConfig.check_finite=True needs a host sync, and static_shapes=True has none: set "
+                "check_finite=None (checked where free) or False"
+            )
+        dropless = self.capacity_factor is None or self.eval_capacity_factor is None
+        if self.router == "threshold" and self.max_experts is None and dropless:
+            raise ValueError(
+                "MoEConfig.static_shapes=True needs a bound on the kept pairs, and a dropless threshold "
+                "router has none below tokens x experts: set max_experts (e.g. 8; a cap the paper does "
+                "not have) or both capacity_factor and eval_capacity_factor"
+            )
+
+    def max_pairs(self, num_tokens: int, training: bool) -> int:
+        """The most (token, expert) pairs one call of ``num_tokens`` tokens can keep: the size
+        static mode pads to. min(T * experts a token may take, E * C) with C the capacity."""
+        per_token = self.top_k if self.router == "topk" else (self.max_experts or self.num_experts)
+        bound = num_tokens * per_token
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        slots = capacity(num_tokens, self.num_experts, factor, self.min_capacity)
+        return bound if slots is None else min(bound, self.num_experts * slots)
 
     @property
     def num_matrices(self) -> int:
@@ -125,6 +168,10 @@ def capacity(num_tokens: int, num_experts: int, factor: float | None, min_capaci
         return num_tokens
     # Rounded first, so that float noise (1.1 * 100 / 10 = 11.000000000000002) does not add a slot.
     return min(num_tokens, max(math.ceil(round(slots, 9)), min_capacity))
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,11 +1,23 @@
-"""Dispatch and combine: the pair of pure functions around the experts.
+"""Dispatch and combine: moving tokens to their experts and the results back.
 
-``make_plan`` lists the kept (token, expert) pairs grouped by expert; ``dispatch`` gathers the
-tokens' rows in that order so every expert sees one contiguous slice; ``combine`` scatters the
-expert outputs back, each multiplied by its combine weight, summing in fp32 (Eq. ``y = sum_e
-p_e FFN_e(x)`` of XMoE). Nothing here is [T, E, C]-sized: memory follows the kept pairs, N.
+A dispatcher owns no parameters. It does three things for one layer call, and the layer calls
+them in this order (layer.py):
 
-Shapes: T tokens, D model dim, E experts, N kept pairs.
+    plan(decision)        which (token, expert) pairs run, grouped by expert: a DispatchPlan
+    dispatch(x_TD, plan)  the rows the experts compute, grouped by expert: [N, D]
+    combine(y_ND, plan)   ``out[t] = sum over kept pairs (t, e) of w_te * y_te``: [T, D] fp32
+                          (the ``y = sum_e p_e FFN_e(x)`` of XMoE, summed in fp32)
+
+``LocalDispatcher`` keeps every expert in this process. Expert parallelism has its own, with
+the same three methods, that sends the rows to the ranks holding their experts
+(xmoe.distributed.experts). Nothing here is [T, E, C]-sized: memory follows the kept pairs.
+
+Host syncs: building a plan reads the per-expert pair counts to the host once (the layer's one
+sync per call), because the experts' groups are sliced by them. In static mode it reads
+nothing: the pairs are padded to a bound known from the shapes, and padding rows (after
+``offsets_E[-1]``) carry weight 0 and are masked by whoever computes them.
+
+Shapes: T tokens, D model dim, E experts, N kept pairs (or their static bound).
 """
 
 from __future__ import annotations
@@ -17,45 +29,91 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class DispatchPlan:
-    """Kept pairs sorted by expert, then by token. Built once per layer call; owns no weights."""
+class Groups:
+    """Rows grouped by expert: what an expert backend needs besides the rows themselves."""
 
-    token_idx_N: Tensor  # int64: the token of each pair
-    expert_idx_N: Tensor  # int64: the expert of each pair (non-decreasing)
-    weight_N: Tensor  # fp32 combine weight of each pair
-    counts: tuple[int, ...]  # pairs per expert, on the host (slicing without a sync per expert)
-    offsets_E: Tensor  # int32 end offset of each expert's group, on the device (grouped_mm)
+    counts: tuple[int, ...] | None  # rows per expert on the host; None in static mode
+    offsets_E: Tensor  # int32 end offset of each expert's group, on the device
+    expert_idx_N: Tensor  # int64 expert of each row (non-decreasing over the real rows)
+    valid_N: Tensor | None  # static mode: True on real rows, False on padding; None otherwise
 
     @property
-    def num_pairs(self) -> int:
-        return sum(self.counts)
+    def num_rows(self) -> int:
+        return self.expert_idx_N.shape[0]
 
 
-def make_plan(kept_TE: Tensor, weights_TE: Tensor, counts_E: Tensor, counts: tuple[int, ...]) -> DispatchPlan:
-    """Group the kept pairs by expert.
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Kept pairs sorted by expert, then by token. Built once per layer call."""
 
-    ``counts_E`` is ``kept_TE.sum(0)`` on the device and ``counts`` the same numbers on the host;
-    the caller fetches them in its one host sync, so nothing here waits on the device.
-    """
-    # Row-major nonzero of the [E, T] mask is exactly "by expert, then by token".
-    pairs = torch.nonzero_static(kept_TE.T, size=sum(counts))
-    expert_idx_N, token_idx_N = pairs.unbind(dim=1)
-    weight_N = weights_TE[token_idx_N, expert_idx_N]
-    offsets_E = counts_E.cumsum(dim=0).to(torch.int32)
-    return DispatchPlan(token_idx_N, expert_idx_N, weight_N, tuple(counts), offsets_E)
+    token_idx_N: Tensor  # int64: the token of each pair (0 on padding rows)
+    weight_N: Tensor  # fp32 combine weight of each pair (0 on padding rows)
+    groups: Groups
+    num_tokens: int
+    also_read: int | None = None  # the caller's scalar, fetched with the counts (see plan)
 
-
-def dispatch(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """Rows of ``x`` in plan order: [N, D]."""
-    return x_TD.index_select(0, plan.token_idx_N)
+    @property
+    def counts(self) -> tuple[int, ...] | None:
+        return self.groups.counts
 
 
-def combine(y_ND: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """``out[t] = sum over pairs (t, e) of w_te * y_te``, accumulated in fp32: [T, D] fp32.
+class LocalDispatcher:
+    """Every expert lives in this process: dispatch is a gather, combine a scatter-add."""
 
-    fp32 because a token's output sums several experts' contributions, and bf16 additions
-    would round each partial sum.
-    """
-    weighted_ND = y_ND.float() * plan.weight_N.unsqueeze(-1)
+    local = True  # the layer may hand the whole stage to a fused backend
+
+    def plan(
+        self, kept_TE: Tensor, weights_TE: Tensor, *, max_pairs: int | None = None, also_read: Tensor | None = None
+    ) -> DispatchPlan:
+        """Group the kept pairs by expert.
+
+        ``max_pairs``: static mode; pad to this many pairs instead of reading the counts.
+        ``also_read``: a scalar the caller needs on the host too (the layer's non-finite
+        check), fetched in the same read as the counts, so it costs no sync of its own.
+        """
+        counts_E = kept_TE.sum(dim=0)
+        offsets_E = counts_E.cumsum(dim=0).to(torch.int32)
+        extra = None
+        if max_pairs is None:
+            counts, extra = read_counts(counts_E, also_read)
+            size, valid_N = sum(counts), None
+        else:
+            counts, size = None, max_pairs
+        # Row-major nonzero of the [E, T] mask is exactly "by expert, then by token"; padding
+        # rows (static mode) come last, filled with pair (0, 0).
+        pairs = torch.nonzero_static(kept_TE.T, size=size, fill_value=0)
+        expert_idx_N, token_idx_N = pairs.unbind(dim=1)
+        weight_N = weights_TE[token_idx_N, expert_idx_N]
+        if max_pairs is not None:
+            valid_N = torch.arange(size, device=kept_TE.device) < offsets_E[-1]
+            weight_N = torch.where(valid_N, weight_N, 0.0)
+        groups = Groups(counts, offsets_E, expert_idx_N, valid_N)
+        return DispatchPlan(token_idx_N, weight_N, groups, kept_TE.shape[0], extra)
+
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Rows of ``x`` in plan order: [N, D]."""
+        return x_TD.index_select(0, plan.token_idx_N)
+
+    def combine(self, y_ND: Tensor, plan: DispatchPlan) -> Tensor:
+        """Weighted scatter-add of the expert outputs back to their tokens: [T, D] fp32.
+
+        fp32 because a token's output sums several experts' contributions, and bf16 additions
+        would round each partial sum.
+        """
+        return combine(y_ND, plan.token_idx_N, plan.weight_N, plan.num_tokens)
+
+
+def read_counts(counts_E: Tensor, also_read: Tensor | None = None) -> tuple[tuple[int, ...], int | None]:
+    """The layer's one host sync: per-expert counts (the groups are sliced by them), and with
+    them, in the same read, ``also_read`` (a scalar) when given."""
+    if also_read is None:
+        return tuple(counts_E.tolist()), None
+    *counts, extra = torch.cat([counts_E, also_read.to(counts_E.dtype).reshape(1)]).tolist()
+    return tuple(counts), extra
+
+
+def combine(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int) -> Tensor:
+    """``out[t] = sum over rows n of token t of weight_N[n] * y_ND[n]``, in fp32: [T, D]."""
+    weighted_ND = y_ND.float() * weight_N.unsqueeze(-1)
     out_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, plan.token_idx_N, weighted_ND)
+    return out_TD.index_add(0, token_idx_N, weighted_ND)

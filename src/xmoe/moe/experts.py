@@ -9,30 +9,50 @@ One layout serves every backend (``x @ w``, no transposes):
     FFN_e(x) = act(x w1_e + b1_e) w2_e + b2_e          gelu, relu
     FFN_e(x) = (silu(x w1_e + b1_e) * (x w3_e + b3_e)) w2_e + b2_e    swiglu
 
-The experts never see the router: they take the tokens and a dispatch plan (which pairs, in
-which order, with which weights), as ScatterMoE's MLP takes routing as input. How the pairs are
-gathered, computed and combined is the backend's business (backends/).
+The experts never see the router: they take rows grouped by expert (dispatch.Groups), as
+ScatterMoE's MLP takes routing as input. How the rows are computed is the backend's business
+(backends/).
+
+Under autocast the expert matmuls run in the autocast dtype, and the fp32 weights are cast to
+it once per optimizer step, not once per call (``weights``): the cast is kept until a weight
+changes (its version counter moves, as every in-place update does: optimizer steps,
+``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``.data`` bypass the version
+counter; call ``drop_cast_cache()`` after them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .activations import activate
-from .backends import get_backend
 from .config import MoEConfig
-from .dispatch import DispatchPlan
+from .dispatch import Groups
+
+PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The experts' tensors in one dtype (the compute dtype), as backends read them."""
+
+    w1: Tensor
+    b1: Tensor | None
+    w2: Tensor
+    b2: Tensor | None
+    w3: Tensor | None
+    b3: Tensor | None
 
 
 class Experts(nn.Module):
-    def __init__(self, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: MoEConfig, num_experts: int | None = None) -> None:
+        """The experts of ``cfg``; ``num_experts``: only this many (a shard, under expert parallelism)."""
         super().__init__()
-        E, D, F_ = cfg.num_experts, cfg.model_dim, cfg.expert_dim
+        E, D, F_ = num_experts or cfg.num_experts, cfg.model_dim, cfg.expert_dim
         self.activation = cfg.activation
-        self.backend = cfg.backend
         self.init = cfg.init
         self.init_std = cfg.init_std
         self.w1 = nn.Parameter(torch.empty(E, D, F_))
@@ -43,6 +63,7 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, D)) if bias else None
         self.b3 = nn.Parameter(torch.empty(E, F_)) if bias and self.w3 is not None else None
         self.reset_parameters()
+        self._cast: tuple | None = None  # (key, ExpertWeights) of the last cast
 
     @property
     def num_experts(self) -> int:
@@ -73,6 +94,37 @@ class Experts(nn.Module):
         """The activation between the projections; ``gate`` is x w3 + b3 for SwiGLU."""
         return activate(self.activation, up, gate)
 
-    def forward(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        """``out[t] = sum over kept pairs (t, e) of w_te * FFN_e(x_t)``: [T, D] -> [T, D] fp32."""
-        return get_backend(self.backend, self, x_TD)(self, x_TD, plan)
+    def weights(self, dtype: torch.dtype) -> ExpertWeights:
+        """The expert tensors in ``dtype``; a cast is made once and reused until a weight changes.
+
+        The cached cast keeps its autograd link to the fp32 parameter (a cast saves nothing for
+        backward, so several backward passes may run through it: micro-batches of one step).
+        """
+        params = tuple(getattr(self, name) for name in PARAMS)
+        if self.w1.dtype == dtype:
+            return ExpertWeights(*params)
+        if torch.compiler.is_compiling():  # the compiler fuses the cast into its graph
+            return ExpertWeights(*(p.to(dtype) if p is not None else None for p in params))
+        grad = torch.is_grad_enabled()
+        key = (dtype, grad, tuple((p.data_ptr(), p._version, p.requires_grad) for p in params if p is not None))
+        if self._cast is None or self._cast[0] != key:
+            self._cast = None  # free the old cast before making the new one
+            self._cast = (key, ExpertWeights(*(p.to(dtype) if p is not None else None for p in params)))
+        return self._cast[1]
+
+    def drop_cast_cache(self) -> None:
+        self._cast = None
+
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: a cast is not state
+        return {**self.__dict__, "_cast": None}
+
+    def _apply(self, fn, recurse=True):
+        self._cast = None  # .to(), .cuda(), .half() ... make new parameters
+        return super()._apply(fn, recurse)
+
+    def forward(self, x_ND: Tensor, groups: Groups, backend: str = "loop") -> Tensor:
+        """Each row through its own expert: [N, D] rows grouped by expert -> [N, D] outputs, in
+        the compute dtype. ``backend``: any grouped backend ("loop", "grouped_mm")."""
+        from .backends import grouped_backend
+
+        return grouped_backend(backend).run(self, x_ND, groups)

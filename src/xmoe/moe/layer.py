@@ -2,8 +2,12 @@
 
 A drop-in replacement for a Transformer block's FFN. Only the (token, expert) pairs the router
 kept are computed, so a threshold router that engages 3 of 64 experts costs 3/64 of the experts'
-FLOPs, in wall time too. One host sync per call (the per-expert pair counts, which also carries
-the non-finite check), none per expert.
+FLOPs, in wall time too.
+
+Host syncs: one per call (the per-expert pair counts, read when the dispatcher plans; the
+non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
+has none at all: pairs are padded to a bound known from the shapes (MoEConfig.max_pairs).
+A padding mask (``forward(x, mask)``) adds one, to select the real tokens.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
 """
@@ -15,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import backends
 from .config import MoEConfig
-from .dispatch import make_plan
+from .dispatch import LocalDispatcher
 from .experts import Experts
 from .losses import load_balancing_loss, router_z_loss
 from .router import Router, RouterOutput
-from .stats import RoutingStats, routing_stats
+from .stats import RoutingStats
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class MoEOutput:
     output: Tensor  # same shape and dtype as the input
     aux_loss: Tensor  # fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss
     z_loss: Tensor  # fp32 scalar, the router z-loss (optional; not in XMoE's recipe)
-    stats: RoutingStats
+    stats: RoutingStats  # computed when read
 
 
 class MoELayer(nn.Module):
@@ -37,6 +42,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg  # the config the layer was built with; see set_threshold for the live one
         self.router = Router(cfg)
         self.experts = Experts(cfg)
+        self.backend = cfg.backend  # a name; "auto" picks per input (backends.choose)
+        self.dispatcher = LocalDispatcher()  # expert parallelism replaces it (xmoe.distributed)
 
     @property
     def threshold(self) -> float:
@@ -50,7 +57,7 @@ class MoELayer(nn.Module):
         """The routing decision for [T, model_dim] tokens, for tests and analysis."""
         self._check_input(x_TD)
         decision = self.router(x_TD.reshape(-1, self.cfg.model_dim))
-        if self.cfg.check_finite and not torch.isfinite(decision.logits_TE).all():
+        if self._check_finite and not torch.isfinite(decision.logits_TE).all():
             raise _non_finite_error()
         return decision
 
@@ -65,30 +72,52 @@ class MoELayer(nn.Module):
         if mask is not None:
             return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
+        backend = self.backend_for(x_TD)
+
         decision = self.router(x_TD)
-
-        counts_E = decision.kept_TE.sum(dim=0)
-        # The layer's one host sync: the pair counts (to size and slice the groups), and with
-        # them, for free, whether the logits were finite.
-        finite = torch.isfinite(decision.logits_TE).all() if self.cfg.check_finite else counts_E.new_ones(())
-        *counts, finite = torch.cat([counts_E, finite.long().reshape(1)]).tolist()
-        if not finite:
+        static = self.cfg.max_pairs(x_TD.shape[0], self.training) if self.cfg.static_shapes else None
+        # The non-finite check rides on the plan's one host read, not a sync of its own.
+        finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None
+        plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=static, also_read=finite)
+        if finite is not None and not plan.also_read:
             raise _non_finite_error()
-
-        plan = make_plan(decision.kept_TE, decision.weights_TE, counts_E, tuple(counts))
-        y_TD = self.experts(x_TD, plan)
+        if backend.stage:
+            # A named override: the backend gathers, computes and combines in one.
+            y_TD = backend.run(self.experts, x_TD, plan)
+        else:
+            x_ND = self.dispatcher.dispatch(x_TD, plan)
+            y_ND = backend.run(self.experts, x_ND, plan.groups)
+            y_TD = self.dispatcher.combine(y_ND, plan)
         return MoEOutput(
             output=y_TD.to(x.dtype).reshape(x.shape),
             aux_loss=load_balancing_loss(decision.probs_TE),
             z_loss=router_z_loss(decision.logits_TE),
-            stats=routing_stats(decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg),
+            stats=RoutingStats(
+                decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg, backend.name
+            ),
         )
+
+    def backend_for(self, x: Tensor) -> backends.Backend:
+        """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked)."""
+        return backends.choose(
+            self.backend, self.experts, x, static=self.cfg.static_shapes, local=self.dispatcher.local
+        )
+
+    @property
+    def _check_finite(self) -> bool:
+        """check_finite=None checks where it is free: everywhere but static mode (no host read)."""
+        return self.cfg.check_finite is not False and not self.cfg.static_shapes
 
     def _forward_masked(self, x: Tensor, mask: Tensor) -> MoEOutput:
         if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
             raise ValueError(
                 f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} (the input without its last "
                 f"dim, True for real tokens), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        if self.cfg.static_shapes:
+            raise ValueError(
+                "a padding mask selects tokens, a host sync that static_shapes=True forbids; give the "
+                "layer only real tokens, or build it with static_shapes=False"
             )
         x_TD = x.reshape(-1, self.cfg.model_dim)
         rows = mask.reshape(-1).nonzero().squeeze(1)  # a host sync, only when a mask is given

@@ -1,7 +1,7 @@
 """Routers: which experts each token wants, and which of those pairs capacity lets through.
 
 Implements the routing rule of XMoE (Yang et al., 2024, arXiv 2403.18926, Sec. 3), written out
-in docs/xmoe.md:
+in docs/method.md:
 
     p = softmax(W_g x)                          in fp32, whatever the input dtype
     rank j of the sorted p is wanted   iff  j == 1  or  p(1) + ... + p(j-1) < t
@@ -43,12 +43,12 @@ class RouterOutput:
         return self.weights_TE
 
 
-def threshold_mask(probs_TE: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+def threshold_mask(probs_TE: Tensor, threshold: float, max_experts: int | None = None) -> tuple[Tensor, Tensor]:
     """Wanted pairs of the threshold rule, and each token's experts from most to least probable.
 
     Worked example, t = 0.9, one token with sorted p = [0.60, 0.25, 0.10, 0.03, 0.02]:
     exclusive sums [0, 0.60, 0.85, 0.95, 0.98] -> ranks 0, 1, 2 are wanted (0.85 < 0.9 still
-    lets the third in, whose mass reaches 0.95).
+    lets the third in, whose mass reaches 0.95). With ``max_experts=2``, ranks 0 and 1 only.
     """
     sorted_p, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
     if threshold >= 1.0:
@@ -60,6 +60,8 @@ def threshold_mask(probs_TE: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
         acc = sorted_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))
         exclusive = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1)
         wanted_sorted = exclusive < threshold  # rank 0 always: its exclusive sum is 0 < t
+    if max_experts is not None:
+        wanted_sorted = wanted_sorted & (torch.arange(sorted_p.shape[-1], device=sorted_p.device) < max_experts)
     return _unsort(wanted_sorted, order_TE), order_TE
 
 
@@ -71,7 +73,7 @@ def topk_mask(probs_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_capacity(
-    probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor | None, slots: int | None
+    probs_TE: Tensor, wanted_TE: Tensor, order_TE: Tensor | None, slots: int | None, *, shortcut: bool = True
 ) -> Tensor:
     """Keep, for each expert, its ``slots`` wanted pairs of highest priority ``(K - r) + p``.
 
@@ -79,10 +81,11 @@ def apply_capacity(
     second choice, and within a rank, higher probability first. No position bias, no noise.
     ``order_TE`` is each token's experts from most to least probable (the second result of
     ``threshold_mask``/``topk_mask``); None sorts here, only if some expert overflows.
+    ``shortcut=False`` never branches on the data (static mode: nothing may read the device).
     """
     if slots is None or wanted_TE.shape[0] == 0:
         return wanted_TE
-    if probs_TE.device.type == "cpu" and wanted_TE.sum(dim=0).max() <= slots:
+    if shortcut and probs_TE.device.type == "cpu" and wanted_TE.sum(dim=0).max() <= slots:
         # Nothing overflows, as is usual at the paper's gamma = 8. Reading the loads is free on
         # the CPU; on a GPU it would be a host sync, dearer than the sort it saves.
         return wanted_TE
@@ -101,33 +104,47 @@ def apply_capacity(
 CANDIDATES = 8  # experts the CPU fast path examines per token before it falls back to a sort
 
 
-def wanted_pairs(probs_TE: Tensor, kind: str, threshold: float, k: int) -> tuple[Tensor, Tensor | None]:
+def wanted_pairs(
+    probs_TE: Tensor, kind: str, threshold: float, k: int, max_experts: int | None = None, *, fast: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """The router's wanted pairs, and the expert order when it was computed on the way.
 
-    The same decisions as ``threshold_mask``/``topk_mask``, exactly (for finite probabilities:
-    NaN rows, possible only with ``check_finite=False``, are decided arbitrarily). On a CPU, sorting all E
-    probabilities of every token is the dearest step of routing (3 of the 6 ms at S1), so the
-    decision is read from each token's top ``CANDIDATES + 1`` experts instead. A token falls
-    back to the full stable sort when its top experts hold a tie (whose order ``topk`` leaves
-    undefined) that could change the decision, or, for the threshold rule, when its wanted
-    prefix does not end within the candidates. The fallback is a data-dependent branch (a host
-    sync), free on a CPU; elsewhere the sort runs, as it is cheap there.
+    The one place that picks how the rule is evaluated. The rules themselves are defined once,
+    by ``threshold_mask`` and ``topk_mask``; the fast path below gives exactly their decisions
+    (for finite probabilities: NaN rows, possible only with ``check_finite=False``, are decided
+    arbitrarily), and a property test holds it to them.
+
+    The fast path is for the CPU, where sorting all E probabilities of every token is the
+    dearest step of routing (benchmarks/README.md): the decision is read from each token's top
+    ``CANDIDATES + 1`` experts instead. A token falls back to the full stable sort when its top
+    experts hold a tie (whose order ``topk`` leaves undefined) that could change the decision,
+    or, for the threshold rule, when its wanted prefix does not end within the candidates. The
+    fallback is a data-dependent branch (a host sync): free on a CPU, so elsewhere, and with
+    ``fast=False`` (static mode, where nothing may branch on the data), the sort runs.
     """
-    if probs_TE.device.type != "cpu":
-        return threshold_mask(probs_TE, threshold) if kind == "threshold" else topk_mask(probs_TE, k)
+    if not fast or probs_TE.device.type != "cpu":
+        if kind == "threshold":
+            return threshold_mask(probs_TE, threshold, max_experts)
+        return topk_mask(probs_TE, k)
     E = probs_TE.shape[-1]
-    if kind == "threshold" and threshold >= 1.0:
+    if kind == "threshold" and threshold >= 1.0 and max_experts is None:
         return torch.ones_like(probs_TE, dtype=torch.bool), None
+    cap = E if max_experts is None else max_experts
     n = min(E, CANDIDATES if kind == "threshold" else k)  # candidates decided here
+    if kind == "threshold" and cap <= n:
+        n = cap  # nothing past the cap can be wanted
     top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
     if kind == "threshold":
-        acc = top_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))  # as threshold_mask sums
-        wanted_top = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1) < threshold
+        if threshold >= 1.0:
+            wanted_top = torch.ones_like(top_p, dtype=torch.bool)
+        else:
+            acc = top_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))  # as threshold_mask sums
+            wanted_top = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1) < threshold
         # A tie among the candidates: only one across the wanted boundary could change the set
         # (the sums do not depend on the order of equal values), but any tie is rare enough
         # to send to the sort.
         unsure = (top_p[:, 1:] == top_p[:, :-1]).any(dim=-1)
-        if n < E:
+        if n < E and n < cap:
             unsure |= wanted_top[:, n]  # the prefix goes on past the candidates
     else:
         wanted_top = (torch.arange(top_p.shape[-1], device=top_p.device) < n).expand_as(top_p)
@@ -136,8 +153,8 @@ def wanted_pairs(probs_TE: Tensor, kind: str, threshold: float, k: int) -> tuple
     wanted_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(-1, top_idx[:, :n], wanted_top[:, :n])
     rows = unsure.nonzero().squeeze(1)
     if rows.numel():
-        slow = threshold_mask if kind == "threshold" else topk_mask
-        wanted_TE[rows] = slow(probs_TE[rows], threshold if kind == "threshold" else k)[0]
+        slow = threshold_mask(probs_TE[rows], threshold, max_experts) if kind == "threshold" else topk_mask(probs_TE[rows], k)
+        wanted_TE[rows] = slow[0]
     return wanted_TE, None
 
 
@@ -156,6 +173,8 @@ class Router(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         self.eval_capacity_factor = cfg.eval_capacity_factor
         self.min_capacity = cfg.min_capacity
+        self.max_experts = cfg.max_experts
+        self.static = cfg.static_shapes  # no data-dependent branches (no host sync)
         self.renormalize = cfg.renormalize
         self.combine = cfg.combine
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
@@ -189,10 +208,12 @@ class Router(nn.Module):
             logits_TE = x_TD.float() @ self.weight.float().T
         probs_TE = logits_TE.softmax(dim=-1)
         with torch.no_grad():
-            wanted_TE, order_TE = wanted_pairs(probs_TE, self.kind, self._threshold, self.top_k)
+            wanted_TE, order_TE = wanted_pairs(
+                probs_TE, self.kind, self._threshold, self.top_k, self.max_experts, fast=not self.static
+            )
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
-            kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots)
+            kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots, shortcut=not self.static)
         weights_TE = probs_TE
         if self.combine == "ones":
             weights_TE = torch.ones_like(probs_TE)
@@ -203,6 +224,8 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         rule = f"threshold={self._threshold}" if self.kind == "threshold" else f"top_k={self.top_k}"
+        if self.max_experts is not None:
+            rule += f", max_experts={self.max_experts}"
         return (
             f"{self.kind}, {rule}, experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
             f"eval_capacity_factor={self.eval_capacity_factor}"

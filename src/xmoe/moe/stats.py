@@ -1,13 +1,14 @@
 """Routing statistics of one layer call: returned with the output, never kept in globals.
 
-All fields are tensors on the layer's device, computed without gradient and without a host
-sync; ``to_dict()`` fetches them (one sync) for logging. These are the numbers the reference
-logs per layer and the paper's analyses use (docs/xmoe.md, "Statistics").
+Every statistic is a tensor on the layer's device, computed without gradient, without a host
+sync, and only when read; ``to_dict()`` fetches them (one sync) for logging. These are the
+numbers the reference logs per layer and the paper's analyses use (docs/method.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -16,21 +17,95 @@ from .config import MoEConfig
 
 QUARTILES = (0.25, 0.5, 0.75)
 
+FIELDS = (
+    "num_tokens", "capacity", "backend", "wanted_per_token", "kept_per_token", "wanted_histogram",
+    "kept_histogram", "tokens_per_expert", "dropped_pairs", "dropped_token_fraction",
+    "top1_quartiles", "expert_flops_per_token", "topk_flops_per_token",
+)
 
-@dataclass(frozen=True)
+
 class RoutingStats:
-    num_tokens: int
-    capacity: int | None  # slots per expert in this call; None when dropless
-    wanted_per_token: Tensor  # mean experts a token asked for (before capacity)
-    kept_per_token: Tensor  # mean experts a token got (after capacity)
-    wanted_histogram: Tensor  # [E + 1]: tokens that asked for k experts, k = 0..E
-    kept_histogram: Tensor  # [E + 1]: tokens that got k experts
-    tokens_per_expert: Tensor  # [E]: kept pairs per expert
-    dropped_pairs: Tensor  # wanted pairs that capacity dropped
-    dropped_token_fraction: Tensor  # fraction of tokens that lost at least one pair
-    top1_quartiles: Tensor  # [3]: 25/50/75% quantiles of each token's top-1 probability
-    expert_flops_per_token: Tensor  # forward expert FLOPs actually computed, per token
-    topk_flops_per_token: float  # the same for a top-k layer of these experts (k = cfg.top_k, at most E)
+    """Routing statistics of one layer call, computed only when read.
+
+    Holds references to the call's routing decision and computes each statistic the first time
+    it is read (then keeps it), so a forward pass whose statistics nobody reads pays nothing
+    for them: not one kernel launch. Every statistic is a tensor on the layer's device (no host
+    sync until you fetch it); ``to_dict()`` fetches them all.
+
+        num_tokens              tokens routed in this call
+        capacity                slots per expert; None when dropless
+        backend                 the expert backend that ran (what ``auto`` chose)
+        wanted_per_token        mean experts a token asked for (before capacity)
+        kept_per_token          mean experts a token got (after capacity)
+        wanted_histogram        [E + 1]: tokens that asked for k experts, k = 0..E
+        kept_histogram          [E + 1]: tokens that got k experts
+        tokens_per_expert       [E]: kept pairs per expert
+        dropped_pairs           wanted pairs that capacity dropped
+        dropped_token_fraction  fraction of tokens that lost at least one pair
+        top1_quartiles          [3]: 25/50/75% quantiles of each token's top-1 probability
+        expert_flops_per_token  forward expert FLOPs actually computed, per token
+        topk_flops_per_token    the same for a top-k layer of these experts (k = cfg.top_k, <= E)
+    """
+
+    def __init__(
+        self, probs_TE: Tensor, wanted_TE: Tensor, kept_TE: Tensor, capacity: int | None, cfg: MoEConfig,
+        backend: str = "",
+    ) -> None:
+        self._probs_TE, self._wanted_TE, self._kept_TE, self._cfg = probs_TE.detach(), wanted_TE, kept_TE, cfg
+        self.num_tokens, self.num_experts = probs_TE.shape
+        self.capacity = capacity
+        self.backend = backend
+        self.topk_flops_per_token = float(min(cfg.top_k, self.num_experts) * cfg.flops_per_pair)
+
+    @cached_property
+    def _wanted_T(self) -> Tensor:
+        return self._wanted_TE.sum(dim=-1)
+
+    @cached_property
+    def _kept_T(self) -> Tensor:
+        return self._kept_TE.sum(dim=-1)
+
+    @cached_property
+    def wanted_per_token(self) -> Tensor:
+        return _mean(self._wanted_T)
+
+    @cached_property
+    def kept_per_token(self) -> Tensor:
+        return _mean(self._kept_T)
+
+    @cached_property
+    def wanted_histogram(self) -> Tensor:
+        return count(self._wanted_T, self.num_experts + 1)
+
+    @cached_property
+    def kept_histogram(self) -> Tensor:
+        return count(self._kept_T, self.num_experts + 1)
+
+    @cached_property
+    def tokens_per_expert(self) -> Tensor:
+        return self._kept_TE.sum(dim=0)
+
+    @cached_property
+    def dropped_pairs(self) -> Tensor:
+        return (self._wanted_T - self._kept_T).sum()
+
+    @cached_property
+    def dropped_token_fraction(self) -> Tensor:
+        return _mean(self._kept_T < self._wanted_T)
+
+    @cached_property
+    def top1_quartiles(self) -> Tensor:
+        probs_TE = self._probs_TE
+        if self.num_tokens == 0:
+            return probs_TE.new_full((len(QUARTILES),), float("nan"))
+        # The quantile levels are built on the device: torch.tensor(list, device=cuda) would be
+        # a host-to-device copy that waits for the GPU.
+        levels = torch.arange(1, len(QUARTILES) + 1, device=probs_TE.device, dtype=probs_TE.dtype) / (len(QUARTILES) + 1)
+        return torch.quantile(probs_TE.max(dim=-1).values, levels)
+
+    @cached_property
+    def expert_flops_per_token(self) -> Tensor:
+        return self.kept_per_token * self._cfg.flops_per_pair
 
     @property
     def flops_ratio(self) -> Tensor:
@@ -40,38 +115,21 @@ class RoutingStats:
     def to_dict(self) -> dict:
         """Plain Python numbers and lists, for logs and JSON."""
         out = {}
-        for name, value in vars(self).items():
+        for name in FIELDS:
+            value = getattr(self, name)
             out[name] = value.tolist() if isinstance(value, Tensor) else value
         out["flops_ratio"] = self.flops_ratio.item()
         return out
 
+    def __repr__(self) -> str:
+        return f"RoutingStats(num_tokens={self.num_tokens}, capacity={self.capacity}, backend={self.backend!r})"
 
-@torch.no_grad()
+
 def routing_stats(
-    probs_TE: Tensor, wanted_TE: Tensor, kept_TE: Tensor, capacity: int | None, cfg: MoEConfig
+    probs_TE: Tensor, wanted_TE: Tensor, kept_TE: Tensor, capacity: int | None, cfg: MoEConfig, backend: str = ""
 ) -> RoutingStats:
-    num_tokens, num_experts = probs_TE.shape
-    wanted_T = wanted_TE.sum(dim=-1)
-    kept_T = kept_TE.sum(dim=-1)
-    if num_tokens:
-        top1_T = probs_TE.max(dim=-1).values
-        quartiles = torch.quantile(top1_T, torch.tensor(QUARTILES, device=top1_T.device))
-    else:
-        quartiles = probs_TE.new_full((len(QUARTILES),), float("nan"))
-    return RoutingStats(
-        num_tokens=num_tokens,
-        capacity=capacity,
-        wanted_per_token=_mean(wanted_T),
-        kept_per_token=_mean(kept_T),
-        wanted_histogram=count(wanted_T, num_experts + 1),
-        kept_histogram=count(kept_T, num_experts + 1),
-        tokens_per_expert=kept_TE.sum(dim=0),
-        dropped_pairs=(wanted_T - kept_T).sum(),
-        dropped_token_fraction=_mean(kept_T < wanted_T),
-        top1_quartiles=quartiles,
-        expert_flops_per_token=_mean(kept_T) * cfg.flops_per_pair,
-        topk_flops_per_token=float(min(cfg.top_k, num_experts) * cfg.flops_per_pair),
-    )
+    """The statistics of one call's routing decision (computed lazily, when read)."""
+    return RoutingStats(probs_TE, wanted_TE, kept_TE, capacity, cfg, backend)
 
 
 def count(values: Tensor, size: int) -> Tensor:

@@ -1,45 +1,137 @@
-"""Backends: interchangeable kernels that run the experts on their grouped rows.
+"""Backends: interchangeable implementations of the experts' computation, chosen by name.
 
-Each backend is ``fn(experts, x_TD, plan) -> out_TD`` (fp32): it gathers the kept pairs' rows,
-runs each expert on its own, and sums the weighted outputs per token. All take the same inputs
-and the same weight layout (experts.py) and give the same result up to rounding; tests hold
-every one of them to a naive float64 per-token loop.
+Two kinds, with two signatures (``Backend.stage`` tells them apart):
 
-    "loop"        the plain reference: dispatch(), one GEMM chain per expert on its slice,
-                  combine(); autograd does the rest. Any device, any dtype.
-    "fused"       gather, MLP and weighted scatter-add a few experts at a time (~2 MB of rows),
-                  with a hand-written backward: no [N, D] temporaries. The fastest on CPU.
-    "grouped_mm"  dispatch(), torch.nn.functional.grouped_mm for all experts at once, combine();
-                  no Python loop over experts. For CUDA bf16 (sm80+); also runs on CPU.
-    "auto"        the fastest for the input's device and dtype, as measured by
-                  benchmarks/layer.py (see benchmarks/README.md).
+    grouped   ``run(experts, x_ND, groups) -> y_ND``: rows already grouped by expert (the
+              dispatcher gathered them) through their experts, in the compute dtype. The layer
+              then combines. Works behind any dispatcher, expert parallelism included.
+    stage     ``run(experts, x_TD, plan) -> out_TD`` (fp32): a named override of the whole
+              dispatch -> experts -> combine stage, for implementations that fuse the gather
+              and the weighted scatter-add into the expert computation. Local experts only.
+
+    "loop"        grouped; the plain reference: one GEMM chain per expert on its slice, autograd
+                  does the rest. Any device, any dtype. Needs the host counts.
+    "grouped_mm"  grouped; torch.nn.functional.grouped_mm for all experts at once, no Python loop
+                  over experts. No host counts needed (static mode). Fast on CUDA sm90/sm100 in
+                  bf16 (torch's CUTLASS kernel); elsewhere torch falls back to a per-expert loop.
+    "fused"       stage; gather, MLP and weighted scatter-add a few experts at a time with a
+                  hand-written backward (no [N, D] temporaries). The fastest on CPU.
+    "triton"      stage; one Triton kernel per projection for a variable number of experts per
+                  token (backends/triton_moe.py). CUDA, or CPU under TRITON_INTERPRET=1 (tests).
+
+``auto`` (``choose``) picks by what the device can do, in one table:
+
+    CPU                                  fused; static mode: grouped_mm
+    CUDA, sm90/sm100, bf16               grouped_mm (torch's fast grouped GEMM exists there)
+    other CUDA                           fused; static mode: triton (grouped_mm's fallback there
+                                         reads the offsets on the host, which static mode forbids)
+    expert parallelism                   a grouped backend: grouped_mm where fast, else loop
+
+The Triton kernel is not picked by ``auto`` until a GPU measurement shows it faster
+(benchmarks/gpu.py prints the comparison); ask for it by name.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .fused import fused_backend
-from .grouped import compute_dtype, grouped_mm_backend, grouped_mm_problem
+from .grouped import compute_dtype, grouped_mm_backend, grouped_mm_fast, grouped_mm_problem
 from .loop import loop_backend
+from .triton_stage import triton_backend, triton_problem
 
-BACKENDS: dict[str, Callable] = {"loop": loop_backend, "fused": fused_backend, "grouped_mm": grouped_mm_backend}
+log = logging.getLogger("xmoe.moe")
 
 
-def get_backend(name: str, experts, x: Tensor) -> Callable:
-    """The backend called ``name``; ``"auto"`` picks one for ``x``'s device and dtype."""
-    if name == "auto":
-        name = auto_backend(experts, x)
+def _anywhere(experts, x: Tensor) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable
+    stage: bool  # True: replaces dispatch + experts + combine; False: grouped rows -> rows
+    static: bool  # runs without the host counts (static mode)
+    problem: Callable[[object, Tensor], str | None] = _anywhere  # why it cannot run on x; None: it can
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("loop", loop_backend, stage=False, static=False),
+        Backend("grouped_mm", grouped_mm_backend, stage=False, static=True, problem=grouped_mm_problem),
+        Backend("fused", fused_backend, stage=True, static=False),
+        Backend("triton", triton_backend, stage=True, static=True, problem=triton_problem),
+    )
+}
+
+# A stage backend under expert parallelism runs its grouped equivalent (same math).
+GROUPED_EQUIVALENT = {"fused": "loop", "triton": "grouped_mm"}
+
+
+def grouped_backend(name: str) -> Backend:
+    backend = get(name)
+    if backend.stage:
+        raise ValueError(f"backend {name!r} computes the whole stage, not grouped rows; use loop or grouped_mm")
+    return backend
+
+
+def get(name: str) -> Backend:
     try:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}") from None
 
 
-def auto_backend(experts, x: Tensor) -> str:
-    if x.device.type == "cuda" and compute_dtype(x) == torch.bfloat16 and not grouped_mm_problem(experts, x):
+def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool = True) -> Backend:
+    """The backend that will run ``experts`` on ``x``: ``name``, or what ``auto`` picks.
+
+    Raises ValueError when the named backend cannot run here, naming what to use instead.
+    """
+    if name == "auto":
+        name = auto_backend(experts, x, static=static, local=local)
+        _announce(name, str(x.device), str(compute_dtype(x)), static)
+    elif not local and get(name).stage:
+        name = GROUPED_EQUIVALENT[name]
+    backend = get(name)
+    problem = backend.problem(experts, x)
+    if problem:
+        raise ValueError(f"backend={backend.name!r} cannot run here: {problem}")
+    if static and not backend.static:
+        raise ValueError(
+            f"backend={backend.name!r} reads the per-expert counts on the host, which static_shapes=True "
+            f"forbids; use backend='grouped_mm' (or 'triton' on a GPU), or 'auto'"
+        )
+    return backend
+
+
+def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True) -> str:
+    """The table in this module's docstring."""
+    if x.device.type == "cuda" and grouped_mm_fast(experts, x):
         return "grouped_mm"
-    return "fused"
+    if not local:
+        return "loop"
+    if not static:
+        return "fused"
+    if x.device.type == "cuda":
+        if triton_problem(experts, x) is None:
+            return "triton"
+        raise ValueError(
+            "static_shapes=True on this GPU needs the Triton kernel (pip install 'xmoe[triton]'): "
+            "torch's grouped_mm has its fast kernel only on sm90/sm100 in bfloat16"
+        )
+    return "grouped_mm"
+
+
+@lru_cache(maxsize=None)
+def _announce(name: str, device: str, dtype: str, static: bool) -> None:
+    """One log line per choice (cached: a model of many layers says it once)."""
+    log.info("xmoe: backend='auto' runs the experts with %r on %s %s%s", name, device, dtype,
+             " (static shapes)" if static else "")

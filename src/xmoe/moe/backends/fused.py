@@ -1,10 +1,13 @@
 """The "fused" backend: gather -> expert MLP -> weighted scatter-add, a few experts at a time.
 
+A stage backend: it replaces the layer's dispatch -> experts -> combine (backends/__init__.py).
+
 Forward and backward walk the experts in runs of consecutive experts holding at least
 ``CHUNK_BYTES`` of rows (a few experts at S1: cache-sized; one busy expert is a run of its own),
 with one gather and one scatter-add per run, so no [N, D] gather, product or expert output is
 ever materialised. On CPU that matters more than it seems: a fresh 40 MB buffer costs more in
-first-touch page faults than the copy into it (see benchmarks/README.md). The only tensors kept for backward are the
+first-touch page faults than the copy into it (see benchmarks/README.md). The only tensors kept
+for backward are the
 pre-activations [N, F] (and the gate, for SwiGLU): memory grows with the kept pairs at the
 expert width, not the model width.
 
@@ -41,18 +44,20 @@ CHUNK_BYTES = 2 << 20
 
 
 def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
-    params = (experts.w1, experts.b1, experts.w2, experts.b2, experts.w3, experts.b3)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_TD, plan.weight_N, *params)
-    )
+    """The kept pairs of ``plan`` through their experts, weighted and summed per token: [T, D] fp32."""
+    if plan.counts is None:
+        raise ValueError("backend='fused' needs the per-expert counts on the host; static mode needs 'grouped_mm'")
     # mm/addmm with out= are not autocast ops: cast by hand to the dtype autocast would use, so
     # training and inference compute in the same precision; the casts carry gradients back.
     dtype = compute_dtype(x_TD)
-    x_TD = x_TD.to(dtype)
-    params = tuple(p.to(dtype) if p is not None else None for p in params)
+    w = experts.weights(dtype)
+    params = (w.w1, w.b1, w.w2, w.b2, w.w3, w.b3)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, plan.weight_N, *params)
+    )
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         return _FusedExperts.apply(
-            x_TD, plan.weight_N, plan.token_idx_N, plan.counts, experts.activation,
+            x_TD.to(dtype), plan.weight_N, plan.token_idx_N, plan.counts, experts.activation,
             needs_grad, *params,
         )
 
@@ -93,7 +98,8 @@ class _FusedExperts(torch.autograd.Function):
         g_x = torch.zeros_like(x_TD, dtype=torch.float32) if need_x else None
         g_weight = torch.empty_like(weight_N) if need_weight else None
         # Weight gradients are written expert by expert; only the idle experts' slices need
-        # zeros (zero-filling whole buffers costs more than it seems: first-touch page faults).
+        # zeros (zero-filling whole buffers costs more than it seems on a CPU: first-touch page
+        # faults).
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]
         g_w1, g_b1, g_w2, g_b2, g_w3, g_b3 = (
             _weight_grad(p, idle) if wanted else None
@@ -135,6 +141,8 @@ class _FusedExperts(torch.autograd.Function):
 
 
 def _weight_grad(param: Tensor, idle: list[int]) -> Tensor:
+    if param.device.type != "cpu":
+        return torch.zeros_like(param)  # a memset; indexing with a Python list would be a host sync
     grad = torch.empty_like(param)
     grad[idle] = 0
     return grad

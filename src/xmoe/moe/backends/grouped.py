@@ -1,8 +1,13 @@
 """The "grouped_mm" backend: all experts in one ``torch.nn.functional.grouped_mm`` per matrix.
 
-Rows are grouped by ``plan.offsets_E`` (int32 end offsets). Biases are per expert, so they are
-gathered per row (``b[expert_idx_N]``) and added; grouped_mm's own ``bias`` is shared by all
-groups and cannot express that.
+Rows are grouped by ``groups.offsets_E`` (int32 end offsets, on the device), so nothing is read
+to the host: this backend runs in static mode. Biases are per expert, so they are gathered per
+row (``b[expert_idx_N]``) and added; grouped_mm's own ``bias`` is shared by all groups.
+
+Static mode pads the rows past ``offsets_E[-1]``; grouped_mm leaves those rows of its output
+(and of its input gradient) unwritten. Each projection's result is masked with ``torch.where``
+(never multiplied by 0: uninitialised memory may hold NaN), so padding contributes nothing
+forward and receives nothing backward.
 """
 
 from __future__ import annotations
@@ -11,26 +16,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import combine, dispatch
+# torch's fast grouped GEMM (CUTLASS) exists for these compute capabilities, in bfloat16;
+# elsewhere grouped_mm falls back to a loop over groups that reads the offsets on the host.
+FAST_CAPABILITIES = ((9, 0), (10, 0))
 
 
 def grouped_mm_problem(experts, x: Tensor) -> str | None:
     """Why grouped_mm cannot run these experts on x, or None when it can."""
     if not hasattr(F, "grouped_mm"):
-        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (torch >= 2.9 has)"
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (torch >= 2.9 has); use backend='loop'"
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "grouped_mm needs a CUDA GPU of compute capability 8.0 or newer"
+        return "grouped_mm needs a CUDA GPU of compute capability 8.0 or newer; use backend='loop'"
     if x.device.type not in ("cuda", "cpu"):
-        return f"grouped_mm does not run on {x.device.type}"
+        return f"grouped_mm does not run on {x.device.type}; use backend='loop'"
     dtype = compute_dtype(x)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"grouped_mm takes float32, bfloat16 or float16, not {dtype}"
+        return f"grouped_mm takes float32, bfloat16 or float16, not {dtype}; use backend='loop'"
     itemsize = dtype.itemsize
     dims = {"model_dim": experts.w1.shape[1], "expert_dim": experts.w1.shape[2]}
     for name, size in dims.items():
         if size * itemsize % 16:
-            return f"grouped_mm needs rows of a multiple of 16 bytes; {name}={size} is not ({itemsize}-byte dtype)"
+            return (f"grouped_mm needs rows of a multiple of 16 bytes; {name}={size} is not "
+                    f"({itemsize}-byte dtype); use backend='loop'")
     return None
+
+
+def grouped_mm_fast(experts, x: Tensor) -> bool:
+    """Whether torch's fast grouped GEMM kernel runs these experts on x (CUDA sm90/sm100, bf16)."""
+    return (
+        x.device.type == "cuda"
+        and torch.cuda.get_device_capability(x.device) in FAST_CAPABILITIES
+        and compute_dtype(x) == torch.bfloat16
+        and grouped_mm_problem(experts, x) is None
+    )
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -40,23 +58,26 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_backend(experts, x_TD: Tensor, plan) -> Tensor:
-    return combine(_run_experts(experts, dispatch(x_TD, plan), plan), plan, x_TD.shape[0])
+def grouped_mm_backend(experts, x_ND: Tensor, groups) -> Tensor:
+    """[N, D] rows grouped by expert -> [N, D] expert outputs, in the compute dtype."""
+    if x_ND.shape[0] == 0:  # grouped_mm rejects an empty operand; the loop keeps the graph
+        from .loop import loop_backend
 
-
-def _run_experts(experts, x_ND: Tensor, plan) -> Tensor:
-    problem = grouped_mm_problem(experts, x_ND)
-    if problem:
-        raise ValueError(f"backend='grouped_mm' cannot run here: {problem}. Use backend='loop' or 'auto'")
-    if x_ND.shape[0] == 0:  # grouped_mm rejects an empty operand
-        return x_ND.new_empty(0, experts.w2.shape[-1])
+        return loop_backend(experts, x_ND, groups)
     dtype = compute_dtype(x_ND)  # grouped_mm is not on autocast's list: cast by hand
-    x_ND = x_ND.to(dtype).contiguous()
-    up = _grouped(x_ND, experts.w1, experts.b1, plan, dtype)
-    gate = _grouped(x_ND, experts.w3, experts.b3, plan, dtype) if experts.w3 is not None else None
-    return _grouped(experts.hidden(up, gate).contiguous(), experts.w2, experts.b2, plan, dtype)
+    w = experts.weights(dtype)
+    valid = None if groups.valid_N is None else groups.valid_N.unsqueeze(-1)
+    x_ND = _masked(x_ND.to(dtype), valid).contiguous()
+    up = _grouped(x_ND, w.w1, w.b1, groups, valid)
+    gate = _grouped(x_ND, w.w3, w.b3, groups, valid) if w.w3 is not None else None
+    return _grouped(experts.hidden(up, gate).contiguous(), w.w2, w.b2, groups, valid)
 
 
-def _grouped(x: Tensor, w: Tensor, b: Tensor | None, plan, dtype: torch.dtype) -> Tensor:
-    y = F.grouped_mm(x, w.to(dtype), offs=plan.offsets_E)
-    return y if b is None else y + b.to(dtype).index_select(0, plan.expert_idx_N)
+def _grouped(x: Tensor, w: Tensor, b: Tensor | None, groups, valid: Tensor | None) -> Tensor:
+    y = F.grouped_mm(x, w, offs=groups.offsets_E)
+    y = y if b is None else y + b.index_select(0, groups.expert_idx_N)
+    return _masked(y, valid)
+
+
+def _masked(t: Tensor, valid: Tensor | None) -> Tensor:
+    return t if valid is None else torch.where(valid, t, 0)

@@ -1,11 +1,14 @@
-"""The "loop" backend, the plain reference: dispatch, one GEMM chain per expert, combine.
+"""The "loop" backend, the plain reference: one GEMM chain per expert on its slice of rows.
 
 Every step is an ordinary differentiable torch op, so autograd writes the backward.
 
 The weights are split once per call with ``unbind`` (not indexed as ``w[e]`` inside the loop,
 whose backward would materialise a full [E, ...] gradient per expert), and the rows with
 ``split`` (whose backward is one ``cat``). Experts with no rows are skipped: ``unbind``'s
-backward still hands them a zero gradient, so every parameter takes part in autograd.
+backward still hands them a zero gradient, so every parameter takes part in autograd. With no
+rows at all, the first expert runs on the empty input, so the (empty) output still depends on
+the input and the weights: under expert parallelism a rank that received nothing must still
+take part in the backward exchange.
 """
 
 from __future__ import annotations
@@ -13,27 +16,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..dispatch import combine, dispatch
+from .grouped import compute_dtype
 
 
-def loop_backend(experts, x_TD: Tensor, plan) -> Tensor:
-    return combine(_run_experts(experts, dispatch(x_TD, plan), plan), plan, x_TD.shape[0])
-
-
-def _run_experts(experts, x_ND: Tensor, plan) -> Tensor:
+def loop_backend(experts, x_ND: Tensor, groups) -> Tensor:
+    """[N, D] rows grouped by expert -> [N, D] expert outputs, in the compute dtype."""
+    if groups.counts is None:
+        raise ValueError("backend='loop' needs the per-expert counts on the host; static mode needs 'grouped_mm'")
+    w = experts.weights(compute_dtype(x_ND))
     E = experts.num_experts
-    w1, w2, w3, b1, b2, b3 = (
-        _per_expert(p, E) for p in (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2, experts.b3)
-    )
+    w1, w2, w3, b1, b2, b3 = (_per_expert(p, E) for p in (w.w1, w.w2, w.w3, w.b1, w.b2, w.b3))
     outputs = []
-    for e, x_nD in enumerate(x_ND.split(plan.counts)):
-        if x_nD.shape[0] == 0:
-            continue
-        up = _linear(x_nD, w1[e], b1[e])
-        gate = _linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
-        outputs.append(_linear(experts.hidden(up, gate), w2[e], b2[e]))
-    if not outputs:
-        return x_ND.new_empty(0, experts.w2.shape[-1])
+    for e, x_nD in enumerate(x_ND.split(groups.counts)):
+        if x_nD.shape[0] or (e == E - 1 and not outputs):
+            up = _linear(x_nD, w1[e], b1[e])
+            gate = _linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
+            outputs.append(_linear(experts.hidden(up, gate), w2[e], b2[e]))
     return torch.cat(outputs)
 
 
