@@ -5,7 +5,8 @@ so the tests hold the library to an independent computation:
 
     p = softmax(W_g x)                                   float64
     experts of a token, by rank: sorted by (-p, expert index)
-    threshold rule: rank j is wanted iff j == 0 or p(0) + ... + p(j-1) < t   (t >= 1: all)
+    threshold rule: rank j is wanted iff j == 0 or p(0) + ... + p(j-1) < t   (t >= 1: all),
+                    then at most max_experts of them (when set)
     top-k rule:     the first k ranks
     capacity        C = min(S, max(ceil(gamma * S / E), m))                 (None: dropless)
     per expert: keep the C wanted pairs of highest priority (K - r) + p, ties -> lower token
@@ -115,10 +116,11 @@ def route(
     top_k: int,
     capacity_factor: float | None,
     min_capacity: int,
+    max_experts: int | None = None,
 ) -> Routing:
     num_tokens = len(p_TE)
     if rule == "threshold":
-        wanted = [threshold_choice(p, threshold) for p in p_TE]
+        wanted = [threshold_choice(p, threshold)[:max_experts] for p in p_TE]
     else:
         wanted = [topk_choice(p, top_k) for p in p_TE]
     slots = capacity(num_tokens, num_experts, capacity_factor, min_capacity)
@@ -250,6 +252,7 @@ def forward(
     activation: str,
     route_probs: list[list[float]] | None = None,
     combine: str = "probs",
+    max_experts: int | None = None,
 ):
     """The layer's output [T, D] float64, its probabilities [T, E] and routing decisions.
 
@@ -266,6 +269,7 @@ def forward(
         top_k=top_k,
         capacity_factor=capacity_factor,
         min_capacity=min_capacity,
+        max_experts=max_experts,
     )
     weights_TE = combine_weights(probs_TE, routing, renormalize, ones=combine == "ones")
     outputs = []

@@ -77,6 +77,7 @@ def run_oracle(layer: MoELayer, x_TD: torch.Tensor, P: oracle.Params | None = No
         activation=cfg.activation,
         route_probs=route_probs,
         combine=cfg.combine,
+        max_experts=cfg.max_experts,
     )
 
 

@@ -170,6 +170,13 @@ CASES = [
         shows=("overflow", "several_experts"),
     ),
     Case("ones-all-experts-swiglu", dict(threshold=1.0, combine="ones", activation="swiglu"), shows=("every_expert",)),
+    # max_experts: a cap on the threshold rule (a deviation from the paper, for static shapes).
+    Case("threshold-max2-dropless", dict(threshold=0.9, max_experts=2), shows=("several_experts",)),
+    Case(
+        "threshold-max3-capacity-swiglu",
+        dict(threshold=0.95, max_experts=3, capacity_factor=1.0, min_capacity=1, activation="swiglu"),
+        shows=("overflow", "several_experts"),
+    ),
 ]
 
 

@@ -97,7 +97,8 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
     """
     if name == "auto":
         name = auto_backend(experts, x, static=static, local=local)
-        _announce(name, str(x.device), str(compute_dtype(x)), static)
+        if not torch.compiler.is_compiling():  # logging would break the graph
+            _announce(name, str(x.device), str(compute_dtype(x)), static)
     elif not local and get(name).stage:
         name = GROUPED_EQUIVALENT[name]
     backend = get(name)
