@@ -43,8 +43,9 @@ def relaunch(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def parallel_context(ep_size: int):
-    """The Parallel of this rank under torchrun (None in a plain single process)."""
+def parallel_context(ep_size: int, device: str = "auto"):
+    """The Parallel of this rank under torchrun (None in a plain single process); ``device`` is
+    the run's train.device (auto, cpu, cuda)."""
     if not under_torchrun():
         if ep_size != 1:
             raise ValueError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
@@ -54,7 +55,7 @@ def parallel_context(ep_size: int):
 
     from xmoe.distributed import init_from_env
 
-    parallel, _ = init_from_env(ep_size)
+    parallel, _ = init_from_env(ep_size, device)
     try:
         yield parallel
     finally:

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if args.data is not None:
         overrides = {"data.path": args.data, **overrides}
     cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
-    with launch.parallel_context(args.ep_size) as parallel:
+    with launch.parallel_context(args.ep_size, cfg.train.device) as parallel:
         main_rank = parallel is None or parallel.is_main
         if main_rank:
             ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {args.ep_size})"

@@ -244,22 +244,44 @@ class Parallel(SingleProcess):
         return {i: name_of[id(p)] for i, p in enumerate(params)}
 
 
-def init_from_env(ep_size: int) -> tuple[Parallel, torch.device]:
+def init_from_env(ep_size: int, device: str = "auto") -> tuple[Parallel, torch.device]:
     """Join the run torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment).
 
-    NCCL and this rank's GPU when CUDA is available, else gloo on the CPU.
+    ``device`` is the run's train.device: "cpu" runs gloo on the CPU; "cuda" runs NCCL with one
+    GPU per local rank; "auto" is "cuda" when CUDA is available, else "cpu". Asking for more
+    local ranks than this machine has GPUs is an error, never a silent fallback.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("not launched by torchrun (RANK/WORLD_SIZE unset); use `xmoe train --nproc N`")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+    kind = rank_device_type(device)
+    if kind == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if local_ranks > torch.cuda.device_count():
+            raise ValueError(
+                f"{local_ranks} processes on this machine need {local_ranks} GPUs, torch sees "
+                f"{torch.cuda.device_count()}: use --nproc {torch.cuda.device_count()} or --train.device=cpu"
+            )
+        rank_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(rank_device)
+        dist.init_process_group("nccl", device_id=rank_device)
     else:
-        device = torch.device("cpu")
+        rank_device = torch.device("cpu")
         dist.init_process_group("gloo")
     layout = Layout(world_size=dist.get_world_size(), ep_size=ep_size)
-    return Parallel(layout, device), device
+    return Parallel(layout, rank_device), rank_device
+
+
+def rank_device_type(device: str) -> str:
+    """"cuda" or "cpu" for a train.device setting (auto, cpu, cuda, cuda:N)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"distributed runs take train.device auto, cpu or cuda, not {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device!r}, but this torch sees no CUDA GPU; use --train.device=cpu")
+    return kind
 
 
 def _my_group(groups: list[list[int]], rank: int):
