@@ -35,10 +35,25 @@ def test_baselines_compute_the_layers_function() -> None:
             by_hand[t] += decision.weights_TE[t, e].double() * (hidden @ ex["w2"][e] + ex["b2"][e])
     assert 1.5 < decision.kept_TE.sum(-1).float().mean() < 3.5  # the router was calibrated
     torch.testing.assert_close(expected.double(), by_hand, rtol=1e-5, atol=1e-6)
-    for name in ("xmoe[loop]", "xmoe[fused]", "xmoe[grouped_mm]", "C slots", "mask loop"):
+    for name in ("xmoe[loop]", "xmoe[fused]", "xmoe[grouped_mm]", "xmoe[static]", "C slots", "mask loop"):
         with torch.no_grad():
             out = candidates[name][0]()
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_baselines_run_in_bfloat16() -> None:
+    """bf16 is the benchmark's CUDA default: every candidate runs in it (the C-slot baseline once
+    added fp32 weights into a bf16 buffer) and the layer-function ones agree to bf16 rounding."""
+    x = torch.randn(TINY.tokens, TINY.model_dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    candidates, ref = bench.make_candidates(TINY, x.requires_grad_(True), target_k=2.5, seed=0,
+                                            backends=["loop", "grouped_mm"])
+    with torch.no_grad():
+        expected = ref(x).output.float()
+        for name, (fn, _) in candidates.items():
+            out = fn()
+            if name in ("xmoe[loop]", "xmoe[grouped_mm]", "xmoe[static]", "C slots", "mask loop"):
+                assert out.dtype == torch.bfloat16, name
+                torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
 
 
 def test_gemm_baselines_do_the_kept_pairs_work() -> None:
@@ -52,13 +67,15 @@ def test_gemm_baselines_do_the_kept_pairs_work() -> None:
 
 
 def test_script_prints_a_table(capsys) -> None:
-    rows = bench.run(bench_args(["--shapes", "small", "--repeats", "1", "--backends", "fused"]))
+    rows = bench.run(bench_args(["--shapes", "small", "--repeats", "1", "--backends", "fused", "--no-static"]))
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
     for r in rows:
         assert r["best_backend"] == "fused"
         assert set(r["ms"]) == {"xmoe[fused]", "speed limit", "expert GEMMs", "C slots", "mask loop", "top-8"}
         assert all(ms > 0 for ms in r["ms"].values())
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "timing fused and the baselines" in captured.err  # progress, on stderr
+    table = captured.out
     assert "| small T=1024 D=256 F=128 E=32 | fwd+bwd |" in table and "expert-GEMM fraction" in table
 
 

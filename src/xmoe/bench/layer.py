@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -61,12 +62,15 @@ SHAPES = {
 }
 
 
-def build_layer(shape: Shape, router: str, backend: str, target_k: float, x: Tensor, seed: int) -> MoELayer:
-    """An MoE layer whose (threshold) router engages about ``target_k`` experts per token on x."""
+def build_layer(shape: Shape, router: str, backend: str, target_k: float, x: Tensor, seed: int,
+                static: bool = False) -> MoELayer:
+    """An MoE layer whose (threshold) router engages about ``target_k`` experts per token on x.
+    ``static``: static mode (no host sync), padded to the capacity bound E * C."""
     torch.manual_seed(seed)
     cfg = MoEConfig(
         model_dim=shape.model_dim, num_experts=shape.num_experts, expert_dim=shape.expert_dim,
         router=router, threshold=0.9, top_k=shape.top_k, capacity_factor=8.0, backend=backend,
+        eval_capacity_factor=8.0 if static else None, static_shapes=static,
     )
     layer = MoELayer(cfg).to(device=x.device, dtype=x.dtype)
     if router == "threshold":
@@ -126,7 +130,7 @@ def capacity_slots(layer: MoELayer, x: Tensor) -> Candidate:
         buffer_ECD[e_idx, slot_idx] = x[t_idx]
         h_ECF = F.gelu(torch.baddbmm(ex.b1.unsqueeze(1), buffer_ECD, ex.w1))
         y_ECD = torch.baddbmm(ex.b2.unsqueeze(1), h_ECF, ex.w2)
-        weights = decision.weights_TE[t_idx, e_idx].unsqueeze(-1)
+        weights = decision.weights_TE[t_idx, e_idx].unsqueeze(-1).to(x.dtype)
         return x.new_zeros(T, D).index_add(0, t_idx, y_ECD[e_idx, slot_idx] * weights)
 
     return run, [x, *layer.parameters()]
@@ -172,11 +176,20 @@ def timed(fn: Callable[[], Tensor], backward: bool, sync: Callable[[], None], le
     return time.perf_counter() - start
 
 
+def runnable_backends(shape: Shape, x: Tensor) -> list[str]:
+    """The backends that can run this shape on x here (the Triton kernel needs a GPU, ...)."""
+    probe = MoELayer(MoEConfig(model_dim=shape.model_dim, num_experts=1, expert_dim=shape.expert_dim)).experts
+    return [name for name, b in BACKENDS.items() if b.problem(probe, x) is None]
+
+
 def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int,
-                    backends: list[str]) -> tuple[dict[str, Candidate], MoELayer]:
+                    backends: list[str], static: bool = True) -> tuple[dict[str, Candidate], MoELayer]:
     """Everything the benchmark times on input ``x`` (which needs grad for fwd+bwd), sharing one
-    set of weights, and the reference layer those weights come from."""
+    set of weights, and the reference layer those weights come from. ``static``: also the layer
+    in static mode (backend auto)."""
     layers = {b: build_layer(shape, "threshold", b, target_k, x.detach(), seed) for b in backends}
+    if static:
+        layers["static"] = build_layer(shape, "threshold", "auto", target_k, x.detach(), seed, static=True)
     ref = layers[backends[0]]
     for layer in layers.values():  # same weights for every backend
         layer.load_state_dict(ref.state_dict())
@@ -200,17 +213,20 @@ def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int,
 
 
 def bench_shape(shape: Shape, *, device: torch.device, dtype: torch.dtype, target_k: float,
-                repeats: int, seed: int, backends: list[str]) -> list[dict]:
+                repeats: int, seed: int, backends: list[str], static: bool = True) -> list[dict]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.tokens, shape.model_dim, generator=gen).to(device=device, dtype=dtype)
-    candidates, ref = make_candidates(shape, x.requires_grad_(True), target_k=target_k, seed=seed, backends=backends)
+    candidates, ref = make_candidates(shape, x.requires_grad_(True), target_k=target_k, seed=seed,
+                                      backends=backends, static=static)
     with torch.no_grad():
         stats = ref(x).stats
     slots = capacity(shape.tokens, shape.num_experts, 8.0, 4)
 
     rows = []
     for backward in (False, True):
+        print(f"#   {'fwd+bwd' if backward else 'fwd'}: {repeats} rounds of {len(candidates)} candidates",
+              file=sys.stderr, flush=True)
         times: dict[str, list[float]] = {name: [] for name in candidates}
         for fn, leaves in candidates.values():  # warm-up
             timed(fn, backward, sync, leaves)
@@ -248,26 +264,39 @@ def print_table(rows: list[dict]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", nargs="+", default=["small", "S1", "large"], choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
+                        help="default: small and S1 (about a minute on a laptop CPU); --full: all")
+    parser.add_argument("--full", action="store_true", help="every shape (small, S1, large), 7 repeats")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--target-k", type=float, default=3.0, help="mean experts per token to calibrate the router to")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3, or 7 with --full")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS),
+                        help="default: every backend that runs on this device")
+    parser.add_argument("--no-static", action="store_true", help="leave out the layer in static mode")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = args.shapes or (list(SHAPES) if args.full else ["small", "S1"])
+    repeats = args.repeats or (7 if args.full else 3)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     print(f"# xmoe layer benchmark: {device}, {dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}, threshold router t=0.9, capacity factor 8")
+          f"{torch.get_num_threads()} threads, median of {repeats}, threshold router t=0.9, capacity factor 8")
     rows = []
-    for name in args.shapes:
-        rows += bench_shape(SHAPES[name], device=device, dtype=dtype, target_k=args.target_k,
-                            repeats=args.repeats, seed=args.seed, backends=args.backends)
+    for name in shapes:
+        shape = SHAPES[name]
+        x = torch.zeros(1, shape.model_dim, device=device, dtype=dtype)
+        backends = args.backends or runnable_backends(shape, x)
+        print(f"# {shape.label}: timing {', '.join(backends)}{'' if args.no_static else ', static'} "
+              f"and the baselines ...", file=sys.stderr, flush=True)
+        rows += bench_shape(shape, device=device, dtype=dtype, target_k=args.target_k,
+                            repeats=repeats, seed=args.seed, backends=backends, static=not args.no_static)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
