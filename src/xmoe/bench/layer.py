@@ -59,7 +59,10 @@ SHAPES = {
     "small": Shape("small", 1024, 256, 128, 32, 8),
     "S1": Shape("S1", 4096, 768, 384, 64, 8),
     "large": Shape("large", 8192, 1024, 512, 64, 8),
+    "paper": Shape("paper", 16384, 768, 384, 64, 8),  # GPT-2 small's MoE layer, 16 x 1024 tokens
+    "tiny": Shape("tiny", 256, 64, 32, 8, 2),  # dry runs of the scripts
 }
+FULL = ("small", "S1", "large")
 
 
 def build_layer(shape: Shape, router: str, backend: str, target_k: float, x: Tensor, seed: int,
@@ -182,13 +185,14 @@ def runnable_backends(shape: Shape, x: Tensor) -> list[str]:
     return [name for name, b in BACKENDS.items() if b.problem(probe, x) is None]
 
 
-def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int,
-                    backends: list[str], static: bool = True) -> tuple[dict[str, Candidate], MoELayer]:
+def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int, backends: list[str],
+                    static: bool = True, compile_backend: str | None = None) -> tuple[dict[str, Candidate], MoELayer]:
     """Everything the benchmark times on input ``x`` (which needs grad for fwd+bwd), sharing one
     set of weights, and the reference layer those weights come from. ``static``: also the layer
-    in static mode (backend auto)."""
+    in static mode (backend auto); ``compile_backend``: also that layer under
+    ``torch.compile(fullgraph=True, backend=compile_backend)``."""
     layers = {b: build_layer(shape, "threshold", b, target_k, x.detach(), seed) for b in backends}
-    if static:
+    if static or compile_backend:
         layers["static"] = build_layer(shape, "threshold", "auto", target_k, x.detach(), seed, static=True)
     ref = layers[backends[0]]
     for layer in layers.values():  # same weights for every backend
@@ -202,6 +206,11 @@ def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int,
     candidates: dict[str, Candidate] = {
         f"xmoe[{b}]": ((lambda l=l: l(x).output), [x, *l.parameters()]) for b, l in layers.items()
     }
+    if compile_backend:
+        compiled = torch.compile(layers["static"], fullgraph=True, backend=compile_backend)
+        candidates["xmoe[static, compiled]"] = ((lambda: compiled(x).output), [x, *layers["static"].parameters()])
+        if not static:
+            del candidates["xmoe[static]"]
     candidates.update({
         "speed limit": speed_limit(ref, sum(counts), x),
         "expert GEMMs": expert_gemms(ref, counts, x),
@@ -213,12 +222,13 @@ def make_candidates(shape: Shape, x: Tensor, *, target_k: float, seed: int,
 
 
 def bench_shape(shape: Shape, *, device: torch.device, dtype: torch.dtype, target_k: float,
-                repeats: int, seed: int, backends: list[str], static: bool = True) -> list[dict]:
+                repeats: int, seed: int, backends: list[str], static: bool = True,
+                compile_backend: str | None = None) -> list[dict]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.tokens, shape.model_dim, generator=gen).to(device=device, dtype=dtype)
     candidates, ref = make_candidates(shape, x.requires_grad_(True), target_k=target_k, seed=seed,
-                                      backends=backends, static=static)
+                                      backends=backends, static=static, compile_backend=compile_backend)
     with torch.no_grad():
         stats = ref(x).stats
     slots = capacity(shape.tokens, shape.num_experts, 8.0, 4)
@@ -282,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    shapes = args.shapes or (list(SHAPES) if args.full else ["small", "S1"])
+    shapes = args.shapes or (list(FULL) if args.full else ["small", "S1"])
     repeats = args.repeats or (7 if args.full else 3)
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
