@@ -84,7 +84,8 @@ def check_layer(device: torch.device, overrides: dict, precision: str) -> dict:
               "router": _rel(layer.router.weight.grad, ref_grads["router"])}
     errors.update({n: _rel(getattr(layer.experts, n).grad, ref_grads[n]) for n in PARAMS})
     idle = ~decision.kept_TE.any(dim=0)
-    idle_grads_zero = all(float(getattr(layer.experts, n).grad[idle].abs().max()) == 0.0 for n in PARAMS) if idle.any() else None
+    grads = [getattr(layer.experts, n).grad for n in PARAMS]
+    idle_grads_zero = all(g is not None and float(g[idle].abs().max()) == 0.0 for g in grads) if idle.any() else None
     tolerance = 2e-2 if precision == "bf16" else 1e-4
     return {
         "errors": errors,
