@@ -193,6 +193,15 @@ def test_layer_matches_oracle(case: Case, backend: str) -> None:
     _check_against_oracle(case, backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["loop", "fused", "grouped_mm"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_layer_matches_oracle_on_cuda(case: Case, backend: str) -> None:
+    """The same cases on a GPU, where routing and the backends take their CUDA paths."""
+    _check_against_oracle(case, backend, device=torch.device("cuda"))
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_fused_chunks_match_oracle(case: Case, rows: int, monkeypatch) -> None:
@@ -203,7 +212,7 @@ def test_fused_chunks_match_oracle(case: Case, rows: int, monkeypatch) -> None:
     _check_against_oracle(case, "fused")
 
 
-def _check_against_oracle(case: Case, backend: str) -> None:
+def _check_against_oracle(case: Case, backend: str, device: torch.device | None = None) -> None:
     layer, x = _setup(case, backend)
     E = layer.cfg.num_experts
     P = params64(layer)
@@ -214,30 +223,32 @@ def _check_against_oracle(case: Case, backend: str) -> None:
     assert routing.margin > MARGIN
     for feature in case.shows:
         assert FEATURES[feature](routing, E), f"case {case.id} does not show {feature}"
+    if device is not None:
+        layer, x = layer.to(device), x.to(device)
 
     # The decisions.
     decision = layer.route(x)
-    assert torch.equal(decision.wanted_TE, routing.wanted_mask(E))
-    assert torch.equal(decision.kept_TE, routing.kept_mask(E))
+    assert torch.equal(decision.wanted_TE.cpu(), routing.wanted_mask(E))
+    assert torch.equal(decision.kept_TE.cpu(), routing.kept_mask(E))
     assert decision.capacity == routing.capacity
 
     # The output.
     xg = x.clone().requires_grad_(True)
     out = layer(xg)
     assert out.output.shape == x.shape and out.output.dtype == x.dtype
-    torch.testing.assert_close(out.output.double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.output.double().cpu(), y64.detach(), rtol=1e-5, atol=1e-5)
 
     # The gradients, under a random (not all-ones) upstream gradient.
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
-    (out.output * g).sum().backward()
+    (out.output * g.to(x.device)).sum().backward()
     (y64 * g.double()).sum().backward()
-    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xg.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-5)
     for name, param in layer_params(layer).items():
         if name == "router" and layer.cfg.combine == "ones":
             assert param.grad is None  # unit weights: the output does not depend on the router's p
             continue
         assert param.grad is not None, f"{name} got no gradient"
-        torch.testing.assert_close(param.grad.double(), P.named()[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(param.grad.double().cpu(), P.named()[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
