@@ -343,3 +343,73 @@ def test_kernels_compile_for_hopper(monkeypatch, tmp_path):
     assert set(compiled) == KERNELS
     for name, kernel in compiled.items():
         assert kernel.asm.get("cubin"), f"{name}: no cubin"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+def gelu_experts64(x, token_idx, weight, counts, w1, b1, w2, b2):
+    """The float64 reference at GPU-test sizes: one GEMM chain per expert, pairs summed per token."""
+    out, start = x.new_zeros(x.shape), 0
+    for e, count in enumerate(counts):
+        rows = token_idx[start : start + count]
+        y = oracle.gelu(x[rows] @ w1[e] + b1[e]) @ w2[e] + b2[e]
+        out = out.index_add(0, rows, weight[start : start + count, None] * y)
+        start += count
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
+def test_cuda_matches_float64_without_host_sync(dtype, tol):
+    """Compiled kernels on a GPU: output and gradients against float64, forward and backward under
+    torch's sync debug mode set to raise, and the forward captured in a CUDA graph and replayed."""
+    from xmoe.moe.backends.triton_moe import triton_moe
+
+    gen = torch.Generator().manual_seed(0)
+    T_, D_, F_, E_, pad = 512, 256, 128, 16, 7
+    counts = torch.randint(0, 90, (E_,), generator=gen).tolist()
+    counts[3], counts[5] = 0, 1
+    token_idx = torch.cat([torch.randperm(T_, generator=gen)[:c].sort().values for c in counts]
+                          + [torch.randint(0, T_, (pad,), generator=gen)])
+    weight = torch.cat([torch.rand(sum(counts), generator=gen), torch.full((pad,), 7.0)]).double()
+    shapes = {"x": (T_, D_), "w1": (E_, D_, F_), "b1": (E_, F_), "w2": (E_, F_, D_), "b2": (E_, D_)}
+    scales = {"x": 1.0, "w1": D_**-0.5, "b1": 0.5, "w2": F_**-0.5, "b2": 0.5}
+    leaves64 = {k: (scales[k] * torch.randn(*s, generator=gen, dtype=torch.float64)).to(dtype).double().requires_grad_()
+                for k, s in shapes.items()}
+    leaves64["weight"] = weight.float().double().requires_grad_()
+    g = torch.randn(T_, D_, generator=gen, dtype=torch.float64)
+    want_out = gelu_experts64(leaves64["x"], token_idx, leaves64["weight"], counts,
+                              *(leaves64[k] for k in ("w1", "b1", "w2", "b2")))
+    want = dict(zip(leaves64, torch.autograd.grad(want_out, list(leaves64.values()), g)))
+
+    cuda = {k: v.detach().to("cuda", torch.float32 if k == "weight" else dtype).requires_grad_() for k, v in leaves64.items()}
+    index, offsets = token_idx.cuda(), torch.tensor(counts).cumsum(0).to("cuda", torch.int32)
+
+    def run():
+        return triton_moe(cuda["x"], index, cuda["weight"], offsets, cuda["w1"], cuda["b1"], cuda["w2"], cuda["b2"],
+                          None, None, "gelu")
+
+    run().backward(g.float().cuda())  # compiles the kernels (outside the sync check)
+    for t in cuda.values():
+        t.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+        out.backward(g.float().cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_near("out", out.cpu(), want_out.detach(), tol)
+    for k, grad in want.items():
+        assert_near(f"d{k}", cuda[k].grad.cpu(), grad, tol)
+    assert not cuda["weight"].grad[sum(counts):].any()
+
+    with torch.no_grad():
+        run()  # the inference variant compiles before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_near("graph out", captured.cpu(), want_out.detach(), tol)

@@ -25,14 +25,14 @@ Backward, with g = dout[t] and u = g W2_e^T, by hand:
   _input_grad_kernel    dx[tokens] += dup W1^T (+ dgate W3^T)      fp32 atomics
 
 Design choices:
-- Scatter-add by fp32 atomics, not a sorted second pass: a second pass would write and re-read
-  an [N, D] fp32 buffer (75 MB at S1, below) and need the pairs re-sorted by token; atomics
+- Scatter-add by fp32 atomics, not a sorted second pass: a second pass would write and read
+  back an [N, D] fp32 buffer (37.7 MB at S1, below) and need the pairs sorted by token; atomics
   touch only the [T, D] output (12.6 MB at S1, L2-resident on an H200), and a token gets only
   its few experts' adds, so contention is low. The price: fp32 sums in a run-dependent order
   (out, dx and dw differ between runs in the last bits).
 - The pre-activation up [N, F] (and the gate) is saved for backward, not recomputed: it is as
   narrow as the experts (9.4 MB in bf16 at S1), and recomputing it would repeat the x W1 GEMM,
-  a quarter of forward+backward's GEMM work. h, which the forward writes for the second GEMM
+  a sixth of forward+backward's GEMM work. h, which the forward writes for the second GEMM
   anyway, is kept too.
 - No host sync: every grid comes from shapes. Row tiles number cdiv(N, BLOCK_M) + E, an upper
   bound on sum_e cdiv(n_e, BLOCK_M); each program finds its expert and rows from offsets_E on
@@ -40,26 +40,29 @@ Design choices:
   (static-shape padding) belong to no tile: never read, never written, zero gradient.
 
 Why it should beat grouped_mm at S1 on an H200 (T=4096, D=768, F=384, E=64, ~3 experts/token,
-N ~ 12,288 pairs, bf16, GeLU with bias). Estimates from the hardware's peak numbers (989 dense
-bf16 TFLOP/s, 4.8 TB/s, 50 MB L2), not measurements:
-- Work, identical on both paths: 2 GEMMs of 2 N D F = 14.5 GFLOP forward, 15 us at peak.
-- Bytes that must move: expert weights 2 E D F x 2 B = 75.5 MB (16 us at 4.8 TB/s) and x
-  6.3 MB; a row tile's F-blocks reuse x rows and an expert's tiles reuse its weights from L2.
-  This kernel adds h written and read (2 x 9.4 MB) and 37.7 MB of fp32 atomics that land in
-  the L2-resident output: ~100 MB of DRAM traffic, two launches plus the output's memset.
-- The grouped_mm path adds, around the same two GEMMs: the [N, D] gather (18.9 MB written, read
-  back), per-row bias gathers and adds on [N, F] and [N, D] (~75 MB), the activation as its own
-  pass (~19 MB), and a combine that converts [N, D] to fp32, weights it and index_adds it
-  (~150 MB): ~330 MB and about ten more launches of a few us each. At S1 the layer is
-  bandwidth-bound (14.5 GFLOP over ~100 MB is ~145 FLOP/B, under the H200's ~206 FLOP/B
-  balance point), so ~3x fewer bytes should show up as time; backward likewise avoids the
-  [N, D] gathers of g and the dx scatter buffers.
-How close this comes is for the GPU benchmark (benchmarks/layer.py) to say; block sizes below
-are sane Hopper defaults, untuned.
+N ~ 12,288 pairs, bf16, GeLU with biases). Estimates from the hardware's peaks (989 dense bf16
+TFLOP/s, 4.8 TB/s, 50 MB L2), not measurements:
+- GEMM work is the same on both paths: 2 x 2 N D F = 14.5 GFLOP forward, 15 us at peak.
+- Bytes both must move: the expert weights, 2 E D F x 2 B = 75.5 MB, 16 us at peak bandwidth.
+  Here, besides: x (6.3 MB; a tile's F-blocks reread its rows from L2), h written and read
+  (2 x 9.4 MB), the fp32 output zeroed and written back (2 x 12.6 MB; its 37.7 MB of atomic
+  adds land in L2): ~125 MB in all, ~26 us at peak, in three launches (memset and two kernels).
+- grouped_mm's path adds, around the same two GEMMs: the [N, D] gather (18.9 MB written, read
+  back), per-row bias gathers and adds on [N, F] and [N, D] (~110 MB), the activation as a pass
+  of its own (19 MB), a combine that converts [N, D] to fp32, weights it and index_adds it
+  (~190 MB): ~500 MB of reads and writes (part of it L2 hits) in about a dozen launches.
+At ~115 FLOP per DRAM byte this kernel sits below the H200's ~206 FLOP/B balance point: it is
+bandwidth-bound, so ~4x fewer bytes and fewer launches should show up as time; backward
+likewise skips the gathered copies of g and x and the [N, D] dx buffer. Against the benchmark's
+"speed limit" (one expert's weights for every row, L2-resident: compute-bound, ~15-20 us) the
+weight stream is the cost no MoE avoids; 0.7 of it needs the weight loads to overlap the MMAs
+(num_stages=3 pipelining). How close this comes is for the GPU benchmark (benchmarks/layer.py);
+the block sizes below are sane Hopper defaults, untuned.
 
-Testing: under TRITON_INTERPRET=1 (set before this module is imported: @triton.jit reads it
-when the kernels are defined), the kernels run on CPU tensors; bf16 tl.dot is wrong in the
-interpreter, so bf16 operands are multiplied as fp32 there.
+Testing: with TRITON_INTERPRET=1 set before triton is first imported (triton.language's own
+helpers are built then, and so are these kernels when this module is imported), the kernels
+run on CPU tensors in Triton's interpreter; its bf16 tl.dot is wrong, so bf16 operands are
+multiplied as fp32 there.
 
 Shapes: T tokens, D model dim, F expert dim, E experts, N pairs (padded length included).
 """
@@ -83,18 +86,26 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 INSTALL_HINT = "pip install 'xmoe[triton]'"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Blocks:
-    """Tile sizes shared by every kernel (each at least 16: tl.dot's smallest)."""
+    """Tile sizes shared by every kernel, and the launch's warps and pipeline stages."""
 
-    rows: int  # BLOCK_M: pairs per row tile (and per step of the weight-gradient reductions)
-    cols: int  # BLOCK_N: output columns per program (F or D)
-    inner: int  # BLOCK_K: the reduction dimension per step (D or F)
+    rows: int  # BLOCK_M, an output tile's rows: pairs per row tile (F or D in the dW kernels)
+    cols: int  # BLOCK_N, an output tile's columns (F or D)
+    inner: int  # BLOCK_K, one reduction step (D or F; pairs in the dW kernels)
     num_warps: int = 4
     num_stages: int = 3
 
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols", "inner"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"Blocks.{name} must be a power of two >= 16 (tl.dot's smallest), got {size}")
 
-# Hopper-sized defaults (64-row tiles waste ~32 rows per expert of ~192 at S1), untuned.
+
+# Hopper-sized defaults, untuned: 64-row tiles waste ~32 rows per expert of ~192 at S1; with 8
+# warps no kernel spills registers on sm_90 in bf16 (fp32 _up_weight_kernel does: fp32 is not the
+# fast path).
 GPU_BLOCKS = Blocks(rows=64, cols=128, inner=64, num_warps=8)
 # The interpreter runs a block as numpy arrays: small tiles keep tests fast and exercise masks.
 INTERPRETER_BLOCKS = Blocks(rows=16, cols=32, inner=32, num_warps=1, num_stages=1)
@@ -166,7 +177,7 @@ def _rows_dot_vector(a_ptr, a_rows, a_row_stride, row_ok, v_ptr, K, BLOCK_M: tl.
 
 @_jit
 def _tanh(z):
-    # Not every Triton version has tl tanh; exp of minus |z| never overflows.
+    # triton.language has no tanh (libdevice's is CUDA-only); exp(-2|z|) never overflows.
     e = tl.exp(-2 * tl.abs(z))
     t = (1 - e) / (1 + e)
     return tl.where(z >= 0, t, -t)
@@ -569,7 +580,8 @@ def _launch(kernel, num_programs: int, blocks: Blocks, device: torch.device, **a
         kernel[(num_programs,)](**args, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _common(x_TD: Tensor, blocks: Blocks) -> dict:
+def _tile_args(x_TD: Tensor, blocks: Blocks) -> dict:
+    """The constexprs every kernel takes: how to multiply and the tile sizes."""
     return dict(
         DOT_DTYPE=_dot_dtype(x_TD.dtype), PRECISION=_precision(x_TD.dtype),
         BLOCK_M=blocks.rows, BLOCK_N=blocks.cols, BLOCK_K=blocks.inner,
@@ -581,7 +593,7 @@ class _TritonMoE(torch.autograd.Function):
     def forward(ctx, x_TD, token_idx_N, weight_N, offsets_E, activation, save, w1, b1, w2, b2, w3, b3):
         (T, D), (E, _, F_), N = x_TD.shape, w1.shape, token_idx_N.shape[0]
         blocks, device = _blocks(), x_TD.device
-        common = _common(x_TD, blocks)
+        common = _tile_args(x_TD, blocks)
         tiles, block_e = triton.cdiv(N, blocks.rows) + E, triton.next_power_of_2(E)
         gated, has_bias = w3 is not None, b1 is not None
 
@@ -615,7 +627,7 @@ class _TritonMoE(torch.autograd.Function):
         need_x, _, need_weight, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
         (T, D), (E, _, F_), N = x_TD.shape, w1.shape, token_idx_N.shape[0]
         blocks, device = _blocks(), x_TD.device
-        common = _common(x_TD, blocks)
+        common = _tile_args(x_TD, blocks)
         tiles, block_e = triton.cdiv(N, blocks.rows) + E, triton.next_power_of_2(E)
         gated, has_bias = w3 is not None, b1 is not None
         f_blocks, d_blocks = triton.cdiv(F_, blocks.cols), triton.cdiv(D, blocks.cols)
