@@ -9,7 +9,8 @@ set before triton itself is imported (triton.language's own helpers, tl.cdiv or 
 inside an interpreted kernel), and the rest of the suite may import triton first. So
 ``kernel_results`` builds every case here, runs them all in one fresh Python started with the
 variable set (``run_jobs``), and gets the outputs and gradients back; the checks, and the
-float64 loop they are held to, run in this process.
+float64 loop they are held to, run in this process. Every test loads the triton_moe.py next to
+it by path (``load_copy``), whatever copy of xmoe is installed.
 
 The interpreter's blocks are 16 rows x 32 columns x 32 deep (INTERPRETER_BLOCKS); D = 40 and
 F = 24 end every column and reduction loop in a partial block.
@@ -109,13 +110,26 @@ def job(case: dict, dtype: torch.dtype, requires_grad=GRADS, grad_mode: bool = T
     return dict(args=args, requires_grad=requires_grad, grad_mode=grad_mode, g=case["g"].float())
 
 
+def load_copy(name: str, monkeypatch: pytest.MonkeyPatch | None = None):
+    """A fresh copy of the triton_moe.py next to these tests, imported now under ``name`` (the
+    installed package's copy, if any, is left alone)."""
+    spec = importlib.util.spec_from_file_location(name, MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules (monkeypatch: only for the test's duration)
+    if monkeypatch is None:
+        sys.modules[name] = module
+    else:
+        monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 ARG_OF = {"x": "x_TD", "weight": "weight_N", **{k: k for k in PARAMS}}
 
 
 def run_jobs(path_in: str, path_out: str) -> None:
     """The subprocess: run every job through triton_moe, forward and backward."""
-    from xmoe.moe.backends import triton_moe as module
-
+    module = load_copy("_triton_moe_interpreted")
     results = {"_interpreted": module._interpreted()}
     for name, spec in torch.load(path_in).items():
         args = spec["args"]
@@ -145,7 +159,7 @@ LOW = {  # bf16 (8-bit mantissa) and fp16 round h and g inside; tolerances again
 PARTIAL = {"router_only": ("weight",), "down_only": ("w2", "b2"), "input_only": ("x",)}
 PARTIAL_CASE = make_case("gelu_tanh", True, seed=3)
 EMPTY_CASE = make_case("relu", True, counts=(0,) * E, pad=3)
-BAD_CASE = make_case("gelu", True)
+BAD_CASE = FP32["gelu-bias"]
 BAD_INPUTS = {  # name: (expected message, argument changes)
     "activation": ("activation='silu'; choose one of", dict(activation="silu")),
     "offsets_dtype": ("offsets_E must be torch.int32", dict(offsets_E=BAD_CASE["offsets"].long())),
@@ -261,18 +275,9 @@ def test_bad_inputs_raise(kernel_results, name):
 # ----------------------------------------------------------------------------- availability
 
 
-def load_copy(monkeypatch, name: str):
-    """A fresh copy of triton_moe.py as imported now (the package's own copy is left alone)."""
-    spec = importlib.util.spec_from_file_location(name, MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cpu_without_interpreter_points_to_fused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    module = load_copy(monkeypatch, "_triton_moe_compiled")
+    module = load_copy("_triton_moe_compiled", monkeypatch)
     x = torch.zeros(2, 4)
     assert "backend='fused'" in module.triton_problem(x)
     with pytest.raises(ValueError, match="backend='fused'"):
@@ -284,7 +289,7 @@ def test_module_imports_without_triton(monkeypatch):
     for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    module = load_copy(monkeypatch, "_triton_moe_without_triton")
+    module = load_copy("_triton_moe_without_triton", monkeypatch)
     assert "pip install 'xmoe[triton]'" in module.triton_problem(torch.zeros(2, 4))
     with pytest.raises(ValueError, match=r"pip install 'xmoe\[triton\]'"):
         module.triton_moe(torch.zeros(2, 4), None, None, None, None, None, None, None, None, None, "gelu")
@@ -309,7 +314,7 @@ def test_kernels_compile_for_hopper(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is the default
-    module = load_copy(monkeypatch, "_triton_moe_for_hopper")
+    module = load_copy("_triton_moe_for_hopper", monkeypatch)
     compiled = {}
 
     def compile_instead(kernel, num_programs, blocks, device, **args):
@@ -362,10 +367,11 @@ def gelu_experts64(x, token_idx, weight, counts, w1, b1, w2, b2):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
-def test_cuda_matches_float64_without_host_sync(dtype, tol):
+def test_cuda_matches_float64_without_host_sync(monkeypatch, dtype, tol):
     """Compiled kernels on a GPU: output and gradients against float64, forward and backward under
     torch's sync debug mode set to raise, and the forward captured in a CUDA graph and replayed."""
-    from xmoe.moe.backends.triton_moe import triton_moe
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton_moe = load_copy("_triton_moe_cuda", monkeypatch).triton_moe
 
     gen = torch.Generator().manual_seed(0)
     T_, D_, F_, E_, pad = 512, 256, 128, 16, 7
