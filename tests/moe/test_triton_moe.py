@@ -397,13 +397,14 @@ def test_cuda_matches_float64_without_host_sync(monkeypatch, dtype, tol):
         return triton_moe(cuda["x"], index, cuda["weight"], offsets, cuda["w1"], cuda["b1"], cuda["w2"], cuda["b2"],
                           None, None, "gelu")
 
-    run().backward(g.float().cuda())  # compiles the kernels (outside the sync check)
+    g_cuda = g.float().cuda()  # copied before the check: a copy from the host syncs
+    run().backward(g_cuda)  # compiles the kernels (outside the check too)
     for t in cuda.values():
         t.grad = None
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = run()
-        out.backward(g.float().cuda())
+        out.backward(g_cuda)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_near("out", out.cpu(), want_out.detach(), tol)

@@ -478,8 +478,11 @@ def triton_problem(x: Tensor) -> str | None:
     if x.device.type != "cuda":
         return (
             f"the Triton kernels run on CUDA GPUs, not {x.device.type}; use backend='fused' on CPU "
-            f"(or set TRITON_INTERPRET=1 before importing xmoe to run them slowly in Triton's interpreter)"
+            f"(tests: start Python with TRITON_INTERPRET=1 to run them, slowly, in Triton's interpreter)"
         )
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < (8, 0) and x.dtype == torch.bfloat16:
+        return f"bfloat16 needs a GPU of compute capability 8.0 or newer, not {capability}; use float16 or backend='loop'"
     return None
 
 
@@ -502,8 +505,9 @@ def triton_moe(
     activation   "gelu" (erf), "gelu_tanh", "relu" or "swiglu".
 
     Gradients flow to x_TD, weight_N and every weight and bias that requires one; idle experts
-    get exact zeros. No host sync: safe under CUDA graphs. Preconditions not checked (checking
-    would sync): token indices in [0, T), offsets non-decreasing and at most N.
+    get exact zeros. No host sync (grids come from shapes), so the call can be captured in a
+    CUDA graph. Preconditions not checked (checking would sync): token indices in [0, T),
+    offsets non-decreasing and at most N.
     """
     problem = triton_problem(x_TD)
     if problem:
@@ -593,7 +597,7 @@ class _TritonMoE(torch.autograd.Function):
     def forward(ctx, x_TD, token_idx_N, weight_N, offsets_E, activation, save, w1, b1, w2, b2, w3, b3):
         (T, D), (E, _, F_), N = x_TD.shape, w1.shape, token_idx_N.shape[0]
         blocks, device = _blocks(), x_TD.device
-        common = _tile_args(x_TD, blocks)
+        tile_args = _tile_args(x_TD, blocks)
         tiles, block_e = triton.cdiv(N, blocks.rows) + E, triton.next_power_of_2(E)
         gated, has_bias = w3 is not None, b1 is not None
 
@@ -606,7 +610,7 @@ class _TritonMoE(torch.autograd.Function):
             _up_kernel, tiles * f_blocks, blocks, device,
             x_ptr=x_TD, token_ptr=token_idx_N, offsets_ptr=offsets_E, w1_ptr=w1, b1_ptr=b1, w3_ptr=w3,
             b3_ptr=b3, h_ptr=h_NF, up_ptr=up_NF, gate_ptr=gate_NF, D=D, F=F_, E=E, num_col_blocks=f_blocks,
-            ACTIVATION=activation, HAS_BIAS=has_bias, SAVE=save, BLOCK_E=block_e, **common,
+            ACTIVATION=activation, HAS_BIAS=has_bias, SAVE=save, BLOCK_E=block_e, **tile_args,
         )
         out_TD = torch.zeros(T, D, dtype=torch.float32, device=device)  # fp32: a token sums several experts
         d_blocks = triton.cdiv(D, blocks.cols)
@@ -614,7 +618,7 @@ class _TritonMoE(torch.autograd.Function):
             _down_kernel, tiles * d_blocks, blocks, device,
             h_ptr=h_NF, token_ptr=token_idx_N, weight_ptr=weight_N, offsets_ptr=offsets_E, w2_ptr=w2,
             b2_ptr=b2, out_ptr=out_TD, D=D, F=F_, E=E, num_col_blocks=d_blocks,
-            HAS_BIAS=has_bias, BLOCK_E=block_e, **common,
+            HAS_BIAS=has_bias, BLOCK_E=block_e, **tile_args,
         )
         if save:
             ctx.save_for_backward(x_TD, token_idx_N, weight_N, offsets_E, h_NF, up_NF, gate_NF, w1, b1, w2, b2, w3, b3)
@@ -627,7 +631,7 @@ class _TritonMoE(torch.autograd.Function):
         need_x, _, need_weight, _, _, _, need_w1, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
         (T, D), (E, _, F_), N = x_TD.shape, w1.shape, token_idx_N.shape[0]
         blocks, device = _blocks(), x_TD.device
-        common = _tile_args(x_TD, blocks)
+        tile_args = _tile_args(x_TD, blocks)
         tiles, block_e = triton.cdiv(N, blocks.rows) + E, triton.next_power_of_2(E)
         gated, has_bias = w3 is not None, b1 is not None
         f_blocks, d_blocks = triton.cdiv(F_, blocks.cols), triton.cdiv(D, blocks.cols)
@@ -644,7 +648,7 @@ class _TritonMoE(torch.autograd.Function):
                 g_ptr=g_TD, token_ptr=token_idx_N, weight_ptr=weight_N, offsets_ptr=offsets_E, w2_ptr=w2,
                 b2_ptr=b2, h_ptr=h_NF, up_ptr=up_NF, gate_ptr=gate_NF, dweight_ptr=dweight_N, dup_ptr=dup_NF,
                 dgate_ptr=dgate_NF, D=D, F=F_, E=E, num_col_blocks=f_blocks, ACTIVATION=ctx.activation,
-                HAS_BIAS=has_bias, WANT_DWEIGHT=need_weight, WANT_DUP=need_dup, BLOCK_E=block_e, **common,
+                HAS_BIAS=has_bias, WANT_DWEIGHT=need_weight, WANT_DUP=need_dup, BLOCK_E=block_e, **tile_args,
             )
 
         # Weight gradients: one program per (expert, output tile) reduces over the expert's rows,
@@ -657,7 +661,7 @@ class _TritonMoE(torch.autograd.Function):
                 _down_weight_kernel, E * rows_f_blocks * d_blocks, blocks, device,
                 g_ptr=g_TD, token_ptr=token_idx_N, weight_ptr=weight_N, offsets_ptr=offsets_E, h_ptr=h_NF,
                 dw2_ptr=dw2, db2_ptr=db2, D=D, F=F_, num_f_blocks=rows_f_blocks, num_d_blocks=d_blocks,
-                HAS_BIAS=has_bias, **common,
+                HAS_BIAS=has_bias, **tile_args,
             )
         dw1 = torch.empty_like(w1) if need_up_weights else None
         db1 = torch.empty_like(b1) if has_bias and need_up_weights else None
@@ -669,7 +673,7 @@ class _TritonMoE(torch.autograd.Function):
                 _up_weight_kernel, E * rows_d_blocks * f_blocks, blocks, device,
                 x_ptr=x_TD, token_ptr=token_idx_N, offsets_ptr=offsets_E, dup_ptr=dup_NF, dgate_ptr=dgate_NF,
                 dw1_ptr=dw1, db1_ptr=db1, dw3_ptr=dw3, db3_ptr=db3, D=D, F=F_, num_d_blocks=rows_d_blocks,
-                num_f_blocks=f_blocks, GATED=gated, HAS_BIAS=has_bias, **common,
+                num_f_blocks=f_blocks, GATED=gated, HAS_BIAS=has_bias, **tile_args,
             )
         dx_TD = None
         if need_x:
@@ -678,7 +682,7 @@ class _TritonMoE(torch.autograd.Function):
                 _input_grad_kernel, tiles * d_blocks, blocks, device,
                 dup_ptr=dup_NF, dgate_ptr=dgate_NF, token_ptr=token_idx_N, offsets_ptr=offsets_E, w1_ptr=w1,
                 w3_ptr=w3, dx_ptr=dx_TD, D=D, F=F_, E=E, num_col_blocks=d_blocks, GATED=gated,
-                BLOCK_E=block_e, **common,
+                BLOCK_E=block_e, **tile_args,
             )
             dx_TD = dx_TD.to(x_TD.dtype)
         return (dx_TD, None, dweight_N, None, None, None,
