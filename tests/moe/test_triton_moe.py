@@ -14,6 +14,10 @@ it by path (``load_copy``), whatever copy of xmoe is installed.
 
 The interpreter's blocks are 16 rows x 32 columns x 32 deep (INTERPRETER_BLOCKS); D = 40 and
 F = 24 end every column and reduction loop in a partial block.
+
+Besides: every kernel goes through Triton's real compiler to an sm_90 cubin (no GPU needed), and
+a gpu-marked test runs the compiled kernels where CUDA is (float64 reference, torch's sync debug
+mode set to raise, a CUDA graph capture).
 """
 
 from __future__ import annotations
