@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_testing import MARGIN, make_layer, params64, run_oracle
+from moe_testing import CPU_BACKENDS, MARGIN, make_layer, params64, run_oracle
 from test_backends_vs_oracle import CASES, Case, _check_against_oracle, peaked
 from xmoe.moe import MoEConfig, MoELayer, backends
 from xmoe.moe.backends import grouped
@@ -33,9 +33,13 @@ def _static(case: Case) -> Case:
     return dataclasses.replace(case, cfg=cfg)
 
 
+STATIC_BACKENDS = [b for b in CPU_BACKENDS if backends.BACKENDS[b].static]  # triton under its interpreter
+
+
+@pytest.mark.parametrize("backend", STATIC_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_static_mode_matches_oracle(case: Case) -> None:
-    _check_against_oracle(_static(case), "grouped_mm")
+def test_static_mode_matches_oracle(case: Case, backend: str) -> None:
+    _check_against_oracle(_static(case), backend)
 
 
 def test_static_mode_pads_and_padding_contributes_nothing() -> None:
