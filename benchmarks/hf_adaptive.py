@@ -15,6 +15,10 @@ interleaved, --reps repetitions, medians:
   experts implementation), and at the thresholds that give about 2, 4 and 8 experts per token
   on this batch (found by bisection before timing).
 
+Besides the whole forward, the time inside the MoE blocks (router and experts, by hooks) is
+reported: attention and the LM head do not change with the routing, so they bound the
+whole-model speed-up (Amdahl).
+
     python benchmarks/hf_adaptive.py [--layers 2] [--threads 2] [--reps 7]
 """
 
@@ -61,6 +65,27 @@ def build(args: argparse.Namespace) -> OlmoeForCausalLM:
         for block in moe_blocks(model):
             block.gate.weight.normal_(std=args.router_std)
     return model
+
+
+class MoEClock:
+    """Seconds spent inside the MoE blocks (router + experts) during a forward, by hooks."""
+
+    def __init__(self, blocks, *, sync: bool) -> None:
+        self.seconds, self.sync, self._start = 0.0, sync, 0.0
+        for block in blocks:
+            block.register_forward_pre_hook(self._enter)
+            block.register_forward_hook(self._leave)
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _enter(self, *_) -> None:
+        self._start = self._now()
+
+    def _leave(self, *_) -> None:
+        self.seconds += self._now() - self._start
 
 
 @torch.no_grad()
@@ -115,6 +140,8 @@ def main(argv=None) -> None:
         **{f"adaptive t={t:.3f}, xmoe": (adapted(t, None), got) for t, got in points},
     }
     times = {name: [] for name in candidates}
+    moe_times = {name: [] for name in candidates}
+    clock = MoEClock(blocks, sync=args.device != "cpu")
     with torch.no_grad():
         for name, (setup, _) in candidates.items():  # warm-up
             setup()
@@ -124,21 +151,26 @@ def main(argv=None) -> None:
                 setup()
                 if args.device != "cpu":
                     torch.cuda.synchronize()
+                clock.seconds = 0.0
                 start = time.perf_counter()
                 model(x, use_cache=False)
                 if args.device != "cpu":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                moe_times[name].append(clock.seconds)
     tokens = args.batch * args.seq
     eager = statistics.median(times[f"unmodified top-{args.top_k}, eager"])
     print(f"OLMoE-shaped: {args.layers} layers, hidden {args.hidden}, {args.experts} experts x {args.expert_dim}, "
           f"top-{args.top_k}; {args.batch} x {args.seq} tokens per forward; {args.dtype} on {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}; {args.reps} interleaved reps, medians\n")
-    print("| routing, experts implementation | experts/token | ms / forward | tokens/s | speed vs eager |")
-    print("|---|---|---|---|---|")
+    eager_moe = statistics.median(moe_times[f"unmodified top-{args.top_k}, eager"])
+    print("| routing, experts implementation | experts/token | ms / forward | tokens/s | speed vs eager "
+          "| ms in MoE blocks | MoE blocks vs eager |")
+    print("|---|---|---|---|---|---|---|")
     for name, (_, experts) in candidates.items():
-        median = statistics.median(times[name])
-        print(f"| {name} | {experts:.2f} | {1e3 * median:.0f} | {tokens / median:.0f} | {eager / median:.2f}x |")
+        median, moe = statistics.median(times[name]), statistics.median(moe_times[name])
+        print(f"| {name} | {experts:.2f} | {1e3 * median:.0f} | {tokens / median:.0f} | {eager / median:.2f}x "
+              f"| {1e3 * moe:.0f} | {eager_moe / moe:.2f}x |")
 
 
 if __name__ == "__main__":

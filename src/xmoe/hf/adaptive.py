@@ -131,8 +131,6 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
         renormalize = True if family == "mixtral" else bool(block.gate.norm_topk_prob)
         block.gate = ThresholdTopKRouter(block.gate, threshold=threshold, max_experts=max_experts,
                                          renormalize=renormalize, fp32_weights=family == "mixtral")
-    model.config.moe_threshold = threshold
-    model.config.moe_max_experts = max_experts
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return model
 

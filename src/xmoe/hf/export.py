@@ -8,7 +8,9 @@ run's tokenizer as a ``PreTrainedTokenizerFast``, so that
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # or after `import xmoe.hf`
 
 work with xmoe installed. Every LM run kind exports the same way: trained MoE (threshold or top-k
-routers), split-FFN (split8-*) and dense runs, and dense runs converted by ``xmoe convert``.
+routers), split-FFN (split8-*) and dense runs, and dense runs converted by ``xmoe convert``; a
+Hugging Face GPT-2 / LLaMA-style model converted by ``xmoe convert`` becomes an
+XMoEConvertedForCausalLM folder (modeling_xmoe_converted.py) the same way.
 
 The folder is written beside ``out`` and renamed into place; an existing export at ``out`` is
 replaced only once the new one is complete, so a failure never destroys it.
@@ -26,11 +28,15 @@ from torch import nn
 
 from .configuration_xmoe import XMoEConfig
 from .modeling_xmoe import XMoEForCausalLM
+from .modeling_xmoe_converted import XMoEConvertedConfig, XMoEConvertedForCausalLM
+
+XMOE_MODEL_TYPES = (XMoEConfig.model_type, XMoEConvertedConfig.model_type)
 
 
 def is_xmoe_folder(path: str | os.PathLike) -> bool:
-    """A Hugging Face folder holding an xmoe model (config.json with model_type "xmoe")."""
-    return _model_type(Path(path)) == XMoEConfig.model_type
+    """A Hugging Face folder holding an xmoe export (config.json with model_type "xmoe" or
+    "xmoe_converted")."""
+    return _model_type(Path(path)) in XMOE_MODEL_TYPES
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
@@ -59,14 +65,28 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     from xmoe.training import load_lm
 
     if is_converted_folder(checkpoint):
-        raise ValueError(
-            f"{checkpoint} is a Hugging Face model converted by `xmoe convert`; export-hf takes `xmoe train` / "
-            f"`xmoe convert` runs of xmoe's own GPT; load this one with xmoe.conversion.hf.load_converted"
-        )
+        return export_converted(checkpoint, out)
     if is_hf_folder(checkpoint):
         raise ValueError(f"{checkpoint} is already a Hugging Face model folder (config.json); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT)
+
+
+def export_converted(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Export a Hugging Face GPT-2 / LLaMA-style model converted by ``xmoe convert`` (a folder
+    with xmoe_conversion.json) as an XMoEConvertedForCausalLM folder, with its tokenizer."""
+    from xmoe.conversion.hf import CONVERSION_FILE, load_converted, load_tokenizer
+
+    meta = json.loads((Path(folder) / CONVERSION_FILE).read_text())
+    model = load_converted(folder)
+    tokenizer = load_tokenizer(folder)
+    base = model.config.to_dict()
+    special = {key: base.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = XMoEConvertedConfig(base=base, converted_modules=meta["modules"], moe=meta["moe"],
+                                 moe_output_bias=meta["bias"], **special)
+    hf_model = XMoEConvertedForCausalLM(config).to(next(model.parameters()).dtype)
+    hf_model.model.load_state_dict(model.state_dict())
+    return _write(out, lambda tmp: (hf_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
 
 def _write(out: str | os.PathLike, fill) -> Path:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
-from .configuration_xmoe import XMoEConfig
+from .export import XMOE_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,15 @@ class FolderPoint:
 
 
 def folder_kind(path: str | os.PathLike) -> str:
-    """"xmoe" for an ``xmoe export-hf`` folder, else the supported MoE family's model_type;
-    a ValueError naming what was found otherwise."""
+    """The folder's model_type: "xmoe" / "xmoe_converted" for an ``xmoe export-hf`` folder, or
+    a supported MoE family's; a ValueError naming what was found otherwise."""
     path = Path(path)
     supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
         raise ValueError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
-    if model_type == XMoEConfig.model_type or model_type in SUPPORTED_FAMILIES:
+    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
         return model_type
     raise ValueError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
@@ -66,13 +66,13 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
 
 def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:
     """Route ``model`` at ``threshold`` (None: as loaded); returns the routing's label."""
-    if kind == XMoEConfig.model_type:
+    if kind in XMOE_MODEL_TYPES:
         from xmoe.moe import set_threshold
 
         if max_experts is not None:
             raise ValueError("--max-experts applies to pretrained MoE models; an xmoe model's cap is its config")
         if threshold is None:
-            return f"t={model.moe_threshold:g} (as saved)" if model.config.moe is not None else "dense"
+            return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
         if set_threshold(model, threshold) == 0:
             raise ValueError(f"--threshold: the model has no threshold-routed MoE layer")
         return f"t={threshold:g}"
@@ -108,36 +108,41 @@ def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], 
 
 
 class _XMoECounts:
-    """Experts per token of an xmoe model, from the routing statistics of its forward passes."""
+    """Experts per token of an xmoe model, from the routing statistics its MoE layers return."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.histogram = [0] * (model.config.moe["num_experts"] + 1 if model.config.moe else 1)
-        self._handle = model.register_forward_hook(self._add)
+        from xmoe.moe import MoELayer
 
-    def _add(self, _model, _inputs, output) -> None:
-        for stats in output.routing_stats:
-            for n, c in enumerate(stats.kept_histogram.tolist()):
-                self.histogram[n] += int(c)
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.histogram = [0] * (layers[0].cfg.num_experts + 1 if layers else 1)
+        self._handles = [layer.register_forward_hook(self._add) for layer in layers]
+
+    def _add(self, _layer, _inputs, output) -> None:
+        for n, c in enumerate(output.stats.kept_histogram.tolist()):
+            self.histogram[n] += int(c)
 
     def __enter__(self) -> _XMoECounts:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def _count_experts(model: nn.Module, kind: str):
-    return _XMoECounts(model) if kind == XMoEConfig.model_type else experts_per_token(model)
+    return _XMoECounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
 
 
 def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
                  batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
     """Up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
     model's context is shorter) spread over the text at ``data``, through the folder's tokenizer."""
-    from xmoe.conversion.hf import context_length, load_tokenizer, text_tokens
+    from xmoe.conversion.hf import load_tokenizer, text_tokens
     from xmoe.conversion.layer import even_windows
 
-    L = context_length(model, seq_len) + 1  # inputs and their next tokens
+    text_config = model.config.get_text_config()  # an exported converted model: the original model's
+    limit = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
+    L = (min(seq_len, limit) if limit else seq_len) + 1  # inputs and their next tokens
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
