@@ -94,3 +94,21 @@ def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tm
     run_cli(["export-hf", "--checkpoint", str(runs / "split8-debug"), "--out", str(out)], capsys)  # replaces it
     assert json.loads((out / "config.json").read_text())["moe_every"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "other"]  # no temporary folder left behind
+
+
+def test_a_failure_while_writing_keeps_the_earlier_export(runs, tmp_path, capsys, monkeypatch):
+    from xmoe.hf import XMoEForCausalLM
+
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half_written(self, folder, **kwargs):
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(XMoEForCausalLM, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        main(["export-hf", "--checkpoint", str(runs / "split8-debug"), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

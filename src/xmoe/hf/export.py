@@ -54,7 +54,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
             special = {"eos_token_id": eot_id, "bos_token_id": eot_id}
     hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(model.cfg, **special))
     hf_model.transformer.load_state_dict(model.state_dict())
-    return _write(out, lambda tmp: (hf_model.save_pretrained(tmp), tokenizer and tokenizer.save_pretrained(tmp)))
+    return _write(out, hf_model, tokenizer)
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -86,12 +86,13 @@ def export_converted(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
                                  moe_output_bias=meta["bias"], **special)
     hf_model = XMoEConvertedForCausalLM(config).to(next(model.parameters()).dtype)
     hf_model.model.load_state_dict(model.state_dict())
-    return _write(out, lambda tmp: (hf_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return _write(out, hf_model, tokenizer)
 
 
-def _write(out: str | os.PathLike, fill) -> Path:
-    """Run ``fill(tmp_folder)`` and put the result at ``out``: complete, or not at all; an
-    earlier export there is replaced only after ``fill`` succeeded."""
+def _write(out: str | os.PathLike, model, tokenizer) -> Path:
+    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` (if any) into a new folder
+    beside ``out``, then renamed to ``out``: complete, or not at all; an earlier export there is
+    replaced only once the new one is written."""
     out = Path(out)
     if out.exists() and not is_xmoe_folder(out):
         raise ValueError(
@@ -102,7 +103,9 @@ def _write(out: str | os.PathLike, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     old = None
     try:
-        fill(tmp)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "export"
             out.rename(old)
