@@ -56,6 +56,9 @@ def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, caps
     assert capped["perplexity"] == pytest.approx(own["perplexity"], rel=1e-5)  # the top-k setting: the same model
     greedy = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0"]
     assert run(["generate", "--checkpoint", str(folder), *greedy, "--threshold", "0.5"], capsys).startswith("the quick")
+    sampled = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3"]
+    first, second = (run(["generate", "--checkpoint", str(folder), *sampled], capsys) for _ in range(2))
+    assert first == second and first.startswith("the quick")  # seeded
 
 
 def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):

@@ -91,8 +91,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise ValueError("--prompt is empty; give some text to continue")
     torch.manual_seed(args.seed)
+    # None means "no top-k / top-p" here, as for xmoe runs (transformers would fall back to its defaults).
     sampling = {"do_sample": False} if args.temperature == 0 else {
-        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 1.0}
     device = next(model.parameters()).device
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
                          pad_token_id=tokenizer.eos_token_id, **sampling)
