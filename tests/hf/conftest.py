@@ -4,8 +4,6 @@ in a temporary folder, progress bars off. Nothing is downloaded."""
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(autouse=True)
 def _quiet_and_seeded(monkeypatch, tmp_path_factory):
