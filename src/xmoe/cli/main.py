@@ -8,6 +8,7 @@
     xmoe generate --checkpoint runs/a --prompt "def "
     xmoe report runs/a
     xmoe convert --checkpoint runs/dense --experts 8 --out runs/dense-x8 [--partition clustered]
+    xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (see xmoe.cli.hf)
     xmoe presets
     xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
     xmoe bench layer
@@ -81,6 +82,10 @@ def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from xmoe.cli import hf as hf_cli
+
+    if hf_cli.handles(args.checkpoint):
+        return hf_cli.cmd_eval(args)
     from xmoe.training import eval_batches, evaluate_lm
 
     loaded = _load(args)
@@ -93,6 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from xmoe.cli import hf as hf_cli
+
+    if hf_cli.handles(args.checkpoint):
+        return hf_cli.cmd_sweep(args)
     from xmoe.conversion.hf import is_converted_folder
     from xmoe.training import eval_batches
 
@@ -146,6 +155,10 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from xmoe.cli import hf as hf_cli
+
+    if hf_cli.handles(args.checkpoint):
+        return hf_cli.cmd_generate(args)
     import torch
 
     loaded = _load(args)
@@ -306,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     from xmoe.cli import convert
 
     convert.add_command(commands)
+
+    from xmoe.cli import hf as hf_cli
+
+    hf_cli.add_commands(commands)  # export-hf; eval / sweep-threshold / generate on Hugging Face MoE folders
 
     from xmoe.cli.study import add_parser as add_study_parser
 

@@ -1,0 +1,114 @@
+"""`xmoe export-hf`, and `xmoe eval / sweep-threshold / generate` on Hugging Face MoE folders
+(xmoe.hf; needs `pip install 'xmoe[hf]'`).
+
+    xmoe export-hf --checkpoint runs/a --out hf/a         # an ordinary Hugging Face folder
+    xmoe eval --checkpoint hf/a --data held-out.txt --threshold 0.7
+    xmoe sweep-threshold --checkpoint olmoe-folder --data held-out.txt --thresholds 0.3 0.5 0.7 [--max-experts 8]
+    xmoe generate --checkpoint olmoe-folder --prompt "def " --threshold 0.5
+
+A folder is handled here when its config.json names the "xmoe" model type or a supported MoE
+family (olmoe, qwen2_moe, qwen3_moe, mixtral); other folders keep their own paths in cli.main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(commands) -> None:
+    """Register `xmoe export-hf` and the Hugging Face flags of eval / sweep-threshold / generate."""
+    p = commands.add_parser("export-hf", help="write an xmoe LM run as a Hugging Face folder (AutoModelForCausalLM)")
+    p.add_argument("--checkpoint", required=True, help="run folder of `xmoe train` or `xmoe convert`")
+    p.add_argument("--out", required=True, help="new folder (an earlier export there is replaced once the new one is complete)")
+    p.set_defaults(func=cmd_export)
+    for name in ("eval", "sweep-threshold", "generate"):
+        commands.choices[name].add_argument(
+            "--max-experts", type=int, default=None,
+            help="Hugging Face MoE folders: at most this many experts per token under --threshold(s)")
+
+
+def handles(checkpoint: str) -> bool:
+    """True for a Hugging Face folder whose model type is "xmoe" or a MoE family (supported or
+    not: an unsupported one gets its error from xmoe.hf.folders.folder_kind)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if (Path(checkpoint) / "state.json").exists() or (Path(checkpoint) / "checkpoint").exists():
+        return False  # an `xmoe train` run or checkpoint folder
+    moe_fields = ("num_experts", "num_local_experts", "n_routed_experts", "moe")
+    return config.get("model_type") == "xmoe" or any(config.get(f) for f in moe_fields)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from xmoe.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          f"trust_remote_code=True) (xmoe must be installed), or after `import xmoe.hf`")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from xmoe.hf.folders import evaluate, load_folder, set_dial, text_batches
+
+    _check_hf_args(args)
+    model, kind = load_folder(args.checkpoint, device=_device(args))
+    batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
+                           seq_len=256)
+    point = evaluate(model, kind, batches, set_dial(model, kind, args.threshold, args.max_experts), args.threshold)
+    if args.json:
+        print(json.dumps(point.to_dict(), indent=2))
+        return
+    print(f"{point.routing}: loss {point.loss:.4f}, perplexity {point.perplexity:.2f} ({point.tokens} tokens), "
+          f"{point.experts_per_token:.2f} experts per token, {point.tokens_per_second:.0f} tokens/s")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from xmoe.hf.folders import points_table, sweep_folder
+
+    _check_hf_args(args)
+    points = sweep_folder(args.checkpoint, args.data, args.thresholds, max_experts=args.max_experts,
+                          max_batches=args.max_batches or 8, device=_device(args))
+    print(points_table(points))
+    out = Path(args.out or Path(args.checkpoint) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
+    print(f"json: {out / 'threshold_sweep.json'}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from xmoe.conversion.hf import load_tokenizer
+    from xmoe.hf.folders import load_folder, set_dial
+
+    model, kind = load_folder(args.checkpoint, device=_device(args))
+    set_dial(model, kind, args.threshold, args.max_experts)
+    tokenizer = load_tokenizer(args.checkpoint)
+    ids = tokenizer(args.prompt)["input_ids"]
+    if not ids:
+        raise ValueError("--prompt is empty; give some text to continue")
+    torch.manual_seed(args.seed)
+    # None means "no top-k / top-p" here, as for xmoe runs (transformers would fall back to its defaults).
+    sampling = {"do_sample": False} if args.temperature == 0 else {
+        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 1.0}
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                         pad_token_id=tokenizer.eos_token_id, **sampling)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def _check_hf_args(args: argparse.Namespace) -> None:
+    if args.data is None:
+        raise ValueError(f"{args.checkpoint} is a Hugging Face model folder, which brings no evaluation text: "
+                         f"give held-out text with --data FILE")
+    if args.capacity:
+        raise ValueError("--capacity: a Hugging Face MoE folder is evaluated dropless (it has no training capacity)")
+
+
+def _device(args: argparse.Namespace):
+    from xmoe.training.loop import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))

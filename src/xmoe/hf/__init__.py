@@ -1,0 +1,51 @@
+"""xmoe.hf: xmoe models as Hugging Face transformers models, and the threshold dial for pretrained
+MoE LLMs (needs ``pip install 'xmoe[hf]'``).
+
+    import xmoe.hf                      # registers "xmoe" with AutoConfig / AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("exported")   # written by `xmoe export-hf`
+    xmoe.moe.set_threshold(model, 0.7)  # the compute dial
+
+    olmoe = AutoModelForCausalLM.from_pretrained("olmoe-folder")
+    xmoe.hf.adaptive(olmoe, threshold=0.6)    # top-8 becomes the threshold rule (inference)
+
+Importing this package registers, in transformers' own registries: the "xmoe" model type (and
+"xmoe_converted", a Hugging Face model converted by ``xmoe convert``)
+(AutoConfig, AutoModelForCausalLM, and ``register_for_auto_class``, so ``save_pretrained``
+writes ``auto_map`` and the modeling code for ``trust_remote_code`` loading without this import),
+and the "xmoe" experts implementation (``ExpertsInterface``) that the adapted models run.
+"""
+
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+except ImportError as err:  # pragma: no cover - depends on the installed extras
+    raise ImportError("xmoe.hf needs transformers >= 5.17: pip install 'xmoe[hf]'") from err
+
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, is_adapted
+from .configuration_xmoe import XMoEConfig
+from .experts import EXPERTS_IMPLEMENTATION, register_experts
+from .export import export_hf, export_model, is_xmoe_folder
+from .modeling_xmoe import XMoECausalLMOutput, XMoEForCausalLM
+from .modeling_xmoe_converted import XMoEConvertedConfig, XMoEConvertedForCausalLM
+
+for _config, _model in ((XMoEConfig, XMoEForCausalLM), (XMoEConvertedConfig, XMoEConvertedForCausalLM)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModelForCausalLM")
+register_experts()
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "SUPPORTED_FAMILIES",
+    "XMoECausalLMOutput",
+    "XMoEConfig",
+    "XMoEConvertedConfig",
+    "XMoEConvertedForCausalLM",
+    "XMoEForCausalLM",
+    "adaptive",
+    "experts_per_token",
+    "export_hf",
+    "export_model",
+    "is_adapted",
+    "is_xmoe_folder",
+]

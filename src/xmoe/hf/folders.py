@@ -1,0 +1,171 @@
+"""Evaluating Hugging Face MoE folders at several thresholds: what ``xmoe eval``,
+``xmoe sweep-threshold`` and ``xmoe generate`` do on a folder written by ``xmoe export-hf`` (the
+dial is ``xmoe.moe.set_threshold``) or on a pretrained OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral
+folder (the dial is ``adaptive``; without a threshold the model runs its own top-k).
+
+Each point reports perplexity on held-out text, experts per token (mean, and a histogram summed
+over the MoE layers) and tokens/s of the forward passes, timed in the same process.
+
+Shape legend: B windows, L window length, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
+from .export import XMOE_MODEL_TYPES
+
+
+@dataclass(frozen=True)
+class FolderPoint:
+    routing: str  # "top-8 (the model's own)", "t=0.7", "t=0.7, at most 4"
+    threshold: float | None
+    loss: float  # mean next-token cross-entropy
+    perplexity: float
+    tokens: int
+    experts_per_token: float  # mean over tokens and MoE layers
+    histogram: list[int]  # histogram[n]: (token, layer) pairs that engaged n experts
+    tokens_per_second: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def folder_kind(path: str | os.PathLike) -> str:
+    """The folder's model_type: "xmoe" / "xmoe_converted" for an ``xmoe export-hf`` folder, or
+    a supported MoE family's; a ValueError naming what was found otherwise."""
+    path = Path(path)
+    supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise ValueError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
+    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
+        return model_type
+    raise ValueError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
+
+
+def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
+    """The model in ``path`` (eval mode) and its kind (see folder_kind)."""
+    from transformers import AutoModelForCausalLM
+
+    kind = folder_kind(path)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
+    return model, kind
+
+
+def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:
+    """Route ``model`` at ``threshold`` (None: as loaded); returns the routing's label."""
+    if kind in XMOE_MODEL_TYPES:
+        from xmoe.moe import set_threshold
+
+        if max_experts is not None:
+            raise ValueError("--max-experts applies to pretrained MoE models; an xmoe model's cap is its config")
+        if threshold is None:
+            return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
+        if set_threshold(model, threshold) == 0:
+            raise ValueError(f"--threshold: the model has no threshold-routed MoE layer")
+        return f"t={threshold:g}"
+    if threshold is None:
+        if max_experts is not None:
+            raise ValueError("--max-experts needs --threshold (the model's own top-k has its own k)")
+        return f"top-{model.config.num_experts_per_tok} (the model's own)"
+    adaptive(model, threshold=threshold, max_experts=max_experts)
+    return f"t={threshold:g}" + (f", at most {max_experts}" if max_experts else "")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], routing: str,
+             threshold: float | None) -> FolderPoint:
+    """Perplexity, experts per token and tokens/s of ``model`` on (inputs, targets) [B, L] pairs."""
+    device = next(model.parameters()).device
+    model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
+    loss_sum, tokens, seconds = 0.0, 0, 0.0
+    with _count_experts(model, kind) as counts:
+        for x_BL, y_BL in batches:
+            x_BL, y_BL = x_BL.to(device), y_BL.to(device)
+            start = time.perf_counter()
+            logits_BLV = model(x_BL, use_cache=False).logits
+            seconds += time.perf_counter() - start
+            loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
+            tokens += y_BL.numel()
+    loss = loss_sum / tokens
+    histogram = counts.histogram
+    routed = sum(histogram)
+    mean = sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
+    return FolderPoint(routing=routing, threshold=threshold, loss=loss, perplexity=math.exp(loss), tokens=tokens,
+                       experts_per_token=mean, histogram=histogram, tokens_per_second=tokens / seconds)
+
+
+class _XMoECounts:
+    """Experts per token of an xmoe model, from the routing statistics its MoE layers return."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from xmoe.moe import MoELayer
+
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        self.histogram = [0] * (layers[0].cfg.num_experts + 1 if layers else 1)
+        self._handles = [layer.register_forward_hook(self._add) for layer in layers]
+
+    def _add(self, _layer, _inputs, output) -> None:
+        for n, c in enumerate(output.stats.kept_histogram.tolist()):
+            self.histogram[n] += int(c)
+
+    def __enter__(self) -> _XMoECounts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _count_experts(model: nn.Module, kind: str):
+    return _XMoECounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+
+
+def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
+                 batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+    """Up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
+    model's context is shorter) spread over the text at ``data``, through the folder's tokenizer."""
+    from xmoe.conversion.hf import load_tokenizer, text_tokens
+    from xmoe.conversion.layer import even_windows
+
+    text_config = model.config.get_text_config()  # an exported converted model: the original model's
+    limit = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
+    L = (min(seq_len, limit) if limit else seq_len) + 1  # inputs and their next tokens
+    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
+    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
+
+
+def sweep_folder(folder: str | os.PathLike, data: str | os.PathLike, thresholds: list[float], *,
+                 max_experts: int | None = None, max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
+                 device: str | torch.device = "cpu") -> list[FolderPoint]:
+    """The model as loaded (its own top-k, or its saved t), then each threshold, on the same text."""
+    model, kind = load_folder(folder, device=device)
+    batches = text_batches(folder, data, model, max_batches=max_batches, batch_size=batch_size, seq_len=seq_len)
+    points = [evaluate(model, kind, batches, set_dial(model, kind, None), None)]
+    for t in thresholds:
+        points.append(evaluate(model, kind, batches, set_dial(model, kind, t, max_experts), t))
+    return points
+
+
+def points_table(points: list[FolderPoint]) -> str:
+    """A markdown table of sweep points; the histogram lists the counts of 1, 2, ... experts."""
+    rows = ["| routing | perplexity | experts/token | histogram (1, 2, ... experts) | tokens/s |", "|---|---|---|---|---|"]
+    for p in points:
+        last = max((n for n, c in enumerate(p.histogram) if c), default=0)
+        total = sum(p.histogram) or 1
+        hist = " ".join(f"{c / total:.2f}" for c in p.histogram[1:last + 1])
+        rows.append(f"| {p.routing} | {p.perplexity:.3f} | {p.experts_per_token:.2f} | {hist} | {p.tokens_per_second:.0f} |")
+    return "\n".join(rows)

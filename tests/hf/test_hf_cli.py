@@ -1,0 +1,114 @@
+"""`xmoe export-hf` on each LM run kind (trained XMoE, split-FFN, a dense run converted by
+`xmoe convert`), then the folder through transformers' Auto classes and xmoe's CLI; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from xmoe.cli.main import main
+from xmoe.data import load_tokenizer
+from xmoe.training import load_lm
+
+TRAIN = ["--train.max_steps=3", "--train.batch_size=4", "--train.seq_len=32", "--train.eval_every=0",
+         "--train.eval_batches=2", "--train.log_every=1", "--data.vocab_size=300"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
+    (root / "corpus.txt").write_text("\n".join(lines))
+    cache = f"--data.cache_dir={root / 'cache'}"
+    for preset in ("debug-xmoe", "split8-debug", "debug-dense"):
+        main(["train", "--preset", preset, "--out", str(root / preset), "--data", str(root / "corpus.txt"), *TRAIN, cache])
+    main(["convert", "--checkpoint", str(root / "debug-dense"), "--experts", "8", "--out", str(root / "converted"),
+          "--calibration-tokens", "512"])
+    return root
+
+
+def run_cli(argv, capsys) -> str:
+    main(argv)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["debug-xmoe", "split8-debug", "converted"])
+def test_export_loads_with_auto_classes_and_equals_the_run(runs, tmp_path, capsys, kind):
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / kind), "--out", str(out)], capsys)
+    loaded = load_lm(runs / kind)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox routes tokens"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == load_tokenizer(runs / kind).encode(text)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, loaded.model(x).logits_BLV, rtol=0, atol=1e-5)
+    assert model.config.eos_token_id == tokenizer.eos_token_id == load_tokenizer(runs / kind).eot_id
+
+
+def test_cli_on_the_export_matches_the_run(runs, tmp_path, capsys):
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    greedy = ["--prompt", "the quick", "--max-new-tokens", "12", "--temperature", "0"]
+    from_run = run_cli(["generate", "--checkpoint", str(runs / "debug-xmoe"), *greedy], capsys)
+    from_export = run_cli(["generate", "--checkpoint", str(out), *greedy], capsys)
+    assert from_export == from_run
+    text = str(runs / "corpus.txt")
+    at_09 = json.loads(run_cli(["eval", "--checkpoint", str(out), "--data", text, "--max-batches", "1", "--json"], capsys))
+    at_03 = json.loads(run_cli(["eval", "--checkpoint", str(out), "--data", text, "--max-batches", "1", "--json",
+                                "--threshold", "0.3"], capsys))
+    assert at_03["experts_per_token"] < at_09["experts_per_token"]
+    assert sum(at_03["histogram"]) == at_03["tokens"] * 1  # one MoE layer: every token counted once
+    table = run_cli(["sweep-threshold", "--checkpoint", str(out), "--data", text, "--max-batches", "1",
+                     "--thresholds", "0.3", "0.9"], capsys)
+    assert "| t=0.9 (as saved) |" in table and "| t=0.3 |" in table and "tokens/s" in table
+
+
+def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    before = sorted(p.name for p in out.iterdir())
+    cases = [
+        (["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(other)], "not an xmoe Hugging Face export"),
+        (["export-hf", "--checkpoint", str(runs / "missing"), "--out", str(out)], "does not exist"),
+        (["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "again")], "already a Hugging Face model"),
+        (["eval", "--checkpoint", str(out)], "--data"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine" and sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True) is not None
+    run_cli(["export-hf", "--checkpoint", str(runs / "split8-debug"), "--out", str(out)], capsys)  # replaces it
+    assert json.loads((out / "config.json").read_text())["moe_every"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "other"]  # no temporary folder left behind
+
+
+def test_a_failure_while_writing_keeps_the_earlier_export(runs, tmp_path, capsys, monkeypatch):
+    from xmoe.hf import XMoEForCausalLM
+
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half_written(self, folder, **kwargs):
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(XMoEForCausalLM, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        main(["export-hf", "--checkpoint", str(runs / "split8-debug"), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

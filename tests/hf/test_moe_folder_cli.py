@@ -1,0 +1,73 @@
+"""`xmoe sweep-threshold / eval / generate` on a pretrained-MoE folder (a tiny OLMoE and its
+tokenizer, saved here), and the error for a folder holding an unsupported MoE."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from xmoe.cli.main import main
+
+from hf_helpers import tiny_family
+
+WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
+
+
+@pytest.fixture(scope="module")
+def olmoe_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("olmoe")
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=gen)) for _ in range(300)]
+    text = root / "text.txt"
+    text.write_text("\n".join(lines))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    model = tiny_family("olmoe", vocab_size=len(tokenizer))
+    folder = root / "olmoe"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, text
+
+
+def run(argv, capsys) -> str:
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, capsys):
+    folder, text = olmoe_folder
+    table = run(["sweep-threshold", "--checkpoint", str(folder), "--data", str(text), "--max-batches", "1",
+                 "--thresholds", "0.3", "0.9", "--out", str(tmp_path)], capsys)
+    assert "| top-2 (the model's own) |" in table and "| t=0.3 |" in table and "| t=0.9 |" in table
+    points = json.loads((tmp_path / "threshold_sweep.json").read_text())
+    own, low, high = points
+    assert own["experts_per_token"] == 2.0 and low["experts_per_token"] < high["experts_per_token"]
+    assert all(p["tokens_per_second"] > 0 and p["tokens"] == own["tokens"] for p in points)
+    capped = json.loads(run(["eval", "--checkpoint", str(folder), "--data", str(text), "--max-batches", "1",
+                             "--threshold", "1.0", "--max-experts", "2", "--json"], capsys))
+    assert capped["perplexity"] == pytest.approx(own["perplexity"], rel=1e-5)  # the top-k setting: the same model
+    greedy = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0"]
+    assert run(["generate", "--checkpoint", str(folder), *greedy, "--threshold", "0.5"], capsys).startswith("the quick")
+    sampled = ["--prompt", "the quick", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3"]
+    first, second = (run(["generate", "--checkpoint", str(folder), *sampled], capsys) for _ in range(2))
+    assert first == second and first.startswith("the quick")  # seeded
+
+
+def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
+    folder = tmp_path / "dsv3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "n_routed_experts": 8}))
+    for argv in (["eval", "--checkpoint", str(folder), "--data", "x.txt"],
+                 ["sweep-threshold", "--checkpoint", str(folder), "--data", "x.txt"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert "'deepseek_v3'" in err and "olmoe, qwen2_moe, qwen3_moe, mixtral" in err

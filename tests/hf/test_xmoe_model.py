@@ -1,0 +1,149 @@
+"""XMoEForCausalLM: xmoe's GPT as a transformers model. Logits and greedy generations equal
+xmoe's own; the threshold dial, the loss with labels, router logits and saving/loading behave
+as transformers' MoE models do; a fresh process loads a saved folder with trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from xmoe.hf import XMoEConfig, XMoEForCausalLM
+from xmoe.moe import set_threshold
+
+from hf_helpers import VOCAB, hf_from_gpt, tiny_gpt
+
+
+@pytest.mark.parametrize("router", ["threshold", "topk"])
+def test_logits_equal_xmoe_forward(router):
+    gpt = tiny_gpt(router)
+    model = hf_from_gpt(gpt)
+    x = torch.randint(VOCAB, (3, 20))
+    with torch.no_grad():
+        out = model(x)
+        expected = gpt(x).logits_BLV
+    assert isinstance(out, MoeCausalLMOutputWithPast)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-6)
+
+
+def test_dense_model_too():
+    gpt = tiny_gpt(moe=False)
+    x = torch.randint(VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_from_gpt(gpt)(x).logits, gpt(x).logits_BLV, rtol=0, atol=1e-6)
+
+
+def test_generate_with_kv_cache_gives_xmoe_greedy_tokens():
+    gpt = tiny_gpt()
+    model = hf_from_gpt(gpt)
+    prompt = torch.randint(VOCAB, (1, 5))
+    expected = gpt.generate(prompt, 20, temperature=0)
+    cached = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert torch.equal(cached, expected) and torch.equal(uncached, expected)
+
+
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
+def test_either_cache_keyword_continues_the_sequence(spelling):
+    model = hf_from_gpt(tiny_gpt())
+    x = torch.randint(VOCAB, (2, 12))
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        first = model(x[:, :7], **{spelling: cache}).logits
+        second = model(x[:, 7:], **{spelling: cache}).logits
+    assert cache.get_seq_length() == 12
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_loss_from_labels_is_shifted_cross_entropy_plus_weighted_balancing_loss():
+    model = hf_from_gpt(tiny_gpt())
+    x = torch.randint(VOCAB, (2, 16))
+    labels = x.clone()
+    labels[0, :4] = -100
+    out = model(x, labels=labels, output_router_logits=True)
+    logits = out.logits.double()
+    # The independent loss: position i predicts labels[i + 1]; -100 skipped.
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    # The balancing loss recomputed from the returned router logits: E * sum_e f_e * P_e per layer.
+    aux = 0.0
+    for logits_TE in out.router_logits:
+        probs = logits_TE.double().softmax(-1)
+        f = F.one_hot(probs.argmax(-1), probs.shape[-1]).double().mean(0)
+        aux = aux + probs.shape[-1] * (f * probs.mean(0)).sum()
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (32, 8)
+    torch.testing.assert_close(out.aux_loss.double(), aux, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), ce + 0.01 * aux, rtol=1e-5, atol=1e-6)
+    out.loss.backward()  # the Trainer's step: every router gets a gradient (through the balancing loss too)
+    assert all(p.grad is not None for layer in model.moe_layers() for p in layer.parameters())
+
+
+def test_threshold_dial_changes_experts_and_is_saved_and_loaded(tmp_path):
+    model = hf_from_gpt(tiny_gpt())
+    x = torch.randint(VOCAB, (2, 16))
+    with torch.no_grad():
+        at_09 = model(x)
+        assert set_threshold(model, 0.3) == 2
+        at_03 = model(x)
+    experts = [sum(s.kept_per_token for s in out.routing_stats) for out in (at_09, at_03)]
+    assert experts[1] < experts[0]
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["moe_threshold"] == 0.3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, XMoEForCausalLM) and loaded.config.moe_threshold == 0.3
+    assert all(layer.threshold == 0.3 for layer in loaded.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, at_03.logits, rtol=0, atol=1e-6)
+
+
+def test_auto_classes_know_the_model_type():
+    cfg = AutoConfig.for_model("xmoe", vocab_size=40, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=32)
+    assert isinstance(cfg, XMoEConfig) and cfg.num_hidden_layers == 2 and cfg.hidden_size == 16
+    assert isinstance(AutoModelForCausalLM.from_config(cfg), XMoEForCausalLM)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = hf_from_gpt(tiny_gpt())
+    x = torch.randint(VOCAB, (2, 6))
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right padding only"):
+        model(x, attention_mask=left_padded)
+    right_padded = left_padded.flip(1)
+    torch.testing.assert_close(model(x, attention_mask=right_padded).logits, model(x).logits)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.randint(VOCAB, (1, 49)))
+    with pytest.raises(ValueError, match="not both"):
+        model(x, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="GPTConfig.d_model"):
+        XMoEConfig(d_model=30, n_head=4)
+
+
+def test_a_fresh_process_loads_the_folder_with_trust_remote_code(tmp_path):
+    """The folder carries its modeling code: a process that never imports xmoe itself loads it."""
+    model = hf_from_gpt(tiny_gpt())
+    set_threshold(model, 0.6)
+    model.save_pretrained(tmp_path / "m")
+    x = torch.randint(VOCAB, (2, 10))
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert "xmoe.hf" not in sys.modules
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+print(model.config.moe_threshold)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0.6"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(x).logits, rtol=0, atol=1e-6)
