@@ -56,7 +56,7 @@ bandwidth-bound, so ~4x fewer bytes and fewer launches should show up as time; b
 likewise skips the gathered copies of g and x and the [N, D] dx buffer. Against the benchmark's
 "speed limit" (one expert's weights for every row, L2-resident: compute-bound, ~15-20 us) the
 weight stream is the cost no MoE avoids; 0.7 of it needs the weight loads to overlap the MMAs
-(num_stages=3 pipelining). How close this comes is for the GPU benchmark (benchmarks/layer.py);
+(num_stages=3 pipelining). How close this comes is for the GPU check (benchmarks/gpu.py);
 the block sizes below are sane Hopper defaults, untuned.
 
 Testing: with TRITON_INTERPRET=1 set before triton is first imported (triton.language's own
