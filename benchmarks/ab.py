@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xmoe.bench import layer as bench
 
@@ -46,11 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="auto", help="the backend name, in both revisions")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing, count the eager ops of one forward and one backward")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base(args.base, Path(tmp))
+        if args.count_ops:
+            print_op_counts(base, args.base)
+            return
         print(f"# A/B of the MoE layer: this checkout vs {args.base}; backend {args.backend}; "
               f"{torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
         print("| shape | pass | base ms | new ms | new / base |")
@@ -58,6 +64,44 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.shapes:
             for row in compare(bench.SHAPES[name], base, args.backend, args.repeats):
                 print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.1f} | {row[3] / row[2]:.2f} |")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(moe, backend: str, **fields) -> tuple[int, int]:
+    """Eager ops (kernel launches, on a GPU) of one forward and one backward of a small layer:
+    threshold router, capacity factor 8, T=256, D=64, F=32, E=16."""
+    torch.manual_seed(0)
+    layer = moe.MoELayer(moe.MoEConfig(model_dim=64, num_experts=16, expert_dim=32, threshold=0.9,
+                                       capacity_factor=8.0, backend=backend, **fields))
+    x = torch.randn(256, 64, requires_grad=True)
+    layer(x)  # warm-up
+    with _CountOps() as forward:
+        out = layer(x)
+    with _CountOps() as backward:
+        (out.output.sum() + out.aux_loss).backward()
+    return forward.ops, backward.ops
+
+
+def print_op_counts(base, rev: str) -> None:
+    import xmoe.moe as new
+
+    print(f"# eager ops per layer call: {rev} vs this checkout (T=256, D=64, F=32, E=16, threshold 0.9)")
+    print("| backend | forward, base | forward, new | backward, base | backward, new |")
+    print("|---|---|---|---|---|")
+    for backend in ("grouped_mm", "loop", "fused"):
+        (bf, bb), (nf, nb) = count_ops(base, backend), count_ops(new, backend)
+        print(f"| {backend} | {bf} | {nf} | {bb} | {nb} |")
+    nf, nb = count_ops(new, "auto", static_shapes=True, eval_capacity_factor=8.0)
+    print(f"| static mode | - | {nf} | - | {nb} |")
 
 
 def compare(shape: bench.Shape, base, backend: str, repeats: int) -> list[tuple]:
