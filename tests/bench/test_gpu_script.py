@@ -33,7 +33,7 @@ def test_dry_run_writes_every_section(tmp_path) -> None:
     assert [r["model"] for r in saved["training"]] == ["debug-dense", "debug-topk", "debug-xmoe"]
     assert all(r["tokens_per_s"] > 0 for r in saved["training"])
     assert "## 3. bf16 layer times" in (tmp_path / "results.md").read_text()
-    assert results["quick"] is True
+    assert results["quick"] is True and results["ok"] is True
 
 
 def test_the_reference_catches_a_wrong_backend(monkeypatch) -> None:

@@ -47,7 +47,7 @@ def test_static_mode_pads_and_padding_contributes_nothing() -> None:
     must change neither the output nor any gradient; idle experts get exactly zero gradients."""
     layer = make_layer(threshold=0.5, max_experts=E, static_shapes=True)
     x = peaked(layer)
-    plan_rows = layer.cfg.max_pairs(x.shape[0], training=True)
+    plan_rows = layer.router.max_pairs(x.shape[0])
     kept = int(layer.route(x).kept_TE.sum())
     assert kept < plan_rows / 2
     ref = make_layer(threshold=0.5, max_experts=E, backend="loop")
@@ -112,7 +112,7 @@ def test_max_pairs_bounds_the_kept_pairs(cfg: dict, training: bool) -> None:
             layer.router.weight.normal_().mul_(scale)
         x = torch.randn(17, 8, generator=torch.Generator().manual_seed(1))
         kept = int(layer.route(x).kept_TE.sum())
-        assert kept <= layer.cfg.max_pairs(17, training)
+        assert kept <= layer.router.max_pairs(17)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +129,47 @@ def test_max_pairs_bounds_the_kept_pairs(cfg: dict, training: bool) -> None:
 def test_static_config_errors_name_the_setting(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MoEConfig(model_dim=8, num_experts=E, expert_dim=16, **fields)
+
+
+def test_static_mode_follows_router_settings_changed_after_construction() -> None:
+    """The padded size comes from the router's live settings: raising top_k or max_experts on a
+    built layer must not lose pairs."""
+    for rule, change in (("topk", dict(top_k=4)), ("threshold", dict(max_experts=5))):
+        fields = dict(router=rule, top_k=2, max_experts=2 if rule == "threshold" else None, threshold=0.99)
+        static = make_layer(**fields, static_shapes=True)
+        ref = make_layer(**fields, backend="loop")
+        ref.load_state_dict(static.state_dict())
+        for layer in (static, ref):
+            for name, value in change.items():
+                setattr(layer.router, name, value)
+        x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+        assert int(ref.route(x).kept_TE.sum()) > 20  # more than the bound the config was built with
+        torch.testing.assert_close(static(x).output, ref(x).output, rtol=1e-5, atol=1e-6)
+
+
+def test_static_mode_takes_an_empty_batch() -> None:
+    layer = make_layer(max_experts=2, static_shapes=True)
+    x = torch.randn(0, 8, requires_grad=True)
+    out = layer(x)
+    out.output.sum().backward()
+    assert out.output.shape == (0, 8) and x.grad.shape == (0, 8)
+
+
+def test_static_mode_refuses_expert_parallelism() -> None:
+    from xmoe.distributed import shard_experts
+
+    layer = make_layer(max_experts=2, static_shapes=True)
+    with pytest.raises(ValueError, match="expert parallelism"):
+        shard_experts(layer, ep_rank=0, ep_size=2, group=None)
+
+
+def test_static_grouped_mm_on_a_gpu_without_its_fast_kernel_is_refused(monkeypatch) -> None:
+    """There torch's grouped_mm reads the offsets on the host: static mode would sync."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    experts = make_layer(model_dim=16).experts
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="sm90"):
+        backends.choose("grouped_mm", experts, x, static=True)
 
 
 @pytest.mark.parametrize("backend", ["loop", "fused"])
@@ -271,6 +312,21 @@ def test_expert_weights_are_cast_once_per_optimizer_step() -> None:
     torch.testing.assert_close(after.w1, layer.experts.w1.detach().bfloat16(), rtol=0, atol=0)
 
 
+def test_the_cast_follows_a_fused_optimizer_step() -> None:
+    """Fused optimizers update the weights in place without moving their version counter."""
+    layer = make_layer(model_dim=16, backend="grouped_mm")
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x).output.float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = layer.experts.weights(torch.bfloat16)
+    torch.testing.assert_close(cast.w1, layer.experts.w1.detach().bfloat16(), rtol=0, atol=0)
+
+
 def test_a_cast_made_without_grad_is_not_reused_with_grad() -> None:
     layer = make_layer(model_dim=16, backend="grouped_mm")
     x = torch.randn(6, 16)
@@ -332,20 +388,22 @@ def test_cuda_host_syncs(static: bool) -> None:
     none at all in static mode."""
     fields = dict(model_dim=64, num_experts=16, expert_dim=32, threshold=0.9, capacity_factor=2.0,
                   eval_capacity_factor=2.0)
-    layer = MoELayer(MoEConfig(**fields, static_shapes=static, backend="grouped_mm" if static else "loop")).cuda()
+    layer = MoELayer(MoEConfig(**fields, static_shapes=static)).cuda()  # auto: grouped_mm on sm90
     x = torch.randn(256, 64, device="cuda", requires_grad=True)
-    layer(x).output.sum().backward()  # warm-up: lazy initialisation may sync
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)  # static mode's fast path is bf16
+    with autocast:
+        layer(x).output.float().sum().backward()  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
     counts = {}
     for phase in ("forward", "backward"):
-        with warnings.catch_warnings(record=True) as record:
+        with autocast, warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 if phase == "forward":
                     out = layer(x)
                 else:
-                    out.output.sum().backward()
+                    out.output.float().sum().backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts[phase] = sum("synchroniz" in str(w.message) for w in record)

@@ -19,7 +19,8 @@ split sizes swapped), so gradients reach the input, the router (through the comb
 and the experts. Every grouped backend returns an output that depends on its input even when a
 rank received no row, so every rank takes part in every backward exchange.
 
-Host reads per call: the local counts (as without parallelism) and the received counts.
+Host reads per call: one, as without parallelism: the counts this rank sends and the counts it
+receives (exchanged on the device first) are read together.
 
 Shapes: T tokens, D model dim, E experts (global), L local experts, N pairs this rank routes,
 R rows this rank receives.
@@ -27,6 +28,7 @@ R rows this rank receives.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +70,12 @@ class ExchangePlan:
     groups: Groups  # the received rows, grouped by local expert
 
     @property
-    def also_read(self) -> int | None:
-        return self.local.also_read
+    def read_along(self) -> tuple[int, ...]:
+        return self.local.read_along
+
+
+STATIC_ERROR = ("static_shapes=True cannot run under expert parallelism (the exchange sizes are read on "
+                "the host); build the model with static_shapes=False")
 
 
 class AllToAllDispatcher:
@@ -83,17 +89,18 @@ class AllToAllDispatcher:
         self._local = LocalDispatcher()
 
     def plan(self, kept_TE: Tensor, weights_TE: Tensor, *, max_pairs: int | None = None,
-             also_read: Tensor | None = None) -> ExchangePlan:
+             read_along: Tensor | None = None) -> ExchangePlan:
         if max_pairs is not None:
-            raise ValueError("static_shapes=True cannot run under expert parallelism (the exchange sizes "
-                             "are read on the host); build the model with static_shapes=False")
-        local = self._local.plan(kept_TE, weights_TE, also_read=also_read)
+            raise ValueError(STATIC_ERROR)
         L, ep = self.num_local, self.ep_size
-        counts_E = torch.tensor(local.counts, dtype=torch.int64, device=kept_TE.device)
+        counts_E = kept_TE.sum(dim=0)
         recv_counts = torch.empty_like(counts_E)  # [s * L + l]: rows rank s sends to my expert l
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        extra = recv_counts if read_along is None else torch.cat([recv_counts, read_along.reshape(-1).to(recv_counts)])
+        local = self._local.plan(kept_TE, weights_TE, read_along=extra)  # the one host read
+        recv_rows = [list(local.read_along[s * L : (s + 1) * L]) for s in range(ep)]
+        local = dataclasses.replace(local, read_along=local.read_along[ep * L :])
         recv_SL = recv_counts.view(ep, L)
-        recv_rows = recv_SL.tolist()  # a host read, like the local counts
         send = [sum(local.counts[r * L : (r + 1) * L]) for r in range(ep)]
         recv = [sum(row) for row in recv_rows]
 
@@ -137,7 +144,8 @@ def local_shard(full: Experts, cfg: MoEConfig, *, ep_rank: int, ep_size: int) ->
         )
     L = E // ep_size
     first = ep_rank * L
-    shard = Experts(cfg, num_experts=L).to(device=full.w1.device, dtype=full.w1.dtype)
+    with torch.random.fork_rng(devices=[]):  # its initialisation is overwritten: leave the RNG as it was
+        shard = Experts(cfg, num_experts=L).to(device=full.w1.device, dtype=full.w1.dtype)
     with torch.no_grad():
         for name in EXPERT_PARAMS:
             if getattr(full, name) is not None:
@@ -153,6 +161,8 @@ def shard_experts(model: nn.Module, *, ep_rank: int, ep_size: int, group) -> lis
     names = []
     for prefix, layer in model.named_modules():
         if isinstance(layer, MoELayer) and layer.dispatcher.local:
+            if layer.cfg.static_shapes:
+                raise ValueError(STATIC_ERROR)
             E = layer.experts.num_experts
             layer.experts = local_shard(layer.experts, layer.cfg, ep_rank=ep_rank, ep_size=ep_size)
             layer.dispatcher = AllToAllDispatcher(num_experts=E, ep_rank=ep_rank, ep_size=ep_size, group=group)

@@ -94,14 +94,14 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.min_capacity must be a non-negative integer, got {self.min_capacity!r}"
             )
-        self._check_static_bound()
+        self._check_max_experts_and_static()
         if self.init_std is not None and not self.init_std > 0:
             raise ValueError(
                 f"MoEConfig.init_std must be positive, or None for the nn.Linear default; "
                 f"got {self.init_std!r}"
             )
 
-    def _check_static_bound(self) -> None:
+    def _check_max_experts_and_static(self) -> None:
         if self.max_experts is not None:
             if not _positive_int(self.max_experts) or self.max_experts > self.num_experts:
                 raise ValueError(
@@ -124,15 +124,6 @@ class MoEConfig:
                 "router has none below tokens x experts: set max_experts (e.g. 8; a cap the paper does "
                 "not have) or both capacity_factor and eval_capacity_factor"
             )
-
-    def max_pairs(self, num_tokens: int, training: bool) -> int:
-        """The most (token, expert) pairs one call of ``num_tokens`` tokens can keep: the size
-        static mode pads to. min(T * experts a token may take, E * C) with C the capacity."""
-        per_token = self.top_k if self.router == "topk" else (self.max_experts or self.num_experts)
-        bound = num_tokens * per_token
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        slots = capacity(num_tokens, self.num_experts, factor, self.min_capacity)
-        return bound if slots is None else min(bound, self.num_experts * slots)
 
     @property
     def num_matrices(self) -> int:

@@ -50,7 +50,7 @@ class DispatchPlan:
     weight_N: Tensor  # fp32 combine weight of each pair (0 on padding rows)
     groups: Groups
     num_tokens: int
-    also_read: int | None = None  # the caller's scalar, fetched with the counts (see plan)
+    read_along: tuple[int, ...] = ()  # the caller's values, fetched with the counts (see plan)
 
     @property
     def counts(self) -> tuple[int, ...] | None:
@@ -63,19 +63,22 @@ class LocalDispatcher:
     local = True  # the layer may hand the whole stage to a fused backend
 
     def plan(
-        self, kept_TE: Tensor, weights_TE: Tensor, *, max_pairs: int | None = None, also_read: Tensor | None = None
+        self, kept_TE: Tensor, weights_TE: Tensor, *, max_pairs: int | None = None,
+        read_along: Tensor | None = None,
     ) -> DispatchPlan:
         """Group the kept pairs by expert.
 
-        ``max_pairs``: static mode; pad to this many pairs instead of reading the counts.
-        ``also_read``: a scalar the caller needs on the host too (the layer's non-finite
-        check), fetched in the same read as the counts, so it costs no sync of its own.
+        ``max_pairs``: static mode; pad to this many pairs instead of reading the counts (an
+        upper bound on the kept pairs, or pairs are lost: MoELayer derives it from the router).
+        ``read_along``: integers the caller needs on the host too (the layer's non-finite
+        check, the received counts of expert parallelism), fetched in the same read as the
+        counts, so they cost no sync of their own; ``plan.read_along`` holds them.
         """
         counts_E = kept_TE.sum(dim=0)
         offsets_E = counts_E.cumsum(dim=0).to(torch.int32)
-        extra = None
+        extra: tuple[int, ...] = ()
         if max_pairs is None:
-            counts, extra = read_counts(counts_E, also_read)
+            counts, extra = read_counts(counts_E, read_along)
             size, valid_N = sum(counts), None
         else:
             counts, size = None, max_pairs
@@ -103,13 +106,14 @@ class LocalDispatcher:
         return combine(y_ND, plan.token_idx_N, plan.weight_N, plan.num_tokens)
 
 
-def read_counts(counts_E: Tensor, also_read: Tensor | None = None) -> tuple[tuple[int, ...], int | None]:
+def read_counts(counts_E: Tensor, read_along: Tensor | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The layer's one host sync: per-expert counts (the groups are sliced by them), and with
-    them, in the same read, ``also_read`` (a scalar) when given."""
-    if also_read is None:
-        return tuple(counts_E.tolist()), None
-    *counts, extra = torch.cat([counts_E, also_read.to(counts_E.dtype).reshape(1)]).tolist()
-    return tuple(counts), extra
+    them, in the same read, the integers of ``read_along``."""
+    if read_along is None:
+        return tuple(counts_E.tolist()), ()
+    values = torch.cat([counts_E, read_along.to(counts_E.dtype).reshape(-1)]).tolist()
+    E = counts_E.shape[0]
+    return tuple(values[:E]), tuple(values[E:])
 
 
 def combine(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int) -> Tensor:

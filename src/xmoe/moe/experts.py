@@ -9,15 +9,14 @@ One layout serves every backend (``x @ w``, no transposes):
     FFN_e(x) = act(x w1_e + b1_e) w2_e + b2_e          gelu, relu
     FFN_e(x) = (silu(x w1_e + b1_e) * (x w3_e + b3_e)) w2_e + b2_e    swiglu
 
-The experts never see the router: they take rows grouped by expert (dispatch.Groups), as
-ScatterMoE's MLP takes routing as input. How the rows are computed is the backend's business
-(backends/).
+The experts never see the router: backends run them on rows grouped by expert
+(dispatch.Groups), as ScatterMoE's MLP takes routing as input (backends/).
 
 Under autocast the expert matmuls run in the autocast dtype, and the fp32 weights are cast to
 it once per optimizer step, not once per call (``weights``): the cast is kept until a weight
-changes (its version counter moves, as every in-place update does: optimizer steps,
-``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``.data`` bypass the version
-counter; call ``drop_cast_cache()`` after them.
+changes (its version counter moves, as every in-place update does: ``load_state_dict``,
+``copy_`` under ``no_grad``), or any torch.optim optimizer steps. Writes through ``.data`` and
+updates by hand outside an optimizer bypass both; call ``drop_cast_cache()`` after them.
 """
 
 from __future__ import annotations
@@ -27,12 +26,29 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .activations import activate
 from .config import MoEConfig
-from .dispatch import Groups
 
 PARAMS = ("w1", "b1", "w2", "b2", "w3", "b3")
+
+# Optimizer steps taken in this process, counted from the first cached cast on: process-wide
+# because torch.optim's step hook is (it fires for every torch.optim optimizer).
+_steps = 0
+
+
+def optimizer_steps() -> int:
+    global _steps
+    if _steps == 0:
+        register_optimizer_step_post_hook(_count_step)
+        _steps = 1
+    return _steps
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _steps
+    _steps += 1
 
 
 @dataclass(frozen=True)
@@ -97,19 +113,25 @@ class Experts(nn.Module):
     def weights(self, dtype: torch.dtype) -> ExpertWeights:
         """The expert tensors in ``dtype``; a cast is made once and reused until a weight changes.
 
-        The cached cast keeps its autograd link to the fp32 parameter (a cast saves nothing for
-        backward, so several backward passes may run through it: micro-batches of one step).
+        A weight changes when its version counter moves (every in-place update) or an optimizer
+        steps (fused optimizers update in place without moving it). The cached cast keeps its
+        autograd link to the fp32 parameter (a cast saves nothing for backward, so several
+        backward passes may run through it: the micro-batches of one step).
         """
         params = tuple(getattr(self, name) for name in PARAMS)
         if self.w1.dtype == dtype:
             return ExpertWeights(*params)
-        if torch.compiler.is_compiling():  # the compiler fuses the cast into its graph
+
+        def cast() -> ExpertWeights:
             return ExpertWeights(*(p.to(dtype) if p is not None else None for p in params))
-        grad = torch.is_grad_enabled()
-        key = (dtype, grad, tuple((p.data_ptr(), p._version, p.requires_grad) for p in params if p is not None))
+
+        if torch.compiler.is_compiling() or self.w1.is_inference():  # no version counter to key on
+            return cast()
+        key = (dtype, torch.is_grad_enabled(), optimizer_steps(),
+               tuple((p.data_ptr(), p._version, p.requires_grad) for p in params if p is not None))
         if self._cast is None or self._cast[0] != key:
             self._cast = None  # free the old cast before making the new one
-            self._cast = (key, ExpertWeights(*(p.to(dtype) if p is not None else None for p in params)))
+            self._cast = (key, cast())
         return self._cast[1]
 
     def drop_cast_cache(self) -> None:
@@ -121,10 +143,3 @@ class Experts(nn.Module):
     def _apply(self, fn, recurse=True):
         self._cast = None  # .to(), .cuda(), .half() ... make new parameters
         return super()._apply(fn, recurse)
-
-    def forward(self, x_ND: Tensor, groups: Groups, backend: str = "loop") -> Tensor:
-        """Each row through its own expert: [N, D] rows grouped by expert -> [N, D] outputs, in
-        the compute dtype. ``backend``: any grouped backend ("loop", "grouped_mm")."""
-        from .backends import grouped_backend
-
-        return grouped_backend(backend).run(self, x_ND, groups)

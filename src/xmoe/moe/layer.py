@@ -6,7 +6,7 @@ FLOPs, in wall time too.
 
 Host syncs: one per call (the per-expert pair counts, read when the dispatcher plans; the
 non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
-has none at all: pairs are padded to a bound known from the shapes (MoEConfig.max_pairs).
+has none at all: pairs are padded to a bound known from the shapes (Router.max_pairs).
 A padding mask (``forward(x, mask)``) adds one, to select the real tokens.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
@@ -75,11 +75,11 @@ class MoELayer(nn.Module):
         backend = self.backend_for(x_TD)
 
         decision = self.router(x_TD)
-        static = self.cfg.max_pairs(x_TD.shape[0], self.training) if self.cfg.static_shapes else None
+        max_pairs = self.router.max_pairs(x_TD.shape[0]) if self.cfg.static_shapes else None
         # The non-finite check rides on the plan's one host read, not a sync of its own.
         finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None
-        plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=static, also_read=finite)
-        if finite is not None and not plan.also_read:
+        plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=max_pairs, read_along=finite)
+        if finite is not None and not plan.read_along[-1]:
             raise _non_finite_error()
         if backend.stage:
             # A named override: the backend gathers, computes and combines in one.

@@ -222,6 +222,16 @@ class Router(nn.Module):
         weights_TE = weights_TE * kept_TE
         return RouterOutput(logits_TE, probs_TE, wanted_TE, kept_TE, weights_TE, slots)
 
+    def max_pairs(self, num_tokens: int) -> int:
+        """The most (token, expert) pairs a call of ``num_tokens`` tokens can keep, with the
+        router's live settings: the size static mode pads to. min(T * the experts a token may
+        take, E * C), C the capacity of this mode (training or evaluation)."""
+        E = self.num_experts
+        per_token = min(self.top_k, E) if self.kind == "topk" else (self.max_experts or E)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        slots = capacity(num_tokens, E, factor, self.min_capacity)
+        return num_tokens * per_token if slots is None else min(num_tokens * per_token, E * slots)
+
     def extra_repr(self) -> str:
         rule = f"threshold={self._threshold}" if self.kind == "threshold" else f"top_k={self.top_k}"
         if self.max_experts is not None:

@@ -1,7 +1,7 @@
 """Routing statistics of one layer call: returned with the output, never kept in globals.
 
 Every statistic is a tensor on the layer's device, computed without gradient, without a host
-sync, and only when read; ``to_dict()`` fetches them (one sync) for logging. These are the
+sync, and only when read; ``to_dict()`` fetches them to the host for logging. These are the
 numbers the reference logs per layer and the paper's analyses use (docs/method.md).
 """
 
@@ -27,9 +27,10 @@ FIELDS = (
 class RoutingStats:
     """Routing statistics of one layer call, computed only when read.
 
-    Holds references to the call's routing decision and computes each statistic the first time
-    it is read (then keeps it), so a forward pass whose statistics nobody reads pays nothing
-    for them: not one kernel launch. Every statistic is a tensor on the layer's device (no host
+    Holds references to the call's routing decision (its [T, E] probabilities and masks, alive
+    as long as this object) and computes each statistic the first time it is read (then keeps
+    it), so a forward pass whose statistics nobody reads pays nothing for them: not one kernel
+    launch. Every statistic is a tensor on the layer's device (no host
     sync until you fetch it); ``to_dict()`` fetches them all.
 
         num_tokens              tokens routed in this call
@@ -146,7 +147,7 @@ def _mean(x: Tensor) -> Tensor:
 class RoutingSummary:
     """One layer's routing statistics summed over many calls (an evaluation, a sweep): token-
     weighted means, summed histograms and loads. ``add`` fetches each call's numbers to the
-    host (one sync per call)."""
+    host (a few small reads per call: for evaluations, not the training hot path)."""
 
     tokens: int = 0
     kept_pairs: float = 0.0

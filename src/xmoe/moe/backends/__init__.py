@@ -95,6 +95,9 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
 
     Raises ValueError when the named backend cannot run here, naming what to use instead.
     """
+    if static and not local:
+        raise ValueError("static_shapes=True cannot run under expert parallelism (the exchange sizes are "
+                         "read on the host); build the model with static_shapes=False")
     if name == "auto":
         name = auto_backend(experts, x, static=static, local=local)
         if not torch.compiler.is_compiling():  # logging would break the graph
@@ -109,6 +112,12 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
         raise ValueError(
             f"backend={backend.name!r} reads the per-expert counts on the host, which static_shapes=True "
             f"forbids; use backend='grouped_mm' (or 'triton' on a GPU), or 'auto'"
+        )
+    if static and backend.name == "grouped_mm" and x.device.type == "cuda" and not grouped_mm_fast(experts, x):
+        raise ValueError(
+            "backend='grouped_mm' with static_shapes=True on this GPU would sync: torch's fast grouped GEMM "
+            "runs only on sm90/sm100 in bfloat16 (elsewhere it reads the offsets on the host); run under "
+            "bf16 autocast on such a GPU, or use backend='triton'"
         )
     return backend
 

@@ -12,6 +12,8 @@ forward and receives nothing backward.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,7 +65,7 @@ def grouped_mm_backend(experts, x_ND: Tensor, groups) -> Tensor:
     if x_ND.shape[0] == 0:  # grouped_mm rejects an empty operand; the loop keeps the graph
         from .loop import loop_backend
 
-        return loop_backend(experts, x_ND, groups)
+        return loop_backend(experts, x_ND, dataclasses.replace(groups, counts=(0,) * experts.num_experts))
     dtype = compute_dtype(x_ND)  # grouped_mm is not on autocast's list: cast by hand
     w = experts.weights(dtype)
     valid = None if groups.valid_N is None else groups.valid_N.unsqueeze(-1)
