@@ -1,6 +1,6 @@
 """A float64 reference for the XMoE layer, written one token at a time, as plainly as possible.
 
-It implements docs/xmoe.md, "The routing rule, exactly", without importing anything from xmoe,
+It implements docs/method.md, "The routing rule, exactly", without importing anything from xmoe,
 so the tests hold the library to an independent computation:
 
     p = softmax(W_g x)                                   float64

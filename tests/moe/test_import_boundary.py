@@ -1,4 +1,4 @@
-"""xmoe.moe is the core: it depends on torch only, and nothing above it (docs/style.md,
+"""xmoe.moe is the core: it depends on torch only, and nothing above it (the house style,
 "Imports point one way"). Checked in a fresh interpreter, so other tests' imports don't count."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Low precision: routing stays fp32 (decisions are discontinuous in p, docs/xmoe.md step 1)
+"""Low precision: routing stays fp32 (decisions are discontinuous in p, docs/method.md step 1)
 for a bf16 layer and under autocast, and outputs stay within bf16 rounding of fp32 ones.
 
 CPU bf16: the style guide's "every test on CPU"; these are cheap at these sizes.

@@ -1,4 +1,4 @@
-"""Worked examples of the routing rule (docs/xmoe.md, "The routing rule, exactly"), on hand-written
+"""Worked examples of the routing rule (docs/method.md, "The routing rule, exactly"), on hand-written
 probability rows, for threshold_mask, topk_mask, apply_capacity and capacity.
 
 Rows are in expert order; the comment beside each gives the sorted p, the exclusive sums and

@@ -10,7 +10,7 @@ little):
                   expert's weights: what any implementation with one GEMM chain per expert pays
                   before routing, gather and combine
     C slots       the authors' scheme: every expert computes all C = gamma*S/E capacity slots
-                  (re-implemented from docs/xmoe.md, with index dispatch instead of the
+                  (re-implemented from docs/method.md, with index dispatch instead of the
                   reference's one-hot einsums, which only make it slower)
     mask loop     a Python loop over all experts with boolean masks, the common Hugging Face
                   style (nn.Linear per expert, torch.where per expert)

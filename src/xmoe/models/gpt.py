@@ -4,7 +4,7 @@ layer, XMoE layers.
 References: GPT-2 (Radford et al., 2019): pre-LN, learned positional embeddings, input and
 output embeddings tied, GeLU FFN with biases, init N(0, 0.02) with residual projections scaled
 by 1/sqrt(2 n_layer); nanoGPT's model.py for the layout. XMoE (Yang et al., 2024,
-arXiv 2403.18926, Sec. 4 and docs/xmoe.md "Baselines"/"Experiments"): MoE replaces the FFN of
+arXiv 2403.18926, Sec. 4 and docs/method.md, "The paper's experiments"): MoE replaces the FFN of
 layers 2, 4, ..., 12 of GPT-2 small; the parameter-matched family Switch 8x3072, top-k 16x1536
 (k=2), top-k 64x384 (k=8), XMoE 16x1536, 32x768, 64x384 (t = 0.9), all about 323M parameters;
 LM capacity factor 8, minimum capacity 4.
@@ -455,7 +455,7 @@ def debug(router: str | None = None, num_experts: int = 0, *, vocab_size: int = 
 
 def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
     """A dense FFN of width ``d_ff`` split into ``num_experts`` experts of width d_ff / E: the
-    paper's dense-model recipe (docs/xmoe.md, "Dense models": 3072 -> 8 x 384, trained at t = 1.0,
+    paper's dense-model recipe (docs/method.md, "Dense models": 3072 -> 8 x 384, trained at t = 1.0,
     then t lowered at inference). t = 1 engages every expert (no capacity, so none is dropped) and
     the combine weights are the router probabilities, so the router learns how much each slice
     matters. ``top_k = E``: the FLOPs budget the statistics compare with is the whole dense FFN,

@@ -6,7 +6,7 @@ d 512, FFN 2048, 8 heads), post-LN sub-layers ``LN(x + drop(f(x)))``, sinusoidal
 layer (joint vocabulary), Xavier-uniform linear layers. Pre-LN (``x + drop(f(LN(x)))`` with a
 final LN per stack; Xiong et al. 2020) is an option. Beam search with the length penalty
 ``score / length ** alpha`` (as fairseq's ``--lenpen``). XMoE (Yang et al., 2024,
-arXiv 2403.18926, Sec. 4, docs/xmoe.md "Machine translation"): MoE replaces the FFN of encoder
+arXiv 2403.18926, Sec. 4, docs/method.md "Machine translation"): MoE replaces the FFN of encoder
 layers 2, 4, 6 with 64 experts of width 1024, threshold 0.9, capacity factor 2, against top-2
 routing over the same experts; decoder MoE layers are an option here (``dec_moe_every``).
 

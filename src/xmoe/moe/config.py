@@ -21,7 +21,7 @@ BACKENDS = ("auto", "loop", "fused", "grouped_mm", "triton")
 class MoEConfig:
     """One MoE layer: E experts of width F on a model of width D, and how tokens pick them.
 
-    Routing (see docs/xmoe.md, "The routing rule, exactly"):
+    Routing (see docs/method.md, "The routing rule, exactly"):
         router="threshold": each token takes the smallest prefix of its experts, sorted by
             router probability, whose probabilities add up to at least ``threshold``.
         router="topk": each token takes its ``top_k`` most probable experts (top_k=1 is Switch).

@@ -6,7 +6,7 @@ load_balancing_loss is the auxiliary loss of XMoE (Switch style, on the top-1 ch
 
 f_e: fraction of tokens whose most probable expert is e (before capacity; no gradient),
 P_e: mean router probability of e. It equals 1 when both are uniform. The training loss adds
-``0.01 * sum over MoE layers of l_aux`` (docs/xmoe.md).
+``0.01 * sum over MoE layers of l_aux`` (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train one study run (or finish an interrupted one) and measure it, in one process.
 
 Measured per run (XMoE, Yang et al. 2024, Sec. 4: perplexity at equal parameters and the MoE
-computation; docs/xmoe.md "Statistics"):
+computation; docs/method.md "Statistics"):
 
     perplexity            exp(token-mean CE) on the first ``train.eval_batches`` validation
                           batches, dropless (eval_capacity_factor None), as `xmoe eval`

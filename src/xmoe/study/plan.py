@@ -1,7 +1,7 @@
 """What the small-scale XMoE study trains: scales, model variants, and the runs of each study.
 
 XMoE (Yang et al., 2024, arXiv 2403.18926) claims, for language modelling at equal parameters
-(Sec. 4, Table 1 and the threshold/granularity analyses; docs/xmoe.md "Experiments"):
+(Sec. 4, Table 1 and the threshold/granularity analyses; docs/method.md, "The paper's experiments"):
 
     main         XMoE 16/32/64 experts at t = 0.9 reach lower perplexity than Switch (top-1, 8
                  experts) and top-k (16 experts k=2, 64 experts k=8), with under half of their
