@@ -60,9 +60,15 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if not main_rank:
         return
     if result.interrupted:
-        print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
-              f"continue with: xmoe train --out {args.out} --resume")
-        sys.exit(130)
+        from xmoe.training.stopping import exit_code, signal_name
+
+        if result.steps == cfg.train.max_steps:
+            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
+                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval --checkpoint {args.out}")
+        else:
+            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
+                  f"continue with: xmoe train --out {args.out} --resume")
+        sys.exit(exit_code(result.signal))
     _print_eval(result.final_eval, _baseline(cfg.model.moe))
     from xmoe.training.report import write_report
 

@@ -64,9 +64,15 @@ def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
     result = train_mt(cfg, args.out, resume=args.resume)
     if result.interrupted:
-        print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
-              f"continue with: xmoe train-mt --out {args.out} --resume")
-        sys.exit(130)
+        from xmoe.training.stopping import exit_code, signal_name
+
+        if result.steps == cfg.train.max_steps:
+            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
+                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval-mt --checkpoint {args.out}")
+        else:
+            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
+                  f"continue with: xmoe train-mt --out {args.out} --resume")
+        sys.exit(exit_code(result.signal))
     final = result.final_eval
     line = f"validation loss {final['loss']:.4f}"
     if "bleu" in final:
