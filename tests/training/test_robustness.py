@@ -128,11 +128,11 @@ def xmoe(*args: str, cwd: Path, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def wait_for_training(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the run has logged a training step (its metrics file has a row)."""
+def wait_for_training(run: Path, process: subprocess.Popen, timeout: float = 120, rows: int = 1) -> None:
+    """Until the run's metrics file has ``rows`` rows (a resume keeps the rows of its checkpoint)."""
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + timeout
-    while not (metrics.is_file() and metrics.read_text().strip()):
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= rows):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
@@ -159,3 +159,71 @@ def test_xmoe_train_saves_and_exits_on_sigterm_and_sigint(corpus, tmp_path, sign
     assert f"{name} received" in err and "Traceback" not in err
     step = saved_step(run)
     assert step >= 1 and f"interrupted by {name}: checkpoint saved at step {step}" in out
+
+
+# --- one run per folder ----------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(corpus, tmp_path):
+    """Item 3: two processes on one --out; the second (new or --resume) stops with the holder."""
+    run = tmp_path / "run"
+    train_lm(tiny_config(corpus, tmp_path, max_steps=2), run, progress=False)
+    first = xmoe(*train_args(corpus, run, tmp_path), "--resume", cwd=tmp_path)
+    try:
+        wait_for_training(run, first, rows=4)  # 2 train rows, the final evaluation, a resumed step
+        for extra in ([], ["--resume"]):
+            second = subprocess.run([sys.executable, "-m", "xmoe", *train_args(corpus, run, tmp_path), *extra],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert f"in use by another run (process {first.pid} on" in second.stderr
+            assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))  # one writer, no interleaving
+
+
+def test_the_lock_is_released_when_its_holder_dies(corpus, tmp_path):
+    run = tmp_path / "run"
+    first = xmoe(*train_args(corpus, run, tmp_path), cwd=tmp_path)
+    wait_for_training(run, first)
+    first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
+    first.communicate()
+    r = subprocess.run([sys.executable, "-m", "xmoe", *train_args(corpus, run, tmp_path, steps=2)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr  # no checkpoint was saved by the killed run: a new run may start
+
+
+def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, tmp_path):
+    """Item 6: a kill -9 inside a save leaves .checkpoint-XXXX; the next start removes it."""
+    cfg = tiny_config(corpus, tmp_path, max_steps=2)
+    train_lm(cfg, tmp_path / "run", progress=False)
+    stale = tmp_path / "run" / ".checkpoint-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    from xmoe.training import apply_overrides
+
+    train_lm(apply_overrides(cfg, {"train.max_steps": "3"}), tmp_path / "run", resume=True, progress=False)
+    assert not stale.exists()
+
+
+def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):
+    """Item 5: a start that fails (too little text) must not leave a tokenizer that the next
+    run in that folder would silently reuse."""
+    short = tmp_path / "short.txt"
+    short.write_text("too little text\n" * 3)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for run in (tmp_path / "new", existing):
+        with pytest.raises(ValueError):
+            train_lm(tiny_config(short, tmp_path), run, progress=False)
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    result = train_lm(tiny_config(corpus, tmp_path, max_steps=1), existing, progress=False)
+    assert result.steps == 1
+    assert load_lm(existing).cfg.model.vocab_size == 300  # trained on the new text, not the failed start's

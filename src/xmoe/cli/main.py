@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from xmoe.training.runs import RunInUseError
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -347,9 +349,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError, FloatingPointError) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside training (which saves and exits itself): nothing to save
+        print(f"\nxmoe {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

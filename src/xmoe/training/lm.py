@@ -24,7 +24,7 @@ from xmoe.moe import RoutingSummary
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import LMRunConfig, from_dict, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data
+from .runs import begin_run, check_resumable, check_same_data, run_folder
 
 
 class LMTask:
@@ -116,24 +116,25 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     rank 0 prepares the data first, the others then read what it wrote.
     """
     run_dir = Path(run_dir)
-    saved_state = begin_run(run_dir, resume=resume)
-    if resume:
-        saved = from_dict(LMRunConfig, read_config(run_dir))
-        check_resumable(saved, cfg, run_dir, saved_state=saved_state,
-                        ranks=parallel.world_size if parallel is not None else 1)
-    data = _prepare_once(cfg, run_dir, parallel)
-    check_same_data(saved_state, data.fingerprint, run_dir,
-                    f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
-                    f"for the default corpus)")
-    # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
-    # corpus can give fewer tokens).
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
-    return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint,
-                                                 "world_size": parallel.world_size if parallel else 1},
-                 parallel=parallel)
+    with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
+        saved_state = begin_run(run_dir, resume=resume)
+        if resume:
+            saved = from_dict(LMRunConfig, read_config(run_dir))
+            check_resumable(saved, cfg, run_dir, saved_state=saved_state,
+                            ranks=parallel.world_size if parallel is not None else 1)
+        data = _prepare_once(cfg, run_dir, parallel)
+        check_same_data(saved_state, data.fingerprint, run_dir,
+                        f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
+                        f"for the default corpus)")
+        # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
+        # corpus can give fewer tokens).
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
+        return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint,
+                                                     "world_size": parallel.world_size if parallel else 1},
+                     parallel=parallel)
 
 
 def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:

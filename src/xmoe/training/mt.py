@@ -41,7 +41,7 @@ from xmoe.moe import RoutingSummary
 from .checkpoint import checkpoint_dir, load_checkpoint, read_config
 from .config import TrainConfig, apply_overrides, from_dict, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data
+from .runs import begin_run, check_resumable, check_same_data, run_folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,19 +259,20 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
              progress: bool = True) -> TrainResult:
     """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
     run_dir = Path(run_dir)
-    saved_state = begin_run(run_dir, resume=resume)
-    if resume:
-        saved = from_dict(MTRunConfig, read_config(run_dir))
-        check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
-    data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
-    check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
-    vocab = data.vocab
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
-    torch.manual_seed(cfg.train.seed)
-    model = Seq2Seq(cfg.model)
-    return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+    with run_folder(run_dir, resume=resume):
+        saved_state = begin_run(run_dir, resume=resume)
+        if resume:
+            saved = from_dict(MTRunConfig, read_config(run_dir))
+            check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
+        data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
+        check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
+        vocab = data.vocab
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
+        torch.manual_seed(cfg.train.seed)
+        model = Seq2Seq(cfg.model)
+        return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint})
 
 
 # Beyond the training fields every task may change on a resume: decoding and evaluation only.

@@ -1,14 +1,28 @@
 """Starting and resuming a run folder: the checks every task (LM, translation) makes before the
 shared loop runs, so that ``--resume`` continues a run exactly or refuses with the reason.
 
-    saved_state = begin_run(run_dir, resume=...)          # None for a new run
-    check_resumable(saved_cfg, cfg, run_dir, saved_state=saved_state, ranks=...)
-    check_same_data(saved_state, fingerprint, run_dir)
+    with run_folder(run_dir, resume=...):                  # the lock; a failed start is undone
+        saved_state = begin_run(run_dir, resume=...)      # None for a new run
+        check_resumable(saved_cfg, cfg, run_dir, saved_state=saved_state, ranks=...)
+        check_same_data(saved_state, fingerprint, run_dir)
+        train(...)
+
+One process at a time owns a run folder: ``run_folder`` takes an exclusive ``fcntl.flock`` on
+``RUN/.xmoe.lock`` (released by the kernel when the process ends, however it ends; POSIX only,
+and only as reliable as the file system's locks: local disks yes, some network mounts no) and
+writes who holds it there, so a second run on the folder stops with a message naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +31,92 @@ from .config import to_dict
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
+
+
+LOCK_FILE = ".xmoe.lock"
+# Left behind only by a process killed while writing (kill -9, power loss); never part of a run.
+_STALE_TEMPORARIES = (".checkpoint-*",)
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[None]:
+    """Hold ``run_dir`` for the duration of a run (``owner=False``: a rank that does not write).
+
+    On entry, temporaries a killed process left (``.checkpoint-*``) are removed: the lock makes
+    them nobody's. If a new run fails before it has written a checkpoint, everything this start
+    created in the folder (tokenizer, vocabulary, metrics, the folder itself) is removed, so the
+    next start does not silently reuse it; what was there before is never touched.
+    """
+    if not owner:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in run_dir.iterdir()}
+    fd = _lock(run_dir)
+    try:
+        _remove_stale_temporaries(run_dir)
+        yield
+    except BaseException:
+        if not resume and not (run_dir / "checkpoint").exists():
+            _undo_start(run_dir, before, created)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(run_dir: Path) -> int:
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise RunInUseError(f"{run_dir} is in use by another run ({_describe_holder(holder)}); wait for it "
+                                f"to finish or stop it, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (a failed start) between our open and our lock: retry
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+              "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return fd
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"process {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that is starting"
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    for pattern in _STALE_TEMPORARIES:
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
