@@ -76,10 +76,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import LMRunConfig, apply_overrides, from_dict, lm_run_config, read_config
+    from xmoe.training import LMRunConfig, apply_overrides, lm_run_config
+    from xmoe.training.runs import saved_config
 
     if resume_dir is not None:  # the saved config; train_lm refuses overrides that break exactness
-        saved = from_dict(LMRunConfig, read_config(resume_dir))
+        saved = saved_config(resume_dir, LMRunConfig, "lm")
         if preset != DEFAULT_PRESET and preset != saved.preset:
             raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
         return apply_overrides(saved, overrides)

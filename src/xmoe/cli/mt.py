@@ -84,11 +84,12 @@ def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import apply_overrides, from_dict, read_config
+    from xmoe.training import apply_overrides
     from xmoe.training.mt import MTRunConfig, mt_run_config
+    from xmoe.training.runs import saved_config
 
     if resume_dir is not None:  # the saved config; train_mt refuses overrides that break exactness
-        saved = from_dict(MTRunConfig, read_config(resume_dir))
+        saved = saved_config(resume_dir, MTRunConfig, "mt")
         if preset not in (DEFAULT_MT_PRESET, saved.preset):
             raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
         return apply_overrides(saved, overrides)

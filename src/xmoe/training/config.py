@@ -147,22 +147,49 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys are errors."""
+def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Rebuild a (nested) config dataclass from ``to_dict`` output (e.g. a config.json); unknown
+    keys and values of the wrong JSON type are ValueErrors naming the dotted key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object of fields, "
+                         f"not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(prefix + k for k in sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         inner = _dataclass_of(hints[name])
-        if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value)
-        elif isinstance(value, list):
-            value = tuple(value)
+        if inner is not None and value is not None:
+            value = from_dict(inner, value, prefix=f"{prefix}{name}.")
+        else:
+            value = _checked(hints[name], value, prefix + name)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_JSON_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _checked(tp: Any, value: Any, key: str) -> Any:
+    """``value`` (as JSON gives it) if it has the type ``tp`` asks for; lists become tuples."""
+    if _is_optional(tp):
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(tp)
+    if ok is not None and not ok(value):
+        raise ValueError(f"config key {key!r} must be {_JSON_KIND[tp]}, got {value!r} ({type(value).__name__})")
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_checked(a, v, key) for a, v in zip(args, value))
+    return value
 
 
 def _set(cls: type, data: dict, key: str, text: str) -> None:

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
-from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
+from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint, read_config
-from .config import LMRunConfig, from_dict, to_dict
+from .checkpoint import checkpoint_dir, load_checkpoint
+from .config import LMRunConfig, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data, run_folder
+from .runs import begin_run, check_fits_in_memory, check_resumable, check_same_data, run_folder, saved_config
 
 
 class LMTask:
@@ -119,7 +119,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
         saved_state = begin_run(run_dir, resume=resume)
         if resume:
-            saved = from_dict(LMRunConfig, read_config(run_dir))
+            saved = saved_config(run_dir, LMRunConfig, "lm")
             check_resumable(saved, cfg, run_dir, saved_state=saved_state,
                             ranks=parallel.world_size if parallel is not None else 1)
         data = _prepare_once(cfg, run_dir, parallel)
@@ -129,6 +129,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
         # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
         # corpus can give fewer tokens).
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+        check_fits_in_memory(num_params(cfg.model), f"preset {cfg.preset}")
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
@@ -159,7 +160,8 @@ class LoadedLM:
 
 def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
     """A trained model, its resolved config and its run folder, from a run or checkpoint folder."""
-    cfg = from_dict(LMRunConfig, read_config(path))
+    cfg = saved_config(path, LMRunConfig, "lm")
+    check_fits_in_memory(num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
     model = GPT(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()

@@ -38,10 +38,10 @@ from xmoe.data.parallel import (
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops_budget
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint, read_config
-from .config import TrainConfig, apply_overrides, from_dict, to_dict
+from .checkpoint import checkpoint_dir, load_checkpoint
+from .config import TrainConfig, apply_overrides, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data, run_folder
+from .runs import begin_run, check_resumable, check_same_data, run_folder, saved_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,7 +262,7 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     with run_folder(run_dir, resume=resume):
         saved_state = begin_run(run_dir, resume=resume)
         if resume:
-            saved = from_dict(MTRunConfig, read_config(run_dir))
+            saved = saved_config(run_dir, MTRunConfig, "mt")
             check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
         data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
         check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
@@ -289,7 +289,7 @@ class LoadedMT:
 
 def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedMT:
     """A trained model, its config, run folder and vocabulary, from a run or checkpoint folder."""
-    cfg = from_dict(MTRunConfig, read_config(path))
+    cfg = saved_config(path, MTRunConfig, "mt")
     model = Seq2Seq(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_dir
-from .config import to_dict
+from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
+from .config import from_dict, to_dict
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
@@ -119,10 +119,45 @@ def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+# What each kind of run is, and the commands that take it.
+_KINDS = {
+    "lm": "a language-model run (xmoe train): use xmoe eval, generate or sweep-threshold, and xmoe train to --resume it",
+    "mt": "a translation run (xmoe train-mt): use xmoe translate or eval-mt, and xmoe train-mt to --resume it",
+}
+
+
+def saved_config(path: str | os.PathLike, cls: type, kind: str) -> Any:
+    """The run config saved with a checkpoint, as ``cls``; ``kind`` ("lm" or "mt") is what the
+    caller can use, and a run of the other kind is refused by name, not by its config keys."""
+    folder = checkpoint_dir(path)
+    data = read_config(folder)
+    found = "mt" if "decode" in data else "lm"  # only translation runs have decoding settings
+    if found != kind:
+        raise CheckpointError(f"{folder.parent if folder.name == 'checkpoint' else folder} is {_KINDS[found]}")
+    try:
+        return from_dict(cls, data)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint file {folder / 'config.json'} is not a valid run config ({err}); "
+                              f"it was edited or damaged: restore it, or start a new run") from None
+
+
+def check_fits_in_memory(params: int, what: str) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed this machine's memory
+    (a mistyped size in a config would otherwise try to allocate terabytes)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if 4 * params > memory:
+        raise ValueError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
+                         f"than this machine's {memory / 2**30:,.0f} GiB of memory; check its model sizes "
+                         f"(model.vocab_size, model.d_model, ...)")
+
+
 def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
     """state.json of the checkpoint a resume continues; a new run must not overwrite one."""
     if resume:
-        return json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
+        return read_state(checkpoint_dir(run_dir))
     if (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
