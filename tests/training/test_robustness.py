@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from xmoe.cli.main import main as cli_main
 from xmoe.data import DataConfig
 from xmoe.training import TrainConfig, lm_run_config, load_lm, train_lm
 from xmoe.training import lm as lm_module
@@ -227,3 +228,135 @@ def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):
     result = train_lm(tiny_config(corpus, tmp_path, max_steps=1), existing, progress=False)
     assert result.steps == 1
     assert load_lm(existing).cfg.model.vocab_size == 300  # trained on the new text, not the failed start's
+
+
+# --- corrupt, edited and foreign checkpoint files --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A finished tiny run, trained once for the tests of this section (they edit copies)."""
+    root = tmp_path_factory.mktemp("finished")
+    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
+    (root / "corpus.txt").write_text("\n".join(lines))
+    train_lm(tiny_config(root / "corpus.txt", root, max_steps=2), root / "run", progress=False)
+    return root
+
+
+@pytest.fixture
+def finished_run(trained_once, tmp_path, corpus):
+    """Copies of the finished run (made with the same text as ``corpus``)."""
+    import shutil
+
+    assert corpus.read_text() == (trained_once / "corpus.txt").read_text()
+
+    def copy(name: str) -> Path:
+        shutil.copytree(trained_once / "run", tmp_path / name)
+        return tmp_path / name
+
+    return copy
+
+
+def flip_a_bit(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def resume(run: Path):
+    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training.runs import saved_config
+
+    cfg = saved_config(run, LMRunConfig, "lm")
+    return train_lm(apply_overrides(cfg, {"train.max_steps": "4"}), run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"])
+def test_a_flipped_bit_in_any_checkpoint_file_is_refused_naming_it(corpus, tmp_path, finished_run, name):
+    """Item 4: safetensors and torch.save have no checksum of their own; the manifest does."""
+    from xmoe.training import CheckpointError
+
+    run = finished_run("run")
+    flip_a_bit(run / "checkpoint" / name, offset_from_end=3 if name.endswith(".json") else 100)
+    with pytest.raises(CheckpointError, match=f"{name} does not match the checksum"):
+        resume(run)
+
+
+def test_another_runs_weights_with_the_same_shapes_are_refused(corpus, tmp_path, finished_run):
+    """Item 4: same preset and shapes, another config (seed): the weights name their config."""
+    import shutil
+
+    from xmoe.training import CheckpointError
+
+    run, other = finished_run("run"), tmp_path / "other"
+    train_lm(tiny_config(corpus, tmp_path, max_steps=2, seed=1), other, progress=False)
+    shutil.copy(other / "checkpoint" / "model.safetensors", run / "checkpoint" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the checksum"):
+        load_lm(run)
+    (run / "checkpoint" / "manifest.json").unlink()  # no manifest (or an edited one): still refused
+    with pytest.warns(UserWarning, match="no manifest.json"), pytest.raises(CheckpointError, match="another config"):
+        load_lm(run)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _pickle_payload(path: Path) -> None:
+    import pickle
+
+    class Payload:  # what an attacker would put in: an object whose unpickling runs code
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path.write_bytes(pickle.dumps({"state": Payload()}))
+
+
+def _write(text: str):
+    return lambda path: path.write_text(text)
+
+
+EDITS = [
+    ("rng.pt", _truncate, "rng.pt (the random number generator states) is truncated or corrupted"),
+    ("rng.pt", _write(""), "rng.pt (the random number generator states) is truncated or corrupted"),
+    ("rng.pt", lambda path: path.unlink(), "has no rng.pt"),
+    ("optimizer.pt", _pickle_payload, "optimizer.pt holds objects other than tensors"),
+    ("optimizer.pt", _truncate, "optimizer.pt (the optimizer state) is truncated or corrupted"),
+    ("state.json", _write("{not json"), "state.json is corrupted (not JSON"),
+    ("state.json", _write('{"data_fingerprint": "x"}'), 'state.json has no valid "step"'),
+    ("config.json", _write("[1, 2]"), "config.json must hold a JSON object, not a list"),
+    ("config.json", None, "config key 'train.lr' must be a number, got '0.003' (str)"),
+    ("config.json", None, "config.json would have 64,000,000,"),
+]
+
+
+@pytest.mark.parametrize("name, edit, message", EDITS)
+def test_edited_checkpoint_files_are_one_clear_error_naming_the_file(corpus, tmp_path, finished_run, capsys, name,
+                                                                     edit, message):
+    """Item 7: without a manifest to catch the edit (a checkpoint saved before manifests, or
+    the manifest edited too), each file still fails with what is wrong and what to do."""
+    run = finished_run("run")
+    path = run / "checkpoint" / name
+    if edit is None:  # config values: a string lr, a vocabulary of 10^12 tokens
+        config = json.loads(path.read_text())
+        if "lr" in message:
+            config["train"]["lr"] = str(config["train"]["lr"])
+        else:
+            config["model"]["vocab_size"] = 10**12
+        path.write_text(json.dumps(config))
+    else:
+        edit(path)
+    (run / "checkpoint" / "manifest.json").unlink()
+    # A resume reads every file; the model's size matters where it is built from config.json: eval.
+    command = ["eval", "--checkpoint", str(run)] if "64,000,000" in message else [
+        "train", "--out", str(run), "--resume", "--train.max_steps=4"]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(command)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err
+    assert "pwned" not in out + err
+    lines = [line for line in err.splitlines() if line and f"xmoe {command[0]}: warning: " not in line]
+    assert len(lines) == 1, err
+    assert f"xmoe {command[0]}: error:" in lines[0] and message in lines[0], lines[0]

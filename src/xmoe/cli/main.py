@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_PRESET = "cpu-xmoe-64x128"
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    # Warnings are messages to the user here: one line each, without the source line.
+    warnings.formatwarning = lambda message, *_, **__: f"xmoe {args.command}: warning: {message}\n"
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if getattr(args, "overrides", False):

@@ -153,12 +153,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
         verify("rng.pt")
         _restore_rng(_torch_load(folder / "rng.pt", "the random number generator states"), folder, parallel)
-    verify("state.json")
     return read_state(folder)
 
 
 def read_state(folder: Path) -> dict:
-    """state.json of a checkpoint folder, checked: a JSON object with a step count."""
+    """state.json of a checkpoint folder, checked against the manifest and for a step count."""
+    _verifier(folder, warn=False)("state.json")
     state = _read_json(folder / "state.json")
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
