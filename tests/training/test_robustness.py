@@ -360,3 +360,87 @@ def test_edited_checkpoint_files_are_one_clear_error_naming_the_file(corpus, tmp
     lines = [line for line in err.splitlines() if line and f"xmoe {command[0]}: warning: " not in line]
     assert len(lines) == 1, err
     assert f"xmoe {command[0]}: error:" in lines[0] and message in lines[0], lines[0]
+
+
+# --- full disks and torn files ---------------------------------------------------------------
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Item 9: an injected ENOSPC in the middle of the optimizer state."""
+    import errno
+
+    from xmoe.training import CheckpointError, load_checkpoint, save_checkpoint
+    from xmoe.models.gpt import GPT
+
+    model = GPT(lm_run_config("debug-xmoe").model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=1, config={})
+    import xmoe.training.checkpoint as checkpoint_module
+
+    class FullDisk:  # a file whose writes fail after 1000 bytes, as on a full disk
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return FullDisk(f) if Path(path).name == "optimizer.pt" else f
+
+    monkeypatch.setattr(checkpoint_module, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(CheckpointError, match=r"no space left .*previous checkpoint .*checkpoint \(step 1\) is intact"):
+        save_checkpoint(tmp_path, model=model, optimizer=optimizer, step=2, config={})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path, model, optimizer)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.pt"])
+def test_a_file_size_limit_during_a_resume_is_one_line_and_the_checkpoint_survives(tmp_path, finished_run, failing):
+    """Item 9, for real: the kernel refuses the write (EFBIG under a file-size limit), inside
+    safetensors' or torch's writer, in an `xmoe train --resume` subprocess."""
+    import resource
+
+    run = finished_run("run")
+    sizes = {name: (run / "checkpoint" / name).stat().st_size for name in ("model.safetensors", "optimizer.pt")}
+    limit = sizes[failing] // 2
+    assert failing == "model.safetensors" or limit > sizes["model.safetensors"]
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "xmoe", "train", "--out", str(run), "--resume", "--train.max_steps=3"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "no space left" in r.stderr
+    assert "(step 2) is intact" in r.stderr
+    assert saved_step(run) == 2 and load_lm(run).model is not None
+    assert not list(run.glob(".checkpoint-*"))
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, finished_run):
+    """Item 8: what a full disk leaves at the end of metrics.jsonl."""
+    from xmoe.training.report import write_report
+
+    run = finished_run("run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "split": "tr')
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        resume(run)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-3:] == [3, 4, 4]  # train 3, train 4, the final evaluation
+    write_report(run)

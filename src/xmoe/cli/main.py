@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import warnings
@@ -355,6 +356,11 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RunInUseError, FloatingPointError) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"xmoe {args.command}: error: no space left on the device: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside training (which saves and exits itself): nothing to save
         print(f"\nxmoe {args.command}: interrupted", file=sys.stderr)

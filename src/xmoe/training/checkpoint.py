@@ -29,6 +29,7 @@ xmoe.distributed), so a checkpoint never depends on the number of ranks that wro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -85,13 +86,13 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
         config_text = _json_text(config)
         save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={CONFIG_HASH_KEY: _sha256_text(config_text)})
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
+            _torch_save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if rng_states is not None:
             rng["ranks"] = rng_states
         if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        _torch_save(rng, tmp / "rng.pt")
         _write_json(tmp / "state.json", {"step": step, **(extra or {})})
         _write_text(tmp / "config.json", config_text)
         _write_json(tmp / MANIFEST_FILE, {"sha256": {f.name: _sha256_file(f) for f in sorted(tmp.iterdir())}})
@@ -104,10 +105,67 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
         tmp.rename(target)
         _fsync(run_dir)  # the renames too, before the fallback is deleted
         shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(err):
+            raise CheckpointError(
+                f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
+                f"checkpoint in {run_dir}; "
+                f"{_previous_checkpoint(target)}. Free some space, then resume (xmoe train --out RUN --resume)"
+            ) from None
         raise
     return target
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file that keeps the OSError of a failed write: torch
+    itself reports only "[enforce fail at inline_container.cc]", without the errno (ENOSPC)."""
+    with open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _RecordingWriter:
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# ENOSPC: disk full, EDQUOT: quota exceeded, EFBIG: file size limit; safetensors (Rust) reports
+# them in its message only.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    return isinstance(err, (SafetensorError, RuntimeError)) and any(
+        f"os error {code})" in str(err) for code in _DISK_FULL)
+
+
+def _reason(err: BaseException) -> str:
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+
+
+def _previous_checkpoint(target: Path) -> str:
+    try:
+        return f"the previous checkpoint {target} (step {read_state(target)['step']}) is intact"
+    except CheckpointError:
+        return "there was no previous checkpoint"
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -33,6 +33,7 @@ from xmoe.distributed import SingleProcess
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at
+from .report import parse_metrics
 from .stopping import StopSignals
 
 
@@ -258,8 +259,8 @@ def _tensorboard(folder: Path, purge_step: int | None):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl (a torn last line is dropped with a warning)."""
+    return parse_metrics(path)
 
 
 def _postfix(row: dict) -> str:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -123,13 +124,27 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; errors name the file (and the line) and say what to do."""
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}; give the folder `xmoe train --out` wrote")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_parse_row(line, path, number))
+    rows = parse_metrics(path)
     if not rows:
         raise ValueError(f"{path} has no rows; the run logged nothing yet (train at least one step)")
+    return rows
+
+
+def parse_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a write cut short by a full disk or a kill:
+    no newline at its end) is dropped with a warning; damage anywhere else is an error naming the line."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")  # the last item is what follows the last newline
+    rows = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if line.strip():
+            rows.append(_parse_row(line.decode("utf-8", "replace"), path, number))
+    if lines[-1].strip():
+        try:
+            rows.append(_parse_row(lines[-1].decode("utf-8"), path, len(lines)))
+        except (ValueError, UnicodeDecodeError):
+            warnings.warn(f"{path}: the last line was cut short (a full disk or a killed process?); ignoring it",
+                          stacklevel=2)
     return rows
 
 
