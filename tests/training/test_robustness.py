@@ -444,3 +444,36 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, finished_run):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-3:] == [3, 4, 4]  # train 3, train 4, the final evaluation
     write_report(run)
+
+
+# --- one clear line instead of a traceback ---------------------------------------------------
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run `xmoe ARGV` in this process; it must exit 2 with exactly one line on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = [line for line in err.splitlines()
+             if line.strip() and ": warning: " not in line and "step/s" not in line]  # the progress bar
+    assert len(lines) == 1 and lines[0].startswith(f"xmoe {argv[0]}: error: "), err
+    return lines[0]
+
+
+def test_a_diverged_run_and_its_checkpoint_say_so_in_one_line(corpus, tmp_path, finished_run, capsys):
+    """Item 10: lr 10^6 blows up within a few steps and training names the step; a checkpoint
+    whose weights are finite but whose outputs are not (saved just before the blow-up: here,
+    router weights of 3e38) says that its weights diverged, when evaluated."""
+    from xmoe.training import read_config, save_checkpoint
+
+    line = one_error_line(capsys, [*train_args(corpus, tmp_path / "diverged", tmp_path, steps=50), "--train.lr=1e6"])
+    assert "the run diverged at step" in line and "lower train.lr" in line
+
+    run = finished_run("run")
+    model = load_lm(run).model
+    with torch.no_grad():
+        model.state_dict()["blocks.1.ffn.router.weight"].fill_(3e38)  # finite; x @ w is not
+    save_checkpoint(run, model=model, step=2, config=read_config(run))
+    line = one_error_line(capsys, ["eval", "--checkpoint", str(run)])
+    assert "its weights diverged during training (checkpoint at step 2)" in line

@@ -257,6 +257,20 @@ def _print_eval(summary: dict, baseline: str = "the top-k model of equal paramet
                   "(--train.max_steps, or xmoe demo --steps), or lower the threshold at inference (see the sweep).")
 
 
+def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
+    """What a NaN or inf met while using a checkpoint means: its weights diverged in training."""
+    from xmoe.training import CheckpointError, checkpoint_dir
+    from xmoe.training.checkpoint import read_state
+
+    try:
+        at = f" (checkpoint at step {read_state(checkpoint_dir(path))['step']})"
+    except CheckpointError:
+        at = ""
+    cause = str(err).split(",")[0].split(";")[0]
+    return (f"the model in {path} computes NaN or inf ({cause}): its weights diverged during training{at}; "
+            f"train it again with a lower train.lr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -354,7 +368,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError, FloatingPointError) as err:
+    except FloatingPointError as err:
+        if getattr(args, "checkpoint", None) is not None:  # training says which step diverged itself
+            err = _diverged_checkpoint(args.checkpoint, err)
+        print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:

@@ -165,7 +165,8 @@ def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: Tr
     try:
         logs, tokens = _accumulate(step_model, task, cfg, step, device, parallel)
     except FloatingPointError as err:  # the MoE layer's check of its router logits
-        raise FloatingPointError(f"the run diverged at step {step + 1} ({err}); {_NOT_SAVED}") from None
+        cause = str(err).split(",")[0].split(";")[0]  # its first clause: what was not finite
+        raise FloatingPointError(f"the run diverged at step {step + 1}: {cause}; {_NOT_SAVED}") from None
     parallel.sync_gradients(model)
     grad_norm = parallel.clip(model, cfg.grad_clip)
     logs, tokens = parallel.mean(logs), parallel.sum(tokens)
@@ -177,8 +178,7 @@ def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: Tr
     return logs, tokens, grad_norm
 
 
-_NOT_SAVED = ("nothing was updated or saved. Lower train.lr, or resume from the last checkpoint "
-              "(xmoe train --out RUN --resume)")
+_NOT_SAVED = "nothing was updated or saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
 
 
 def _check_finite(model_state: dict[str, Tensor], step: int, run_dir: Path) -> None:
