@@ -96,9 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
     summary = result.to_dict()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
     else:
-        _print_eval(summary, _baseline(loaded.model.cfg.moe))
+        _print_eval(summary, _baseline(loaded.model.cfg.moe), on=None if args.data is None else repr(args.data))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -109,7 +109,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return _sweep_hf(args)
     loaded = _load(args)
     _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
-           Path(args.out or Path(loaded.run_dir) / "report"))
+           Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
 
 
 def _sweep_hf(args: argparse.Namespace) -> None:
@@ -132,11 +132,14 @@ def _sweep_hf(args: argparse.Namespace) -> None:
     (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
 
 
-def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
-    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``."""
+def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> list[dict]:
+    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
+    (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
+    text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
     from xmoe.moe import set_threshold
-    from xmoe.training import evaluate_lm
-    from xmoe.training.report import plot_threshold_sweep, sweep_table
+    from xmoe.training import checkpoint_dir, evaluate_lm
+    from xmoe.training.checkpoint import read_state
+    from xmoe.training.report import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
         raise ValueError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
@@ -148,10 +151,25 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
                      "moe_flops_ratio": r["moe_flops_ratio"]})
     print(sweep_table(rows))
     out.mkdir(parents=True, exist_ok=True)
-    plot_threshold_sweep(rows, out / "threshold_sweep.png")
-    (out / "threshold_sweep.json").write_text(json.dumps(rows, indent=2))
-    print(f"plot: {out / 'threshold_sweep.png'}")
+    text = _text_name(data)
+    baseline = "dense" if _is_dense_split(loaded.model.cfg.moe) else "top-k"
+    name = sweep_name(data)
+    plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
+    step = read_state(checkpoint_dir(loaded.run_dir))["step"]
+    record = sweep_record(rows, data=text, step=step, baseline=baseline)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(f"plot: {out / name}.png")
     return rows
+
+
+def _text_name(data: str | None) -> str:
+    """How output names the evaluation text: the run's validation split, or the file given."""
+    return "the validation text" if data is None else repr(data)
+
+
+def _is_dense_split(moe) -> bool:
+    """A dense FFN split into experts (top_k = E): its own baseline is the dense FFN."""
+    return moe is not None and moe.top_k >= moe.num_experts
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -191,6 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if loaded.model.cfg.moe is not None and loaded.model.cfg.moe.router == "threshold":
         print("\nthe compute dial: the same model evaluated at other thresholds (dropless)")
         _sweep(loaded, [0.5, 0.7, 0.9, 1.0], eval_batches(loaded, None, max_batches=10), out / "report")
+        from xmoe.training.report import write_report
+
+        write_report(out)  # again, now with the sweep in summary.md
 
 
 _DEMO_TRAIN = {"train.batch_size": "16", "train.seq_len": "128", "train.eval_every": "100",
@@ -233,14 +254,15 @@ def _load(args: argparse.Namespace):
 
 def _baseline(moe) -> str:
     """What the MoE FLOPs ratio compares with: a split dense FFN (top_k = E) is its own baseline."""
-    if moe is not None and moe.top_k >= moe.num_experts:
-        return "the dense FFN (every expert engaged)"
+    if _is_dense_split(moe):
+        return f"the dense FFN's (all {moe.num_experts} experts' compute)"
     return "the top-k model of equal parameters"
 
 
-def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters") -> None:
-    print(f"validation loss {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} "
-          f"({summary['tokens']} tokens)")
+def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters", on: str | None = None) -> None:
+    """The evaluation summary; ``on``: the text evaluated, when not the run's validation split."""
+    what = "validation loss" if on is None else f"loss on {on}"
+    print(f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)")
     if "layers" in summary:
         per_layer = ", ".join(f"{l['experts_per_token']:.2f}" for l in summary["layers"])
         print(f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})")

@@ -110,10 +110,13 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
+    from xmoe.data.files import decode_lines
     from xmoe.training.mt import translate
 
     loaded, decode = _load(args)
-    lines = [line.rstrip("\r\n") for line in sys.stdin]  # Unix or Windows line ends
+    stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that invalid UTF-8 is named, not a TypeError
+    lines = decode_lines(stdin, "stdin") if stdin is not None else list(sys.stdin)
+    lines = [line.rstrip("\r\n") for line in lines]  # Unix or Windows line ends
     for hyp in translate(loaded, lines, decode=decode):
         print(hyp)
 

@@ -150,6 +150,7 @@ class MTTask:
         logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach()}
         if out.stats:
             logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+            logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
             logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
         return loss, logs
 
