@@ -477,3 +477,110 @@ def test_a_diverged_run_and_its_checkpoint_say_so_in_one_line(corpus, tmp_path, 
     save_checkpoint(run, model=model, step=2, config=read_config(run))
     line = one_error_line(capsys, ["eval", "--checkpoint", str(run)])
     assert "its weights diverged during training (checkpoint at step 2)" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "x", "--steps", "10"], "did you mean 'train.max_steps' (--train.max_steps=VALUE)"),
+    (["demo", "--steps", "0"], "--steps must be a positive number of training steps, got 0"),
+])
+def test_flags_that_do_not_exist_point_at_the_ones_that_do(tmp_path, capsys, monkeypatch, argv, message):
+    """Item 14."""
+    monkeypatch.chdir(tmp_path)
+    assert message in one_error_line(capsys, argv)
+
+
+def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(tmp_path, finished_run):
+    """Item 18: resume 2 -> 4 steps re-stretches the cosine; the warning says what the lr becomes,
+    and --train.schedule_steps keeps the old schedule (lr at its floor, as a direct check)."""
+    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training.optim import lr_at
+    from xmoe.training.runs import saved_config
+
+    run = finished_run("run")
+    saved = saved_config(run, LMRunConfig, "lm")
+    longer = apply_overrides(saved, {"train.max_steps": "4"})
+    with pytest.warns(UserWarning, match=r"now spans 4 steps instead of 2, so the learning rate at step 3 is "
+                                         r".* add --train.schedule_steps=2"):
+        train_lm(longer, run, resume=True, progress=False)
+    # Hand-computed: warm-up round(0.1 * 2) -> 1 step; cosine from 3e-3 to 3e-5 over steps 1..2, then the floor.
+    kept = apply_overrides(saved, {"train.max_steps": "4", "train.schedule_steps": "2"}).train
+    assert [lr_at(s, kept) for s in range(4)] == pytest.approx([3e-3, 3e-3, 3e-5, 3e-5], rel=1e-12)
+    other = finished_run("other")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old schedule: no warning
+        train_lm(apply_overrides(saved, {"train.max_steps": "4", "train.schedule_steps": "2"}), other, resume=True,
+                 progress=False)
+    rows = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["split"] == "train" and r["step"] > 2] == pytest.approx([3e-5, 3e-5])
+
+
+def test_sweep_and_eval_on_other_text_say_so_and_keep_the_runs_own_sweep(tmp_path, finished_run, capsys):
+    """Item 19: a sweep on other text has its own files, which name the text and the step; eval
+    says "loss on 'FILE'", not "validation loss". Item 23: summary.md shows the sweeps."""
+    from xmoe.training.report import write_report
+
+    run = finished_run("run")
+    other = tmp_path / "other.txt"
+    other.write_text("the lazy dog routes the quick tokens\n" * 40)
+    cli_main(["sweep-threshold", "--checkpoint", str(run), "--thresholds", "0.5", "1.0", "--max-batches", "1"])
+    cli_main(["sweep-threshold", "--checkpoint", str(run), "--thresholds", "0.7", "--max-batches", "1",
+              "--data", str(other)])
+    own = json.loads((run / "report" / "threshold_sweep.json").read_text())
+    theirs = json.loads((run / "report" / "threshold_sweep_other.json").read_text())
+    assert [r["threshold"] for r in own["rows"]] == [0.5, 1.0] and own["data"] == "the validation text"
+    assert [r["threshold"] for r in theirs["rows"]] == [0.7] and theirs["data"] == repr(str(other))
+    assert own["step"] == theirs["step"] == 2
+    capsys.readouterr()
+    cli_main(["eval", "--checkpoint", str(run), "--data", str(other), "--max-batches", "1"])
+    assert capsys.readouterr().out.startswith(f"loss on {str(other)!r} ")
+    summary = (write_report(run) / "summary.md").read_text()
+    assert "## Threshold sweep (the validation text, checkpoint at step 2)" in summary
+    assert f"## Threshold sweep ({str(other)!r}, checkpoint at step 2)" in summary
+
+
+def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
+    """Item 20: a model whose experts split a dense FFN (top_k = E) is compared with that FFN:
+    axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
+    eval does not claim every expert was engaged."""
+    from xmoe.cli.main import _baseline
+    from xmoe.models.gpt import get_preset
+    from xmoe.training.report import threshold_sweep_figure
+
+    rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
+            for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]
+    ax = threshold_sweep_figure(rows, baseline="dense", data="the validation text").axes[0]
+    assert "dense FFN" in ax.get_xlabel() and "top-k" not in ax.get_xlabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "dense FFN's FLOPs (ratio 1)" in legend and "dense model (t = 1): 30.00" in legend
+    offsets = [a.xyann[1] for a in ax.texts]  # t = 0.95 and t = 1 sit 0.07 apart in x
+    assert offsets[1] != offsets[2]
+    assert _baseline(get_preset("split8-debug").moe) == "the dense FFN's (all 8 experts' compute)"
+    assert "top-k" in threshold_sweep_figure(rows, baseline="top-k", data="x").axes[0].get_xlabel()
+
+
+def test_the_experts_plot_shows_what_training_wanted_as_well_as_kept(tmp_path, finished_run):
+    """Item 23: training logs the experts the router wanted (before capacity) beside those kept."""
+    from xmoe.training.report import plot_experts_over_training, split_rows, read_rows
+
+    run = finished_run("run")
+    train_rows, val_rows = split_rows(read_rows(run / "metrics.jsonl"))
+    assert all(r["wanted_experts_per_token"] >= r["experts_per_token"] for r in train_rows)
+    ax = plot_experts_over_training(train_rows, val_rows, tmp_path / "x.png").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train: kept (after capacity)", "train: wanted by the router (before capacity)",
+        "validation: dropless, so kept = wanted"]
+
+
+def test_the_progress_bar_redirected_to_a_file_does_not_flood_it():
+    """Item 23: on a terminal the bar redraws every 0.1 s; into a log file, once a minute."""
+    import io
+
+    log = io.StringIO()  # not a terminal
+    bar = loop_module._progress(0, 100, True, file=log)
+    for _ in range(20):
+        time.sleep(0.03)
+        bar.update(1)
+    bar.close()
+    assert log.getvalue().count("\r") <= 3  # the first draw and the last, not one per 0.1 s

@@ -196,6 +196,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: a CPU-sized XMoE trained on text that ships with Python, then evaluated."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
     overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
     out = Path(args.out)
     if (out / "checkpoint").exists():

@@ -270,10 +270,20 @@ def _postfix(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(start: int, total: int, enabled: bool, file=None):
+    """The progress bar on stderr: live on a terminal; redirected to a file (a scheduler's log),
+    redrawn once a minute (PROGRESS_TO_FILE_S) so that it does not flood the log."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+    file = file or sys.stderr
+    interactive = getattr(file, "isatty", lambda: False)()
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=file,
+                mininterval=0.1 if interactive else PROGRESS_TO_FILE_S)
+
+
+PROGRESS_TO_FILE_S = 60.0
 
 
 __all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "read_metrics", "checkpoint_dir"]

@@ -85,7 +85,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 
 def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str = "top-k",
-                         data: str = "validation") -> Path:
+                         data: str = "the validation text") -> Path:
     """Perplexity on ``data`` vs MoE FLOPs ratio, one point per threshold (annotated), to ``path``.
 
     ``baseline``: what ratio 1 is, "top-k" (the top-k model of equal parameters) or "dense" (the
@@ -96,6 +96,12 @@ def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, basel
     rows = _sweep_rows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save(threshold_sweep_figure(rows, baseline=baseline, data=data), path)
+    return path
+
+
+def threshold_sweep_figure(rows: Sequence[dict], *, baseline: str, data: str):
+    """The figure ``plot_threshold_sweep`` saves (a matplotlib Figure)."""
     fig, axes = _figure(1, 1, panel=(6.4, 4.4))
     ax = axes[0][0]
     by_cost = sorted(rows, key=lambda r: r["moe_flops_ratio"])
@@ -121,8 +127,7 @@ def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, basel
     ax.margins(x=0.15, y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-    return path
+    return fig
 
 
 def sweep_table(rows: Sequence[dict]) -> str:
@@ -321,7 +326,7 @@ def plot_top1_quartiles(layers: list[dict], step: int, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], path: Path) -> None:
+def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], path: Path):
     """Mean experts per token (over MoE layers) vs step; below it, tokens that lost pairs to capacity."""
     train = [r for r in train_rows if "experts_per_token" in r]
     val = [r for r in val_rows if "experts_per_token" in r]
@@ -353,6 +358,7 @@ def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], pat
         low.grid(alpha=0.3)
     axes[-1][0].set_xlabel("optimizer step")
     _save(fig, path)
+    return fig  # for tests
 
 
 def plot_translation_scores(val_rows: list[dict], path: Path) -> None:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
 from .config import from_dict, to_dict
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
-RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
+RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
 
 
 LOCK_FILE = ".xmoe.lock"
@@ -180,6 +182,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
             f"{saved_cfg.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
         )
+    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
     free = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"train.grad_accum", "model.vocab_size"}
     free |= set(also_resumable)
     old, new = _flatten(to_dict(saved_cfg)), _flatten(to_dict(cfg))
@@ -191,6 +194,25 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(name + '*' if name.endswith('.') else name for name in allowed)}"
         )
+
+
+def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
+    """Extending a run (a larger max_steps) re-stretches a schedule that spans max_steps: say so,
+    with the learning rates before and after, and how to keep the old one."""
+    from .optim import lr_at
+
+    before = [lr_at(s, saved) for s in range(step, min(step + 10, saved.max_steps) + 1)]
+    after = [lr_at(s, new) for s in range(step, min(step + 10, saved.max_steps) + 1)]
+    if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before, after)):
+        return
+    old_span, new_span = saved.schedule_steps or saved.max_steps, new.schedule_steps or new.max_steps
+    warnings.warn(
+        f"--resume of {run_dir} at step {step}: the {new.schedule} schedule now spans {new_span} steps instead of "
+        f"{old_span}, so the learning rate at step {step + 1} is {lr_at(step, new):.3g} instead of "
+        f"{lr_at(step, saved):.3g} (the run continues, but not as it would have). To keep the old schedule "
+        f"(its last value from step {old_span} on), add --train.schedule_steps={old_span}",
+        stacklevel=3,
+    )
 
 
 def check_same_data(saved_state: dict | None, fingerprint: str, run_dir: Path, what: str) -> None:
