@@ -584,3 +584,24 @@ def test_the_progress_bar_redirected_to_a_file_does_not_flood_it():
         bar.update(1)
     bar.close()
     assert log.getvalue().count("\r") <= 3  # the first draw and the last, not one per 0.1 s
+
+
+def test_every_command_takes_threads(capsys):
+    """Item 22: --threads on every command (it was on `study` only)."""
+    from xmoe.cli.main import _leaf_parsers, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    leaves = _leaf_parsers(commands)
+    names = {p.prog.split(" ", 1)[1] for p in leaves}
+    assert {"train", "eval", "translate", "train-mt", "eval-mt", "generate", "bench layer", "study", "demo"} <= names
+    for p in leaves:
+        assert any("--threads" in a.option_strings for a in p._actions), p.prog
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cli_main(["presets", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "--threads must be a positive integer, got 0" in one_error_line(capsys, ["presets", "--threads", "0"])
