@@ -188,15 +188,32 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(corpus, tm
     assert steps == list(range(1, len(steps) + 1))  # one writer, no interleaving
 
 
-def test_the_lock_is_released_when_its_holder_dies(corpus, tmp_path):
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from xmoe.training.runs import run_folder
+with run_folder(Path(sys.argv[1]), resume=True):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    """kill -9 runs no handler; the kernel drops an flock with its holder's last descriptor."""
+    from xmoe.training.runs import RunInUseError, run_folder
+
     run = tmp_path / "run"
-    first = xmoe(*train_args(corpus, run, tmp_path), cwd=tmp_path)
-    wait_for_training(run, first)
-    first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
-    first.communicate()
-    r = subprocess.run([sys.executable, "-m", "xmoe", *train_args(corpus, run, tmp_path, steps=2)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr  # no checkpoint was saved by the killed run: a new run may start
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RunInUseError, match=f"process {holder.pid} on "):
+            with run_folder(run, resume=True):
+                pass
+    finally:
+        holder.kill()
+        holder.communicate()
+    with run_folder(run, resume=True):  # free again
+        pass
 
 
 def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, tmp_path):
@@ -269,8 +286,9 @@ def resume(run: Path):
     from xmoe.training import LMRunConfig, apply_overrides
     from xmoe.training.runs import saved_config
 
-    cfg = saved_config(run, LMRunConfig, "lm")
-    return train_lm(apply_overrides(cfg, {"train.max_steps": "4"}), run, resume=True, progress=False)
+    cfg = saved_config(run, LMRunConfig, "lm")  # two more steps on the run's schedule (no warning)
+    extend = {"train.max_steps": "4", "train.schedule_steps": str(cfg.train.max_steps)}
+    return train_lm(apply_overrides(cfg, extend), run, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"])

@@ -402,13 +402,20 @@ def _set_threads(threads: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from xmoe.training.runs import RunInUseError
-
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    # Warnings are messages to the user here: one line each, without the source line.
-    warnings.formatwarning = lambda message, *_, **__: f"xmoe {args.command}: warning: {message}\n"
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():  # puts showwarning back when main returns
+        # Warnings are messages to the user here: one line each, without the source line.
+        warnings.showwarning = lambda message, *_, **__: print(f"xmoe {args.command}: warning: {message}",
+                                                               file=sys.stderr)
+        _run(parser, args, rest)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """Run the command; the errors a user can fix become one line and exit status 2."""
+    from xmoe.training.runs import RunInUseError
+
     try:
         _set_threads(args.threads)
         if getattr(args, "overrides", False):
