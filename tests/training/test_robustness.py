@@ -225,7 +225,8 @@ def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, t
     (stale / "model.safetensors").write_bytes(b"half written")
     from xmoe.training import apply_overrides
 
-    train_lm(apply_overrides(cfg, {"train.max_steps": "3"}), tmp_path / "run", resume=True, progress=False)
+    with pytest.warns(UserWarning, match="schedule now spans 3 steps"):
+        train_lm(apply_overrides(cfg, {"train.max_steps": "3"}), tmp_path / "run", resume=True, progress=False)
     assert not stale.exists()
 
 

@@ -378,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
-                "use 1: threads then stop spinning at barriers while another job holds a core (measured "
-                "5x faster on a busy 2-core machine; the same translate took 3 min 19 s, then 3.9 s)")
+                "use 1: threads otherwise wait for each other while another job holds a core (eval measured "
+                "about 2x faster with 1 on 2 busy cores)")
 
 
 def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
