@@ -223,11 +223,15 @@ def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, t
     stale = tmp_path / "run" / ".checkpoint-abc123"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
+    from xmoe.data.files import temporary_name
+
+    half_tokenizer = tmp_path / "run" / temporary_name("tokenizer.json")
+    half_tokenizer.write_text("{")
     from xmoe.training import apply_overrides
 
     with pytest.warns(UserWarning, match="schedule now spans 3 steps"):
         train_lm(apply_overrides(cfg, {"train.max_steps": "3"}), tmp_path / "run", resume=True, progress=False)
-    assert not stale.exists()
+    assert not stale.exists() and not half_tokenizer.exists()
 
 
 def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):

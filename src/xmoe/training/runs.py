@@ -36,8 +36,9 @@ RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_ever
 
 
 LOCK_FILE = ".xmoe.lock"
-# Left behind only by a process killed while writing (kill -9, power loss); never part of a run.
-_STALE_TEMPORARIES = (".checkpoint-*",)
+# Left behind only by a process killed while writing (kill -9, power loss); never part of a run:
+# checkpoint folders, and the files of xmoe.data.files.temporary_name (tokenizer, vocabulary).
+_STALE_TEMPORARIES = (".checkpoint-*", ".*.tmp", ".*.tmp.model", ".*.tmp.vocab")
 
 
 class RunInUseError(RuntimeError):
@@ -48,8 +49,8 @@ class RunInUseError(RuntimeError):
 def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[None]:
     """Hold ``run_dir`` for the duration of a run (``owner=False``: a rank that does not write).
 
-    On entry, temporaries a killed process left (``.checkpoint-*``) are removed: the lock makes
-    them nobody's. If a new run fails before it has written a checkpoint, everything this start
+    On entry, temporaries a killed process left (``.checkpoint-*``, ``.tokenizer.json.*.tmp``)
+    are removed: the lock makes them nobody's. If a new run fails before it has written a checkpoint, everything this start
     created in the folder (tokenizer, vocabulary, metrics, the folder itself) is removed, so the
     next start does not silently reuse it; what was there before is never touched.
     """
@@ -109,7 +110,7 @@ def _describe_holder(text: str) -> str:
 def _remove_stale_temporaries(run_dir: Path) -> None:
     for pattern in _STALE_TEMPORARIES:
         for path in run_dir.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
