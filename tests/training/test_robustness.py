@@ -107,6 +107,22 @@ def test_a_second_signal_during_the_save_is_ignored(corpus, tmp_path, monkeypatc
     assert saved_step(tmp_path / "run") == 2
 
 
+def test_a_signal_during_a_periodic_save_stops_right_after_it(corpus, tmp_path, monkeypatch):
+    """No extra step after a signal that arrives while a periodic checkpoint is written."""
+    original, saves = loop_module.save_checkpoint, []
+
+    def save_while_terminated(*args, **kwargs):
+        saves.append(kwargs["step"])
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_while_terminated)
+    result = train_lm(tiny_config(corpus, tmp_path, save_every=2), tmp_path / "run", progress=False)
+    assert result.signal == signal.SIGTERM and result.steps == 2 and saves == [2]  # saved once, not twice
+    assert saved_step(tmp_path / "run") == 2
+
+
 def test_a_signal_during_the_final_evaluation_skips_it_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
     """Item 11: the final evaluation stops at once; the finished run is already saved."""
     evaluations = []

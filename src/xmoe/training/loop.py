@@ -109,6 +109,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
 
     losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
+    saved = start if resume else None  # the step of the checkpoint on disk
     bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
     with StopSignals() as stop:
         try:
@@ -130,20 +131,25 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                     log.write(row)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(row), refresh=False)
-                # Every rank stops after the same step, so the collective save below matches up.
-                if parallel.sum(int(stop.signum is not None)):
-                    stop.request(signal.SIGINT)  # a rank that saw no signal stops with the others
-                    break
+                if _stop_requested(stop, parallel):
+                    break  # the final save below follows at once: no periodic evaluation or save first
                 last = done == cfg.max_steps
-                if cfg.eval_every and done % cfg.eval_every == 0 and not last:
+                evaluate = cfg.eval_every and done % cfg.eval_every == 0 and not last
+                if evaluate:
                     log.write({"step": done, "split": "val", **_evaluate(model, task, cfg, device)})
                 if cfg.save_every and done % cfg.save_every == 0 and not last:
                     save(done)
+                    saved = done
+                    if _stop_requested(stop, parallel):  # during the save: stop now, not a step later
+                        break
+                elif evaluate and _stop_requested(stop, parallel):
+                    break
         except KeyboardInterrupt:  # raised by code, or where no handler could be installed
             stop.request(signal.SIGINT)
         finally:
             bar.close()
-        save(done)
+        if saved != done:
+            save(done)
         final = {}
         if stop.signum is None:
             try:
@@ -156,6 +162,16 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     log.close()
     return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=stop.signum is not None,
                        signal=stop.signum)
+
+
+def _stop_requested(stop: StopSignals, parallel) -> bool:
+    """Whether any rank received a stop signal; every rank gets the same answer, so all stop
+    after the same step and the collective save matches up (one small all-reduce when
+    distributed; nothing in a single process)."""
+    if parallel.sum(int(stop.signum is not None)):
+        stop.request(signal.SIGINT)  # a rank that saw no signal stops with the others
+        return True
+    return False
 
 
 def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: TrainConfig, step: int,
