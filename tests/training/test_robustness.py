@@ -250,6 +250,26 @@ def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, t
     assert not stale.exists() and not half_tokenizer.exists()
 
 
+def test_sigterm_while_starting_cleans_up_like_a_failed_start(corpus, tmp_path, monkeypatch):
+    """Item 5 with a signal: SIGTERM while the data is prepared (a tokenizer already written)
+    used to end the process at once, leaving the tokenizer for the next run to reuse."""
+    from xmoe.training.stopping import Stopped
+
+    original = lm_module.prepare_lm_data
+
+    def prepare_then_terminated(cfg, run_dir):
+        data = original(cfg, run_dir)
+        assert (Path(run_dir) / "tokenizer.json").is_file()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return data
+
+    monkeypatch.setattr(lm_module, "prepare_lm_data", prepare_then_terminated)
+    with pytest.raises(Stopped) as stopped:
+        train_lm(tiny_config(corpus, tmp_path), tmp_path / "run", progress=False)
+    assert stopped.value.signum == signal.SIGTERM
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):
     """Item 5: a start that fails (too little text) must not leave a tokenizer that the next
     run in that folder would silently reuse."""

@@ -439,9 +439,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             raise
         print(f"xmoe {args.command}: error: no space left on the device: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside training (which saves and exits itself): nothing to save
-        print(f"\nxmoe {args.command}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
+        from xmoe.training.stopping import exit_code, signal_name
+
+        signum = getattr(err, "signum", None)
+        print(f"\nxmoe {args.command}: {signal_name(signum)}", file=sys.stderr)
+        sys.exit(exit_code(signum))
 
 
 if __name__ == "__main__":

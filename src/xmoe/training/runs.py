@@ -30,6 +30,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
 from .config import from_dict, to_dict
+from .stopping import raising
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
@@ -63,7 +64,8 @@ def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[N
     fd = _lock(run_dir)
     try:
         _remove_stale_temporaries(run_dir)
-        yield
+        with raising():  # a SIGTERM while starting must reach the clean-up below
+            yield
     except BaseException:
         if not resume and not (run_dir / "checkpoint").exists():
             _undo_start(run_dir, before, created)

@@ -8,6 +8,10 @@ reports a process killed by that signal. More signals while the checkpoint is wr
 and ignored, so the save always finishes. Once the checkpoint is safe (the final evaluation),
 ``interruptible()`` turns a signal into an immediate ``KeyboardInterrupt``.
 
+Before the loop (reading data, training a tokenizer) there is nothing to save: ``raising()``
+turns both signals into a ``Stopped`` exception there, so that a SIGTERM, which would otherwise
+end the process at once, lets a failed start clean up after itself (xmoe.training.runs).
+
 Handlers can only be installed from the main thread; elsewhere the previous behaviour stays.
 """
 
@@ -35,6 +39,33 @@ def signal_name(signum: int | None) -> str:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal raised as an exception (a KeyboardInterrupt, so code that handles Ctrl-C
+    handles it too); ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def raising() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise ``Stopped`` (a no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StopSignals:
