@@ -1,6 +1,6 @@
 """One training loop for every model: the task says what a batch and a loss are; the loop does
 the rest (device, precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume, Ctrl-C).
+checkpoints, exact resume, stopping on Ctrl-C or SIGTERM: xmoe.training.stopping).
 
 A task is any object with:
 
