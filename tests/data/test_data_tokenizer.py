@@ -97,3 +97,34 @@ def test_pieces_encode_like_the_whole_text():
     whole = tokenizer.encode(text)
     assert [i for p in pieces for i in tokenizer.encode(p)] == whole
     assert tokenizer.encode_documents([text]).tolist() == [*whole, tokenizer.eot_id]
+
+
+def test_bpe_training_never_sees_a_run_longer_than_the_bound(monkeypatch):
+    """Item 15 of issue 18: 5 MB without whitespace took hours (training is quadratic in a word's
+    length). Training pieces are cut inside long runs; the pieces join back to the text."""
+    import random
+    import re
+
+    from tokenizers import Tokenizer
+
+    from xmoe.data.tokenizer import MAX_TRAIN_RUN, bounded_runs
+
+    rng = random.Random(0)
+    long_run = "".join(rng.choice("abcdefgh") for _ in range(20 * MAX_TRAIN_RUN + 7))
+    text = f"some words\n{long_run} and {'x' * MAX_TRAIN_RUN} then more words"
+    pieces = list(bounded_runs(text))
+    assert "".join(pieces) == text
+    longest = max(len(m.group()) for piece in pieces for m in re.finditer(r"\S+", piece))
+    assert longest == MAX_TRAIN_RUN  # the run of exactly MAX_TRAIN_RUN x's is left whole
+    seen = []
+    original = Tokenizer.train_from_iterator
+
+    def spy(self, iterator, *args, **kwargs):
+        pieces = list(iterator)
+        seen.extend(pieces)
+        return original(self, iter(pieces), *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train_from_iterator", spy)
+    tok = BPETokenizer.train([text], vocab_size=300)
+    assert max(len(m.group()) for piece in seen for m in re.finditer(r"\S+", piece)) <= MAX_TRAIN_RUN
+    assert tok.decode(tok.encode(text)) == text  # encoding is not cut: any text round-trips

@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_PRESET = "cpu-xmoe-64x128"
@@ -61,9 +63,15 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     if not main_rank:
         return
     if result.interrupted:
-        print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
-              f"continue with: xmoe train --out {args.out} --resume")
-        sys.exit(130)
+        from xmoe.training.stopping import exit_code, signal_name
+
+        if result.steps == cfg.train.max_steps:
+            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
+                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval --checkpoint {args.out}")
+        else:
+            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
+                  f"continue with: xmoe train --out {args.out} --resume")
+        sys.exit(exit_code(result.signal))
     _print_eval(result.final_eval, _baseline(cfg.model.moe))
     from xmoe.training.report import write_report
 
@@ -71,10 +79,11 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import LMRunConfig, apply_overrides, from_dict, lm_run_config, read_config
+    from xmoe.training import LMRunConfig, apply_overrides, lm_run_config
+    from xmoe.training.runs import saved_config
 
     if resume_dir is not None:  # the saved config; train_lm refuses overrides that break exactness
-        saved = from_dict(LMRunConfig, read_config(resume_dir))
+        saved = saved_config(resume_dir, LMRunConfig, "lm")
         if preset != DEFAULT_PRESET and preset != saved.preset:
             raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
         return apply_overrides(saved, overrides)
@@ -92,9 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
     summary = result.to_dict()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
     else:
-        _print_eval(summary, _baseline(loaded.model.cfg.moe))
+        _print_eval(summary, _baseline(loaded.model.cfg.moe), on=None if args.data is None else repr(args.data))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -109,7 +118,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return _sweep_hf(args)
     loaded = _load(args)
     _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
-           Path(args.out or Path(loaded.run_dir) / "report"))
+           Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
 
 
 def _sweep_hf(args: argparse.Namespace) -> None:
@@ -132,11 +141,14 @@ def _sweep_hf(args: argparse.Namespace) -> None:
     (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
 
 
-def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
-    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``."""
+def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> list[dict]:
+    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
+    (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
+    text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
     from xmoe.moe import set_threshold
-    from xmoe.training import evaluate_lm
-    from xmoe.training.report import plot_threshold_sweep, sweep_table
+    from xmoe.training import checkpoint_dir, evaluate_lm
+    from xmoe.training.checkpoint import read_state
+    from xmoe.training.report import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
         raise ValueError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
@@ -148,10 +160,25 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path) -> list[dict]:
                      "moe_flops_ratio": r["moe_flops_ratio"]})
     print(sweep_table(rows))
     out.mkdir(parents=True, exist_ok=True)
-    plot_threshold_sweep(rows, out / "threshold_sweep.png")
-    (out / "threshold_sweep.json").write_text(json.dumps(rows, indent=2))
-    print(f"plot: {out / 'threshold_sweep.png'}")
+    text = _text_name(data)
+    baseline = "dense" if _is_dense_split(loaded.model.cfg.moe) else "top-k"
+    name = sweep_name(data)
+    plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
+    step = read_state(checkpoint_dir(loaded.run_dir))["step"]
+    record = sweep_record(rows, data=text, step=step, baseline=baseline)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(f"plot: {out / name}.png")
     return rows
+
+
+def _text_name(data: str | None) -> str:
+    """How output names the evaluation text: the run's validation split, or the file given."""
+    return "the validation text" if data is None else repr(data)
+
+
+def _is_dense_split(moe) -> bool:
+    """A dense FFN split into experts (top_k = E): its own baseline is the dense FFN."""
+    return moe is not None and moe.top_k >= moe.num_experts
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -182,6 +209,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: a CPU-sized XMoE trained on text that ships with Python, then evaluated."""
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
     overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
     out = Path(args.out)
     if (out / "checkpoint").exists():
@@ -195,6 +224,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if loaded.model.cfg.moe is not None and loaded.model.cfg.moe.router == "threshold":
         print("\nthe compute dial: the same model evaluated at other thresholds (dropless)")
         _sweep(loaded, [0.5, 0.7, 0.9, 1.0], eval_batches(loaded, None, max_batches=10), out / "report")
+        from xmoe.training.report import write_report
+
+        write_report(out)  # again, now with the sweep in summary.md
 
 
 _DEMO_TRAIN = {"train.batch_size": "16", "train.seq_len": "128", "train.eval_every": "100",
@@ -237,14 +269,15 @@ def _load(args: argparse.Namespace):
 
 def _baseline(moe) -> str:
     """What the MoE FLOPs ratio compares with: a split dense FFN (top_k = E) is its own baseline."""
-    if moe is not None and moe.top_k >= moe.num_experts:
-        return "the dense FFN (every expert engaged)"
+    if _is_dense_split(moe):
+        return f"the dense FFN's (all {moe.num_experts} experts' compute)"
     return "the top-k model of equal parameters"
 
 
-def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters") -> None:
-    print(f"validation loss {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} "
-          f"({summary['tokens']} tokens)")
+def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters", on: str | None = None) -> None:
+    """The evaluation summary; ``on``: the text evaluated, when not the run's validation split."""
+    what = "validation loss" if on is None else f"loss on {on}"
+    print(f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)")
     if "layers" in summary:
         per_layer = ", ".join(f"{l['experts_per_token']:.2f}" for l in summary["layers"])
         print(f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})")
@@ -259,6 +292,20 @@ def _print_eval(summary: dict, baseline: str = "the top-k model of equal paramet
             print("  the router is still unsure, so the threshold rule engages many experts; XMoE's saving "
                   "comes as training sharpens it (the paper trains 60k steps). Train longer "
                   "(--train.max_steps, or xmoe demo --steps), or lower the threshold at inference (see the sweep).")
+
+
+def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
+    """What a NaN or inf met while using a checkpoint means: its weights diverged in training."""
+    from xmoe.training import CheckpointError, checkpoint_dir
+    from xmoe.training.checkpoint import read_state
+
+    try:
+        at = f" (checkpoint at step {read_state(checkpoint_dir(path))['step']})"
+    except CheckpointError:
+        at = ""
+    cause = str(err).split(",")[0].split(";")[0]
+    return (f"the model in {path} computes NaN or inf ({cause}): its weights diverged during training{at}; "
+            f"train it again with a lower train.lr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,14 +389,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
     layer.add_arguments(p)
     p.set_defaults(func=cmd_bench_layer)
+    for command in _leaf_parsers(commands):
+        command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return parser
+
+
+THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
+                "use 1: threads otherwise wait for each other while another job holds a core (eval measured "
+                "about 2x faster with 1 on 2 busy cores)")
+
+
+def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every command's parser (`bench layer`, not `bench`), so each takes the common options."""
+    leaves = []
+    for p in dict.fromkeys(commands.choices.values()):  # aliases map to the same parser
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [p]
+    return leaves
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():  # puts showwarning back when main returns
+        # Warnings are messages to the user here: one line each, without the source line.
+        warnings.showwarning = lambda message, *_, **__: print(f"xmoe {args.command}: warning: {message}",
+                                                               file=sys.stderr)
+        _run(parser, args, rest)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """Run the command; the errors a user can fix become one line and exit status 2."""
+    from xmoe.training.runs import RunInUseError
+
     try:
+        _set_threads(args.threads)
         if getattr(args, "overrides", False):
             from xmoe.training import parse_overrides
 
@@ -358,9 +443,25 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except FloatingPointError as err:
+        if getattr(args, "checkpoint", None) is not None:  # training says which step diverged itself
+            err = _diverged_checkpoint(args.checkpoint, err)
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError) as err:
+        print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"xmoe {args.command}: error: no space left on the device: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
+        from xmoe.training.stopping import exit_code, signal_name
+
+        signum = getattr(err, "signum", None)
+        print(f"\nxmoe {args.command}: {signal_name(signum)}", file=sys.stderr)
+        sys.exit(exit_code(signum))
 
 
 if __name__ == "__main__":

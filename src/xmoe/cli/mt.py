@@ -64,9 +64,15 @@ def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
     result = train_mt(cfg, args.out, resume=args.resume)
     if result.interrupted:
-        print(f"\ninterrupted: checkpoint saved at step {result.steps} in {args.out}; "
-              f"continue with: xmoe train-mt --out {args.out} --resume")
-        sys.exit(130)
+        from xmoe.training.stopping import exit_code, signal_name
+
+        if result.steps == cfg.train.max_steps:
+            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
+                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval-mt --checkpoint {args.out}")
+        else:
+            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
+                  f"continue with: xmoe train-mt --out {args.out} --resume")
+        sys.exit(exit_code(result.signal))
     final = result.final_eval
     line = f"validation loss {final['loss']:.4f}"
     if "bleu" in final:
@@ -78,11 +84,12 @@ def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import apply_overrides, from_dict, read_config
+    from xmoe.training import apply_overrides
     from xmoe.training.mt import MTRunConfig, mt_run_config
+    from xmoe.training.runs import saved_config
 
     if resume_dir is not None:  # the saved config; train_mt refuses overrides that break exactness
-        saved = from_dict(MTRunConfig, read_config(resume_dir))
+        saved = saved_config(resume_dir, MTRunConfig, "mt")
         if preset not in (DEFAULT_MT_PRESET, saved.preset):
             raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
         return apply_overrides(saved, overrides)
@@ -103,10 +110,13 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
+    from xmoe.data.files import decode_lines
     from xmoe.training.mt import translate
 
     loaded, decode = _load(args)
-    lines = [line.rstrip("\r\n") for line in sys.stdin]  # Unix or Windows line ends
+    stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that invalid UTF-8 is named, not a TypeError
+    lines = decode_lines(stdin, "stdin") if stdin is not None else list(sys.stdin)
+    lines = [line.rstrip("\r\n") for line in lines]  # Unix or Windows line ends
     for hyp in translate(loaded, lines, decode=decode):
         print(hyp)
 

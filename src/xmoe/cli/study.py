@@ -31,9 +31,6 @@ def add_parser(commands) -> None:
                         "GPT-2-small family and recipe (GPUs); debug: seconds, for tests")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the scale's)")
     p.add_argument("--plan", action="store_true", help="print the runs and their overrides as JSON; train nothing")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's). On a machine shared with other jobs, 1 avoids "
-                        "threads spinning at barriers while the other core is busy (measured 5x faster there)")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
     p.set_defaults(func=cmd_study, overrides=True)
 
@@ -43,12 +40,6 @@ def cmd_study(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
     common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
                   steps=args.steps, overrides=overrides)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.plan:
         plan = plan_study(args.name, **common)
         print(json.dumps({"out": str(args.out or default_out(args.scale, args.data)),

@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .files import check_regular_file
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
 
 # Pure-Python standard-library modules rich in docstrings, chosen to exist from Python 3.10 on
@@ -180,6 +182,7 @@ def load_corpus(path: str | None) -> list[str]:
             f"data path {str(root)!r} does not exist; give a text file, a .jsonl file with a "
             f"'text' field per line, or a folder of {'/'.join(TEXT_SUFFIXES)} files"
         )
+    check_regular_file(root, "data path")
     files = _text_files(root) if root.is_dir() else [root]
     if not files:
         raise ValueError(
@@ -258,6 +261,7 @@ def _text_files(root: Path) -> list[Path]:
 
 
 def _read_text(file: Path) -> str:
+    check_regular_file(file)  # a named pipe in a data folder would block forever
     data = file.read_bytes()
     nul = data.find(b"\x00")
     if nul >= 0:

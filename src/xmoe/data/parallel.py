@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import temporary_name
+from .files import check_regular_file, decode_lines, temporary_name
 
 SPM_FILE = "spm.model"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -87,11 +87,13 @@ def read_parallel(src: str | os.PathLike, tgt: str | os.PathLike) -> tuple[list[
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file, trailing whitespace stripped; errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such text file: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip() for line in f]
+    check_regular_file(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a text file with one sentence per line")
+    with open(path, "rb") as f:
+        return [line.rstrip() for line in decode_lines(f, str(path))]
 
 
 class SubwordVocab:
@@ -304,6 +306,10 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
             )
         vocab = load_subword_vocab(run_dir)
     else:
+        for path, lines in ((cfg.src, src), (cfg.tgt, tgt)):
+            if not any(lines):
+                raise ValueError(f"{path} has {len(lines)} lines and all are empty: there is no text to learn "
+                                 f"a vocabulary from; check that --src and --tgt are the training files")
         vocab = train_subword_vocab(src + tgt, run_dir, cfg.vocab_size)
     return ParallelData(
         vocab=vocab,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +26,13 @@ TOKENIZER_FILE = "tokenizer.json"
 # run in parallel and memory stays bounded; ENCODE_GROUP pieces are encoded per call.
 PIECE_CHARS = 1 << 16
 ENCODE_GROUP = 64
+# BPE training slows down with the square of a word's length (a word: a run without whitespace),
+# so a megabyte-long run (minified code, base64, a text without spaces) would take hours. For
+# training only, runs longer than this are cut into pieces of this length; merges then cannot
+# span a cut, which changes nothing for ordinary text (no run near this long). Encoding is not
+# cut: it is fast on long runs and must give the ids of the whole text.
+MAX_TRAIN_RUN = 256
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAIN_RUN + 1},}}")
 # A cut right after a newline between two non-space characters: the byte-level pre-tokenizer
 # makes that newline a pre-token of its own either way, so the pieces encode to the same ids as
 # the whole text (Python's \s is a superset of Unicode White_Space, so this errs safe).
@@ -54,9 +62,9 @@ class BPETokenizer:
             vocab_size=vocab_size,
             special_tokens=[EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=sys.stderr.isatty(),  # the trainer's own bars, on a terminal only
         )
-        pieces = (piece for doc in documents for piece in split_text(doc))
+        pieces = (run for doc in documents for piece in split_text(doc) for run in bounded_runs(piece))
         tokenizer.train_from_iterator(pieces, trainer)
         return cls(tokenizer)
 
@@ -133,6 +141,18 @@ class BPETokenizer:
                 flush()
         flush()
         return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+
+def bounded_runs(text: str, max_run: int = MAX_TRAIN_RUN) -> Iterator[str]:
+    """``text`` in pieces, cut inside runs of non-whitespace longer than ``max_run`` so that
+    no run in a piece is longer (the pieces join back to ``text``)."""
+    start = 0
+    pattern = _LONG_RUN if max_run == MAX_TRAIN_RUN else re.compile(rf"\S{{{max_run + 1},}}")
+    for match in pattern.finditer(text):
+        for cut in range(match.start() + max_run, match.end(), max_run):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
 
 
 def split_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:

@@ -38,6 +38,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of max_steps (paper: 10%)
     warmup_steps: int | None = None  # fixed warm-up steps; overrides warmup_fraction when set (MT: 512)
     schedule: str = "cosine"
+    schedule_steps: int | None = None  # steps the warm-up fraction and cosine span; None: max_steps
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1  # not applied to norms, biases, embeddings
     grad_clip: float = 1.0  # 0 disables
@@ -68,6 +69,9 @@ class TrainConfig:
         w = self.warmup_steps
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
             raise ValueError(f"train.warmup_steps must be an integer >= 0 or None (use warmup_fraction), got {w!r}")
+        span = self.schedule_steps
+        if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 1):
+            raise ValueError(f"train.schedule_steps must be a positive integer or None (= max_steps), got {span!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -147,22 +151,49 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a (nested) config dataclass from ``to_dict`` output; unknown keys are errors."""
+def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Rebuild a (nested) config dataclass from ``to_dict`` output (e.g. a config.json); unknown
+    keys and values of the wrong JSON type are ValueErrors naming the dotted key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object of fields, "
+                         f"not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(prefix + k for k in sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         inner = _dataclass_of(hints[name])
-        if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value)
-        elif isinstance(value, list):
-            value = tuple(value)
+        if inner is not None and value is not None:
+            value = from_dict(inner, value, prefix=f"{prefix}{name}.")
+        else:
+            value = _checked(hints[name], value, prefix + name)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_JSON_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _checked(tp: Any, value: Any, key: str) -> Any:
+    """``value`` (as JSON gives it) if it has the type ``tp`` asks for; lists become tuples."""
+    if _is_optional(tp):
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(tp)
+    if ok is not None and not ok(value):
+        raise ValueError(f"config key {key!r} must be {_JSON_KIND[tp]}, got {value!r} ({type(value).__name__})")
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_checked(a, v, key) for a, v in zip(args, value))
+    return value
 
 
 def _set(cls: type, data: dict, key: str, text: str) -> None:
@@ -172,9 +203,10 @@ def _set(cls: type, data: dict, key: str, text: str) -> None:
         if part not in hints:
             prefix = ".".join(parts[:depth])
             choices = [f"{prefix}.{n}" if prefix else n for n in hints]
-            guess = difflib.get_close_matches(key, choices, n=1)
-            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(choices)}"
-            raise ValueError(f"unknown config key {key!r}{hint}")
+            guess = difflib.get_close_matches(key, choices, n=1) or _keys_named_like(parts[-1], _leaf_keys(cls, prefix))
+            hint = (f"; did you mean {' or '.join(f'{g!r} (--{g}=VALUE)' for g in guess)}?" if guess
+                    else f"; known keys here: {', '.join(choices)}")
+            raise ValueError(f"unknown config key {key!r} (--{key}){hint}")
         if depth == len(parts) - 1:
             if _dataclass_of(hints[part]) is not None:
                 raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.FIELD=VALUE")
@@ -189,6 +221,23 @@ def _set(cls: type, data: dict, key: str, text: str) -> None:
                 f"(e.g. a dense preset has no model.moe); pick a preset that has it"
             )
         data = data[part]
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key below the config class ``cls``."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        inner = _dataclass_of(tp)
+        keys += _leaf_keys(inner, dotted) if inner is not None else [dotted]
+    return keys
+
+
+def _keys_named_like(word: str, keys: list[str]) -> list[str]:
+    """Keys whose last part contains ``word`` or is close to it (``steps`` -> ``train.max_steps``)."""
+    last = {key: key.rsplit(".", 1)[-1] for key in keys}
+    close = set(difflib.get_close_matches(word, list(last.values()), n=3))
+    return [key for key, name in last.items() if name in close or (len(word) >= 3 and word in name)][:3]
 
 
 def _parse(tp: Any, text: str, key: str) -> Any:

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
-from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
+from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint, read_config
-from .config import LMRunConfig, from_dict, to_dict
+from .checkpoint import checkpoint_dir, load_checkpoint
+from .config import LMRunConfig, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data
+from .runs import begin_run, check_fits_in_memory, check_resumable, check_same_data, run_folder, saved_config
 
 
 class LMTask:
@@ -47,6 +47,7 @@ class LMTask:
         logs = {"loss": loss.detach(), "ce": out.loss.detach(), "aux_loss": out.aux_loss.detach()}
         if out.stats:
             logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+            logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
             logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
         return loss, logs
 
@@ -116,24 +117,26 @@ def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     rank 0 prepares the data first, the others then read what it wrote.
     """
     run_dir = Path(run_dir)
-    saved_state = begin_run(run_dir, resume=resume)
-    if resume:
-        saved = from_dict(LMRunConfig, read_config(run_dir))
-        check_resumable(saved, cfg, run_dir, saved_state=saved_state,
-                        ranks=parallel.world_size if parallel is not None else 1)
-    data = _prepare_once(cfg, run_dir, parallel)
-    check_same_data(saved_state, data.fingerprint, run_dir,
-                    f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
-                    f"for the default corpus)")
-    # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
-    # corpus can give fewer tokens).
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
-    return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint,
-                                                 "world_size": parallel.world_size if parallel else 1},
-                 parallel=parallel)
+    with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
+        saved_state = begin_run(run_dir, resume=resume)
+        if resume:
+            saved = saved_config(run_dir, LMRunConfig, "lm")
+            check_resumable(saved, cfg, run_dir, saved_state=saved_state,
+                            ranks=parallel.world_size if parallel is not None else 1)
+        data = _prepare_once(cfg, run_dir, parallel)
+        check_same_data(saved_state, data.fingerprint, run_dir,
+                        f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
+                        f"for the default corpus)")
+        # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
+        # corpus can give fewer tokens).
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
+        check_fits_in_memory(num_params(cfg.model), f"preset {cfg.preset}")
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
+        return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint,
+                                                     "world_size": parallel.world_size if parallel else 1},
+                     parallel=parallel)
 
 
 def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
@@ -158,7 +161,8 @@ class LoadedLM:
 
 def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
     """A trained model, its resolved config and its run folder, from a run or checkpoint folder."""
-    cfg = from_dict(LMRunConfig, read_config(path))
+    cfg = saved_config(path, LMRunConfig, "lm")
+    check_fits_in_memory(num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
     model = GPT(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()

@@ -1,6 +1,6 @@
 """One training loop for every model: the task says what a batch and a loss are; the loop does
 the rest (device, precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume, Ctrl-C).
+checkpoints, exact resume, stopping on Ctrl-C or SIGTERM: xmoe.training.stopping).
 
 A task is any object with:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from xmoe.distributed import SingleProcess
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at
+from .report import parse_metrics
+from .stopping import StopSignals
 
 
 class Task(Protocol):
@@ -47,6 +50,7 @@ class TrainResult:
     train_losses: list[float]  # loss of every optimizer step this call ran
     final_eval: dict[str, Any]
     interrupted: bool
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if any
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,56 +102,109 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
         model_state, optimizer_state = parallel.full_state(model, optimizer)  # collective
         rng_states = parallel.rng_states()
         if parallel.is_main:
+            _check_finite(model_state, step, run_dir)
             save_checkpoint(run_dir, model_state=model_state, optimizer_state=optimizer_state, step=step,
                             config=config, extra=extra_state, rng_states=rng_states)
         parallel.barrier()
 
-    losses, interrupted = [], False
+    losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
+    saved = start if resume else None  # the step of the checkpoint on disk
     bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
-    try:
-        for step in range(start, cfg.max_steps):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            t0 = time.perf_counter()
-            logs, tokens = _accumulate(step_model, task, cfg, step, device, parallel)
-            parallel.sync_gradients(model)
-            grad_norm = parallel.clip(model, cfg.grad_clip)
-            logs, tokens = parallel.mean(logs), parallel.sum(tokens)
-            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
-                # Raise before stepping, so neither the weights nor any checkpoint see it.
-                raise FloatingPointError(
-                    f"step {step + 1}: loss {logs['loss']}, gradient norm {grad_norm}; nothing was "
-                    f"updated or saved. Lower train.lr, or resume from the last checkpoint"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            seconds = time.perf_counter() - t0
-            losses.append(logs["loss"])
-            row = {"step": done, "split": "train", "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / seconds, **logs}
-            if done % cfg.log_every == 0 or step == 0:
-                log.write(row)
-            bar.update(1)
-            bar.set_postfix_str(_postfix(row), refresh=False)
-            last = done == cfg.max_steps
-            if cfg.eval_every and done % cfg.eval_every == 0 and not last:
-                log.write({"step": done, "split": "val", **_evaluate(model, task, cfg, device)})
-            if cfg.save_every and done % cfg.save_every == 0 and not last:
-                save(done)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    save(done)
-    final = {} if interrupted else _evaluate(model, task, cfg, device)
+    with StopSignals() as stop:
+        try:
+            for step in range(start, cfg.max_steps):
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.train()
+                t0 = time.perf_counter()
+                logs, tokens, grad_norm = _step_gradients(step_model, model, task, cfg, step, device, parallel)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                seconds = time.perf_counter() - t0
+                losses.append(logs["loss"])
+                row = {"step": done, "split": "train", "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens / seconds, **logs}
+                if done % cfg.log_every == 0 or step == 0:
+                    log.write(row)
+                bar.update(1)
+                bar.set_postfix_str(_postfix(row), refresh=False)
+                if _stop_requested(stop, parallel):
+                    break  # the final save below follows at once: no periodic evaluation or save first
+                last = done == cfg.max_steps
+                evaluate = cfg.eval_every and done % cfg.eval_every == 0 and not last
+                if evaluate:
+                    log.write({"step": done, "split": "val", **_evaluate(model, task, cfg, device)})
+                if cfg.save_every and done % cfg.save_every == 0 and not last:
+                    save(done)
+                    saved = done
+                    if _stop_requested(stop, parallel):  # during the save: stop now, not a step later
+                        break
+                elif evaluate and _stop_requested(stop, parallel):
+                    break
+        except KeyboardInterrupt:  # raised by code, or where no handler could be installed
+            stop.request(signal.SIGINT)
+        finally:
+            bar.close()
+        if saved != done:
+            save(done)
+        final = {}
+        if stop.signum is None:
+            try:
+                with stop.interruptible():
+                    final = _evaluate(model, task, cfg, device)
+            except KeyboardInterrupt:  # the checkpoint is safe; only the evaluation is skipped
+                stop.request(signal.SIGINT)
     if final:
         log.write({"step": done, "split": "val", **final})
     log.close()
-    return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=interrupted)
+    return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=stop.signum is not None,
+                       signal=stop.signum)
+
+
+def _stop_requested(stop: StopSignals, parallel) -> bool:
+    """Whether any rank received a stop signal; every rank gets the same answer, so all stop
+    after the same step and the collective save matches up (one small all-reduce when
+    distributed; nothing in a single process)."""
+    if parallel.sum(int(stop.signum is not None)):
+        stop.request(signal.SIGINT)  # a rank that saw no signal stops with the others
+        return True
+    return False
+
+
+def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: TrainConfig, step: int,
+                    device: torch.device, parallel):
+    """Gradients of step ``step`` (0-based), reduced over ranks and clipped; raises before the
+    optimizer steps if the loss, the gradients or the router logits are not finite."""
+    try:
+        logs, tokens = _accumulate(step_model, task, cfg, step, device, parallel)
+    except FloatingPointError as err:  # the MoE layer's check of its router logits
+        cause = str(err).split(",")[0].split(";")[0]  # its first clause: what was not finite
+        raise FloatingPointError(f"the run diverged at step {step + 1}: {cause}; {_NOT_SAVED}") from None
+    parallel.sync_gradients(model)
+    grad_norm = parallel.clip(model, cfg.grad_clip)
+    logs, tokens = parallel.mean(logs), parallel.sum(tokens)
+    if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
+        # Raise before stepping, so neither the weights nor any checkpoint see it.
+        raise FloatingPointError(
+            f"the run diverged at step {step + 1}: loss {logs['loss']}, gradient norm {grad_norm}; {_NOT_SAVED}"
+        )
+    return logs, tokens, grad_norm
+
+
+_NOT_SAVED = "nothing was updated or saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
+
+
+def _check_finite(model_state: dict[str, Tensor], step: int, run_dir: Path) -> None:
+    """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable."""
+    bad = [name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(
+            f"the run diverged by step {step}: the weights hold NaN or inf ({', '.join(bad[:3])}); not saved, "
+            f"the last checkpoint in {run_dir} is unchanged. Lower train.lr and resume from it, or start again"
+        )
 
 
 def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device, parallel):
@@ -218,8 +275,8 @@ def _tensorboard(folder: Path, purge_step: int | None):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl (a torn last line is dropped with a warning)."""
+    return parse_metrics(path)
 
 
 def _postfix(row: dict) -> str:
@@ -229,10 +286,20 @@ def _postfix(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(start: int, total: int, enabled: bool, file=None):
+    """The progress bar on stderr: live on a terminal; redirected to a file (a scheduler's log),
+    redrawn once a minute (PROGRESS_TO_FILE_S) so that it does not flood the log."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+    file = file or sys.stderr
+    interactive = getattr(file, "isatty", lambda: False)()
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=file,
+                mininterval=0.1 if interactive else PROGRESS_TO_FILE_S)
+
+
+PROGRESS_TO_FILE_S = 60.0
 
 
 __all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "read_metrics", "checkpoint_dir"]

@@ -38,10 +38,10 @@ from xmoe.data.parallel import (
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops_budget
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint, read_config
-from .config import TrainConfig, apply_overrides, from_dict, to_dict
+from .checkpoint import checkpoint_dir, load_checkpoint
+from .config import TrainConfig, apply_overrides, to_dict
 from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data
+from .runs import begin_run, check_resumable, check_same_data, run_folder, saved_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +150,7 @@ class MTTask:
         logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach()}
         if out.stats:
             logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+            logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
             logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
         return loss, logs
 
@@ -259,19 +260,20 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
              progress: bool = True) -> TrainResult:
     """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
     run_dir = Path(run_dir)
-    saved_state = begin_run(run_dir, resume=resume)
-    if resume:
-        saved = from_dict(MTRunConfig, read_config(run_dir))
-        check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
-    data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
-    check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
-    vocab = data.vocab
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
-    torch.manual_seed(cfg.train.seed)
-    model = Seq2Seq(cfg.model)
-    return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                 progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+    with run_folder(run_dir, resume=resume):
+        saved_state = begin_run(run_dir, resume=resume)
+        if resume:
+            saved = saved_config(run_dir, MTRunConfig, "mt")
+            check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
+        data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
+        check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
+        vocab = data.vocab
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
+        torch.manual_seed(cfg.train.seed)
+        model = Seq2Seq(cfg.model)
+        return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint})
 
 
 # Beyond the training fields every task may change on a resume: decoding and evaluation only.
@@ -288,7 +290,7 @@ class LoadedMT:
 
 def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedMT:
     """A trained model, its config, run folder and vocabulary, from a run or checkpoint folder."""
-    cfg = from_dict(MTRunConfig, read_config(path))
+    cfg = saved_config(path, MTRunConfig, "mt")
     model = Seq2Seq(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()

@@ -36,17 +36,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based). Warm-up lasts ``warmup_steps``
-    when set (the translation recipe's 512), else ``warmup_fraction`` of ``max_steps``."""
+    when set (the translation recipe's 512), else ``warmup_fraction`` of the schedule's span,
+    ``schedule_steps`` (default ``max_steps``); the cosine decays over that span, then stays at
+    its floor."""
+    span = cfg.schedule_steps or cfg.max_steps
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
     else:
-        warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps)) if cfg.warmup_fraction > 0 else 0
+        warmup = max(1, round(cfg.warmup_fraction * span)) if cfg.warmup_fraction > 0 else 0
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * math.sqrt(max(warmup, 1) / (step + 1))
-    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    progress = (step - warmup) / max(1, span - warmup)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -9,7 +9,9 @@ summary that ``xmoe.moe.RoutingSummary`` writes):
     tokens_per_expert.png                 share of tokens each expert received, with the uniform load
     top1_probability.png                  quartiles of the router's top-1 probability, per MoE layer
     experts_per_token_over_training.png   mean experts per token (and capacity drops) vs step
-    summary.md                            final numbers, per-layer routing table, links to the PNGs
+    translation_scores.png                validation BLEU and chrF++ vs step (translation runs)
+    summary.md                            final numbers, per-layer routing table, threshold sweeps
+                                          found in the report folder, links to the PNGs
 
 The XMoE claim the numbers speak to: a threshold router spends fewer expert FLOPs per token
 than the top-k model of equal parameters (``moe_flops_ratio`` < 1) at similar perplexity.
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -35,7 +38,9 @@ EXPERTS_PNG = "experts_per_token.png"
 LOAD_PNG = "tokens_per_expert.png"
 TOP1_PNG = "top1_probability.png"
 OVER_TRAINING_PNG = "experts_per_token_over_training.png"
+SCORES_PNG = "translation_scores.png"
 SUMMARY_MD = "summary.md"
+SWEEP_STEM = "threshold_sweep"  # + "_<data file stem>" for a sweep on other text
 
 _DPI = 120
 _TRAIN_COLOR, _VAL_COLOR, _REF_COLOR = "tab:blue", "tab:orange", "tab:red"
@@ -68,37 +73,61 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     if _is_moe(train_rows, val_rows):
         plot_experts_over_training(train_rows, val_rows, out_dir / OVER_TRAINING_PNG)
         plots[OVER_TRAINING_PNG] = "experts per token over training"
-    summary = summary_markdown(run_dir, train_rows, val_rows, plots)
+    if any(_finite(r.get("bleu")) for r in val_rows):
+        plot_translation_scores(val_rows, out_dir / SCORES_PNG)
+        plots[SCORES_PNG] = "validation BLEU and chrF++ over training"
+    sweeps = read_sweeps(out_dir)
+    plots.update({Path(name).with_suffix(".png").name: f"threshold sweep on {sweep['data']}"
+                  for name, sweep in sweeps.items() if (out_dir / Path(name).with_suffix(".png").name).is_file()})
+    summary = summary_markdown(run_dir, train_rows, val_rows, plots, sweeps)
     (out_dir / SUMMARY_MD).write_text(summary, encoding="utf-8")
     return out_dir
 
 
-def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Validation perplexity vs MoE FLOPs ratio, one point per threshold (annotated), to ``path``."""
+def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str = "top-k",
+                         data: str = "the validation text") -> Path:
+    """Perplexity on ``data`` vs MoE FLOPs ratio, one point per threshold (annotated), to ``path``.
+
+    ``baseline``: what ratio 1 is, "top-k" (the top-k model of equal parameters) or "dense" (the
+    dense FFN the experts were split from: a converted or split model, whose t = 1 is that dense
+    model, drawn as a horizontal line)."""
+    if baseline not in ("top-k", "dense"):
+        raise ValueError(f"baseline must be 'top-k' or 'dense', got {baseline!r}")
     rows = _sweep_rows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save(threshold_sweep_figure(rows, baseline=baseline, data=data), path)
+    return path
+
+
+def threshold_sweep_figure(rows: Sequence[dict], *, baseline: str, data: str):
+    """The figure ``plot_threshold_sweep`` saves (a matplotlib Figure)."""
     fig, axes = _figure(1, 1, panel=(6.4, 4.4))
     ax = axes[0][0]
     by_cost = sorted(rows, key=lambda r: r["moe_flops_ratio"])
     xs = [r["moe_flops_ratio"] for r in by_cost]
     ys = [r["perplexity"] for r in by_cost]
     ax.plot(xs, ys, "-o", color=_TRAIN_COLOR, label="threshold router")
-    for r in by_cost:
+    for i, r in enumerate(by_cost):
         label = f"t={r['threshold']:g}"
         if r.get("experts_per_token") is not None:
             label += f"\n{r['experts_per_token']:.2f} exp/tok"
+        # Neighbours alternate above and below the line, so close points (t = 0.95, 1) stay legible.
         ax.annotate(label, (r["moe_flops_ratio"], r["perplexity"]), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
-    ax.axvline(1.0, color=_REF_COLOR, linestyle="--", linewidth=1, label="top-k model's FLOPs (ratio 1)")
+                    xytext=(6, 6 if i % 2 == 0 else -22), fontsize=8)
+    reference = "dense FFN" if baseline == "dense" else "top-k model"
+    ax.axvline(1.0, color=_REF_COLOR, linestyle="--", linewidth=1, label=f"{reference}'s FLOPs (ratio 1)")
+    dense = [r["perplexity"] for r in rows if r["threshold"] >= 1]
+    if baseline == "dense" and dense:
+        ax.axhline(dense[0], color="gray", linestyle=":", linewidth=1, label=f"dense model (t = 1): {dense[0]:.2f}")
     ax.set_title("Threshold sweep: perplexity vs expert compute")
-    ax.set_xlabel("MoE FLOPs per token / top-k model of equal parameters")
-    ax.set_ylabel("validation perplexity")
+    ax.set_xlabel("MoE FLOPs per token / " + ("the dense FFN's" if baseline == "dense"
+                                              else "top-k model of equal parameters"))
+    ax.set_ylabel(f"perplexity on {data}")
     ax.margins(x=0.15, y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-    return path
+    return fig
 
 
 def sweep_table(rows: Sequence[dict]) -> str:
@@ -123,13 +152,27 @@ def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; errors name the file (and the line) and say what to do."""
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}; give the folder `xmoe train --out` wrote")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_parse_row(line, path, number))
+    rows = parse_metrics(path)
     if not rows:
         raise ValueError(f"{path} has no rows; the run logged nothing yet (train at least one step)")
+    return rows
+
+
+def parse_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a write cut short by a full disk or a kill:
+    no newline at its end) is dropped with a warning; damage anywhere else is an error naming the line."""
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")  # the last item is what follows the last newline
+    rows = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if line.strip():
+            rows.append(_parse_row(line.decode("utf-8", "replace"), path, number))
+    if lines[-1].strip():
+        try:
+            rows.append(_parse_row(lines[-1].decode("utf-8"), path, len(lines)))
+        except (ValueError, UnicodeDecodeError):
+            warnings.warn(f"{path}: the last line was cut short (a full disk or a killed process?); ignoring it",
+                          stacklevel=2)
     return rows
 
 
@@ -141,6 +184,36 @@ def _parse_row(line: str, path: Path, number: int) -> dict:
     if not isinstance(row, dict) or "step" not in row or row.get("split") not in ("train", "val"):
         raise ValueError(f"{path}, line {number}: expected an object with 'step' and split 'train' or 'val'")
     return row
+
+
+def sweep_record(rows: Sequence[dict], *, data: str, step: int | None, baseline: str) -> dict:
+    """What threshold_sweep*.json holds: the rows, the text they were measured on (``data``) and
+    the checkpoint's step, so a sweep is never mistaken for another."""
+    return {"data": data, "step": step, "baseline": baseline, "rows": list(rows)}
+
+
+def sweep_name(data_path: str | None) -> str:
+    """threshold_sweep (the run's validation text) or threshold_sweep_<stem> (other text)."""
+    if data_path is None:
+        return SWEEP_STEM
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(data_path).stem) or "data"
+    return f"{SWEEP_STEM}_{stem}"
+
+
+def read_sweeps(folder: Path) -> dict[str, dict]:
+    """The sweep records (``sweep_record``) saved in ``folder``, by file name; files in another
+    format (a bare list of rows, as converted Hugging Face models write) count as validation text."""
+    sweeps = {}
+    for path in sorted(folder.glob(f"{SWEEP_STEM}*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+        if isinstance(record, list):
+            record = {"data": "the given text", "step": None, "rows": record}
+        if isinstance(record, dict) and isinstance(record.get("rows"), list) and record["rows"]:
+            sweeps[path.name] = record
+    return sweeps
 
 
 def split_rows(rows: Iterable[dict]) -> tuple[list[dict], list[dict]]:
@@ -253,19 +326,23 @@ def plot_top1_quartiles(layers: list[dict], step: int, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], path: Path) -> None:
+def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], path: Path):
     """Mean experts per token (over MoE layers) vs step; below it, tokens that lost pairs to capacity."""
     train = [r for r in train_rows if "experts_per_token" in r]
     val = [r for r in val_rows if "experts_per_token" in r]
     dropped = [r for r in train if "dropped_token_fraction" in r]
     fig, axes = _figure(2 if dropped else 1, 1, panel=(6.4, 3.0), sharex=True)
     ax = axes[0][0]
+    wanted = [r for r in train if "wanted_experts_per_token" in r]
     if train:
         ax.plot([r["step"] for r in train], [r["experts_per_token"] for r in train], "-", marker=".",
-                color=_TRAIN_COLOR, label="train (after capacity)")
+                color=_TRAIN_COLOR, label="train: kept (after capacity)")
+    if wanted:
+        ax.plot([r["step"] for r in wanted], [r["wanted_experts_per_token"] for r in wanted], "--",
+                color=_TRAIN_COLOR, alpha=0.6, label="train: wanted by the router (before capacity)")
     if val:
         ax.plot([r["step"] for r in val], [r["experts_per_token"] for r in val], "o",
-                color=_VAL_COLOR, label="validation")
+                color=_VAL_COLOR, label="validation: dropless, so kept = wanted")
     ax.set_title("Experts per token over training (mean over MoE layers)")
     ax.set_ylabel("experts per token")
     ax.set_ylim(bottom=0)
@@ -280,6 +357,24 @@ def plot_experts_over_training(train_rows: list[dict], val_rows: list[dict], pat
         low.set_ylabel("share of tokens")
         low.grid(alpha=0.3)
     axes[-1][0].set_xlabel("optimizer step")
+    _save(fig, path)
+    return fig  # for tests
+
+
+def plot_translation_scores(val_rows: list[dict], path: Path) -> None:
+    """Validation BLEU and chrF++ (sacreBLEU, greedy) vs step, for a translation run."""
+    scored = [r for r in val_rows if _finite(r.get("bleu"))]
+    fig, axes = _figure(1, 1, panel=(6.4, 4.0))
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in scored], [r["bleu"] for r in scored], "-o", color=_TRAIN_COLOR, label="BLEU")
+    if all(_finite(r.get("chrf")) for r in scored):
+        ax.plot([r["step"] for r in scored], [r["chrf"] for r in scored], "-s", color=_VAL_COLOR, label="chrF++")
+    ax.set_title("Validation translation scores (greedy decoding)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("score")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
     _save(fig, path)
 
 
@@ -327,14 +422,19 @@ def _save(fig, path: Path) -> None:
 # --- summary --------------------------------------------------------------------------------------
 
 
-def summary_markdown(run_dir: Path, train_rows: list[dict], val_rows: list[dict], plots: dict[str, str]) -> str:
-    """The summary.md text: final validation, routing per layer, expert FLOPs, links to the plots."""
+def summary_markdown(run_dir: Path, train_rows: list[dict], val_rows: list[dict], plots: dict[str, str],
+                     sweeps: dict[str, dict] | None = None) -> str:
+    """The summary.md text: final validation, routing per layer, expert FLOPs, threshold sweeps,
+    links to the plots."""
     parts = [f"# Run report: {run_dir.name or run_dir}", "", f"Run folder: `{run_dir}`", ""]
     parts += _training_section(train_rows)
     parts += _validation_section(val_rows)
     last = _last_routed_val(val_rows)
     if last is not None:
         parts += _routing_section(last)
+    for sweep in (sweeps or {}).values():
+        at = f", checkpoint at step {sweep['step']}" if sweep.get("step") is not None else ""
+        parts += [f"## Threshold sweep ({sweep['data']}{at})", "", sweep_table(sweep["rows"]), ""]
     parts += ["## Plots", ""] + [f"- [{name}]({name}): {what}" for name, what in plots.items()] + [""]
     return "\n".join(parts)
 
@@ -357,10 +457,17 @@ def _validation_section(val_rows: list[dict]) -> list[str]:
         return ["## Final validation", "", "No validation rows were logged (the run was cut short "
                 "before its first evaluation); run `xmoe eval --checkpoint RUN` for the numbers.", ""]
     last = val_rows[-1]
-    rows = [_md_row(["step", "loss", "perplexity", "tokens"]), _md_row(["---"] * 4),
-            _md_row([str(last["step"]), f"{last['loss']:.4f}", f"{last['perplexity']:.2f}",
-                     f"{last.get('tokens', 0):,}"])]
+    # A language model reports perplexity; a translation run BLEU and chrF++ (and no perplexity).
+    columns = [(name, key, spec) for name, key, spec in _VALIDATION_COLUMNS if _finite(last.get(key))]
+    rows = [_md_row(["step"] + [name for name, _, _ in columns] + ["tokens"]),
+            _md_row(["---"] * (len(columns) + 2)),
+            _md_row([str(last["step"])] + [format(last[key], spec) for _, key, spec in columns]
+                    + [f"{last.get('tokens', 0):,}"])]
     return ["## Final validation", ""] + rows + [""]
+
+
+_VALIDATION_COLUMNS = (("loss", "loss", ".4f"), ("perplexity", "perplexity", ".2f"), ("BLEU", "bleu", ".2f"),
+                       ("chrF++", "chrf", ".2f"))
 
 
 def _routing_section(row: dict) -> list[str]:
@@ -422,4 +529,5 @@ def _sweep_rows(rows: Sequence[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["plot_threshold_sweep", "read_rows", "split_rows", "summary_markdown", "sweep_table", "write_report"]
+__all__ = ["parse_metrics", "plot_threshold_sweep", "plot_translation_scores", "read_rows", "read_sweeps",
+           "split_rows", "summary_markdown", "sweep_name", "sweep_record", "sweep_table", "write_report"]

@@ -1,28 +1,168 @@
 """Starting and resuming a run folder: the checks every task (LM, translation) makes before the
 shared loop runs, so that ``--resume`` continues a run exactly or refuses with the reason.
 
-    saved_state = begin_run(run_dir, resume=...)          # None for a new run
-    check_resumable(saved_cfg, cfg, run_dir, saved_state=saved_state, ranks=...)
-    check_same_data(saved_state, fingerprint, run_dir)
+    with run_folder(run_dir, resume=...):                  # the lock; a failed start is undone
+        saved_state = begin_run(run_dir, resume=...)      # None for a new run
+        check_resumable(saved_cfg, cfg, run_dir, saved_state=saved_state, ranks=...)
+        check_same_data(saved_state, fingerprint, run_dir)
+        train(...)
+
+One process at a time owns a run folder: ``run_folder`` takes an exclusive ``fcntl.flock`` on
+``RUN/.xmoe.lock`` (released by the kernel when the process ends, however it ends; POSIX only,
+and only as reliable as the file system's locks: local disks yes, some network mounts no) and
+writes who holds it there, so a second run on the folder stops with a message naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import math
+import os
+import shutil
+import socket
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_dir
-from .config import to_dict
+from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
+from .config import from_dict, to_dict
+from .stopping import raising
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
-RESUMABLE_TRAIN_FIELDS = ("max_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
+RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
+
+
+LOCK_FILE = ".xmoe.lock"
+# Left behind only by a process killed while writing (kill -9, power loss); never part of a run:
+# checkpoint folders, and the files of xmoe.data.files.temporary_name (tokenizer, vocabulary).
+_STALE_TEMPORARIES = (".checkpoint-*", ".*.tmp", ".*.tmp.model", ".*.tmp.vocab")
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[None]:
+    """Hold ``run_dir`` for the duration of a run (``owner=False``: a rank that does not write).
+
+    On entry, temporaries a killed process left (``.checkpoint-*``, ``.tokenizer.json.*.tmp``)
+    are removed: the lock makes them nobody's. If a new run fails before it has written a checkpoint, everything this start
+    created in the folder (tokenizer, vocabulary, metrics, the folder itself) is removed, so the
+    next start does not silently reuse it; what was there before is never touched.
+    """
+    if not owner:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in run_dir.iterdir()}
+    fd = _lock(run_dir)
+    try:
+        _remove_stale_temporaries(run_dir)
+        with raising():  # a SIGTERM while starting must reach the clean-up below
+            yield
+    except BaseException:
+        if not resume and not (run_dir / "checkpoint").exists():
+            _undo_start(run_dir, before, created)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(run_dir: Path) -> int:
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise RunInUseError(f"{run_dir} is in use by another run ({_describe_holder(holder)}); wait for it "
+                                f"to finish or stop it, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (a failed start) between our open and our lock: retry
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+              "since": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return fd
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"process {holder['pid']} on {holder['host']} since {holder['since']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that is starting"
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    for pattern in _STALE_TEMPORARIES:
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+# What each kind of run is, and the commands that take it.
+_KINDS = {
+    "lm": "a language-model run (xmoe train): use xmoe eval, generate or sweep-threshold, and xmoe train to --resume it",
+    "mt": "a translation run (xmoe train-mt): use xmoe translate or eval-mt, and xmoe train-mt to --resume it",
+}
+
+
+def saved_config(path: str | os.PathLike, cls: type, kind: str) -> Any:
+    """The run config saved with a checkpoint, as ``cls``; ``kind`` ("lm" or "mt") is what the
+    caller can use, and a run of the other kind is refused by name, not by its config keys."""
+    folder = checkpoint_dir(path)
+    data = read_config(folder)
+    found = "mt" if "decode" in data else "lm"  # only translation runs have decoding settings
+    if found != kind:
+        raise CheckpointError(f"{folder.parent if folder.name == 'checkpoint' else folder} is {_KINDS[found]}")
+    try:
+        return from_dict(cls, data)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint file {folder / 'config.json'} is not a valid run config ({err}); "
+                              f"it was edited or damaged: restore it, or start a new run") from None
+
+
+def check_fits_in_memory(params: int, what: str) -> None:
+    """Refuse, before allocating, a model whose fp32 weights alone exceed this machine's memory
+    (a mistyped size in a config would otherwise try to allocate terabytes)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if 4 * params > memory:
+        raise ValueError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
+                         f"than this machine's {memory / 2**30:,.0f} GiB of memory; check its model sizes "
+                         f"(model.vocab_size, model.d_model, ...)")
 
 
 def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
     """state.json of the checkpoint a resume continues; a new run must not overwrite one."""
     if resume:
-        return json.loads((checkpoint_dir(run_dir) / "state.json").read_text())
+        return read_state(checkpoint_dir(run_dir))
     if (run_dir / "checkpoint").exists() or (run_dir / "checkpoint.previous").exists():
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
@@ -45,6 +185,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
             f"{saved_cfg.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
         )
+    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
     free = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"train.grad_accum", "model.vocab_size"}
     free |= set(also_resumable)
     old, new = _flatten(to_dict(saved_cfg)), _flatten(to_dict(cfg))
@@ -56,6 +197,25 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(name + '*' if name.endswith('.') else name for name in allowed)}"
         )
+
+
+def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
+    """Extending a run (a larger max_steps) re-stretches a schedule that spans max_steps: say so,
+    with the learning rates before and after, and how to keep the old one."""
+    from .optim import lr_at
+
+    before = [lr_at(s, saved) for s in range(step, min(step + 10, saved.max_steps) + 1)]
+    after = [lr_at(s, new) for s in range(step, min(step + 10, saved.max_steps) + 1)]
+    if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before, after)):
+        return
+    old_span, new_span = saved.schedule_steps or saved.max_steps, new.schedule_steps or new.max_steps
+    warnings.warn(
+        f"--resume of {run_dir} at step {step}: the {new.schedule} schedule now spans {new_span} steps instead of "
+        f"{old_span}, so the learning rate at step {step + 1} is {lr_at(step, new):.3g} instead of "
+        f"{lr_at(step, saved):.3g} (the run continues, but not as it would have). To keep the old schedule "
+        f"(its last value from step {old_span} on), add --train.schedule_steps={old_span}",
+        stacklevel=3,
+    )
 
 
 def check_same_data(saved_state: dict | None, fingerprint: str, run_dir: Path, what: str) -> None:
