@@ -82,7 +82,7 @@ def test_label_smoothed_loss_ignores_padding_and_matches_the_formula():
 
 
 def test_base_recipe_is_the_papers_optimizer():
-    """Adam (0.9, 0.98), inverse square root after 512 fixed warm-up steps (docs/xmoe.md)."""
+    """Adam (0.9, 0.98), inverse square root after 512 fixed warm-up steps (docs/method.md)."""
     train = mt_run_config("base-xmoe-64x1024").train
     assert (train.betas, train.schedule, train.warmup_steps) == ((0.9, 0.98), "inverse_sqrt", 512)
 

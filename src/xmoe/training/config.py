@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How to train: the recipe of XMoE's LM experiments (docs/xmoe.md), scaled by the preset."""
+    """How to train: the recipe of XMoE's LM experiments (docs/method.md), scaled by the preset."""
 
     max_steps: int = 1000
     batch_size: int = 16  # sequences per micro-batch

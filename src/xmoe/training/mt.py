@@ -2,7 +2,7 @@
 (BLEU and chrF++ from sacreBLEU, routing statistics, MoE FLOPs), and the entry points the CLI
 wires up (train, load, translate, evaluate).
 
-Recipe (XMoE, Yang et al. 2024, Sec. 4; docs/xmoe.md "Machine translation"): label-smoothed
+Recipe (XMoE, Yang et al. 2024, Sec. 4; docs/method.md "Machine translation"): label-smoothed
 cross entropy (0.1; Szegedy et al. 2016) over real target tokens, Adam (0.9, 0.98), inverse
 square-root schedule after a linear warm-up (512 steps at base size), dropout in the model
 config, and ``+ aux_loss_coef * sum of the MoE balancing losses`` (0.01). BLEU (Papineni et al. 2002) and

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the XMoE recipe (docs/xmoe.md).
+"""Optimizer and learning-rate schedule of the XMoE recipe (docs/method.md).
 
 AdamW with weight decay on matrices only (not on norms, biases or embeddings, as GPT-2 setups
 do); linear warm-up, then cosine decay to ``lr * min_lr_ratio`` (LM), inverse square root
