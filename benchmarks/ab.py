@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from xmoe.bench import layer as bench
+from xmoe.bench.probes import CountOps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,16 +66,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.1f} | {row[3] / row[2]:.2f} |")
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_ops(moe, backend: str, **fields) -> tuple[int, int]:
     """Eager ops (kernel launches, on a GPU) of one forward and one backward of a small layer:
     threshold router, capacity factor 8, T=256, D=64, F=32, E=16."""
@@ -84,11 +74,11 @@ def count_ops(moe, backend: str, **fields) -> tuple[int, int]:
                                        capacity_factor=8.0, backend=backend, **fields))
     x = torch.randn(256, 64, requires_grad=True)
     layer(x)  # warm-up
-    with _CountOps() as forward:
+    with CountOps() as forward:
         out = layer(x)
-    with _CountOps() as backward:
+    with CountOps() as backward:
         (out.output.sum() + out.aux_loss).backward()
-    return forward.ops, backward.ops
+    return forward.count, backward.count
 
 
 def print_op_counts(base, rev: str) -> None:

@@ -31,13 +31,13 @@ import json
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from xmoe.bench import layer as layer_bench
+from xmoe.bench.probes import cuda_syncs
 from xmoe.models.gpt import GPT, flops_breakdown, get_preset, moe_flops_per_token
 from xmoe.moe import BACKENDS, MoEConfig, MoELayer
 
@@ -144,20 +144,12 @@ def count_syncs(device: torch.device, overrides: dict) -> dict:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         layer(x).output.float().sum().backward()  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
-    counts = {}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        for phase in ("forward", "backward"):
-            with warnings.catch_warnings(record=True) as record:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    if phase == "forward":
-                        out = layer(x)
-                    else:
-                        out.output.float().sum().backward()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            counts[phase] = sum("synchroniz" in str(w.message).lower() for w in record)
+        with cuda_syncs() as forward:
+            out = layer(x)
+        with cuda_syncs() as backward:
+            out.output.float().sum().backward()
+    counts = {"forward": len(forward), "backward": len(backward)}
     budget = 0 if overrides.get("static_shapes") else 1
     return {**counts, "ok": counts["forward"] <= budget and counts["backward"] == 0}
 

@@ -8,7 +8,6 @@ with fullgraph=True (which fails on any data-dependent branch or host read), it 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_testing import CPU_BACKENDS, MARGIN, make_layer, params64, run_oracle
 from test_backends_vs_oracle import CASES, Case, _check_against_oracle, peaked
+from xmoe.bench.probes import CountOps, cuda_syncs
 from xmoe.moe import MoEConfig, MoELayer, backends
 from xmoe.moe.backends import grouped
 
@@ -254,30 +254,19 @@ def test_static_mode_reads_nothing(count_host_reads) -> None:
 # --- lazy statistics ------------------------------------------------------------------------
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_statistics_cost_nothing_until_read() -> None:
     layer = make_layer(threshold=0.9, backend="grouped_mm")
     x = peaked(layer)
     with torch.no_grad():
-        with _CountOps() as unread:
-            out = layer(x)
-        with _CountOps() as read_one:
+        out = layer(x)
+        with CountOps() as read_one:
             kept = out.stats.kept_per_token
-        with _CountOps() as read_again:
+        with CountOps() as read_again:
             assert out.stats.kept_per_token is kept
-        with _CountOps() as read_all:
+        with CountOps() as read_all:
             stats = out.stats.to_dict()
-    assert read_one.ops > 0 and read_again.ops == 0
-    assert read_all.ops > 10  # the rest, computed now and not before
+    assert read_one.count > 0 and read_again.count == 0
+    assert read_all.count > 10  # the rest, computed now and not before
     # and what was read is right: the oracle's kept pairs per token
     routing = run_oracle(layer, x)[3]
     assert stats["kept_per_token"] == pytest.approx(len(routing.kept) / x.shape[0], rel=1e-6)
@@ -394,17 +383,8 @@ def test_cuda_host_syncs(static: bool) -> None:
     with autocast:
         layer(x).output.float().sum().backward()  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
-    counts = {}
-    for phase in ("forward", "backward"):
-        with autocast, warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                if phase == "forward":
-                    out = layer(x)
-                else:
-                    out.output.float().sum().backward()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts[phase] = sum("synchroniz" in str(w.message) for w in record)
-    assert counts == {"forward": 0 if static else 1, "backward": 0}
+    with autocast, cuda_syncs() as forward:
+        out = layer(x)
+    with autocast, cuda_syncs() as backward:
+        out.output.float().sum().backward()
+    assert (len(forward), len(backward)) == (0 if static else 1, 0), forward + backward
