@@ -1,0 +1,155 @@
+"""GPT presets: GPT-2 small, a CPU size and a debug size, each dense and with the paper's
+parameter-matched MoE family, and the dense models split into experts (dense -> sparse, route 1).
+
+XMoE (Yang et al., 2024, arXiv 2403.18926, Sec. 4 and docs/method.md, "The paper's
+experiments"): MoE replaces the FFN of layers 2, 4, ..., 12 of GPT-2 small; the
+parameter-matched family Switch 8x3072, top-k 16x1536 (k=2), top-k 64x384 (k=8), XMoE 16x1536,
+32x768, 64x384 (t = 0.9), all about 323M parameters; LM capacity factor 8, minimum capacity 4.
+
+A preset is a function returning a GPTConfig, taking ``vocab_size=`` (the trainer passes the
+tokenizer's); ``PRESETS`` names them, ``get_preset`` looks one up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from xmoe.models.gpt import GPTConfig, flops_breakdown, num_params
+from xmoe.moe import MoEConfig
+
+GPT2_VOCAB = 50257
+CPU_VOCAB = 4096  # xmoe.data's default BPE size; the trainer passes the real one
+DEBUG_VOCAB = 512  # a tiny BPE
+
+
+def gpt2(*, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
+    """GPT-2 small, dense: 12 layers, d 768, 12 heads, FFN 3072, context 1024 (124M); dropout 0.1
+    as GPT-2."""
+    return GPTConfig(vocab_size=vocab_size, block_size=1024, n_layer=12, n_head=12, d_model=768, d_ff=3072,
+                     dropout=0.1)
+
+
+def cpu(*, vocab_size: int = CPU_VOCAB) -> GPTConfig:
+    """The same family at CPU size, dense: 4 layers, d 256, 4 heads, FFN 1024, context 256 (a few
+    million parameters with MoE, mostly in the experts)."""
+    return GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, d_model=256, d_ff=1024,
+                     dropout=0.1)
+
+
+def debug(*, vocab_size: int = DEBUG_VOCAB) -> GPTConfig:
+    """Trains in seconds on CPU, dense: 2 layers, d 64, 2 heads, FFN 256, context 64."""
+    return GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, d_model=64, d_ff=256, dropout=0.0)
+
+
+def family_moe(router: str, num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
+    """The paper's parameter-matched MoE for a model whose dense FFN has width ``d_ff``.
+
+    Experts of width ``8 * d_ff / num_experts``, so every variant holds the parameters of
+    Switch 8 x d_ff; ``top_k = num_experts / 8``, so a top-k layer activates one dense FFN's
+    FLOPs (Switch: 8 experts, k = 1). ``router="threshold"`` is XMoE at t = 0.9 (top_k is then
+    only the budget that RoutingStats.flops_ratio compares against). LM capacity: factor 8,
+    minimum 4 in training; dropless in eval. GeLU experts with biases, init N(0, 0.02).
+    """
+    if (8 * d_ff) % num_experts or num_experts % 8:
+        raise ValueError(
+            f"num_experts={num_experts} must be a multiple of 8 dividing 8 * d_ff={8 * d_ff} for a "
+            f"parameter-matched expert width"
+        )
+    return MoEConfig(
+        model_dim=d_model, num_experts=num_experts, expert_dim=8 * d_ff // num_experts, router=router,
+        threshold=0.9, top_k=num_experts // 8, capacity_factor=8.0, eval_capacity_factor=None, min_capacity=4,
+        activation="gelu", expert_bias=True, init_std=0.02,
+    )
+
+
+def parameter_matched(size: Callable[..., GPTConfig], router: str, num_experts: int, **kwargs) -> GPTConfig:
+    """The dense model ``size(**kwargs)`` with ``family_moe`` in layers 2, 4, ... (``moe_every=2``)."""
+    dense = size(**kwargs)
+    moe = family_moe(router, num_experts, d_model=dense.d_model, d_ff=dense.d_ff)
+    return dataclasses.replace(dense, moe_every=2, moe=moe)
+
+
+def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
+    """A dense FFN of width ``d_ff`` split into ``num_experts`` experts of width d_ff / E: the
+    paper's dense-model recipe (docs/method.md, "Dense models": 3072 -> 8 x 384, trained at t = 1.0,
+    then t lowered at inference). t = 1 engages every expert (no capacity, so none is dropped) and
+    the combine weights are the router probabilities, so the router learns how much each slice
+    matters. ``top_k = E``: the FLOPs budget the statistics compare with is the whole dense FFN,
+    so ``flops_ratio`` is the fraction of the dense FFN's FLOPs a token engages."""
+    if d_ff % num_experts:
+        raise ValueError(f"num_experts={num_experts} must divide d_ff={d_ff} to split the FFN evenly")
+    return MoEConfig(
+        model_dim=d_model, num_experts=num_experts, expert_dim=d_ff // num_experts, router="threshold",
+        threshold=1.0, top_k=num_experts, capacity_factor=None, eval_capacity_factor=None, combine="probs",
+        activation="gelu", expert_bias=True, init_std=0.02,
+    )
+
+
+def dense_split(size: Callable[..., GPTConfig], num_experts: int, **kwargs) -> GPTConfig:
+    """The dense model ``size(**kwargs)`` with every FFN (``moe_every=1``) split into
+    ``num_experts`` experts by ``split_moe``: the same FFN weights (plus a router and per-expert
+    output biases) and, at t = 1, the same FFN FLOPs."""
+    dense = size(**kwargs)
+    return dataclasses.replace(dense, moe_every=1, moe=split_moe(num_experts, d_model=dense.d_model, d_ff=dense.d_ff))
+
+
+def _family(prefix: str, size: Callable[..., GPTConfig]) -> dict[str, Callable[..., GPTConfig]]:
+    """The dense model of one size and its parameter-matched variants, named by experts x width."""
+    d_ff = size().d_ff
+    variants = (("switch", "topk", 8), ("topk", "topk", 16), ("topk", "topk", 64),
+                ("xmoe", "threshold", 16), ("xmoe", "threshold", 32), ("xmoe", "threshold", 64))
+    presets = {f"{prefix}-dense": size}
+    for label, router, experts in variants:
+        presets[f"{prefix}-{label}-{experts}x{8 * d_ff // experts}"] = partial(parameter_matched, size, router, experts)
+    return presets
+
+
+PRESETS: dict[str, Callable[..., GPTConfig]] = {
+    **_family("gpt2", gpt2),
+    **_family("cpu", cpu),
+    "debug-dense": debug,
+    "debug-switch": partial(parameter_matched, debug, "topk", 8),
+    "debug-topk": partial(parameter_matched, debug, "topk", 16),
+    "debug-xmoe": partial(parameter_matched, debug, "threshold", 16),
+    # Route 1 of dense -> sparse (named apart from the parameter-matched families above).
+    "split8-gpt2": partial(dense_split, gpt2, 8),
+    "split8-cpu": partial(dense_split, cpu, 8),
+    "split8-debug": partial(dense_split, debug, 8),
+}
+
+
+def get_preset(name: str, *, vocab_size: int | None = None) -> GPTConfig:
+    """The config of preset ``name``; ``vocab_size`` overrides the preset's default."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown GPT preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]() if vocab_size is None else PRESETS[name](vocab_size=vocab_size)
+
+
+@dataclass(frozen=True)
+class PresetRow:
+    name: str
+    params: int
+    flops_per_token: int  # total activated forward FLOPs per token (top-k-equivalent budget)
+    moe_flops_per_token: int  # expert FLOPs per token over the MoE layers, same budget; 0 if dense
+    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9"
+
+
+def list_presets() -> list[PresetRow]:
+    """One row per preset at its default vocabulary, for ``xmoe presets``."""
+    rows = []
+    for name in PRESETS:
+        cfg = get_preset(name)
+        fl = flops_breakdown(cfg)
+        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, describe_moe(cfg.moe)))
+    return rows
+
+
+def describe_moe(moe: MoEConfig | None) -> str:
+    """E.g. "dense", "8x3072 top-1", "64x384 t=0.9": the experts and the routing rule."""
+    if moe is None:
+        return "dense"
+    rule = f"t={moe.threshold:g}" if moe.router == "threshold" else f"top-{moe.top_k}"
+    return f"{moe.num_experts}x{moe.expert_dim} {rule}"
