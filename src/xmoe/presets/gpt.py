@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from xmoe.models.gpt import GPTConfig, flops_breakdown, num_params
 from xmoe.moe import MoEConfig
@@ -23,6 +24,7 @@ from xmoe.moe import MoEConfig
 GPT2_VOCAB = 50257
 CPU_VOCAB = 4096  # xmoe.data's default BPE size; the trainer passes the real one
 DEBUG_VOCAB = 512  # a tiny BPE
+T = TypeVar("T")
 
 
 def gpt2(*, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
@@ -123,9 +125,14 @@ PRESETS: dict[str, Callable[..., GPTConfig]] = {
 
 def get_preset(name: str, *, vocab_size: int | None = None) -> GPTConfig:
     """The config of preset ``name``; ``vocab_size`` overrides the preset's default."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown GPT preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]() if vocab_size is None else PRESETS[name](vocab_size=vocab_size)
+    return build(PRESETS, name, what="GPT", vocab_size=vocab_size)
+
+
+def build(presets: dict[str, Callable[..., T]], name: str, *, what: str, vocab_size: int | None) -> T:
+    """``presets[name]()``, or with ``vocab_size=`` when one is given; a ValueError naming the choices."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]() if vocab_size is None else presets[name](vocab_size=vocab_size)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params
 from xmoe.moe import MoEConfig
 
-from .gpt import describe_moe
+from .gpt import build, describe_moe
 
 # Layout and default vocabulary of each size: Transformer-base, a CPU size, and a debug size
 # that trains in seconds. MoE goes in encoder layers 2, 4, ... (Seq2SeqConfig's enc_moe_every=2).
@@ -78,9 +78,7 @@ MT_PRESETS: dict[str, Callable[..., Seq2SeqConfig]] = {
 
 def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
     """The config of MT preset ``name``; ``vocab_size`` overrides the preset's default."""
-    if name not in MT_PRESETS:
-        raise ValueError(f"unknown translation preset {name!r}; choose one of {', '.join(MT_PRESETS)}")
-    return MT_PRESETS[name]() if vocab_size is None else MT_PRESETS[name](vocab_size=vocab_size)
+    return build(MT_PRESETS, name, what="translation", vocab_size=vocab_size)
 
 
 @dataclass(frozen=True)
