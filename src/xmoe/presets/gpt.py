@@ -21,29 +21,22 @@ from typing import TypeVar
 from xmoe.models.gpt import GPTConfig, flops_breakdown, num_params
 from xmoe.moe import MoEConfig
 
-GPT2_VOCAB = 50257
-CPU_VOCAB = 4096  # xmoe.data's default BPE size; the trainer passes the real one
-DEBUG_VOCAB = 512  # a tiny BPE
 T = TypeVar("T")
 
-
-def gpt2(*, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
-    """GPT-2 small, dense: 12 layers, d 768, 12 heads, FFN 3072, context 1024 (124M); dropout 0.1
-    as GPT-2."""
-    return GPTConfig(vocab_size=vocab_size, block_size=1024, n_layer=12, n_head=12, d_model=768, d_ff=3072,
-                     dropout=0.1)
-
-
-def cpu(*, vocab_size: int = CPU_VOCAB) -> GPTConfig:
-    """The same family at CPU size, dense: 4 layers, d 256, 4 heads, FFN 1024, context 256 (a few
-    million parameters with MoE, mostly in the experts)."""
-    return GPTConfig(vocab_size=vocab_size, block_size=256, n_layer=4, n_head=4, d_model=256, d_ff=1024,
-                     dropout=0.1)
+# The dense model of each size, with its default vocabulary (the trainer passes the tokenizer's):
+# GPT-2 small (124M; GPT-2's vocabulary and dropout), a CPU size (a few million parameters with
+# MoE, mostly in the experts; xmoe.data's default BPE size) and a debug size that trains in
+# seconds on CPU (a tiny BPE).
+SIZES = {
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768, d_ff=3072, dropout=0.1),
+    "cpu": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, d_model=256, d_ff=1024, dropout=0.1),
+    "debug": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, d_model=64, d_ff=256, dropout=0.0),
+}
 
 
-def debug(*, vocab_size: int = DEBUG_VOCAB) -> GPTConfig:
-    """Trains in seconds on CPU, dense: 2 layers, d 64, 2 heads, FFN 256, context 64."""
-    return GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, d_model=64, d_ff=256, dropout=0.0)
+def dense(size: str, **kwargs) -> GPTConfig:
+    """The dense model of ``size`` (a key of SIZES); ``kwargs`` override its fields (vocab_size)."""
+    return GPTConfig(**(SIZES[size] | kwargs))
 
 
 def family_moe(router: str, num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
@@ -67,11 +60,10 @@ def family_moe(router: str, num_experts: int, *, d_model: int, d_ff: int) -> MoE
     )
 
 
-def parameter_matched(size: Callable[..., GPTConfig], router: str, num_experts: int, **kwargs) -> GPTConfig:
-    """The dense model ``size(**kwargs)`` with ``family_moe`` in layers 2, 4, ... (``moe_every=2``)."""
-    dense = size(**kwargs)
-    moe = family_moe(router, num_experts, d_model=dense.d_model, d_ff=dense.d_ff)
-    return dataclasses.replace(dense, moe_every=2, moe=moe)
+def parameter_matched(size: str, router: str, num_experts: int, **kwargs) -> GPTConfig:
+    """The dense model of ``size`` with ``family_moe`` in layers 2, 4, ... (``moe_every=2``)."""
+    cfg = dense(size, **kwargs)
+    return dataclasses.replace(cfg, moe_every=2, moe=family_moe(router, num_experts, d_model=cfg.d_model, d_ff=cfg.d_ff))
 
 
 def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
@@ -90,36 +82,34 @@ def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
     )
 
 
-def dense_split(size: Callable[..., GPTConfig], num_experts: int, **kwargs) -> GPTConfig:
-    """The dense model ``size(**kwargs)`` with every FFN (``moe_every=1``) split into
-    ``num_experts`` experts by ``split_moe``: the same FFN weights (plus a router and per-expert
-    output biases) and, at t = 1, the same FFN FLOPs."""
-    dense = size(**kwargs)
-    return dataclasses.replace(dense, moe_every=1, moe=split_moe(num_experts, d_model=dense.d_model, d_ff=dense.d_ff))
+def dense_split(size: str, num_experts: int, **kwargs) -> GPTConfig:
+    """The dense model of ``size`` with every FFN (``moe_every=1``) split into ``num_experts``
+    experts by ``split_moe``: the same FFN weights (plus a router and per-expert output biases)
+    and, at t = 1, the same FFN FLOPs."""
+    cfg = dense(size, **kwargs)
+    return dataclasses.replace(cfg, moe_every=1, moe=split_moe(num_experts, d_model=cfg.d_model, d_ff=cfg.d_ff))
 
 
-def _family(prefix: str, size: Callable[..., GPTConfig]) -> dict[str, Callable[..., GPTConfig]]:
+def _family(size: str) -> dict[str, Callable[..., GPTConfig]]:
     """The dense model of one size and its parameter-matched variants, named by experts x width."""
-    d_ff = size().d_ff
+    d_ff = SIZES[size]["d_ff"]
     variants = (("switch", "topk", 8), ("topk", "topk", 16), ("topk", "topk", 64),
                 ("xmoe", "threshold", 16), ("xmoe", "threshold", 32), ("xmoe", "threshold", 64))
-    presets = {f"{prefix}-dense": size}
+    presets = {f"{size}-dense": partial(dense, size)}
     for label, router, experts in variants:
-        presets[f"{prefix}-{label}-{experts}x{8 * d_ff // experts}"] = partial(parameter_matched, size, router, experts)
+        presets[f"{size}-{label}-{experts}x{8 * d_ff // experts}"] = partial(parameter_matched, size, router, experts)
     return presets
 
 
 PRESETS: dict[str, Callable[..., GPTConfig]] = {
-    **_family("gpt2", gpt2),
-    **_family("cpu", cpu),
-    "debug-dense": debug,
-    "debug-switch": partial(parameter_matched, debug, "topk", 8),
-    "debug-topk": partial(parameter_matched, debug, "topk", 16),
-    "debug-xmoe": partial(parameter_matched, debug, "threshold", 16),
+    **_family("gpt2"),
+    **_family("cpu"),
+    "debug-dense": partial(dense, "debug"),
+    "debug-switch": partial(parameter_matched, "debug", "topk", 8),
+    "debug-topk": partial(parameter_matched, "debug", "topk", 16),
+    "debug-xmoe": partial(parameter_matched, "debug", "threshold", 16),
     # Route 1 of dense -> sparse (named apart from the parameter-matched families above).
-    "split8-gpt2": partial(dense_split, gpt2, 8),
-    "split8-cpu": partial(dense_split, cpu, 8),
-    "split8-debug": partial(dense_split, debug, 8),
+    **{f"split8-{size}": partial(dense_split, size, 8) for size in SIZES},
 }
 
 
