@@ -5,9 +5,7 @@ XMoE (Yang et al., 2024, arXiv 2403.18926, Sec. 4 and docs/method.md, "The paper
 experiments"): MoE replaces the FFN of layers 2, 4, ..., 12 of GPT-2 small; the
 parameter-matched family Switch 8x3072, top-k 16x1536 (k=2), top-k 64x384 (k=8), XMoE 16x1536,
 32x768, 64x384 (t = 0.9), all about 323M parameters; LM capacity factor 8, minimum capacity 4.
-
-A preset is a function returning a GPTConfig, taking ``vocab_size=`` (the trainer passes the
-tokenizer's); ``PRESETS`` names them, ``get_preset`` looks one up.
+``PRESETS`` names functions returning a GPTConfig (``vocab_size=`` overrides the default).
 """
 
 from __future__ import annotations
@@ -60,7 +58,7 @@ def family_moe(router: str, num_experts: int, *, d_model: int, d_ff: int) -> MoE
     )
 
 
-def parameter_matched(size: str, router: str, num_experts: int, **kwargs) -> GPTConfig:
+def with_moe(size: str, router: str, num_experts: int, **kwargs) -> GPTConfig:
     """The dense model of ``size`` with ``family_moe`` in layers 2, 4, ... (``moe_every=2``)."""
     cfg = dense(size, **kwargs)
     return dataclasses.replace(cfg, moe_every=2, moe=family_moe(router, num_experts, d_model=cfg.d_model, d_ff=cfg.d_ff))
@@ -97,7 +95,7 @@ def _family(size: str) -> dict[str, Callable[..., GPTConfig]]:
                 ("xmoe", "threshold", 16), ("xmoe", "threshold", 32), ("xmoe", "threshold", 64))
     presets = {f"{size}-dense": partial(dense, size)}
     for label, router, experts in variants:
-        presets[f"{size}-{label}-{experts}x{8 * d_ff // experts}"] = partial(parameter_matched, size, router, experts)
+        presets[f"{size}-{label}-{experts}x{8 * d_ff // experts}"] = partial(with_moe, size, router, experts)
     return presets
 
 
@@ -105,9 +103,9 @@ PRESETS: dict[str, Callable[..., GPTConfig]] = {
     **_family("gpt2"),
     **_family("cpu"),
     "debug-dense": partial(dense, "debug"),
-    "debug-switch": partial(parameter_matched, "debug", "topk", 8),
-    "debug-topk": partial(parameter_matched, "debug", "topk", 16),
-    "debug-xmoe": partial(parameter_matched, "debug", "threshold", 16),
+    "debug-switch": partial(with_moe, "debug", "topk", 8),
+    "debug-topk": partial(with_moe, "debug", "topk", 16),
+    "debug-xmoe": partial(with_moe, "debug", "threshold", 16),
     # Route 1 of dense -> sparse (named apart from the parameter-matched families above).
     **{f"split8-{size}": partial(dense_split, size, 8) for size in SIZES},
 }

@@ -4,9 +4,7 @@ paper's MT MoE family.
 XMoE (Yang et al., 2024, arXiv 2403.18926, Sec. 4, docs/method.md "Machine translation"): MoE
 replaces the FFN of encoder layers 2, 4, 6 of Transformer-base with 64 experts of width 1024,
 threshold 0.9, capacity factor 2, against top-2 routing over the same experts.
-
-A preset is a function returning a Seq2SeqConfig, taking ``vocab_size=`` (the trainer passes
-the sentencepiece vocabulary's); ``MT_PRESETS`` names them, ``get_mt_preset`` looks one up.
+``MT_PRESETS`` names functions returning a Seq2SeqConfig (``vocab_size=`` overrides the default).
 """
 
 from __future__ import annotations
@@ -26,12 +24,9 @@ from .gpt import build, describe_moe
 # Layout and default vocabulary of each size: Transformer-base, a CPU size, and a debug size
 # that trains in seconds. MoE goes in encoder layers 2, 4, ... (Seq2SeqConfig's enc_moe_every=2).
 SIZES = {
-    "base": dict(n_enc_layer=6, n_dec_layer=6, n_head=8, d_model=512, d_ff=2048, dropout=0.3, max_len=256,
-                 vocab_size=32000),
-    "cpu": dict(n_enc_layer=3, n_dec_layer=3, n_head=4, d_model=256, d_ff=1024, dropout=0.1, max_len=128,
-                vocab_size=8000),
-    "debug": dict(n_enc_layer=2, n_dec_layer=2, n_head=2, d_model=64, d_ff=128, dropout=0.0, max_len=64,
-                  vocab_size=256),
+    "base": dict(vocab_size=32000, max_len=256, n_enc_layer=6, n_dec_layer=6, n_head=8, d_model=512, d_ff=2048, dropout=0.3),
+    "cpu": dict(vocab_size=8000, max_len=128, n_enc_layer=3, n_dec_layer=3, n_head=4, d_model=256, d_ff=1024, dropout=0.1),
+    "debug": dict(vocab_size=256, max_len=64, n_enc_layer=2, n_dec_layer=2, n_head=2, d_model=64, d_ff=128, dropout=0.0),
 }
 
 
