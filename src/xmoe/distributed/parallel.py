@@ -86,8 +86,7 @@ class Ranks(Protocol):
 class SingleProcess(Ranks):
     """A run of one process: nothing to exchange, shard or reduce."""
 
-    rank, world_size, is_main = 0, 1, True
-    device: torch.device | None = None  # None: the loop resolves train.device
+    rank, world_size, is_main, device = 0, 1, True, None
 
     def shard(self, model: nn.Module) -> None:
         pass

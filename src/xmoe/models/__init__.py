@@ -1,5 +1,4 @@
-"""xmoe.models: Transformer models built on xmoe.moe. Depends on xmoe.moe and torch only; named
-configs (presets) are in xmoe.presets.
+"""xmoe.models: Transformer models built on xmoe.moe and torch only (named configs: xmoe.presets).
 
     from xmoe.models import GPT
     from xmoe.presets import get_preset

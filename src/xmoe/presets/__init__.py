@@ -1,10 +1,6 @@
-"""xmoe.presets: named model configs, one module per model (gpt.py for xmoe.models.gpt,
-seq2seq.py for xmoe.models.seq2seq), apart from the models as nanoGPT's config/ is. Imports
-point one way: xmoe.models <- xmoe.presets <- training, study, cli. ``xmoe presets`` lists them.
-
-    from xmoe.models import GPT
-    from xmoe.presets import get_preset
-    model = GPT(get_preset("debug-xmoe"))
+"""xmoe.presets: named model configs (``xmoe presets`` lists them), one module per model: gpt.py
+for xmoe.models.gpt, seq2seq.py for xmoe.models.seq2seq. Imports point one way: xmoe.models <-
+xmoe.presets <- training, study, cli.  ``GPT(get_preset("debug-xmoe"))`` builds a model.
 """
 
 from .gpt import PRESETS, get_preset, list_presets
