@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from xmoe.bench import layer as layer_bench
 from xmoe.bench.probes import cuda_syncs
-from xmoe.models.gpt import GPT, flops_breakdown, get_preset, moe_flops_per_token
+from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
+from xmoe.presets import get_preset
 from xmoe.moe import BACKENDS, MoEConfig, MoELayer
 
 # Peak dense bf16 tensor-core FLOP/s, for model FLOPs utilisation (vendor datasheets).

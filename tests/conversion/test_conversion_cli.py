@@ -83,7 +83,7 @@ def test_route_1_split_preset_trains_at_t_1_and_sweeps(runs, capsys):
     run_cli(["train", "--preset", "split8-debug", "--out", str(out), "--data", str(runs / "corpus.txt"), *TRAIN,
              f"--data.cache_dir={runs / 'cache'}"], capsys)
     model = load_lm(out).model
-    assert model.cfg.moe_layers == (0, 1) and model.cfg.moe.threshold == 1.0
+    assert model.cfg.moe_layer_indices == (0, 1) and model.cfg.moe.threshold == 1.0
     assert model.cfg.moe.combine == "probs" and model.cfg.moe.capacity_factor is None
     table = run_cli(["sweep-threshold", "--checkpoint", str(out), "--thresholds", "0.5", "1.0"], capsys)
     assert "| 1 | 8.00 | 1.000 |" in table  # every expert, the whole dense FFN's FLOPs, at t = 1

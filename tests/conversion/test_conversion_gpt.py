@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from xmoe.conversion import ConversionConfig, RouterFitConfig, convert_gpt, evaluate_point, gpt_logits
-from xmoe.models.gpt import GPT, get_preset
+from xmoe.models.gpt import GPT
+from xmoe.presets import get_preset
 from xmoe.moe import MoELayer
 
 FAST = RouterFitConfig(steps=30)
@@ -30,7 +31,7 @@ def test_converted_gpt_equals_the_dense_gpt_at_t_1(partition):
     x = torch.randint(50, (2, 16))
     sparse, reports = convert_gpt(dense, torch.randint(50, (4, 16)),
                                   ConversionConfig(num_experts=8, partition=partition, router=FAST))
-    assert len(reports) == 2 and sparse.cfg.moe_layers == (0, 1)
+    assert len(reports) == 2 and sparse.cfg.moe_layer_indices == (0, 1)
     assert sparse.cfg.moe.combine == "ones" and sparse.cfg.moe.threshold == 1.0
     with torch.no_grad():
         torch.testing.assert_close(sparse(x).logits_BLV, dense(x).logits_BLV, rtol=1e-5, atol=1e-5)

@@ -165,6 +165,6 @@ def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_t
     from xmoe.distributed import local_shard
 
     model = GPT(_config(corpus, tmp_path, grad_accum=1).model)
-    layer = model.moe_layers()[0] if callable(model.moe_layers) else model.moe_layers[0]
+    layer = model.moe_layers()[0]
     with pytest.raises(ValueError, match="--ep-size"):
         local_shard(layer.experts, layer.cfg, ep_rank=0, ep_size=3)

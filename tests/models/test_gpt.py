@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gpt_helpers import record_routing, sharpen_routers, tiny_config
-from xmoe.models import GPT, IGNORE_INDEX, GPTConfig, get_preset
+from xmoe.models import GPT, IGNORE_INDEX, GPTConfig
+from xmoe.presets import get_preset
 from xmoe.moe import MoEConfig, MoELayer
 
 
@@ -100,15 +101,15 @@ def test_aux_loss_is_the_sum_over_moe_layers():
 def test_moe_placement(n_layer, moe_every, expected):
     """MoE in layer i (1-based) iff i % moe_every == 0: paper's 2, 4, ..., 12 for moe_every=2."""
     cfg = tiny_config(n_layer=n_layer, moe_every=moe_every)
-    assert cfg.moe_layers == expected
+    assert cfg.moe_layer_indices == expected
     model = GPT(cfg)
     assert tuple(i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)) == expected
     assert len(model.moe_layers()) == len(expected)
 
 
 def test_gpt2_family_places_moe_in_even_layers():
-    assert [i + 1 for i in get_preset("gpt2-xmoe-64x384").moe_layers] == [2, 4, 6, 8, 10, 12]
-    assert get_preset("gpt2-dense").moe_layers == ()
+    assert [i + 1 for i in get_preset("gpt2-xmoe-64x384").moe_layer_indices] == [2, 4, 6, 8, 10, 12]
+    assert get_preset("gpt2-dense").moe_layer_indices == ()
 
 
 def test_gpt2_init_and_tied_embeddings():

@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from gpt_helpers import tiny_config
-from xmoe.models import (
-    GPT,
-    PRESETS,
-    flops_breakdown,
-    flops_per_token,
-    get_preset,
-    list_presets,
-    moe_flops_per_token,
-    num_params,
-)
+from xmoe.models import GPT, flops_breakdown, flops_per_token, moe_flops_per_token, num_params
+from xmoe.presets import PRESETS, get_preset, list_presets
 
 GPT2_MOE = [
     "gpt2-switch-8x3072",

@@ -10,16 +10,8 @@ import torch.nn.functional as F
 
 from mt_helpers import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
 from xmoe.cli.main import main
-from xmoe.models.seq2seq import (
-    MT_PRESETS,
-    Seq2Seq,
-    Seq2SeqConfig,
-    get_mt_preset,
-    list_mt_presets,
-    moe_flops_budget,
-    num_params,
-    sinusoidal_positions,
-)
+from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params, sinusoidal_positions
+from xmoe.presets import MT_PRESETS, get_mt_preset, list_mt_presets
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
@@ -268,7 +260,7 @@ def test_config_errors_name_the_field(kw, match):
 def test_presets_follow_the_paper():
     cfg = get_mt_preset("base-xmoe-64x1024")
     assert (cfg.n_enc_layer, cfg.n_dec_layer, cfg.d_model, cfg.d_ff, cfg.n_head) == (6, 6, 512, 2048, 8)
-    assert cfg.enc_moe_layers == (1, 3, 5) and cfg.dec_moe_layers == ()  # layers 2, 4, 6
+    assert cfg.enc_moe_layer_indices == (1, 3, 5) and cfg.dec_moe_layer_indices == ()  # layers 2, 4, 6
     moe = cfg.moe
     assert (moe.num_experts, moe.expert_dim, moe.threshold, moe.capacity_factor) == (64, 1024, 0.9, 2.0)
     assert cfg.norm == "post"

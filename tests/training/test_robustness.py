@@ -604,7 +604,7 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
     eval does not claim every expert was engaged."""
     from xmoe.cli.main import _baseline
-    from xmoe.models.gpt import get_preset
+    from xmoe.presets import get_preset
     from xmoe.training.report import threshold_sweep_figure
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}

@@ -27,7 +27,7 @@ DEFAULT_PRESET = "cpu-xmoe-64x128"
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
-    from xmoe.models.gpt import list_presets
+    from xmoe.presets import list_mt_presets, list_presets
 
     print("language-model presets (xmoe train --preset P):\n")
     print("| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
@@ -35,8 +35,6 @@ def cmd_presets(args: argparse.Namespace) -> None:
     for row in list_presets():
         print(f"| {row.name} | {row.experts} | {row.params / 1e6:.1f}M | {row.flops_per_token / 1e9:.3f} "
               f"| {row.moe_flops_per_token / 1e6:.1f} |")
-
-    from xmoe.models.seq2seq import list_mt_presets
 
     print("\ntranslation presets (xmoe train-mt --preset P):\n")
     print("| preset | layers | experts | params | MoE expert MFLOPs/token (top-k budget) |")

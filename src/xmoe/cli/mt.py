@@ -20,7 +20,7 @@ DEFAULT_MT_PRESET = "cpu-xmoe-32x512"
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.models.seq2seq import MT_PRESETS
+    from xmoe.presets import MT_PRESETS
 
     p = commands.add_parser("train-mt", help="train a translation preset; --section.key=value flags override the config")
     p.add_argument("--preset", default=DEFAULT_MT_PRESET, help=f"one of {', '.join(MT_PRESETS)}")

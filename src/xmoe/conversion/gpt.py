@@ -47,7 +47,7 @@ def check_dense(model: GPT, num_experts: int, name: str = "the model") -> None:
     if model.cfg.moe is not None:
         raise ValueError(
             f"{name} is not dense: it already has MoE layers ({model.cfg.moe.num_experts} experts in layers "
-            f"{[i + 1 for i in model.cfg.moe_layers]}); conversion takes a dense GPT (a *-dense preset)"
+            f"{[i + 1 for i in model.cfg.moe_layer_indices]}); conversion takes a dense GPT (a *-dense preset)"
         )
     check_divides(model.cfg.d_ff, num_experts)
 

@@ -15,7 +15,8 @@ the exchange). One flat all_reduce per group per step; experts that saw no token
 zeros, never a missing gradient. Checkpoints are consolidated (shards gathered along dim 0), so
 any number of ranks, or one process, can load them.
 
-``SingleProcess`` is the same interface for a run of one: the loop has no special case.
+``Ranks`` is what the loop asks of a run; ``Parallel`` (one rank of a distributed run) and
+``SingleProcess`` (a run of one, so the loop has no special case) are its two kinds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -60,11 +62,31 @@ class Layout:
         return [list(range(e, self.world_size, self.ep_size)) for e in range(self.ep_size)]
 
 
-class SingleProcess:
+class Ranks(Protocol):
+    """What the training loop and checkpoints ask of the processes of a run."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device | None  # where collectives of small numbers live; None: the loop resolves train.device
+
+    def shard(self, model: nn.Module) -> None: ...
+    def batch_index(self, index: int) -> int: ...
+    def sync_gradients(self, model: nn.Module) -> None: ...
+    def clip(self, model: nn.Module, max_norm: float) -> float: ...
+    def mean(self, values: dict[str, float]) -> dict[str, float]: ...
+    def sum(self, value: int) -> int: ...
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]: ...
+    def local_model_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]: ...
+    def local_optimizer_state(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
+    def rng_states(self) -> list[Tensor]: ...
+    def barrier(self) -> None: ...
+
+
+class SingleProcess(Ranks):
     """A run of one process: nothing to exchange, shard or reduce."""
 
-    rank, world_size, is_main = 0, 1, True
-    device: torch.device | None = None  # None: the loop resolves train.device
+    rank, world_size, is_main, device = 0, 1, True, None
 
     def shard(self, model: nn.Module) -> None:
         pass
@@ -105,7 +127,7 @@ class SingleProcess:
         pass
 
 
-class Parallel(SingleProcess):
+class Parallel(Ranks):
     """This process's place in a torch.distributed run of ``layout``.
 
     Build it after ``dist.init_process_group`` (``init_from_env`` does both under torchrun).

@@ -4,10 +4,8 @@ layer, XMoE layers.
 References: GPT-2 (Radford et al., 2019): pre-LN, learned positional embeddings, input and
 output embeddings tied, GeLU FFN with biases, init N(0, 0.02) with residual projections scaled
 by 1/sqrt(2 n_layer); nanoGPT's model.py for the layout. XMoE (Yang et al., 2024,
-arXiv 2403.18926, Sec. 4 and docs/method.md, "The paper's experiments"): MoE replaces the FFN of
-layers 2, 4, ..., 12 of GPT-2 small; the parameter-matched family Switch 8x3072, top-k 16x1536
-(k=2), top-k 64x384 (k=8), XMoE 16x1536, 32x768, 64x384 (t = 0.9), all about 323M parameters;
-LM capacity factor 8, minimum capacity 4.
+arXiv 2403.18926, Sec. 4): MoE replaces the FFN of layers 2, 4, ..., 12 of GPT-2 small. The
+paper's model sizes and MoE families are presets, in xmoe.presets.gpt.
 
 The model returns the *unscaled* sum of the MoE layers' balancing losses; the training loop
 forms ``loss + 0.01 * aux_loss`` (the paper's coefficient). No training or file IO here.
@@ -17,12 +15,10 @@ Shape legend: B batch, L sequence length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +89,7 @@ class GPTConfig:
             )
 
     @property
-    def moe_layers(self) -> tuple[int, ...]:
+    def moe_layer_indices(self) -> tuple[int, ...]:
         """0-based indices of the MoE blocks: layer i+1 (1-based) when (i+1) % moe_every == 0."""
         if self.moe is None:
             return ()
@@ -114,13 +110,13 @@ class GPTOutput:
 
 
 class GPT(nn.Module):
-    """Token + position embeddings -> n_layer pre-LN blocks (MoE FFN at cfg.moe_layers) ->
+    """Token + position embeddings -> n_layer pre-LN blocks (MoE FFN at cfg.moe_layer_indices) ->
     final LayerNorm -> logits through the tied token embeddings."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        moe_layers = set(cfg.moe_layers)
+        moe_indices = set(cfg.moe_layer_indices)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -130,7 +126,7 @@ class GPT(nn.Module):
                 n_head=cfg.n_head,
                 d_ff=cfg.d_ff,
                 dropout=cfg.dropout,
-                moe=cfg.moe if i in moe_layers else None,
+                moe=cfg.moe if i in moe_indices else None,
                 causal=True,
                 layer_idx=i,
                 layer_norm_eps=cfg.layer_norm_eps,
@@ -293,7 +289,7 @@ def num_params(model_or_cfg: nn.Module | GPTConfig, *, non_embedding: bool = Fal
         per_layer += 4 * D * D + 4 * D  # attention: qkv and output projections, with biases
         total = cfg.vocab_size * D + cfg.block_size * D + 2 * D  # wte (= lm_head), wpe, ln_f
         total += cfg.n_layer * per_layer
-        num_moe = len(cfg.moe_layers)
+        num_moe = len(cfg.moe_layer_indices)
         total += (cfg.n_layer - num_moe) * (2 * D * cfg.d_ff + cfg.d_ff + D)
         if cfg.moe is not None:
             total += num_moe * (_moe_params(cfg.moe) + (D if cfg.moe_output_bias else 0))
@@ -333,7 +329,7 @@ class FlopsPerToken:
 def flops_breakdown(cfg: GPTConfig, *, context: int | None = None) -> FlopsPerToken:
     """Activated forward FLOPs per token of ``cfg``, by part; ``context`` defaults to block_size."""
     D, ctx = cfg.d_model, cfg.block_size if context is None else context
-    num_moe = len(cfg.moe_layers)
+    num_moe = len(cfg.moe_layer_indices)
     moe = cfg.moe
     return FlopsPerToken(
         attention=cfg.n_layer * (2 * 4 * D * D + 2 * 2 * ctx * D),
@@ -355,7 +351,7 @@ def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequ
     one number for every layer. Same count as ``RoutingStats.expert_flops_per_token``, summed."""
     if cfg.moe is None:
         raise ValueError("moe_flops_per_token needs a MoE config; GPTConfig.moe is None (dense)")
-    num_moe = len(cfg.moe_layers)
+    num_moe = len(cfg.moe_layer_indices)
     if isinstance(experts_per_token, (int, float, Tensor)):
         experts_per_token = [experts_per_token] * num_moe
     if len(experts_per_token) != num_moe:
@@ -364,189 +360,3 @@ def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequ
             f"layers; give one mean per MoE layer (or one number for all)"
         )
     return sum(float(e) for e in experts_per_token) * cfg.moe.flops_per_pair
-
-
-# --- presets ---------------------------------------------------------------------------------
-
-GPT2_VOCAB = 50257
-CPU_VOCAB = 4096  # xmoe.data's default BPE size; the trainer passes the real one
-DEBUG_VOCAB = 512  # a tiny BPE
-
-
-def family_moe(router: str | None, num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig | None:
-    """The paper's parameter-matched MoE for a model whose dense FFN has width ``d_ff``.
-
-    Experts of width ``8 * d_ff / num_experts``, so every variant holds the parameters of
-    Switch 8 x d_ff; ``top_k = num_experts / 8``, so a top-k layer activates one dense FFN's
-    FLOPs (Switch: 8 experts, k = 1). ``router="threshold"`` is XMoE at t = 0.9 (top_k is then
-    only the budget that RoutingStats.flops_ratio compares against). LM capacity: factor 8,
-    minimum 4 in training; dropless in eval. GeLU experts with biases, init N(0, 0.02).
-    ``router=None`` is the dense model.
-    """
-    if router is None:
-        return None
-    if (8 * d_ff) % num_experts or num_experts % 8:
-        raise ValueError(
-            f"num_experts={num_experts} must be a multiple of 8 dividing 8 * d_ff={8 * d_ff} for a "
-            f"parameter-matched expert width"
-        )
-    return MoEConfig(
-        model_dim=d_model,
-        num_experts=num_experts,
-        expert_dim=8 * d_ff // num_experts,
-        router=router,
-        threshold=0.9,
-        top_k=num_experts // 8,
-        capacity_factor=8.0,
-        eval_capacity_factor=None,
-        min_capacity=4,
-        activation="gelu",
-        expert_bias=True,
-        init_std=0.02,
-    )
-
-
-def gpt2(router: str | None = None, num_experts: int = 0, *, vocab_size: int = GPT2_VOCAB) -> GPTConfig:
-    """GPT-2 small (12 layers, d 768, 12 heads, FFN 3072, context 1024; 124M dense) with MoE in
-    layers 2, 4, ..., 12; dropout 0.1 as GPT-2."""
-    return GPTConfig(
-        vocab_size=vocab_size,
-        block_size=1024,
-        n_layer=12,
-        n_head=12,
-        d_model=768,
-        d_ff=3072,
-        dropout=0.1,
-        moe_every=2,
-        moe=family_moe(router, num_experts, d_model=768, d_ff=3072),
-    )
-
-
-def cpu(router: str | None = None, num_experts: int = 0, *, vocab_size: int = CPU_VOCAB) -> GPTConfig:
-    """The same family at CPU size: 4 layers, d 256, 4 heads, FFN 1024, context 256, MoE in
-    layers 2 and 4 (a few million parameters, mostly in the experts)."""
-    return GPTConfig(
-        vocab_size=vocab_size,
-        block_size=256,
-        n_layer=4,
-        n_head=4,
-        d_model=256,
-        d_ff=1024,
-        dropout=0.1,
-        moe_every=2,
-        moe=family_moe(router, num_experts, d_model=256, d_ff=1024),
-    )
-
-
-def debug(router: str | None = None, num_experts: int = 0, *, vocab_size: int = DEBUG_VOCAB) -> GPTConfig:
-    """Trains in seconds on CPU: 2 layers, d 64, 2 heads, FFN 256, context 64, MoE in layer 2."""
-    return GPTConfig(
-        vocab_size=vocab_size,
-        block_size=64,
-        n_layer=2,
-        n_head=2,
-        d_model=64,
-        d_ff=256,
-        dropout=0.0,
-        moe_every=2,
-        moe=family_moe(router, num_experts, d_model=64, d_ff=256),
-    )
-
-
-def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
-    """A dense FFN of width ``d_ff`` split into ``num_experts`` experts of width d_ff / E: the
-    paper's dense-model recipe (docs/method.md, "Dense models": 3072 -> 8 x 384, trained at t = 1.0,
-    then t lowered at inference). t = 1 engages every expert (no capacity, so none is dropped) and
-    the combine weights are the router probabilities, so the router learns how much each slice
-    matters. ``top_k = E``: the FLOPs budget the statistics compare with is the whole dense FFN,
-    so ``flops_ratio`` is the fraction of the dense FFN's FLOPs a token engages."""
-    if d_ff % num_experts:
-        raise ValueError(f"num_experts={num_experts} must divide d_ff={d_ff} to split the FFN evenly")
-    return MoEConfig(
-        model_dim=d_model,
-        num_experts=num_experts,
-        expert_dim=d_ff // num_experts,
-        router="threshold",
-        threshold=1.0,
-        top_k=num_experts,
-        capacity_factor=None,
-        eval_capacity_factor=None,
-        combine="probs",
-        activation="gelu",
-        expert_bias=True,
-        init_std=0.02,
-    )
-
-
-def dense_split(build: Callable[..., GPTConfig], num_experts: int, *, vocab_size: int | None = None) -> GPTConfig:
-    """The dense model of ``build`` with every FFN (``moe_every=1``) split into ``num_experts``
-    experts by ``split_moe``: the same FFN weights (plus a router and per-expert output biases)
-    and, at t = 1, the same FFN FLOPs."""
-    dense = build(None, 0) if vocab_size is None else build(None, 0, vocab_size=vocab_size)
-    return dataclasses.replace(
-        dense, moe_every=1, moe=split_moe(num_experts, d_model=dense.d_model, d_ff=dense.d_ff)
-    )
-
-
-def _family(prefix: str, build: Callable[..., GPTConfig], d_ff: int) -> dict[str, Callable[..., GPTConfig]]:
-    """The paper's parameter-matched variants of one model size, named by experts x width."""
-    variants = (
-        ("switch", "topk", 8),
-        ("topk", "topk", 16),
-        ("topk", "topk", 64),
-        ("xmoe", "threshold", 16),
-        ("xmoe", "threshold", 32),
-        ("xmoe", "threshold", 64),
-    )
-    presets = {f"{prefix}-dense": partial(build, None, 0)}
-    for label, router, experts in variants:
-        presets[f"{prefix}-{label}-{experts}x{8 * d_ff // experts}"] = partial(build, router, experts)
-    return presets
-
-
-PRESETS: dict[str, Callable[..., GPTConfig]] = {
-    **_family("gpt2", gpt2, 3072),
-    **_family("cpu", cpu, 1024),
-    "debug-dense": partial(debug, None, 0),
-    "debug-switch": partial(debug, "topk", 8),
-    "debug-topk": partial(debug, "topk", 16),
-    "debug-xmoe": partial(debug, "threshold", 16),
-    # Route 1 of dense -> sparse (named apart from the parameter-matched families above).
-    "split8-gpt2": partial(dense_split, gpt2, 8),
-    "split8-cpu": partial(dense_split, cpu, 8),
-    "split8-debug": partial(dense_split, debug, 8),
-}
-
-
-def get_preset(name: str, *, vocab_size: int | None = None) -> GPTConfig:
-    """The config of preset ``name``; ``vocab_size`` overrides the preset's default."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown GPT preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]() if vocab_size is None else PRESETS[name](vocab_size=vocab_size)
-
-
-@dataclass(frozen=True)
-class PresetRow:
-    name: str
-    params: int
-    flops_per_token: int  # total activated forward FLOPs per token (top-k-equivalent budget)
-    moe_flops_per_token: int  # expert FLOPs per token over the MoE layers, same budget; 0 if dense
-    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9"
-
-
-def list_presets() -> list[PresetRow]:
-    """One row per preset at its default vocabulary, for ``xmoe presets``."""
-    rows = []
-    for name in PRESETS:
-        cfg = get_preset(name)
-        fl = flops_breakdown(cfg)
-        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, describe_moe(cfg.moe)))
-    return rows
-
-
-def describe_moe(moe: MoEConfig | None) -> str:
-    """E.g. "dense", "8x3072 top-1", "64x384 t=0.9": the experts and the routing rule."""
-    if moe is None:
-        return "dense"
-    rule = f"t={moe.threshold:g}" if moe.router == "threshold" else f"top-{moe.top_k}"
-    return f"{moe.num_experts}x{moe.expert_dim} {rule}"

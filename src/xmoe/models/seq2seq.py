@@ -7,8 +7,8 @@ layer (joint vocabulary), Xavier-uniform linear layers. Pre-LN (``x + drop(f(LN(
 final LN per stack; Xiong et al. 2020) is an option. Beam search with the length penalty
 ``score / length ** alpha`` (as fairseq's ``--lenpen``). XMoE (Yang et al., 2024,
 arXiv 2403.18926, Sec. 4, docs/method.md "Machine translation"): MoE replaces the FFN of encoder
-layers 2, 4, 6 with 64 experts of width 1024, threshold 0.9, capacity factor 2, against top-2
-routing over the same experts; decoder MoE layers are an option here (``dec_moe_every``).
+layers 2, 4, 6; decoder MoE layers are an option here (``dec_moe_every``). The paper's model
+sizes and MoE families are presets, in xmoe.presets.seq2seq.
 
 Choices of ours, said once: the FFN (dense and experts) uses GeLU, as the rest of this package;
 the experts keep their MoEConfig init (N(0, init_std)). Padding is never routed: every MoE layer
@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
-from .gpt import describe_moe
 from .layers import FeedForward, KVCache, SelfAttention
 
 NORMS = ("post", "pre")
@@ -95,24 +94,24 @@ class Seq2SeqConfig:
                 f"Seq2SeqConfig.moe.model_dim={self.moe.model_dim} differs from d_model={self.d_model}; "
                 f"build the MoEConfig with model_dim=d_model"
             )
-        if not self.enc_moe_layers and not self.dec_moe_layers:
+        if not self.enc_moe_layer_indices and not self.dec_moe_layer_indices:
             raise ValueError(
                 f"Seq2SeqConfig places no MoE layer (enc_moe_every={self.enc_moe_every}, "
                 f"dec_moe_every={self.dec_moe_every}); use moe=None for a dense model"
             )
 
     @property
-    def enc_moe_layers(self) -> tuple[int, ...]:
+    def enc_moe_layer_indices(self) -> tuple[int, ...]:
         """0-based indices of the encoder's MoE layers."""
-        return _moe_layers(self.n_enc_layer, self.enc_moe_every if self.moe is not None else 0)
+        return _moe_layer_indices(self.n_enc_layer, self.enc_moe_every if self.moe is not None else 0)
 
     @property
-    def dec_moe_layers(self) -> tuple[int, ...]:
+    def dec_moe_layer_indices(self) -> tuple[int, ...]:
         """0-based indices of the decoder's MoE layers."""
-        return _moe_layers(self.n_dec_layer, self.dec_moe_every if self.moe is not None else 0)
+        return _moe_layer_indices(self.n_dec_layer, self.dec_moe_every if self.moe is not None else 0)
 
 
-def _moe_layers(num_layers: int, every: int) -> tuple[int, ...]:
+def _moe_layer_indices(num_layers: int, every: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if every and (i + 1) % every == 0)
 
 
@@ -277,7 +276,7 @@ class Seq2Seq(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.register_buffer("pos_PD", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        enc, dec = set(cfg.enc_moe_layers), set(cfg.dec_moe_layers)
+        enc, dec = set(cfg.enc_moe_layer_indices), set(cfg.dec_moe_layer_indices)
         self.encoder = nn.ModuleList(
             EncoderLayer(cfg, moe=cfg.moe if i in enc else None, layer_idx=i) for i in range(cfg.n_enc_layer))
         self.decoder = nn.ModuleList(
@@ -534,94 +533,5 @@ def moe_flops_budget(cfg: Seq2SeqConfig) -> float:
     parameter-matched baseline's k)."""
     if cfg.moe is None:
         return 0.0
-    num_moe = len(cfg.enc_moe_layers) + len(cfg.dec_moe_layers)
+    num_moe = len(cfg.enc_moe_layer_indices) + len(cfg.dec_moe_layer_indices)
     return float(num_moe * min(cfg.moe.top_k, cfg.moe.num_experts) * cfg.moe.flops_per_pair)
-
-
-# --- presets ---------------------------------------------------------------------------------
-
-BASE_VOCAB = 32000
-CPU_VOCAB = 8000
-DEBUG_VOCAB = 256
-
-
-def mt_moe(router: str, num_experts: int, expert_dim: int, top_k: int, *, d_model: int) -> MoEConfig:
-    """The paper's MT MoE layer: capacity factor 2 (min 4) in training, dropless in eval,
-    threshold 0.9; ``top_k`` is the top-k router's k, or for XMoE the budget compared against."""
-    return MoEConfig(
-        model_dim=d_model, num_experts=num_experts, expert_dim=expert_dim, router=router, threshold=0.9,
-        top_k=top_k, capacity_factor=2.0, eval_capacity_factor=None, min_capacity=4, activation="gelu",
-        expert_bias=True, init_std=0.02,
-    )
-
-
-def _size(name: str) -> dict:
-    """Layout of each size: Transformer-base, a CPU size, and a debug size that trains in seconds."""
-    return {
-        "base": dict(n_enc_layer=6, n_dec_layer=6, n_head=8, d_model=512, d_ff=2048, dropout=0.3, max_len=256),
-        "cpu": dict(n_enc_layer=3, n_dec_layer=3, n_head=4, d_model=256, d_ff=1024, dropout=0.1, max_len=128),
-        "debug": dict(n_enc_layer=2, n_dec_layer=2, n_head=2, d_model=64, d_ff=128, dropout=0.0, max_len=64),
-    }[name]
-
-
-def _preset(size: str, router: str | None, num_experts: int, expert_dim: int, top_k: int, *,
-            vocab_size: int) -> Seq2SeqConfig:
-    layout = _size(size)
-    moe = None if router is None else mt_moe(router, num_experts, expert_dim, top_k, d_model=layout["d_model"])
-    return Seq2SeqConfig(vocab_size=vocab_size, moe=moe, enc_moe_every=2, **layout)
-
-
-def _family(size: str, num_experts: int, d_ff: int, vocab: int) -> dict[str, Callable[..., Seq2SeqConfig]]:
-    """Experts of width d_ff / 2: XMoE (t = 0.9) and top-2 over the same ``num_experts``, Switch
-    over half as many experts of width d_ff (same parameters), and the dense model. Every top-k
-    baseline activates one dense FFN's FLOPs per token; that is XMoE's budget (top_k = 2).
-    Base: the paper's 64 x 1024."""
-    n, w = num_experts, d_ff // 2
-    return {
-        f"{size}-dense": partial(_preset, size, None, 0, 0, 1, vocab_size=vocab),
-        f"{size}-xmoe-{n}x{w}": partial(_preset, size, "threshold", n, w, 2, vocab_size=vocab),
-        f"{size}-top2-{n}x{w}": partial(_preset, size, "topk", n, w, 2, vocab_size=vocab),
-        f"{size}-switch-{n // 2}x{d_ff}": partial(_preset, size, "topk", n // 2, d_ff, 1, vocab_size=vocab),
-    }
-
-
-MT_PRESETS: dict[str, Callable[..., Seq2SeqConfig]] = {
-    **_family("base", 64, 2048, BASE_VOCAB),
-    **_family("cpu", 32, 1024, CPU_VOCAB),
-    **_family("debug", 16, 128, DEBUG_VOCAB),
-}
-
-
-def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
-    """The config of MT preset ``name``; ``vocab_size`` overrides the preset's default."""
-    if name not in MT_PRESETS:
-        raise ValueError(f"unknown translation preset {name!r}; choose one of {', '.join(MT_PRESETS)}")
-    return MT_PRESETS[name]() if vocab_size is None else MT_PRESETS[name](vocab_size=vocab_size)
-
-
-@dataclass(frozen=True)
-class MTPresetRow:
-    name: str
-    layers: str  # e.g. "6+6 d512"
-    experts: str  # e.g. "dense", "64x1024 t=0.9 in encoder layers 2, 4, 6"
-    params: int  # at the preset's default vocabulary
-    moe_flops_per_token: float  # the top-k budget of moe_flops_budget; 0 if dense
-
-
-def list_mt_presets() -> list[MTPresetRow]:
-    """One row per translation preset, for ``xmoe presets``; counted on the meta device, so
-    the base presets' 200M+ parameters are never allocated."""
-    rows = []
-    for name in MT_PRESETS:
-        cfg = get_mt_preset(name)
-        with torch.device("meta"):
-            params = num_params(Seq2Seq(cfg))
-        experts = describe_moe(cfg.moe)
-        if cfg.moe is not None:
-            where = [f"{side} layers {', '.join(str(i + 1) for i in layers)}"
-                     for side, layers in (("encoder", cfg.enc_moe_layers), ("decoder", cfg.dec_moe_layers)) if layers]
-            experts += f" in {'; '.join(where)}"
-        layers = f"{cfg.n_enc_layer}+{cfg.n_dec_layer} d{cfg.d_model}"
-        rows.append(MTPresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
-    return rows
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xmoe.models.gpt import PRESETS, family_moe, get_preset
+from xmoe.presets.gpt import PRESETS, family_moe, get_preset
 from xmoe.training import LMRunConfig, lm_run_config
 
 STUDIES = ("main", "threshold", "granularity", "all")

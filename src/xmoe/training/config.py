@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xmoe.data import DataConfig
-from xmoe.models.gpt import GPTConfig, get_preset
+from xmoe.models.gpt import GPTConfig
+from xmoe.presets import get_preset
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from xmoe.distributed import SingleProcess
+from xmoe.distributed import Ranks, SingleProcess
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -73,7 +73,7 @@ def autocast_context(device: torch.device, precision: str):
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
           resume: bool = False, progress: bool = True, extra_state: dict | None = None,
-          parallel: SingleProcess | None = None) -> TrainResult:
+          parallel: Ranks | None = None) -> TrainResult:
     """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``.
 
     ``extra_state`` is saved in each checkpoint's state.json (e.g. the corpus fingerprint).
@@ -81,7 +81,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     """
     run_dir = Path(run_dir)
     parallel = parallel or SingleProcess()
-    device = getattr(parallel, "device", None) or resolve_device(cfg.device)
+    device = parallel.device or resolve_device(cfg.device)
     model.to(device)
     parallel.shard(model)
     optimizer = build_optimizer(model, cfg)

@@ -35,7 +35,8 @@ from xmoe.data.parallel import (
     prepare_parallel_data,
     source_batches,
 )
-from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, get_mt_preset, moe_flops_budget
+from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
+from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
 
 from .checkpoint import checkpoint_dir, load_checkpoint
