@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
-                "use 1: threads otherwise wait for each other while another job holds a core (eval measured "
-                "about 2x faster with 1 on 2 busy cores)")
+                "use 1: threads otherwise wait for each other while another job holds a core "
+                "(measured in benchmarks/README.md)")
 
 
 def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
