@@ -20,7 +20,8 @@ from xmoe.bench.layer import SHAPES, build_layer, timed
 from xmoe.moe.backends import fused
 
 
-def run_sizes(shape_name: str, rows: list[int], repeats: int) -> None:
+def run_sizes(shape_name: str, rows: list[int], repeats: int) -> dict[int, float]:
+    """Median forward+backward seconds of the fused layer with runs of at least each ``rows``."""
     shape = SHAPES[shape_name]
     x = torch.randn(shape.tokens, shape.model_dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
     layer = build_layer(shape, "threshold", "fused", 3.0, x.detach(), seed=0)
@@ -34,16 +35,18 @@ def run_sizes(shape_name: str, rows: list[int], repeats: int) -> None:
             if round_:
                 times[n].append(seconds)
     fused.CHUNK_BYTES = default
+    medians = {n: statistics.median(t) for n, t in times.items()}
     print(f"{shape.label}, forward+backward, median of {repeats}")
     print("| least rows per run | MB | ms | vs fastest |\n|---|---|---|---|")
-    best = min(statistics.median(t) for t in times.values())
-    for n, t in times.items():
+    best = min(medians.values())
+    for n, t in medians.items():
         mark = " (CHUNK_BYTES)" if n == default // (shape.model_dim * x.element_size()) else ""
-        print(f"| {n:,}{mark} | {n * shape.model_dim * 4 / 2**20:.1f} | {statistics.median(t) * 1e3:.0f} "
-              f"| {statistics.median(t) / best:.2f} |")
+        print(f"| {n:,}{mark} | {n * shape.model_dim * 4 / 2**20:.1f} | {t * 1e3:.0f} | {t / best:.2f} |")
+    return medians
 
 
-def bf16_error(shape_name: str) -> None:
+def bf16_error(shape_name: str) -> dict[str, float]:
+    """Relative error of the loop and fused layers under bf16 autocast, against the fp32 layer."""
     shape = SHAPES[shape_name]
     x = torch.randn(shape.tokens, shape.model_dim, generator=torch.Generator().manual_seed(0))
     layers = {b: build_layer(shape, "threshold", b, 3.0, x, seed=0) for b in ("loop", "fused")}
@@ -59,16 +62,16 @@ def bf16_error(shape_name: str) -> None:
             errors[name] = ((out.double() - exact).norm() / exact.norm()).item()
     print(f"\n{shape.label}, bf16 autocast, relative error against the fp32 layer: "
           f"loop {errors['loop']:.2e}, fused {errors['fused']:.2e}, fused / loop {errors['fused'] / errors['loop']:.2f}")
+    return errors
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> tuple[dict[int, float], dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="S1", choices=list(SHAPES))
     p.add_argument("--rows", type=int, nargs="+", default=[256, 512, 682, 1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=7)
-    args = p.parse_args()
-    run_sizes(args.shape, args.rows, args.repeats)
-    bf16_error(args.shape)
+    args = p.parse_args(argv)
+    return run_sizes(args.shape, args.rows, args.repeats), bf16_error(args.shape)
 
 
 if __name__ == "__main__":
