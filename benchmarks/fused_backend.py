@@ -28,13 +28,15 @@ def run_sizes(shape_name: str, rows: list[int], repeats: int) -> dict[int, float
     leaves = [x, *layer.parameters()]
     default = fused.CHUNK_BYTES
     times: dict[int, list[float]] = {n: [] for n in rows}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for n in rows:
-            fused.CHUNK_BYTES = n * shape.model_dim * x.element_size()
-            seconds = timed(lambda: layer(x).output, True, lambda: None, leaves)
-            if round_:
-                times[n].append(seconds)
-    fused.CHUNK_BYTES = default
+    try:
+        for round_ in range(repeats + 1):  # round 0 warms up
+            for n in rows:
+                fused.CHUNK_BYTES = n * shape.model_dim * x.element_size()
+                seconds = timed(lambda: layer(x).output, True, lambda: None, leaves)
+                if round_:
+                    times[n].append(seconds)
+    finally:
+        fused.CHUNK_BYTES = default
     medians = {n: statistics.median(t) for n, t in times.items()}
     print(f"{shape.label}, forward+backward, median of {repeats}")
     print("| least rows per run | MB | ms | vs fastest |\n|---|---|---|---|")
