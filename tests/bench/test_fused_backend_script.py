@@ -4,7 +4,7 @@ tests/moe/test_backends_vs_oracle.py's job."""
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
 
 from xmoe.moe.backends import fused
@@ -12,16 +12,9 @@ from xmoe.moe.backends import fused
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fused_backend.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("xmoe_fused_backend_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_dry_run_times_each_run_size_and_puts_chunk_bytes_back(capsys) -> None:
     default = fused.CHUNK_BYTES
-    times, errors = _load().main(["--shape", "tiny", "--rows", "8", "64", "--repeats", "1"])
+    times, errors = runpy.run_path(str(SCRIPT))["main"](["--shape", "tiny", "--rows", "8", "64", "--repeats", "1"])
     assert fused.CHUNK_BYTES == default
     assert list(times) == [8, 64] and all(t > 0 for t in times.values())
     assert 0 < errors["loop"] < 2e-2 and 0 < errors["fused"] < 2e-2  # bf16 rounding, not a wrong result
