@@ -62,13 +62,12 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     train_rows, val_rows = split_rows(read_rows(run_dir / METRICS_FILE))
     out_dir = run_dir / "report" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots, missing = {}, None
     try:
         plots = _draw_plots(train_rows, val_rows, out_dir)
     except MissingExtra as err:  # the numbers are the report; the plots are a view of them
         warnings.warn(f"{err}; the report has summary.md only", stacklevel=2)
-        plots, missing = {}, str(err)
-    else:
-        missing = None
+        missing = str(err)
     sweeps = read_sweeps(out_dir)
     plots.update({Path(name).with_suffix(".png").name: f"threshold sweep on {sweep['data']}"
                   for name, sweep in sweeps.items() if (out_dir / Path(name).with_suffix(".png").name).is_file()})
