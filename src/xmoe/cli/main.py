@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_PRESET = "cpu-xmoe-64x128"
 
@@ -135,7 +137,8 @@ def _sweep_hf(args: argparse.Namespace) -> None:
     print(sweep_markdown({Path(args.checkpoint).name: points}))
     out = Path(args.out or Path(args.checkpoint) / "report")
     out.mkdir(parents=True, exist_ok=True)
-    plot_sweeps({Path(args.checkpoint).name: points}, out / "threshold_sweep.png")
+    with _optional_plot():
+        plot_sweeps({Path(args.checkpoint).name: points}, out / "threshold_sweep.png")
     (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
 
 
@@ -161,12 +164,24 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | N
     text = _text_name(data)
     baseline = "dense" if _is_dense_split(loaded.model.cfg.moe) else "top-k"
     name = sweep_name(data)
-    plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
     step = read_state(checkpoint_dir(loaded.run_dir))["step"]
     record = sweep_record(rows, data=text, step=step, baseline=baseline)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    print(f"plot: {out / name}.png")
+    with _optional_plot():
+        plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
+        print(f"plot: {out / name}.png")
     return rows
+
+
+@contextlib.contextmanager
+def _optional_plot() -> Iterator[None]:
+    """A plot whose extra is missing is skipped with a warning: the table and JSON are the result."""
+    from xmoe.extras import MissingExtra
+
+    try:
+        yield
+    except MissingExtra as err:
+        warnings.warn(f"{err}; no plot drawn", stacklevel=3)
 
 
 def _text_name(data: str | None) -> str:
@@ -393,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
-                "use 1: threads otherwise wait for each other while another job holds a core (eval measured "
-                "about 2x faster with 1 on 2 busy cores)")
+                "use 1: threads otherwise wait for each other while another job holds a core "
+                "(measured in benchmarks/README.md)")
 
 
 def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
@@ -429,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
     """Run the command; the errors a user can fix become one line and exit status 2."""
+    from xmoe.extras import MissingExtra
     from xmoe.training.runs import RunInUseError
 
     try:
@@ -446,7 +462,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             err = _diverged_checkpoint(args.checkpoint, err)
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:

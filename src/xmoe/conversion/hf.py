@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
 
 from .ffn import DenseFFN
@@ -54,10 +55,8 @@ class ConvertedMLP(nn.Module):
 
 
 def _transformers():
-    try:
+    with needs_extra("hf", "converting Hugging Face models"):
         import transformers
-    except ImportError as err:
-        raise ImportError("converting Hugging Face models needs transformers: pip install 'xmoe[hf]'") from err
     return transformers
 
 

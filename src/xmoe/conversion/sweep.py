@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.extras import needs_extra
 from xmoe.moe import MoELayer, set_threshold
 
 
@@ -129,13 +130,15 @@ def _t(point: SweepPoint) -> str:
 def plot_sweeps(curves: dict[str, Sequence[SweepPoint]], path: str | os.PathLike,
                 dense: SweepPoint | None = None) -> None:
     """Perplexity (y) against the fraction of FFN FLOPs (x), one line per model; the dense model
-    as a horizontal line. PNG, matplotlib's Agg backend."""
-    import matplotlib
+    as a horizontal line. PNG, drawn on a private Agg canvas (no pyplot state); needs matplotlib
+    (``pip install 'xmoe[report]'``)."""
+    with needs_extra("report", "the sweep plot"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for name, points in curves.items():
         pts = sorted(points, key=lambda p: p.ffn_flops_fraction)
         ax.plot([p.ffn_flops_fraction for p in pts], [p.perplexity for p in pts], marker="o", label=name)
@@ -151,4 +154,3 @@ def plot_sweeps(curves: dict[str, Sequence[SweepPoint]], path: str | os.PathLike
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -12,7 +12,8 @@ sorted by length are cut into batches whose padded size ``rows x longest side`` 
 ``max_tokens``. The list of batches is fixed by the seed; epoch e visits it in the order of a
 permutation seeded by (seed, e), so batch i depends on (seed, i) only: an exact resume.
 
-Imports nothing else from xmoe. Shapes: B sentences, S source length, L target length.
+Imports nothing else from xmoe but ``xmoe.extras`` (sentencepiece is ``pip install 'xmoe[mt]'``).
+Shapes: B sentences, S source length, L target length.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from xmoe.extras import needs_extra
 
 from .files import check_regular_file, decode_lines, temporary_name
 
@@ -102,7 +105,8 @@ class SubwordVocab:
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import sentencepiece as spm
+        with needs_extra("mt", "the translation vocabulary"):
+            import sentencepiece as spm
 
         self.path = Path(path)
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -127,7 +131,8 @@ def train_subword_vocab(texts: Sequence[str], folder: str | os.PathLike, vocab_s
 
     ``hard_vocab_limit=False``: a corpus too small for ``vocab_size`` gets a smaller vocabulary
     instead of an error."""
-    import sentencepiece as spm
+    with needs_extra("mt", "the translation vocabulary"):
+        import sentencepiece as spm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

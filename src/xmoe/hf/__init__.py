@@ -15,10 +15,12 @@ writes ``auto_map`` and the modeling code for ``trust_remote_code`` loading with
 and the "xmoe" experts implementation (``ExpertsInterface``) that the adapted models run.
 """
 
+from xmoe.extras import MissingExtra
+
 try:
     from transformers import AutoConfig, AutoModelForCausalLM
 except ImportError as err:  # pragma: no cover - depends on the installed extras
-    raise ImportError("xmoe.hf needs transformers >= 5.17: pip install 'xmoe[hf]'") from err
+    raise MissingExtra("xmoe.hf needs transformers >= 5.17: pip install 'xmoe[hf]'") from err
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, is_adapted
 from .configuration_xmoe import XMoEConfig

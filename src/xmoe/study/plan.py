@@ -54,8 +54,9 @@ class Scale:
 
 # The CPU scale: the cpu-* family shrunk uniformly (d_model 256 -> 128, FFN 1024 -> 512, so
 # experts 8x512 ... 64x64) and trained 300 steps of 16 x 128 tokens, so that `xmoe study all`
-# (25 runs) fits in about an hour on 2 shared CPU cores (about 35 min when the machine is idle). lr 2e-3 is the `xmoe demo` recipe's, chosen
-# before this study and not tuned on its validation numbers; the rest is the paper's recipe
+# (25 runs) fits in about an hour on 2 shared CPU cores (timed in docs/results.md, "Budget and
+# machine"). lr 2e-3 is the `xmoe demo` recipe's, chosen before this study and not tuned on its
+# validation numbers; the rest is the paper's recipe
 # (AdamW 0.9/0.95, wd 0.1, cosine to 1% with 10% warm-up, clip 1.0, aux 0.01, capacity 8).
 CPU = Scale(
     name="cpu",

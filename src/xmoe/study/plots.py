@@ -1,4 +1,5 @@
-"""The study's plots (matplotlib, private Agg canvases: no pyplot state, safe headless).
+"""The study's plots (matplotlib, ``pip install 'xmoe[study]'``; private Agg canvases: no pyplot
+state, safe headless).
 
     main.png          validation perplexity (mean ± std over seeds) against MoE FLOPs per token
                       relative to the top-k budget: XMoE's claim is "lower and to the left"
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xmoe.extras import needs_extra
 from xmoe.training import read_metrics
 
 _DPI = 110
@@ -29,8 +31,9 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 def _figure(ncols: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    with needs_extra("study", "the study's plots"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.6 * ncols, 4.2))
     FigureCanvasAgg(fig)

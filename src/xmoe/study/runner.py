@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from xmoe.extras import check_extra
+
 from .aggregate import pairwise, summarize
 from .measure import INFERENCE_SWEEP, MEASUREMENTS, inference_sweep, is_finished, measure_run, read_json, write_json
 from .plan import INFERENCE_THRESHOLDS, StudyPlan, Variant, plan_study
@@ -53,6 +55,7 @@ def run_study(name: str, *, out: str | os.PathLike | None = None, data: str | No
                                 f".txt/.md/.rst/.jsonl files, or a .jsonl file")
     plan = plan_study(name, scale=scale, seeds=seeds, sweep_seeds=sweep_seeds, steps=steps, data=data,
                       overrides=overrides)
+    check_extra("study", "the study's plots")  # before any training, not at the first results
     out = Path(out) if out is not None else default_out(scale, data)
     started = time.time()
     log(f"study {name} at scale {scale}: {len(plan.runs)} runs -> {out}")

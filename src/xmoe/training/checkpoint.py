@@ -14,10 +14,8 @@ Verification: safetensors and torch.save carry no checksum, so a flipped bit wou
 silently. ``load_checkpoint`` checks each file it reads against manifest.json and refuses with
 the file named; the weights also carry the sha256 of their config.json in their safetensors
 header, so weights copied in from another run (even with the same shapes) are refused too.
-Cost: one sha256 pass (``hashlib``) over each file read or written, measured at 0.5-1 GB/s on
-one core of a busy 2-core machine: 0.13 s for the 129 MB checkpoint of ``cpu-xmoe-64x128``
-(weights, AdamW state, RNG), which took ``load_lm`` from 0.09 s to 0.14 s. A 124M-parameter
-model with its AdamW state (1.5 GB) would take 1.5-3 s per save or resume.
+Cost: one sha256 pass (``hashlib``) over each file read or written, small beside the write or
+read itself (measured in benchmarks/README.md, "Checkpoint checksums").
 Checkpoints written before manifests existed load with a warning.
 
 A checkpoint is written to a temporary folder beside the target and then renamed into place,

@@ -35,6 +35,7 @@ from xmoe.data.parallel import (
     prepare_parallel_data,
     source_batches,
 )
+from xmoe.extras import check_extra, needs_extra
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
@@ -229,7 +230,8 @@ def translate_lines(model: Seq2Seq, vocab: SubwordVocab, lines: Sequence[str], d
 
 def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
     """sacreBLEU's corpus BLEU and chrF++ with their signatures."""
-    from sacrebleu.metrics import BLEU, CHRF
+    with needs_extra("mt", "BLEU and chrF++"):
+        from sacrebleu.metrics import BLEU, CHRF
 
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
@@ -260,6 +262,7 @@ def evaluate_mt(loaded: LoadedMT, src_lines: Sequence[str], ref_lines: Sequence[
 def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
              progress: bool = True) -> TrainResult:
     """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
+    check_extra("mt", "translation")  # before the run folder is made, not at the first BLEU
     run_dir = Path(run_dir)
     with run_folder(run_dir, resume=resume):
         saved_state = begin_run(run_dir, resume=resume)

@@ -16,7 +16,8 @@ summary that ``xmoe.moe.RoutingSummary`` writes):
 The XMoE claim the numbers speak to: a threshold router spends fewer expert FLOPs per token
 than the top-k model of equal parameters (``moe_flops_ratio`` < 1) at similar perplexity.
 
-matplotlib is imported only inside the plotting functions, and figures are drawn on a private
+matplotlib (``pip install 'xmoe[report]'``) is imported only inside the plotting functions; without
+it ``write_report`` writes summary.md alone and says so. Figures are drawn on a private
 Agg canvas (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): the report never touches
 pyplot's global figure list or the process-wide backend, so it is safe in a notebook or a
 headless job, and there is nothing to close (a figure is freed with its last reference).
@@ -31,6 +32,8 @@ import statistics
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from xmoe.extras import MissingExtra, needs_extra
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
@@ -59,6 +62,22 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     train_rows, val_rows = split_rows(read_rows(run_dir / METRICS_FILE))
     out_dir = run_dir / "report" if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots, missing = {}, None
+    try:
+        plots = _draw_plots(train_rows, val_rows, out_dir)
+    except MissingExtra as err:  # the numbers are the report; the plots are a view of them
+        warnings.warn(f"{err}; the report has summary.md only", stacklevel=2)
+        missing = str(err)
+    sweeps = read_sweeps(out_dir)
+    plots.update({Path(name).with_suffix(".png").name: f"threshold sweep on {sweep['data']}"
+                  for name, sweep in sweeps.items() if (out_dir / Path(name).with_suffix(".png").name).is_file()})
+    summary = summary_markdown(run_dir, train_rows, val_rows, plots, sweeps, no_plots=missing)
+    (out_dir / SUMMARY_MD).write_text(summary, encoding="utf-8")
+    return out_dir
+
+
+def _draw_plots(train_rows: list[dict], val_rows: list[dict], out_dir: Path) -> dict[str, str]:
+    """Draw the run's plots into ``out_dir``; returns {file name: what it shows}."""
     plots = {LOSS_PNG: "train and validation loss"}
     plot_loss(train_rows, val_rows, out_dir / LOSS_PNG)
     last = _last_routed_val(val_rows)
@@ -76,12 +95,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     if any(_finite(r.get("bleu")) for r in val_rows):
         plot_translation_scores(val_rows, out_dir / SCORES_PNG)
         plots[SCORES_PNG] = "validation BLEU and chrF++ over training"
-    sweeps = read_sweeps(out_dir)
-    plots.update({Path(name).with_suffix(".png").name: f"threshold sweep on {sweep['data']}"
-                  for name, sweep in sweeps.items() if (out_dir / Path(name).with_suffix(".png").name).is_file()})
-    summary = summary_markdown(run_dir, train_rows, val_rows, plots, sweeps)
-    (out_dir / SUMMARY_MD).write_text(summary, encoding="utf-8")
-    return out_dir
+    return plots
 
 
 def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, baseline: str = "top-k",
@@ -380,8 +394,9 @@ def plot_translation_scores(val_rows: list[dict], path: Path) -> None:
 
 def _figure(nrows: int, ncols: int, *, panel: tuple[float, float], **subplot_kw: Any):
     """A figure on its own Agg canvas (no pyplot state) and a 2-D array of axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    with needs_extra("report", "the report's plots"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows))
     FigureCanvasAgg(fig)
@@ -389,7 +404,8 @@ def _figure(nrows: int, ncols: int, *, panel: tuple[float, float], **subplot_kw:
 
 
 def _integer_ticks():
-    from matplotlib.ticker import MaxNLocator
+    with needs_extra("report", "the report's plots"):
+        from matplotlib.ticker import MaxNLocator
 
     return MaxNLocator(integer=True)
 
@@ -423,9 +439,9 @@ def _save(fig, path: Path) -> None:
 
 
 def summary_markdown(run_dir: Path, train_rows: list[dict], val_rows: list[dict], plots: dict[str, str],
-                     sweeps: dict[str, dict] | None = None) -> str:
+                     sweeps: dict[str, dict] | None = None, *, no_plots: str | None = None) -> str:
     """The summary.md text: final validation, routing per layer, expert FLOPs, threshold sweeps,
-    links to the plots."""
+    links to the plots (``no_plots``: why the run's own plots were not drawn)."""
     parts = [f"# Run report: {run_dir.name or run_dir}", "", f"Run folder: `{run_dir}`", ""]
     parts += _training_section(train_rows)
     parts += _validation_section(val_rows)
@@ -435,7 +451,8 @@ def summary_markdown(run_dir: Path, train_rows: list[dict], val_rows: list[dict]
     for sweep in (sweeps or {}).values():
         at = f", checkpoint at step {sweep['step']}" if sweep.get("step") is not None else ""
         parts += [f"## Threshold sweep ({sweep['data']}{at})", "", sweep_table(sweep["rows"]), ""]
-    parts += ["## Plots", ""] + [f"- [{name}]({name}): {what}" for name, what in plots.items()] + [""]
+    parts += ["## Plots", ""] + ([f"Not drawn: {no_plots}.", ""] if no_plots else [])
+    parts += [f"- [{name}]({name}): {what}" for name, what in plots.items()] + [""]
     return "\n".join(parts)
 
 

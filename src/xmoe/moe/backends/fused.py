@@ -24,8 +24,8 @@ and u = g W2^T (the gradient of the weighted activation w a):
     dx[t] += dup W1^T
 
 Under autocast the weight is rounded to the compute dtype before it multiplies the activation
-(``loop`` multiplies the output in fp32 instead): bf16 outputs are ~15% further from fp64 than
-``loop``'s, well within bf16's own rounding.
+(``loop`` multiplies the output in fp32 instead): bf16 outputs are a little further from fp32
+than ``loop``'s, well within bf16's own rounding (measured in benchmarks/README.md).
 
 Shapes: T tokens, D model dim, F expert dim, E experts, N kept pairs, n one expert's pairs.
 """
@@ -38,8 +38,8 @@ from torch import Tensor
 from ..activations import activate, activate_backward
 from .grouped import compute_dtype
 
-# The least a run gathers: 2 MB of [rows, D], 682 rows at S1 (CPU, S1: runs of 512 and 1,024
-# rows measured alike, 2,048 rows 20% slower: no longer cache-sized).
+# The least a run gathers: 2 MB of [rows, D] (682 rows at S1), small enough to stay in cache and
+# large enough to amortise a run's calls; runs of other sizes are timed in benchmarks/README.md.
 CHUNK_BYTES = 2 << 20
 
 
