@@ -44,6 +44,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg)
         self.backend = cfg.backend  # a name; "auto" picks per input (backends.choose)
         self.dispatcher = LocalDispatcher()  # expert parallelism replaces it (xmoe.distributed)
+        self._backends: dict[tuple, backends.Backend] = {}  # backend_for's decisions
 
     @property
     def threshold(self) -> float:
@@ -98,10 +99,15 @@ class MoELayer(nn.Module):
         )
 
     def backend_for(self, x: Tensor) -> backends.Backend:
-        """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked)."""
-        return backends.choose(
-            self.backend, self.experts, x, static=self.cfg.static_shapes, local=self.dispatcher.local
-        )
+        """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
+        decided once per kind of input: the checks are Python, and a GPU layer is launch-bound."""
+        static, local = self.cfg.static_shapes, self.dispatcher.local
+        if torch.compiler.is_compiling():
+            return backends.choose(self.backend, self.experts, x, static=static, local=local)
+        key = (self.backend, x.device, backends.compute_dtype(x), local)
+        if key not in self._backends:
+            self._backends[key] = backends.choose(self.backend, self.experts, x, static=static, local=local)
+        return self._backends[key]
 
     @property
     def _check_finite(self) -> bool:

@@ -76,13 +76,6 @@ BACKENDS: dict[str, Backend] = {
 GROUPED_EQUIVALENT = {"fused": "loop", "triton": "grouped_mm"}
 
 
-def grouped_backend(name: str) -> Backend:
-    backend = get(name)
-    if backend.stage:
-        raise ValueError(f"backend {name!r} computes the whole stage, not grouped rows; use loop or grouped_mm")
-    return backend
-
-
 def get(name: str) -> Backend:
     try:
         return BACKENDS[name]
