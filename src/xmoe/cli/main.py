@@ -62,16 +62,9 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         result = train_lm(cfg, args.out, resume=args.resume, parallel=parallel)
     if not main_rank:
         return
-    if result.interrupted:
-        from xmoe.training.stopping import exit_code, signal_name
+    from xmoe.training.stopping import exit_if_interrupted
 
-        if result.steps == cfg.train.max_steps:
-            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
-                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval --checkpoint {args.out}")
-        else:
-            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
-                  f"continue with: xmoe train --out {args.out} --resume")
-        sys.exit(exit_code(result.signal))
+    exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train", evaluate="xmoe eval")
     _print_eval(result.final_eval, _baseline(cfg.model.moe))
     from xmoe.training.report import write_report
 

@@ -63,16 +63,9 @@ def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
     print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
     result = train_mt(cfg, args.out, resume=args.resume)
-    if result.interrupted:
-        from xmoe.training.stopping import exit_code, signal_name
+    from xmoe.training.stopping import exit_if_interrupted
 
-        if result.steps == cfg.train.max_steps:
-            print(f"\n{signal_name(result.signal)} during the final evaluation: the run is complete "
-                  f"(checkpoint at step {result.steps} in {args.out}); evaluate it with: xmoe eval-mt --checkpoint {args.out}")
-        else:
-            print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {args.out}; "
-                  f"continue with: xmoe train-mt --out {args.out} --resume")
-        sys.exit(exit_code(result.signal))
+    exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train-mt", evaluate="xmoe eval-mt")
     final = result.final_eval
     line = f"validation loss {final['loss']:.4f}"
     if "bleu" in final:
