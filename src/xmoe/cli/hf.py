@@ -53,7 +53,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from xmoe.hf.folders import evaluate, load_folder, set_dial, text_batches
 
-    _check_hf_args(args)
+    check_folder_args(args)
     model, kind = load_folder(args.checkpoint, device=_device(args))
     batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
                            seq_len=256)
@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from xmoe.hf.folders import points_table, sweep_folder
 
-    _check_hf_args(args)
+    check_folder_args(args)
     points = sweep_folder(args.checkpoint, args.data, args.thresholds, max_experts=args.max_experts,
                           max_batches=args.max_batches or 8, device=_device(args))
     print(points_table(points))
@@ -100,12 +100,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
-def _check_hf_args(args: argparse.Namespace) -> None:
+def check_folder_args(args: argparse.Namespace, kind: str = "a Hugging Face model folder") -> None:
+    """eval / sweep-threshold on a Hugging Face folder (``kind`` names it): text must be given
+    and there is no training capacity to turn on."""
     if args.data is None:
-        raise ValueError(f"{args.checkpoint} is a Hugging Face model folder, which brings no evaluation text: "
+        raise ValueError(f"{args.checkpoint} is {kind}, which brings no evaluation text: "
                          f"give held-out text with --data FILE")
     if args.capacity:
-        raise ValueError("--capacity: a Hugging Face MoE folder is evaluated dropless (it has no training capacity)")
+        raise ValueError(f"--capacity: {kind} is evaluated dropless (it has no training capacity)")
 
 
 def _device(args: argparse.Namespace):

@@ -120,11 +120,9 @@ def _sweep_hf(args: argparse.Namespace) -> None:
     from xmoe.conversion.hf import sweep_converted
     from xmoe.training.loop import resolve_device
 
-    if args.data is None:
-        raise ValueError(f"{args.checkpoint} is a converted Hugging Face model, which brings no evaluation text: "
-                         f"give held-out text with --data FILE")
-    if args.capacity:
-        raise ValueError("--capacity: a converted model has no training capacity (it is dropless)")
+    from xmoe.cli.hf import check_folder_args
+
+    check_folder_args(args, kind="a converted Hugging Face model")
     points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
                              device=resolve_device(args.device))
     print(sweep_markdown({Path(args.checkpoint).name: points}))
