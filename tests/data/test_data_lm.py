@@ -59,6 +59,25 @@ def test_text_file_becomes_train_and_val_tokens(text_file, tmp_path):
     assert str(text_file) in data.source
 
 
+def test_test_fraction_holds_out_the_end_of_the_corpus(text_file, tmp_path):
+    """train | val | test in corpus order, cut at line starts; no test split by default."""
+    text = text_file.read_text()
+    data = prepare_lm_data(config(text_file, tmp_path, val_fraction=0.1, test_fraction=0.2), tmp_path / "run")
+    train, val, test = (data.decode(t).replace(EOT, "") for t in (data.train_tokens, data.val_tokens, data.test_tokens))
+    assert train + val + test == text
+    assert abs(len(test) / len(text) - 0.2) < 0.01 and abs(len(val) / len(text) - 0.1) < 0.01
+    assert val.startswith(text[len(train)]) and text[len(train) - 1] == "\n" and text[len(train) + len(val) - 1] == "\n"
+    first = next(iter(data.val_batches(batch_size=1, seq_len=8, split="test")))
+    assert data.decode(first[0][0]) == data.decode(data.test_tokens[:8])
+
+    plain = prepare_lm_data(config(text_file, tmp_path), tmp_path / "run")
+    assert plain.test_tokens is None
+    with pytest.raises(ValueError, match="data.test_fraction"):
+        plain.val_batches(batch_size=1, seq_len=8, split="test")
+    with pytest.raises(ValueError, match="test_fraction"):
+        config(text_file, tmp_path, val_fraction=0.5, test_fraction=0.5)
+
+
 @pytest.mark.parametrize("form", ["folder", "jsonl"])
 def test_folder_and_jsonl_load_every_document(form, tmp_path):
     path, docs = write_form(form, tmp_path)

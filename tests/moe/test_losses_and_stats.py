@@ -1,5 +1,5 @@
-"""The balancing loss (E * sum_e f_e P_e), the z-loss and the statistics, against independent
-computations; and the zero-token call."""
+"""The balancing loss (E * sum_e f_e P_e), the z-loss, the router entropy and the statistics,
+against independent computations; and the zero-token call."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import moe_oracle as oracle
 from moe_testing import CPU_BACKENDS, make_layer, params64, run_oracle
-from xmoe.moe import RoutingSummary, load_balancing_loss, router_z_loss
+from xmoe.moe import MoEConfig, MoELayer, RoutingSummary, load_balancing_loss, router_entropy, router_z_loss
 
 
 @pytest.mark.parametrize("rule", ["threshold", "topk"])
@@ -67,6 +67,44 @@ def test_z_loss_equals_hand_computation() -> None:
     assert router_z_loss(torch.empty(0, 3)) == 0
 
 
+def entropy64(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """Mean router entropy, token by token and expert by expert, in float64."""
+    total = 0.0
+    for x_D in x_TD.double():
+        z = [sum(x_D[d] * w_ED[e, d] for d in range(x_D.shape[0])) for e in range(w_ED.shape[0])]
+        norm = sum(torch.exp(z_e) for z_e in z)
+        total = total - sum((torch.exp(z_e) / norm) * torch.log(torch.exp(z_e) / norm) for z_e in z)
+    return total / x_TD.shape[0]
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_layer_entropy_loss_and_its_gradient_equal_float64_reference(scale: float) -> None:
+    layer = MoELayer(MoEConfig(model_dim=6, num_experts=5, expert_dim=4))
+    with torch.no_grad():
+        layer.router.weight.mul_(scale)  # nearly uniform, and sharp
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
+    w64 = layer.router.weight.detach().double().requires_grad_()
+    expected = entropy64(x, w64)
+
+    out = layer(x)
+    assert out.entropy_loss.dtype == torch.float32 and out.entropy_loss.shape == ()
+    torch.testing.assert_close(out.entropy_loss.double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    out.entropy_loss.backward()
+    expected.backward()
+    torch.testing.assert_close(layer.router.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in layer.experts.parameters())  # a loss on the router alone
+
+
+def test_router_entropy_bounds_and_underflow() -> None:
+    uniform = torch.zeros(4, 8)
+    torch.testing.assert_close(router_entropy(uniform), torch.tensor(math.log(8)))
+    one_hot = torch.tensor([[0.0, -1e4, -1e4]], requires_grad=True)  # p underflows to exactly 0
+    value = router_entropy(one_hot)
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(one_hot.grad).all()
+    assert router_entropy(torch.empty(0, 3)) == 0
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8)])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
@@ -75,7 +113,7 @@ def test_zero_tokens(backend: str, shape: tuple, capacity_factor) -> None:
     x = torch.randn(shape, requires_grad=True)
     out = layer(x)
     assert out.output.shape == shape and out.output.dtype == x.dtype
-    assert out.aux_loss.item() == 0.0 and out.z_loss.item() == 0.0
+    assert out.aux_loss.item() == 0.0 and out.z_loss.item() == 0.0 and out.entropy_loss.item() == 0.0
     stats = out.stats
     assert stats.num_tokens == 0
     assert stats.capacity == (None if capacity_factor is None else 0)

@@ -24,6 +24,9 @@ class DataConfig:
         may give fewer tokens; ``LMData.vocab_size`` is the real size.
     val_fraction: the last ``val_fraction`` of the corpus characters (cut at a line start) is the
         validation split; the tokenizer is trained on the rest.
+    test_fraction: 0 (default) for no test split; else the last ``test_fraction`` of the corpus
+        characters is a held-out test split, and validation is the ``val_fraction`` just before
+        it. Choose settings on validation, report on test (``xmoe study sharpen`` does).
     cache_dir: where token arrays are cached; None for ``$XDG_CACHE_HOME/xmoe/tokens``
         (``~/.cache/xmoe/tokens``).
     """
@@ -31,6 +34,7 @@ class DataConfig:
     path: str | None = None
     vocab_size: int = 4096
     val_fraction: float = 0.05
+    test_fraction: float = 0.0
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -54,4 +58,10 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.val_fraction must be a number strictly between 0 and 1 (e.g. 0.05), "
                 f"got {f!r}"
+            )
+        f = self.test_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or math.isnan(f) or not 0 <= f < 1 - self.val_fraction:
+            raise ValueError(
+                f"DataConfig.test_fraction must be a number in [0, 1 - val_fraction) (0: no test split; "
+                f"e.g. 0.05), got {f!r} with val_fraction={self.val_fraction!r}"
             )

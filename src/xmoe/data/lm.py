@@ -33,11 +33,12 @@ from .tokenizer import TOKENIZER_FILE, BPETokenizer
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class LMData:
-    """The tokenizer and the train/validation token streams (read-only memory maps) of a run."""
+    """The tokenizer and the train/validation(/test) token streams (read-only memory maps) of a run."""
 
     tokenizer: BPETokenizer
     train_tokens: np.ndarray = field(repr=False)
     val_tokens: np.ndarray = field(repr=False)
+    test_tokens: np.ndarray | None = field(repr=False, default=None)  # None: DataConfig.test_fraction = 0
     source: str
     fingerprint: str
     cache_entry: Path
@@ -67,15 +68,21 @@ class LMData:
         )
 
     def val_batches(
-        self, *, batch_size: int, seq_len: int, max_batches: int | None = None
+        self, *, batch_size: int, seq_len: int, max_batches: int | None = None, split: str = "val"
     ) -> ValBatches:
-        """Validation batches: non-overlapping windows in order, the same every time."""
+        """Evaluation batches of the validation (or ``split="test"``) split: non-overlapping
+        windows in order, the same every time."""
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        tokens = self.val_tokens if split == "val" else self.test_tokens
+        if tokens is None:
+            raise ValueError(f"{self.source} has no test split in this run; set data.test_fraction (e.g. 0.05)")
         return ValBatches(
-            tokens=self.val_tokens,
+            tokens=tokens,
             batch_size=batch_size,
             seq_len=seq_len,
             max_batches=max_batches,
-            name=f"the validation split of {self.source}",
+            name=f"the {'validation' if split == 'val' else 'test'} split of {self.source}",
         )
 
 
@@ -83,7 +90,13 @@ def prepare_lm_data(cfg: DataConfig, run_dir: str | os.PathLike[str]) -> LMData:
     """Load, split and tokenize the corpus of ``cfg``; train or reuse ``run_dir/tokenizer.json``."""
     source = describe_source(cfg.path)
     documents = load_corpus(cfg.path)
-    train_docs, val_docs = split_documents(documents, cfg.val_fraction, source=source)
+    test_docs = None
+    if cfg.test_fraction > 0:
+        documents_left, test_docs = split_documents(documents, cfg.test_fraction, source=source)
+        val_share = cfg.val_fraction / (1 - cfg.test_fraction)  # of what is left, so of the corpus: val_fraction
+        train_docs, val_docs = split_documents(documents_left, val_share, source=source)
+    else:
+        train_docs, val_docs = split_documents(documents, cfg.val_fraction, source=source)
 
     tokenizer_path = Path(run_dir) / TOKENIZER_FILE
     if tokenizer_path.is_file():
@@ -101,22 +114,17 @@ def prepare_lm_data(cfg: DataConfig, run_dir: str | os.PathLike[str]) -> LMData:
 
     fingerprint = corpus_fingerprint(documents)
     cache_dir = _cache_dir(cfg.cache_dir)
-    key = cache_key(
-        corpus=fingerprint, val_fraction=cfg.val_fraction, tokenizer=_tokenizer_hash(tokenizer)
-    )
+    splits = {"train": train_docs, "val": val_docs, **({"test": test_docs} if test_docs is not None else {})}
+    test = {"test_fraction": cfg.test_fraction} if test_docs is not None else {}  # older keys unchanged
+    key = cache_key(corpus=fingerprint, val_fraction=cfg.val_fraction, tokenizer=_tokenizer_hash(tokenizer), **test)
     arrays = cached_arrays(
-        cache_dir,
-        key,
-        ("train", "val"),
-        lambda: {
-            "train": tokenizer.encode_documents(train_docs),
-            "val": tokenizer.encode_documents(val_docs),
-        },
+        cache_dir, key, tuple(splits), lambda: {name: tokenizer.encode_documents(docs) for name, docs in splits.items()}
     )
     return LMData(
         tokenizer=tokenizer,
         train_tokens=arrays["train"],
         val_tokens=arrays["val"],
+        test_tokens=arrays.get("test"),
         source=source,
         fingerprint=fingerprint,
         cache_entry=cache_dir / key,

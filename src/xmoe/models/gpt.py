@@ -106,6 +106,7 @@ class GPTOutput:
     loss: Tensor | None  # fp32 mean cross-entropy over targets != IGNORE_INDEX; None without targets
     aux_loss: Tensor  # fp32 scalar: sum over MoE layers of the *unscaled* balancing loss; 0 if dense
     z_loss: Tensor  # fp32 scalar: sum over MoE layers of the router z-loss; 0 if dense
+    entropy_loss: Tensor  # fp32 scalar: sum over MoE layers of the mean router entropy; 0 if dense
     stats: tuple[RoutingStats, ...]  # one per MoE layer, in layer order
 
 
@@ -191,6 +192,7 @@ class GPT(nn.Module):
             loss=loss,
             aux_loss=sum((o.aux_loss for o in moe_outputs), zero),
             z_loss=sum((o.z_loss for o in moe_outputs), zero),
+            entropy_loss=sum((o.entropy_loss for o in moe_outputs), zero),
             stats=tuple(o.stats for o in moe_outputs),
         )
 

@@ -263,6 +263,7 @@ class Seq2SeqOutput:
     logits_BLV: Tensor  # next-token logits at every target position, in the compute dtype
     aux_loss: Tensor  # fp32 scalar: sum over MoE layers of the unscaled balancing loss; 0 if dense
     z_loss: Tensor  # fp32 scalar: sum over MoE layers of the router z-loss
+    entropy_loss: Tensor  # fp32 scalar: sum over MoE layers of the mean router entropy
     stats: tuple[RoutingStats, ...]  # encoder MoE layers, then decoder MoE layers
 
 
@@ -366,6 +367,7 @@ class Seq2Seq(nn.Module):
             logits_BLV=logits_BLV,
             aux_loss=sum((o.aux_loss for o in moe_outputs), zero),
             z_loss=sum((o.z_loss for o in moe_outputs), zero),
+            entropy_loss=sum((o.entropy_loss for o in moe_outputs), zero),
             stats=tuple(o.stats for o in moe_outputs),
         )
 

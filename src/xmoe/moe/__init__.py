@@ -10,7 +10,7 @@ from .config import MoEConfig, capacity
 from .dispatch import DispatchPlan, Groups, LocalDispatcher, combine
 from .experts import Experts, ExpertWeights
 from .layer import MoELayer, MoEOutput, set_threshold
-from .losses import load_balancing_loss, router_z_loss
+from .losses import load_balancing_loss, router_entropy, router_z_loss
 from .router import Router, RouterOutput, apply_capacity, threshold_mask, topk_mask
 from .stats import RoutingStats, RoutingSummary, routing_stats
 
@@ -34,6 +34,7 @@ __all__ = [
     "capacity",
     "combine",
     "load_balancing_loss",
+    "router_entropy",
     "router_z_loss",
     "routing_stats",
     "set_threshold",

@@ -14,6 +14,7 @@ Shapes: T tokens, D model dim, E experts, N kept pairs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from . import backends
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
-from .losses import load_balancing_loss, router_z_loss
+from .losses import load_balancing_loss, router_entropy, router_z_loss
 from .router import Router, RouterOutput
 from .stats import RoutingStats
 
@@ -33,6 +34,7 @@ class MoEOutput:
     output: Tensor  # same shape and dtype as the input
     aux_loss: Tensor  # fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss
     z_loss: Tensor  # fp32 scalar, the router z-loss (optional; not in XMoE's recipe)
+    entropy_loss: Tensor  # fp32 scalar, mean router entropy (optional sharpening; not in XMoE's recipe)
     stats: RoutingStats  # computed when read
 
 
@@ -93,6 +95,7 @@ class MoELayer(nn.Module):
             output=y_TD.to(x.dtype).reshape(x.shape),
             aux_loss=load_balancing_loss(decision.probs_TE),
             z_loss=router_z_loss(decision.logits_TE),
+            entropy_loss=router_entropy(decision.logits_TE),
             stats=RoutingStats(
                 decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg, backend.name
             ),
@@ -129,7 +132,7 @@ class MoELayer(nn.Module):
         rows = mask.reshape(-1).nonzero().squeeze(1)  # a host sync, only when a mask is given
         inner = self.forward(x_TD.index_select(0, rows))
         out_TD = x_TD.new_zeros(x_TD.shape).index_copy(0, rows, inner.output)
-        return MoEOutput(out_TD.reshape(x.shape), inner.aux_loss, inner.z_loss, inner.stats)
+        return dataclasses.replace(inner, output=out_TD.reshape(x.shape))
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim == 0 or x.shape[-1] != self.cfg.model_dim:

@@ -7,6 +7,11 @@ load_balancing_loss is the auxiliary loss of XMoE (Switch style, on the top-1 ch
 f_e: fraction of tokens whose most probable expert is e (before capacity; no gradient),
 P_e: mean router probability of e. It equals 1 when both are uniform. The training loss adds
 ``0.01 * sum over MoE layers of l_aux`` (docs/method.md).
+
+router_entropy is an option beyond the paper: the mean entropy of the router distribution, the
+"dynamic loss" of top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts", ACL).
+Added with a positive coefficient it pushes each token's probabilities to a few experts, so
+that the threshold rule engages fewer of them (docs/method.md, "Deviations").
 """
 
 from __future__ import annotations
@@ -36,3 +41,15 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     if logits_TE.shape[0] == 0:
         return logits_TE.sum()
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def router_entropy(logits_TE: Tensor) -> Tensor:
+    """Mean over tokens of the entropy ``-sum_e p_e log p_e`` of ``p = softmax(logits)``, in nats.
+
+    ln E for a uniform router, 0 for a one-hot one. From the logits (``log_softmax``), so a
+    probability that underflows to 0 contributes 0, not NaN. 0 for zero tokens.
+    """
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum()
+    log_p_TE = logits_TE.float().log_softmax(dim=-1)
+    return -(log_p_TE.exp() * log_p_TE).sum(dim=-1).mean()

@@ -45,6 +45,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     aux_loss_coef: float = 0.01  # times the sum over MoE layers of the balancing loss
     z_loss_coef: float = 0.0
+    # Router sharpening, beyond the paper (docs/method.md, "Deviations"); off by default.
+    entropy_loss_coef: float = 0.0  # times the sum over MoE layers of the mean router entropy
+    router_lr_mult: float = 1.0  # the routers' learning rate is lr * router_lr_mult
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
@@ -77,7 +80,10 @@ class TrainConfig:
             raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
+        if not 0 < self.router_lr_mult < math.inf:
+            raise ValueError(f"train.router_lr_mult must be a positive finite number (1 = the paper's recipe), "
+                             f"got {self.router_lr_mult!r}")
+        for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "entropy_loss_coef"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 

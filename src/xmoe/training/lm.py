@@ -1,8 +1,8 @@
 """Language modelling on the shared loop: the task, evaluation with routing statistics, and the
 three entry points the CLI wires up (train, load, evaluate).
 
-Loss: ``CE + aux_loss_coef * sum over MoE layers of l_aux (+ z_loss_coef * z-loss)``, as in
-XMoE's recipe (coefficient 0.01).
+Loss: ``CE + aux_loss_coef * sum over MoE layers of l_aux``, as in XMoE's recipe (coefficient
+0.01), ``+ z_loss_coef * z-loss + entropy_loss_coef * router entropy`` where those options are on.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class LMTask:
         x_BL, y_BL = batch
         out = model(x_BL, y_BL)
         t = self.train_cfg
-        loss = out.loss + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
-        logs = {"loss": loss.detach(), "ce": out.loss.detach(), "aux_loss": out.aux_loss.detach()}
+        loss = (out.loss + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
+                + t.entropy_loss_coef * out.entropy_loss)
+        logs = {"loss": loss.detach(), "ce": out.loss.detach(), "aux_loss": out.aux_loss.detach(),
+                "router_entropy": out.entropy_loss.detach()}
         if out.stats:
             logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
             logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()

@@ -116,7 +116,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             for step in range(start, cfg.max_steps):
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
                 model.train()
                 t0 = time.perf_counter()
                 logs, tokens, grad_norm = _step_gradients(step_model, model, task, cfg, step, device, parallel)

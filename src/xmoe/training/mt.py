@@ -148,8 +148,10 @@ class MTTask:
         out = model(src_BS, tgt_in_BL)
         ce = label_smoothed_loss(out.logits_BLV, tgt_out_BL, self.cfg.label_smoothing)
         t = self.cfg.train
-        loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
-        logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach()}
+        loss = (ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
+                + t.entropy_loss_coef * out.entropy_loss)
+        logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach(),
+                "router_entropy": out.entropy_loss.detach()}
         if out.stats:
             logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
             logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()

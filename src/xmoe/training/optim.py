@@ -3,6 +3,9 @@
 AdamW with weight decay on matrices only (not on norms, biases or embeddings, as GPT-2 setups
 do); linear warm-up, then cosine decay to ``lr * min_lr_ratio`` (LM), inverse square root
 (translation, Vaswani et al. 2017), or constant.
+
+``router_lr_mult`` (beyond the paper, off at 1) puts the routers' gates in a group of their own
+whose learning rate is ``lr_mult`` times the schedule's; the loop sets ``lr * lr_mult`` per group.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from xmoe.moe import Router
+
 from .config import TrainConfig
 
 
@@ -19,7 +24,8 @@ BIASES = {"bias", "b1", "b2", "b3"}
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    decay, no_decay, router = [], [], []
+    separate_router = cfg.router_lr_mult != 1.0  # else the paper's two groups, as older checkpoints hold
     seen = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -29,8 +35,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             # Embeddings, biases (expert biases are [E, F]: 2-D, still biases) and norm gains
             # are not decayed.
             is_embedding = isinstance(module, nn.Embedding)
-            (no_decay if is_embedding or param.ndim < 2 or name in BIASES else decay).append(param)
+            if separate_router and isinstance(module, Router):
+                router.append(param)
+            else:
+                (no_decay if is_embedding or param.ndim < 2 or name in BIASES else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        groups.append({"params": router, "weight_decay": cfg.weight_decay, "lr_mult": cfg.router_lr_mult})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
