@@ -5,6 +5,8 @@
     xmoe study granularity              experts of width F, F/2, F/4, F/8 at equal parameters
     xmoe study all --data ../shared/data/tinyshakespeare/input.txt
     xmoe study all --scale gpt2 --plan  GPT-2-small configs with the paper's recipe (print only)
+    xmoe study sharpen --data input.txt router-sharpening options against the paper and top-k,
+                                        chosen on validation, reported on a held-out test split
 
 Re-running the same command resumes: finished runs in --out are skipped.
 """
@@ -21,7 +23,8 @@ def add_parser(commands) -> None:
 
     p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=STUDIES, help="which study (all = the three, sharing runs)")
+    p.add_argument("name", choices=(*STUDIES, "sharpen"),
+                   help="which study (all = the three, sharing runs; sharpen: the router-sharpening options)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default=None, help="output folder (default: runs/study/SCALE-CORPUS)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main comparison (default 3)")
@@ -38,6 +41,9 @@ def add_parser(commands) -> None:
 def cmd_study(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from xmoe.study import default_out, plan_study, run_study
 
+    if args.name == "sharpen":
+        _sharpen(args, overrides)
+        return
     common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
                   steps=args.steps, overrides=overrides)
     if args.plan:
@@ -47,3 +53,19 @@ def cmd_study(args: argparse.Namespace, overrides: dict[str, str]) -> None:
                          indent=2))
         return
     run_study(args.name, out=args.out, progress=args.progress, **common)
+
+
+def _sharpen(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from xmoe.study import default_out
+    from xmoe.study.sharpen import ARMS, run_sharpen, spec
+
+    if args.scale != "cpu" or args.sweep_seeds != 1:
+        raise ValueError("xmoe study sharpen has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
+    out = args.out or default_out("sharpen", args.data)
+    if args.plan:
+        extra = {**overrides, **({"data.path": args.data} if args.data else {})}
+        print(json.dumps({"out": str(out), "stage1": {s.name: {"preset": s.preset, "overrides": s.overrides}
+                                                       for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
+        return
+    run_sharpen(out=out, data=args.data, seeds=args.seeds, steps=args.steps, overrides=overrides,
+                progress=args.progress)

@@ -14,6 +14,8 @@ computation; docs/method.md "Statistics"):
     training tokens/s     median of the per-step rates in metrics.jsonl (the first step left out)
     inference tokens/s    a timed dropless evaluation pass (best of ``repeats``, after a warm-up
                           batch) in this process, batches prepared beforehand
+    test                  the same numbers on the held-out test split, when the run has one
+                          (data.test_fraction > 0)
 
 ``measurements.json`` in the run folder, written last and atomically, marks a finished run; a
 study skips such runs when it resumes.
@@ -118,6 +120,9 @@ def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> d
         **_eval_numbers(dropless),
         **training_numbers(read_metrics(run_dir / "metrics.jsonl")),
     }
+    if cfg.data.test_fraction > 0:  # the held-out split: reported, never used to choose
+        test_batches = eval_batches(loaded, None, max_batches=cfg.train.eval_batches, split="test")
+        result["test"] = _eval_numbers(evaluate_lm(loaded.model, test_batches, precision=cfg.train.precision))
     if loaded.model.cfg.moe is not None:
         with training_capacity(loaded.model):
             capped = evaluate_lm(loaded.model, batches, precision=cfg.train.precision).to_dict()
@@ -208,16 +213,17 @@ def training_capacity(model) -> Iterator[None]:
             m.router.eval_capacity_factor = factor
 
 
-def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...]) -> list[dict]:
-    """The trained model of ``run_dir`` evaluated (dropless, timed) at each threshold; cached in
-    inference_sweep.json, recomputed if the thresholds differ."""
-    path = Path(run_dir) / INFERENCE_SWEEP
+def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *, split: str = "val") -> list[dict]:
+    """The trained model of ``run_dir`` evaluated (dropless, timed) at each threshold on its
+    validation (or test) split; cached in inference_sweep.json (inference_sweep_test.json),
+    recomputed if the thresholds differ."""
+    path = Path(run_dir) / (INFERENCE_SWEEP if split == "val" else INFERENCE_SWEEP.replace(".json", f"_{split}.json"))
     if path.is_file():
         rows = read_json(path)
         if [r["threshold"] for r in rows] == list(thresholds):
             return rows
     loaded = load_lm(run_dir, device=cfg.train.device)
-    batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches))
+    batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches, split=split))
     rows = []
     for t in thresholds:
         set_threshold(loaded.model, t)

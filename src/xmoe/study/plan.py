@@ -208,7 +208,7 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
     wanted += [(v, s) for s in range(sweep_seeds) for v in train_t + inference + gran]
     runs: dict[str, RunSpec] = {}
     for variant, seed in wanted:
-        spec = _run_spec(sc, variant, seed, extra)
+        spec = run_spec(sc, variant, seed, extra)
         runs.setdefault(spec.name, spec)
     for spec in runs.values():
         spec.config()  # a bad override fails now, not an hour in
@@ -221,7 +221,7 @@ def _parts(name: str) -> tuple[str, ...]:
     return ("main", "threshold", "granularity") if name == "all" else (name,)
 
 
-def _run_spec(scale: Scale, variant: Variant, seed: int, extra: dict[str, str]) -> RunSpec:
+def run_spec(scale: Scale, variant: Variant, seed: int, extra: dict[str, str]) -> RunSpec:
     preset = _preset(scale, variant)
     overrides = {**scale.overrides(), **_variant_overrides(scale, variant, preset), "train.seed": str(seed), **extra}
     return RunSpec(name=run_name(variant, seed, scale), label=variant.label(scale.d_ff), variant=variant, seed=seed,

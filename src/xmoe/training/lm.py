@@ -172,13 +172,14 @@ def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
 
 
 def eval_batches(loaded: LoadedLM, data_path: str | None, *, batch_size: int | None = None,
-                 max_batches: int | None = None) -> ValBatches:
-    """Validation batches of the run (data_path None) or of new text through the run's tokenizer."""
+                 max_batches: int | None = None, split: str = "val") -> ValBatches:
+    """Batches of the run's validation split (data_path None; ``split="test"``: its held-out
+    test split, see DataConfig.test_fraction) or of new text through the run's tokenizer."""
     t = loaded.cfg.train
     batch_size = batch_size or t.batch_size
     if data_path is None:
         data = prepare_lm_data(loaded.cfg.data, loaded.run_dir)
-        return data.val_batches(batch_size=batch_size, seq_len=t.seq_len, max_batches=max_batches)
+        return data.val_batches(batch_size=batch_size, seq_len=t.seq_len, max_batches=max_batches, split=split)
     tokens = load_eval_tokens(data_path, loaded.run_dir, cache_dir=loaded.cfg.data.cache_dir)
     return ValBatches(tokens=tokens, batch_size=batch_size, seq_len=t.seq_len, max_batches=max_batches,
                       name=repr(data_path))
