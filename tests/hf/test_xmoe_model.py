@@ -84,6 +84,18 @@ def test_loss_from_labels_is_shifted_cross_entropy_plus_weighted_balancing_loss(
     assert all(p.grad is not None for layer in model.moe_layers() for p in layer.parameters())
 
 
+def test_router_entropy_loss_coef_adds_the_mean_router_entropy_of_each_layer():
+    model = hf_from_gpt(tiny_gpt())
+    x = torch.randint(VOCAB, (2, 16))
+    plain = model(x, labels=x, output_router_logits=True)
+    model.config.router_entropy_loss_coef = 0.5
+    sharpened = model(x, labels=x)
+    entropy = sum(-(p * p.log()).sum(-1).mean() for p in (z.double().softmax(-1) for z in plain.router_logits))
+    torch.testing.assert_close(sharpened.loss.double(), plain.loss.double() + 0.5 * entropy, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="router_entropy_loss_coef"):
+        XMoEConfig(router_entropy_loss_coef=-1.0)
+
+
 def test_threshold_dial_changes_experts_and_is_saved_and_loaded(tmp_path):
     model = hf_from_gpt(tiny_gpt())
     x = torch.randint(VOCAB, (2, 16))

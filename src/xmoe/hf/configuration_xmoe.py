@@ -5,7 +5,8 @@ The fields are GPTConfig's, plus the MoE layer's fields as a plain dict (``moe``
 dense model) and ``moe_threshold``: the threshold t the loaded model routes with (the XMoE
 compute dial, Yang et al. 2024, arXiv 2403.18926, Sec. 3), saved and loaded with the folder.
 ``router_aux_loss_coef`` (0.01, the paper's coefficient) weighs the balancing loss that a loss
-computed from ``labels`` includes.
+computed from ``labels`` includes; ``router_entropy_loss_coef`` (0, off) adds the mean router
+entropy, the router-sharpening option of `xmoe train` (train.entropy_loss_coef).
 
 This file is copied beside the weights by ``save_pretrained`` (``trust_remote_code`` loading), so
 it imports xmoe only by absolute imports: a user of the folder needs xmoe installed.
@@ -50,6 +51,7 @@ class XMoEConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         init_std: float = 0.02,
         router_aux_loss_coef: float = 0.01,
+        router_entropy_loss_coef: float = 0.0,
         output_router_logits: bool = False,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
@@ -71,6 +73,10 @@ class XMoEConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.init_std = init_std
         self.router_aux_loss_coef = router_aux_loss_coef
+        if not 0 <= router_entropy_loss_coef < float("inf"):
+            raise ValueError(f"XMoEConfig.router_entropy_loss_coef must be a finite number >= 0 (0: the paper's "
+                             f"recipe), got {router_entropy_loss_coef!r}")
+        self.router_entropy_loss_coef = router_entropy_loss_coef
         self.output_router_logits = output_router_logits
         self.use_cache = use_cache
         if not tie_word_embeddings:

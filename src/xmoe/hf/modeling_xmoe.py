@@ -157,6 +157,8 @@ class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
         loss = None
         if out.loss is not None:
             loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+            if self.config.router_entropy_loss_coef:  # router sharpening, beyond the paper (off by default)
+                loss = loss + self.config.router_entropy_loss_coef * out.entropy_loss
         return XMoECausalLMOutput(
             loss=loss,
             aux_loss=out.aux_loss,
