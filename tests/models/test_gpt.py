@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gpt_helpers import record_routing, sharpen_routers, tiny_config
+from helpers.gpt import record_routing, sharpen_routers, tiny_config
 from xmoe.models import GPT, IGNORE_INDEX, GPTConfig
 from xmoe.presets import get_preset
 from xmoe.moe import MoEConfig, MoELayer

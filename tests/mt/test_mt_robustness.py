@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mt_helpers import write_toy_corpus
+from helpers.mt import write_toy_corpus
 from xmoe.cli.main import main
 from xmoe.data import DataConfig
 from xmoe.training import TrainConfig, lm_run_config, train_lm

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt_helpers import BOS, EOS, FIRST_WORD, PAD, tiny_config
+from helpers.mt import BOS, EOS, FIRST_WORD, PAD, tiny_config
 from xmoe.cli.main import main
 from xmoe.data.parallel import ParallelDataConfig, pad, prepare_parallel_data
 from xmoe.models.seq2seq import Seq2Seq

@@ -17,31 +17,20 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from xmoe.cli.main import main as cli_main
-from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, lm_run_config, load_lm, train_lm
+from helpers.data import write_corpus
+from helpers.training import tiny_lm_config
+from xmoe.training import lm_run_config, load_lm, train_lm
 from xmoe.training import lm as lm_module
 from xmoe.training import loop as loop_module
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def tiny_config(corpus, tmp_path, **train):
-    train = {"max_steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "save_every": 0,
-             "log_every": 1, "eval_batches": 2, "lr": 3e-3, **train}
-    return lm_run_config(
-        "debug-xmoe",
-        data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache")),
-        train=TrainConfig(**train),
-        overrides={"model.dropout": "0.1"},
-    )
+    return tiny_lm_config(corpus, tmp_path, **{"save_every": 0, **train})
 
 
 def saved_step(run: Path) -> int:
@@ -295,10 +284,7 @@ def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):
 def trained_once(tmp_path_factory):
     """A finished tiny run, trained once for the tests of this section (they edit copies)."""
     root = tmp_path_factory.mktemp("finished")
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    (root / "corpus.txt").write_text("\n".join(lines))
+    write_corpus(root / "corpus.txt")
     train_lm(tiny_config(root / "corpus.txt", root, max_steps=2), root / "run", progress=False)
     return root
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from xmoe.data import DataConfig
+from helpers.data import write_corpus
+from helpers.training import tiny_lm_config
 from xmoe.models.gpt import GPT
 from xmoe.training import (
     CheckpointError,
@@ -31,23 +32,10 @@ from xmoe.training import lm as lm_module
 
 @pytest.fixture
 def corpus(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
-def tiny_config(corpus, tmp_path, **train) -> LMRunConfig:
-    train = {"max_steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "save_every": 3,
-             "log_every": 1, "eval_batches": 2, "lr": 3e-3, **train}
-    return lm_run_config(
-        "debug-xmoe",
-        data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache")),
-        train=TrainConfig(**train),
-        overrides={"model.dropout": "0.1"},  # so that an exact resume must restore the RNG too
-    )
+tiny_config = tiny_lm_config
 
 
 def test_overrides_set_nested_fields_and_revalidate(corpus, tmp_path):
