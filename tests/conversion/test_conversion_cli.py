@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     write_corpus(root / "corpus.txt", num_lines=400)
     cache = f"--data.cache_dir={root / 'cache'}"
-    main(["train", "--preset", "debug-dense", "--out", str(root / "dense"), "--data", str(root / "corpus.txt"),
+    main(["train", "--preset", "debug-dense", "--out", str(root / "dense"), f"--data.path={root / 'corpus.txt'}",
           *TINY_TRAIN, cache])
     return root
 
@@ -71,7 +71,7 @@ def test_a_converted_checkpoint_is_not_dense(runs, capsys):
 
 def test_route_1_split_preset_trains_at_t_1_and_sweeps(runs, capsys):
     out = runs / "split"
-    run_cli(["train", "--preset", "split8-debug", "--out", str(out), "--data", str(runs / "corpus.txt"), *TINY_TRAIN,
+    run_cli(["train", "--preset", "split8-debug", "--out", str(out), f"--data.path={runs / 'corpus.txt'}", *TINY_TRAIN,
              f"--data.cache_dir={runs / 'cache'}"], capsys)
     model = load_lm(out).model
     assert model.cfg.moe_layer_indices == (0, 1) and model.cfg.moe.threshold == 1.0

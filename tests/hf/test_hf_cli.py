@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     write_corpus(root / "corpus.txt", num_lines=400)
     cache = f"--data.cache_dir={root / 'cache'}"
     for preset in ("debug-xmoe", "split8-debug", "debug-dense"):
-        main(["train", "--preset", preset, "--out", str(root / preset), "--data", str(root / "corpus.txt"), *TINY_TRAIN, cache])
+        main(["train", "--preset", preset, "--out", str(root / preset), f"--data.path={root / 'corpus.txt'}", *TINY_TRAIN, cache])
     main(["convert", "--checkpoint", str(root / "debug-dense"), "--experts", "8", "--out", str(root / "converted"),
           "--calibration-tokens", "512"])
     return root

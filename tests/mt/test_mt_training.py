@@ -177,8 +177,8 @@ def test_translate_strips_windows_line_ends(monkeypatch, capsys):
 def test_cli_train_translate_eval(toy_files, tmp_path, capsys, monkeypatch):
     (src, tgt), (vsrc, vtgt) = toy_files["train"], toy_files["valid"]
     out = tmp_path / "run"
-    main(["train-mt", "--preset", "debug-top2-16x64", "--src", src, "--tgt", tgt, "--valid-src", vsrc,
-          "--valid-tgt", vtgt, "--out", str(out), "--train.max_steps=3", "--data.vocab_size=60",
+    main(["train-mt", "--preset", "debug-top2-16x64", f"--data.src={src}", f"--data.tgt={tgt}",
+          f"--data.valid_src={vsrc}", f"--data.valid_tgt={vtgt}", "--out", str(out), "--train.max_steps=3", "--data.vocab_size=60",
           "--data.max_tokens=256", "--eval_bleu_sentences=3", "--train.device=cpu"])
     assert "validation loss" in capsys.readouterr().out
     saved = json.loads((out / "checkpoint" / "config.json").read_text())

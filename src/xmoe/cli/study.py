@@ -20,7 +20,8 @@ def add_parser(commands) -> None:
     from xmoe.study import SCALES, STUDIES
 
     p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     p.add_argument("name", choices=STUDIES, help="which study (all = the three, sharing runs)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default=None, help="output folder (default: runs/study/SCALE-CORPUS)")
@@ -32,14 +33,19 @@ def add_parser(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the scale's)")
     p.add_argument("--plan", action="store_true", help="print the runs and their overrides as JSON; train nothing")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
-    p.set_defaults(func=cmd_study, overrides=True)
+    from xmoe.cli.main import add_config_flags
+    from xmoe.training import LMRunConfig
+
+    add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
+    p.set_defaults(func=cmd_study)
 
 
-def cmd_study(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_study(args: argparse.Namespace) -> None:
+    from xmoe.cli.main import config_overrides
     from xmoe.study import default_out, plan_study, run_study
 
     common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
-                  steps=args.steps, overrides=overrides)
+                  steps=args.steps, overrides=config_overrides(args))
     if args.plan:
         plan = plan_study(args.name, **common)
         print(json.dumps({"out": str(args.out or default_out(args.scale, args.data)),

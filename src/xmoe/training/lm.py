@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
+from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 
@@ -101,7 +102,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         for layer, s in zip(layers, out.stats):
             layer.add(s)
     if total_tokens == 0:
-        raise ValueError("evaluation got no batches: the evaluation text is shorter than one sequence")
+        raise UsageError("evaluation got no batches: the evaluation text is shorter than one sequence")
     result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers or [])
     if model.cfg.moe is not None and result.layers:
         result.moe_flops_per_token = moe_flops_per_token(model.cfg, [l.kept_pairs / l.tokens for l in result.layers])

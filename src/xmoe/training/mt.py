@@ -35,6 +35,7 @@ from xmoe.data.parallel import (
     prepare_parallel_data,
     source_batches,
 )
+from xmoe.errors import UsageError
 from xmoe.extras import check_extra, needs_extra
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
 from xmoe.presets import get_mt_preset
@@ -61,9 +62,9 @@ class DecodeConfig:
         for name in ("beam", "max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"decode.{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"decode.{name} must be a positive integer, got {value!r}")
         if not (self.length_penalty >= 0 and self.max_len_a >= 0 and self.max_len_b >= 0):
-            raise ValueError("decode.length_penalty, decode.max_len_a and decode.max_len_b must be >= 0")
+            raise UsageError("decode.length_penalty, decode.max_len_a and decode.max_len_b must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,14 +83,14 @@ class MTRunConfig:
 
     def __post_init__(self) -> None:
         if self.data.max_len > self.model.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"data.max_len={self.data.max_len} exceeds model.max_len={self.model.max_len} (the "
                 f"positions the model has); lower data.max_len or raise model.max_len"
             )
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.eval_bleu_sentences, int) or self.eval_bleu_sentences < 0:
-            raise ValueError(f"eval_bleu_sentences must be an integer >= 0, got {self.eval_bleu_sentences!r}")
+            raise UsageError(f"eval_bleu_sentences must be an integer >= 0, got {self.eval_bleu_sentences!r}")
 
 
 # Per model size: the recipe's optimizer settings and a batch and vocabulary that fit the size.
@@ -182,7 +183,7 @@ def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: 
     layer over its own side's tokens, summed over layers) and their ratio to the top-k model of
     equal parameters."""
     if not len(pairs):
-        raise ValueError("evaluation got no sentence pairs (all filtered as over-long?)")
+        raise UsageError("evaluation got no sentence pairs (all filtered as over-long?)")
     model.eval()
     device = next(model.parameters()).device
     total, tokens, layers = 0.0, 0, [RoutingSummary() for _ in model.moe_layers()]
@@ -234,7 +235,7 @@ def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
         from sacrebleu.metrics import BLEU, CHRF
 
     if len(hyps) != len(refs):
-        raise ValueError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
+        raise UsageError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
     bleu, chrf = BLEU(), CHRF(word_order=2)
     b, c = bleu.corpus_score(list(hyps), [list(refs)]), chrf.corpus_score(list(hyps), [list(refs)])
     return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "bleu_text": str(b),
@@ -246,7 +247,7 @@ def evaluate_mt(loaded: LoadedMT, src_lines: Sequence[str], ref_lines: Sequence[
     """Translate ``src_lines``, score against ``ref_lines`` (BLEU, chrF++), and measure the
     routing on the (source, reference) pairs. Returns the summary and the translations."""
     if len(src_lines) != len(ref_lines):
-        raise ValueError(f"--src has {len(src_lines)} lines, --ref has {len(ref_lines)}; they must be line-aligned")
+        raise UsageError(f"--src has {len(src_lines)} lines, --ref has {len(ref_lines)}; they must be line-aligned")
     decode = decode or loaded.cfg.decode
     precision = loaded.cfg.train.precision
     hyps = translate_lines(loaded.model, loaded.vocab, src_lines, decode, precision=precision)

@@ -28,8 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from xmoe.errors import UsageError
+
 from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
-from .config import from_dict, to_dict
+from .config import apply_overrides, from_dict, to_dict
 from .stopping import raising
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
@@ -146,6 +148,16 @@ def saved_config(path: str | os.PathLike, cls: type, kind: str) -> Any:
                               f"it was edited or damaged: restore it, or start a new run") from None
 
 
+def resumed_config(path: str | os.PathLike, cls: type, kind: str, preset: str | None,
+                   overrides: dict[str, str]) -> Any:
+    """For ``--resume``: the config saved in run folder ``path``, with ``overrides`` (the train
+    function then refuses those that would break exactness); ``preset``, if given, must be its."""
+    saved = saved_config(path, cls, kind)
+    if preset is not None and preset != saved.preset:
+        raise UsageError(f"--resume: {path} was trained with --preset {saved.preset}, not {preset}")
+    return apply_overrides(saved, overrides)
+
+
 def check_fits_in_memory(params: int, what: str) -> None:
     """Refuse, before allocating, a model whose fp32 weights alone exceed this machine's memory
     (a mistyped size in a config would otherwise try to allocate terabytes)."""
@@ -154,7 +166,7 @@ def check_fits_in_memory(params: int, what: str) -> None:
     except (ValueError, OSError, AttributeError):  # not available on this platform
         return
     if 4 * params > memory:
-        raise ValueError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
+        raise UsageError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
                          f"than this machine's {memory / 2**30:,.0f} GiB of memory; check its model sizes "
                          f"(model.vocab_size, model.d_model, ...)")
 
@@ -180,7 +192,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
     saved_micro, micro = saved_cfg.train.grad_accum * saved_ranks, cfg.train.grad_accum * ranks
     if saved_micro != micro:
         hint = f"; with {ranks} rank(s) use --train.grad_accum={saved_micro // ranks}" if saved_micro % ranks == 0 else ""
-        raise ValueError(
+        raise UsageError(
             f"--resume: {run_dir} took {saved_micro} micro-batches per step (train.grad_accum="
             f"{saved_cfg.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
@@ -193,7 +205,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
                      if old.get(key) != new.get(key) and not _matches(key, free))
     if changed:
         allowed = sorted({f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable))
-        raise ValueError(
+        raise UsageError(
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(name + '*' if name.endswith('.') else name for name in allowed)}"
         )
@@ -221,7 +233,7 @@ def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
 def check_same_data(saved_state: dict | None, fingerprint: str, run_dir: Path, what: str) -> None:
     """Refuse a resume whose training text changed (it would train on other batches)."""
     if saved_state is not None and saved_state.get("data_fingerprint") not in (None, fingerprint):
-        raise ValueError(
+        raise UsageError(
             f"--resume: {what} changed since {run_dir} was trained; resuming would train on other "
             f"batches. Start a new run with --out"
         )
