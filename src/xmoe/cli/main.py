@@ -33,9 +33,6 @@ from typing import Iterator
 
 from xmoe.errors import UsageError
 
-DEFAULT_PRESET = "cpu-xmoe-64x128"
-
-
 def cmd_presets(args: argparse.Namespace) -> None:
     from xmoe.presets import list_mt_presets, list_presets
 
@@ -55,15 +52,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from xmoe.cli import launch
-    from xmoe.training import LMRunConfig, lm_run_config
-    from xmoe.training.runs import resumed_config
 
     if args.nproc != 1 and not launch.under_torchrun():
         sys.exit(launch.relaunch(args))
-    overrides = config_overrides(args)
-    cfg = (resumed_config(args.out, LMRunConfig, "lm", args.preset, overrides) if args.resume
-           else lm_run_config(args.preset or DEFAULT_PRESET, overrides=overrides))
-    train_and_report(cfg, Path(args.out), resume=args.resume, ep_size=args.ep_size)
+    train_and_report(run_config(args), Path(args.out), resume=args.resume, ep_size=args.ep_size)
 
 
 def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) -> None:
@@ -193,7 +185,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     loaded = _load(args)
-    tokenizer = loaded.tokenizer
+    tokenizer = loaded.vocab
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("--prompt is empty; give some text to continue")
@@ -302,25 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from xmoe.cli import launch
+    from xmoe.training.lm import LM_TASK
+
     p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
-    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--preset", default=LM_TASK.default_preset)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("train", help="train a GPT preset; --section.key=value flags set its run config",
-                            allow_abbrev=False)
-    p.add_argument("--preset", default=None,
-                   help=f"see `xmoe presets` (default: {DEFAULT_PRESET}; with --resume: the run's)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, tokenizer, metrics, report")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    from xmoe.cli import launch
-    from xmoe.training import LMRunConfig
-
+    p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},
+                          help="train a GPT preset", out="checkpoint, tokenizer, metrics, report")
     launch.add_arguments(p)
-    add_config_flags(p, LMRunConfig, renamed={"data": "data.path"})
-    p.set_defaults(func=cmd_train)
 
     for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
                               ("sweep-threshold", cmd_sweep, "perplexity and MoE FLOPs for several thresholds")):
@@ -408,6 +394,27 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
+                      renamed: dict[str, str]) -> argparse.ArgumentParser:
+    """A command that trains a run of ``kind`` (xmoe.training.runs.TaskKind): --preset, --out,
+    --resume, and its run config's flags (``renamed``: see add_config_flags)."""
+    p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
+    p.add_argument("--preset", default=None,
+                   help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
+    p.add_argument("--out", required=True, help=f"run folder: {out}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    add_config_flags(p, kind.config, renamed=renamed)
+    p.set_defaults(func=func, kind=kind)
+    return p
+
+
+def run_config(args: argparse.Namespace):
+    """The run config of a training command's --preset, --resume and config flags."""
+    from xmoe.training.runs import run_config
+
+    return run_config(args.kind, args.preset, config_overrides(args), resume_from=args.out if args.resume else None)
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:

@@ -15,25 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MT_PRESET = "cpu-xmoe-32x512"
-
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.presets import MT_PRESETS
+    from xmoe.cli.main import add_train_command
+    from xmoe.training.mt import MT_TASK
 
-    from xmoe.cli.main import add_config_flags
-    from xmoe.training.mt import MTRunConfig
-
-    p = commands.add_parser("train-mt", help="train a translation preset; --section.key=value flags set its run config",
-                            allow_abbrev=False)
-    p.add_argument("--preset", default=None,
-                   help=f"one of {', '.join(MT_PRESETS)} (default: {DEFAULT_MT_PRESET}; with --resume: the run's)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, spm.model, metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    add_config_flags(p, MTRunConfig, renamed={"src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
-                                              "valid-tgt": "data.valid_tgt"})
-    p.set_defaults(func=cmd_train_mt)
+    add_train_command(commands, "train-mt", cmd_train_mt, MT_TASK, help="train a translation preset",
+                      out="checkpoint, spm.model, metrics", renamed={
+                          "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
+                          "valid-tgt": "data.valid_tgt"})
 
     p = commands.add_parser("translate", help="translate stdin to stdout, one sentence per line")
     p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
@@ -58,15 +49,12 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_mt(args: argparse.Namespace) -> None:
-    from xmoe.cli.main import config_overrides
-    from xmoe.training.mt import MTRunConfig, mt_run_config, train_mt
+    from xmoe.cli.main import run_config
+    from xmoe.training.mt import train_mt
     from xmoe.training.report import describe_mt_eval
-    from xmoe.training.runs import resumed_config
     from xmoe.training.stopping import exit_if_interrupted
 
-    overrides = config_overrides(args)
-    cfg = (resumed_config(args.out, MTRunConfig, "mt", args.preset, overrides) if args.resume
-           else mt_run_config(args.preset or DEFAULT_MT_PRESET, overrides=overrides))
+    cfg = run_config(args)
     print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
     result = train_mt(cfg, args.out, resume=args.resume)
     exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train-mt", evaluate="xmoe eval-mt")

@@ -28,7 +28,7 @@ from xmoe.data import TOKENIZER_FILE, load_eval_tokens, prepare_lm_data
 from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT
 from xmoe.models.layers import FeedForward
-from xmoe.training import LoadedLM, checkpoint_dir, load_lm, save_checkpoint, to_dict
+from xmoe.training import LoadedRun, checkpoint_dir, load_lm, save_checkpoint, to_dict
 
 from .ffn import DenseFFN, expert_config
 from .hf import is_converted_folder, is_hf_folder
@@ -80,7 +80,7 @@ def convert_gpt(model: GPT, calibration_BL: Tensor, cfg: ConversionConfig, *,
     return sparse.eval(), reports
 
 
-def calibration_batch(loaded: LoadedLM, data: str | None, num_tokens: int) -> Tensor:
+def calibration_batch(loaded: LoadedRun, data: str | None, num_tokens: int) -> Tensor:
     """``num_tokens`` tokens (rounded down to whole sequences of the run's seq_len) as [B, L]
     windows spread evenly over the text: the run's training split, or the text at ``data``
     through the run's tokenizer."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmoe.errors import UsageError
+from xmoe.errors import UsageError, check_counts
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
 from .layers import FeedForward, KVCache, SelfAttention
@@ -67,10 +67,10 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id"):
-            _check_int(name, getattr(self, name), minimum=0)
+        check_counts("Seq2SeqConfig", **{name: getattr(self, name) for name in (
+            "vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff")})
+        check_counts("Seq2SeqConfig", minimum=0, **{name: getattr(self, name) for name in (
+            "enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id")})
         if self.d_model % self.n_head:
             raise UsageError(
                 f"Seq2SeqConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
@@ -114,11 +114,6 @@ class Seq2SeqConfig:
 
 def _moe_layer_indices(num_layers: int, every: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if every and (i + 1) % every == 0)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UsageError(f"Seq2SeqConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def sinusoidal_positions(num_positions: int, d_model: int) -> Tensor:

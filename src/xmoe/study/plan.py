@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xmoe.errors import UsageError
+from xmoe.errors import UsageError, check_counts
 from xmoe.presets.gpt import PRESETS, family_moe, get_preset
 from xmoe.training import LMRunConfig, lm_run_config
 
@@ -186,9 +186,7 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
         raise UsageError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
     if scale not in SCALES:
         raise UsageError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    for field_name, value in (("seeds", seeds), ("sweep_seeds", sweep_seeds)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"{field_name} must be a positive integer, got {value!r}")
+    check_counts("study", seeds=seeds, sweep_seeds=sweep_seeds)
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise UsageError(f"steps must be a positive integer (optimizer steps per run), got {steps!r}")
     sc = SCALES[scale]
