@@ -36,18 +36,16 @@ from xmoe.errors import UsageError
 def cmd_presets(args: argparse.Namespace) -> None:
     from xmoe.presets import list_mt_presets, list_presets
 
-    print("language-model presets (xmoe train --preset P):\n")
-    print("| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
-    print("|---|---|---|---|---|")
-    for row in list_presets():
-        print(f"| {row.name} | {row.experts} | {row.params / 1e6:.1f}M | {row.flops_per_token / 1e9:.3f} "
-              f"| {row.moe_flops_per_token / 1e6:.1f} |")
-
-    print("\ntranslation presets (xmoe train-mt --preset P):\n")
-    print("| preset | layers | experts | params | MoE expert MFLOPs/token (top-k budget) |")
-    print("|---|---|---|---|---|")
-    for row in list_mt_presets():
-        print(f"| {row.name} | {row.layers} | {row.experts} | {row.params / 1e6:.1f}M | {row.moe_flops_per_token / 1e6:.1f} |")
+    for title, rows in (("language-model presets (xmoe train --preset P)", list_presets()),
+                        ("translation presets (xmoe train-mt --preset P)", list_mt_presets())):
+        print(f"{title}:\n")
+        print("| preset | layers | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            forward = "" if row.flops_per_token is None else f"{row.flops_per_token / 1e9:.3f}"
+            print(f"| {row.name} | {row.layers} | {row.experts} | {row.params / 1e6:.1f}M | {forward} "
+                  f"| {row.moe_flops_per_token / 1e6:.1f} |")
+        print()
 
 
 def cmd_train(args: argparse.Namespace) -> None:

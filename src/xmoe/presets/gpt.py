@@ -126,11 +126,14 @@ def build(presets: dict[str, Callable[..., T]], name: str, *, what: str, vocab_s
 
 @dataclass(frozen=True)
 class PresetRow:
+    """One line of ``xmoe presets``, for a GPT or a translation preset."""
+
     name: str
-    params: int
-    flops_per_token: int  # total activated forward FLOPs per token (top-k-equivalent budget)
-    moe_flops_per_token: int  # expert FLOPs per token over the MoE layers, same budget; 0 if dense
-    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9"
+    layers: str  # e.g. "12 d768", "6+6 d512" (encoder + decoder)
+    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9" (translation: and in which layers)
+    params: int  # at the preset's default vocabulary
+    moe_flops_per_token: float  # expert FLOPs per token over the MoE layers, top-k budget; 0 if dense
+    flops_per_token: float | None = None  # all activated forward FLOPs per token, same budget (GPT)
 
 
 def list_presets() -> list[PresetRow]:
@@ -139,7 +142,8 @@ def list_presets() -> list[PresetRow]:
     for name in PRESETS:
         cfg = get_preset(name)
         fl = flops_breakdown(cfg)
-        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, describe_moe(cfg.moe)))
+        rows.append(PresetRow(name, f"{cfg.n_layer} d{cfg.d_model}", describe_moe(cfg.moe), num_params(cfg),
+                              fl.experts, fl.total))
     return rows
 
 
