@@ -11,6 +11,7 @@ import torch
 
 from helpers.data import write_corpus
 from helpers.training import tiny_lm_config
+from xmoe import UsageError
 from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
@@ -315,3 +316,20 @@ def test_demo_runs_end_to_end(corpus, tmp_path, monkeypatch, capsys):
     assert "perplexity" in printed and "experts per token" in printed
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (out / "report" / "threshold_sweep.png").is_file()
+
+
+@pytest.mark.parametrize("error, one_line", [(UsageError("--x is wrong; use --y"), True), (ValueError("a bug"), False)])
+def test_main_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, capsys, error, one_line):
+    from xmoe.cli import main as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_presets", fail)
+    if one_line:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["presets"])
+        assert exit_.value.code == 2 and capsys.readouterr().err == "xmoe presets: error: --x is wrong; use --y\n"
+    else:
+        with pytest.raises(ValueError, match="a bug"):
+            cli.main(["presets"])
