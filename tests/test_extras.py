@@ -111,9 +111,9 @@ def test_translation_training_stops_before_it_makes_the_run_folder(monkeypatch, 
         files[name] = tmp_path / name
         files[name].write_text("a small sentence\n" * 8)
     with pytest.raises(SystemExit) as exit_:
-        main(["train-mt", "--preset", "debug-xmoe-16x64", "--src", str(files["train.en"]),
-              "--tgt", str(files["train.de"]), "--valid-src", str(files["valid.en"]),
-              "--valid-tgt", str(files["valid.de"]), "--out", str(tmp_path / "run")])
+        main(["train-mt", "--preset", "debug-xmoe-16x64", f"--data.src={files['train.en']}",
+              f"--data.tgt={files['train.de']}", f"--data.valid_src={files['valid.en']}",
+              f"--data.valid_tgt={files['valid.de']}", "--out", str(tmp_path / "run")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: sacrebleu is not installed" in err and "pip install 'xmoe[mt]'" in err
@@ -153,7 +153,7 @@ def test_a_language_model_trains_reports_and_sweeps_without_matplotlib(monkeypat
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog while experts route tokens\n" * 200)
     run = tmp_path / "run"
-    main(["train", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(run), "--train.max_steps=2",
+    main(["train", "--preset", "debug-xmoe", f"--data.path={corpus}", "--out", str(run), "--train.max_steps=2",
           "--train.batch_size=4", "--train.seq_len=32", "--train.eval_every=0", "--train.save_every=0",
           "--train.eval_batches=1", "--data.vocab_size=300", f"--data.cache_dir={tmp_path / 'cache'}", "--threads=1"])
     main(["sweep-threshold", "--checkpoint", str(run), "--thresholds", "0.5", "1.0", "--max-batches", "1"])

@@ -1,8 +1,8 @@
 """Optional dependencies: the pip extra that brings each, and the error that names it.
 
 The core (``xmoe.moe``, the models, language-model training) needs torch, numpy (token caches
-and batches), tokenizers (the byte-level BPE), safetensors (checkpoints) and tqdm (the progress
-bar). Everything else comes with an extra (pyproject.toml) and is imported where it is used,
+and batches), tokenizers (the byte-level BPE), safetensors (checkpoints), tqdm (the progress
+bar) and jsonargparse (run configs from flags and config.json). Everything else comes with an extra (pyproject.toml) and is imported where it is used,
 inside ``needs_extra``, so that a missing module fails there with the command that installs it:
 
     with needs_extra("mt", "BLEU and chrF++"):

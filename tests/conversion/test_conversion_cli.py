@@ -6,31 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from helpers.cli import TINY_TRAIN, run_cli
+from helpers.data import write_corpus
 from xmoe.cli.main import main
 from xmoe.training import load_lm
 
-TRAIN = ["--train.max_steps=3", "--train.batch_size=4", "--train.seq_len=32", "--train.eval_every=0",
-         "--train.eval_batches=2", "--train.log_every=1", "--data.vocab_size=300"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
-    (root / "corpus.txt").write_text("\n".join(lines))
+    write_corpus(root / "corpus.txt", num_lines=400)
     cache = f"--data.cache_dir={root / 'cache'}"
-    main(["train", "--preset", "debug-dense", "--out", str(root / "dense"), "--data", str(root / "corpus.txt"),
-          *TRAIN, cache])
+    main(["train", "--preset", "debug-dense", "--out", str(root / "dense"), f"--data.path={root / 'corpus.txt'}",
+          *TINY_TRAIN, cache])
     return root
-
-
-def run_cli(args, capsys):
-    main(args)
-    return capsys.readouterr().out
 
 
 def test_convert_then_eval_and_sweep(runs, capsys):
@@ -80,7 +71,7 @@ def test_a_converted_checkpoint_is_not_dense(runs, capsys):
 
 def test_route_1_split_preset_trains_at_t_1_and_sweeps(runs, capsys):
     out = runs / "split"
-    run_cli(["train", "--preset", "split8-debug", "--out", str(out), "--data", str(runs / "corpus.txt"), *TRAIN,
+    run_cli(["train", "--preset", "split8-debug", "--out", str(out), f"--data.path={runs / 'corpus.txt'}", *TINY_TRAIN,
              f"--data.cache_dir={runs / 'cache'}"], capsys)
     model = load_lm(out).model
     assert model.cfg.moe_layer_indices == (0, 1) and model.cfg.moe.threshold == 1.0

@@ -10,28 +10,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
-
+from helpers.cli import run_cli as run  # noqa: E402
+from helpers.data import write_corpus  # noqa: E402
+from helpers.hf import WORDS, byte_level_tokenizer  # noqa: E402
 from xmoe.cli.main import main  # noqa: E402
 from xmoe.conversion.hf import ConvertedMLP, load_converted  # noqa: E402
-
-WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A GPT-2 folder as save_pretrained writes it, with its tokenizer, and a text file."""
     root = tmp_path_factory.mktemp("hf")
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=gen)) for _ in range(300)]
-    text = root / "text.txt"
-    text.write_text("\n".join(lines))
+    text = write_corpus(root / "text.txt", num_lines=300, words=WORDS, length=10)
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = byte_level_tokenizer(text)
     cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                   n_inner=64)
     torch.manual_seed(0)
@@ -40,11 +32,6 @@ def hf_folder(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, text, model
-
-
-def run(argv, capsys) -> str:
-    main(argv)
-    return capsys.readouterr().out
 
 
 def test_convert_then_sweep_a_hugging_face_folder(hf_folder, tmp_path, capsys):

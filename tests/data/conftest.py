@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from data_testing import english
+from helpers.data import english
 
 
 @pytest.fixture

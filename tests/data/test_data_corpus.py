@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_testing import english
+from helpers.data import english
 
 from xmoe.data import corpus_fingerprint, load_corpus, split_documents
 

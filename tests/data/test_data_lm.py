@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from data_testing import english
+from helpers.data import english
 
 from xmoe.data import (
     EOT,

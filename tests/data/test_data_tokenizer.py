@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_testing import english
+from helpers.data import english
 from tokenizers import Tokenizer, models
 
 from xmoe.data import EOT, BPETokenizer

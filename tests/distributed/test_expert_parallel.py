@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dist_workers as workers
+from helpers import distributed as workers
+from helpers.data import write_corpus
 from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
@@ -93,11 +94,7 @@ def test_expert_parallel_layer_matches_one_process(layer_results, case: str, bac
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines))
+    path = write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", num_lines=400)
     return path
 
 

@@ -30,7 +30,7 @@ def test_train_on_two_processes_then_evaluate_in_one(tmp_path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i} of a small corpus with experts and tokens" for i in range(300)))
     run = tmp_path / "run"
-    common = ["--data", str(corpus), "--data.vocab_size=300", f"--data.cache_dir={tmp_path / 'cache'}",
+    common = [f"--data.path={corpus}", "--data.vocab_size=300", f"--data.cache_dir={tmp_path / 'cache'}",
               "--train.max_steps=2", "--train.batch_size=2", "--train.seq_len=16", "--train.eval_batches=1",
               "--train.device=cpu"]
     result = _xmoe("train", "--nproc", "2", "--ep-size", "2", "--preset", "debug-xmoe", "--out", str(run), *common)

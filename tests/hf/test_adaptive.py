@@ -16,7 +16,7 @@ from xmoe.hf import adaptive, experts_per_token, is_adapted
 from xmoe.hf.adaptive import moe_blocks
 from xmoe.hf.experts import xmoe_experts_forward
 
-from hf_helpers import FAMILIES, VOCAB, tiny_family
+from helpers.hf import FAMILIES, VOCAB, tiny_family
 
 # Every family's rule; Qwen3-MoE ships norm_topk_prob=True, the others False (Mixtral has none).
 CASES = [("olmoe", False), ("olmoe", True), ("qwen2_moe", False), ("qwen3_moe", True), ("qwen3_moe", False),

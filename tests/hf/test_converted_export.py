@@ -9,28 +9,18 @@ import json
 import pytest
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from helpers.data import write_corpus
+from helpers.hf import WORDS, byte_level_tokenizer
 from xmoe.cli.main import main
 from xmoe.conversion import ConversionConfig, RouterFitConfig
 from xmoe.conversion.hf import convert_hf, load_converted, save_converted
 from xmoe.hf import XMoEConvertedForCausalLM
 from xmoe.moe import MoELayer, set_threshold
 
-WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
-
 
 def tokenizer(root):
-    gen = torch.Generator().manual_seed(0)
-    text = root / "text.txt"
-    text.write_text("\n".join(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=gen))
-                              for _ in range(200)))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    return byte_level_tokenizer(write_corpus(root / "text.txt", num_lines=200, words=WORDS, length=10))
 
 
 def gpt2(vocab):

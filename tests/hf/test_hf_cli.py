@@ -9,32 +9,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers.cli import TINY_TRAIN, run_cli
+from helpers.data import write_corpus
 from xmoe.cli.main import main
 from xmoe.data import load_tokenizer
 from xmoe.training import load_lm
 
-TRAIN = ["--train.max_steps=3", "--train.batch_size=4", "--train.seq_len=32", "--train.eval_every=0",
-         "--train.eval_batches=2", "--train.log_every=1", "--data.vocab_size=300"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(400)]
-    (root / "corpus.txt").write_text("\n".join(lines))
+    write_corpus(root / "corpus.txt", num_lines=400)
     cache = f"--data.cache_dir={root / 'cache'}"
     for preset in ("debug-xmoe", "split8-debug", "debug-dense"):
-        main(["train", "--preset", preset, "--out", str(root / preset), "--data", str(root / "corpus.txt"), *TRAIN, cache])
+        main(["train", "--preset", preset, "--out", str(root / preset), f"--data.path={root / 'corpus.txt'}", *TINY_TRAIN, cache])
     main(["convert", "--checkpoint", str(root / "debug-dense"), "--experts", "8", "--out", str(root / "converted"),
           "--calibration-tokens", "512"])
     return root
-
-
-def run_cli(argv, capsys) -> str:
-    main(argv)
-    return capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["debug-xmoe", "split8-debug", "converted"])

@@ -6,40 +6,23 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
+from helpers.cli import run_cli as run
+from helpers.data import write_corpus
+from helpers.hf import WORDS, byte_level_tokenizer, tiny_family
 from xmoe.cli.main import main
-
-from hf_helpers import tiny_family
-
-WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
 
 
 @pytest.fixture(scope="module")
 def olmoe_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("olmoe")
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (10,), generator=gen)) for _ in range(300)]
-    text = root / "text.txt"
-    text.write_text("\n".join(lines))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train([str(text)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    text = write_corpus(root / "text.txt", num_lines=300, words=WORDS, length=10)
+    tokenizer = byte_level_tokenizer(text)
     model = tiny_family("olmoe", vocab_size=len(tokenizer))
     folder = root / "olmoe"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, text
-
-
-def run(argv, capsys) -> str:
-    main(argv)
-    return capsys.readouterr().out
 
 
 def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, capsys):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 peft = pytest.importorskip("peft")
 
-from hf_helpers import VOCAB, hf_from_gpt, tiny_gpt  # noqa: E402
+from helpers.hf import VOCAB, hf_from_gpt, tiny_gpt  # noqa: E402
 
 
 def test_lora_on_attention_trains_and_reloads(tmp_path):

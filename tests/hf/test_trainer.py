@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from hf_helpers import VOCAB, hf_from_gpt, tiny_gpt  # noqa: E402
+from helpers.hf import VOCAB, hf_from_gpt, tiny_gpt  # noqa: E402
 
 
 def test_trainer_trains_a_loaded_model(tmp_path):

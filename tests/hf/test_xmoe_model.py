@@ -17,7 +17,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from xmoe.hf import XMoEConfig, XMoEForCausalLM
 from xmoe.moe import set_threshold
 
-from hf_helpers import VOCAB, hf_from_gpt, tiny_gpt
+from helpers.hf import VOCAB, hf_from_gpt, tiny_gpt
 
 
 @pytest.mark.parametrize("router", ["threshold", "topk"])

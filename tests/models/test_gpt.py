@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gpt_helpers import record_routing, sharpen_routers, tiny_config
+from helpers.gpt import record_routing, sharpen_routers, tiny_config
 from xmoe.models import GPT, IGNORE_INDEX, GPTConfig
 from xmoe.presets import get_preset
 from xmoe.moe import MoEConfig, MoELayer
@@ -205,7 +205,7 @@ def test_moe_model_dim_must_equal_d_model():
 def test_models_import_only_moe_and_torch():
     code = (
         "import sys, xmoe.models\n"
-        "bad = [m for m in sys.modules if m.startswith('xmoe.') and m.split('.')[1] not in ('moe', 'models')]\n"
+        "bad = [m for m in sys.modules if m.startswith('xmoe.') and m.split('.')[1] not in ('moe', 'models', 'errors')]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

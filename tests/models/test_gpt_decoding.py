@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from gpt_helpers import kept_BLE, record_routing, sharpen_routers, tiny_config
+from helpers.gpt import kept_BLE, record_routing, sharpen_routers, tiny_config
 from xmoe.models import GPT
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt_helpers import tiny_config
+from helpers.gpt import tiny_config
 from xmoe.models import GPT, flops_breakdown, flops_per_token, moe_flops_per_token, num_params
 from xmoe.presets import PRESETS, get_preset, list_presets
 

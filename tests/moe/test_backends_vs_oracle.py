@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import torch
 
-import moe_oracle as oracle
-from moe_testing import CPU_BACKENDS, MARGIN, layer_params, make_layer, params64, run_oracle
+from helpers import oracle
+from helpers.moe import CPU_BACKENDS, MARGIN, layer_params, make_layer, params64, run_oracle
 from xmoe.moe import MoELayer
 from xmoe.moe.backends import fused
 

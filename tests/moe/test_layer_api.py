@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import moe_oracle as oracle
-from moe_testing import CPU_BACKENDS, make_layer, oracle_routing, run_oracle
+from helpers import oracle
+from helpers.moe import CPU_BACKENDS, make_layer, oracle_routing, run_oracle
 from xmoe.moe import MoEConfig, MoELayer, set_threshold
 
 BASE = dict(model_dim=8, num_experts=4, expert_dim=16)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import moe_oracle as oracle
-from moe_testing import CPU_BACKENDS, make_layer, params64, run_oracle
+from helpers import oracle
+from helpers.moe import CPU_BACKENDS, make_layer, params64, run_oracle
 from xmoe.moe import MoEConfig, MoELayer, RoutingSummary, load_balancing_loss, router_entropy, router_z_loss
 
 

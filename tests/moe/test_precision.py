@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from moe_testing import CPU_BACKENDS, MARGIN, make_layer, oracle_routing
+from helpers.moe import CPU_BACKENDS, MARGIN, make_layer, oracle_routing
 
 CFG = dict(threshold=0.8, capacity_factor=1.5, min_capacity=1)  # D=8, F=16: grouped_mm-ready in bf16
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import moe_oracle as oracle
-from moe_testing import CPU_BACKENDS, PROPERTY, make_layer, oracle_routing
+from helpers import oracle
+from helpers.moe import CPU_BACKENDS, PROPERTY, make_layer, oracle_routing
 from unittest import mock
 
 from xmoe.moe import apply_capacity, threshold_mask, topk_mask

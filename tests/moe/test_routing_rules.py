@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe_oracle as oracle
-from moe_testing import make_layer, run_oracle
+from helpers import oracle
+from helpers.moe import make_layer, run_oracle
 from xmoe.moe import apply_capacity, capacity, threshold_mask, topk_mask
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_testing import CPU_BACKENDS, MARGIN, make_layer, params64, run_oracle
+from helpers.moe import CPU_BACKENDS, MARGIN, make_layer, params64, run_oracle
 from test_backends_vs_oracle import CASES, Case, _check_against_oracle, peaked
 from xmoe.bench.probes import CountOps, cuda_syncs
 from xmoe.moe import MoEConfig, MoELayer, backends

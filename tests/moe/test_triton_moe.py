@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_oracle as oracle
+from helpers import oracle
 
 pytest.importorskip("triton", reason="the Triton tests need triton (in the dev extra, Linux only)")
 
@@ -188,8 +188,9 @@ def kernel_results(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("triton")
     path_in, path_out = str(folder / "jobs.pt"), str(folder / "results.pt")
     torch.save(jobs, path_in)
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_triton_moe as t; t.run_jobs(*sys.argv[1:])"
+    here = Path(__file__).parent
+    path = [str(here), str(here.parent)]  # this module, and tests/ for helpers
+    code = f"import sys; sys.path[:0] = {path!r}; import test_triton_moe as t; t.run_jobs(*sys.argv[1:])"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code, path_in, path_out], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mt_helpers import write_toy_corpus
+from helpers.mt import write_toy_corpus
 
 
 @pytest.fixture(autouse=True)

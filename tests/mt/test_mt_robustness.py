@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mt_helpers import write_toy_corpus
+from helpers.mt import write_toy_corpus
 from xmoe.cli.main import main
 from xmoe.data import DataConfig
 from xmoe.training import TrainConfig, lm_run_config, train_lm
@@ -75,14 +75,14 @@ def test_bad_training_files_are_named(runs, tmp_path, capsys):
     empty_src.write_text("\n" * 50)
     empty_tgt.write_text("\n" * 50)
     vsrc, vtgt = runs["valid"]
-    common = ["--valid-src", vsrc, "--valid-tgt", vtgt, "--data.vocab_size=60", "--train.max_steps=1"]
-    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", "--src", str(empty_src), "--tgt",
-                                   str(empty_tgt), "--out", str(tmp_path / "a"), *common])
+    common = [f"--data.valid_src={vsrc}", f"--data.valid_tgt={vtgt}", "--data.vocab_size=60", "--train.max_steps=1"]
+    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", f"--data.src={empty_src}",
+                                   f"--data.tgt={empty_tgt}", "--out", str(tmp_path / "a"), *common])
     assert f"{empty_src} has 50 lines and all are empty" in line
     latin1 = tmp_path / "l.src"
     latin1.write_bytes("sun\nmoon\nFrançois\n".encode("latin-1"))
-    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", "--src", str(latin1), "--tgt",
-                                   str(latin1), "--out", str(tmp_path / "b"), *common])
+    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", f"--data.src={latin1}",
+                                   f"--data.tgt={latin1}", "--out", str(tmp_path / "b"), *common])
     assert f"{latin1}, line 3: not valid UTF-8" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # failed starts leave nothing
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from mt_helpers import BOS, EOS, FIRST_WORD, PAD, tiny_config
+from helpers.mt import BOS, EOS, FIRST_WORD, PAD, tiny_config
 from xmoe.cli.main import main
 from xmoe.data.parallel import ParallelDataConfig, pad, prepare_parallel_data
 from xmoe.models.seq2seq import Seq2Seq
 from xmoe.training import mt as mt_module
-from xmoe.training import read_metrics
+from xmoe.training import runs as runs_module
+from xmoe.training import LoadedRun, read_metrics
 from xmoe.training.loop import train as loop_train
 from xmoe.training.mt import (
-    LoadedMT,
     corpus_scores,
     evaluate_mt,
     label_smoothed_loss,
@@ -117,7 +117,7 @@ def test_bleu_scores_detokenised_text_against_raw_references(toy_files, tmp_path
     cfg = _cfg(toy_files)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab.vocab_size))
     answers = {(*vocab.encode(s), EOS): vocab.encode(r) for s, r in zip(src_lines, refs)}
-    summary, hyps = evaluate_mt(LoadedMT(_Oracle(cfg.model, answers).eval(), cfg, tmp_path, vocab), src_lines, refs)
+    summary, hyps = evaluate_mt(LoadedRun(_Oracle(cfg.model, answers).eval(), cfg, tmp_path, vocab), src_lines, refs)
     assert hyps == refs and summary["bleu"] == pytest.approx(100.0)
 
     real = translate_lines(Seq2Seq(cfg.model), vocab, src_lines[:8], cfg.decode)  # untrained: word salad
@@ -140,7 +140,7 @@ def test_resume_is_exact_and_checkpoint_translations_round_trip(toy_files, tmp_p
         trained.append(model)
         return loop_train(model, *args, **kwargs)
 
-    monkeypatch.setattr(mt_module, "train", train_and_keep)
+    monkeypatch.setattr(runs_module, "train", train_and_keep)
     straight = train_mt(_cfg(toy_files), tmp_path / "a", progress=False)
     first = train_mt(_cfg(toy_files, **{"train.max_steps": "2"}), tmp_path / "b", progress=False)
     second = train_mt(_cfg(toy_files), tmp_path / "b", resume=True, progress=False)
@@ -177,8 +177,8 @@ def test_translate_strips_windows_line_ends(monkeypatch, capsys):
 def test_cli_train_translate_eval(toy_files, tmp_path, capsys, monkeypatch):
     (src, tgt), (vsrc, vtgt) = toy_files["train"], toy_files["valid"]
     out = tmp_path / "run"
-    main(["train-mt", "--preset", "debug-top2-16x64", "--src", src, "--tgt", tgt, "--valid-src", vsrc,
-          "--valid-tgt", vtgt, "--out", str(out), "--train.max_steps=3", "--data.vocab_size=60",
+    main(["train-mt", "--preset", "debug-top2-16x64", f"--data.src={src}", f"--data.tgt={tgt}",
+          f"--data.valid_src={vsrc}", f"--data.valid_tgt={vtgt}", "--out", str(out), "--train.max_steps=3", "--data.vocab_size=60",
           "--data.max_tokens=256", "--eval_bleu_sentences=3", "--train.device=cpu"])
     assert "validation loss" in capsys.readouterr().out
     saved = json.loads((out / "checkpoint" / "config.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mt_helpers import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
+from helpers.mt import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
 from xmoe.cli.main import main
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params, sinusoidal_positions
 from xmoe.presets import MT_PRESETS, get_mt_preset, list_mt_presets

@@ -92,7 +92,7 @@ def test_cli_plan_prints_the_runs(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["study", "main", "--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt: no such file or folder"),
     (["study", "main", "--seeds", "0", "--plan"], "seeds must be a positive integer"),
-    (["study", "main", "--plan", "--train.lr=fast"], "cannot read 'fast' as float"),
+    (["study", "main", "--plan", "--train.lr=fast"], "config key 'train.lr': expected float, got fast"),
     (["study", "main", "--plan", "--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path):

@@ -17,31 +17,20 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from xmoe.cli.main import main as cli_main
-from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, lm_run_config, load_lm, train_lm
+from helpers.data import write_corpus
+from helpers.training import tiny_lm_config
+from xmoe.training import lm_run_config, load_lm, train_lm
 from xmoe.training import lm as lm_module
 from xmoe.training import loop as loop_module
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def tiny_config(corpus, tmp_path, **train):
-    train = {"max_steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "save_every": 0,
-             "log_every": 1, "eval_batches": 2, "lr": 3e-3, **train}
-    return lm_run_config(
-        "debug-xmoe",
-        data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache")),
-        train=TrainConfig(**train),
-        overrides={"model.dropout": "0.1"},
-    )
+    return tiny_lm_config(corpus, tmp_path, **{"save_every": 0, **train})
 
 
 def saved_step(run: Path) -> int:
@@ -156,7 +145,7 @@ def wait_for_training(run: Path, process: subprocess.Popen, timeout: float = 120
 
 
 def train_args(corpus: Path, run: Path, tmp_path: Path, steps: int = 100_000) -> list[str]:
-    return ["train", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(run),
+    return ["train", "--preset", "debug-xmoe", f"--data.path={corpus}", "--out", str(run),
             f"--train.max_steps={steps}", "--train.batch_size=4", "--train.seq_len=32", "--train.log_every=1",
             "--train.eval_every=0", "--train.save_every=0", "--data.vocab_size=300",
             f"--data.cache_dir={tmp_path / 'cache'}"]
@@ -295,10 +284,7 @@ def test_a_failed_start_leaves_the_folder_as_it_found_it(corpus, tmp_path):
 def trained_once(tmp_path_factory):
     """A finished tiny run, trained once for the tests of this section (they edit copies)."""
     root = tmp_path_factory.mktemp("finished")
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    (root / "corpus.txt").write_text("\n".join(lines))
+    write_corpus(root / "corpus.txt")
     train_lm(tiny_config(root / "corpus.txt", root, max_steps=2), root / "run", progress=False)
     return root
 
@@ -386,7 +372,7 @@ EDITS = [
     ("state.json", _write("{not json"), "state.json is corrupted (not JSON"),
     ("state.json", _write('{"data_fingerprint": "x"}'), 'state.json has no valid "step"'),
     ("config.json", _write("[1, 2]"), "config.json must hold a JSON object, not a list"),
-    ("config.json", None, "config key 'train.lr' must be a number, got '0.003' (str)"),
+    ("config.json", None, "config key 'train.lr': expected float, got fast"),
     ("config.json", None, "config.json would have 64,000,000,"),
 ]
 
@@ -398,10 +384,10 @@ def test_edited_checkpoint_files_are_one_clear_error_naming_the_file(corpus, tmp
     the manifest edited too), each file still fails with what is wrong and what to do."""
     run = finished_run("run")
     path = run / "checkpoint" / name
-    if edit is None:  # config values: a string lr, a vocabulary of 10^12 tokens
+    if edit is None:  # config values: an lr that is no number, a vocabulary of 10^12 tokens
         config = json.loads(path.read_text())
         if "lr" in message:
-            config["train"]["lr"] = str(config["train"]["lr"])
+            config["train"]["lr"] = "fast"
         else:
             config["model"]["vocab_size"] = 10**12
         path.write_text(json.dumps(config))
@@ -603,9 +589,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     """Item 20: a model whose experts split a dense FFN (top_k = E) is compared with that FFN:
     axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
     eval does not claim every expert was engaged."""
-    from xmoe.cli.main import _baseline
     from xmoe.presets import get_preset
-    from xmoe.training.report import threshold_sweep_figure
+    from xmoe.training.report import flops_baseline, threshold_sweep_figure
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
             for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]
@@ -615,7 +600,7 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     assert "dense FFN's FLOPs (ratio 1)" in legend and "dense model (t = 1): 30.00" in legend
     offsets = [a.xyann[1] for a in ax.texts]  # t = 0.95 and t = 1 sit 0.07 apart in x
     assert offsets[1] != offsets[2]
-    assert _baseline(get_preset("split8-debug").moe) == "the dense FFN's (all 8 experts' compute)"
+    assert flops_baseline(get_preset("split8-debug").moe) == "the dense FFN's (all 8 experts' compute)"
     assert "top-k" in threshold_sweep_figure(rows, baseline="top-k", data="x").axes[0].get_xlabel()
 
 

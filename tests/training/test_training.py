@@ -9,7 +9,10 @@ import sys
 import pytest
 import torch
 
-from xmoe.data import DataConfig
+from helpers.data import write_corpus
+from helpers.training import tiny_lm_config
+from xmoe import UsageError
+from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
     CheckpointError,
@@ -20,7 +23,6 @@ from xmoe.training import (
     lm_run_config,
     load_checkpoint,
     load_lm,
-    parse_overrides,
     read_metrics,
     save_checkpoint,
     to_dict,
@@ -31,28 +33,15 @@ from xmoe.training import lm as lm_module
 
 @pytest.fixture
 def corpus(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
-    gen = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (12,), generator=gen)) for _ in range(600)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines))
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
-def tiny_config(corpus, tmp_path, **train) -> LMRunConfig:
-    train = {"max_steps": 6, "batch_size": 4, "seq_len": 32, "eval_every": 0, "save_every": 3,
-             "log_every": 1, "eval_batches": 2, "lr": 3e-3, **train}
-    return lm_run_config(
-        "debug-xmoe",
-        data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache")),
-        train=TrainConfig(**train),
-        overrides={"model.dropout": "0.1"},  # so that an exact resume must restore the RNG too
-    )
+tiny_config = tiny_lm_config
 
 
 def test_overrides_set_nested_fields_and_revalidate(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path)
-    out = apply_overrides(cfg, {"model.moe.threshold": "0.7", "train.betas": "0.8,0.9",
+    out = apply_overrides(cfg, {"model.moe.threshold": "0.7", "train.betas": "[0.8, 0.9]",
                                 "model.moe.capacity_factor": "none", "train.compile": "false"})
     assert out.model.moe.threshold == 0.7
     assert out.train.betas == (0.8, 0.9)
@@ -64,22 +53,29 @@ def test_overrides_set_nested_fields_and_revalidate(corpus, tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("model.moe.treshold", "0.5", "did you mean 'model.moe.threshold'"),
-    ("train.max_steps", "many", "cannot read 'many' as int"),
+    ("train.max_steps", "many", "'train.max_steps': expected int, got many"),
     ("model.moe.threshold", "-1", "threshold must be a number > 0"),
     ("train", "3", "is a section"),
-    ("train.betas", "0.9", "comma-separated tuple"),
+    ("train.betas", "0.9", r"'train.betas': expected tuple, got 0.9 \(write a tuple as a JSON list"),
+    ("train.warmup_steps", "few", r"expected int, got few \(or null for None\)"),
+    ("model.moe.capacity_factor", "x", "'model.moe.capacity_factor': expected float, got x"),
+    ("train.lr", "-1", "train.lr must be a positive finite number"),
 ])
 def test_bad_overrides_name_the_key(corpus, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(tiny_config(corpus, tmp_path), {key: value})
 
 
-def test_parse_overrides_forms():
-    assert parse_overrides(["--a.b=1", "--c.d", "2", "--e-f=x"]) == {"a.b": "1", "c.d": "2", "e_f": "x"}
-    with pytest.raises(ValueError, match="has no value"):
-        parse_overrides(["--a.b"])
-    with pytest.raises(ValueError, match="unexpected argument"):
-        parse_overrides(["positional"])
+def test_override_flags_take_either_form_and_old_spellings_name_the_new(tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path / "run"), "--train.max_steps=2", "--model.moe.threshold", "0.7"]
+    args, rest = build_parser().parse_known_args(argv)
+    assert rest == [] and config_overrides(args) == {"train.max_steps": "2", "model.moe.threshold": "0.7"}
+    for old, new in ((["train", "--data", "x.txt"], "--data is now --data.path"),
+                     (["train-mt", "--src", "a.en"], "--src is now --data.src")):
+        with pytest.raises(SystemExit):
+            main([*old, "--out", str(tmp_path / "run")])
+        assert f"error: {new}: write" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_json_round_trip(corpus, tmp_path):
@@ -185,7 +181,7 @@ def test_cli_end_to_end(corpus, tmp_path):
     run = tmp_path / "run"
     common = ["--train.batch_size=4", "--train.seq_len=32", "--train.eval_batches=2",
               f"--data.cache_dir={tmp_path / 'cache'}", "--data.vocab_size=300"]
-    r = run_cli("train", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(run),
+    r = run_cli("train", "--preset", "debug-xmoe", f"--data.path={corpus}", "--out", str(run),
                 "--train.max_steps=8", "--train.log_every=2", *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "perplexity" in r.stdout and "experts per token" in r.stdout
@@ -215,7 +211,7 @@ def test_cli_end_to_end(corpus, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["eval", "--checkpoint", "missing"], "does not exist"),
     (["train", "--out", "x", "--train.max_stepz=3"], "did you mean 'train.max_steps'"),
-    (["train", "--out", "x", "--data", "no-such-file.txt"], "no-such-file.txt"),
+    (["train", "--out", "x", "--data.path=no-such-file.txt"], "no-such-file.txt"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, args, message):
     r = run_cli(*args, cwd=tmp_path)
@@ -272,13 +268,14 @@ def test_resume_refuses_changes_that_break_exactness(corpus, tmp_path):
         train_lm(apply_overrides(cfg, {"train.max_steps": "4"}), tmp_path / "run", resume=True, progress=False)
 
 
-def test_bad_device_and_flag_without_value_are_clear():
+def test_bad_device_and_flag_without_value_are_clear(capsys):
     from xmoe.training.loop import resolve_device
 
     with pytest.raises(ValueError, match="not a torch device"):
         resolve_device("gpu")
-    with pytest.raises(ValueError, match="has no value"):
-        parse_overrides(["--train.compile", "--train.lr=1"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "x", "--train.compile", "--train.lr=1"])
+    assert "argument --train.compile: expected one argument" in capsys.readouterr().err
 
 
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
@@ -297,7 +294,7 @@ def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     cosine = TrainConfig(lr=1e-3, max_steps=100, min_lr_ratio=0.0, warmup_steps=20)
     assert (lr_at(9, cosine), lr_at(60, cosine)) == pytest.approx((5e-4, 5e-4), rel=1e-12)  # mid-decay at 60
     assert TrainConfig().warmup_steps is None  # the LM recipe keeps its 10% warm-up
-    assert apply_overrides(fixed, {"warmup_steps": "none"}).warmup_steps is None
+    assert apply_overrides(fixed, {"warmup_steps": "null"}).warmup_steps is None
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True])
@@ -319,3 +316,20 @@ def test_demo_runs_end_to_end(corpus, tmp_path, monkeypatch, capsys):
     assert "perplexity" in printed and "experts per token" in printed
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (out / "report" / "threshold_sweep.png").is_file()
+
+
+@pytest.mark.parametrize("error, one_line", [(UsageError("--x is wrong; use --y"), True), (ValueError("a bug"), False)])
+def test_main_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, capsys, error, one_line):
+    from xmoe.cli import main as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_presets", fail)
+    if one_line:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["presets"])
+        assert exit_.value.code == 2 and capsys.readouterr().err == "xmoe presets: error: --x is wrong; use --y\n"
+    else:
+        with pytest.raises(ValueError, match="a bug"):
+            cli.main(["presets"])

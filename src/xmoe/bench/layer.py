@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
 from xmoe.moe import BACKENDS, MoEConfig, MoELayer, auto_backend, capacity
 
 
@@ -295,7 +296,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     shapes = args.shapes or (list(FULL) if args.full else ["small", "S1"])
     repeats = args.repeats or (7 if args.full else 3)
     if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
     print(f"# xmoe layer benchmark: {device}, {dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {repeats}, threshold router t=0.9, capacity factor 8")
     rows = []

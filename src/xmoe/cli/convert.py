@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 
+from xmoe.errors import UsageError
+
 
 def add_command(commands) -> None:
     """Register `xmoe convert` on the subparsers of cli.main."""
@@ -46,7 +48,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     cfg = ConversionConfig(num_experts=args.experts, partition=args.partition)
     if is_converted_folder(args.checkpoint):
-        raise ValueError(f"{args.checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
+        raise UsageError(f"{args.checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
                          f"dense model it came from instead")
     if is_hf_folder(args.checkpoint):
         return _convert_hf(args, cfg)

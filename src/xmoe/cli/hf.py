@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from xmoe.errors import UsageError
+
 
 def add_commands(commands) -> None:
     """Register `xmoe export-hf` and the Hugging Face flags of eval / sweep-threshold / generate."""
@@ -89,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.checkpoint)
     ids = tokenizer(args.prompt)["input_ids"]
     if not ids:
-        raise ValueError("--prompt is empty; give some text to continue")
+        raise UsageError("--prompt is empty; give some text to continue")
     torch.manual_seed(args.seed)
     # None means "no top-k / top-p" here, as for xmoe runs (transformers would fall back to its defaults).
     sampling = {"do_sample": False} if args.temperature == 0 else {
@@ -104,10 +106,10 @@ def check_folder_args(args: argparse.Namespace, kind: str = "a Hugging Face mode
     """eval / sweep-threshold on a Hugging Face folder (``kind`` names it): text must be given
     and there is no training capacity to turn on."""
     if args.data is None:
-        raise ValueError(f"{args.checkpoint} is {kind}, which brings no evaluation text: "
+        raise UsageError(f"{args.checkpoint} is {kind}, which brings no evaluation text: "
                          f"give held-out text with --data FILE")
     if args.capacity:
-        raise ValueError(f"--capacity: {kind} is evaluated dropless (it has no training capacity)")
+        raise UsageError(f"--capacity: {kind} is evaluated dropless (it has no training capacity)")
 
 
 def _device(args: argparse.Namespace):

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from xmoe.errors import UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1,
@@ -29,7 +31,7 @@ def under_torchrun() -> bool:
 def relaunch(args: argparse.Namespace) -> int:
     """Run this same `xmoe` command under torchrun with ``--nproc`` processes; its exit code."""
     if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     argv = _without_nproc(args.argv)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", "-m", "xmoe", *argv]
@@ -48,7 +50,7 @@ def parallel_context(ep_size: int, device: str = "auto"):
     the run's train.device (auto, cpu, cuda)."""
     if not under_torchrun():
         if ep_size != 1:
-            raise ValueError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
+            raise UsageError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
         yield None
         return
     import torch.distributed as dist

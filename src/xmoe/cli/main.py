@@ -1,7 +1,7 @@
 """`xmoe <command>`: one small function per command; the work lives in the library.
 
     xmoe demo                                   the main job: train, evaluate, report (CPU, minutes)
-    xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data PATH] [--resume] [--train.max_steps=200 ...]
+    xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
     xmoe train --nproc 2 --ep-size 2 ...        the same on 2 processes, experts split over them (torchrun)
     xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
     xmoe sweep-threshold --checkpoint runs/a [--thresholds 0.5 0.7 0.9 1.0]
@@ -12,6 +12,12 @@
     xmoe presets
     xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
     xmoe bench layer
+
+`train`, `train-mt` and `study` take every field of the run config as a dotted flag
+(--train.max_steps=200, --model.moe.threshold=0.8; xmoe.training.config reads each value as its
+field's type), and nothing else sets those fields: one spelling per setting.
+A mistake the user can fix (xmoe.UsageError, a checkpoint or file that is not there) is one line
+and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,62 +31,50 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_PRESET = "cpu-xmoe-64x128"
-
+from xmoe.errors import UsageError
 
 def cmd_presets(args: argparse.Namespace) -> None:
     from xmoe.presets import list_mt_presets, list_presets
 
-    print("language-model presets (xmoe train --preset P):\n")
-    print("| preset | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
-    print("|---|---|---|---|---|")
-    for row in list_presets():
-        print(f"| {row.name} | {row.experts} | {row.params / 1e6:.1f}M | {row.flops_per_token / 1e9:.3f} "
-              f"| {row.moe_flops_per_token / 1e6:.1f} |")
-
-    print("\ntranslation presets (xmoe train-mt --preset P):\n")
-    print("| preset | layers | experts | params | MoE expert MFLOPs/token (top-k budget) |")
-    print("|---|---|---|---|---|")
-    for row in list_mt_presets():
-        print(f"| {row.name} | {row.layers} | {row.experts} | {row.params / 1e6:.1f}M | {row.moe_flops_per_token / 1e6:.1f} |")
+    for title, rows in (("language-model presets (xmoe train --preset P)", list_presets()),
+                        ("translation presets (xmoe train-mt --preset P)", list_mt_presets())):
+        print(f"{title}:\n")
+        print("| preset | layers | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            forward = "" if row.flops_per_token is None else f"{row.flops_per_token / 1e9:.3f}"
+            print(f"| {row.name} | {row.layers} | {row.experts} | {row.params / 1e6:.1f}M | {forward} "
+                  f"| {row.moe_flops_per_token / 1e6:.1f} |")
+        print()
 
 
-def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from xmoe.cli import launch
-    from xmoe.training import train_lm
 
     if args.nproc != 1 and not launch.under_torchrun():
         sys.exit(launch.relaunch(args))
-    if args.data is not None:
-        overrides = {"data.path": args.data, **overrides}
-    cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
-    with launch.parallel_context(args.ep_size, cfg.train.device) as parallel:
-        main_rank = parallel is None or parallel.is_main
-        if main_rank:
-            ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {args.ep_size})"
-            print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'}{ranks} -> {args.out}")
-        result = train_lm(cfg, args.out, resume=args.resume, parallel=parallel)
-    if not main_rank:
-        return
+    train_and_report(run_config(args), Path(args.out), resume=args.resume, ep_size=args.ep_size)
+
+
+def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) -> None:
+    """Train the language model ``cfg`` into ``out`` (on every rank under torchrun), then print
+    its evaluation and write its report."""
+    from xmoe.cli import launch
+    from xmoe.training import train_lm
+    from xmoe.training.report import describe_eval, write_report
     from xmoe.training.stopping import exit_if_interrupted
 
-    exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train", evaluate="xmoe eval")
-    _print_eval(result.final_eval, _baseline(cfg.model.moe))
-    from xmoe.training.report import write_report
-
-    print(f"report: {write_report(args.out)}")
-
-
-def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import LMRunConfig, apply_overrides, lm_run_config
-    from xmoe.training.runs import saved_config
-
-    if resume_dir is not None:  # the saved config; train_lm refuses overrides that break exactness
-        saved = saved_config(resume_dir, LMRunConfig, "lm")
-        if preset != DEFAULT_PRESET and preset != saved.preset:
-            raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
-        return apply_overrides(saved, overrides)
-    return lm_run_config(preset, overrides=overrides)
+    with launch.parallel_context(ep_size, cfg.train.device) as parallel:
+        main_rank = parallel is None or parallel.is_main
+        if main_rank:
+            ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {ep_size})"
+            print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'}{ranks} -> {out}")
+        result = train_lm(cfg, out, resume=resume, parallel=parallel)
+    if not main_rank:
+        return
+    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval")
+    print(describe_eval(result.final_eval, cfg.model.moe))
+    print(f"report: {write_report(out)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -96,7 +90,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
     else:
-        _print_eval(summary, _baseline(loaded.model.cfg.moe), on=None if args.data is None else repr(args.data))
+        from xmoe.training.report import describe_eval
+
+        print(describe_eval(summary, loaded.model.cfg.moe, on=None if args.data is None else repr(args.data)))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -137,23 +133,22 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | N
     """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
     (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
     text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
-    from xmoe.moe import set_threshold
     from xmoe.training import checkpoint_dir, evaluate_lm
     from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
+    from xmoe.training.report import is_dense_split, plot_threshold_sweep, sweep_name, sweep_record, sweep_table
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
-        raise ValueError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
+        raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
     rows = []
     for t in thresholds:
-        set_threshold(loaded.model, t)
+        set_threshold(loaded.model, t, loaded.run_dir)
         r = evaluate_lm(loaded.model, batches).to_dict()
         rows.append({"threshold": t, "perplexity": r["perplexity"], "experts_per_token": r["experts_per_token"],
                      "moe_flops_ratio": r["moe_flops_ratio"]})
     print(sweep_table(rows))
     out.mkdir(parents=True, exist_ok=True)
     text = _text_name(data)
-    baseline = "dense" if _is_dense_split(loaded.model.cfg.moe) else "top-k"
+    baseline = "dense" if is_dense_split(loaded.model.cfg.moe) else "top-k"
     name = sweep_name(data)
     step = read_state(checkpoint_dir(loaded.run_dir))["step"]
     record = sweep_record(rows, data=text, step=step, baseline=baseline)
@@ -180,11 +175,6 @@ def _text_name(data: str | None) -> str:
     return "the validation text" if data is None else repr(data)
 
 
-def _is_dense_split(moe) -> bool:
-    """A dense FFN split into experts (top_k = E): its own baseline is the dense FFN."""
-    return moe is not None and moe.top_k >= moe.num_experts
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from xmoe.cli import hf as hf_cli
 
@@ -193,10 +183,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     loaded = _load(args)
-    tokenizer = loaded.tokenizer
+    tokenizer = loaded.vocab
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise ValueError("--prompt is empty; give some text to continue")
+        raise UsageError("--prompt is empty; give some text to continue")
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
@@ -213,23 +203,23 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: a CPU-sized XMoE trained on text that ships with Python, then evaluated."""
+    from xmoe.training import eval_batches, lm_run_config, load_lm
+    from xmoe.training.report import write_report
+
     if args.steps < 1:
-        raise ValueError(f"--steps must be a positive number of training steps, got {args.steps}")
-    overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
+        raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
     if (out / "checkpoint").exists():
-        raise FileExistsError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
-    train_args = argparse.Namespace(preset=args.preset, out=str(out), data=args.data, resume=False, nproc=1, ep_size=1)
-    cmd_train(train_args, overrides)
-
-    from xmoe.training import eval_batches, load_lm
+        raise UsageError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
+    overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    train_and_report(lm_run_config(args.preset, overrides=overrides), out)
 
     loaded = load_lm(out)
     if loaded.model.cfg.moe is not None and loaded.model.cfg.moe.router == "threshold":
         print("\nthe compute dial: the same model evaluated at other thresholds (dropless)")
         _sweep(loaded, [0.5, 0.7, 0.9, 1.0], eval_batches(loaded, None, max_batches=10), out / "report")
-        from xmoe.training.report import write_report
-
         write_report(out)  # again, now with the sweep in summary.md
 
 
@@ -245,57 +235,42 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
-    from xmoe.moe import MoELayer, set_threshold
+    from xmoe.moe import MoELayer
     from xmoe.training import load_lm
 
     if is_converted_folder(args.checkpoint):
-        raise ValueError(
+        raise UsageError(
             f"{args.checkpoint} is a converted Hugging Face model, not an `xmoe train` run; evaluate it with: "
             f"xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
         )
     if is_hf_folder(args.checkpoint):
-        raise ValueError(
+        raise UsageError(
             f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; make it sparse first: "
             f"xmoe convert --checkpoint {args.checkpoint} --experts E --out NEW_FOLDER --data TEXT"
         )
     loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
     if getattr(args, "threshold", None) is not None:
-        if set_threshold(loaded.model, args.threshold) == 0:
-            raise ValueError(f"--threshold: {args.checkpoint} has no threshold-routed MoE layer")
+        set_threshold(loaded.model, args.threshold, args.checkpoint)
     if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
         layers = [m for m in loaded.model.modules() if isinstance(m, MoELayer)]
         if not any(m.router.capacity_factor is not None for m in layers):
-            raise ValueError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
+            raise UsageError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
         for m in layers:
             m.router.eval_capacity_factor = m.router.capacity_factor
     return loaded
 
 
-def _baseline(moe) -> str:
-    """What the MoE FLOPs ratio compares with: a split dense FFN (top_k = E) is its own baseline."""
-    if _is_dense_split(moe):
-        return f"the dense FFN's (all {moe.num_experts} experts' compute)"
-    return "the top-k model of equal parameters"
+def set_threshold(model, threshold: float, checkpoint) -> None:
+    """--threshold: t of every threshold router of ``model`` (the checkpoint's) set at inference."""
+    from xmoe import moe
 
-
-def _print_eval(summary: dict, baseline: str = "the top-k model of equal parameters", on: str | None = None) -> None:
-    """The evaluation summary; ``on``: the text evaluated, when not the run's validation split."""
-    what = "validation loss" if on is None else f"loss on {on}"
-    print(f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)")
-    if "layers" in summary:
-        per_layer = ", ".join(f"{l['experts_per_token']:.2f}" for l in summary["layers"])
-        print(f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})")
-        ratio = summary["moe_flops_ratio"]
-        verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
-        print(f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = "
-              f"{ratio:.1%} of {baseline} ({verdict})")
-        median_top1 = sum(l["top1_quartiles"][1] for l in summary["layers"]) / len(summary["layers"])
-        print(f"router confidence: median top-1 probability {median_top1:.3f} "
-              f"(1/E = {1 / len(summary['layers'][0]['tokens_per_expert']):.3f} is a uniform router)")
-        if ratio > 1:
-            print("  the router is still unsure, so the threshold rule engages many experts; XMoE's saving "
-                  "comes as training sharpens it (the paper trains 60k steps). Train longer "
-                  "(--train.max_steps, or xmoe demo --steps), or lower the threshold at inference (see the sweep).")
+    try:
+        if moe.set_threshold(model, threshold) == 0:
+            raise UsageError(f"--threshold: {checkpoint} has no threshold-routed MoE layer")
+    except UsageError:
+        raise
+    except ValueError as err:  # xmoe.moe's check of t
+        raise UsageError(f"--threshold {threshold}: {err}") from None
 
 
 def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
@@ -317,22 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from xmoe.cli import launch
+    from xmoe.training.lm import LM_TASK
+
     p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
-    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--preset", default=LM_TASK.default_preset)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
 
-    p = commands.add_parser("train", help="train a GPT preset; extra --section.key=value flags override the config")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help="see `xmoe presets`")
-    p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, tokenizer, metrics, report")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    from xmoe.cli import launch
-
+    p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},
+                          help="train a GPT preset", out="checkpoint, tokenizer, metrics, report")
     launch.add_arguments(p)
-    p.set_defaults(func=cmd_train, overrides=True)
 
     for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
                               ("sweep-threshold", cmd_sweep, "perplexity and MoE FLOPs for several thresholds")):
@@ -416,10 +388,65 @@ def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
     if threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {threads}")
+        raise UsageError(f"--threads must be a positive integer, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
+
+
+def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
+                      renamed: dict[str, str]) -> argparse.ArgumentParser:
+    """A command that trains a run of ``kind`` (xmoe.training.runs.TaskKind): --preset, --out,
+    --resume, and its run config's flags (``renamed``: see add_config_flags)."""
+    p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
+    p.add_argument("--preset", default=None,
+                   help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
+    p.add_argument("--out", required=True, help=f"run folder: {out}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    add_config_flags(p, kind.config, renamed=renamed)
+    p.set_defaults(func=func, kind=kind)
+    return p
+
+
+def run_config(args: argparse.Namespace):
+    """The run config of a training command's --preset, --resume and config flags."""
+    from xmoe.training.runs import run_config
+
+    return run_config(args.kind, args.preset, config_overrides(args), resume_from=args.out if args.resume else None)
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:
+    """A ``--section.field VALUE`` option for every field of the run config ``cls`` (the preset's
+    value unless given); ``renamed``: old flags (without --) that now fail naming their new key."""
+    from xmoe.training.config import config_keys
+
+    group = p.add_argument_group("run config", "every field of the preset's run config; values as JSON "
+                                 "(a tuple is a list, [0.9, 0.95]; None is null)")
+    p.usage = "%(prog)s [options] [--SECTION.FIELD=VALUE ...]"
+    keys = config_keys(cls)
+    for key in keys:
+        group.add_argument(f"--{key}", dest=key, metavar="VALUE", default=argparse.SUPPRESS)
+    p.set_defaults(config_class=cls, config_keys=keys, renamed=renamed or {})
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The run config flags given on the command line, by dotted key."""
+    return {key: getattr(args, key) for key in args.config_keys if hasattr(args, key)}
+
+
+def _reject(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+    """Arguments no option took: a renamed flag names its new spelling, a mistyped config key
+    its closest real ones."""
+    keys = [arg[2:].partition("=")[0] for arg in rest if arg.startswith("--")]
+    for key in keys:
+        if key in getattr(args, "renamed", {}):
+            new = args.renamed[key]
+            raise UsageError(f"--{key} is now --{new}: write --{new}=VALUE")
+    if getattr(args, "config_class", None) is not None:
+        from xmoe.training.config import check_config_keys
+
+        check_config_keys(args.config_class, keys)
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -436,24 +463,20 @@ def main(argv: list[str] | None = None) -> None:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
     """Run the command; the errors a user can fix become one line and exit status 2."""
     from xmoe.extras import MissingExtra
+    from xmoe.training import CheckpointError
     from xmoe.training.runs import RunInUseError
 
     try:
         _set_threads(args.threads)
-        if getattr(args, "overrides", False):
-            from xmoe.training import parse_overrides
-
-            args.func(args, parse_overrides(rest))
-        elif rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        else:
-            args.func(args)
+        if rest:
+            _reject(parser, args, rest)
+        args.func(args)
     except FloatingPointError as err:
         if getattr(args, "checkpoint", None) is not None:  # training says which step diverged itself
             err = _diverged_checkpoint(args.checkpoint, err)
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra) as err:
+    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:

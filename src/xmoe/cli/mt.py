@@ -1,8 +1,8 @@
 """`xmoe train-mt`, `xmoe translate`, `xmoe eval-mt`: translation commands; the work lives in
 xmoe.training.mt.
 
-    xmoe train-mt --preset cpu-xmoe-32x512 --src train.en --tgt train.de \\
-        [--valid-src val.en --valid-tgt val.de] --out runs/mt [--resume] [--train.max_steps=2000 ...]
+    xmoe train-mt --preset cpu-xmoe-32x512 --data.src=train.en --data.tgt=train.de \\
+        [--data.valid_src=val.en --data.valid_tgt=val.de] --out runs/mt [--resume] [--train.max_steps=2000 ...]
     xmoe translate --checkpoint runs/mt [--beam 4] [--threshold 0.8] < input.en > output.de
     xmoe eval-mt --checkpoint runs/mt --src test.en --ref test.de [--beam 4] [--threshold 0.8]
 """
@@ -15,22 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MT_PRESET = "cpu-xmoe-32x512"
-
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.presets import MT_PRESETS
+    from xmoe.cli.main import add_train_command
+    from xmoe.training.mt import MT_TASK
 
-    p = commands.add_parser("train-mt", help="train a translation preset; --section.key=value flags override the config")
-    p.add_argument("--preset", default=DEFAULT_MT_PRESET, help=f"one of {', '.join(MT_PRESETS)}")
-    p.add_argument("--src", default=None, help="training source file, one sentence per line")
-    p.add_argument("--tgt", default=None, help="training target file, line-aligned with --src")
-    p.add_argument("--valid-src", default=None)
-    p.add_argument("--valid-tgt", default=None)
-    p.add_argument("--out", required=True, help="run folder: checkpoint, spm.model, metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.set_defaults(func=cmd_train_mt, overrides=True)
+    add_train_command(commands, "train-mt", cmd_train_mt, MT_TASK, help="train a translation preset",
+                      out="checkpoint, spm.model, metrics", renamed={
+                          "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
+                          "valid-tgt": "data.valid_tgt"})
 
     p = commands.add_parser("translate", help="translate stdin to stdout, one sentence per line")
     p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
@@ -54,49 +48,27 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
-def cmd_train_mt(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_train_mt(args: argparse.Namespace) -> None:
+    from xmoe.cli.main import run_config
     from xmoe.training.mt import train_mt
-
-    files = {"data.src": args.src, "data.tgt": args.tgt, "data.valid_src": args.valid_src,
-             "data.valid_tgt": args.valid_tgt}
-    overrides = {**{k: v for k, v in files.items() if v is not None}, **overrides}
-    cfg = _run_config(args.preset, overrides, Path(args.out) if args.resume else None)
-    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
-    result = train_mt(cfg, args.out, resume=args.resume)
+    from xmoe.training.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
 
+    cfg = run_config(args)
+    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
+    result = train_mt(cfg, args.out, resume=args.resume)
     exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train-mt", evaluate="xmoe eval-mt")
-    final = result.final_eval
-    line = f"validation loss {final['loss']:.4f}"
-    if "bleu" in final:
-        line += f", greedy BLEU {final['bleu']:.2f}, chrF++ {final['chrf']:.2f} (first {cfg.eval_bleu_sentences} sentences)"
-    print(line)
-    if "experts_per_token" in final:
-        print(f"experts per token {final['experts_per_token']:.2f}; MoE FLOPs {final['moe_flops_ratio']:.1%} "
-              f"of the top-k model of equal parameters")
-
-
-def _run_config(preset: str, overrides: dict[str, str], resume_dir: Path | None):
-    from xmoe.training import apply_overrides
-    from xmoe.training.mt import MTRunConfig, mt_run_config
-    from xmoe.training.runs import saved_config
-
-    if resume_dir is not None:  # the saved config; train_mt refuses overrides that break exactness
-        saved = saved_config(resume_dir, MTRunConfig, "mt")
-        if preset not in (DEFAULT_MT_PRESET, saved.preset):
-            raise ValueError(f"--resume: {resume_dir} was trained with --preset {saved.preset}, not {preset}")
-        return apply_overrides(saved, overrides)
-    return mt_run_config(preset, overrides=overrides)
+    print(describe_mt_eval(result.final_eval, bleu_sentences=cfg.eval_bleu_sentences))
 
 
 def _load(args: argparse.Namespace):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
-    from xmoe.moe import set_threshold
+    from xmoe.cli.main import set_threshold
     from xmoe.training.mt import load_mt
 
     loaded = load_mt(args.checkpoint, device=args.device)
-    if args.threshold is not None and set_threshold(loaded.model, args.threshold) == 0:
-        raise ValueError(f"--threshold: {args.checkpoint} has no threshold-routed MoE layer")
+    if args.threshold is not None:
+        set_threshold(loaded.model, args.threshold, args.checkpoint)
     changes = {"beam": args.beam, "length_penalty": args.length_penalty}
     decode = dataclasses.replace(loaded.cfg.decode, **{k: v for k, v in changes.items() if v is not None})
     return loaded, decode

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from xmoe.errors import UsageError
+
 
 def add_parser(commands) -> None:
     """Register `xmoe study` on the CLI's subcommands."""
     from xmoe.study import SCALES, STUDIES
 
     p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     p.add_argument("name", choices=(*STUDIES, "sharpen"),
                    help="which study (all = the three, sharing runs; sharpen: the router-sharpening options)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
@@ -35,17 +38,22 @@ def add_parser(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the scale's)")
     p.add_argument("--plan", action="store_true", help="print the runs and their overrides as JSON; train nothing")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
-    p.set_defaults(func=cmd_study, overrides=True)
+    from xmoe.cli.main import add_config_flags
+    from xmoe.training import LMRunConfig
+
+    add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
+    p.set_defaults(func=cmd_study)
 
 
-def cmd_study(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_study(args: argparse.Namespace) -> None:
+    from xmoe.cli.main import config_overrides
     from xmoe.study import default_out, plan_study, run_study
 
     if args.name == "sharpen":
-        _sharpen(args, overrides)
+        _sharpen(args, config_overrides(args))
         return
     common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
-                  steps=args.steps, overrides=overrides)
+                  steps=args.steps, overrides=config_overrides(args))
     if args.plan:
         plan = plan_study(args.name, **common)
         print(json.dumps({"out": str(args.out or default_out(args.scale, args.data)),
@@ -60,7 +68,7 @@ def _sharpen(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from xmoe.study.sharpen import ARMS, run_sharpen, spec
 
     if args.scale != "cpu" or args.sweep_seeds != 1:
-        raise ValueError("xmoe study sharpen has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
+        raise UsageError("xmoe study sharpen has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
     out = args.out or default_out("sharpen", args.data)
     if args.plan:
         extra = {**overrides, **({"data.path": args.data} if args.data else {})}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from xmoe.errors import UsageError
 from xmoe.moe import MoEConfig, MoELayer
 from xmoe.moe.activations import activate
 
@@ -44,9 +45,9 @@ class DenseFFN:
     def __post_init__(self) -> None:
         D, F = self.w1_DF.shape
         if self.w2_FD.shape != (F, D):
-            raise ValueError(f"DenseFFN.w2_FD has shape {tuple(self.w2_FD.shape)}, expected {(F, D)}")
+            raise UsageError(f"DenseFFN.w2_FD has shape {tuple(self.w2_FD.shape)}, expected {(F, D)}")
         if (self.activation == "swiglu") != (self.w3_DF is not None):
-            raise ValueError("DenseFFN.w3_DF must be given for activation='swiglu', and only then")
+            raise UsageError("DenseFFN.w3_DF must be given for activation='swiglu', and only then")
 
     @property
     def d_model(self) -> int:

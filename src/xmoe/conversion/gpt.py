@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from xmoe.data import TOKENIZER_FILE, load_eval_tokens, prepare_lm_data
+from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT
 from xmoe.models.layers import FeedForward
-from xmoe.training import LoadedLM, checkpoint_dir, load_lm, save_checkpoint, to_dict
+from xmoe.training import LoadedRun, checkpoint_dir, load_lm, save_checkpoint, to_dict
 
 from .ffn import DenseFFN, expert_config
 from .hf import is_converted_folder, is_hf_folder
@@ -45,7 +46,7 @@ def dense_ffn(ffn: FeedForward) -> DenseFFN:
 
 def check_dense(model: GPT, num_experts: int, name: str = "the model") -> None:
     if model.cfg.moe is not None:
-        raise ValueError(
+        raise UsageError(
             f"{name} is not dense: it already has MoE layers ({model.cfg.moe.num_experts} experts in layers "
             f"{[i + 1 for i in model.cfg.moe_layer_indices]}); conversion takes a dense GPT (a *-dense preset)"
         )
@@ -79,7 +80,7 @@ def convert_gpt(model: GPT, calibration_BL: Tensor, cfg: ConversionConfig, *,
     return sparse.eval(), reports
 
 
-def calibration_batch(loaded: LoadedLM, data: str | None, num_tokens: int) -> Tensor:
+def calibration_batch(loaded: LoadedRun, data: str | None, num_tokens: int) -> Tensor:
     """``num_tokens`` tokens (rounded down to whole sequences of the run's seq_len) as [B, L]
     windows spread evenly over the text: the run's training split, or the text at ``data``
     through the run's tokenizer."""
@@ -100,12 +101,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     """
     out = Path(out)
     if out.exists():
-        raise ValueError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
+        raise UsageError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
     if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
-        raise ValueError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
+        raise UsageError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
     folder = Path(checkpoint)
     if is_hf_folder(folder) or is_converted_folder(folder):
-        raise ValueError(
+        raise UsageError(
             f"{checkpoint} is a Hugging Face model folder (or an already converted one), not an `xmoe train` "
             f"run; convert a dense one with "
             f"`xmoe convert --checkpoint {checkpoint} --data TEXT ...` or xmoe.conversion.hf.convert_hf_checkpoint "
@@ -127,7 +128,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
                    "calibration_tokens": calibration_tokens, "layers": [dataclasses.asdict(r) for r in reports]}
         (tmp / CONVERSION_FILE).write_text(json.dumps(summary, indent=1))
         if out.exists():
-            raise ValueError(f"--out {out} appeared while converting; the conversion was not written there")
+            raise UsageError(f"--out {out} appeared while converting; the conversion was not written there")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

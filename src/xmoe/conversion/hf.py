@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
 
@@ -75,7 +76,7 @@ def find_ffns(model: nn.Module) -> list[tuple[str, DenseFFN]]:
             found.append((name, DenseFFN(activation=act, w1_DF=g.weight.T, b1_F=g.bias, w3_DF=u.weight.T,
                                          b3_F=u.bias, w2_FD=d.weight.T, b2_D=d.bias)))
     if not found:
-        raise ValueError(
+        raise UsageError(
             f"no GPT-2 (c_fc/c_proj) or LLaMA-style (gate_proj/up_proj/down_proj) FFN found in "
             f"{type(model).__name__}; only those two layouts can be converted"
         )
@@ -86,7 +87,7 @@ def _activation(name: str | None, *, gated: bool) -> str:
     act = _ACTIVATIONS.get(name or "")
     if act is None or (act == "swiglu") != gated:
         kind = "a gated (SwiGLU) FFN needs silu" if gated else "a GPT-2 FFN needs gelu_new, gelu or relu"
-        raise ValueError(f"cannot convert an FFN with activation {name!r}: {kind}")
+        raise UsageError(f"cannot convert an FFN with activation {name!r}: {kind}")
     return act
 
 
@@ -113,7 +114,7 @@ def convert_hf_folder(path: str | os.PathLike, calibration_BL: Tensor, cfg: Conv
     """Load a causal LM saved in the local folder ``path`` (``save_pretrained``; nothing is
     downloaded) and convert it."""
     if not Path(path).is_dir():
-        raise ValueError(f"{path} is not a folder; give a local folder written by save_pretrained")
+        raise UsageError(f"{path} is not a folder; give a local folder written by save_pretrained")
     model = _transformers().AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model, convert_hf(model, calibration_BL, cfg)
 
@@ -126,10 +127,10 @@ def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, 
 
     out = Path(out)
     if out.exists():
-        raise ValueError(f"{out} already exists; choose a new folder")
+        raise UsageError(f"{out} already exists; choose a new folder")
     converted = {name: m for name, m in model.named_modules() if isinstance(m, ConvertedMLP)}
     if not converted:
-        raise ValueError("the model has no converted FFN; run convert_hf first")
+        raise UsageError("the model has no converted FFN; run convert_hf first")
     first = next(iter(converted.values()))
     dtype = str(first.moe.router.weight.dtype).removeprefix("torch.")  # the FFNs' dtype (bf16 models stay bf16)
     meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None,
@@ -155,7 +156,7 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
 
     path = Path(path)
     if not (path / CONVERSION_FILE).is_file():
-        raise ValueError(f"{path} holds no converted model ({CONVERSION_FILE} is missing); write one with save_converted")
+        raise UsageError(f"{path} holds no converted model ({CONVERSION_FILE} is missing); write one with save_converted")
     meta = json.loads((path / CONVERSION_FILE).read_text())
     tf = _transformers()
     model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
@@ -187,11 +188,11 @@ def load_tokenizer(path: str | os.PathLike):
     fix = f"save the model's tokenizer there with tokenizer.save_pretrained({str(path)!r})"
     # Checked first: given only config.json, transformers may build an empty tokenizer silently.
     if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); {fix}")
+        raise UsageError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); {fix}")
     try:
         return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"the tokenizer in {path} could not be loaded ({err}); {fix}") from err
+        raise UsageError(f"the tokenizer in {path} could not be loaded ({err}); {fix}") from err
 
 
 def text_tokens(tokenizer, data: str | os.PathLike, limit: int | None = None) -> list[int]:
@@ -241,16 +242,16 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
     """
     out = Path(out)
     if out.exists():
-        raise ValueError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
+        raise UsageError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
     if data is None:
-        raise ValueError(
+        raise UsageError(
             f"{folder} is a Hugging Face model, which brings no training text: give calibration text "
             f"with --data FILE (a text file, .jsonl or folder; a few thousand tokens of text like the model's)"
         )
     if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
-        raise ValueError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
+        raise UsageError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
     if not Path(folder).is_dir():
-        raise ValueError(f"{folder} is not a folder; give a local folder written by save_pretrained")
+        raise UsageError(f"{folder} is not a folder; give a local folder written by save_pretrained")
     tokenizer = load_tokenizer(folder)
     model = _transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device)
     # Windows spread over (up to) four times the tokens they need.

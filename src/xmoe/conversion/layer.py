@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError, check_counts
 from xmoe.moe import MoELayer
 from xmoe.moe.config import check_threshold
 
@@ -43,13 +44,10 @@ class ConversionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
-            raise ValueError(f"ConversionConfig.num_experts must be a positive integer, got {self.num_experts!r}")
+        check_counts("ConversionConfig", num_experts=self.num_experts, cluster_tokens=self.cluster_tokens)
         if self.partition not in PARTITIONS:
-            raise ValueError(f"ConversionConfig.partition={self.partition!r} is not one of {', '.join(PARTITIONS)}")
+            raise UsageError(f"ConversionConfig.partition={self.partition!r} is not one of {', '.join(PARTITIONS)}")
         check_threshold(self.threshold)
-        if not isinstance(self.cluster_tokens, int) or self.cluster_tokens < 1:
-            raise ValueError(f"ConversionConfig.cluster_tokens must be a positive integer, got {self.cluster_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ def capture_inputs(modules: list[nn.Module], forward: Callable[[Tensor], object]
         for h in handles:
             h.remove()
     if not seen or not seen[0]:
-        raise ValueError("the calibration text gave no tokens; give more calibration text")
+        raise UsageError("the calibration text gave no tokens; give more calibration text")
     return [torch.cat(chunks) for chunks in seen]
 
 
@@ -110,8 +108,8 @@ def even_windows(tokens, num_tokens: int, seq_len: int, *, what: str = "the cali
     ``asked`` (the option that sets ``num_tokens``) name things in the error."""
     count = min(num_tokens, len(tokens)) // seq_len
     if len(tokens) < seq_len:
-        raise ValueError(f"{what} has {len(tokens)} tokens, fewer than one sequence of {seq_len}; give more text with --data")
+        raise UsageError(f"{what} has {len(tokens)} tokens, fewer than one sequence of {seq_len}; give more text with --data")
     if count == 0:
-        raise ValueError(f"{asked} asks for {num_tokens} tokens, fewer than one sequence of {seq_len}; ask for more")
+        raise UsageError(f"{asked} asks for {num_tokens} tokens, fewer than one sequence of {seq_len}; ask for more")
     starts = np.linspace(0, len(tokens) - seq_len, count).astype(np.int64)
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))

@@ -21,15 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xmoe.errors import UsageError
+
 PARTITIONS = ("contiguous", "clustered")
 
 
 def check_divides(d_ff: int, num_experts: int) -> None:
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-        raise ValueError(f"the number of experts must be a positive integer, got {num_experts!r}")
+        raise UsageError(f"the number of experts must be a positive integer, got {num_experts!r}")
     if d_ff % num_experts:
         divisors = [e for e in range(2, min(d_ff, 128) + 1) if d_ff % e == 0]
-        raise ValueError(
+        raise UsageError(
             f"{num_experts} experts do not divide the FFN width d_ff={d_ff} into equal groups; "
             f"pick a number of experts dividing it, e.g. one of {divisors[:12]}"
         )
@@ -38,9 +40,9 @@ def check_divides(d_ff: int, num_experts: int) -> None:
 def check_partition(groups_EG: Tensor, d_ff: int) -> None:
     """ValueError unless ``groups_EG`` puts every neuron 0..d_ff-1 in exactly one group."""
     if groups_EG.ndim != 2 or groups_EG.numel() != d_ff:
-        raise ValueError(f"a partition must be [E, d_ff / E] = {d_ff} neurons, got shape {tuple(groups_EG.shape)}")
+        raise UsageError(f"a partition must be [E, d_ff / E] = {d_ff} neurons, got shape {tuple(groups_EG.shape)}")
     if not torch.equal(groups_EG.reshape(-1).sort().values, torch.arange(d_ff, device=groups_EG.device)):
-        raise ValueError("the partition does not list every neuron exactly once")
+        raise UsageError("the partition does not list every neuron exactly once")
 
 
 def contiguous_partition(d_ff: int, num_experts: int) -> Tensor:

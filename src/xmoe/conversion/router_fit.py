@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xmoe.errors import UsageError, check_counts
+
 
 @dataclass(frozen=True, kw_only=True)
 class RouterFitConfig:
@@ -32,12 +34,11 @@ class RouterFitConfig:
     seed: int = 0  # only for the initial weights (small random, so ties are broken)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"RouterFitConfig.steps must be a positive integer, got {self.steps!r}")
+        check_counts("RouterFitConfig", steps=self.steps)
         if not self.lr > 0:
-            raise ValueError(f"RouterFitConfig.lr must be positive, got {self.lr!r}")
+            raise UsageError(f"RouterFitConfig.lr must be positive, got {self.lr!r}")
         if not self.weight_decay >= 0:
-            raise ValueError(f"RouterFitConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise UsageError(f"RouterFitConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def router_targets(contributions_TE: Tensor) -> Tensor:
 def fit_router(x_TD: Tensor, targets_TE: Tensor, cfg: RouterFitConfig = RouterFitConfig()) -> RouterFit:
     """Linear softmax router ``W`` [E, D] minimising the cross-entropy to ``targets_TE``."""
     if x_TD.shape[0] != targets_TE.shape[0] or x_TD.shape[0] == 0:
-        raise ValueError(f"fit_router needs as many (> 0) targets as tokens, got {targets_TE.shape[0]} and {x_TD.shape[0]}")
+        raise UsageError(f"fit_router needs as many (> 0) targets as tokens, got {targets_TE.shape[0]} and {x_TD.shape[0]}")
     x_TD, q_TE = x_TD.detach().float(), targets_TE.detach().float()
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     init_ED = torch.randn(q_TE.shape[1], x_TD.shape[1], generator=generator) * 1e-3

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoELayer, set_threshold
 
@@ -72,7 +73,7 @@ def evaluate_point(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     every threshold router of the model is set to it first."""
     model.eval()
     if threshold is not None and set_threshold(model, threshold) == 0:
-        raise ValueError("the model has no threshold-routed MoE layer to set a threshold on")
+        raise UsageError("the model has no threshold-routed MoE layer to set a threshold on")
     device = next(model.parameters()).device
     counter = _PairCounter(model)
     total, count = 0.0, 0
@@ -86,7 +87,7 @@ def evaluate_point(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
     finally:
         counter.remove()
     if count == 0:
-        raise ValueError("the sweep got no evaluation batches: the text is shorter than one sequence")
+        raise UsageError("the sweep got no evaluation batches: the text is shorter than one sequence")
     if not counter.layers:
         return SweepPoint(threshold, total / count, 1.0, None)
     per_token = counter.kept_pairs / counter.token_layers

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from xmoe.errors import UsageError, check_counts
+
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class TrainBatches:
@@ -34,12 +36,11 @@ class TrainBatches:
 
     def __post_init__(self) -> None:
         _check_tokens(self.tokens, "TrainBatches")
-        _check_positive("TrainBatches", batch_size=self.batch_size, seq_len=self.seq_len)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"TrainBatches.seed must be a non-negative integer, got {self.seed!r}")
+        check_counts("TrainBatches", batch_size=self.batch_size, seq_len=self.seq_len)
+        check_counts("TrainBatches", minimum=0, seed=self.seed)
         needed = self.batch_size * self.seq_len + 1
         if len(self.tokens) < needed:
-            raise ValueError(
+            raise UsageError(
                 f"{self.name} has {len(self.tokens)} tokens, too few for one batch: "
                 f"batch_size={self.batch_size} x seq_len={self.seq_len} needs at least "
                 f"{needed}; use a larger corpus or a smaller batch_size or seq_len"
@@ -48,7 +49,7 @@ class TrainBatches:
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``i`` as ``(x_BL, y_BL)``; the same for every object with these settings."""
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
-            raise ValueError(f"batch index must be a non-negative integer, got {i!r}")
+            raise UsageError(f"batch index must be a non-negative integer, got {i!r}")
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(i)])))
         num_starts = len(self.tokens) - self.seq_len  # s + L <= len - 1 keeps y in range
         starts_B = rng.integers(0, num_starts, size=self.batch_size)
@@ -80,11 +81,11 @@ class ValBatches:
 
     def __post_init__(self) -> None:
         _check_tokens(self.tokens, "ValBatches")
-        _check_positive("ValBatches", batch_size=self.batch_size, seq_len=self.seq_len)
+        check_counts("ValBatches", batch_size=self.batch_size, seq_len=self.seq_len)
         if self.max_batches is not None:
-            _check_positive("ValBatches", max_batches=self.max_batches)
+            check_counts("ValBatches", max_batches=self.max_batches)
         if len(self.tokens) < self.seq_len + 1:
-            raise ValueError(
+            raise UsageError(
                 f"{self.name} has {len(self.tokens)} tokens, too few for one validation window: "
                 f"seq_len={self.seq_len} needs at least {self.seq_len + 1}; use a larger corpus, "
                 f"a larger val_fraction or a smaller seq_len"
@@ -123,14 +124,8 @@ def _windows(
 
 def _check_tokens(tokens: np.ndarray, owner: str) -> None:
     if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-        raise ValueError(
+        raise UsageError(
             f"{owner}.tokens must be a 1-D numpy array of integer token ids (e.g. "
             f"LMData.train_tokens), got {type(tokens).__name__} "
             f"{getattr(tokens, 'shape', '')} {getattr(tokens, 'dtype', '')}"
         )
-
-
-def _check_positive(owner: str, **values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from xmoe.errors import UsageError
+
 # 256 byte tokens of the byte-level alphabet + the <|endoftext|> separator.
 MIN_VOCAB_SIZE = 257
 
@@ -41,7 +43,7 @@ class DataConfig:
         for name in ("path", "cache_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(
+                raise UsageError(
                     f"DataConfig.{name} must be a non-empty path string or None, got {value!r}"
                 )
         if (
@@ -49,19 +51,19 @@ class DataConfig:
             or isinstance(self.vocab_size, bool)
             or self.vocab_size < MIN_VOCAB_SIZE
         ):
-            raise ValueError(
+            raise UsageError(
                 f"DataConfig.vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 bytes + "
                 f"<|endoftext|>), got {self.vocab_size!r}"
             )
         f = self.val_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or math.isnan(f) or not 0 < f < 1:
-            raise ValueError(
+            raise UsageError(
                 f"DataConfig.val_fraction must be a number strictly between 0 and 1 (e.g. 0.05), "
                 f"got {f!r}"
             )
         f = self.test_fraction
         if not isinstance(f, (int, float)) or isinstance(f, bool) or math.isnan(f) or not 0 <= f < 1 - self.val_fraction:
-            raise ValueError(
+            raise UsageError(
                 f"DataConfig.test_fraction must be a number in [0, 1 - val_fraction) (0: no test split; "
                 f"e.g. 0.05), got {f!r} with val_fraction={self.val_fraction!r}"
             )

@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from xmoe.errors import UsageError
+
 from .files import check_regular_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
@@ -165,7 +167,7 @@ def default_corpus() -> list[str]:
     titled.sort(key=lambda item: hashlib.sha256(item[0].encode()).digest())
     documents = [text for _, text in titled if text.strip()]
     if not documents:
-        raise ValueError(
+        raise UsageError(
             "the default corpus is empty in this Python installation (no pydoc_data and no "
             "standard-library sources); set DataConfig.path to a text file or folder"
         )
@@ -185,7 +187,7 @@ def load_corpus(path: str | None) -> list[str]:
     check_regular_file(root, "data path")
     files = _text_files(root) if root.is_dir() else [root]
     if not files:
-        raise ValueError(
+        raise UsageError(
             f"data folder {str(root)!r} holds no {'/'.join(TEXT_SUFFIXES)} files (hidden files "
             f"and other suffixes are skipped); add some or point the data path at a file"
         )
@@ -197,7 +199,7 @@ def load_corpus(path: str | None) -> list[str]:
             documents.append(_read_text(file))
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
-        raise ValueError(
+        raise UsageError(
             f"data path {str(root)!r} holds no text (every file or line is empty or blank); "
             f"give a corpus with text in it"
         )
@@ -231,7 +233,7 @@ def split_documents(
             break
         seen += len(doc)
     if not train or not val:
-        raise ValueError(
+        raise UsageError(
             f"{source} has {total} characters, too few to split into train and validation with "
             f"val_fraction={val_fraction}; give a larger corpus or change val_fraction"
         )
@@ -265,14 +267,14 @@ def _read_text(file: Path) -> str:
     data = file.read_bytes()
     nul = data.find(b"\x00")
     if nul >= 0:
-        raise ValueError(
+        raise UsageError(
             f"{str(file)!r} looks binary (NUL byte at offset {nul}); give UTF-8 text files only, "
             f"or move it out of the data folder"
         )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise UsageError(
             f"{str(file)!r} is not UTF-8 text (undecodable byte at offset {err.start}); convert "
             f"it to UTF-8 or move it out of the data folder"
         ) from None
@@ -288,16 +290,16 @@ def _read_jsonl(file: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise UsageError(
                 f"{str(file)!r} line {lineno}: not valid JSON ({err.msg}); each line must be "
                 f"{example}"
             ) from None
         if not isinstance(record, dict) or "text" not in record:
-            raise ValueError(
+            raise UsageError(
                 f"{str(file)!r} line {lineno}: no \"text\" field; each line must be {example}"
             )
         if not isinstance(record["text"], str):
-            raise ValueError(
+            raise UsageError(
                 f"{str(file)!r} line {lineno}: \"text\" is a {type(record['text']).__name__}, "
                 f"not a string; each line must be {example}"
             )

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from xmoe.errors import UsageError
+
 
 def check_regular_file(path: Path, what: str = "text file") -> None:
     """Refuse what is not a plain file before opening it: reading a named pipe, a socket or a
@@ -19,7 +21,7 @@ def check_regular_file(path: Path, what: str = "text file") -> None:
         raise FileNotFoundError(f"no such {what}: {path}") from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
-        raise ValueError(f"{path} is {kind}, not a regular file; save the text to a file and give that")
+        raise UsageError(f"{path} is {kind}, not a regular file; save the text to a file and give that")
 
 
 def decode_lines(raw_lines: Iterable[bytes], source: str) -> list[str]:
@@ -29,7 +31,7 @@ def decode_lines(raw_lines: Iterable[bytes], source: str) -> list[str]:
         try:
             lines.append(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{source}, line {number}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+            raise UsageError(f"{source}, line {number}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
                              f"{err.start + 1}); convert the text to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     return lines
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xmoe.errors import UsageError
+
 from .batches import TrainBatches, ValBatches
 from .cache import cache_key, cached_arrays, default_cache_dir
 from .config import DataConfig
@@ -76,7 +78,7 @@ class LMData:
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         tokens = self.val_tokens if split == "val" else self.test_tokens
         if tokens is None:
-            raise ValueError(f"{self.source} has no test split in this run; set data.test_fraction (e.g. 0.05)")
+            raise UsageError(f"{self.source} has no test split in this run; set data.test_fraction (e.g. 0.05)")
         return ValBatches(
             tokens=tokens,
             batch_size=batch_size,

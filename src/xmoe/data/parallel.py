@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 
 from .files import check_regular_file, decode_lines, temporary_name
@@ -62,15 +63,15 @@ class ParallelDataConfig:
         for name in ("src", "tgt", "valid_src", "valid_tgt"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"data.{name} must be a file path or None, got {value!r}")
+                raise UsageError(f"data.{name} must be a file path or None, got {value!r}")
         if (self.valid_src is None) != (self.valid_tgt is None):
-            raise ValueError("data.valid_src and data.valid_tgt go together: give both files or neither")
+            raise UsageError("data.valid_src and data.valid_tgt go together: give both files or neither")
         for name, minimum in (("val_lines", 1), ("vocab_size", 16), ("max_len", 2), ("max_tokens", 2)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+                raise UsageError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
         if self.max_tokens < self.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"data.max_tokens={self.max_tokens} < data.max_len={self.max_len}: the longest kept pair "
                 f"would not fit in a batch; raise max_tokens or lower max_len"
             )
@@ -80,12 +81,12 @@ def read_parallel(src: str | os.PathLike, tgt: str | os.PathLike) -> tuple[list[
     """The lines of two aligned files (trailing whitespace stripped); equal counts are checked."""
     src_lines, tgt_lines = read_lines(src), read_lines(tgt)
     if len(src_lines) != len(tgt_lines):
-        raise ValueError(
+        raise UsageError(
             f"parallel files differ in length: {src} has {len(src_lines)} lines, {tgt} has "
             f"{len(tgt_lines)}; they must be line-aligned (one sentence pair per line)"
         )
     if not src_lines:
-        raise ValueError(f"parallel files {src} and {tgt} are empty")
+        raise UsageError(f"parallel files {src} and {tgt} are empty")
     return src_lines, tgt_lines
 
 
@@ -94,7 +95,7 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     check_regular_file(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a text file with one sentence per line")
+        raise UsageError(f"{path} is a folder; give a text file with one sentence per line")
     with open(path, "rb") as f:
         return [line.rstrip() for line in decode_lines(f, str(path))]
 
@@ -226,7 +227,7 @@ class TokenBatches:
 
     def __post_init__(self) -> None:
         if not len(self.pairs):
-            raise ValueError("no training pairs are left after filtering; raise data.max_len or check the files")
+            raise UsageError("no training pairs are left after filtering; raise data.max_len or check the files")
         src_lens = np.array([len(s) for s in self.pairs.src])
         tgt_lens = np.array([len(t) for t in self.pairs.tgt])
         object.__setattr__(self, "batches", bucket(src_lens, tgt_lens, self.max_tokens, seed=self.seed))
@@ -236,7 +237,7 @@ class TokenBatches:
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0:
-            raise ValueError(f"batch index must be a non-negative integer, got {i!r}")
+            raise UsageError(f"batch index must be a non-negative integer, got {i!r}")
         epoch, j = divmod(int(i), len(self.batches))
         order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch]))).permutation(
             len(self.batches))
@@ -288,7 +289,7 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
     """Read and split the pairs, train the joint vocabulary on the training pairs (or, with
     ``reuse_vocab``, load RUN/spm.model, which must exist: a resume), encode and filter."""
     if cfg.src is None or cfg.tgt is None:
-        raise ValueError("data.src and data.tgt are required: the parallel training files (--src, --tgt)")
+        raise UsageError("data.src and data.tgt are required: the parallel training files (--src, --tgt)")
     src, tgt = read_parallel(cfg.src, cfg.tgt)
     paths = [cfg.src, cfg.tgt]
     if cfg.valid_src is not None:
@@ -296,7 +297,7 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
         paths += [cfg.valid_src, cfg.valid_tgt]
     else:
         if len(src) <= cfg.val_lines:
-            raise ValueError(
+            raise UsageError(
                 f"{cfg.src} has {len(src)} lines, not more than data.val_lines={cfg.val_lines} to hold out "
                 f"for validation; give --valid-src/--valid-tgt or lower data.val_lines"
             )
@@ -313,7 +314,7 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
     else:
         for path, lines in ((cfg.src, src), (cfg.tgt, tgt)):
             if not any(lines):
-                raise ValueError(f"{path} has {len(lines)} lines and all are empty: there is no text to learn "
+                raise UsageError(f"{path} has {len(lines)} lines and all are empty: there is no text to learn "
                                  f"a vocabulary from; check that --src and --tgt are the training files")
         vocab = train_subword_vocab(src + tgt, run_dir, cfg.vocab_size)
     return ParallelData(

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from xmoe.errors import UsageError
+
 from .files import atomic_write_text
 
 EOT = "<|endoftext|>"
@@ -45,7 +47,7 @@ class BPETokenizer:
     def __init__(self, tokenizer: Tokenizer) -> None:
         eot_id = tokenizer.token_to_id(EOT)
         if eot_id is None:
-            raise ValueError(f"the tokenizer has no {EOT} token; train it with BPETokenizer.train")
+            raise UsageError(f"the tokenizer has no {EOT} token; train it with BPETokenizer.train")
         self._tokenizer = tokenizer
         self.eot_id: int = eot_id
 
@@ -84,7 +86,7 @@ class BPETokenizer:
         try:
             tokenizer = Tokenizer.from_str(text)
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"{source!r} is not a valid tokenizer.json ({err})") from None
+            raise UsageError(f"{source!r} is not a valid tokenizer.json ({err})") from None
         return cls(tokenizer)
 
     def to_str(self) -> str:
@@ -114,7 +116,7 @@ class BPETokenizer:
         if isinstance(ids, int):  # a 0-d array or tensor
             ids = [ids]
         if ids and isinstance(ids[0], list):
-            raise ValueError("decode takes a 1-D sequence of ids; decode each row of a batch")
+            raise UsageError("decode takes a 1-D sequence of ids; decode each row of a batch")
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def encode_documents(self, documents: Iterable[str]) -> np.ndarray:

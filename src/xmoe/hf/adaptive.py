@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
+
 from .experts import EXPERTS_IMPLEMENTATION
 
 # model_type -> how the kept experts are weighted (see the module docstring).
@@ -70,7 +72,7 @@ class ThresholdTopKRouter(nn.Module):
 
     def train(self, mode: bool = True) -> ThresholdTopKRouter:
         if mode:
-            raise ValueError(
+            raise UsageError(
                 "a model adapted by xmoe.hf.adaptive routes for inference only (its threshold rule has no "
                 "gradient path or balancing loss); to train, load the model again with from_pretrained"
             )
@@ -106,7 +108,7 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
     adapted model changes the threshold and the cap."""
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
+        raise UsageError(
             f"xmoe.hf.adaptive supports {', '.join(SUPPORTED_FAMILIES)} (softmax routers); got "
             f"{type(model).__name__} (model_type {family!r}). Sigmoid routers with bias correction "
             f"(deepseek_v3) and top-k-only softmaxes (gpt_oss) have no probability mass to threshold"
@@ -114,12 +116,12 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
     _check_threshold(threshold)
     blocks = moe_blocks(model)
     if not blocks:
-        raise ValueError(f"found no MoE block (a .gate router beside .experts) in {type(model).__name__}")
+        raise UsageError(f"found no MoE block (a .gate router beside .experts) in {type(model).__name__}")
     num_experts = blocks[0].gate.num_experts
     if max_experts is not None and not (
         isinstance(max_experts, int) and not isinstance(max_experts, bool) and 1 <= max_experts <= num_experts
     ):
-        raise ValueError(
+        raise UsageError(
             f"max_experts must be an integer from 1 to the model's {num_experts} experts (or None for no cap), "
             f"got {max_experts!r}"
         )
@@ -174,7 +176,7 @@ def experts_per_token(model: nn.Module) -> Iterator[ExpertCounts]:
     (forward hooks on the routers; an unmodified model counts its own top-k)."""
     blocks = moe_blocks(model)
     if not blocks:
-        raise ValueError(f"found no MoE block (a .gate router beside .experts) in {type(model).__name__}")
+        raise UsageError(f"found no MoE block (a .gate router beside .experts) in {type(model).__name__}")
     counts = ExpertCounts(blocks[0].gate.num_experts)
 
     def hook(router: nn.Module, _inputs, outputs) -> None:
@@ -191,7 +193,7 @@ def experts_per_token(model: nn.Module) -> Iterator[ExpertCounts]:
 
 def _check_threshold(threshold: float) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise ValueError(
+        raise UsageError(
             f"threshold must be a number > 0 (the router probability mass each token's experts must reach; "
             f">= 1 keeps max_experts), got {threshold!r}"
         )

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
+from xmoe.errors import UsageError
+
 from .configuration_xmoe import XMoEConfig
 from .modeling_xmoe import XMoEForCausalLM
 from .modeling_xmoe_converted import XMoEConvertedConfig, XMoEConvertedForCausalLM
@@ -67,7 +69,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     if is_converted_folder(checkpoint):
         return export_converted(checkpoint, out)
     if is_hf_folder(checkpoint):
-        raise ValueError(f"{checkpoint} is already a Hugging Face model folder (config.json); there is nothing to export")
+        raise UsageError(f"{checkpoint} is already a Hugging Face model folder (config.json); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT)
 
@@ -95,7 +97,7 @@ def _write(out: str | os.PathLike, model, tokenizer) -> Path:
     replaced only once the new one is written."""
     out = Path(out)
     if out.exists() and not is_xmoe_folder(out):
-        raise ValueError(
+        raise UsageError(
             f"--out {out} exists and is not an xmoe Hugging Face export; choose a new folder (an existing export "
             f"is replaced, anything else is left alone)"
         )

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
+
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
 from .export import XMOE_MODEL_TYPES
 
@@ -49,10 +51,10 @@ def folder_kind(path: str | os.PathLike) -> str:
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
-        raise ValueError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
+        raise UsageError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
     if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
         return model_type
-    raise ValueError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
+    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
 
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
@@ -70,15 +72,15 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
         from xmoe.moe import set_threshold
 
         if max_experts is not None:
-            raise ValueError("--max-experts applies to pretrained MoE models; an xmoe model's cap is its config")
+            raise UsageError("--max-experts applies to pretrained MoE models; an xmoe model's cap is its config")
         if threshold is None:
             return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
         if set_threshold(model, threshold) == 0:
-            raise ValueError(f"--threshold: the model has no threshold-routed MoE layer")
+            raise UsageError(f"--threshold: the model has no threshold-routed MoE layer")
         return f"t={threshold:g}"
     if threshold is None:
         if max_experts is not None:
-            raise ValueError("--max-experts needs --threshold (the model's own top-k has its own k)")
+            raise UsageError("--max-experts needs --threshold (the model's own top-k has its own k)")
         return f"top-{model.config.num_experts_per_tok} (the model's own)"
     adaptive(model, threshold=threshold, max_experts=max_experts)
     return f"t={threshold:g}" + (f", at most {max_experts}" if max_experts else "")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError, check_counts
 from xmoe.moe import MoEConfig, MoELayer, RoutingStats
 
 from .layers import Block, KVCache, init_gpt2_
@@ -54,36 +55,34 @@ class GPTConfig:
     moe_output_bias: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        check_counts("GPTConfig", **{name: getattr(self, name) for name in (
+            "vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every")})
         if self.d_model % self.n_head:
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig.d_model={self.d_model} is not divisible by GPTConfig.n_head={self.n_head}; "
                 f"pick n_head dividing d_model (head dim = d_model / n_head)"
             )
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("init_std", "layer_norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+                raise UsageError(f"GPTConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.moe_output_bias, bool):
-            raise ValueError(f"GPTConfig.moe_output_bias must be True or False, got {self.moe_output_bias!r}")
+            raise UsageError(f"GPTConfig.moe_output_bias must be True or False, got {self.moe_output_bias!r}")
         if self.moe is None:
             return
         if not isinstance(self.moe, MoEConfig):
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig.moe must be an xmoe.moe.MoEConfig or None (dense), got {type(self.moe).__name__}"
             )
         if self.moe.model_dim != self.d_model:
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig.moe.model_dim={self.moe.model_dim} differs from GPTConfig.d_model="
                 f"{self.d_model}; build the MoEConfig with model_dim=d_model"
             )
         if self.moe_every > self.n_layer:
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig.moe_every={self.moe_every} > n_layer={self.n_layer} places no MoE layer; "
                 f"use moe_every <= n_layer, or moe=None for a dense model"
             )
@@ -158,14 +157,14 @@ class GPT(nn.Module):
         start = 0
         if cache is not None:
             if self.training:
-                raise ValueError(
+                raise UsageError(
                     "GPT.forward got a KV cache in training mode; call model.eval() first (in "
                     "training, MoE capacity makes a token's routing depend on the whole batch, so "
                     "incremental decoding would not match a full forward)"
                 )
             start = cache.position
         if start + L > self.cfg.block_size:
-            raise ValueError(
+            raise UsageError(
                 f"sequence of {start + L} positions is longer than GPTConfig.block_size="
                 f"{self.cfg.block_size}; crop the input to the last block_size tokens"
             )
@@ -217,7 +216,7 @@ class GPT(nn.Module):
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         if idx_BL.ndim != 2 or idx_BL.shape[1] == 0:
-            raise ValueError(f"generate needs a [B, L] prompt with L >= 1, got shape {tuple(idx_BL.shape)}")
+            raise UsageError(f"generate needs a [B, L] prompt with L >= 1, got shape {tuple(idx_BL.shape)}")
         if any(layer.router.eval_capacity_factor is not None for layer in self.moe_layers()):
             warnings.warn(
                 "a MoE layer has eval_capacity_factor set, so generation routes with capacity: a "
@@ -245,13 +244,13 @@ class GPT(nn.Module):
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise UsageError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
 def _sample(
@@ -352,12 +351,12 @@ def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequ
     mean experts per token of each layer (e.g. ``[s.kept_per_token for s in out.stats]``), or
     one number for every layer. Same count as ``RoutingStats.expert_flops_per_token``, summed."""
     if cfg.moe is None:
-        raise ValueError("moe_flops_per_token needs a MoE config; GPTConfig.moe is None (dense)")
+        raise UsageError("moe_flops_per_token needs a MoE config; GPTConfig.moe is None (dense)")
     num_moe = len(cfg.moe_layer_indices)
     if isinstance(experts_per_token, (int, float, Tensor)):
         experts_per_token = [experts_per_token] * num_moe
     if len(experts_per_token) != num_moe:
-        raise ValueError(
+        raise UsageError(
             f"experts_per_token has {len(experts_per_token)} values, the config has {num_moe} MoE "
             f"layers; give one mean per MoE layer (or one number for all)"
         )

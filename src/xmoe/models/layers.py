@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput
 
 
@@ -34,7 +35,7 @@ class KVCache:
 
     def __init__(self, *, num_layers: int, max_len: int) -> None:
         if num_layers < 1 or max_len < 1:
-            raise ValueError(f"KVCache needs num_layers >= 1 and max_len >= 1, got {num_layers}, {max_len}")
+            raise UsageError(f"KVCache needs num_layers >= 1 and max_len >= 1, got {num_layers}, {max_len}")
         self.max_len = max_len
         self.position = 0
         self._k_BHSA: list[Tensor | None] = [None] * num_layers
@@ -48,7 +49,7 @@ class KVCache:
         """Store the new keys/values of ``layer`` after the cached ones; return all of them."""
         start, end = self.position, self.position + k_BHLA.shape[2]
         if end > self.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"KVCache holds {self.max_len} positions (the model's block_size) and is asked for "
                 f"{end}; start a new cache, or crop the context to the last {self.max_len} tokens"
             )
@@ -58,7 +59,7 @@ class KVCache:
             self._v_BHSA[layer] = v_BHLA.new_empty(B, H, self.max_len, A)
         k_BHSA, v_BHSA = self._k_BHSA[layer], self._v_BHSA[layer]
         if k_BHSA.shape[0] != k_BHLA.shape[0]:
-            raise ValueError(
+            raise UsageError(
                 f"KVCache was started with batch size {k_BHSA.shape[0]}, got {k_BHLA.shape[0]}; "
                 f"use one cache per batch"
             )

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.errors import UsageError, check_counts
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
 from .layers import FeedForward, KVCache, SelfAttention
@@ -66,36 +67,36 @@ class Seq2SeqConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id"):
-            _check_int(name, getattr(self, name), minimum=0)
+        check_counts("Seq2SeqConfig", **{name: getattr(self, name) for name in (
+            "vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff")})
+        check_counts("Seq2SeqConfig", minimum=0, **{name: getattr(self, name) for name in (
+            "enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id")})
         if self.d_model % self.n_head:
-            raise ValueError(
+            raise UsageError(
                 f"Seq2SeqConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 f"pick n_head dividing d_model"
             )
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.norm not in NORMS:
-            raise ValueError(f"Seq2SeqConfig.norm={self.norm!r} is not one of {', '.join(NORMS)}")
+            raise UsageError(f"Seq2SeqConfig.norm={self.norm!r} is not one of {', '.join(NORMS)}")
         ids = (self.pad_id, self.bos_id, self.eos_id)
         if len(set(ids)) != 3 or max(ids) >= self.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"Seq2SeqConfig pad_id, bos_id, eos_id = {ids} must be distinct ids below "
                 f"vocab_size={self.vocab_size}"
             )
         if self.moe is None:
             return
         if not isinstance(self.moe, MoEConfig):
-            raise ValueError(f"Seq2SeqConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+            raise UsageError(f"Seq2SeqConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
         if self.moe.model_dim != self.d_model:
-            raise ValueError(
+            raise UsageError(
                 f"Seq2SeqConfig.moe.model_dim={self.moe.model_dim} differs from d_model={self.d_model}; "
                 f"build the MoEConfig with model_dim=d_model"
             )
         if not self.enc_moe_layer_indices and not self.dec_moe_layer_indices:
-            raise ValueError(
+            raise UsageError(
                 f"Seq2SeqConfig places no MoE layer (enc_moe_every={self.enc_moe_every}, "
                 f"dec_moe_every={self.dec_moe_every}); use moe=None for a dense model"
             )
@@ -113,11 +114,6 @@ class Seq2SeqConfig:
 
 def _moe_layer_indices(num_layers: int, every: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if every and (i + 1) % every == 0)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Seq2SeqConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def sinusoidal_positions(num_positions: int, d_model: int) -> Tensor:
@@ -309,7 +305,7 @@ class Seq2Seq(nn.Module):
     def _embed(self, ids_BL: Tensor, start: int) -> Tensor:
         L = ids_BL.shape[1]
         if start + L > self.cfg.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"a sequence of {start + L} positions is longer than Seq2SeqConfig.max_len="
                 f"{self.cfg.max_len}; filter or crop longer sentences (data.max_len)"
             )
@@ -321,7 +317,7 @@ class Seq2Seq(nn.Module):
         cross-attention would otherwise have no key to attend to)."""
         nonpad_BS = src_BS != self.cfg.pad_id
         if not bool(nonpad_BS.any(dim=1).all()):
-            raise ValueError(
+            raise UsageError(
                 "Seq2Seq.encode: every source row needs at least one real token (not PAD), e.g. the "
                 "EOS that data.parallel.collate appends; drop or fill the empty rows"
             )
@@ -341,7 +337,7 @@ class Seq2Seq(nn.Module):
         start = 0
         if cache is not None:
             if self.training:
-                raise ValueError(
+                raise UsageError(
                     "Seq2Seq.decode got a cache in training mode; call model.eval() first (training "
                     "capacity makes routing depend on the whole batch, so a cache would not match)"
                 )
@@ -395,7 +391,7 @@ class Seq2Seq(nn.Module):
 
     def _check_eval(self, search: str) -> None:
         if self.training:
-            raise ValueError(
+            raise UsageError(
                 f"Seq2Seq.{search} needs eval mode; call model.eval() first (training capacity makes "
                 f"routing depend on the whole batch, and dropout would perturb the search)"
             )
@@ -434,7 +430,7 @@ class Seq2Seq(nn.Module):
         fairseq. ``beam=1`` is greedy decoding. Eval mode only; each sentence's length limit
         comes from its own source length."""
         if not isinstance(beam, int) or beam < 1:
-            raise ValueError(f"beam must be a positive integer, got {beam!r}")
+            raise UsageError(f"beam must be a positive integer, got {beam!r}")
         self._check_eval("beam_search")
         B, K, V = src_BS.shape[0], beam, self.cfg.vocab_size
         rows = torch.arange(B, device=src_BS.device).repeat_interleave(K)

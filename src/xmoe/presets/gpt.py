@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from xmoe.errors import UsageError
 from xmoe.models.gpt import GPTConfig, flops_breakdown, num_params
 from xmoe.moe import MoEConfig
 
@@ -47,7 +48,7 @@ def family_moe(router: str, num_experts: int, *, d_model: int, d_ff: int) -> MoE
     minimum 4 in training; dropless in eval. GeLU experts with biases, init N(0, 0.02).
     """
     if (8 * d_ff) % num_experts or num_experts % 8:
-        raise ValueError(
+        raise UsageError(
             f"num_experts={num_experts} must be a multiple of 8 dividing 8 * d_ff={8 * d_ff} for a "
             f"parameter-matched expert width"
         )
@@ -72,7 +73,7 @@ def split_moe(num_experts: int, *, d_model: int, d_ff: int) -> MoEConfig:
     matters. ``top_k = E``: the FLOPs budget the statistics compare with is the whole dense FFN,
     so ``flops_ratio`` is the fraction of the dense FFN's FLOPs a token engages."""
     if d_ff % num_experts:
-        raise ValueError(f"num_experts={num_experts} must divide d_ff={d_ff} to split the FFN evenly")
+        raise UsageError(f"num_experts={num_experts} must divide d_ff={d_ff} to split the FFN evenly")
     return MoEConfig(
         model_dim=d_model, num_experts=num_experts, expert_dim=d_ff // num_experts, router="threshold",
         threshold=1.0, top_k=num_experts, capacity_factor=None, eval_capacity_factor=None, combine="probs",
@@ -119,17 +120,20 @@ def get_preset(name: str, *, vocab_size: int | None = None) -> GPTConfig:
 def build(presets: dict[str, Callable[..., T]], name: str, *, what: str, vocab_size: int | None) -> T:
     """``presets[name]()``, or with ``vocab_size=`` when one is given; a ValueError naming the choices."""
     if name not in presets:
-        raise ValueError(f"unknown {what} preset {name!r}; choose one of {', '.join(presets)}")
+        raise UsageError(f"unknown {what} preset {name!r}; choose one of {', '.join(presets)}")
     return presets[name]() if vocab_size is None else presets[name](vocab_size=vocab_size)
 
 
 @dataclass(frozen=True)
 class PresetRow:
+    """One line of ``xmoe presets``, for a GPT or a translation preset."""
+
     name: str
-    params: int
-    flops_per_token: int  # total activated forward FLOPs per token (top-k-equivalent budget)
-    moe_flops_per_token: int  # expert FLOPs per token over the MoE layers, same budget; 0 if dense
-    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9"
+    layers: str  # e.g. "12 d768", "6+6 d512" (encoder + decoder)
+    experts: str  # e.g. "dense", "8x3072 top-1", "64x384 t=0.9" (translation: and in which layers)
+    params: int  # at the preset's default vocabulary
+    moe_flops_per_token: float  # expert FLOPs per token over the MoE layers, top-k budget; 0 if dense
+    flops_per_token: float | None = None  # all activated forward FLOPs per token, same budget (GPT)
 
 
 def list_presets() -> list[PresetRow]:
@@ -138,7 +142,8 @@ def list_presets() -> list[PresetRow]:
     for name in PRESETS:
         cfg = get_preset(name)
         fl = flops_breakdown(cfg)
-        rows.append(PresetRow(name, num_params(cfg), fl.total, fl.experts, describe_moe(cfg.moe)))
+        rows.append(PresetRow(name, f"{cfg.n_layer} d{cfg.d_model}", describe_moe(cfg.moe), num_params(cfg),
+                              fl.experts, fl.total))
     return rows
 
 

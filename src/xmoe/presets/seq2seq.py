@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params
 from xmoe.moe import MoEConfig
 
-from .gpt import build, describe_moe
+from .gpt import PresetRow, build, describe_moe
 
 # Layout and default vocabulary of each size: Transformer-base, a CPU size, and a debug size
 # that trains in seconds. MoE goes in encoder layers 2, 4, ... (Seq2SeqConfig's enc_moe_every=2).
@@ -76,16 +75,7 @@ def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
     return build(MT_PRESETS, name, what="translation", vocab_size=vocab_size)
 
 
-@dataclass(frozen=True)
-class MTPresetRow:
-    name: str
-    layers: str  # e.g. "6+6 d512"
-    experts: str  # e.g. "dense", "64x1024 t=0.9 in encoder layers 2, 4, 6"
-    params: int  # at the preset's default vocabulary
-    moe_flops_per_token: float  # the top-k budget of moe_flops_budget; 0 if dense
-
-
-def list_mt_presets() -> list[MTPresetRow]:
+def list_mt_presets() -> list[PresetRow]:
     """One row per translation preset, for ``xmoe presets``; counted on the meta device, so
     the base presets' 200M+ parameters are never allocated."""
     rows = []
@@ -100,5 +90,5 @@ def list_mt_presets() -> list[MTPresetRow]:
                                           ("decoder", cfg.dec_moe_layer_indices)) if layers]
             experts += f" in {'; '.join(where)}"
         layers = f"{cfg.n_enc_layer}+{cfg.n_dec_layer} d{cfg.d_model}"
-        rows.append(MTPresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
+        rows.append(PresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
     return rows

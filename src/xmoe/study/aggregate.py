@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from xmoe.errors import UsageError
+
 # Numbers averaged over seeds for every table row (missing keys, e.g. routing of a dense model, skip).
 SUMMARY_KEYS = ("perplexity", "capacity_perplexity", "experts_per_token", "moe_flops_per_token", "moe_flops_ratio",
                 "train_tokens_per_s", "inference_tokens_per_s", "train_experts_per_token",
@@ -22,7 +24,7 @@ def mean_std(values: Sequence[float]) -> dict:
     """``{"mean", "std", "n", "values"}``; std is the sample standard deviation (None if n < 2)."""
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("mean_std needs at least one value")
+        raise UsageError("mean_std needs at least one value")
     n = len(values)
     mean = math.fsum(values) / n
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
@@ -49,7 +51,7 @@ def flat(m: dict) -> dict:
 def summarize(label: str, runs: Sequence[dict], **extra: Any) -> dict:
     """One table row: ``label``, the seeds' per-layer experts/token, and mean_std of each number."""
     if not runs:
-        raise ValueError(f"no finished runs for {label}")
+        raise UsageError(f"no finished runs for {label}")
     row: dict[str, Any] = {"label": label, **extra, "n": len(runs)}
     if "params" in runs[0]:
         row["params"] = runs[0]["params"]

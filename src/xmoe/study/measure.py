@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
+from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
 from xmoe.moe import MoELayer, set_threshold
 from xmoe.training import (
@@ -93,7 +94,7 @@ def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> d
     if is_finished(run_dir):
         done = read_json(run_dir / MEASUREMENTS)
         if not _same_config(done["config"], cfg):
-            raise ValueError(
+            raise UsageError(
                 f"{run_dir} holds a finished run with another config than this study plans (other "
                 f"--steps, --scale or --data?); use another --out, or delete {run_dir}"
             )
@@ -188,7 +189,7 @@ def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
     lost a pair to capacity."""
     train = [r for r in rows if r.get("split") == "train"]
     if not train:
-        raise ValueError("metrics.jsonl has no training rows; the run did not train")
+        raise UsageError("metrics.jsonl has no training rows; the run did not train")
     steady = train[1:] or train
     last = train[-max(1, round(len(train) * tail)):]
     out = {"train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from xmoe.errors import UsageError, check_counts
 from xmoe.presets.gpt import PRESETS, family_moe, get_preset
 from xmoe.training import LMRunConfig, lm_run_config
 
@@ -107,7 +108,7 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.router not in (None, "topk", "threshold"):
-            raise ValueError(f"Variant.router must be None (dense), 'topk' or 'threshold', got {self.router!r}")
+            raise UsageError(f"Variant.router must be None (dense), 'topk' or 'threshold', got {self.router!r}")
 
     def label(self, d_ff: int) -> str:
         """``dense``, ``switch-8x512``, ``topk-16x256``, ``xmoe-64x64-t0.9``."""
@@ -182,14 +183,12 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
     validated) here, before anything trains. ``steps`` replaces the scale's train.max_steps;
     ``overrides`` are extra dotted overrides for every run (applied last)."""
     if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
+        raise UsageError(f"unknown study {name!r}; choose one of {', '.join(STUDIES)}")
     if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    for field_name, value in (("seeds", seeds), ("sweep_seeds", sweep_seeds)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+        raise UsageError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    check_counts("study", seeds=seeds, sweep_seeds=sweep_seeds)
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer (optimizer steps per run), got {steps!r}")
+        raise UsageError(f"steps must be a positive integer (optimizer steps per run), got {steps!r}")
     sc = SCALES[scale]
     extra = dict(overrides or {})
     if steps is not None:
@@ -240,7 +239,7 @@ def _preset(scale: Scale, variant: Variant) -> str:
     exact = [n for n in names if kind(n) == (variant.router, variant.num_experts)]
     same_router = [n for n in names if kind(n)[0] == variant.router]
     if not (exact or same_router):
-        raise ValueError(f"the {scale.family}-* presets have no {variant.router or 'dense'} model")
+        raise UsageError(f"the {scale.family}-* presets have no {variant.router or 'dense'} model")
     return (exact or same_router)[0]
 
 

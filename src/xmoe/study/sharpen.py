@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from xmoe.errors import check_counts
 from xmoe.extras import check_extra, needs_extra
 from xmoe.training import read_metrics
 
@@ -104,8 +105,7 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
                 overrides: dict[str, str] | None = None, progress: bool = False,
                 log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study in ``out``; write results.json, results.md and the plots."""
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    check_counts("study", seeds=seeds)
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     check_extra("study", "the study's plots")

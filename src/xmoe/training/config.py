@@ -1,24 +1,36 @@
-"""Run configuration: typed dataclasses, dotted command-line overrides, JSON round trip.
+"""Run configuration: the typed dataclasses of a run, their dotted overrides and their JSON
+form (config.json), parsed and checked by jsonargparse.
 
-    cfg = lm_run_config("cpu-xmoe-64x128", overrides={"model.moe.threshold": "0.8",
-                                                      "train.max_steps": "200"})
-    save_json(cfg)  ->  config.json next to every checkpoint, so `xmoe eval` needs no flags.
+    cfg = lm_run_config("cpu-xmoe-64x128", overrides={"model.moe.threshold": "0.8", "train.max_steps": "200"})
+    apply_overrides(cfg, {"train.betas": "[0.9, 0.98]"})   # a tuple is a JSON list; None is null (or none)
+    from_dict(LMRunConfig, json.loads(text))                # config.json, as to_dict wrote it
 
-Overrides are applied to the nested dataclasses by name; an unknown key or a value that does not
-parse as the field's type is a ValueError naming the key. Every dataclass re-validates itself.
+Why jsonargparse: one parser, made from the dataclasses' type hints, reads dotted values into
+nested dataclasses, the optional ``model.moe`` included (``--model.moe.threshold=0.8``, where
+tyro would make ``MoEConfig | None`` two subcommands to choose between), and checks a JSON object
+against the same hints (unknown keys refused, missing keys take their defaults), so the flags and
+config.json cannot drift apart. What stays here is what it does not do: naming the closest real
+key for an unknown one, one-line messages, and ``model.moe.model_dim`` following
+``model.d_model``. Every mistake is a UsageError naming the key; every dataclass re-validates
+itself in ``__post_init__``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
-import types
+import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonargparse import ArgumentError, ArgumentParser
+
 from xmoe.data import DataConfig
+from xmoe.errors import UsageError, check_counts
 from xmoe.models.gpt import GPTConfig
 from xmoe.presets import get_preset
 
@@ -58,34 +70,29 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "save_every", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"train.{name} must be a non-negative integer, got {value!r}")
+        check_counts("train", max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                     grad_accum=self.grad_accum, log_every=self.log_every, eval_batches=self.eval_batches)
+        check_counts("train", minimum=0, eval_every=self.eval_every, save_every=self.save_every, seed=self.seed)
         if not 0 < self.lr < math.inf:
-            raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
+            raise UsageError(f"train.lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
-            raise ValueError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
+            raise UsageError("train.min_lr_ratio must be in [0, 1] and train.warmup_fraction in [0, 1)")
         w = self.warmup_steps
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
-            raise ValueError(f"train.warmup_steps must be an integer >= 0 or None (use warmup_fraction), got {w!r}")
+            raise UsageError(f"train.warmup_steps must be an integer >= 0 or None (use warmup_fraction), got {w!r}")
         span = self.schedule_steps
         if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 1):
-            raise ValueError(f"train.schedule_steps must be a positive integer or None (= max_steps), got {span!r}")
+            raise UsageError(f"train.schedule_steps must be a positive integer or None (= max_steps), got {span!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+            raise UsageError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise UsageError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 < self.router_lr_mult < math.inf:
-            raise ValueError(f"train.router_lr_mult must be a positive finite number (1 = the paper's recipe), "
+            raise UsageError(f"train.router_lr_mult must be a positive finite number (1 = the paper's recipe), "
                              f"got {self.router_lr_mult!r}")
         for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "entropy_loss_coef"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+                raise UsageError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +106,7 @@ class LMRunConfig:
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.block_size:
-            raise ValueError(
+            raise UsageError(
                 f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
                 f"lower train.seq_len or raise model.block_size"
             )
@@ -121,122 +128,115 @@ def lm_run_config(preset: str, *, vocab_size: int | None = None, overrides: dict
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
-    """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from strings."""
+    """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from their text."""
     return _with_overrides(type(cfg), to_dict(cfg), overrides)
-
-
-def _with_overrides(cls: type, data: dict, overrides: dict[str, str]) -> Any:
-    """Overrides are set on the plain dict first and validated once, together, so that two
-    fields checked against each other (train.seq_len, model.block_size) can change in one go.
-    ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too."""
-    for key, text in overrides.items():
-        _set(cls, data, key, text)
-    model = data.get("model") or {}
-    if "model.d_model" in overrides and "model.moe.model_dim" not in overrides and model.get("moe"):
-        model["moe"]["model_dim"] = model["d_model"]
-    return from_dict(cls, data)
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """``["--train.max_steps=200", "--model.moe.threshold", "0.8"]`` -> a key/value dict."""
-    out, i = {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"unexpected argument {arg!r}; config overrides look like --train.max_steps=200")
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ValueError(f"override --{key} has no value; write --{key}=VALUE")
-            value, i = args[i + 1], i + 1
-        out[key.replace("-", "_")] = value
-        i += 1
-    return out
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
-    """Rebuild a (nested) config dataclass from ``to_dict`` output (e.g. a config.json); unknown
-    keys and values of the wrong JSON type are ValueErrors naming the dotted key."""
+def from_dict(cls: type, data: Any) -> Any:
+    """The config dataclass ``cls`` from ``to_dict`` output (e.g. a config.json)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object of fields, "
-                         f"not {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown config keys for {cls.__name__}: {', '.join(prefix + k for k in sorted(unknown))}")
-    kwargs = {}
-    for name, value in data.items():
-        inner = _dataclass_of(hints[name])
-        if inner is not None and value is not None:
-            value = from_dict(inner, value, prefix=f"{prefix}{name}.")
-        else:
-            value = _checked(hints[name], value, prefix + name)
-        kwargs[name] = value
-    return cls(**kwargs)
+        raise UsageError(f"a {cls.__name__} must be a JSON object of fields, not {type(data).__name__}")
+    parser = _parser(cls)
+    with _one_line_errors():
+        return _build(cls, parser, parser.parse_object(data))
 
 
-_JSON_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+def _with_overrides(cls: type, defaults: dict, overrides: dict[str, str]) -> Any:
+    """Overrides are parsed on top of ``defaults`` and validated once, together, so that two
+    fields checked against each other (train.seq_len, model.block_size) can change in one go.
+    ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too."""
+    _check_keys(cls, defaults, overrides)
+    if "model.d_model" in overrides and (defaults.get("model") or {}).get("moe") is not None:
+        overrides = {"model.moe.model_dim": overrides["model.d_model"], **overrides}
+    parser = _parser(cls)
+    parser.set_defaults(defaults)
+    with _one_line_errors():
+        flags = [f"--{key}={'null' if value in ('none', 'None') else value}" for key, value in overrides.items()]
+        return _build(cls, parser, parser.parse_args(flags))
 
 
-def _checked(tp: Any, value: Any, key: str) -> Any:
-    """``value`` (as JSON gives it) if it has the type ``tp`` asks for; lists become tuples."""
-    if _is_optional(tp):
-        if value is None:
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}.get(tp)
-    if ok is not None and not ok(value):
-        raise ValueError(f"config key {key!r} must be {_JSON_KIND[tp]}, got {value!r} ({type(value).__name__})")
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"config key {key!r} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_checked(a, v, key) for a, v in zip(args, value))
-    return value
+def _parser(cls: type) -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False)
+    parser.add_class_arguments(cls, nested_key=None)
+    return parser
 
 
-def _set(cls: type, data: dict, key: str, text: str) -> None:
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            prefix = ".".join(parts[:depth])
-            choices = [f"{prefix}.{n}" if prefix else n for n in hints]
-            guess = difflib.get_close_matches(key, choices, n=1) or _keys_named_like(parts[-1], _leaf_keys(cls, prefix))
-            hint = (f"; did you mean {' or '.join(f'{g!r} (--{g}=VALUE)' for g in guess)}?" if guess
-                    else f"; known keys here: {', '.join(choices)}")
-            raise ValueError(f"unknown config key {key!r} (--{key}){hint}")
-        if depth == len(parts) - 1:
-            if _dataclass_of(hints[part]) is not None:
-                raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.FIELD=VALUE")
-            data[part] = _parse(hints[part], text, key)
-            return
-        cls = _dataclass_of(hints[part])
-        if cls is None:
-            raise ValueError(f"config key {'.'.join(parts[:depth + 1])!r} has no fields; cannot set {key!r}")
-        if data[part] is None:
-            raise ValueError(
-                f"cannot set {key!r}: {'.'.join(parts[:depth + 1])} is None in this config "
-                f"(e.g. a dense preset has no model.moe); pick a preset that has it"
-            )
-        data = data[part]
+def _build(cls: type, parser: ArgumentParser, namespace) -> Any:
+    init = parser.instantiate(namespace)  # the nested dataclasses; the top level is ours to build
+    return cls(**{f.name: init[f.name] for f in dataclasses.fields(cls)})
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """jsonargparse's multi-line errors, and the dataclasses' own checks, as one UsageError."""
+    try:
+        yield
+    except (ArgumentError, ValueError, TypeError) as err:
+        raise UsageError(_one_line(str(err))) from None
+
+
+def _one_line(text: str) -> str:
+    """``Parser key "k": Expected a <class 'int'>. Got value: x`` -> ``config key 'k': expected
+    int, got x``; of a union (``model.moe``, ``int | None``, nested), its first member's complaint."""
+    keys = re.findall(r'Parser key "([^"]+)":', text)
+    reason = re.split(r'Parser key "[^"]+":', text)[-1]
+    union = "Errors:" in reason
+    if union:
+        errors = reason.rsplit("Errors:", 1)[-1]
+        reason = re.search(r"- (?:Problem with given class_path '[^']*':\s*)?(.+)", errors).group(1)
+        given = re.search(r"Given value: (?!Namespace|NestedArg)(.*)", text)
+        reason += f". Got value: {given.group(1)}" if given else ""
+    reason = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", " ".join(reason.split()))
+    reason = reason.replace(". Got value: ", ", got ")
+    if "expected tuple" in reason:
+        reason += " (write a tuple as a JSON list: [0.9, 0.95])"
+    elif union and "NoneType" in text and reason.startswith("expected"):
+        reason += " (or null for None)"
+    return f"config key {'.'.join(keys)!r}: {reason}" if keys else reason
+
+
+def config_keys(cls: type) -> list[str]:
+    """The dotted keys an override may set (``preset`` is chosen, not overridden)."""
+    return [key for key in _leaf_keys(cls) if key != "preset"]
+
+
+def check_config_keys(cls: type, keys: list[str]) -> None:
+    """A UsageError for the first key that is no field of ``cls``, naming the closest real ones."""
+    leaves = _leaf_keys(cls)
+    for key in keys:
+        if key in leaves:
+            continue
+        if any(leaf.startswith(key + ".") for leaf in leaves):
+            raise UsageError(f"config key {key!r} is a section; set one of its fields, e.g. --{key}.FIELD=VALUE")
+        guess = difflib.get_close_matches(key, leaves, n=1) or _keys_named_like(key.rsplit(".", 1)[-1], leaves)
+        hint = (f"; did you mean {' or '.join(f'{g!r} (--{g}=VALUE)' for g in guess)}?" if guess
+                else f"; known keys: {', '.join(leaves)}")
+        raise UsageError(f"unknown config key {key!r} (--{key}){hint}")
+
+
+def _check_keys(cls: type, defaults: dict, overrides: dict[str, str]) -> None:
+    """Keys that are no field, and fields of a section that is None in ``defaults``."""
+    check_config_keys(cls, list(overrides))
+    for key in overrides:
+        value, parts = defaults, key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            value = value[part]
+            if value is None:
+                section = ".".join(parts[:depth + 1])
+                raise UsageError(f"cannot set {key!r}: {section} is None in this config (e.g. a dense preset has no "
+                                 f"model.moe); pick a preset that has it")
 
 
 def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
     """Every settable dotted key below the config class ``cls``."""
     keys = []
     for name, tp in typing.get_type_hints(cls).items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        inner = _dataclass_of(tp)
-        keys += _leaf_keys(inner, dotted) if inner is not None else [dotted]
+        inner = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+        keys += _leaf_keys(inner, f"{prefix}{name}.") if inner is not None else [prefix + name]
     return keys
 
 
@@ -245,49 +245,3 @@ def _keys_named_like(word: str, keys: list[str]) -> list[str]:
     last = {key: key.rsplit(".", 1)[-1] for key in keys}
     close = set(difflib.get_close_matches(word, list(last.values()), n=3))
     return [key for key, name in last.items() if name in close or (len(word) >= 3 and word in name)][:3]
-
-
-def _parse(tp: Any, text: str, key: str) -> Any:
-    args = typing.get_args(tp)
-    if _is_optional(tp):
-        if text.lower() in ("none", "null"):
-            return None
-        tp = next(a for a in args if a is not type(None))
-        args = typing.get_args(tp)
-    try:
-        if tp is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typing.get_origin(tp) is tuple:
-            items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
-            if len(items) != len(args):
-                raise ValueError
-            return tuple(_parse(a, s.strip(), key) for a, s in zip(args, items))
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        if tp is str:
-            return text
-    except ValueError:
-        pass
-    raise ValueError(f"config key {key!r}: cannot read {text!r} as {_type_name(tp)}")
-
-
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _dataclass_of(tp: Any) -> type | None:
-    if _is_optional(tp):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp if dataclasses.is_dataclass(tp) else None
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is tuple:
-        return "a comma-separated tuple of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))

@@ -1,8 +1,8 @@
 """Language modelling on the shared loop: the task, evaluation with routing statistics, and the
 three entry points the CLI wires up (train, load, evaluate).
 
-Loss: ``CE + aux_loss_coef * sum over MoE layers of l_aux``, as in XMoE's recipe (coefficient
-0.01), ``+ z_loss_coef * z-loss + entropy_loss_coef * router entropy`` where those options are on.
+Loss: the next-token cross entropy with the MoE losses of xmoe.training.objective (the paper's
+balancing loss; the z-loss and the router entropy where those options are on).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
+from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint
-from .config import LMRunConfig, to_dict
-from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_fits_in_memory, check_resumable, check_same_data, run_folder, saved_config
+from .config import LMRunConfig, lm_run_config
+from .loop import TrainResult, autocast_context
+from .objective import moe_objective
+from .runs import LoadedRun, TaskKind, load_run, train_task
 
 
 class LMTask:
@@ -42,16 +43,7 @@ class LMTask:
     def loss(self, model, batch):
         x_BL, y_BL = batch
         out = model(x_BL, y_BL)
-        t = self.train_cfg
-        loss = (out.loss + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
-                + t.entropy_loss_coef * out.entropy_loss)
-        logs = {"loss": loss.detach(), "ce": out.loss.detach(), "aux_loss": out.aux_loss.detach(),
-                "router_entropy": out.entropy_loss.detach()}
-        if out.stats:
-            logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
-            logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
-            logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
-        return loss, logs
+        return moe_objective(out.loss, out, self.train_cfg)
 
     def evaluate(self, model) -> dict:
         t = self.train_cfg
@@ -103,7 +95,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         for layer, s in zip(layers, out.stats):
             layer.add(s)
     if total_tokens == 0:
-        raise ValueError("evaluation got no batches: the evaluation text is shorter than one sequence")
+        raise UsageError("evaluation got no batches: the evaluation text is shorter than one sequence")
     result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers or [])
     if model.cfg.moe is not None and result.layers:
         result.moe_flops_per_token = moe_flops_per_token(model.cfg, [l.kept_pairs / l.tokens for l in result.layers])
@@ -113,35 +105,12 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
 
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
              progress: bool = True, parallel=None) -> TrainResult:
-    """Prepare data (tokenizer saved in run_dir), build the model and run the shared loop.
-
-    ``parallel`` (xmoe.distributed.Parallel): this process is one rank of a distributed run;
-    rank 0 prepares the data first, the others then read what it wrote.
-    """
-    run_dir = Path(run_dir)
-    with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
-        saved_state = begin_run(run_dir, resume=resume)
-        if resume:
-            saved = saved_config(run_dir, LMRunConfig, "lm")
-            check_resumable(saved, cfg, run_dir, saved_state=saved_state,
-                            ranks=parallel.world_size if parallel is not None else 1)
-        data = _prepare_once(cfg, run_dir, parallel)
-        check_same_data(saved_state, data.fingerprint, run_dir,
-                        f"the text behind data.path={cfg.data.path!r} (another file, or another Python version "
-                        f"for the default corpus)")
-        # The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a small
-        # corpus can give fewer tokens).
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
-        check_fits_in_memory(num_params(cfg.model), f"preset {cfg.preset}")
-        torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model)  # every rank builds the same full model, then keeps its expert shard
-        return train(model, LMTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                     progress=progress, extra_state={"data_fingerprint": data.fingerprint,
-                                                     "world_size": parallel.world_size if parallel else 1},
-                     parallel=parallel)
+    """Train (or with ``resume``, continue) the language model ``cfg`` in ``run_dir``; see
+    xmoe.training.runs.train_task. ``parallel``: this process is one rank of a distributed run."""
+    return train_task(LM_TASK, cfg, run_dir, resume=resume, progress=progress, parallel=parallel)
 
 
-def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
+def _prepare_once(cfg: LMRunConfig, run_dir: Path, resume: bool, parallel) -> LMData:
     """Tokenizer and token cache written by one rank; the others wait, then reuse them."""
     if parallel is None:
         return prepare_lm_data(cfg.data, run_dir)
@@ -150,28 +119,27 @@ def _prepare_once(cfg: LMRunConfig, run_dir: Path, parallel) -> LMData:
     return data if data is not None else prepare_lm_data(cfg.data, run_dir)
 
 
-@dataclass(frozen=True)
-class LoadedLM:
-    model: GPT
-    cfg: LMRunConfig
-    run_dir: Path
-
-    @property
-    def tokenizer(self):
-        return load_tokenizer(self.run_dir)
+def _fit_vocab(cfg: LMRunConfig, data: LMData) -> LMRunConfig:
+    """The model's vocabulary is the tokenizer's (data.vocab_size is what BPE was asked for; a
+    small corpus can give fewer tokens)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data.vocab_size))
 
 
-def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedLM:
-    """A trained model, its resolved config and its run folder, from a run or checkpoint folder."""
-    cfg = saved_config(path, LMRunConfig, "lm")
-    check_fits_in_memory(num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
-    model = GPT(cfg.model)
-    load_checkpoint(path, model)
-    model.to(resolve_device(device)).eval()
-    return LoadedLM(model, cfg, checkpoint_dir(path).parent)
+LM_TASK = TaskKind(
+    name="lm", config=LMRunConfig, from_preset=lm_run_config, default_preset="cpu-xmoe-64x128", prepare=_prepare_once, fit_vocab=_fit_vocab, build_model=GPT, task=LMTask,
+    describe_data=lambda cfg: (f"the text behind data.path={cfg.data.path!r} (another file, or another Python "
+                               f"version for the default corpus)"),
+    num_params=num_params, load_vocab=load_tokenizer,
+)
 
 
-def eval_batches(loaded: LoadedLM, data_path: str | None, *, batch_size: int | None = None,
+def load_lm(path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
+    """A trained language model, its config, run folder and tokenizer (``.vocab``), from a run or
+    checkpoint folder."""
+    return load_run(LM_TASK, path, device=device)
+
+
+def eval_batches(loaded: LoadedRun, data_path: str | None, *, batch_size: int | None = None,
                  max_batches: int | None = None, split: str = "val") -> ValBatches:
     """Batches of the run's validation split (data_path None; ``split="test"``: its held-out
     test split, see DataConfig.test_fraction) or of new text through the run's tokenizer."""

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from xmoe.distributed import Ranks, SingleProcess
+from xmoe.errors import UsageError
 
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -59,9 +60,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu or auto")
+        raise UsageError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu or auto")
     return device
 
 
@@ -89,7 +90,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     if resume:
         start = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=parallel)["step"]
         if start >= cfg.max_steps:
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint in {run_dir} is already at step {start}; to continue, raise "
                 f"train.max_steps above {start} (e.g. --train.max_steps={2 * start})"
             )

@@ -16,7 +16,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,15 +34,16 @@ from xmoe.data.parallel import (
     prepare_parallel_data,
     source_batches,
 )
+from xmoe.errors import UsageError, check_counts
 from xmoe.extras import check_extra, needs_extra
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
 
-from .checkpoint import checkpoint_dir, load_checkpoint
-from .config import TrainConfig, apply_overrides, to_dict
-from .loop import TrainResult, autocast_context, resolve_device, train
-from .runs import begin_run, check_resumable, check_same_data, run_folder, saved_config
+from .config import TrainConfig, apply_overrides
+from .loop import TrainResult, autocast_context
+from .objective import moe_objective
+from .runs import LoadedRun, TaskKind, load_run, train_task
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,12 +58,9 @@ class DecodeConfig:
     max_tokens: int = 2048  # padded source tokens per translation batch
 
     def __post_init__(self) -> None:
-        for name in ("beam", "max_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"decode.{name} must be a positive integer, got {value!r}")
+        check_counts("decode", beam=self.beam, max_tokens=self.max_tokens)
         if not (self.length_penalty >= 0 and self.max_len_a >= 0 and self.max_len_b >= 0):
-            raise ValueError("decode.length_penalty, decode.max_len_a and decode.max_len_b must be >= 0")
+            raise UsageError("decode.length_penalty, decode.max_len_a and decode.max_len_b must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,14 +79,14 @@ class MTRunConfig:
 
     def __post_init__(self) -> None:
         if self.data.max_len > self.model.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"data.max_len={self.data.max_len} exceeds model.max_len={self.model.max_len} (the "
                 f"positions the model has); lower data.max_len or raise model.max_len"
             )
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.eval_bleu_sentences, int) or self.eval_bleu_sentences < 0:
-            raise ValueError(f"eval_bleu_sentences must be an integer >= 0, got {self.eval_bleu_sentences!r}")
+            raise UsageError(f"eval_bleu_sentences must be an integer >= 0, got {self.eval_bleu_sentences!r}")
 
 
 # Per model size: the recipe's optimizer settings and a batch and vocabulary that fit the size.
@@ -147,16 +144,7 @@ class MTTask:
         src_BS, tgt_in_BL, tgt_out_BL = batch
         out = model(src_BS, tgt_in_BL)
         ce = label_smoothed_loss(out.logits_BLV, tgt_out_BL, self.cfg.label_smoothing)
-        t = self.cfg.train
-        loss = (ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
-                + t.entropy_loss_coef * out.entropy_loss)
-        logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach(),
-                "router_entropy": out.entropy_loss.detach()}
-        if out.stats:
-            logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
-            logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
-            logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
-        return loss, logs
+        return moe_objective(ce, out, self.cfg.train)
 
     def evaluate(self, model: Seq2Seq) -> dict[str, Any]:
         """Validation loss and routing on every pair; BLEU/chrF++ of greedy translations of the
@@ -184,7 +172,7 @@ def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: 
     layer over its own side's tokens, summed over layers) and their ratio to the top-k model of
     equal parameters."""
     if not len(pairs):
-        raise ValueError("evaluation got no sentence pairs (all filtered as over-long?)")
+        raise UsageError("evaluation got no sentence pairs (all filtered as over-long?)")
     model.eval()
     device = next(model.parameters()).device
     total, tokens, layers = 0.0, 0, [RoutingSummary() for _ in model.moe_layers()]
@@ -236,19 +224,19 @@ def corpus_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
         from sacrebleu.metrics import BLEU, CHRF
 
     if len(hyps) != len(refs):
-        raise ValueError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
+        raise UsageError(f"{len(hyps)} translations for {len(refs)} references; the files must be line-aligned")
     bleu, chrf = BLEU(), CHRF(word_order=2)
     b, c = bleu.corpus_score(list(hyps), [list(refs)]), chrf.corpus_score(list(hyps), [list(refs)])
     return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "bleu_text": str(b),
             "chrf": c.score, "chrf_signature": str(chrf.get_signature()), "chrf_text": str(c)}
 
 
-def evaluate_mt(loaded: LoadedMT, src_lines: Sequence[str], ref_lines: Sequence[str], *,
+def evaluate_mt(loaded: LoadedRun, src_lines: Sequence[str], ref_lines: Sequence[str], *,
                 decode: DecodeConfig | None = None) -> tuple[dict[str, Any], list[str]]:
     """Translate ``src_lines``, score against ``ref_lines`` (BLEU, chrF++), and measure the
     routing on the (source, reference) pairs. Returns the summary and the translations."""
     if len(src_lines) != len(ref_lines):
-        raise ValueError(f"--src has {len(src_lines)} lines, --ref has {len(ref_lines)}; they must be line-aligned")
+        raise UsageError(f"--src has {len(src_lines)} lines, --ref has {len(ref_lines)}; they must be line-aligned")
     decode = decode or loaded.cfg.decode
     precision = loaded.cfg.train.precision
     hyps = translate_lines(loaded.model, loaded.vocab, src_lines, decode, precision=precision)
@@ -263,53 +251,39 @@ def evaluate_mt(loaded: LoadedMT, src_lines: Sequence[str], ref_lines: Sequence[
 
 def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
              progress: bool = True) -> TrainResult:
-    """Read the parallel data (vocabulary saved in run_dir), build the model, run the shared loop."""
+    """Train (or with ``resume``, continue) the translation model ``cfg`` in ``run_dir``; see
+    xmoe.training.runs.train_task."""
     check_extra("mt", "translation")  # before the run folder is made, not at the first BLEU
-    run_dir = Path(run_dir)
-    with run_folder(run_dir, resume=resume):
-        saved_state = begin_run(run_dir, resume=resume)
-        if resume:
-            saved = saved_config(run_dir, MTRunConfig, "mt")
-            check_resumable(saved, cfg, run_dir, saved_state=saved_state, also_resumable=_ALSO_RESUMABLE)
-        data = prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
-        check_same_data(saved_state, data.fingerprint, run_dir, "the parallel files")
-        vocab = data.vocab
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
-        torch.manual_seed(cfg.train.seed)
-        model = Seq2Seq(cfg.model)
-        return train(model, MTTask(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                     progress=progress, extra_state={"data_fingerprint": data.fingerprint})
+    return train_task(MT_TASK, cfg, run_dir, resume=resume, progress=progress)
 
 
-# Beyond the training fields every task may change on a resume: decoding and evaluation only.
-_ALSO_RESUMABLE = ("decode.", "eval_bleu_sentences")
+def _fit_vocab(cfg: MTRunConfig, data: ParallelData) -> MTRunConfig:
+    vocab = data.vocab
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
 
 
-@dataclass(frozen=True)
-class LoadedMT:
-    model: Seq2Seq
-    cfg: MTRunConfig
-    run_dir: Path
-    vocab: SubwordVocab
+MT_TASK = TaskKind(
+    name="mt", config=MTRunConfig, from_preset=mt_run_config, default_preset="cpu-xmoe-32x512", fit_vocab=_fit_vocab, build_model=Seq2Seq, task=MTTask,
+    prepare=lambda cfg, run_dir, resume, parallel: prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume),
+    describe_data=lambda cfg: "the parallel files",
+    # Beyond the training fields every task may change on a resume: decoding and evaluation only.
+    also_resumable=("decode.", "eval_bleu_sentences"), load_vocab=load_subword_vocab,
+)
 
 
-def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedMT:
-    """A trained model, its config, run folder and vocabulary, from a run or checkpoint folder."""
-    cfg = saved_config(path, MTRunConfig, "mt")
-    model = Seq2Seq(cfg.model)
-    load_checkpoint(path, model)
-    model.to(resolve_device(device)).eval()
-    run_dir = checkpoint_dir(path).parent
-    return LoadedMT(model, cfg, run_dir, load_subword_vocab(run_dir))
+def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
+    """A trained translation model, its config, run folder and subword vocabulary, from a run or
+    checkpoint folder."""
+    return load_run(MT_TASK, path, device=device)
 
 
-def translate(loaded: LoadedMT, lines: Sequence[str], *, decode: DecodeConfig | None = None) -> list[str]:
+def translate(loaded: LoadedRun, lines: Sequence[str], *, decode: DecodeConfig | None = None) -> list[str]:
     return translate_lines(loaded.model, loaded.vocab, lines, decode or loaded.cfg.decode,
                            precision=loaded.cfg.train.precision)
 
 
 __all__ = [
-    "DecodeConfig", "LoadedMT", "MTRunConfig", "MTTask", "corpus_scores", "evaluate_mt", "label_smoothed_loss",
+    "DecodeConfig", "MTRunConfig", "MTTask", "corpus_scores", "evaluate_mt", "label_smoothed_loss",
     "load_mt", "moe_summary", "mt_run_config", "teacher_forced", "train_mt", "translate", "translate_lines",
 ]

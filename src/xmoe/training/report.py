@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from xmoe.errors import UsageError
 from xmoe.extras import MissingExtra, needs_extra
 
 METRICS_FILE = "metrics.jsonl"
@@ -106,7 +107,7 @@ def plot_threshold_sweep(rows: Sequence[dict], path: str | os.PathLike, *, basel
     dense FFN the experts were split from: a converted or split model, whose t = 1 is that dense
     model, drawn as a horizontal line)."""
     if baseline not in ("top-k", "dense"):
-        raise ValueError(f"baseline must be 'top-k' or 'dense', got {baseline!r}")
+        raise UsageError(f"baseline must be 'top-k' or 'dense', got {baseline!r}")
     rows = _sweep_rows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,13 +163,62 @@ def sweep_table(rows: Sequence[dict]) -> str:
 # --- reading --------------------------------------------------------------------------------------
 
 
+def is_dense_split(moe) -> bool:
+    """A dense FFN split into experts (top_k = E): its own baseline is the dense FFN."""
+    return moe is not None and moe.top_k >= moe.num_experts
+
+
+def flops_baseline(moe) -> str:
+    """What the MoE FLOPs ratio compares with: a split dense FFN (top_k = E) is its own baseline."""
+    if is_dense_split(moe):
+        return f"the dense FFN's (all {moe.num_experts} experts' compute)"
+    return "the top-k model of equal parameters"
+
+
+def describe_eval(summary: dict, moe, on: str | None = None) -> str:
+    """An LM evaluation (``LMEval.to_dict()``) in words, with what to do when nothing is saved
+    yet; ``moe``: the model's MoEConfig; ``on``: the text evaluated, if not the validation split."""
+    what = "validation loss" if on is None else f"loss on {on}"
+    lines = [f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)"]
+    if "layers" not in summary:
+        return "\n".join(lines)
+    per_layer = ", ".join(f"{layer['experts_per_token']:.2f}" for layer in summary["layers"])
+    ratio = summary["moe_flops_ratio"]
+    verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
+    median_top1 = statistics.fmean(layer["top1_quartiles"][1] for layer in summary["layers"])
+    lines += [
+        f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})",
+        f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = {ratio:.1%} of "
+        f"{flops_baseline(moe)} ({verdict})",
+        f"router confidence: median top-1 probability {median_top1:.3f} "
+        f"(1/E = {1 / len(summary['layers'][0]['tokens_per_expert']):.3f} is a uniform router)",
+    ]
+    if ratio > 1:
+        lines.append("  the router is still unsure, so the threshold rule engages many experts; XMoE's saving "
+                     "comes as training sharpens it (the paper trains 60k steps). Train longer "
+                     "(--train.max_steps, or xmoe demo --steps), or lower the threshold at inference (see the sweep).")
+    return "\n".join(lines)
+
+
+def describe_mt_eval(final: dict, *, bleu_sentences: int) -> str:
+    """The last evaluation of a translation run in words (``bleu_sentences``: how many
+    validation sentences BLEU and chrF++ were computed on)."""
+    line = f"validation loss {final['loss']:.4f}"
+    if "bleu" in final:
+        line += f", greedy BLEU {final['bleu']:.2f}, chrF++ {final['chrf']:.2f} (first {bleu_sentences} sentences)"
+    if "experts_per_token" in final:
+        line += (f"\nexperts per token {final['experts_per_token']:.2f}; MoE FLOPs {final['moe_flops_ratio']:.1%} "
+                 f"of the top-k model of equal parameters")
+    return line
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; errors name the file (and the line) and say what to do."""
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}; give the folder `xmoe train --out` wrote")
     rows = parse_metrics(path)
     if not rows:
-        raise ValueError(f"{path} has no rows; the run logged nothing yet (train at least one step)")
+        raise UsageError(f"{path} has no rows; the run logged nothing yet (train at least one step)")
     return rows
 
 
@@ -194,9 +244,9 @@ def _parse_row(line: str, path: Path, number: int) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); was the file cut short?") from None
+        raise UsageError(f"{path}, line {number}: not JSON ({e.msg}); was the file cut short?") from None
     if not isinstance(row, dict) or "step" not in row or row.get("split") not in ("train", "val"):
-        raise ValueError(f"{path}, line {number}: expected an object with 'step' and split 'train' or 'val'")
+        raise UsageError(f"{path}, line {number}: expected an object with 'step' and split 'train' or 'val'")
     return row
 
 
@@ -538,11 +588,11 @@ def _md_row(cells: Sequence[str]) -> str:
 def _sweep_rows(rows: Sequence[dict]) -> list[dict]:
     rows = list(rows)
     if not rows:
-        raise ValueError("the threshold sweep has no rows; give at least one threshold")
+        raise UsageError("the threshold sweep has no rows; give at least one threshold")
     for i, row in enumerate(rows):
         missing = [k for k in ("threshold", "perplexity", "moe_flops_ratio") if not _finite(row.get(k))]
         if missing:
-            raise ValueError(f"threshold sweep row {i} needs numbers for {missing}, got {row!r}")
+            raise UsageError(f"threshold sweep row {i} needs numbers for {missing}, got {row!r}")
     return rows
 
 

@@ -1,11 +1,15 @@
-"""Starting and resuming a run folder: the checks every task (LM, translation) makes before the
-shared loop runs, so that ``--resume`` continues a run exactly or refuses with the reason.
+"""Starting and resuming a run: the steps every task (LM, translation) takes around the shared
+loop, so that ``--resume`` continues a run exactly or refuses with the reason.
 
-    with run_folder(run_dir, resume=...):                  # the lock; a failed start is undone
-        saved_state = begin_run(run_dir, resume=...)      # None for a new run
-        check_resumable(saved_cfg, cfg, run_dir, saved_state=saved_state, ranks=...)
-        check_same_data(saved_state, fingerprint, run_dir)
-        train(...)
+    train_task(LM_TASK, cfg, run_dir, resume=...)        # what train_lm and train_mt are
+        with run_folder(run_dir, resume=...):             # 1. the lock; a failed start is undone
+            saved_state = begin_run(run_dir, resume=...)  # 2. None for a new run
+            check_resumable(saved_cfg, cfg, ...)          # 3. a resume changes nothing that shapes the run
+            data = kind.prepare(...)                      # 4. tokenizer / vocabulary saved in the run folder
+            check_same_data(saved_state, ...)             # 5. and the same text
+            cfg = kind.fit_vocab(cfg, data)               # 6. the model's vocabulary is the data's
+            model = kind.build_model(cfg.model)           # 7. after the memory check, from the seed
+            train(model, kind.task(data, cfg), ...)       # 8. the shared loop
 
 One process at a time owns a run folder: ``run_folder`` takes an exclusive ``fcntl.flock`` on
 ``RUN/.xmoe.lock`` (released by the kernel when the process ends, however it ends; POSIX only,
@@ -24,12 +28,19 @@ import shutil
 import socket
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, checkpoint_dir, read_config, read_state
-from .config import from_dict, to_dict
+import torch
+from torch import nn
+
+from xmoe.errors import UsageError
+
+from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_config, read_state
+from .config import apply_overrides, from_dict, to_dict
+from .loop import TrainResult, resolve_device, train
 from .stopping import raising
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
@@ -124,6 +135,86 @@ def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class TaskKind:
+    """What one kind of run (``name``: "lm", "mt") does in the steps of ``train_task``."""
+
+    name: str
+    config: type  # its run config class, as saved in config.json
+    from_preset: Callable[..., Any]  # (preset, overrides=...) -> the run config
+    default_preset: str
+    prepare: Callable[..., Any]  # (cfg, run_dir, resume, parallel) -> data with a .fingerprint
+    fit_vocab: Callable[[Any, Any], Any]  # (cfg, data) -> cfg whose model has the data's vocabulary
+    build_model: Callable[[Any], Any]  # cfg.model -> the model
+    task: Callable[[Any, Any], Any]  # (data, cfg) -> a loop.Task
+    describe_data: Callable[[Any], str]  # what changed when a resume finds other text
+    load_vocab: Callable[[Path], Any]  # run folder -> the vocabulary prepare saved there
+    num_params: Callable[[Any], int] | None = None  # cfg.model -> parameters, checked before building
+    also_resumable: tuple[str, ...] = ()  # beyond RESUMABLE_TRAIN_FIELDS: see check_resumable
+
+
+def run_config(kind: TaskKind, preset: str | None, overrides: dict[str, str], *,
+               resume_from: str | os.PathLike | None = None) -> Any:
+    """The config a run starts from: ``preset`` (None: the kind's default) with ``overrides``; to
+    resume, the config saved in run folder ``resume_from`` with them (train_task then refuses
+    those that would break exactness), where ``preset``, if given, must be the run's."""
+    if resume_from is None:
+        return kind.from_preset(preset or kind.default_preset, overrides=overrides)
+    saved = saved_config(resume_from, kind.config, kind.name)
+    if preset is not None and preset != saved.preset:
+        raise UsageError(f"--resume: {resume_from} was trained with --preset {saved.preset}, not {preset}")
+    return apply_overrides(saved, overrides)
+
+
+def train_task(kind: TaskKind, cfg, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+               parallel=None) -> TrainResult:
+    """Prepare the data (its vocabulary saved in ``run_dir``), build the model and run the shared
+    loop; ``resume`` continues the run in ``run_dir`` exactly, or refuses.
+
+    ``parallel`` (xmoe.distributed.Parallel): this process is one rank of a distributed run; rank
+    0 owns the run folder and prepares the data first."""
+    run_dir = Path(run_dir)
+    ranks = parallel.world_size if parallel is not None else 1
+    with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
+        saved_state = begin_run(run_dir, resume=resume)
+        if resume:
+            check_resumable(saved_config(run_dir, kind.config, kind.name), cfg, run_dir, saved_state=saved_state,
+                            ranks=ranks, also_resumable=kind.also_resumable)
+        data = kind.prepare(cfg, run_dir, resume, parallel)
+        check_same_data(saved_state, data.fingerprint, run_dir, kind.describe_data(cfg))
+        cfg = kind.fit_vocab(cfg, data)
+        if kind.num_params is not None:
+            check_fits_in_memory(kind.num_params(cfg.model), f"preset {cfg.preset}")
+        torch.manual_seed(cfg.train.seed)
+        model = kind.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
+        return train(model, kind.task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": ranks},
+                     parallel=parallel)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A trained model, its resolved config, its run folder and its vocabulary (a language
+    model's BPE tokenizer, a translation run's subword vocabulary)."""
+
+    model: nn.Module
+    cfg: Any
+    run_dir: Path
+    vocab: Any
+
+
+def load_run(kind: TaskKind, path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
+    """The run of ``kind`` in ``path`` (a run or checkpoint folder), its model in eval mode."""
+    cfg = saved_config(path, kind.config, kind.name)
+    if kind.num_params is not None:
+        check_fits_in_memory(kind.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
+    model = kind.build_model(cfg.model)
+    load_checkpoint(path, model)
+    model.to(resolve_device(device)).eval()
+    run_dir = checkpoint_dir(path).parent
+    return LoadedRun(model, cfg, run_dir, kind.load_vocab(run_dir))
+
+
 # What each kind of run is, and the commands that take it.
 _KINDS = {
     "lm": "a language-model run (xmoe train): use xmoe eval, generate or sweep-threshold, and xmoe train to --resume it",
@@ -154,7 +245,7 @@ def check_fits_in_memory(params: int, what: str) -> None:
     except (ValueError, OSError, AttributeError):  # not available on this platform
         return
     if 4 * params > memory:
-        raise ValueError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
+        raise UsageError(f"{what} would have {params:,} parameters ({4 * params / 2**30:,.0f} GiB in fp32), more "
                          f"than this machine's {memory / 2**30:,.0f} GiB of memory; check its model sizes "
                          f"(model.vocab_size, model.d_model, ...)")
 
@@ -180,7 +271,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
     saved_micro, micro = saved_cfg.train.grad_accum * saved_ranks, cfg.train.grad_accum * ranks
     if saved_micro != micro:
         hint = f"; with {ranks} rank(s) use --train.grad_accum={saved_micro // ranks}" if saved_micro % ranks == 0 else ""
-        raise ValueError(
+        raise UsageError(
             f"--resume: {run_dir} took {saved_micro} micro-batches per step (train.grad_accum="
             f"{saved_cfg.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
@@ -193,7 +284,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: 
                      if old.get(key) != new.get(key) and not _matches(key, free))
     if changed:
         allowed = sorted({f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable))
-        raise ValueError(
+        raise UsageError(
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(name + '*' if name.endswith('.') else name for name in allowed)}"
         )
@@ -221,7 +312,7 @@ def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
 def check_same_data(saved_state: dict | None, fingerprint: str, run_dir: Path, what: str) -> None:
     """Refuse a resume whose training text changed (it would train on other batches)."""
     if saved_state is not None and saved_state.get("data_fingerprint") not in (None, fingerprint):
-        raise ValueError(
+        raise UsageError(
             f"--resume: {what} changed since {run_dir} was trained; resuming would train on other "
             f"batches. Start a new run with --out"
         )

@@ -67,3 +67,19 @@ def tiny_family(family: str, **overrides) -> torch.nn.Module:
 
 
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
+
+
+# the words of the text the Hugging Face tests tokenize and evaluate on
+WORDS = "the quick brown fox jumps over the lazy dog while sparse experts route every token".split()
+
+
+def byte_level_tokenizer(text_path) -> tf.PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer (300 tokens, <|endoftext|>) trained on ``text_path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train([str(text_path)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")

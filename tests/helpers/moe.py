@@ -1,12 +1,12 @@
 """Shared helpers for the xmoe.moe tests: building layers, running the oracle on a layer's own
-weights, and collecting gradients. The oracle itself (moe_oracle.py) knows nothing of xmoe."""
+weights, and collecting gradients. The oracle itself (helpers/oracle.py) knows nothing of xmoe."""
 
 from __future__ import annotations
 
 import torch
 from hypothesis import settings
 
-import moe_oracle as oracle
+from helpers import oracle
 from xmoe.moe import BACKENDS, MoEConfig, MoELayer
 
 # Small, deterministic property runs: CI must see the same examples every time.

@@ -1,0 +1,19 @@
+"""The one exception type for a user's mistake: ``xmoe`` prints it as one line (exit status 2),
+while any other exception keeps its traceback, because it is a bug.
+
+This module imports nothing, so every layer may use it.
+"""
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (a flag, a config value, a file or folder given);
+    the message names it and how to fix it."""
+
+
+def check_counts(owner: str, *, minimum: int = 1, **values: object) -> None:
+    """A UsageError naming ``owner.NAME`` for the first of ``values`` that is not an integer
+    >= ``minimum`` (1: a positive integer, 0: a non-negative one; True and False are not counts)."""
+    kind = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise UsageError(f"{owner}.{name} must be {kind}, got {value!r}")
