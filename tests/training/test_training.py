@@ -19,6 +19,8 @@ from xmoe.training import (
     LMRunConfig,
     TrainConfig,
     apply_overrides,
+    eval_batches,
+    evaluate_lm,
     from_dict,
     lm_run_config,
     load_checkpoint,
@@ -303,19 +305,32 @@ def test_bad_warmup_steps_is_a_clear_error(value):
         TrainConfig(warmup_steps=value)
 
 
-def test_demo_runs_end_to_end(corpus, tmp_path, monkeypatch, capsys):
-    """`xmoe demo` (the README's main job) at toy size: train, evaluate, sweep, report."""
+@pytest.mark.parametrize("paper", [False, True])
+def test_demo_trains_xmoe_and_top_k_on_the_same_tokens_and_compares_them(corpus, tmp_path, monkeypatch, capsys, paper):
+    """`xmoe demo` (the README's main job) at toy size: XMoE (sharpened unless --paper-recipe) and
+    the top-k model of equal parameters, the compute dial, and the side-by-side closing lines."""
     from xmoe.cli import main as cli
+    from xmoe.models.gpt import num_params
 
     monkeypatch.setattr(cli, "_DEMO_TRAIN", {
         **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
         "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
     out = tmp_path / "demo"
-    cli.main(["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)])
+    cli.main(["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)]
+             + (["--paper-recipe"] if paper else []))
     printed = capsys.readouterr().out
-    assert "perplexity" in printed and "experts per token" in printed
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert (out / "report" / "threshold_sweep.png").is_file()
+    xmoe, topk = load_lm(out / "xmoe"), load_lm(out / "topk")
+    assert xmoe.cfg.train.entropy_loss_coef == (0.0 if paper else cli.DEMO_ENTROPY_COEF)
+    assert topk.cfg.train.entropy_loss_coef == 0.0 and topk.cfg.model.moe.router == "topk"
+    assert num_params(xmoe.model) == num_params(topk.model)
+    assert (out / "xmoe" / "tokenizer.json").read_bytes() == (out / "topk" / "tokenizer.json").read_bytes()
+    for run in ("xmoe", "topk"):
+        assert json.loads((out / run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "xmoe" / "report" / "threshold_sweep.png").is_file()
+    assert ("the paper's recipe" in printed) == paper and ("with router sharpening" in printed) != paper
+    closing = printed[printed.index("XMoE against top-k"):]
+    ppl = evaluate_lm(topk.model, list(eval_batches(topk, None, max_batches=2))).perplexity
+    assert f"| top-k, equal parameters | {ppl:.2f} | {topk.cfg.model.moe.top_k:.2f} | 1.00x |" in closing
 
 
 @pytest.mark.parametrize("error, one_line", [(UsageError("--x is wrong; use --y"), True), (ValueError("a bug"), False)])

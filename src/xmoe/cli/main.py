@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -202,29 +203,63 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job: a CPU-sized XMoE trained on text that ships with Python, then evaluated."""
-    from xmoe.training import eval_batches, lm_run_config, load_lm
-    from xmoe.training.report import write_report
+    """The main job: XMoE and the top-k model of equal parameters, trained on the same tokens of
+    text that ships with Python, evaluated and compared; then XMoE's compute dial."""
+    from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.training.report import describe_comparison, write_report
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
-    if (out / "checkpoint").exists():
-        raise UsageError(f"{out} already holds a run; pass --out NEW_DIR (or delete {out})")
-    overrides = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
+    if any((out / name / "checkpoint").exists() for name in ("xmoe", "topk")):
+        raise UsageError(f"{out} already holds a demo; pass --out NEW_DIR (or delete {out})")
+    common = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
     if args.data is not None:
-        overrides["data.path"] = args.data
-    train_and_report(lm_run_config(args.preset, overrides=overrides), out)
+        common["data.path"] = args.data
+    sharpen = {} if args.paper_recipe else {"train.entropy_loss_coef": f"{DEMO_ENTROPY_COEF:g}"}
+    xmoe_cfg = lm_run_config(args.preset, overrides={**common, **sharpen})
+    moe = xmoe_cfg.model.moe
+    if moe is None or moe.router != "threshold":
+        raise UsageError(f"--preset {args.preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
+    topk_cfg = lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk"})
 
-    loaded = load_lm(out)
-    if loaded.model.cfg.moe is not None and loaded.model.cfg.moe.router == "threshold":
-        print("\nthe compute dial: the same model evaluated at other thresholds (dropless)")
-        _sweep(loaded, [0.5, 0.7, 0.9, 1.0], eval_batches(loaded, None, max_batches=10), out / "report")
-        write_report(out)  # again, now with the sweep in summary.md
+    print(_demo_recipe(moe, args.paper_recipe))
+    seconds = {}
+    for name, cfg in (("xmoe", xmoe_cfg), ("topk", topk_cfg)):
+        if name == "topk":
+            print(f"\nthe baseline: top-{moe.top_k} routing over the same {moe.num_experts} experts (equal "
+                  f"parameters), trained on the same tokens")
+        t0 = time.perf_counter()
+        train_and_report(cfg, out / name)
+        seconds[name] = time.perf_counter() - t0
+
+    xmoe, topk = load_lm(out / "xmoe"), load_lm(out / "topk")
+    batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
+    print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
+    _sweep(xmoe, [0.5, 0.7, 0.9, 1.0], batches, out / "xmoe" / "report")
+    set_threshold(xmoe.model, moe.threshold, xmoe.run_dir)
+    write_report(out / "xmoe")  # again, now with the sweep in summary.md
+    print("\n" + describe_comparison(evaluate_lm(xmoe.model, batches).to_dict(),
+                                     evaluate_lm(topk.model, batches).to_dict(),
+                                     threshold=moe.threshold, seconds=seconds,
+                                     recipe="the paper's recipe" if args.paper_recipe else
+                                     f"router entropy loss {DEMO_ENTROPY_COEF:g}"))
 
 
-_DEMO_TRAIN = {"train.batch_size": "16", "train.seq_len": "128", "train.eval_every": "100",
+# The router-sharpening setting the demo trains with (an extension beyond the paper; --paper-recipe
+# turns it off): the entropy coefficient `xmoe study sharpen` chose on the default corpus's
+# validation split (docs/results.md, "Router sharpening").
+DEMO_ENTROPY_COEF = 0.03
+_DEMO_TRAIN = {"train.batch_size": "8", "train.seq_len": "128", "train.eval_every": "100",
                "train.save_every": "100", "train.lr": "2e-3"}
+
+
+def _demo_recipe(moe, paper: bool) -> str:
+    rule = f"XMoE: {moe.num_experts} experts of width {moe.expert_dim}, threshold t = {moe.threshold:g}"
+    if paper:
+        return f"{rule}, the paper's recipe (without --paper-recipe the router is sharpened)"
+    return (f"{rule}, with router sharpening: + {DEMO_ENTROPY_COEF:g} x router entropy in the loss (an extension "
+            f"beyond the paper, docs/method.md; --paper-recipe trains the paper's plain recipe)")
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> None:
@@ -299,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=LM_TASK.default_preset)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topk")
+    p.add_argument("--paper-recipe", action="store_true",
+                   help="train XMoE with the paper's plain recipe (no router sharpening)")
     p.set_defaults(func=cmd_demo)
 
     p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},
