@@ -126,10 +126,18 @@ def _fit_vocab(cfg: LMRunConfig, data: LMData) -> LMRunConfig:
 
 
 LM_TASK = TaskKind(
-    name="lm", config=LMRunConfig, from_preset=lm_run_config, default_preset="cpu-xmoe-64x128", prepare=_prepare_once, fit_vocab=_fit_vocab, build_model=GPT, task=LMTask,
+    name="lm",
+    config=LMRunConfig,
+    from_preset=lm_run_config,
+    default_preset="cpu-xmoe-64x128",
+    prepare=_prepare_once,
+    fit_vocab=_fit_vocab,
+    build_model=GPT,
+    task=LMTask,
     describe_data=lambda cfg: (f"the text behind data.path={cfg.data.path!r} (another file, or another Python "
                                f"version for the default corpus)"),
-    num_params=num_params, load_vocab=load_tokenizer,
+    load_vocab=load_tokenizer,
+    num_params=num_params,
 )
 
 

@@ -264,11 +264,18 @@ def _fit_vocab(cfg: MTRunConfig, data: ParallelData) -> MTRunConfig:
 
 
 MT_TASK = TaskKind(
-    name="mt", config=MTRunConfig, from_preset=mt_run_config, default_preset="cpu-xmoe-32x512", fit_vocab=_fit_vocab, build_model=Seq2Seq, task=MTTask,
+    name="mt",
+    config=MTRunConfig,
+    from_preset=mt_run_config,
+    default_preset="cpu-xmoe-32x512",
     prepare=lambda cfg, run_dir, resume, parallel: prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume),
+    fit_vocab=_fit_vocab,
+    build_model=Seq2Seq,
+    task=MTTask,
     describe_data=lambda cfg: "the parallel files",
+    load_vocab=load_subword_vocab,
     # Beyond the training fields every task may change on a resume: decoding and evaluation only.
-    also_resumable=("decode.", "eval_bleu_sentences"), load_vocab=load_subword_vocab,
+    also_resumable=("decode.", "eval_bleu_sentences"),
 )
 
 
