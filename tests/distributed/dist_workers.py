@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.distributed import Layout, Parallel
+from xmoe.distributed import DataParallel, Layout, Parallel
 from xmoe.moe import MoEConfig, MoELayer
 
 # The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
@@ -66,11 +66,12 @@ def layer_case(name: str, backend: str, rank: int | None = None):
 
 def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
+    replicated = DataParallel(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
     results = {}
     for name in LAYER_CASES:
         for backend in BACKENDS:
             layer, xs, gs = layer_case(name, backend)
-            parallel.shard(layer)
+            parallel.shard(layer, replicated)
             x = xs[rank].clone().requires_grad_(True)
             result = layer(x)
             (result.output * gs[rank]).sum().add(0.1 * result.aux_loss).backward()

@@ -27,10 +27,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import Ranks, SingleProcess
+from xmoe.distributed import DataParallel, Ranks, SingleProcess
 
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at
 from .report import parse_metrics
@@ -66,9 +67,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if _bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
@@ -83,7 +88,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     parallel = parallel or SingleProcess()
     device = parallel.device or resolve_device(cfg.device)
     model.to(device)
-    parallel.shard(model)
+    parallel.shard(model, DataParallel(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
+                                       mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))
     optimizer = build_optimizer(model, cfg)
     start = 0
     if resume:
@@ -99,13 +105,12 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     step_model = torch.compile(model) if cfg.compile else model
 
     def save(step: int) -> None:
-        model_state, optimizer_state = parallel.full_state(model, optimizer)  # collective
-        rng_states = parallel.rng_states()
-        if parallel.is_main:
-            _check_finite(model_state, step, run_dir)
-            save_checkpoint(run_dir, model_state=model_state, optimizer_state=optimizer_state, step=step,
-                            config=config, extra=extra_state, rng_states=rng_states)
-        parallel.barrier()
+        _check_finite(model, step, run_dir, parallel)  # collective
+        if parallel.world_size == 1:
+            save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state)
+        else:  # every rank writes its shards
+            save_sharded_checkpoint(run_dir, model, optimizer, parallel=parallel, step=step, config=config,
+                                    extra=extra_state)
 
     losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
@@ -197,10 +202,14 @@ def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: Tr
 _NOT_SAVED = "nothing was updated or saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
 
 
-def _check_finite(model_state: dict[str, Tensor], step: int, run_dir: Path) -> None:
-    """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable."""
-    bad = [name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
+def _check_finite(model: nn.Module, step: int, run_dir: Path, parallel) -> None:
+    """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable. Each rank
+    checks its own shards; all refuse together."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(local(t)).all()]
+    if parallel.sum(len(bad)):
+        bad = bad or ["on another rank"]
         raise FloatingPointError(
             f"the run diverged by step {step}: the weights hold NaN or inf ({', '.join(bad[:3])}); not saved, "
             f"the last checkpoint in {run_dir} is unchanged. Lower train.lr and resume from it, or start again"
