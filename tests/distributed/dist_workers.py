@@ -87,15 +87,35 @@ def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor) -> None:
-    """Train with ``world_size`` ranks; then reload the checkpoint into a sharded model and save
-    its logits on ``probe`` (every rank computes the same)."""
+def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor,
+                 resume: bool = False) -> None:
+    """Train with ``world_size`` ranks; record how the trained model is laid out on this rank;
+    then reload the checkpoint into a sharded model and save its logits on ``probe`` (every rank
+    computes the same)."""
+    from torch.distributed.tensor import DTensor
+
     from xmoe.models.gpt import GPT
     from xmoe.training import LMRunConfig, from_dict, load_checkpoint, read_config, train_lm
+    from xmoe.training import loop
 
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
     cfg = from_dict(LMRunConfig, cfg_dict)
-    train_lm(cfg, run_dir, progress=False, parallel=parallel)
+    trained = {}
+    original = loop.build_optimizer
+
+    def keep(model, train_cfg):  # the loop's model and optimizer, as the ranks hold them
+        trained["model"] = model
+        trained["optimizer"] = optimizer = original(model, train_cfg)
+        return optimizer
+
+    loop.build_optimizer = keep
+    train_lm(cfg, run_dir, progress=False, parallel=parallel, resume=resume)
+    loop.build_optimizer = original
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    layout = {name: {"dtensor": isinstance(p, DTensor), "local_numel": local(p).numel(), "numel": p.numel()}
+              for name, p in trained["model"].named_parameters()}
+    adam_bytes = sum(local(v).nbytes for entry in trained["optimizer"].state.values() for v in entry.values()
+                     if v.ndim > 0)
 
     saved = from_dict(LMRunConfig, read_config(run_dir))
     model = GPT(saved.model)
@@ -104,4 +124,4 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     model.eval()
     with torch.no_grad():
         logits = model(probe).logits_BLV
-    torch.save({"logits": logits}, Path(run_dir) / f"probe-rank{rank}.pt")
+    torch.save({"logits": logits, "layout": layout, "adam_bytes": adam_bytes}, Path(run_dir) / f"probe-rank{rank}.pt")
