@@ -3,8 +3,11 @@ the tests compare it with a single process doing the same work. Nothing here che
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -33,15 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn(fn, world_size: int, *args, join: bool = True, timeout_s: float = 300):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo (collectives
+    time out after ``timeout_s``); without ``join``, the processes' context (``.processes``)."""
+    return mp.spawn(_entry, args=(fn, world_size, free_port(), timeout_s, args), nprocs=world_size, join=join)
 
 
-def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, timeout_s: float, args) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
     finally:
@@ -125,3 +130,28 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     with torch.no_grad():
         logits = model(probe).logits_BLV
     torch.save({"logits": logits, "layout": layout, "adam_bytes": adam_bytes}, Path(run_dir) / f"probe-rank{rank}.pt")
+
+
+def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int) -> None:
+    """Train until something stops the run (a signal, a rank that dies); write what this rank
+    saw to stopped-rank{r}.json beside RUN (a run that fails before its first checkpoint is
+    removed): the result, or the error and when it was raised."""
+    from xmoe.training import LMRunConfig, from_dict, train_lm
+    from xmoe.training import loop
+
+    saves = []
+    original = loop.save_sharded_checkpoint
+
+    def counted(*args, **kwargs):
+        saves.append(kwargs["step"])
+        return original(*args, **kwargs)
+
+    loop.save_sharded_checkpoint = counted
+    report = Path(run_dir).parent / f"stopped-rank{rank}.json"
+    parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
+    try:
+        result = train_lm(from_dict(LMRunConfig, cfg_dict), run_dir, progress=False, parallel=parallel)
+        report.write_text(json.dumps({"steps": result.steps, "signal": result.signal, "saves": saves}))
+    except Exception as err:
+        report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))
+        os._exit(1)  # as the CLI would exit; no process-group teardown with a dead peer

@@ -53,6 +53,22 @@ DP_IMPLS = ("fsdp", "allreduce")
 DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a rank that stopped answering
 
 
+class RanksLost(RuntimeError):
+    """Another rank of the run died or stopped answering; every rank stops."""
+
+
+# How torch.distributed reports a peer that is gone: gloo's transport errors and timeouts come as
+# plain RuntimeErrors, NCCL's as DistError; the words below are in each of them.
+_LOST_PEER_MARKS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out",
+                    "timed out", "NCCL")
+
+
+def lost_contact(err: BaseException) -> bool:
+    """Whether ``err`` says a collective failed because a peer rank is gone (or hangs)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError)
+                                               and any(mark in str(err) for mark in _LOST_PEER_MARKS))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which ranks share what, as plain rank lists (pure: testable without processes)."""

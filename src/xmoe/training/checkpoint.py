@@ -151,7 +151,9 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | Non
     _verify_sharded(folder, None)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".consolidate-") as scratch:
         whole = Path(scratch) / "whole.pt"
-        dcp_to_torch_save(str(folder / SHARDS_DIR), str(whole))
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+            dcp_to_torch_save(str(folder / SHARDS_DIR), str(whole))
         full = torch.load(whole, weights_only=True, map_location="cpu")
     if full.get(CONFIG_HASH_KEY) != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
         raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
@@ -399,7 +401,9 @@ def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = _state_template(model, optimizer, parallel)
     template = {**state.saved, CONFIG_HASH_KEY: ""}
     try:
-        dcp.load(template, checkpoint_id=str(folder / SHARDS_DIR), no_dist=parallel.world_size == 1)
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+            dcp.load(template, checkpoint_id=str(folder / SHARDS_DIR), no_dist=parallel.world_size == 1)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"checkpoint {folder} does not match this model ({_unwrap_checkpoint_exception(err)!r:.300}); it was made "

@@ -21,6 +21,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +30,16 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import DataParallel, Ranks, SingleProcess
+from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact
 
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at
 from .report import parse_metrics
@@ -116,7 +124,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
     saved = start if resume else None  # the step of the checkpoint on disk
     bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
-    with StopSignals() as stop:
+    with StopSignals() as stop, _failing_together(parallel, run_dir, cfg, lambda: done):
         try:
             for step in range(start, cfg.max_steps):
                 lr = lr_at(step, cfg)
@@ -167,6 +175,32 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     log.close()
     return TrainResult(steps=done, train_losses=losses, final_eval=final, interrupted=stop.signum is not None,
                        signal=stop.signum)
+
+
+@contextlib.contextmanager
+def _failing_together(parallel, run_dir: Path, cfg: TrainConfig, done: Callable[[], int]):
+    """A collective that failed because another rank is gone (its process ended: noticed at
+    once; it hangs: after train.collective_timeout_s) becomes a RanksLost on this rank that
+    says so, where the run stood and what to resume from. Every rank stops, none hangs."""
+    try:
+        yield
+    except RuntimeError as err:
+        if parallel.world_size == 1 or isinstance(err, RanksLost) or not lost_contact(err):
+            raise
+        reason = str(err).split(". ")[0]
+        raise RanksLost(
+            f"rank {parallel.rank} lost contact with another rank during step {done() + 1}: a rank died or stopped "
+            f"answering for train.collective_timeout_s={cfg.collective_timeout_s:g} s ({reason}). Every rank "
+            f"stops; {_last_checkpoint(run_dir)}"
+        ) from None
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    try:
+        step = read_state(checkpoint_dir(run_dir))["step"]
+    except CheckpointError:
+        return f"no checkpoint was saved in {run_dir} yet"
+    return f"the last checkpoint (step {step}) in {run_dir} is intact: continue with --out {run_dir} --resume"
 
 
 def _stop_requested(stop: StopSignals, parallel) -> bool:
