@@ -148,9 +148,10 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
 
     loop.save_sharded_checkpoint = counted
     report = Path(run_dir).parent / f"stopped-rank{rank}.json"
-    parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
+    cfg = from_dict(LMRunConfig, cfg_dict)
+    parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size), timeout_s=cfg.train.collective_timeout_s)
     try:
-        result = train_lm(from_dict(LMRunConfig, cfg_dict), run_dir, progress=False, parallel=parallel)
+        result = train_lm(cfg, run_dir, progress=False, parallel=parallel)
         report.write_text(json.dumps({"steps": result.steps, "signal": result.signal, "saves": saves}))
     except Exception as err:
         report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))

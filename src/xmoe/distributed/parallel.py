@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -184,7 +184,8 @@ class Parallel(Ranks):
     ``shard`` then decides how the model is split (``DataParallel``).
     """
 
-    def __init__(self, layout: Layout, device: torch.device | None = None) -> None:
+    def __init__(self, layout: Layout, device: torch.device | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if not dist.is_initialized():
             raise ValueError("torch.distributed is not initialised; launch with torchrun (xmoe train --nproc N)")
         if dist.get_world_size() != layout.world_size:
@@ -194,9 +195,14 @@ class Parallel(Ranks):
         self.rank, self.world_size = dist.get_rank(), layout.world_size
         self.is_main = self.rank == 0
         self.dp_rank, self.ep_rank = layout.coords(self.rank)
-        self.mesh: DeviceMesh = init_device_mesh(self.device.type, layout.shape, mesh_dim_names=("dp", "ep"))
-        self.ep_group = self.mesh["ep"].get_group()
-        self.replica_group = self.mesh["dp"].get_group()
+        # The groups are made here rather than by init_device_mesh so that they get the run's
+        # collective timeout (init_device_mesh's get the backend's default, 10-30 minutes).
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.ep_group = _my_group(layout.ep_groups(), self.rank, timeout)
+        self.replica_group = _my_group(layout.replica_groups(), self.rank, timeout)
+        self.mesh = DeviceMesh.from_group([self.replica_group, self.ep_group], self.device.type,
+                                          mesh=torch.arange(layout.world_size).view(layout.shape),
+                                          mesh_dim_names=("dp", "ep"))
         self.dp = DataParallel(impl="allreduce")  # until shard() says otherwise
         self.sharded: set[str] = set()  # expert parameters sharded by expert parallelism
 
@@ -302,9 +308,8 @@ class Parallel(Ranks):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The units FSDP shards one at a time: the elements of the outermost ``nn.ModuleList``s
-    (a GPT's blocks; an encoder's and a decoder's layers), innermost first is not needed since
-    none of them contains another."""
+    """The units FSDP gathers one at a time: the elements of the outermost ``nn.ModuleList``s
+    (a GPT's blocks; an encoder's and a decoder's layers) that hold parameters."""
     blocks, inside = [], set()
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in inside):
@@ -350,7 +355,7 @@ def init_from_env(ep_size: int, device: str = "auto", *,
         rank_device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     layout = Layout(world_size=dist.get_world_size(), ep_size=ep_size)
-    return Parallel(layout, rank_device), rank_device
+    return Parallel(layout, rank_device, timeout_s=timeout_s), rank_device
 
 
 def rank_device_type(device: str) -> str:
@@ -363,6 +368,17 @@ def rank_device_type(device: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={device!r}, but this torch sees no CUDA GPU; use --train.device=cpu")
     return kind
+
+
+def _my_group(groups: list[list[int]], rank: int, timeout: datetime.timedelta):
+    """This rank's group among ``groups``; new_group is collective: every rank creates every
+    group, in the same order."""
+    mine = None
+    for ranks in groups:
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
 
 
 def _average_grads(params: list[nn.Parameter], group, group_size: int, world_size: int) -> None:
