@@ -164,7 +164,7 @@ def table(rows: list[dict], args) -> str:
     mb = lambda b: f"{b / 2**20:.2f}"
     lines = [f"preset {args.preset}, {args.batch} x {args.seq_len} tokens per rank, {args.threads} threads in all, "
              f"full training steps, median of {args.steps}",
-             "| configuration | params MB/rank | grads MB/rank | Adam MB/rank | total MB/rank | step ms | tokens/s | comm share |",
+             "| configuration | params MiB/rank | grads MiB/rank | Adam MiB/rank | total MiB/rank | step ms | tokens/s | comm share |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         total = r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
