@@ -19,6 +19,7 @@ from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
 from xmoe.training import (
+    CheckpointError,
     TrainConfig,
     checkpoint_dir,
     consolidate_checkpoint,
@@ -123,20 +124,20 @@ def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3, dp_impl: str 
 PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
 
 
-@pytest.mark.parametrize("world, ep_size, dp_impl", [
-    (2, 2, "fsdp"),
-    (2, 1, "fsdp"),
-    pytest.param(4, 2, "fsdp", marks=pytest.mark.slow),
-    pytest.param(2, 2, "allreduce", marks=pytest.mark.slow),
+@pytest.mark.parametrize("world, ep_size, dp_impl, reshard", [
+    (2, 2, "fsdp", True),
+    (2, 1, "fsdp", True),
+    pytest.param(4, 2, "fsdp", False, marks=pytest.mark.slow),  # and parameters kept gathered after forward
+    pytest.param(2, 2, "allreduce", True, marks=pytest.mark.slow),
 ], ids=["ep2", "dp2", "dp2xep2", "ep2-allreduce"])
 def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size,
-                                                                              dp_impl):
+                                                                              dp_impl, reshard):
     """Weights to 1e-4 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
     or tiny gradients (attention key biases, rare tokens' embeddings) into moves of up to ~2e-5
     (rounding differs: one process weights the activation before W2 in the fused backend, the
     ranks weight each expert's output after, on the token's rank); a real error moves weights
     by ~lr."""
-    cfg = _config(corpus, tmp_path / "cache", grad_accum=1, dp_impl=dp_impl)
+    cfg = _config(corpus, tmp_path / "cache", grad_accum=1, dp_impl=dp_impl, reshard_after_forward=reshard)
     two = tmp_path / "two"
     workers.spawn(workers.run_training, world, to_dict(cfg), str(two), ep_size, PROBE)
 
@@ -197,6 +198,15 @@ def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpu
     for (name, a), (_, b) in zip(load_lm(two, device="cpu").model.state_dict().items(),
                                  load_lm(consolidated, device="cpu").model.state_dict().items()):
         assert torch.equal(a, b), name
+
+    damaged = tmp_path / "damaged"  # one flipped byte in one rank's shard file is refused, naming it
+    shutil.copytree(two, damaged)
+    shard = sorted((damaged / "checkpoint" / "dcp").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shard.name} does not match the checksum"):
+        load_lm(damaged, device="cpu")
 
     with pytest.raises(ValueError, match="train.grad_accum=2"):
         train_lm(_config(corpus, cache, grad_accum=1, max_steps=4), two, resume=True, progress=False)

@@ -17,7 +17,9 @@ from .parallel import (
     SingleProcess,
     init_from_env,
     lost_contact,
+    reshard,
 )
 
 __all__ = ["AllToAllDispatcher", "DP_IMPLS", "DataParallel", "local_shard", "Layout", "Parallel", "Ranks", "RanksLost",
-           "SingleProcess", "all_to_all", "init_from_env", "lost_contact", "shard_experts"]
+           "SingleProcess", "all_to_all", "init_from_env", "lost_contact", "reshard",
+           "shard_experts"]

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .experts import shard_experts
@@ -316,6 +316,14 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             inside.add(name)
             blocks += [m for m in module if any(True for _ in m.parameters())]
     return blocks
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the parameters FSDP gathered and kept (``reshard_after_forward=False`` keeps them after
+    a forward until the backward that follows; an evaluation has none): back to 1 / W per rank."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _rng_state() -> dict[str, Tensor]:

@@ -10,8 +10,10 @@ A task is any object with:
     tokens(batch) -> int                           tokens in a batch, for tokens/s
 
 In a distributed run (``parallel``, xmoe.distributed.Parallel) every rank runs this same loop
-on its own micro-batches; the parallel object shards the experts, averages gradients, computes
-the global gradient norm, and gathers the state rank 0 saves. Rank 0 alone logs and writes.
+on its own micro-batches; the parallel object shards the model (FSDP2, expert parallelism),
+averages gradients and computes the global gradient norm. Every rank writes its shards of each
+checkpoint; rank 0 alone logs. A stop signal on any rank stops every rank after the same step,
+and a rank that dies or hangs stops the others with RanksLost (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact
+from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 
 from .checkpoint import (
     CheckpointError,
@@ -266,7 +268,9 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
 
 
 def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    return task.evaluate(model)  # the task sets eval mode, no_grad and precision
+    metrics = task.evaluate(model)  # the task sets eval mode, no_grad and precision
+    reshard(model)  # FSDP parameters an evaluation left gathered
+    return metrics
 
 
 class MetricsLog:
