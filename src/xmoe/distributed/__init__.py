@@ -18,8 +18,9 @@ from .parallel import (
     init_from_env,
     lost_contact,
     reshard,
+    transformer_blocks,
 )
 
 __all__ = ["AllToAllDispatcher", "DP_IMPLS", "DataParallel", "local_shard", "Layout", "Parallel", "Ranks", "RanksLost",
            "SingleProcess", "all_to_all", "init_from_env", "lost_contact", "reshard",
-           "shard_experts"]
+           "shard_experts", "transformer_blocks"]
