@@ -171,7 +171,7 @@ class SingleProcess(Ranks):
         return tensor
 
     def rng_states(self) -> list[dict[str, Tensor]]:
-        return [_rng_state()]
+        return [rng_state()]
 
     def barrier(self) -> None:
         pass
@@ -300,7 +300,7 @@ class Parallel(Ranks):
     def rng_states(self) -> list[dict[str, Tensor]]:
         """Every rank's RNG states (CPU, and its CUDA device when CUDA is in use), on every rank."""
         states: list = [None] * self.world_size
-        dist.all_gather_object(states, _rng_state())
+        dist.all_gather_object(states, rng_state())
         return states
 
     def barrier(self) -> None:
@@ -326,7 +326,8 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def _rng_state() -> dict[str, Tensor]:
+def rng_state() -> dict[str, Tensor]:
+    """This process's RNG states: CPU, and its CUDA device's when CUDA is in use."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
         state["cuda"] = torch.cuda.get_rng_state()  # this rank's device

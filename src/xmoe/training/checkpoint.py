@@ -64,6 +64,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xmoe.distributed import SingleProcess
+from xmoe.distributed.parallel import rng_state
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -107,7 +108,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
         save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={CONFIG_HASH_KEY: _sha256_text(config_text)})
         if optimizer_state is not None:
             _torch_save(optimizer_state, tmp / "optimizer.pt")
-        _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng or _rng_file([_rng_state()]))
+        _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng or _rng_file([rng_state()]))
         _commit(tmp, run_dir)
     return run_dir / "checkpoint"
 
@@ -169,13 +170,6 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | Non
 def _temp_folder(run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
-
-
-def _rng_state() -> dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def _rng_file(ranks: list[dict[str, Tensor]]) -> dict:
