@@ -156,3 +156,26 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
     except Exception as err:
         report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))
         os._exit(1)  # as the CLI would exit; no process-group teardown with a dead peer
+
+
+def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: str) -> None:
+    """One forward and backward of the debug GPT with FSDP's bf16 policy under bf16 autocast, as
+    the loop runs it on a GPU (here on CPU gloo): this rank's loss, gradient norm and the dtype
+    of the gradients the optimizer will see."""
+    from xmoe.models.gpt import GPT
+    from xmoe.presets import get_preset
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug-xmoe"))
+    parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
+    parallel.shard(model, DataParallel(mixed_precision=True))
+    seen = []  # the dtype of a block's (gathered) parameters while it runs
+    model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(block.ln_1.weight.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[rank], tokens[rank]).loss
+    loss.backward()
+    parallel.sync_gradients(model)
+    norm = parallel.clip(model, 0.0)
+    dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0]},
+               Path(out) / f"rank{rank}.pt")

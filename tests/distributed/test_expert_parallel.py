@@ -18,6 +18,7 @@ import dist_workers as workers
 from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
+from xmoe.presets import get_preset
 from xmoe.training import (
     CheckpointError,
     TrainConfig,
@@ -255,3 +256,17 @@ def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_t
     layer = model.moe_layers()[0]
     with pytest.raises(ValueError, match="--ep-size"):
         local_shard(layer.experts, layer.cfg, ep_rank=0, ep_size=3)
+
+
+def test_fsdp_mixed_precision_trains_in_bf16_and_keeps_fp32_gradients(tmp_path):
+    """The GPU path (bf16 parameters in forward and backward, fp32 reduction), run on CPU gloo:
+    losses within bf16 rounding of one fp32 process on each rank's tokens, fp32 gradients."""
+    tokens = torch.randint(200, (WORLD, 2, 16), generator=torch.Generator().manual_seed(0))
+    workers.spawn(workers.run_mixed_precision, WORLD, tokens, str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug-xmoe"))
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["forward_dtype"] == torch.bfloat16 and got["dtypes"] == {torch.float32}
+        assert got["loss"] == pytest.approx(float(model(tokens[rank], tokens[rank]).loss), rel=2e-2)
+        assert 0 < got["grad_norm"] < float("inf")
