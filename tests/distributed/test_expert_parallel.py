@@ -9,6 +9,7 @@ and a plain training run with grad_accum = ranks (the same micro-batches per ste
 
 from __future__ import annotations
 
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,19 @@ from helpers.data import write_corpus
 from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
-from xmoe.training import TrainConfig, lm_run_config, load_lm, read_metrics, to_dict, train_lm
+from xmoe.presets import get_preset
+from xmoe.training import (
+    CheckpointError,
+    TrainConfig,
+    checkpoint_dir,
+    consolidate_checkpoint,
+    lm_run_config,
+    load_lm,
+    read_metrics,
+    to_dict,
+    train_lm,
+)
+from xmoe.training.checkpoint import read_state
 
 WORLD = 2
 
@@ -98,9 +111,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3):
+def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3, dp_impl: str = "fsdp", **train_fields):
     train = TrainConfig(max_steps=max_steps, batch_size=4, seq_len=32, grad_accum=grad_accum, eval_every=0,
-                        save_every=0, log_every=1, eval_batches=2, lr=3e-3, device="cpu")
+                        save_every=0, log_every=1, eval_batches=2, lr=3e-3, device="cpu", dp_impl=dp_impl,
+                        **train_fields)
     return lm_run_config("debug-xmoe", data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(cache)),
                          train=train, overrides={"model.moe.capacity_factor": "2.0"})
 
@@ -108,14 +122,20 @@ def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3):
 PROBE = torch.arange(40).reshape(2, 20) * 7 % 257
 
 
-@pytest.mark.parametrize("world, ep_size", [(2, 2), (2, 1), (4, 2)], ids=["ep2", "dp2", "dp2xep2"])
-def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size):
+@pytest.mark.parametrize("world, ep_size, dp_impl, reshard", [
+    (2, 2, "fsdp", True),
+    (2, 1, "fsdp", True),
+    pytest.param(4, 2, "fsdp", False, marks=pytest.mark.slow),  # and parameters kept gathered after forward
+    pytest.param(2, 2, "allreduce", True, marks=pytest.mark.slow),
+], ids=["ep2", "dp2", "dp2xep2", "ep2-allreduce"])
+def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(corpus, tmp_path, world, ep_size,
+                                                                              dp_impl, reshard):
     """Weights to 1e-4 after 3 Adam steps of lr 3e-3: Adam turns the rounding noise of exactly-zero
     or tiny gradients (attention key biases, rare tokens' embeddings) into moves of up to ~2e-5
     (rounding differs: one process weights the activation before W2 in the fused backend, the
     ranks weight each expert's output after, on the token's rank); a real error moves weights
     by ~lr."""
-    cfg = _config(corpus, tmp_path / "cache", grad_accum=1)
+    cfg = _config(corpus, tmp_path / "cache", grad_accum=1, dp_impl=dp_impl, reshard_after_forward=reshard)
     two = tmp_path / "two"
     workers.spawn(workers.run_training, world, to_dict(cfg), str(two), ep_size, PROBE)
 
@@ -132,6 +152,8 @@ def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(co
     single, sharded = load_lm(one, device="cpu").model, load_lm(two, device="cpu").model
     for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
+    ranks = [torch.load(two / f"probe-rank{r}.pt", weights_only=False) for r in range(world)]
+    _check_layout(ranks, single, dp_impl=dp_impl, dp_size=world // ep_size, ep_size=ep_size)
 
     # Saved by 2 ranks, loaded by one: the same logits as the 2 ranks' sharded model.
     with torch.no_grad():
@@ -140,21 +162,87 @@ def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(co
         torch.testing.assert_close(torch.load(two / f"probe-rank{rank}.pt")["logits"], logits, rtol=1e-5, atol=1e-5)
 
 
+def _check_layout(ranks: list[dict], single: torch.nn.Module, *, dp_impl: str, dp_size: int, ep_size: int) -> None:
+    """What each rank held while training, against the whole model of one process: under fsdp
+    every parameter but the expert shards is a DTensor whose parts over the ranks add up to it
+    once; expert shards (ep > 1) are plain, E / ep experts each, replicated dp times (so held
+    dp times in all); under allreduce dense parameters are whole on every rank. Adam's moments
+    follow their parameters."""
+    whole = dict(single.named_parameters())
+    for name, p in whole.items():
+        expert = ep_size > 1 and ".experts." in name
+        parts = [r["layout"][name] for r in ranks]
+        assert all(part["dtensor"] == (dp_impl == "fsdp" and not expert) for part in parts), name
+        copies = dp_size if expert else (1 if dp_impl == "fsdp" else len(ranks))
+        assert sum(part["local_numel"] for part in parts) == p.numel() * copies, name
+    held = sum(p.numel() * (dp_size if ep_size > 1 and ".experts." in name else 1 if dp_impl == "fsdp" else len(ranks))
+               for name, p in whole.items())
+    assert sum(r["adam_bytes"] for r in ranks) == 2 * 4 * held  # exp_avg and exp_avg_sq, fp32
+
+
 def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpus, tmp_path):
-    """The consolidated optimizer state lets one process continue a 2-rank run; it must keep
-    grad_accum x ranks, and says how when it does not."""
+    """One process continues a 2-rank run from its sharded checkpoint, or from that checkpoint
+    consolidated into a single file, with the same result; it must keep grad_accum x ranks, and
+    says how when it does not."""
     cache = tmp_path / "cache"
     two = tmp_path / "two"
     workers.spawn(workers.run_training, WORLD, to_dict(_config(corpus, cache, grad_accum=1)), str(two), 2, PROBE)
+    assert (two / "checkpoint" / "dcp" / ".metadata").is_file() and not (two / "checkpoint" / "model.safetensors").exists()
+    consolidated = tmp_path / "consolidated"
+    shutil.copytree(two, consolidated)
+    consolidate_checkpoint(consolidated)
+    assert sorted(p.name for p in (consolidated / "checkpoint").iterdir()) == sorted(
+        ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json", "manifest.json"])
+    for (name, a), (_, b) in zip(load_lm(two, device="cpu").model.state_dict().items(),
+                                 load_lm(consolidated, device="cpu").model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    damaged = tmp_path / "damaged"  # one flipped byte in one rank's shard file is refused, naming it
+    shutil.copytree(two, damaged)
+    shard = sorted((damaged / "checkpoint" / "dcp").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{shard.name} does not match the checksum"):
+        load_lm(damaged, device="cpu")
+
     with pytest.raises(ValueError, match="train.grad_accum=2"):
         train_lm(_config(corpus, cache, grad_accum=1, max_steps=4), two, resume=True, progress=False)
     train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), two, resume=True, progress=False)
+    train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), consolidated, resume=True, progress=False)
+    for (name, a), (_, b) in zip(load_lm(two, device="cpu").model.state_dict().items(),
+                                 load_lm(consolidated, device="cpu").model.state_dict().items()):
+        assert torch.equal(a, b), name  # the optimizer state and RNG came through consolidation whole
 
     straight = tmp_path / "straight"  # the same schedule: 3 steps planned, then extended to 4
     train_lm(_config(corpus, cache, grad_accum=2), straight, progress=False)
     train_lm(_config(corpus, cache, grad_accum=2, max_steps=4), straight, resume=True, progress=False)
     resumed, reference = load_lm(two, device="cpu").model, load_lm(straight, device="cpu").model
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
+
+
+@pytest.mark.slow
+def test_a_run_moves_from_one_process_to_four_ranks_to_two_and_back_to_one(corpus, tmp_path):
+    """Each step on another number of ranks, resumed from the checkpoint of the step before: a
+    single-file checkpoint split into FSDP and expert shards (1 -> 4), a sharded one split
+    differently (4 -> 2) and read whole (2 -> 1). Micro-batches per step stay 4 (grad_accum x
+    ranks), so the run must end where one process running all 4 steps ends."""
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    config = lambda ranks, steps: _config(corpus, cache, grad_accum=4 // ranks, max_steps=steps, schedule_steps=4)
+    train_lm(config(1, 1), run, progress=False)
+    workers.spawn(workers.run_training, 4, to_dict(config(4, 2)), str(run), 2, PROBE, True)  # dp2 x ep2
+    assert read_state(checkpoint_dir(run))["step"] == 2 and (run / "checkpoint" / "dcp").is_dir()
+    workers.spawn(workers.run_training, 2, to_dict(config(2, 3)), str(run), 2, PROBE, True)  # ep2
+    train_lm(config(1, 4), run, resume=True, progress=False)
+
+    straight = tmp_path / "straight"
+    train_lm(config(1, 4), straight, progress=False)
+    losses = lambda r: [row["loss"] for row in read_metrics(r / "metrics.jsonl") if row["split"] == "train"]
+    assert losses(run) == pytest.approx(losses(straight), rel=1e-5)
+    for (name, a), (_, b) in zip(load_lm(straight, device="cpu").model.state_dict().items(),
+                                 load_lm(run, device="cpu").model.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
 
 
@@ -165,3 +253,17 @@ def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_t
     layer = model.moe_layers()[0]
     with pytest.raises(ValueError, match="--ep-size"):
         local_shard(layer.experts, layer.cfg, ep_rank=0, ep_size=3)
+
+
+def test_fsdp_mixed_precision_trains_in_bf16_and_keeps_fp32_gradients(tmp_path):
+    """The GPU path (bf16 parameters in forward and backward, fp32 reduction), run on CPU gloo:
+    losses within bf16 rounding of one fp32 process on each rank's tokens, fp32 gradients."""
+    tokens = torch.randint(200, (WORLD, 2, 16), generator=torch.Generator().manual_seed(0))
+    workers.spawn(workers.run_mixed_precision, WORLD, tokens, str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug-xmoe"))
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["forward_dtype"] == torch.bfloat16 and got["dtypes"] == {torch.float32}
+        assert got["loss"] == pytest.approx(float(model(tokens[rank], tokens[rank]).loss), rel=2e-2)
+        assert 0 < got["grad_norm"] < float("inf")

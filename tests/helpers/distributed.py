@@ -3,15 +3,18 @@ the tests compare it with a single process doing the same work. Nothing here che
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.distributed import Layout, Parallel
+from xmoe.distributed import DataParallel, Layout, Parallel
 from xmoe.moe import MoEConfig, MoELayer
 
 # The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
@@ -33,15 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn(fn, world_size: int, *args, join: bool = True, timeout_s: float = 300):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by gloo (collectives
+    time out after ``timeout_s``); without ``join``, the processes' context (``.processes``)."""
+    return mp.spawn(_entry, args=(fn, world_size, free_port(), timeout_s, args), nprocs=world_size, join=join)
 
 
-def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, timeout_s: float, args) -> None:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
     finally:
@@ -66,11 +71,12 @@ def layer_case(name: str, backend: str, rank: int | None = None):
 
 def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
+    replicated = DataParallel(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
     results = {}
     for name in LAYER_CASES:
         for backend in BACKENDS:
             layer, xs, gs = layer_case(name, backend)
-            parallel.shard(layer)
+            parallel.shard(layer, replicated)
             x = xs[rank].clone().requires_grad_(True)
             result = layer(x)
             (result.output * gs[rank]).sum().add(0.1 * result.aux_loss).backward()
@@ -86,15 +92,35 @@ def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor) -> None:
-    """Train with ``world_size`` ranks; then reload the checkpoint into a sharded model and save
-    its logits on ``probe`` (every rank computes the same)."""
+def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor,
+                 resume: bool = False) -> None:
+    """Train with ``world_size`` ranks; record how the trained model is laid out on this rank;
+    then reload the checkpoint into a sharded model and save its logits on ``probe`` (every rank
+    computes the same)."""
+    from torch.distributed.tensor import DTensor
+
     from xmoe.models.gpt import GPT
     from xmoe.training import LMRunConfig, from_dict, load_checkpoint, read_config, train_lm
+    from xmoe.training import loop
 
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
     cfg = from_dict(LMRunConfig, cfg_dict)
-    train_lm(cfg, run_dir, progress=False, parallel=parallel)
+    trained = {}
+    original = loop.build_optimizer
+
+    def keep(model, train_cfg):  # the loop's model and optimizer, as the ranks hold them
+        trained["model"] = model
+        trained["optimizer"] = optimizer = original(model, train_cfg)
+        return optimizer
+
+    loop.build_optimizer = keep
+    train_lm(cfg, run_dir, progress=False, parallel=parallel, resume=resume)
+    loop.build_optimizer = original
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    layout = {name: {"dtensor": isinstance(p, DTensor), "local_numel": local(p).numel(), "numel": p.numel()}
+              for name, p in trained["model"].named_parameters()}
+    adam_bytes = sum(local(v).nbytes for entry in trained["optimizer"].state.values() for v in entry.values()
+                     if v.ndim > 0)
 
     saved = from_dict(LMRunConfig, read_config(run_dir))
     model = GPT(saved.model)
@@ -103,4 +129,53 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     model.eval()
     with torch.no_grad():
         logits = model(probe).logits_BLV
-    torch.save({"logits": logits}, Path(run_dir) / f"probe-rank{rank}.pt")
+    torch.save({"logits": logits, "layout": layout, "adam_bytes": adam_bytes}, Path(run_dir) / f"probe-rank{rank}.pt")
+
+
+def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int) -> None:
+    """Train until something stops the run (a signal, a rank that dies); write what this rank
+    saw to stopped-rank{r}.json beside RUN (a run that fails before its first checkpoint is
+    removed): the result, or the error and when it was raised."""
+    from xmoe.training import LMRunConfig, from_dict, train_lm
+    from xmoe.training import loop
+
+    saves = []
+    original = loop.save_sharded_checkpoint
+
+    def counted(*args, **kwargs):
+        saves.append(kwargs["step"])
+        return original(*args, **kwargs)
+
+    loop.save_sharded_checkpoint = counted
+    report = Path(run_dir).parent / f"stopped-rank{rank}.json"
+    cfg = from_dict(LMRunConfig, cfg_dict)
+    parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size), timeout_s=cfg.train.collective_timeout_s)
+    try:
+        result = train_lm(cfg, run_dir, progress=False, parallel=parallel)
+        report.write_text(json.dumps({"steps": result.steps, "signal": result.signal, "saves": saves}))
+    except Exception as err:
+        report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))
+        os._exit(1)  # as the CLI would exit; no process-group teardown with a dead peer
+
+
+def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: str) -> None:
+    """One forward and backward of the debug GPT with FSDP's bf16 policy under bf16 autocast, as
+    the loop runs it on a GPU (here on CPU gloo): this rank's loss, gradient norm and the dtype
+    of the gradients the optimizer will see."""
+    from xmoe.models.gpt import GPT
+    from xmoe.presets import get_preset
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("debug-xmoe"))
+    parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
+    parallel.shard(model, DataParallel(mixed_precision=True))
+    seen = []  # the dtype of a block's (gathered) parameters while it runs
+    model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(block.ln_1.weight.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[rank], tokens[rank]).loss
+    loss.backward()
+    parallel.sync_gradients(model)
+    norm = parallel.clip(model, 0.0)
+    dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
+    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0]},
+               Path(out) / f"rank{rank}.pt")

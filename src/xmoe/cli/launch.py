@@ -45,9 +45,9 @@ def relaunch(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def parallel_context(ep_size: int, device: str = "auto"):
-    """The Parallel of this rank under torchrun (None in a plain single process); ``device`` is
-    the run's train.device (auto, cpu, cuda)."""
+def parallel_context(ep_size: int, train):
+    """The Parallel of this rank under torchrun (None in a plain single process), set up from the
+    run's ``train`` config (train.device: auto, cpu, cuda; its collective timeout)."""
     if not under_torchrun():
         if ep_size != 1:
             raise UsageError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
@@ -57,7 +57,7 @@ def parallel_context(ep_size: int, device: str = "auto"):
 
     from xmoe.distributed import init_from_env
 
-    parallel, _ = init_from_env(ep_size, device)
+    parallel, _ = init_from_env(ep_size, train.device, timeout_s=train.collective_timeout_s)
     try:
         yield parallel
     finally:

@@ -65,7 +65,7 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) 
     from xmoe.training.report import describe_eval, write_report
     from xmoe.training.stopping import exit_if_interrupted
 
-    with launch.parallel_context(ep_size, cfg.train.device) as parallel:
+    with launch.parallel_context(ep_size, cfg.train) as parallel:
         main_rank = parallel is None or parallel.is_main
         if main_rank:
             ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {ep_size})"
@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
     """Run the command; the errors a user can fix become one line and exit status 2."""
+    from xmoe.distributed import RanksLost
     from xmoe.extras import MissingExtra
     from xmoe.training import CheckpointError
     from xmoe.training.runs import RunInUseError
@@ -513,7 +514,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             err = _diverged_checkpoint(args.checkpoint, err)
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra) as err:
+    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra,
+            RanksLost) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:

@@ -7,6 +7,20 @@ Depends on xmoe.moe and torch only. See docs/distributed.md for the layout and i
 """
 
 from .experts import AllToAllDispatcher, all_to_all, local_shard, shard_experts
-from .parallel import Layout, Parallel, Ranks, SingleProcess, init_from_env
+from .parallel import (
+    DP_IMPLS,
+    DataParallel,
+    Layout,
+    Parallel,
+    Ranks,
+    RanksLost,
+    SingleProcess,
+    init_from_env,
+    lost_contact,
+    reshard,
+    transformer_blocks,
+)
 
-__all__ = ["AllToAllDispatcher", "local_shard", "Layout", "Parallel", "Ranks", "SingleProcess", "all_to_all", "init_from_env", "shard_experts"]
+__all__ = ["AllToAllDispatcher", "DP_IMPLS", "DataParallel", "local_shard", "Layout", "Parallel", "Ranks", "RanksLost",
+           "SingleProcess", "all_to_all", "init_from_env", "lost_contact", "reshard",
+           "shard_experts", "transformer_blocks"]

@@ -1,19 +1,32 @@
-"""The 2-D layout of a run (data-parallel x expert-parallel) and what the training loop asks of it.
+"""The (dp, ep) device mesh of a run and what the training loop asks of it.
 
-Ranks form a grid of ``dp`` rows and ``ep`` columns (rank = dp_rank * ep + ep_rank):
+Ranks form a ``DeviceMesh`` of ``dp`` rows and ``ep`` columns (rank = dp_rank * ep + ep_rank):
 
-    ep group          the ``ep`` ranks of one row: together they hold all E experts of every
+    mesh["ep"]        the ``ep`` ranks of one row: together they hold all E experts of every
                       MoE layer (E / ep each) and exchange tokens with all_to_all
-    expert replicas   the ``dp`` ranks of one column: copies of the same experts
-    world             every rank holds a copy of everything else (attention, norms, routers,
-                      embeddings)
+    mesh["dp"]        the ``dp`` ranks of one column: replicas of the same experts
+    world             the dense parameters (attention, norms, routers, embeddings)
 
-Every rank trains on its own micro-batches. After backward, gradients are averaged over the
-global batch: the dense parameters' over the world, each expert shard's over its replicas only
-(its gradient already sums the contributions of the whole ep group, which came back through
-the exchange). One flat all_reduce per group per step; experts that saw no token contribute
-zeros, never a missing gradient. Checkpoints are consolidated (shards gathered along dim 0), so
-any number of ranks, or one process, can load them.
+Data parallelism comes in two implementations (``impl``):
+
+    "fsdp"        (default) FSDP2: the dense parameters of each block (and the rest, at the
+                  root) are sharded over the world with ``fully_shard``; each rank keeps 1 / W of
+                  them, of their gradients and of their Adam state. Parameters are all-gathered
+                  before a block's forward (and again before its backward when
+                  ``reshard_after_forward``) and gradients reduce-scattered during backward.
+    "allreduce"   every rank holds every dense parameter; one flat all_reduce of their gradients
+                  after backward. Fewer, larger collectives: faster on small models and slow links
+                  (benchmarks/README.md), at the price of replicated memory.
+
+Experts are never FSDP-sharded when ``ep > 1``: expert parallelism shards them already (each
+rank's shard holds different experts, which FSDP must not mix); their gradients are averaged
+over their replicas, mesh["dp"], after backward, as the dense gradients are under "allreduce".
+With ``ep = 1`` there is no expert sharding, and under "fsdp" experts are sharded like every
+other parameter.
+
+Every gradient is the mean over the global batch: summed over the ranks that saw a part of it
+and divided by the world size (each rank's loss is a mean over its own tokens). An expert that
+saw no token joins with zeros, never a missing gradient.
 
 ``Ranks`` is what the loop asks of a run; ``Parallel`` (one rank of a distributed run) and
 ``SingleProcess`` (a run of one, so the loop has no special case) are its two kinds.
@@ -21,16 +34,39 @@ any number of ranks, or one process, can load them.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .experts import shard_experts
+
+DP_IMPLS = ("fsdp", "allreduce")
+DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a rank that stopped answering
+
+
+class RanksLost(RuntimeError):
+    """Another rank of the run died or stopped answering; every rank stops."""
+
+
+# How torch.distributed reports a peer that is gone: gloo's transport errors and timeouts come as
+# plain RuntimeErrors, NCCL's as DistError; the words below are in each of them.
+_LOST_PEER_MARKS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out",
+                    "timed out", "NCCL")
+
+
+def lost_contact(err: BaseException) -> bool:
+    """Whether ``err`` says a collective failed because a peer rank is gone (or hangs)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError)
+                                               and any(mark in str(err) for mark in _LOST_PEER_MARKS))
 
 
 @dataclass(frozen=True)
@@ -51,6 +87,11 @@ class Layout:
     def dp_size(self) -> int:
         return self.world_size // self.ep_size
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The (dp, ep) shape of the device mesh."""
+        return self.dp_size, self.ep_size
+
     def coords(self, rank: int) -> tuple[int, int]:
         """(dp_rank, ep_rank) of ``rank``."""
         return divmod(rank, self.ep_size)
@@ -62,6 +103,19 @@ class Layout:
         return [list(range(e, self.world_size, self.ep_size)) for e in range(self.ep_size)]
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataParallel:
+    """How the dense parameters are kept in step across ranks (see the module docstring)."""
+
+    impl: str = "fsdp"
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, one more all-gather)
+    mixed_precision: bool = False  # fsdp: bf16 parameters in forward/backward, fp32 gradient reduction (GPU)
+
+    def __post_init__(self) -> None:
+        if self.impl not in DP_IMPLS:
+            raise ValueError(f"train.dp_impl={self.impl!r} is not one of {', '.join(DP_IMPLS)}")
+
+
 class Ranks(Protocol):
     """What the training loop and checkpoints ask of the processes of a run."""
 
@@ -70,16 +124,15 @@ class Ranks(Protocol):
     is_main: bool
     device: torch.device | None  # where collectives of small numbers live; None: the loop resolves train.device
 
-    def shard(self, model: nn.Module) -> None: ...
+    def shard(self, model: nn.Module, dp: DataParallel = ...) -> None: ...
     def batch_index(self, index: int) -> int: ...
     def sync_gradients(self, model: nn.Module) -> None: ...
     def clip(self, model: nn.Module, max_norm: float) -> float: ...
     def mean(self, values: dict[str, float]) -> dict[str, float]: ...
-    def sum(self, value: int) -> int: ...
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]: ...
-    def local_model_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]: ...
-    def local_optimizer_state(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
-    def rng_states(self) -> list[Tensor]: ...
+    def sum(self, value: float) -> float: ...
+    def broadcast(self, obj: Any) -> Any: ...
+    def global_view(self, name: str, tensor: Tensor) -> Tensor: ...
+    def rng_states(self) -> list[dict[str, Tensor]]: ...
     def barrier(self) -> None: ...
 
 
@@ -88,7 +141,7 @@ class SingleProcess(Ranks):
 
     rank, world_size, is_main, device = 0, 1, True, None
 
-    def shard(self, model: nn.Module) -> None:
+    def shard(self, model: nn.Module, dp: DataParallel = DataParallel()) -> None:
         pass
 
     def batch_index(self, index: int) -> int:
@@ -108,20 +161,17 @@ class SingleProcess(Ranks):
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
-    def sum(self, value: int) -> int:
+    def sum(self, value: float) -> float:
         return value
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    def broadcast(self, obj: Any) -> Any:
+        return obj
 
-    def local_model_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return tensors
+    def global_view(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor
 
-    def local_optimizer_state(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return state
-
-    def rng_states(self) -> list[Tensor]:
-        return [torch.get_rng_state()]
+    def rng_states(self) -> list[dict[str, Tensor]]:
+        return [rng_state()]
 
     def barrier(self) -> None:
         pass
@@ -131,9 +181,11 @@ class Parallel(Ranks):
     """This process's place in a torch.distributed run of ``layout``.
 
     Build it after ``dist.init_process_group`` (``init_from_env`` does both under torchrun).
+    ``shard`` then decides how the model is split (``DataParallel``).
     """
 
-    def __init__(self, layout: Layout, device: torch.device | None = None) -> None:
+    def __init__(self, layout: Layout, device: torch.device | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if not dist.is_initialized():
             raise ValueError("torch.distributed is not initialised; launch with torchrun (xmoe train --nproc N)")
         if dist.get_world_size() != layout.world_size:
@@ -143,18 +195,35 @@ class Parallel(Ranks):
         self.rank, self.world_size = dist.get_rank(), layout.world_size
         self.is_main = self.rank == 0
         self.dp_rank, self.ep_rank = layout.coords(self.rank)
-        # new_group is collective: every rank creates every group, in the same order.
-        self.ep_group = _my_group(layout.ep_groups(), self.rank)
-        self.replica_group = _my_group(layout.replica_groups(), self.rank)
-        self.sharded: set[str] = set()
+        # The groups are made here rather than by init_device_mesh so that they get the run's
+        # collective timeout (init_device_mesh's get the backend's default, 10-30 minutes).
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.ep_group = _my_group(layout.ep_groups(), self.rank, timeout)
+        self.replica_group = _my_group(layout.replica_groups(), self.rank, timeout)
+        self.mesh = DeviceMesh.from_group([self.replica_group, self.ep_group], self.device.type,
+                                          mesh=torch.arange(layout.world_size).view(layout.shape),
+                                          mesh_dim_names=("dp", "ep"))
+        self.dp = DataParallel(impl="allreduce")  # until shard() says otherwise
+        self.sharded: set[str] = set()  # expert parameters sharded by expert parallelism
 
     # --- model ----------------------------------------------------------------------------
 
-    def shard(self, model: nn.Module) -> None:
-        """Keep this rank's experts. With ep = 1 experts stay whole (replicated, reduced like dense)."""
+    def shard(self, model: nn.Module, dp: DataParallel = DataParallel()) -> None:
+        """Keep this rank's experts (when ep > 1), then shard the rest as ``dp.impl`` says."""
+        self.dp = dp
         if self.layout.ep_size > 1:
             names = shard_experts(model, ep_rank=self.ep_rank, ep_size=self.layout.ep_size, group=self.ep_group)
             self.sharded = set(names)
+        if dp.impl == "fsdp":
+            experts = {p for name, p in model.named_parameters() if name in self.sharded}
+            world = DeviceMesh(self.device.type, list(range(self.world_size)), mesh_dim_names=("world",))
+            policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                      if dp.mixed_precision else MixedPrecisionPolicy())
+            for block in transformer_blocks(model):  # children first, as fully_shard requires
+                fully_shard(block, mesh=world, reshard_after_forward=dp.reshard_after_forward, mp_policy=policy,
+                            ignored_params={p for p in block.parameters() if p in experts})
+            fully_shard(model, mesh=world, reshard_after_forward=dp.reshard_after_forward, mp_policy=policy,
+                        ignored_params=experts)
 
     def batch_index(self, index: int) -> int:
         """Micro-batch ``index`` of this rank: the global sequence interleaves the ranks, so W ranks
@@ -171,23 +240,32 @@ class Parallel(Ranks):
         return dense, experts
 
     def sync_gradients(self, model: nn.Module) -> None:
-        """Mean over the global batch: dense grads summed over the world, expert grads over their
-        replicas, both divided by the world size (each rank's loss is a mean over its tokens)."""
+        """Mean over the global batch: expert shards' gradients summed over their replicas, dense
+        ones over the world (under fsdp, FSDP's reduce-scatter did that during backward), both
+        divided by the world size."""
         dense, experts = self._split(model)
-        _average_grads(dense, None, self.world_size, self.world_size)
+        if self.dp.impl == "allreduce":
+            _average_grads(dense, None, self.world_size, self.world_size)
         _average_grads(experts, self.replica_group, self.layout.dp_size, self.world_size)
 
     def clip(self, model: nn.Module, max_norm: float) -> float:
-        """The global gradient norm (each expert shard counted once), clipped as clip_grad_norm_ does."""
+        """The global gradient norm (each parameter counted once), clipped as clip_grad_norm_ does.
+
+        Dense gradients are whole on every rank (allreduce) or a 1 / W shard each (fsdp: summed
+        over the world); an expert shard is summed over its expert-parallel group."""
         dense, experts = self._split(model)
         expert_sq = _sum_sq(experts, self.device)
         dist.all_reduce(expert_sq, group=self.ep_group)
-        norm = math.sqrt(float(_sum_sq(dense, self.device) + expert_sq))  # the step's one host read
+        dense_sq = _sum_sq(dense, self.device)
+        if self.dp.impl == "fsdp":
+            dist.all_reduce(dense_sq)
+        norm = math.sqrt(float(dense_sq + expert_sq))  # the step's one host read
         if max_norm > 0:
             scale = min(1.0, max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
             if scale < 1.0:
                 for p in dense + experts:
-                    p.grad.mul_(scale)
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
         return norm
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -196,85 +274,80 @@ class Parallel(Ranks):
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
-    def sum(self, value: int) -> int:
-        return int(self._all_reduce_sum(float(value), None))
-
-    def _all_reduce_sum(self, value: float, group) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=group)
-        return float(t)
+    def sum(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return type(value)(t.item())
 
     # --- checkpoints ----------------------------------------------------------------------
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
-        """Model and optimizer state with every shard gathered: the single-process layout.
-        Collective: every rank must call it. Only the first dp row gathers (rank 0 is in it):
-        the other rows hold copies of the same experts and return nothing."""
-        if self.dp_rank != 0:
-            return {}, None
-        model_state = {name: self._gather(t) if name in self.sharded else t for name, t in model.state_dict().items()}
-        if optimizer is None:
-            return model_state, None
-        state = optimizer.state_dict()
-        full = {"param_groups": state["param_groups"], "state": {}}
-        for index, name in self._optimizer_names(model, optimizer).items():
-            entry = state["state"].get(index, {})
-            full["state"][index] = {k: self._gather(v) if name in self.sharded and _per_param(v) else v
-                                    for k, v in entry.items()}
-        return model_state, full
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a small picklable object)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
-    def local_model_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: self._slice(t) if name in self.sharded else t for name, t in tensors.items()}
+    def global_view(self, name: str, tensor: Tensor) -> Tensor:
+        """``tensor`` (a parameter, or optimizer state of one, named ``name``) as a tensor of the
+        whole run: an expert shard becomes a DTensor sharded over mesh["ep"] and replicated over
+        mesh["dp"] (a view: nothing is copied), so torch.distributed.checkpoint writes each expert
+        once and can split it again for any number of ranks. Anything else is returned as is
+        (FSDP's parameters are DTensors already; allreduce's dense ones are replicated)."""
+        if name not in self.sharded or isinstance(tensor, DTensor) or tensor.ndim == 0:
+            return tensor
+        return DTensor.from_local(tensor, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
-    def local_optimizer_state(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        names = self._optimizer_names(model, optimizer)
-        local = {"param_groups": state["param_groups"], "state": {}}
-        for index, entry in state["state"].items():
-            sharded = names.get(int(index)) in self.sharded
-            local["state"][index] = {k: self._slice(v) if sharded and _per_param(v) else v for k, v in entry.items()}
-        return local
-
-    def rng_states(self) -> list[Tensor]:
+    def rng_states(self) -> list[dict[str, Tensor]]:
+        """Every rank's RNG states (CPU, and its CUDA device when CUDA is in use), on every rank."""
         states: list = [None] * self.world_size
-        dist.all_gather_object(states, torch.get_rng_state())
+        dist.all_gather_object(states, rng_state())
         return states
 
     def barrier(self) -> None:
         dist.barrier()
 
-    def _gather(self, shard: Tensor) -> Tensor:
-        if self.layout.ep_size == 1:
-            return shard
-        parts = [torch.empty_like(shard) for _ in range(self.layout.ep_size)]
-        dist.all_gather(parts, shard.contiguous(), group=self.ep_group)
-        return torch.cat(parts)
 
-    def _slice(self, full: Tensor) -> Tensor:
-        if full.shape[0] % self.layout.ep_size:
-            raise ValueError(
-                f"a checkpoint tensor with {full.shape[0]} experts cannot be split over --ep-size "
-                f"{self.layout.ep_size}"
-            )
-        size = full.shape[0] // self.layout.ep_size
-        return full[self.ep_rank * size : (self.ep_rank + 1) * size].clone()  # not a view: frees the rest
-
-    @staticmethod
-    def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-        """Optimizer state index -> parameter name (state_dict numbers params across groups)."""
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return {i: name_of[id(p)] for i, p in enumerate(params)}
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP gathers one at a time: the elements of the outermost ``nn.ModuleList``s
+    (a GPT's blocks; an encoder's and a decoder's layers) that hold parameters."""
+    blocks, inside = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(name.startswith(p + ".") for p in inside):
+            inside.add(name)
+            blocks += [m for m in module if any(True for _ in m.parameters())]
+    return blocks
 
 
-def init_from_env(ep_size: int, device: str = "auto") -> tuple[Parallel, torch.device]:
+def reshard(model: nn.Module) -> None:
+    """Free the parameters FSDP gathered and kept (``reshard_after_forward=False`` keeps them after
+    a forward until the backward that follows; an evaluation has none): back to 1 / W per rank."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def rng_state() -> dict[str, Tensor]:
+    """This process's RNG states: CPU, and its CUDA device's when CUDA is in use."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
+
+
+def init_from_env(ep_size: int, device: str = "auto", *,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Parallel, torch.device]:
     """Join the run torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR in the environment).
 
     ``device`` is the run's train.device: "cpu" runs gloo on the CPU; "cuda" runs NCCL with one
     GPU per local rank; "auto" is "cuda" when CUDA is available, else "cpu". Asking for more
-    local ranks than this machine has GPUs is an error, never a silent fallback.
+    local ranks than this machine has GPUs is an error, never a silent fallback. ``timeout_s``
+    bounds how long any collective waits for a rank that died or hangs (train.collective_timeout_s).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("not launched by torchrun (RANK/WORLD_SIZE unset); use `xmoe train --nproc N`")
+    if not 0 < timeout_s < math.inf:
+        raise ValueError(f"the collective timeout must be a positive number of seconds, got {timeout_s!r}")
+    timeout = datetime.timedelta(seconds=timeout_s)
     kind = rank_device_type(device)
     if kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -286,12 +359,12 @@ def init_from_env(ep_size: int, device: str = "auto") -> tuple[Parallel, torch.d
             )
         rank_device = torch.device("cuda", local_rank)
         torch.cuda.set_device(rank_device)
-        dist.init_process_group("nccl", device_id=rank_device)
+        dist.init_process_group("nccl", device_id=rank_device, timeout=timeout)
     else:
         rank_device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     layout = Layout(world_size=dist.get_world_size(), ep_size=ep_size)
-    return Parallel(layout, rank_device), rank_device
+    return Parallel(layout, rank_device, timeout_s=timeout_s), rank_device
 
 
 def rank_device_type(device: str) -> str:
@@ -306,10 +379,12 @@ def rank_device_type(device: str) -> str:
     return kind
 
 
-def _my_group(groups: list[list[int]], rank: int):
+def _my_group(groups: list[list[int]], rank: int, timeout: datetime.timedelta):
+    """This rank's group among ``groups``; new_group is collective: every rank creates every
+    group, in the same order."""
     mine = None
     for ranks in groups:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = group
     return mine
@@ -331,13 +406,11 @@ def _average_grads(params: list[nn.Parameter], group, group_size: int, world_siz
 
 
 def _sum_sq(params: list[nn.Parameter], device: torch.device) -> Tensor:
-    """Sum of squared gradients in fp64, on the device (no host read per parameter)."""
+    """Sum of squared gradients in fp64, on the device (no host read per parameter); of this
+    rank's shard only for a DTensor gradient."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is not None:
-            total += p.grad.double().pow(2).sum()
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            total += grad.double().pow(2).sum()
     return total
-
-
-def _per_param(value) -> bool:
-    return isinstance(value, Tensor) and value.ndim > 0

@@ -4,7 +4,11 @@ Layout of ``RUN/checkpoint/``:
 
     model.safetensors   weights (tied tensors stored once)
     optimizer.pt        optimizer state (torch.save, read back with weights_only=True)
-    rng.pt              torch CPU (and CUDA) RNG states, for an exact resume (one CPU state per
+      or, from a distributed run (a sharded checkpoint):
+    dcp/                weights and optimizer state keyed by parameter name, written by every
+                        rank at once (torch.distributed.checkpoint: each rank its own shards,
+                        a replicated tensor once) with the sha256 of config.json among them
+    rng.pt              torch CPU (and CUDA) RNG states, for an exact resume (those of every
                         rank in a distributed run)
     state.json          {"step": ...}: the next step to run; batches are a function of it
     config.json         the resolved run config: `xmoe eval --checkpoint RUN` needs no flags
@@ -22,12 +26,16 @@ A checkpoint is written to a temporary folder beside the target and then renamed
 so a crash mid-write never destroys the previous one; ``load`` falls back to the previous one
 if a crash fell between the two renames.
 
-A distributed run saves the same layout: expert shards are gathered first (see
-xmoe.distributed), so a checkpoint never depends on the number of ranks that wrote it.
+Either kind loads into a run of any number of ranks, or into one process (``xmoe eval``,
+``export-hf``): a sharded checkpoint describes every tensor of the whole run (expert shards as
+slices of the experts, FSDP's shards as slices of the parameters), and torch.distributed.checkpoint
+reads each rank's part, whatever the layout that wrote it. ``consolidate_checkpoint`` turns a
+sharded checkpoint into a single-file one in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -36,16 +44,31 @@ import pickle
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from xmoe.distributed import SingleProcess
+from xmoe.distributed.parallel import rng_state
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "dcp"  # a sharded checkpoint's tensors (torch.distributed.checkpoint's files)
 CONFIG_HASH_KEY = "xmoe_config_sha256"  # in the safetensors header of the weights
 REQUIRED = (MODEL_FILE, "state.json", "config.json")
 
@@ -68,9 +91,10 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, step: int, config: dict,
                     extra: dict | None = None, model_state: dict[str, Tensor] | None = None,
-                    optimizer_state: dict | None = None, rng_states: list[Tensor] | None = None) -> Path:
-    """Write ``RUN/checkpoint`` atomically from a model and optimizer, or from their (gathered)
-    state dicts ``model_state``/``optimizer_state``; ``rng_states``: one CPU RNG state per rank."""
+                    optimizer_state: dict | None = None, rng: dict | None = None) -> Path:
+    """Write ``RUN/checkpoint`` atomically from a model and optimizer, or from their (whole)
+    state dicts ``model_state``/``optimizer_state``; ``rng``: rng.pt's contents (default: this
+    process's RNG states)."""
     if (model is None) == (model_state is None):
         raise ValueError("save_checkpoint needs exactly one of model= and model_state=")
     if model is not None:
@@ -78,42 +102,168 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
     if optimizer is not None:
         optimizer_state = optimizer.state_dict()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "checkpoint"
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
-    try:
+    tmp = _temp_folder(run_dir)
+    with _cleaned_up_on_error(tmp, run_dir):
         config_text = _json_text(config)
         save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={CONFIG_HASH_KEY: _sha256_text(config_text)})
         if optimizer_state is not None:
             _torch_save(optimizer_state, tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if rng_states is not None:
-            rng["ranks"] = rng_states
-        if torch.cuda.is_initialized():  # not is_available(): that would start CUDA in a CPU run
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        _torch_save(rng, tmp / "rng.pt")
-        _write_json(tmp / "state.json", {"step": step, **(extra or {})})
-        _write_text(tmp / "config.json", config_text)
-        _write_json(tmp / MANIFEST_FILE, {"sha256": {f.name: _sha256_file(f) for f in sorted(tmp.iterdir())}})
-        for file in tmp.iterdir():  # on disk before the rename makes them the checkpoint
+        _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng or _rng_file([rng_state()]))
+        _commit(tmp, run_dir)
+    return run_dir / "checkpoint"
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                            *, parallel, step: int, config: dict, extra: dict | None = None) -> Path:
+    """Write ``RUN/checkpoint`` from every rank of a distributed run at once (collective).
+
+    Each rank writes its own shards (torch.distributed.checkpoint, into ``dcp/``; an expert or
+    a dense parameter replicated on several ranks is written once); rank 0 then writes the small
+    files, the manifest, and renames the folder into place, as ``save_checkpoint`` does."""
+    run_dir = Path(run_dir)
+    tmp = Path(parallel.broadcast(str(_temp_folder(run_dir)) if parallel.is_main else None))
+    config_text = _json_text(config)
+    state = _state_template(model, optimizer, parallel).saved
+    state[CONFIG_HASH_KEY] = _sha256_text(config_text)
+    rng = _rng_file(parallel.rng_states())  # collective
+    try:
+        dcp.save(state, checkpoint_id=str(tmp / SHARDS_DIR))  # collective; raises on every rank if one fails
+    except BaseException as err:
+        if parallel.is_main:
+            with _cleaned_up_on_error(tmp, run_dir):
+                raise _unwrap_checkpoint_exception(err) from None
+        raise
+    if parallel.is_main:
+        with _cleaned_up_on_error(tmp, run_dir):
+            _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng)
+            _commit(tmp, run_dir)
+    parallel.barrier()
+    return run_dir / "checkpoint"
+
+
+def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Turn a sharded checkpoint (written by a distributed run) into a single-file one, in one
+    process and without the model's code: ``model.safetensors`` and ``optimizer.pt`` as a single
+    process writes them, the same step, config, RNG states and extra state. Written atomically
+    to ``out/checkpoint`` (default: in place of the sharded one). Returns the new folder."""
+    folder = checkpoint_dir(path)
+    if not (folder / SHARDS_DIR).is_dir():
+        raise CheckpointError(f"checkpoint {folder} is not sharded (no {SHARDS_DIR}/): it is a single-file one already")
+    _verify_sharded(folder, None)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".consolidate-") as scratch:
+        whole = Path(scratch) / "whole.pt"
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+            dcp_to_torch_save(str(folder / SHARDS_DIR), str(whole))
+        full = torch.load(whole, weights_only=True, map_location="cpu")
+    if full.get(CONFIG_HASH_KEY) != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
+        raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
+                              f"{folder / 'config.json'}; put the matching config.json beside them")
+    optimizer_state = _indexed_optimizer_state(full["optim"]) if "optim" in full else None
+    state = read_state(folder)
+    _verifier(folder)("rng.pt")
+    return save_checkpoint(Path(out) if out is not None else folder.parent, model_state=full["model"],
+                           optimizer_state=optimizer_state, step=state.pop("step"), extra=state,
+                           config=read_config(folder), rng=_torch_load(folder / "rng.pt", "the RNG states"))
+
+
+def _temp_folder(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
+
+
+def _rng_file(ranks: list[dict[str, Tensor]]) -> dict:
+    """rng.pt: every rank's states (CPU, and CUDA where used); "cpu" is rank 0's, as before."""
+    return {"cpu": ranks[0]["cpu"], "ranks": ranks}
+
+
+def _write_common(tmp: Path, *, step: int, config_text: str, extra: dict | None, rng: dict) -> None:
+    """The files every checkpoint has, then the manifest of everything in ``tmp``."""
+    _torch_save(rng, tmp / "rng.pt")
+    _write_json(tmp / "state.json", {"step": step, **(extra or {})})
+    _write_text(tmp / "config.json", config_text)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    _write_json(tmp / MANIFEST_FILE, {"sha256": {f.relative_to(tmp).as_posix(): _sha256_file(f) for f in files}})
+
+
+def _commit(tmp: Path, run_dir: Path) -> None:
+    """Make ``tmp`` the run's checkpoint: on disk first, then renamed into place, keeping the
+    previous checkpoint as a fallback until the renames are on disk too."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
             _fsync(file)
-        previous = run_dir / "checkpoint.previous"
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            target.rename(previous)
-        tmp.rename(target)
-        _fsync(run_dir)  # the renames too, before the fallback is deleted
+    target, previous = run_dir / "checkpoint", run_dir / "checkpoint.previous"
+    if target.exists():
         shutil.rmtree(previous, ignore_errors=True)
+        target.rename(previous)
+    tmp.rename(target)
+    _fsync(run_dir)  # the renames too, before the fallback is deleted
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_error(tmp: Path, run_dir: Path):
+    """Remove the half-written ``tmp`` on any error; a full disk becomes a CheckpointError."""
+    try:
+        yield
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(err):
             raise CheckpointError(
                 f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
                 f"checkpoint in {run_dir}; "
-                f"{_previous_checkpoint(target)}. Free some space, then resume (xmoe train --out RUN --resume)"
+                f"{_previous_checkpoint(run_dir / 'checkpoint')}. Free some space, then resume (xmoe train --out RUN --resume)"
             ) from None
         raise
-    return target
+
+
+def _unwrap_checkpoint_exception(err: BaseException) -> BaseException:
+    """The first rank's own error inside torch.distributed.checkpoint's CheckpointException."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = getattr(first, "exc", first)
+        if isinstance(inner, BaseException):
+            return inner
+    return err
+
+
+@dataclass(frozen=True)
+class _State:
+    """Model (and optimizer) state keyed by parameter name, two ways: ``live`` as
+    torch.distributed.checkpoint.state_dict gives it (what ``set_*_state_dict`` takes back), and
+    ``saved``, the same tensors (views, nothing copied) as tensors of the whole run
+    (``parallel.global_view``): what torch.distributed.checkpoint writes, and fills in place."""
+
+    live: dict
+    saved: dict
+
+
+def _state_template(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> _State:
+    model = _unwrap(model)
+    live = {"model": get_model_state_dict(model)}
+    saved = {"model": {k: parallel.global_view(k, v) for k, v in live["model"].items()}}
+    if optimizer is not None:
+        live["optim"] = get_optimizer_state_dict(model, optimizer)  # creates Adam's moments if no step ran yet
+        saved["optim"] = {
+            "state": {name: {k: parallel.global_view(name, v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+                      for name, entry in live["optim"]["state"].items()},
+            "param_groups": live["optim"]["param_groups"],
+        }
+    return _State(live, saved)
+
+
+def _indexed_optimizer_state(named: dict) -> dict:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) keyed by
+    position instead (``Optimizer.state_dict``'s): the position is the name's place in the
+    param groups, in order."""
+    names = [name for group in named["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups, first = [], 0
+    for group in named["param_groups"]:
+        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    return {"state": {index[name]: entry for name, entry in named["state"].items()}, "param_groups": groups}
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -178,9 +328,25 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     *, restore_rng: bool = False, parallel=None) -> dict:
     """Load weights (and optimizer, RNG) into ``model``; returns state.json's contents.
 
-    ``parallel`` (xmoe.distributed.Parallel): ``model`` holds expert shards; each takes its slice.
+    Either kind of checkpoint (single-file, or sharded by a distributed run) loads into either
+    kind of run. ``parallel`` (xmoe.distributed.Parallel, collective): ``model`` is sharded (FSDP,
+    expert parallelism); each rank reads its part, whatever the number of ranks that saved it.
     """
+    parallel = parallel or SingleProcess()
     folder = checkpoint_dir(path)
+    if (folder / SHARDS_DIR).is_dir():
+        _load_sharded(folder, model, optimizer, parallel)
+    else:
+        _load_single_file(folder, model, optimizer, parallel)
+    if restore_rng:
+        if not (folder / "rng.pt").is_file():
+            raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
+        _verifier(folder)("rng.pt")
+        _restore_rng(_torch_load(folder / "rng.pt", "the random number generator states"), folder, parallel)
+    return read_state(folder)
+
+
+def _load_single_file(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> None:
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
@@ -191,26 +357,97 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {folder / MODEL_FILE} are corrupted or unreadable: {err}") from err
     _check_config_hash(folder)
-    if parallel is not None:
-        tensors = parallel.local_model_state(tensors)
-    _load_weights(_unwrap(model), tensors, folder)
+    optimizer_state = None
     if optimizer is not None:
         if not (folder / "optimizer.pt").is_file():
             raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed")
         verify("optimizer.pt")
-        state = _torch_load(folder / "optimizer.pt", "the optimizer state")
+        optimizer_state = _torch_load(folder / "optimizer.pt", "the optimizer state")
+    if parallel.world_size == 1:
+        _load_weights(_unwrap(model), tensors, folder)
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(optimizer_state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err}") from err
+        return
+    # A sharded model: every rank reads the whole file and keeps its part.
+    state = _state_template(model, optimizer, parallel)
+    template = state.saved
+    _check_weights_match(template["model"], tensors, folder)
+    _fill(template["model"], tensors)
+    if optimizer is not None:
+        names = [name for group in template["optim"]["param_groups"] for name in group["params"]]
         try:
-            if parallel is not None:
-                state = parallel.local_optimizer_state(state, _unwrap(model), optimizer)
-            optimizer.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err}") from err
-    if restore_rng:
-        if not (folder / "rng.pt").is_file():
-            raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
-        verify("rng.pt")
-        _restore_rng(_torch_load(folder / "rng.pt", "the random number generator states"), folder, parallel)
-    return read_state(folder)
+            named = {names[int(i)]: entry for i, entry in optimizer_state["state"].items()}
+            for name, entry in template["optim"]["state"].items():
+                _fill(entry, named[name])
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err!r}") from err
+    _apply(state, model, optimizer)
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> None:
+    missing = [name for name in ("state.json", "config.json", f"{SHARDS_DIR}/.metadata") if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
+    _verify_sharded(folder, parallel)
+    state = _state_template(model, optimizer, parallel)
+    template = {**state.saved, CONFIG_HASH_KEY: ""}
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+            dcp.load(template, checkpoint_id=str(folder / SHARDS_DIR), no_dist=parallel.world_size == 1)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {folder} does not match this model ({_unwrap_checkpoint_exception(err)!r:.300}); it was made "
+            f"with another config: load it with the config.json saved beside it"
+        ) from None
+    if template[CONFIG_HASH_KEY] != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
+        raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
+                              f"{folder / 'config.json'} (another run's weights?); put the matching config.json beside them")
+    _apply(state, model, optimizer)
+
+
+def _verify_sharded(folder: Path, parallel) -> None:
+    """Every file of a sharded checkpoint against its manifest, the files shared out over the
+    ranks (each reads 1 / W of them); any rank's failure fails every rank."""
+    parallel = parallel or SingleProcess()
+    verify = _verifier(folder)
+    verify("config.json", "state.json")
+    shards = sorted(f.relative_to(folder).as_posix() for f in (folder / SHARDS_DIR).rglob("*") if f.is_file())
+    error = None
+    try:
+        verify(*shards[parallel.rank :: parallel.world_size])
+    except CheckpointError as err:
+        error = err
+    failed = parallel.sum(int(error is not None))
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"checkpoint {folder}: {failed} rank(s) found files that do not match the manifest "
+                              f"(their errors name them); restore them, or use an earlier checkpoint")
+
+
+def _fill(template: dict, full: dict) -> None:
+    """Copy ``full``'s whole tensors into ``template``'s (in place), each rank taking its part of
+    a DTensor (computed locally: every rank holds the whole tensor, nothing is sent)."""
+    for key, target in template.items():
+        if not isinstance(target, Tensor) or key not in full:
+            continue
+        source = full[key].to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            source = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            target = target.to_local()
+        target.copy_(source)
+
+
+def _apply(state: _State, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Hand the filled state back to the model and optimizer."""
+    model = _unwrap(model)
+    set_model_state_dict(model, state.live["model"], options=StateDictOptions(strict=False))  # tied: listed once
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state.live["optim"])
 
 
 def read_state(folder: Path) -> dict:
@@ -227,11 +464,14 @@ def read_state(folder: Path) -> dict:
 def _restore_rng(rng, folder: Path, parallel) -> None:
     try:
         ranks = rng.get("ranks", [rng["cpu"]])
-        rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
-        # Each rank continues its own stream when the number of ranks is unchanged; otherwise
-        # (a different layout) dropout masks cannot be replayed, and rank 0's state seeds all.
-        torch.set_rng_state(ranks[rank] if len(ranks) == world else ranks[0])
-        if "cuda" in rng and torch.cuda.is_available():
+        ranks = [r if isinstance(r, dict) else {"cpu": r} for r in ranks]  # older files: CPU states only
+        # Each rank continues its own streams when the number of ranks is unchanged; otherwise
+        # (another layout) dropout masks cannot be replayed, and rank 0's states seed all.
+        mine = ranks[parallel.rank] if len(ranks) == parallel.world_size else ranks[0]
+        torch.set_rng_state(mine["cpu"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])  # this rank's device
+        elif "cuda" in rng and torch.cuda.is_available():  # older files: rank 0's devices
             torch.cuda.set_rng_state_all(rng["cuda"])
     except (AttributeError, KeyError, TypeError, RuntimeError, IndexError) as err:
         raise CheckpointError(f"checkpoint file {folder / 'rng.pt'} does not hold RNG states ({err}); "
@@ -305,10 +545,15 @@ def _sha256_text(text: str) -> str:
 
 
 def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = model.state_dict()
-    # Tied parameters are stored once, under one of their names.
-    aliases = {name for name, t in expected.items() if name not in tensors and any(
-        t.data_ptr() == other.data_ptr() for other_name, other in expected.items() if other_name in tensors)}
+    _check_weights_match(model.state_dict(), tensors, folder)
+    model.load_state_dict(tensors, strict=False)
+
+
+def _check_weights_match(expected: dict[str, Tensor], tensors: dict[str, Tensor], folder: Path) -> None:
+    """The checkpoint's tensors are the model's: same names and shapes (tied ones stored once)."""
+    key = lambda t: (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+    stored = {key(t) for name, t in expected.items() if name in tensors}
+    aliases = {name for name, t in expected.items() if name not in tensors and key(t) in stored}
     missing = sorted(set(expected) - set(tensors) - aliases)
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [f"{n}: checkpoint {tuple(tensors[n].shape)} vs model {tuple(expected[n].shape)}"
@@ -323,7 +568,6 @@ def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Pa
             f"checkpoint {folder} does not match this model ({details}); it was made with another "
             f"config: load it with the config.json saved beside it"
         )
-    model.load_state_dict(tensors, strict=False)
 
 
 def _distinct(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -68,6 +68,11 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
+    # Distributed runs (docs/distributed.md): how dense parameters are kept in step, and how long
+    # a collective waits for a rank that died or hangs before every rank stops with an error.
+    dp_impl: str = "fsdp"  # fsdp (sharded, FSDP2) or allreduce (replicated, one all_reduce per step)
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         check_counts("train", max_steps=self.max_steps, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -93,6 +98,11 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "entropy_loss_coef"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise UsageError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.dp_impl not in ("fsdp", "allreduce"):
+            raise UsageError(f"train.dp_impl={self.dp_impl!r} is not one of fsdp, allreduce")
+        if not 0 < self.collective_timeout_s < math.inf:
+            raise UsageError(f"train.collective_timeout_s must be a positive number of seconds, "
+                             f"got {self.collective_timeout_s!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,8 +10,10 @@ A task is any object with:
     tokens(batch) -> int                           tokens in a batch, for tokens/s
 
 In a distributed run (``parallel``, xmoe.distributed.Parallel) every rank runs this same loop
-on its own micro-batches; the parallel object shards the experts, averages gradients, computes
-the global gradient norm, and gathers the state rank 0 saves. Rank 0 alone logs and writes.
+on its own micro-batches; the parallel object shards the model (FSDP2, expert parallelism),
+averages gradients and computes the global gradient norm. Every rank writes its shards of each
+checkpoint; rank 0 alone logs. A stop signal on any rank stops every rank after the same step,
+and a rank that dies or hangs stops the others with RanksLost (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -21,17 +23,26 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import Ranks, SingleProcess
+from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 from xmoe.errors import UsageError
 
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import TrainConfig
 from .optim import build_optimizer, lr_at
 from .report import parse_metrics
@@ -67,9 +78,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if _bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
@@ -84,7 +99,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     parallel = parallel or SingleProcess()
     device = parallel.device or resolve_device(cfg.device)
     model.to(device)
-    parallel.shard(model)
+    parallel.shard(model, DataParallel(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
+                                       mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))
     optimizer = build_optimizer(model, cfg)
     start = 0
     if resume:
@@ -100,19 +116,18 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     step_model = torch.compile(model) if cfg.compile else model
 
     def save(step: int) -> None:
-        model_state, optimizer_state = parallel.full_state(model, optimizer)  # collective
-        rng_states = parallel.rng_states()
-        if parallel.is_main:
-            _check_finite(model_state, step, run_dir)
-            save_checkpoint(run_dir, model_state=model_state, optimizer_state=optimizer_state, step=step,
-                            config=config, extra=extra_state, rng_states=rng_states)
-        parallel.barrier()
+        _check_finite(model, step, run_dir, parallel)  # collective
+        if parallel.world_size == 1:
+            save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state)
+        else:  # every rank writes its shards
+            save_sharded_checkpoint(run_dir, model, optimizer, parallel=parallel, step=step, config=config,
+                                    extra=extra_state)
 
     losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
     saved = start if resume else None  # the step of the checkpoint on disk
     bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
-    with StopSignals() as stop:
+    with StopSignals() as stop, _failing_together(parallel, run_dir, cfg, lambda: done):
         try:
             for step in range(start, cfg.max_steps):
                 lr = lr_at(step, cfg)
@@ -165,6 +180,32 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                        signal=stop.signum)
 
 
+@contextlib.contextmanager
+def _failing_together(parallel, run_dir: Path, cfg: TrainConfig, done: Callable[[], int]):
+    """A collective that failed because another rank is gone (its process ended: noticed at
+    once; it hangs: after train.collective_timeout_s) becomes a RanksLost on this rank that
+    says so, where the run stood and what to resume from. Every rank stops, none hangs."""
+    try:
+        yield
+    except RuntimeError as err:
+        if parallel.world_size == 1 or isinstance(err, RanksLost) or not lost_contact(err):
+            raise
+        reason = str(err).split(". ")[0]
+        raise RanksLost(
+            f"rank {parallel.rank} lost contact with another rank during step {done() + 1}: a rank died or stopped "
+            f"answering for train.collective_timeout_s={cfg.collective_timeout_s:g} s ({reason}). Every rank "
+            f"stops; {_last_checkpoint(run_dir)}"
+        ) from None
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    try:
+        step = read_state(checkpoint_dir(run_dir))["step"]
+    except CheckpointError:
+        return f"no checkpoint was saved in {run_dir} yet"
+    return f"the last checkpoint (step {step}) in {run_dir} is intact: continue with --out {run_dir} --resume"
+
+
 def _stop_requested(stop: StopSignals, parallel) -> bool:
     """Whether any rank received a stop signal; every rank gets the same answer, so all stop
     after the same step and the collective save matches up (one small all-reduce when
@@ -198,10 +239,14 @@ def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: Tr
 _NOT_SAVED = "nothing was updated or saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
 
 
-def _check_finite(model_state: dict[str, Tensor], step: int, run_dir: Path) -> None:
-    """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable."""
-    bad = [name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
+def _check_finite(model: nn.Module, step: int, run_dir: Path, parallel) -> None:
+    """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable. Each rank
+    checks its own shards; all refuse together."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(local(t)).all()]
+    if parallel.sum(len(bad)):
+        bad = bad or ["on another rank"]
         raise FloatingPointError(
             f"the run diverged by step {step}: the weights hold NaN or inf ({', '.join(bad[:3])}); not saved, "
             f"the last checkpoint in {run_dir} is unchanged. Lower train.lr and resume from it, or start again"
@@ -224,7 +269,9 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
 
 
 def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    return task.evaluate(model)  # the task sets eval mode, no_grad and precision
+    metrics = task.evaluate(model)  # the task sets eval mode, no_grad and precision
+    reshard(model)  # FSDP parameters an evaluation left gathered
+    return metrics
 
 
 class MetricsLog:
