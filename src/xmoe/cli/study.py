@@ -3,7 +3,7 @@
     xmoe study main                     parameter-matched family, 3 seeds (CPU scale)
     xmoe study threshold                t swept at training time and at inference only
     xmoe study granularity              experts of width F, F/2, F/4, F/8 at equal parameters
-    xmoe study all --data ../shared/data/tinyshakespeare/input.txt
+    xmoe study all --data tinyshakespeare/input.txt
     xmoe study all --scale gpt2 --plan  GPT-2-small configs with the paper's recipe (print only)
     xmoe study sharpen --data input.txt router-sharpening options against the paper and top-k,
                                         chosen on validation, reported on a held-out test split

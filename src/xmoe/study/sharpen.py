@@ -252,7 +252,7 @@ def draw(results: dict, out: Path) -> str:
         ax_cost.errorbar(row["moe_flops_ratio"]["mean"], row["perplexity"]["mean"],
                          xerr=row["moe_flops_ratio"]["std"] or 0, yerr=row["perplexity"]["std"] or 0,
                          fmt="s" if row["label"] == "topk" else "o", capsize=3, label=row["label"])
-    ax_steps.set(xlabel="step", ylabel="experts per token wanted (mean over MoE layers and seeds)",
+    ax_steps.set(xlabel="step", ylabel="experts/token wanted (mean of layers, seeds)",
                  title="Experts per token over training", yscale="log")
     ax_cost.axvline(BAR_FLOPS_RATIO, color="tab:red", linestyle=":", linewidth=1)
     ax_cost.set(xlabel="MoE FLOPs / top-k's (t = 0.9, dropless, test)", ylabel="test perplexity (mean ± std)",
