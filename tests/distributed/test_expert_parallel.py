@@ -257,7 +257,8 @@ def test_checkpoint_of_a_sharded_model_rejects_an_ep_size_that_does_not_divide_t
 
 def test_fsdp_mixed_precision_trains_in_bf16_and_keeps_fp32_gradients(tmp_path):
     """The GPU path (bf16 parameters in forward and backward, fp32 reduction), run on CPU gloo:
-    losses within bf16 rounding of one fp32 process on each rank's tokens, fp32 gradients."""
+    losses within bf16 rounding of one fp32 process on each rank's tokens, fp32 gradients, and
+    the routers' gates gathered in fp32 (a bf16 gate would move tokens between experts)."""
     tokens = torch.randint(200, (WORLD, 2, 16), generator=torch.Generator().manual_seed(0))
     workers.spawn(workers.run_mixed_precision, WORLD, tokens, str(tmp_path))
     torch.manual_seed(0)
@@ -265,5 +266,6 @@ def test_fsdp_mixed_precision_trains_in_bf16_and_keeps_fp32_gradients(tmp_path):
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert got["forward_dtype"] == torch.bfloat16 and got["dtypes"] == {torch.float32}
+        assert got["router_dtype"] == torch.float32
         assert got["loss"] == pytest.approx(float(model(tokens[rank], tokens[rank]).loss), rel=2e-2)
         assert 0 < got["grad_norm"] < float("inf")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from xmoe.distributed import DataParallel, Layout, Parallel
-from xmoe.moe import MoEConfig, MoELayer
+from xmoe.moe import MoEConfig, MoELayer, Router
 
 # The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
 LAYER_CASES = {
@@ -171,11 +171,15 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     parallel.shard(model, DataParallel(mixed_precision=True))
     seen = []  # the dtype of a block's (gathered) parameters while it runs
     model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(block.ln_1.weight.dtype))
+    router = next(m for m in model.modules() if isinstance(m, Router))
+    gates = []  # and of a router's: routing decides on fp32 gates
+    router.register_forward_pre_hook(lambda module, args: gates.append(module.weight.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(tokens[rank], tokens[rank]).loss
     loss.backward()
     parallel.sync_gradients(model)
     norm = parallel.clip(model, 0.0)
     dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
-    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0]},
+    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0],
+                "router_dtype": gates[0]},
                Path(out) / f"rank{rank}.pt")

@@ -94,3 +94,12 @@ def test_cli_plan_lists_every_arm(capsys):
     assert list(plan["stage1"]) == [f"{a.name}-s0" for a in ARMS]
     assert plan["stage1"]["entropy-0.1-s0"]["overrides"]["train.entropy_loss_coef"] == "0.1"
     assert plan["stage1"]["topk-s0"]["preset"].startswith("cpu-topk")
+
+
+def test_cli_plan_takes_steps_and_refuses_overrides_that_undo_the_design(capsys, tmp_path):
+    assert main(["study", "sharpen", "--plan", "--steps", "7"]) in (None, 0)
+    plan = json.loads(capsys.readouterr().out)
+    assert {s["overrides"]["train.max_steps"] for s in plan["stage1"].values()} == {"7"}
+    for key in ("train.seed", "train.entropy_loss_coef", "data.test_fraction"):
+        with pytest.raises(ValueError, match=key):
+            run_sharpen(out=tmp_path, overrides={key: "0.5"})

@@ -74,7 +74,7 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) 
     if not main_rank:
         return
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval")
-    print(describe_eval(result.final_eval, cfg.model.moe))
+    print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
     print(f"report: {write_report(out)}")
 
 

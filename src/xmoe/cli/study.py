@@ -65,13 +65,13 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def _sharpen(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from xmoe.study import default_out
-    from xmoe.study.sharpen import ARMS, run_sharpen, spec
+    from xmoe.study.sharpen import ARMS, run_sharpen, spec, study_overrides
 
     if args.scale != "cpu" or args.sweep_seeds != 1:
         raise UsageError("xmoe study sharpen has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
     out = args.out or default_out("sharpen", args.data)
     if args.plan:
-        extra = {**overrides, **({"data.path": args.data} if args.data else {})}
+        extra = study_overrides(steps=args.steps, data=args.data, overrides=overrides)
         print(json.dumps({"out": str(out), "stage1": {s.name: {"preset": s.preset, "overrides": s.overrides}
                                                        for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
         return

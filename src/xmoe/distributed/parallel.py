@@ -47,6 +47,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from xmoe.moe import Router
+
 from .experts import shard_experts
 
 DP_IMPLS = ("fsdp", "allreduce")
@@ -220,6 +222,10 @@ class Parallel(Ranks):
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                       if dp.mixed_precision else MixedPrecisionPolicy())
             for block in transformer_blocks(model):  # children first, as fully_shard requires
+                if dp.mixed_precision:  # routing runs on fp32 gates (Router.forward): gather them in fp32
+                    for router in (m for m in block.modules() if isinstance(m, Router)):
+                        fully_shard(router, mesh=world, reshard_after_forward=dp.reshard_after_forward,
+                                    mp_policy=MixedPrecisionPolicy())
                 fully_shard(block, mesh=world, reshard_after_forward=dp.reshard_after_forward, mp_policy=policy,
                             ignored_params={p for p in block.parameters() if p in experts})
             fully_shard(model, mesh=world, reshard_after_forward=dp.reshard_after_forward, mp_policy=policy,

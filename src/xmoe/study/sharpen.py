@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from xmoe.errors import check_counts
+from xmoe.errors import UsageError, check_counts
 from xmoe.extras import check_extra, needs_extra
 from xmoe.training import read_metrics
 
@@ -93,6 +93,27 @@ def spec(arm: Arm, seed: int, extra: dict[str, str]) -> RunSpec:
                    overrides={**base.overrides, **arm.overrides, **extra})
 
 
+# What tells the arms apart, seeds apart and test from validation: the study sets these itself.
+FIXED = ("train.entropy_loss_coef", "train.router_lr_mult", "train.seed", "model.moe.router", "data.test_fraction",
+         "data.val_fraction")
+
+
+def study_overrides(*, steps: int | None, data: str | None, overrides: dict[str, str] | None) -> dict[str, str]:
+    """The user's overrides for every run (``steps``: train.max_steps, ``data``: data.path); those
+    that would undo the design (FIXED) are refused."""
+    extra = dict(overrides or {})
+    fixed = sorted(set(extra) & set(FIXED))
+    if fixed:
+        raise UsageError(f"xmoe study sharpen sets {', '.join(fixed)} itself (the arms, seeds and splits it "
+                         f"compares); drop {'it' if len(fixed) == 1 else 'them'}")
+    if steps is not None:
+        check_counts("study", steps=steps)
+        extra["train.max_steps"] = str(steps)
+    if data is not None:
+        extra["data.path"] = str(data)
+    return extra
+
+
 def select(arms: list[Arm], measured: dict[str, dict]) -> Arm:
     """The pre-declared choice among one option's values, from their seed-0 validation numbers."""
     cheap = [a for a in arms if measured[a.name]["moe_flops_ratio"] <= BAR_FLOPS_RATIO]
@@ -109,11 +130,7 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     check_extra("study", "the study's plots")
-    extra = dict(overrides or {})
-    if steps is not None:
-        extra["train.max_steps"] = str(steps)
-    if data is not None:
-        extra["data.path"] = str(data)
+    extra = study_overrides(steps=steps, data=data, overrides=overrides)
     for arm in ARMS:
         spec(arm, 0, extra).config()  # a bad override fails now, not an hour in
     out = Path(out)

@@ -175,9 +175,10 @@ def flops_baseline(moe) -> str:
     return "the top-k model of equal parameters"
 
 
-def describe_eval(summary: dict, moe, on: str | None = None) -> str:
+def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool = False) -> str:
     """An LM evaluation (``LMEval.to_dict()``) in words, with what to do when nothing is saved
-    yet; ``moe``: the model's MoEConfig; ``on``: the text evaluated, if not the validation split."""
+    yet; ``moe``: the model's MoEConfig; ``on``: the text evaluated, if not the validation split;
+    ``sharpened``: the run already trained with the router entropy loss."""
     what = "validation loss" if on is None else f"loss on {on}"
     lines = [f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)"]
     if "layers" not in summary:
@@ -194,10 +195,10 @@ def describe_eval(summary: dict, moe, on: str | None = None) -> str:
         f"(1/E = {1 / len(summary['layers'][0]['tokens_per_expert']):.3f} is a uniform router)",
     ]
     if ratio > 1:
+        sharpen = "" if sharpened else "sharpen the router (--train.entropy_loss_coef=0.03, docs/results.md), "
         lines.append("  the router is still unsure, so the threshold rule engages many experts; XMoE's saving "
                      "comes as training sharpens it (the paper trains 60k steps). Train longer "
-                     "(--train.max_steps), sharpen the router (--train.entropy_loss_coef=0.03, docs/results.md), "
-                     "or lower the threshold at inference (see the sweep).")
+                     f"(--train.max_steps), {sharpen}or lower the threshold at inference (see the sweep).")
     return "\n".join(lines)
 
 
@@ -218,8 +219,9 @@ def describe_comparison(xmoe: dict, topk: dict, *, threshold: float, seconds: di
         lines.append(f"XMoE computed {ratio:.0%} of top-k's expert FLOPs per token at {quality}.")
     else:
         lines.append(f"XMoE computed {ratio:.1f}x top-k's expert FLOPs per token ({quality}): its router is not "
-                     f"confident yet. Router sharpening (the demo's default) or longer training brings the saving "
-                     f"(docs/results.md); lower thresholds engage fewer experts now (the dial above).")
+                     f"confident yet. Longer training brings the saving (docs/results.md), and so does router "
+                     f"sharpening (the demo's default; --paper-recipe turns it off); lower thresholds engage "
+                     f"fewer experts now (the dial above).")
     lines.append("One seed and a few hundred steps: docs/results.md has the controlled study (3 seeds, a held-out "
                  "test split).")
     return "\n".join(lines)

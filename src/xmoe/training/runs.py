@@ -44,7 +44,8 @@ from .loop import TrainResult, resolve_device, train
 from .stopping import raising
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
-RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every", "device", "compile")
+RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every",
+                          "device", "compile", "collective_timeout_s", "reshard_after_forward")
 
 
 LOCK_FILE = ".xmoe.lock"
