@@ -1,6 +1,6 @@
 """`xmoe <command>`: one small function per command; the work lives in the library.
 
-    xmoe demo                                   the main job: train, evaluate, report (CPU, minutes)
+    xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
     xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
     xmoe train --nproc 2 --ep-size 2 ...        the same on 2 processes, experts split over them (torchrun)
     xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
