@@ -649,3 +649,15 @@ def test_every_command_takes_threads(capsys):
     finally:
         torch.set_num_threads(before)
     assert "--threads must be a positive integer, got 0" in one_error_line(capsys, ["presets", "--threads", "0"])
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path):
+    """`xmoe presets | head -1`: the pipe closes before xmoe writes; exit 1, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "xmoe", "presets"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == ""

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import sys
 import time
 import warnings
@@ -518,6 +519,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             RanksLost) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `xmoe presets | head`: the reader has gone, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
