@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -331,6 +332,31 @@ def test_demo_trains_xmoe_and_top_k_on_the_same_tokens_and_compares_them(corpus,
     closing = printed[printed.index("XMoE against top-k"):]
     ppl = evaluate_lm(topk.model, list(eval_batches(topk, None, max_batches=2))).perplexity
     assert f"| top-k, equal parameters | {ppl:.2f} | {topk.cfg.model.moe.top_k:.2f} | 1.00x |" in closing
+
+
+def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):
+    """A second `xmoe demo` on the same --out names --resume; --resume trains only what is
+    missing (here the top-k model) and closes with both models."""
+    from xmoe.cli import main as cli
+
+    monkeypatch.setattr(cli, "_DEMO_TRAIN", {
+        **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
+        "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)]
+    cli.main(argv)
+    xmoe_weights = (out / "xmoe" / "checkpoint" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv)
+    assert refused.value.code == 2 and "continue it with --resume" in capsys.readouterr().err
+    shutil.rmtree(out / "topk")
+    cli.main(argv + ["--resume"])
+    printed = capsys.readouterr().out
+    assert f"{out / 'xmoe'}: trained before (2 steps)" in printed
+    assert (out / "xmoe" / "checkpoint" / "model.safetensors").read_bytes() == xmoe_weights
+    assert json.loads((out / "topk" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert "| – |" in printed[printed.index("XMoE against top-k"):]
 
 
 @pytest.mark.parametrize("error, one_line", [(UsageError("--x is wrong; use --y"), True), (ValueError("a bug"), False)])

@@ -58,9 +58,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     train_and_report(run_config(args), Path(args.out), resume=args.resume, ep_size=args.ep_size)
 
 
-def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) -> None:
+def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, go_on: str | None = None) -> None:
     """Train the language model ``cfg`` into ``out`` (on every rank under torchrun), then print
-    its evaluation and write its report."""
+    its evaluation and write its report; ``go_on``: the command that continues it, if stopped,
+    when it is not ``xmoe train --out OUT --resume``."""
     from xmoe.cli import launch
     from xmoe.training import train_lm
     from xmoe.training.report import describe_eval, write_report
@@ -74,7 +75,7 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1) 
         result = train_lm(cfg, out, resume=resume, parallel=parallel)
     if not main_rank:
         return
-    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval")
+    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
     print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
     print(f"report: {write_report(out)}")
 
@@ -206,14 +207,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: XMoE and the top-k model of equal parameters, trained on the same tokens of
     text that ships with Python, evaluated and compared; then XMoE's compute dial."""
-    from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.training import checkpoint_dir, eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.training.checkpoint import read_state
     from xmoe.training.report import describe_comparison, write_report
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
-    if any((out / name / "checkpoint").exists() for name in ("xmoe", "topk")):
-        raise UsageError(f"{out} already holds a demo; pass --out NEW_DIR (or delete {out})")
+    runs = {name: out / name for name in ("xmoe", "topk")}
+    if not args.resume and any((run / "checkpoint").exists() for run in runs.values()):
+        raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
+                         f"(or delete {out})")
     common = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
     if args.data is not None:
         common["data.path"] = args.data
@@ -225,14 +229,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     topk_cfg = lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk"})
 
     print(_demo_recipe(moe, args.paper_recipe))
-    seconds = {}
+    go_on = " ".join(["xmoe", *args.argv, *([] if args.resume else ["--resume"])])
+    seconds = {}  # each model's training time, when this call trained it from the start
     for name, cfg in (("xmoe", xmoe_cfg), ("topk", topk_cfg)):
         if name == "topk":
             print(f"\nthe baseline: top-{moe.top_k} routing over the same {moe.num_experts} experts (equal "
                   f"parameters), trained on the same tokens")
+        started = (runs[name] / "checkpoint").exists()
+        if started and read_state(checkpoint_dir(runs[name]))["step"] >= cfg.train.max_steps:
+            print(f"{runs[name]}: trained before ({cfg.train.max_steps} steps)")
+            continue
         t0 = time.perf_counter()
-        train_and_report(cfg, out / name)
-        seconds[name] = time.perf_counter() - t0
+        train_and_report(cfg, runs[name], resume=started, go_on=go_on)
+        if not started:
+            seconds[name] = time.perf_counter() - t0
 
     xmoe, topk = load_lm(out / "xmoe"), load_lm(out / "topk")
     batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
@@ -338,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topk")
     p.add_argument("--paper-recipe", action="store_true",
                    help="train XMoE with the paper's plain recipe (no router sharpening)")
+    p.add_argument("--resume", action="store_true", help="continue a demo in --out that was stopped")
     p.set_defaults(func=cmd_demo)
 
     p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},

@@ -37,9 +37,11 @@ def signal_name(signum: int | None) -> str:
     return f"interrupted by {signal.Signals(signum).name}" if signum is not None else "interrupted"
 
 
-def exit_if_interrupted(result, max_steps: int, run_dir, *, train: str, evaluate: str) -> None:
+def exit_if_interrupted(result, max_steps: int, run_dir, *, train: str, evaluate: str,
+                        resume: str | None = None) -> None:
     """After a run a signal stopped: say where its checkpoint is and how to go on, then exit with
-    the signal's status. ``train`` and ``evaluate`` are the commands (e.g. "xmoe train")."""
+    the signal's status. ``train`` and ``evaluate`` are the commands (e.g. "xmoe train");
+    ``resume``, the whole command that continues, when it is not ``train --out RUN --resume``."""
     if not result.interrupted:
         return
     if result.steps == max_steps:
@@ -47,7 +49,7 @@ def exit_if_interrupted(result, max_steps: int, run_dir, *, train: str, evaluate
               f"(checkpoint at step {result.steps} in {run_dir}); evaluate it with: {evaluate} --checkpoint {run_dir}")
     else:
         print(f"\n{signal_name(result.signal)}: checkpoint saved at step {result.steps} in {run_dir}; "
-              f"continue with: {train} --out {run_dir} --resume")
+              f"continue with: {resume or f'{train} --out {run_dir} --resume'}")
     sys.exit(exit_code(result.signal))
 
 
