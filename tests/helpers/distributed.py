@@ -183,3 +183,26 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0],
                 "router_dtype": gates[0]},
                Path(out) / f"rank{rank}.pt")
+
+
+EVAL_LAYOUTS = {"dp2-fsdp": 1, "ep2-fsdp": 2}  # name: ep_size, on 2 ranks
+
+
+def run_evaluation(rank: int, world_size: int, batches: list, out: str) -> None:
+    """Evaluate the seeded debug GPT on ``batches`` (the same on every rank) once per layout of
+    EVAL_LAYOUTS, each rank its share; save each result and how many forwards this rank ran."""
+    from xmoe.models.gpt import GPT
+    from xmoe.presets import get_preset
+    from xmoe.training import evaluate_lm
+
+    results = {}
+    for name, ep_size in EVAL_LAYOUTS.items():
+        torch.manual_seed(0)
+        model = GPT(get_preset("debug-xmoe"))
+        parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
+        parallel.shard(model)
+        forwards = []
+        model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        results[name] = {"eval": evaluate_lm(model, batches, precision="fp32", ranks=parallel).to_dict(),
+                         "forwards": len(forwards)}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
