@@ -118,17 +118,23 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         forward(*first)  # for the collectives inside; its numbers are not this rank's to count
 
     experts = [layer.cfg.num_experts for layer in model.moe_layers()]
-    parts = [torch.tensor([total_loss, total_tokens], dtype=torch.float64)]
-    parts += [layer.to_tensor(e) for layer, e in zip(layers, experts)]
-    summed = ranks.sum_tensor(torch.cat(parts)).split([len(part) for part in parts])
-    total_loss, total_tokens = summed[0].tolist()
-    layers = [RoutingSummary.from_tensor(flat, e) for flat, e in zip(summed[1:], experts)]
-
-    result = LMEval(loss=total_loss / total_tokens, tokens=int(total_tokens), layers=layers)
+    total_loss, total_tokens, layers = _sum_over_ranks(ranks, total_loss, total_tokens, layers, experts)
+    result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers)
     if model.cfg.moe is not None and result.layers:
         result.moe_flops_per_token = moe_flops_per_token(model.cfg, [l.kept_pairs / l.tokens for l in result.layers])
         result.topk_moe_flops_per_token = flops_breakdown(model.cfg).experts
     return result
+
+
+def _sum_over_ranks(ranks: Ranks, loss_sum: float, tokens: int, layers: list[RoutingSummary],
+                    experts: list[int]) -> tuple[float, int, list[RoutingSummary]]:
+    """The world's sums of this rank's token-weighted loss, tokens and routing summaries (MoE
+    layers of ``experts`` experts each), in one all_reduce of a flat float64 tensor."""
+    parts = [torch.tensor([loss_sum, tokens], dtype=torch.float64)]
+    parts += [layer.to_tensor(e) for layer, e in zip(layers, experts)]
+    summed = ranks.sum_tensor(torch.cat(parts)).split([len(part) for part in parts])
+    loss_sum, tokens = summed[0].tolist()
+    return loss_sum, int(tokens), [RoutingSummary.from_tensor(flat, e) for flat, e in zip(summed[1:], experts)]
 
 
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,
