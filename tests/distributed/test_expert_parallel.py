@@ -9,6 +9,7 @@ and a plain training run with grad_accum = ranks (the same micro-batches per ste
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -25,6 +26,8 @@ from xmoe.training import (
     TrainConfig,
     checkpoint_dir,
     consolidate_checkpoint,
+    eval_batches,
+    evaluate_lm,
     lm_run_config,
     load_lm,
     read_metrics,
@@ -113,7 +116,7 @@ def corpus(tmp_path_factory):
 
 def _config(corpus, cache, *, grad_accum: int, max_steps: int = 3, dp_impl: str = "fsdp", **train_fields):
     train = TrainConfig(max_steps=max_steps, batch_size=4, seq_len=32, grad_accum=grad_accum, eval_every=0,
-                        save_every=0, log_every=1, eval_batches=2, lr=3e-3, device="cpu", dp_impl=dp_impl,
+                        save_every=0, log_every=1, eval_batches=3, lr=3e-3, device="cpu", dp_impl=dp_impl,
                         **train_fields)
     return lm_run_config("debug-xmoe", data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=str(cache)),
                          train=train, overrides={"model.moe.capacity_factor": "2.0"})
@@ -154,6 +157,16 @@ def test_ranks_train_like_one_process_and_save_a_checkpoint_one_process_loads(co
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: name + m)
     ranks = [torch.load(two / f"probe-rank{r}.pt", weights_only=False) for r in range(world)]
     _check_layout(ranks, single, dp_impl=dp_impl, dp_size=world // ep_size, ep_size=ep_size)
+
+    # The final evaluation: each rank ran its share of the 3 batches (one padded), and the run
+    # logged one process's evaluation of the trained model on all of them.
+    assert [r["eval_forwards"] for r in ranks] == [math.ceil(3 / world)] * world
+    logged = [r for r in read_metrics(two / "metrics.jsonl") if r["split"] == "val"][-1]
+    whole = evaluate_lm(sharded, eval_batches(load_lm(two, device="cpu"), None, max_batches=3))
+    assert whole.tokens == logged["tokens"] == 3 * 4 * 32
+    assert logged["perplexity"] == pytest.approx(whole.perplexity, rel=1e-5)
+    assert [layer["experts_per_token"] for layer in logged["layers"]] == pytest.approx(
+        [layer["experts_per_token"] for layer in whole.to_dict()["layers"]], rel=1e-5)
 
     # Saved by 2 ranks, loaded by one: the same logits as the 2 ranks' sharded model.
     with torch.no_grad():

@@ -94,8 +94,8 @@ def run_layer_cases(rank: int, world_size: int, out: str) -> None:
 
 def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int, probe: torch.Tensor,
                  resume: bool = False) -> None:
-    """Train with ``world_size`` ranks; record how the trained model is laid out on this rank;
-    then reload the checkpoint into a sharded model and save its logits on ``probe`` (every rank
+    """Train with ``world_size`` ranks; record how the trained model is laid out on this rank
+    and how many forwards its evaluations ran; then reload the checkpoint into a sharded model and save its logits on ``probe`` (every rank
     computes the same)."""
     from torch.distributed.tensor import DTensor
 
@@ -110,6 +110,8 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
 
     def keep(model, train_cfg):  # the loop's model and optimizer, as the ranks hold them
         trained["model"] = model
+        trained["eval_forwards"] = evaluated = []
+        model.register_forward_pre_hook(lambda module, args: None if module.training else evaluated.append(1))
         trained["optimizer"] = optimizer = original(model, train_cfg)
         return optimizer
 
@@ -129,7 +131,8 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     model.eval()
     with torch.no_grad():
         logits = model(probe).logits_BLV
-    torch.save({"logits": logits, "layout": layout, "adam_bytes": adam_bytes}, Path(run_dir) / f"probe-rank{rank}.pt")
+    torch.save({"logits": logits, "layout": layout, "adam_bytes": adam_bytes,
+                "eval_forwards": len(trained["eval_forwards"])}, Path(run_dir) / f"probe-rank{rank}.pt")
 
 
 def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_size: int) -> None:
@@ -183,3 +186,26 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0],
                 "router_dtype": gates[0]},
                Path(out) / f"rank{rank}.pt")
+
+
+EVAL_LAYOUTS = {"dp2-fsdp": 1, "ep2-fsdp": 2}  # name: ep_size, on 2 ranks
+
+
+def run_evaluation(rank: int, world_size: int, batches: list, out: str) -> None:
+    """Evaluate the seeded debug GPT on ``batches`` (the same on every rank) once per layout of
+    EVAL_LAYOUTS, each rank its share; save each result and how many forwards this rank ran."""
+    from xmoe.models.gpt import GPT
+    from xmoe.presets import get_preset
+    from xmoe.training import evaluate_lm
+
+    results = {}
+    for name, ep_size in EVAL_LAYOUTS.items():
+        torch.manual_seed(0)
+        model = GPT(get_preset("debug-xmoe"))
+        parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
+        parallel.shard(model)
+        forwards = []
+        model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        results[name] = {"eval": evaluate_lm(model, batches, precision="fp32", ranks=parallel).to_dict(),
+                         "forwards": len(forwards)}
+    torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -116,7 +116,7 @@ def test_a_signal_during_the_final_evaluation_skips_it_and_keeps_the_checkpoint(
     """Item 11: the final evaluation stops at once; the finished run is already saved."""
     evaluations = []
 
-    def evaluate(self, model):
+    def evaluate(self, model, ranks):
         evaluations.append("started")
         os.kill(os.getpid(), signal.SIGINT)
         evaluations.append("not interrupted")  # never reached: the signal raises at once

@@ -227,7 +227,7 @@ def test_interrupt_during_evaluation_saves_the_completed_step(corpus, tmp_path, 
     step 2, not 1: the weights already hold step 2's update."""
     cfg = tiny_config(corpus, tmp_path, eval_every=2, save_every=0)
 
-    def interrupted_eval(self, model):
+    def interrupted_eval(self, model, ranks):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(lm_module.LMTask, "evaluate", interrupted_eval)

@@ -132,6 +132,7 @@ class Ranks(Protocol):
     def clip(self, model: nn.Module, max_norm: float) -> float: ...
     def mean(self, values: dict[str, float]) -> dict[str, float]: ...
     def sum(self, value: float) -> float: ...
+    def sum_tensor(self, t: Tensor) -> Tensor: ...
     def broadcast(self, obj: Any) -> Any: ...
     def global_view(self, name: str, tensor: Tensor) -> Tensor: ...
     def rng_states(self) -> list[dict[str, Tensor]]: ...
@@ -165,6 +166,9 @@ class SingleProcess(Ranks):
 
     def sum(self, value: float) -> float:
         return value
+
+    def sum_tensor(self, t: Tensor) -> Tensor:
+        return t
 
     def broadcast(self, obj: Any) -> Any:
         return obj
@@ -284,6 +288,13 @@ class Parallel(Ranks):
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return type(value)(t.item())
+
+    def sum_tensor(self, t: Tensor) -> Tensor:
+        """``t`` summed over every rank, in one all_reduce on the collectives' device; returned on
+        ``t``'s device (``t`` itself is left as it was)."""
+        summed = t.to(self.device, copy=True)
+        dist.all_reduce(summed)
+        return summed.to(t.device)
 
     # --- checkpoints ----------------------------------------------------------------------
 

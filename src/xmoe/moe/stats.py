@@ -171,6 +171,28 @@ class RoutingSummary:
         q = s.top1_quartiles.cpu() * n
         self.top1_quartiles_sum = q if self.top1_quartiles_sum is None else self.top1_quartiles_sum + q
 
+    def to_tensor(self, num_experts: int) -> Tensor:
+        """Every sum as one flat float64 host tensor (zeros where nothing was added), so that the
+        summaries of several processes add up in one all_reduce; ``from_tensor`` reads it back.
+        Counts stay exact in float64 (below 2**53)."""
+        scalars = torch.tensor([self.tokens, self.kept_pairs, self.wanted_pairs, self.dropped_pairs],
+                               dtype=torch.float64)
+        sizes = _tensor_sizes(num_experts)[1:]
+        tensors = (self.kept_histogram, self.tokens_per_expert, self.top1_quartiles_sum)
+        return torch.cat([scalars] + [torch.zeros(n, dtype=torch.float64) if t is None else t.double()
+                                      for t, n in zip(tensors, sizes)])
+
+    @classmethod
+    def from_tensor(cls, flat: Tensor, num_experts: int) -> RoutingSummary:
+        """The summary ``to_tensor`` wrote (or the sum of several of them)."""
+        scalars, histogram, per_expert, quartiles = flat.cpu().split(_tensor_sizes(num_experts))
+        tokens, kept, wanted, dropped = scalars.tolist()
+        if tokens == 0:  # nothing was added anywhere
+            return cls()
+        return cls(tokens=int(tokens), kept_pairs=kept, wanted_pairs=wanted, dropped_pairs=int(dropped),
+                   kept_histogram=histogram.long(), tokens_per_expert=per_expert.long(),
+                   top1_quartiles_sum=quartiles.float())
+
     def to_dict(self) -> dict:
         n = max(self.tokens, 1)
         return {
@@ -182,6 +204,11 @@ class RoutingSummary:
             # The token-weighted mean of each call's quartiles (not the quartiles of all tokens).
             "top1_quartiles": _list(self.top1_quartiles_sum / n if self.top1_quartiles_sum is not None else None),
         }
+
+
+def _tensor_sizes(num_experts: int) -> list[int]:
+    """RoutingSummary.to_tensor's parts: 4 scalars, the histogram, the loads, the quartiles."""
+    return [4, num_experts + 1, num_experts, len(QUARTILES)]
 
 
 def _list(t: Tensor | None) -> list:

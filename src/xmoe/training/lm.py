@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
+from xmoe.distributed import Ranks, SingleProcess
 from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
@@ -45,10 +46,11 @@ class LMTask:
         out = model(x_BL, y_BL)
         return moe_objective(out.loss, out, self.train_cfg)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, ranks: Ranks) -> dict:
+        """The validation batches, each rank evaluating its share (``evaluate_lm``)."""
         t = self.train_cfg
         batches = self.data.val_batches(batch_size=t.batch_size, seq_len=t.seq_len, max_batches=t.eval_batches)
-        return evaluate_lm(model, batches, precision=t.precision).to_dict()
+        return evaluate_lm(model, batches, precision=t.precision, ranks=ranks).to_dict()
 
 
 @dataclass
@@ -78,29 +80,61 @@ class LMEval:
 
 
 @torch.no_grad()
-def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precision: str = "auto") -> LMEval:
-    """Token-weighted mean loss and routing summary over ``batches`` (model put in eval mode)."""
+def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precision: str = "auto",
+                ranks: Ranks | None = None) -> LMEval:
+    """Token-weighted mean loss and routing summary over ``batches`` (model put in eval mode).
+
+    ``ranks``: this process is one of the W ranks of a distributed run (xmoe.distributed.Parallel),
+    each holding the same ``batches``. Rank r evaluates batches r, r + W, r + 2W, ...; the sums
+    are added over the ranks in one all_reduce, so every rank returns the evaluation of all the
+    batches. Every rank runs the same number of forwards, because FSDP all-gathers and expert
+    parallelism exchanges tokens inside each one: a rank with a batch fewer runs the first batch
+    once more and discards its numbers."""
+    ranks = ranks or SingleProcess()
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_tokens, layers = 0.0, 0, None
-    for x_BL, y_BL in batches:
-        x_BL, y_BL = x_BL.to(device), y_BL.to(device)
+
+    def forward(x_BL: Tensor, y_BL: Tensor):
         with autocast_context(device, precision):
-            out = model(x_BL, y_BL)
-        n = y_BL.numel()
-        total_loss += float(out.loss) * n
-        total_tokens += n
-        if layers is None:
-            layers = [RoutingSummary() for _ in out.stats]
-        for layer, s in zip(layers, out.stats):
+            return model(x_BL.to(device), y_BL.to(device))
+
+    total_loss, total_tokens, first, seen = 0.0, 0, None, 0
+    layers = [RoutingSummary() for _ in model.moe_layers()]
+    for index, (x_BL, y_BL) in enumerate(batches):
+        if first is None:
+            first = x_BL, y_BL
+        seen += 1
+        if index % ranks.world_size != ranks.rank:
+            continue
+        out = forward(x_BL, y_BL)
+        total_loss += float(out.loss) * y_BL.numel()
+        total_tokens += y_BL.numel()
+        for layer, s in zip(layers, out.stats, strict=True):
             layer.add(s)
-    if total_tokens == 0:
+    if first is None:
         raise UsageError("evaluation got no batches: the evaluation text is shorter than one sequence")
-    result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers or [])
+    mine = len(range(ranks.rank, seen, ranks.world_size))
+    for _ in range(math.ceil(seen / ranks.world_size) - mine):
+        forward(*first)  # for the collectives inside; its numbers are not this rank's to count
+
+    experts = [layer.cfg.num_experts for layer in model.moe_layers()]
+    total_loss, total_tokens, layers = _sum_over_ranks(ranks, total_loss, total_tokens, layers, experts)
+    result = LMEval(loss=total_loss / total_tokens, tokens=total_tokens, layers=layers)
     if model.cfg.moe is not None and result.layers:
         result.moe_flops_per_token = moe_flops_per_token(model.cfg, [l.kept_pairs / l.tokens for l in result.layers])
         result.topk_moe_flops_per_token = flops_breakdown(model.cfg).experts
     return result
+
+
+def _sum_over_ranks(ranks: Ranks, loss_sum: float, tokens: int, layers: list[RoutingSummary],
+                    experts: list[int]) -> tuple[float, int, list[RoutingSummary]]:
+    """The world's sums of this rank's token-weighted loss, tokens and routing summaries (MoE
+    layers of ``experts`` experts each), in one all_reduce of a flat float64 tensor."""
+    parts = [torch.tensor([loss_sum, tokens], dtype=torch.float64)]
+    parts += [layer.to_tensor(e) for layer, e in zip(layers, experts)]
+    summed = ranks.sum_tensor(torch.cat(parts)).split([len(part) for part in parts])
+    loss_sum, tokens = summed[0].tolist()
+    return loss_sum, int(tokens), [RoutingSummary.from_tensor(flat, e) for flat, e in zip(summed[1:], experts)]
 
 
 def train_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, *, resume: bool = False,

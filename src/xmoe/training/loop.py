@@ -6,7 +6,8 @@ A task is any object with:
 
     train_batch(index) -> tuple of tensors        a pure function of index: exact resume
     loss(model, batch) -> (loss, logs)             the loss to backpropagate and numbers to log
-    evaluate(model) -> dict                        validation metrics (the model is in eval mode)
+    evaluate(model, ranks) -> dict                 validation metrics (the model is in eval mode),
+                                                   each rank evaluating its share (xmoe.distributed.Ranks)
     tokens(batch) -> int                           tokens in a batch, for tokens/s
 
 In a distributed run (``parallel``, xmoe.distributed.Parallel) every rank runs this same loop
@@ -52,7 +53,7 @@ from .stopping import StopSignals
 class Task(Protocol):
     def train_batch(self, index: int) -> tuple[Tensor, ...]: ...
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Any]]: ...
-    def evaluate(self, model: nn.Module) -> dict[str, Any]: ...
+    def evaluate(self, model: nn.Module, ranks: Ranks) -> dict[str, Any]: ...
     def tokens(self, batch: tuple[Tensor, ...]) -> int: ...
 
 
@@ -152,7 +153,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                 last = done == cfg.max_steps
                 evaluate = cfg.eval_every and done % cfg.eval_every == 0 and not last
                 if evaluate:
-                    log.write({"step": done, "split": "val", **_evaluate(model, task, cfg, device)})
+                    log.write({"step": done, "split": "val", **_evaluate(model, task, parallel)})
                 if cfg.save_every and done % cfg.save_every == 0 and not last:
                     save(done)
                     saved = done
@@ -170,7 +171,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
         if stop.signum is None:
             try:
                 with stop.interruptible():
-                    final = _evaluate(model, task, cfg, device)
+                    final = _evaluate(model, task, parallel)
             except KeyboardInterrupt:  # the checkpoint is safe; only the evaluation is skipped
                 stop.request(signal.SIGINT)
     if final:
@@ -268,8 +269,8 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
     return totals, tokens
 
 
-def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    metrics = task.evaluate(model)  # the task sets eval mode, no_grad and precision
+def _evaluate(model: nn.Module, task: Task, parallel: Ranks) -> dict[str, Any]:
+    metrics = task.evaluate(model, parallel)  # the task sets eval mode, no_grad and precision
     reshard(model)  # FSDP parameters an evaluation left gathered
     return metrics
 

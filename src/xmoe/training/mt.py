@@ -34,6 +34,7 @@ from xmoe.data.parallel import (
     prepare_parallel_data,
     source_batches,
 )
+from xmoe.distributed import Ranks
 from xmoe.errors import UsageError, check_counts
 from xmoe.extras import check_extra, needs_extra
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
@@ -146,9 +147,11 @@ class MTTask:
         ce = label_smoothed_loss(out.logits_BLV, tgt_out_BL, self.cfg.label_smoothing)
         return moe_objective(ce, out, self.cfg.train)
 
-    def evaluate(self, model: Seq2Seq) -> dict[str, Any]:
+    def evaluate(self, model: Seq2Seq, ranks: Ranks) -> dict[str, Any]:
         """Validation loss and routing on every pair; BLEU/chrF++ of greedy translations of the
-        first ``eval_bleu_sentences`` sentences."""
+        first ``eval_bleu_sentences`` sentences. Translation trains in one process (train_mt
+        takes no ``parallel``), so ``ranks`` is always a run of one."""
+        assert ranks.world_size == 1, "translation is not trained on several ranks"
         cfg = self.cfg
         result = teacher_forced(model, self.data.valid, max_tokens=cfg.data.max_tokens,
                                 precision=cfg.train.precision)
