@@ -1,4 +1,4 @@
-"""The tiny language-model run config the training tests share."""
+"""The tiny language-model run config the training tests share, and a by-hand cross entropy."""
 
 from __future__ import annotations
 
@@ -17,3 +17,18 @@ def tiny_lm_config(corpus, tmp_path, **train) -> LMRunConfig:
         train=TrainConfig(**train),
         overrides={"model.dropout": "0.1"},
     )
+
+
+def cross_entropy_by_hand(model, batches) -> tuple[float, int]:
+    """Summed next-token cross entropy (nats, from float64 logits) and the token count of
+    ``batches``: the reference evaluations are checked against, not xmoe's evaluate_lm."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x_BL, y_BL in batches:
+            logits = model(x_BL).logits_BLV.double()
+            total += F.cross_entropy(logits.flatten(0, 1), y_BL.flatten(), reduction="sum").item()
+            count += y_BL.numel()
+    return total, count

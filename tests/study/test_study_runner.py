@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from helpers.training import cross_entropy_by_hand
 from xmoe.cli.main import main
 from xmoe.moe import MoELayer
 from xmoe.study import MEASUREMENTS, RESULTS_JSON, RESULTS_MD, plan_study, run_study
@@ -74,12 +74,7 @@ def test_numbers_match_an_independent_recomputation(study):
         row = results["runs"][name]
         loaded = load_lm(out / "runs" / name, device="cpu")
         batches = list(eval_batches(loaded, None, max_batches=loaded.cfg.train.eval_batches))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for x_BL, y_BL in batches:
-                logits = loaded.model(x_BL).logits_BLV.double()
-                total += F.cross_entropy(logits.flatten(0, 1), y_BL.flatten(), reduction="sum").item()
-                count += y_BL.numel()
+        total, count = cross_entropy_by_hand(loaded.model, batches)
         assert row["eval_tokens"] == count
         assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
         layers = _experts_by_hand(loaded.model, batches, 0.9)

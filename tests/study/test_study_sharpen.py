@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from helpers.training import cross_entropy_by_hand
 from xmoe.cli.main import main
 from xmoe.study.sharpen import ARMS, OPTION_ARMS, meets_bar, run_sharpen, select
 from xmoe.training import eval_batches, load_lm
@@ -67,12 +67,7 @@ def test_final_perplexity_is_the_test_split_mean_over_seeds(sharpen):
         batches = list(eval_batches(loaded, None, max_batches=2, split="test"))
         val = next(iter(eval_batches(loaded, None, max_batches=1)))
         assert not torch.equal(batches[0][0], val[0])  # another split
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for x_BL, y_BL in batches:
-                logits = loaded.model(x_BL).logits_BLV.double()
-                total += F.cross_entropy(logits.flatten(0, 1), y_BL.flatten(), reduction="sum").item()
-                count += y_BL.numel()
+        total, count = cross_entropy_by_hand(loaded.model, batches)
         by_hand.append(math.exp(total / count))
     assert row["perplexity"]["values"] == pytest.approx(by_hand, rel=1e-5)
     assert [s["threshold"] for s in row["sweep"]][-1] == 1.0
