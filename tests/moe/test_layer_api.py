@@ -250,7 +250,7 @@ def test_set_threshold_on_a_model() -> None:
     )
     assert set_threshold(model, 0.6) == 2
     assert model[0].threshold == 0.6 and model[1][0].threshold == 0.6
-    assert model[2].router.top_k == 2
+    assert model[2].router.dial.top_k == 2
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(4))
     for layer in (model[0], model[1][0]):  # both now route with t = 0.6
         routing = oracle_routing(layer, x)

@@ -132,8 +132,8 @@ def test_static_config_errors_name_the_setting(fields: dict, message: str) -> No
 
 
 def test_static_mode_follows_router_settings_changed_after_construction() -> None:
-    """The padded size comes from the router's live settings: raising top_k or max_experts on a
-    built layer must not lose pairs."""
+    """The padded size comes from the router's live settings (its dial): raising top_k or
+    max_experts on a built layer must not lose pairs."""
     for rule, change in (("topk", dict(top_k=4)), ("threshold", dict(max_experts=5))):
         fields = dict(router=rule, top_k=2, max_experts=2 if rule == "threshold" else None, threshold=0.99)
         static = make_layer(**fields, static_shapes=True)
@@ -141,7 +141,7 @@ def test_static_mode_follows_router_settings_changed_after_construction() -> Non
         ref.load_state_dict(static.state_dict())
         for layer in (static, ref):
             for name, value in change.items():
-                setattr(layer.router, name, value)
+                setattr(layer.router.dial, name, value)
         x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
         assert int(ref.route(x).kept_TE.sum()) > 20  # more than the bound the config was built with
         torch.testing.assert_close(static(x).output, ref(x).output, rtol=1e-5, atol=1e-6)
@@ -229,9 +229,11 @@ def test_one_host_read_per_forward_none_in_backward(backend: str, count_host_rea
     from xmoe.moe import router as router_module
 
     wanted_pairs = router_module.wanted_pairs
+    apply_capacity = router_module.apply_capacity
     monkeypatch.setattr(router_module, "wanted_pairs", lambda *a, **k: wanted_pairs(*a, **{**k, "fast": False}))
+    # No capacity shortcut either: the GPU path.
+    monkeypatch.setattr(router_module, "apply_capacity", lambda *a, **k: apply_capacity(*a, **{**k, "shortcut": False}))
     layer = make_layer(threshold=0.9, capacity_factor=1.0, min_capacity=1, backend=backend)
-    layer.router.static = True  # no capacity shortcut either: the GPU path
     x = peaked(layer).requires_grad_(True)
     with count_host_reads:
         out = layer(x)

@@ -97,8 +97,10 @@ def test_training_lowers_the_loss_and_logs(corpus, tmp_path):
     assert len(final["layers"]) == 1 and sum(final["layers"][0]["experts_histogram"]) == final["tokens"]
 
 
-def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
-    cfg = tiny_config(corpus, tmp_path)
+@pytest.mark.parametrize("overrides", [{}, {"model.moe.target_experts": "2"}], ids=["fixed-t", "budget"])
+def test_resume_continues_exactly(corpus, tmp_path, monkeypatch, overrides):
+    """A budgeted router's t and controller state are restored too: the losses depend on them."""
+    cfg = tiny_config(corpus, tmp_path, overrides)
     whole = train_lm(cfg, tmp_path / "whole", progress=False)
 
     original = lm_module.LMTask.train_batch
@@ -120,6 +122,9 @@ def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
         assert torch.equal(p, q), name
     split_rows = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r["split"] == "train"]
     assert split_rows == list(range(1, 7))  # no step logged twice across the resume
+    if overrides:  # the controller moved t away from its start, the same way in both runs
+        ts = [layer.threshold for layer in b.moe_layers()]
+        assert ts == [layer.threshold for layer in a.moe_layers()] and all(t != 0.9 for t in ts)
 
 
 def test_fresh_training_refuses_to_overwrite_a_run(corpus, tmp_path):

@@ -299,10 +299,10 @@ def _load(args: argparse.Namespace):
         set_threshold(loaded.model, args.threshold, args.checkpoint)
     if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
         layers = [m for m in loaded.model.modules() if isinstance(m, MoELayer)]
-        if not any(m.router.capacity_factor is not None for m in layers):
+        if not any(m.router.cfg.capacity_factor is not None for m in layers):
             raise UsageError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
         for m in layers:
-            m.router.eval_capacity_factor = m.router.capacity_factor
+            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
     return loaded
 
 

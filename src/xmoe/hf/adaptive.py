@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmoe.errors import UsageError
+from xmoe.moe.router import threshold_prefix
 
 from .experts import EXPERTS_IMPLEMENTATION
 
@@ -84,12 +85,12 @@ class ThresholdTopKRouter(nn.Module):
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         logits_TE = F.linear(x_TD, self.weight)
-        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)  # fp32: the cumulative sums below need it
+        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
         cap = self.max_experts or self.num_experts
-        sorted_TK, index_TK = torch.topk(probs_TE, cap, dim=-1)  # descending, as the families' own topk
-        before_TK = torch.cat([sorted_TK.new_zeros(sorted_TK.shape[0], 1), sorted_TK[:, :-1].cumsum(dim=-1)], dim=1)
-        kept_TK = before_TK < self.threshold
-        kept_TK[:, 0] = True
+        # A stable sort, so that ties go to the lower expert index, as in the layer.
+        sorted_TE, index_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
+        sorted_TK, index_TK = sorted_TE[:, :cap], index_TE[:, :cap]
+        kept_TK = threshold_prefix(sorted_TK, self.threshold)  # the layer's rule, exactly
         width = int(kept_TK.sum(dim=1).max()) if kept_TK.shape[0] else 1  # a host sync; kept is a prefix
         kept_TK, sorted_TK, index_TK = kept_TK[:, :width], sorted_TK[:, :width], index_TK[:, :width]
         weights_TK = sorted_TK.masked_fill(~kept_TK, 0.0)

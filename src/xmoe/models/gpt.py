@@ -217,7 +217,7 @@ class GPT(nn.Module):
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         if idx_BL.ndim != 2 or idx_BL.shape[1] == 0:
             raise UsageError(f"generate needs a [B, L] prompt with L >= 1, got shape {tuple(idx_BL.shape)}")
-        if any(layer.router.eval_capacity_factor is not None for layer in self.moe_layers()):
+        if any(layer.router.dial.eval_capacity_factor is not None for layer in self.moe_layers()):
             warnings.warn(
                 "a MoE layer has eval_capacity_factor set, so generation routes with capacity: a "
                 "token's experts can differ from a full forward pass; use eval_capacity_factor=None",

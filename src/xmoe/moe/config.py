@@ -35,7 +35,10 @@ class MoEConfig:
     from the output, only from the balancing loss: fit it separately, as conversion does).
     Activations: gelu (exact erf), gelu_tanh (GPT-2's tanh approximation), relu, swiglu.
     ``max_experts`` caps the threshold rule at a token's K most probable experts (a deviation
-    from the paper, off by default; docs/method.md). ``static_shapes=True`` runs the layer with
+    from the paper, off by default; docs/method.md). ``target_experts`` makes t a controlled
+    variable (another deviation, off by default): during training a PI controller per layer moves
+    t so that the mean experts per token tracks this budget, while each token still takes a
+    variable number (xmoe.moe.dial; ``threshold`` is then t's starting value). ``static_shapes=True`` runs the layer with
     no host sync at all (CUDA graphs, ``torch.compile(fullgraph=True)``): the kept pairs are
     padded to a bound known from the shapes, so the rule must have one (a capacity factor in
     training and evaluation, a top-k router, or ``max_experts``). ``check_finite`` raises on
@@ -59,6 +62,7 @@ class MoEConfig:
     init: str = "independent"
     init_std: float | None = None
     max_experts: int | None = None  # threshold router: at most this many experts per token
+    target_experts: float | None = None  # threshold router: steer t in training to this mean experts/token
     backend: str = "auto"
     static_shapes: bool = False
     check_finite: bool | None = None
@@ -95,11 +99,27 @@ class MoEConfig:
                 f"MoEConfig.min_capacity must be a non-negative integer, got {self.min_capacity!r}"
             )
         self._check_max_experts_and_static()
+        self._check_target_experts()
         if self.init_std is not None and not self.init_std > 0:
             raise ValueError(
                 f"MoEConfig.init_std must be positive, or None for the nn.Linear default; "
                 f"got {self.init_std!r}"
             )
+
+    def _check_target_experts(self) -> None:
+        if self.target_experts is None:
+            return
+        if self.router != "threshold":
+            raise ValueError("MoEConfig.target_experts steers a threshold router's t; a top-k router takes top_k "
+                             "experts per token already (drop target_experts or use router='threshold')")
+        most = self.max_experts or self.num_experts
+        value = self.target_experts
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1 <= value <= most:
+            raise ValueError(f"MoEConfig.target_experts must be a number of experts per token in 1..{most} "
+                             f"(max_experts or num_experts), or None for a fixed threshold; got {value!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"MoEConfig.threshold is the controller's starting t with target_experts set, so it must "
+                             f"lie strictly between 0 and 1 (e.g. 0.9); got {self.threshold!r}")
 
     def _check_max_experts_and_static(self) -> None:
         if self.max_experts is not None:

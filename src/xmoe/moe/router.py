@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import MoEConfig, capacity, check_threshold
+from .config import MoEConfig, capacity
+from .dial import Dial
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,40 @@ class RouterOutput:
         return self.weights_TE
 
 
-def threshold_mask(probs_TE: Tensor, threshold: float, max_experts: int | None = None) -> tuple[Tensor, Tensor]:
-    """Wanted pairs of the threshold rule, and each token's experts from most to least probable.
+def threshold_prefix(sorted_p_TK: Tensor, threshold: float | Tensor, max_experts: int | None = None) -> Tensor:
+    """The threshold rule, defined here once: which of each token's experts, given from most to
+    least probable (``sorted_p_TK``, all E of them or the first K), the token wants.
 
-    Worked example, t = 0.9, one token with sorted p = [0.60, 0.25, 0.10, 0.03, 0.02]:
-    exclusive sums [0, 0.60, 0.85, 0.95, 0.98] -> ranks 0, 1, 2 are wanted (0.85 < 0.9 still
-    lets the third in, whose mass reaches 0.95). With ``max_experts=2``, ranks 0 and 1 only.
+    Rank j (0-based) is wanted iff ``j == 0`` or ``p(0) + ... + p(j-1) < t``: the exclusive
+    cumulative sum, a strict ``<``, so the expert whose mass reaches t is taken and at least one
+    always is. ``t >= 1`` takes every expert, exactly. ``max_experts`` keeps ranks below it only.
+    ``threshold`` is a number or a 0-d tensor (a controlled t, read on the device).
+
+    Worked example, t = 0.9, sorted p = [0.60, 0.25, 0.10, 0.03, 0.02]: exclusive sums
+    [0, 0.60, 0.85, 0.95, 0.98] -> ranks 0, 1, 2 are wanted (0.85 < 0.9 still lets the third
+    in, whose mass reaches 0.95). With ``max_experts=2``, ranks 0 and 1 only.
     """
-    sorted_p, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
-    if threshold >= 1.0:
-        # Every expert, exactly: the fp sum of E probabilities may stop just short of 1.
-        wanted_sorted = torch.ones_like(sorted_p, dtype=torch.bool)
-    else:
+    K = sorted_p_TK.shape[-1]
+    if isinstance(threshold, Tensor) or threshold < 1.0:
         # The exclusive sum in fp64 where the device has it, so that the strict `< t` test does
         # not flip on fp32 rounding of a long cumulative sum.
-        acc = sorted_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))
-        exclusive = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1)
-        wanted_sorted = exclusive < threshold  # rank 0 always: its exclusive sum is 0 < t
-    if max_experts is not None:
-        wanted_sorted = wanted_sorted & (torch.arange(sorted_p.shape[-1], device=sorted_p.device) < max_experts)
-    return _unsort(wanted_sorted, order_TE), order_TE
+        acc_TK = sorted_p_TK.cumsum(dim=-1, dtype=_wide_dtype(sorted_p_TK.device))
+        exclusive_TK = torch.cat([torch.zeros_like(acc_TK[:, :1]), acc_TK[:, :-1]], dim=-1)
+        wanted_TK = exclusive_TK < threshold  # rank 0 always: its exclusive sum is 0 < t
+        if isinstance(threshold, Tensor):  # the fp sum of E probabilities may stop just short of 1
+            wanted_TK |= threshold >= 1.0
+    else:
+        wanted_TK = torch.ones_like(sorted_p_TK, dtype=torch.bool)
+    if max_experts is not None and max_experts < K:
+        wanted_TK &= torch.arange(K, device=sorted_p_TK.device) < max_experts
+    return wanted_TK
+
+
+def threshold_mask(probs_TE: Tensor, threshold: float | Tensor, max_experts: int | None = None) -> tuple[Tensor, Tensor]:
+    """Wanted pairs of the threshold rule (``threshold_prefix``) from a full stable sort, so ties
+    go to the lower expert index; and each token's experts from most to least probable."""
+    sorted_p, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
+    return _unsort(threshold_prefix(sorted_p, threshold, max_experts), order_TE), order_TE
 
 
 def topk_mask(probs_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -105,12 +120,13 @@ CANDIDATES = 8  # experts the CPU fast path examines per token before it falls b
 
 
 def wanted_pairs(
-    probs_TE: Tensor, kind: str, threshold: float, k: int, max_experts: int | None = None, *, fast: bool = True
+    probs_TE: Tensor, kind: str, threshold: float | Tensor, k: int, max_experts: int | None = None, *,
+    fast: bool = True
 ) -> tuple[Tensor, Tensor | None]:
     """The router's wanted pairs, and the expert order when it was computed on the way.
 
     The one place that picks how the rule is evaluated. The rules themselves are defined once,
-    by ``threshold_mask`` and ``topk_mask``; the fast path below gives exactly their decisions
+    by ``threshold_prefix`` and ``topk_mask``; the fast path below gives exactly their decisions
     (for finite probabilities: NaN rows, possible only with ``check_finite=False``, are decided
     arbitrarily), and a property test holds it to them.
 
@@ -127,6 +143,7 @@ def wanted_pairs(
             return threshold_mask(probs_TE, threshold, max_experts)
         return topk_mask(probs_TE, k)
     E = probs_TE.shape[-1]
+    threshold = float(threshold)  # on the CPU, reading a tensor t costs nothing
     if kind == "threshold" and threshold >= 1.0 and max_experts is None:
         return torch.ones_like(probs_TE, dtype=torch.bool), None
     cap = E if max_experts is None else max_experts
@@ -135,11 +152,7 @@ def wanted_pairs(
         n = cap  # nothing past the cap can be wanted
     top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
     if kind == "threshold":
-        if threshold >= 1.0:
-            wanted_top = torch.ones_like(top_p, dtype=torch.bool)
-        else:
-            acc = top_p.cumsum(dim=-1, dtype=_wide_dtype(probs_TE.device))  # as threshold_mask sums
-            wanted_top = torch.cat([torch.zeros_like(acc[:, :1]), acc[:, :-1]], dim=-1) < threshold
+        wanted_top = threshold_prefix(top_p, threshold, cap)
         # A tie among the candidates: only one across the wanted boundary could change the set
         # (the sums do not depend on the order of equal values), but any tie is rare enough
         # to send to the sort.
@@ -161,25 +174,22 @@ def wanted_pairs(
 class Router(nn.Module):
     """Linear gate ``W_g`` [E, D] without bias, and the rule that turns its scores into pairs.
 
-    ``threshold``, ``top_k`` and the capacity factors are plain attributes, so a built model's
-    compute can be dialled at inference (``router.threshold = 0.7``) without rebuilding it.
+    The rule's fixed settings are read from the config the router was built with (``cfg``);
+    the live ones (t, ``max_experts``, the evaluation capacity, a budget controller's state) from
+    its ``dial``, so a built model's compute can be dialled at inference (``router.threshold =
+    0.7``) without rebuilding it, and the config never goes stale.
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        self.kind = cfg.router
-        self._threshold = cfg.threshold
-        self.top_k = cfg.top_k
-        self.capacity_factor = cfg.capacity_factor
-        self.eval_capacity_factor = cfg.eval_capacity_factor
-        self.min_capacity = cfg.min_capacity
-        self.max_experts = cfg.max_experts
-        self.static = cfg.static_shapes  # no data-dependent branches (no host sync)
-        self.renormalize = cfg.renormalize
-        self.combine = cfg.combine
+        self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
-        self.init_std = cfg.init_std
+        self.dial = Dial(cfg)
         self.reset_parameters()
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.router
 
     @property
     def num_experts(self) -> int:
@@ -187,19 +197,19 @@ class Router(nn.Module):
 
     @property
     def threshold(self) -> float:
-        return self._threshold
+        """The live t (a host read of the dial's buffer: for the Python API, not the hot path)."""
+        return float(self.dial.threshold)
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        check_threshold(value)
-        self._threshold = float(value)
+        self.dial.set_threshold(value)
 
     def reset_parameters(self) -> None:
-        if self.init_std is None:
+        if self.cfg.init_std is None:
             bound = self.weight.shape[1] ** -0.5  # nn.Linear's default range
             nn.init.uniform_(self.weight, -bound, bound)
         else:
-            nn.init.normal_(self.weight, std=self.init_std)
+            nn.init.normal_(self.weight, std=self.cfg.init_std)
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         # Routing decisions are discontinuous in p; bf16 logits would move tokens between
@@ -207,17 +217,20 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = x_TD.float() @ self.weight.float().T
         probs_TE = logits_TE.softmax(dim=-1)
+        cfg, dial = self.cfg, self.dial
         with torch.no_grad():
             wanted_TE, order_TE = wanted_pairs(
-                probs_TE, self.kind, self._threshold, self.top_k, self.max_experts, fast=not self.static
+                probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, fast=not cfg.static_shapes
             )
-            factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            slots = capacity(x_TD.shape[0], self.num_experts, factor, self.min_capacity)
-            kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots, shortcut=not self.static)
+            if self.training and dial.controlled:
+                dial.observe(wanted_TE)
+            factor = cfg.capacity_factor if self.training else dial.eval_capacity_factor
+            slots = capacity(x_TD.shape[0], self.num_experts, factor, cfg.min_capacity)
+            kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots, shortcut=not cfg.static_shapes)
         weights_TE = probs_TE
-        if self.combine == "ones":
+        if cfg.combine == "ones":
             weights_TE = torch.ones_like(probs_TE)
-        elif self.renormalize:
+        elif cfg.renormalize:
             weights_TE = probs_TE / (probs_TE * wanted_TE).sum(dim=-1, keepdim=True)
         weights_TE = weights_TE * kept_TE
         return RouterOutput(logits_TE, probs_TE, wanted_TE, kept_TE, weights_TE, slots)
@@ -226,20 +239,14 @@ class Router(nn.Module):
         """The most (token, expert) pairs a call of ``num_tokens`` tokens can keep, with the
         router's live settings: the size static mode pads to. min(T * the experts a token may
         take, E * C), C the capacity of this mode (training or evaluation)."""
-        E = self.num_experts
-        per_token = min(self.top_k, E) if self.kind == "topk" else (self.max_experts or E)
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        slots = capacity(num_tokens, E, factor, self.min_capacity)
+        cfg, dial, E = self.cfg, self.dial, self.num_experts
+        per_token = min(dial.top_k, E) if cfg.router == "topk" else (dial.max_experts or E)
+        factor = cfg.capacity_factor if self.training else dial.eval_capacity_factor
+        slots = capacity(num_tokens, E, factor, cfg.min_capacity)
         return num_tokens * per_token if slots is None else min(num_tokens * per_token, E * slots)
 
     def extra_repr(self) -> str:
-        rule = f"threshold={self._threshold}" if self.kind == "threshold" else f"top_k={self.top_k}"
-        if self.max_experts is not None:
-            rule += f", max_experts={self.max_experts}"
-        return (
-            f"{self.kind}, {rule}, experts={self.num_experts}, capacity_factor={self.capacity_factor}, "
-            f"eval_capacity_factor={self.eval_capacity_factor}"
-        )
+        return f"{self.cfg.router}, experts={self.num_experts}, capacity_factor={self.cfg.capacity_factor}"
 
 
 def _ranks(order: Tensor) -> Tensor:

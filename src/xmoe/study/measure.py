@@ -204,14 +204,14 @@ def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
 def training_capacity(model) -> Iterator[None]:
     """Evaluate with each MoE layer's training capacity factor instead of dropless."""
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    saved = [m.router.eval_capacity_factor for m in layers]
+    saved = [m.router.dial.eval_capacity_factor for m in layers]
     try:
         for m in layers:
-            m.router.eval_capacity_factor = m.router.capacity_factor
+            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
         yield
     finally:
         for m, factor in zip(layers, saved):
-            m.router.eval_capacity_factor = factor
+            m.router.dial.eval_capacity_factor = factor
 
 
 def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *, split: str = "val") -> list[dict]:

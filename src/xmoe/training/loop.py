@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 from xmoe.errors import UsageError
+from xmoe.moe.dial import budget_dials, step_budgets
 
 from .checkpoint import (
     CheckpointError,
@@ -139,13 +140,14 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                 logs, tokens, grad_norm = _step_gradients(step_model, model, task, cfg, step, device, parallel)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_budgets(model, parallel.sum_tensor)  # budgeted routers: t follows the step's experts/token
                 done = step + 1
                 seconds = time.perf_counter() - t0
                 losses.append(logs["loss"])
                 row = {"step": done, "split": "train", "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens / seconds, **logs}
                 if done % cfg.log_every == 0 or step == 0:
-                    log.write(row)
+                    log.write(row | _budget_thresholds(model))
                 bar.update(1)
                 bar.set_postfix_str(_postfix(row), refresh=False)
                 if _stop_requested(stop, parallel):
@@ -267,6 +269,12 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accum
     return totals, tokens
+
+
+def _budget_thresholds(model: nn.Module) -> dict[str, float]:
+    """t of each budgeted MoE layer (``threshold_layers``) and their mean, for the log."""
+    ts = [float(d.threshold) for d in budget_dials(model)]
+    return {"threshold": sum(ts) / len(ts), "threshold_layers": ts} if ts else {}
 
 
 def _evaluate(model: nn.Module, task: Task, parallel: Ranks) -> dict[str, Any]:
