@@ -7,6 +7,9 @@
     xmoe study all --scale gpt2 --plan  GPT-2-small configs with the paper's recipe (print only)
     xmoe study sharpen --data input.txt router-sharpening options against the paper and top-k,
                                         chosen on validation, reported on a held-out test split
+    xmoe study budget --data input.txt  XMoE at a compute budget (1.5, 2, 4 experts/token) against
+                                        top-k at the same compute (k = 1, 2, 4), on a test split
+    xmoe study budget --tabulate        the tables and plots of the runs finished so far
 
 Re-running the same command resumes: finished runs in --out are skipped.
 """
@@ -26,8 +29,9 @@ def add_parser(commands) -> None:
     p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
-    p.add_argument("name", choices=(*STUDIES, "sharpen"),
-                   help="which study (all = the three, sharing runs; sharpen: the router-sharpening options)")
+    p.add_argument("name", choices=(*STUDIES, "sharpen", "budget"),
+                   help="which study (all = the three, sharing runs; sharpen: the router-sharpening options; "
+                        "budget: XMoE against top-k at equal average compute)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default=None, help="output folder (default: runs/study/SCALE-CORPUS)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the main comparison (default 3)")
@@ -38,6 +42,8 @@ def add_parser(commands) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the scale's)")
     p.add_argument("--plan", action="store_true", help="print the runs and their overrides as JSON; train nothing")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
+    p.add_argument("--tabulate", action="store_true",
+                   help="budget: write the tables and plots of the runs finished so far; train nothing")
     from xmoe.cli.main import add_config_flags
     from xmoe.training import LMRunConfig
 
@@ -49,8 +55,10 @@ def cmd_study(args: argparse.Namespace) -> None:
     from xmoe.cli.main import config_overrides
     from xmoe.study import default_out, plan_study, run_study
 
-    if args.name == "sharpen":
-        _sharpen(args, config_overrides(args))
+    if args.tabulate and args.name != "budget":
+        raise UsageError("--tabulate belongs to xmoe study budget; the other studies tabulate when they finish")
+    if args.name in ("sharpen", "budget"):
+        _own_scale(args, config_overrides(args))
         return
     common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
                   steps=args.steps, overrides=config_overrides(args))
@@ -63,17 +71,23 @@ def cmd_study(args: argparse.Namespace) -> None:
     run_study(args.name, out=args.out, progress=args.progress, **common)
 
 
-def _sharpen(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def _own_scale(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """The studies with a scale and seeds plan of their own: sharpen and budget."""
     from xmoe.study import default_out
-    from xmoe.study.sharpen import ARMS, run_sharpen, spec, study_overrides
 
+    if args.name == "sharpen":
+        from xmoe.study.sharpen import ARMS, run_sharpen as run, spec, study_overrides as plan_overrides
+    else:
+        from xmoe.study.budget import ARMS, _overrides as plan_overrides, run_budget as run, spec
     if args.scale != "cpu" or args.sweep_seeds != 1:
-        raise UsageError("xmoe study sharpen has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
-    out = args.out or default_out("sharpen", args.data)
+        raise UsageError(f"xmoe study {args.name} has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
+    out = args.out or default_out(args.name, args.data)
     if args.plan:
-        extra = study_overrides(steps=args.steps, data=args.data, overrides=overrides)
-        print(json.dumps({"out": str(out), "stage1": {s.name: {"preset": s.preset, "overrides": s.overrides}
-                                                       for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
+        extra = plan_overrides(steps=args.steps, data=args.data, overrides=overrides)
+        key = "stage1" if args.name == "sharpen" else "seed0"  # the runs that start the study
+        print(json.dumps({"out": str(out), key: {s.name: {"preset": s.preset, "overrides": s.overrides}
+                                                     for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
         return
-    run_sharpen(out=out, data=args.data, seeds=args.seeds, steps=args.steps, overrides=overrides,
-                progress=args.progress)
+    extra = {"train": not args.tabulate} if args.name == "budget" else {}
+    run(out=out, data=args.data, seeds=args.seeds, steps=args.steps, overrides=overrides, progress=args.progress,
+        **extra)

@@ -66,6 +66,11 @@ class RoutingStats:
     def _kept_T(self) -> Tensor:
         return self._kept_TE.sum(dim=-1)
 
+    @property
+    def kept_T(self) -> Tensor:
+        """[T]: the experts each token got (after capacity), for per-token analyses."""
+        return self._kept_T
+
     @cached_property
     def wanted_per_token(self) -> Tensor:
         return _mean(self._wanted_T)

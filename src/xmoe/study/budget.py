@@ -1,0 +1,468 @@
+"""The compute-budget study: at the same average compute, is a threshold router better than top-k?
+
+XMoE's claim is fewer expert FLOPs than top-k at equal quality (Yang et al., 2024, arXiv
+2403.18926). A skeptic compares it with top-k over the same experts **at the same average
+compute**, not only with the parameter-matched top-k of the paper. With a budget controller
+(``MoEConfig.target_experts``, docs/method.md "A compute budget") XMoE's mean experts per token
+is held at a chosen k̄ while each token still takes a variable number; this study sets XMoE at
+k̄ against top-k at k = k̄ (and at the integers around a fractional k̄).
+
+The protocol, fixed before any run:
+
+    splits    train | validation (5% of the characters) | test (the last 5%), as `study sharpen`
+    models    64 experts x 64 on the cpu-* family shrunk to d_model 128 (the study scale); every
+              arm trains 1,000 steps of 8 x 64 tokens at lr 2e-3 unless --steps says otherwise
+    arms      budget-1.5, budget-2, budget-4   XMoE, t steered to k̄ experts/token (t starts at 0.9)
+              top1, top2, top4                 top-k over the same 64 experts
+              references (after the core):     sharpen-0.03  XMoE t = 0.9 + 0.03 x router entropy
+                                                             (the sharpening study's choice)
+                                               paper         XMoE t = 0.9, the paper's recipe
+    seeds     0, 1, 2: every core arm at seed 0, then at seed 1, then 2; then the references.
+              Seed s fixes initialisation and batch order: within a seed, every arm sees the same
+              tokens in the same order
+    measured  on the WHOLE test split (no choice looks at it; nothing is chosen in this study):
+              perplexity, experts per token per layer (dropless evaluation, t frozen at its
+              trained value), the per-token distribution of experts, and whether it tracks
+              difficulty: per layer, the Spearman rank correlation between a token's experts and
+              its loss under the XMoE model, and its loss under the compute-matched top-k model
+              of the same seed (the same tokens)
+    speed     training and inference tokens/s of the seed-0 models, measured interleaved in one
+              process after the runs (round robin over the arms, median of the repeats, one
+              thread), so that a change of load cannot invert the comparison
+    the bar   at some budget, XMoE's test perplexity beats the compute-matched top-k by more than
+              the seed spread: mean + std below top-k's mean - std. Compute-matched: top-k at
+              the nearest trained k at or above XMoE's measured test experts/token (the one that
+              spends at least as much), and reported against the one below too. If no budget
+              meets the bar, that is the result.
+
+    xmoe study budget --data input.txt --out runs/budget/tinyshakespeare
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from xmoe.errors import UsageError, check_counts
+from xmoe.extras import check_extra, needs_extra
+
+from .aggregate import mean_std
+from .measure import is_finished, measure_run, read_json, write_json
+from .sharpen import SCALE, Arm, study_overrides
+from .sharpen import spec as sharpen_spec
+
+BUDGETS = (1.5, 2.0, 4.0)
+TOPK = (1, 2, 4)
+SHARPEN_COEF = 0.03
+TOKENS_FILE = "test_tokens.safetensors"
+SPEED_REPEATS = 5
+SPEED_BATCHES = 4
+
+BUDGET_ARMS = tuple(Arm(name=f"budget-{k:g}", option="budget", overrides={"model.moe.target_experts": f"{k:g}"})
+                    for k in BUDGETS)
+TOPK_ARMS = tuple(Arm(name=f"top{k}", router="topk", overrides={"model.moe.top_k": str(k)}) for k in TOPK)
+CORE_ARMS = (*BUDGET_ARMS, *TOPK_ARMS)
+REFERENCE_ARMS = (
+    Arm(name=f"sharpen-{SHARPEN_COEF:g}", option="reference", overrides={"train.entropy_loss_coef": f"{SHARPEN_COEF:g}"}),
+    Arm(name="paper", option="reference"),
+)
+ARMS = (*CORE_ARMS, *REFERENCE_ARMS)
+# What tells the arms, seeds and splits apart: the study sets these itself.
+FIXED = ("model.moe.target_experts", "model.moe.top_k", "train.entropy_loss_coef", "train.seed", "model.moe.router",
+         "data.test_fraction", "data.val_fraction")
+
+
+def spec(arm: Arm, seed: int, extra: dict[str, str]):
+    return sharpen_spec(arm, seed, extra)
+
+
+def arm_k(arm: Arm) -> float | None:
+    """The arm's budget: k̄ of a budget arm, k of a top-k arm; None for a reference."""
+    if arm.router == "topk":
+        return float(arm.overrides["model.moe.top_k"])
+    target = arm.overrides.get("model.moe.target_experts")
+    return None if target is None else float(target)
+
+
+# --- per-token analysis of the test split ---------------------------------------------------
+
+
+def test_tokens(run_dir: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every token of the run's test split: its target id, its loss (nats) and the experts it
+    took in each MoE layer (dropless, the trained t); cached in test_tokens.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from xmoe.training import eval_batches, load_lm
+
+    path = Path(run_dir) / TOKENS_FILE
+    if path.is_file():
+        return load_file(path)
+    loaded = load_lm(run_dir, device=device)
+    model = loaded.model.eval()
+    targets, losses, experts = [], [], []
+    with torch.no_grad():
+        for x_BL, y_BL in eval_batches(loaded, None, split="test"):
+            out = model(x_BL.to(device))
+            losses.append(F.cross_entropy(out.logits_BLV.float().flatten(0, 1), y_BL.flatten().to(device),
+                                          reduction="none").cpu())
+            targets.append(y_BL.flatten())
+            experts.append(torch.stack([s.kept_T.cpu() for s in out.stats]).to(torch.int16))
+    result = {"targets_N": torch.cat(targets).to(torch.int32), "loss_N": torch.cat(losses),
+              "experts_LN": torch.cat(experts, dim=1)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(result, str(tmp))
+    os.replace(tmp, path)
+    return result
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation: Pearson's on average ranks (ties share their mean rank).
+    NaN when either side is constant (top-1's one expert for every token, say)."""
+    ra, rb = _average_ranks(a.double()), _average_ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float((ra * rb).sum() / denominator) if denominator > 0 else math.nan
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of each distinct value's first copy
+    return (first + (counts - 1) / 2.0).double()[inverse]
+
+
+def difficulty(own: dict, matched: dict | None) -> dict:
+    """Per layer: Spearman of a token's experts against its loss under this model, and under the
+    matched top-k model when given (same tokens); and the distribution of experts per token."""
+    layers = []
+    for experts_N in own["experts_LN"]:
+        row = {"rho_own_loss": spearman(experts_N, own["loss_N"]),
+               "histogram": torch.bincount(experts_N.long()).tolist()}
+        if matched is not None:
+            row["rho_topk_loss"] = spearman(experts_N, matched["loss_N"])
+        layers.append(row)
+    return {"layers": layers}
+
+
+# --- speed, interleaved ---------------------------------------------------------------------
+
+
+def interleaved_speeds(run_dirs: dict[str, Path], *, repeats: int = SPEED_REPEATS,
+                       log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Training (forward + backward) and inference tokens/s of each run's model on the same
+    batches, round robin over the models, ``repeats`` rounds, median per model: every model
+    sees the same load, in the same process and thread."""
+    from xmoe.training import eval_batches, load_lm
+
+    loaded = {name: load_lm(d, device="cpu") for name, d in run_dirs.items()}
+    first = next(iter(loaded.values()))
+    batches = list(eval_batches(first, None, split="test", max_batches=SPEED_BATCHES))
+    tokens = sum(y.numel() for _, y in batches)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, dict[str, list[float]]] = {n: {"train": [], "inference": []} for n in loaded}
+    try:
+        for r in range(repeats + 1):  # round 0 warms up and is not counted
+            for name, run in loaded.items():
+                train_s, infer_s = _time_model(run.model, batches)
+                if r:
+                    times[name]["train"].append(train_s)
+                    times[name]["inference"].append(infer_s)
+    finally:
+        torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
+    log(f"speeds measured interleaved ({repeats} rounds, 1 thread, load average {load:.1f})")
+    return {n: {"train_tokens_per_s": tokens / statistics.median(t["train"]),
+                "inference_tokens_per_s": tokens / statistics.median(t["inference"]),
+                "load_average": load} for n, t in times.items()}
+
+
+def _time_model(model, batches) -> tuple[float, float]:
+    model.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        model(x, y).loss.backward()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, y in batches:
+            model(x, y)
+    return train_s, time.perf_counter() - t0
+
+
+# --- the study ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    out: Path
+    extra: dict[str, str]
+    seeds: int
+
+    def run_dir(self, arm: Arm, seed: int) -> Path:
+        return self.out / "runs" / f"{arm.name}-s{seed}"
+
+    def finished(self, arm: Arm) -> list[int]:
+        return [s for s in range(self.seeds) if is_finished(self.run_dir(arm, s))]
+
+
+def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 3, steps: int | None = None,
+               overrides: dict[str, str] | None = None, progress: bool = False, train: bool = True,
+               log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the study in ``out``, then write results.json, results.md and the plots.
+    ``train=False`` tabulates the runs finished so far and trains nothing."""
+    check_counts("study", seeds=seeds)
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    check_extra("study", "the study's plots")
+    extra = _overrides(steps=steps, data=data, overrides=overrides)
+    for arm in ARMS:
+        spec(arm, 0, extra).config()  # a bad override fails now, not an hour in
+    study = Study(Path(out), extra, seeds)
+    started = time.time()
+    if train:
+        order = [(arm, s) for s in range(seeds) for arm in CORE_ARMS]
+        order += [(arm, s) for s in range(seeds) for arm in REFERENCE_ARMS]
+        for arm, seed in order:
+            s = spec(arm, seed, extra)
+            run_dir = study.run_dir(arm, seed)
+            state = "finished before" if is_finished(run_dir) else f"training ({(time.time() - started) / 60:.1f} min)"
+            log(f"{s.name}: {state}")
+            measure_run(s.config(), run_dir, progress=progress)
+            test_tokens(run_dir)
+        speeds_path = study.out / "speeds.json"
+        if not speeds_path.is_file():
+            write_json(speeds_path, interleaved_speeds({a.name: study.run_dir(a, 0) for a in ARMS}, log=log))
+    results = collect(study)
+    write_results(results, study.out)
+    log(f"done in {(time.time() - started) / 60:.1f} min: {study.out / 'results.md'}")
+    return results
+
+
+def _overrides(*, steps: int | None, data: str | None, overrides: dict[str, str] | None) -> dict[str, str]:
+    fixed = sorted(set(overrides or {}) & set(FIXED))
+    if fixed:
+        raise UsageError(f"xmoe study budget sets {', '.join(fixed)} itself (the arms, seeds and splits it "
+                         f"compares); drop {'it' if len(fixed) == 1 else 'them'}")
+    return study_overrides(steps=steps, data=data, overrides=overrides)
+
+
+def collect(study: Study) -> dict:
+    """The finished runs, tabulated: per arm, test numbers over seeds (mean ± std), the per-token
+    analysis, speeds, and each budget's verdict against the compute-matched top-k."""
+    rows = {}
+    for arm in ARMS:
+        seeds = study.finished(arm)
+        if seeds:
+            rows[arm.name] = _arm_row(study, arm, seeds)
+    speeds_path = study.out / "speeds.json"
+    speeds = read_json(speeds_path) if speeds_path.is_file() else {}
+    for name, row in rows.items():
+        row["speed"] = speeds.get(name)
+    topk = {row["k"]: row for row in rows.values() if row["router"] == "topk"}
+    for row in rows.values():
+        if row["option"] == "budget" or row["option"] == "reference":
+            row["versus"] = versus(row, topk)
+            row["difficulty"] = _difficulty(study, row, topk)
+    return {
+        "study": "budget",
+        "scale_note": SCALE.note,
+        "data": study.extra.get("data.path", "default corpus (Python's reference docs and docstrings)"),
+        "overrides": {k: v for k, v in study.extra.items() if k != "data.path"},
+        "seeds": list(range(study.seeds)),
+        "arms": list(rows.values()),
+        "meets_bar": [r["label"] for r in rows.values() if r["option"] == "budget" and r["versus"].get("meets_bar")],
+    }
+
+
+def _arm_row(study: Study, arm: Arm, seeds: list[int]) -> dict:
+    per_seed = [_test_numbers(study.run_dir(arm, s)) for s in seeds]
+    row = {"label": arm.name, "router": arm.router, "option": arm.option, "k": arm_k(arm), "seeds": seeds}
+    for key in ("perplexity", "experts_per_token", "final_threshold"):
+        values = [p[key] for p in per_seed if p.get(key) is not None]
+        row[key] = mean_std(values) if values else None
+    row["experts_per_token_layers"] = [statistics.fmean(v) for v in zip(*(p["experts_layers"] for p in per_seed))]
+    row["train_experts_per_token"] = mean_std([p["train_experts_per_token"] for p in per_seed])
+    return row
+
+
+def _test_numbers(run_dir: Path) -> dict:
+    """Perplexity and experts/token on the whole test split, from the per-token file; t as trained."""
+    tokens = test_tokens(run_dir)
+    m = read_json(run_dir / "measurements.json")
+    experts_layers = tokens["experts_LN"].double().mean(dim=1).tolist()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    thresholds = [r["threshold"] for r in metrics if r.get("split") == "train" and "threshold" in r]
+    return {"perplexity": math.exp(float(tokens["loss_N"].double().mean())),
+            "experts_per_token": statistics.fmean(experts_layers), "experts_layers": experts_layers,
+            "train_experts_per_token": m.get("train_experts_per_token", 0.0),
+            "final_threshold": thresholds[-1] if thresholds else None}
+
+
+def versus(row: dict, topk: dict[float, dict]) -> dict:
+    """XMoE's row against the trained top-k nearest below and at-or-above its measured experts
+    per token: the differences of mean test perplexity, and whether each exceeds the spread."""
+    measured = row["experts_per_token"]["mean"]
+    below = [k for k in topk if k <= measured]
+    above = [k for k in topk if k >= measured]
+    out: dict = {"measured_experts": measured}
+    for side, ks in (("below", below), ("above", above)):
+        if not ks:
+            continue
+        k = max(ks) if side == "below" else min(ks)
+        other = topk[k]
+        a, b = row["perplexity"], other["perplexity"]
+        out[side] = {"k": k, "difference": a["mean"] - b["mean"], "better_beyond_spread": _beats(a, b),
+                     "worse_beyond_spread": _beats(b, a)}
+    if "above" in out:
+        out["meets_bar"] = bool(out["above"]["better_beyond_spread"])
+    return out
+
+
+def _beats(a: dict, b: dict) -> bool | None:
+    """Whether ``a``'s mean + std is below ``b``'s mean - std (None without spreads)."""
+    if a["std"] is None or b["std"] is None:
+        return None
+    return a["mean"] + a["std"] < b["mean"] - b["std"]
+
+
+def _difficulty(study: Study, row: dict, topk: dict[float, dict]) -> dict | None:
+    """The per-token analysis of the row's seed-0 run, against the top-k at or above its experts."""
+    if 0 not in row["seeds"]:
+        return None
+    above = sorted(k for k in topk if k >= row["experts_per_token"]["mean"] and 0 in topk[k]["seeds"])
+    arm = next(a for a in ARMS if a.name == row["label"])
+    own = test_tokens(study.run_dir(arm, 0))
+    matched = None
+    if above:
+        other = next(a for a in ARMS if a.name == topk[above[0]]["label"])
+        candidate = test_tokens(study.run_dir(other, 0))
+        if torch.equal(candidate["targets_N"], own["targets_N"]):  # the same tokenizer and tokens
+            matched = candidate
+    result = difficulty(own, matched)
+    result["matched"] = topk[above[0]]["label"] if matched is not None else None
+    return result
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+def write_results(results: dict, out: Path) -> None:
+    results["plots"] = draw(results, out)
+    write_json(out / "results.json", results)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(markdown(results), encoding="utf-8")
+    os.replace(tmp, out / "results.md")
+
+
+def _cell(c: dict | None, spec: str = ".2f") -> str:
+    if c is None:
+        return "–"
+    return f"{c['mean']:{spec}}" + (f" ± {c['std']:{spec}}" if c["std"] is not None else "")
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Compute budget: XMoE against top-k at the same compute, {results['data']}", "",
+             f"{results['scale_note']}; seeds {results['seeds']}"
+             + (f"; overrides `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".", "",
+             "## Test split (whole), mean ± std over seeds", "",
+             "| arm | seeds | test PPL | experts/token (test) | trained t (mean of layers) | train tok/s | "
+             "inference tok/s |", "|---|---|---|---|---|---|---|"]
+    for r in results["arms"]:
+        speed = r.get("speed") or {}
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {_cell(r['perplexity'])} | {_cell(r['experts_per_token'])} | "
+                     f"{_cell(r['final_threshold'], '.3f')} | {speed.get('train_tokens_per_s', 0):.0f} | "
+                     f"{speed.get('inference_tokens_per_s', 0):.0f} |")
+    lines += ["", "Speeds: seed-0 models, measured interleaved in one process (one thread).", "",
+              "## Against the compute-matched top-k", "",
+              "| arm | experts/token | vs top-k below: k, ΔPPL | vs top-k at or above: k, ΔPPL | meets the bar |",
+              "|---|---|---|---|---|"]
+    for r in results["arms"]:
+        if "versus" not in r:
+            continue
+        v = r["versus"]
+
+        def side(name: str) -> str:
+            if name not in v:
+                return "–"
+            s = v[name]
+            mark = " (better beyond spread)" if s["better_beyond_spread"] else (
+                " (worse beyond spread)" if s["worse_beyond_spread"] else " (within spread)")
+            return f"top{s['k']:g}, {s['difference']:+.2f}{mark}"
+
+        bar = "(reference)" if r["option"] == "reference" else ("**yes**" if v.get("meets_bar") else "no")
+        lines.append(f"| {r['label']} | {v['measured_experts']:.2f} | {side('below')} | {side('above')} | {bar} |")
+    verdict = (f"**Meets the bar:** {', '.join(results['meets_bar'])}." if results["meets_bar"] else
+               "**No budget meets the bar**: at no budget does XMoE beat the compute-matched top-k by more than "
+               "the seed spread.")
+    lines += ["", verdict, "", "## Does a token's expert count track its difficulty? (seed 0, test split)", "",
+              "Spearman rank correlation per MoE layer between a token's experts and its loss under the same "
+              "model, and under the compute-matched top-k model (the same tokens).", "",
+              "| arm | layer | ρ (own loss) | ρ (top-k's loss) | tokens with 1 / 2 / 3 / ≥4 experts |",
+              "|---|---|---|---|---|"]
+    for r in results["arms"]:
+        d = r.get("difficulty")
+        if not d:
+            continue
+        for i, layer in enumerate(d["layers"]):
+            h = layer["histogram"] + [0] * 4
+            total = sum(h)
+            share = [h[1], h[2], h[3], sum(h[4:])]
+            lines.append(f"| {r['label']} | {i} | {layer['rho_own_loss']:+.3f} | "
+                         f"{layer.get('rho_topk_loss', math.nan):+.3f} | "
+                         + " / ".join(f"{100 * c / total:.0f}%" for c in share) + " |")
+    lines += ["", *(f"![{p}]({p})" for p in results.get("plots", [])), ""]
+    return "\n".join(lines)
+
+
+def draw(results: dict, out: Path) -> list[str]:
+    """budget.png: test perplexity against experts per token (∝ expert FLOPs), against training
+    and against inference tokens/s (interleaved)."""
+    with needs_extra("study", "the study's plots"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    fig = Figure(figsize=(14, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    xs = (("experts_per_token", "experts per token (test; ∝ expert FLOPs)"),
+          ("train_tokens_per_s", "training tokens/s (interleaved)"),
+          ("inference_tokens_per_s", "inference tokens/s (interleaved)"))
+    for ax, (key, label) in zip(axes, xs):
+        for family, marker in (("topk", "s-"), ("budget", "o-"), ("reference", "^")):
+            members = [r for r in results["arms"] if (r["router"] == "topk") == (family == "topk")
+                       and (family == "topk" or r["option"] == family)]
+            points = [(_x(r, key), r) for r in members if _x(r, key) is not None]
+            if not points:
+                continue
+            points.sort(key=lambda p: p[0])
+            ax.errorbar([p[0] for p in points], [p[1]["perplexity"]["mean"] for p in points],
+                        yerr=[p[1]["perplexity"]["std"] or 0 for p in points], fmt=marker, capsize=3,
+                        label=family if family != "reference" else None, linewidth=1)
+            for x, r in points:
+                ax.annotate(r["label"], (x, r["perplexity"]["mean"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(xlabel=label, ylabel="test perplexity (mean ± std)")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("XMoE with a compute budget against top-k over the same 64 experts")
+    fig.tight_layout()
+    fig.savefig(out / "budget.png", dpi=110)
+    return ["budget.png"]
+
+
+def _x(row: dict, key: str) -> float | None:
+    if key == "experts_per_token":
+        return row["experts_per_token"]["mean"]
+    speed = row.get("speed") or {}
+    return speed.get(key)
