@@ -208,6 +208,7 @@ class Study:
     out: Path
     extra: dict[str, str]
     seeds: int
+    arms: tuple[Arm, ...] = ARMS
 
     def run_dir(self, arm: Arm, seed: int) -> Path:
         return self.out / "runs" / f"{arm.name}-s{seed}"
@@ -218,21 +219,22 @@ class Study:
 
 def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 3, steps: int | None = None,
                overrides: dict[str, str] | None = None, progress: bool = False, train: bool = True,
-               log: Callable[[str], None] = print) -> dict:
+               arms: tuple[Arm, ...] = ARMS, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study in ``out``, then write results.json, results.md and the plots.
-    ``train=False`` tabulates the runs finished so far and trains nothing."""
+    ``train=False`` tabulates the runs finished so far and trains nothing; ``arms`` (a subset
+    of ARMS) is for tests."""
     check_counts("study", seeds=seeds)
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     check_extra("study", "the study's plots")
     extra = _overrides(steps=steps, data=data, overrides=overrides)
-    for arm in ARMS:
+    for arm in arms:
         spec(arm, 0, extra).config()  # a bad override fails now, not an hour in
-    study = Study(Path(out), extra, seeds)
+    study = Study(Path(out), extra, seeds, arms)
     started = time.time()
     if train:
-        order = [(arm, s) for s in range(seeds) for arm in CORE_ARMS]
-        order += [(arm, s) for s in range(seeds) for arm in REFERENCE_ARMS]
+        order = [(arm, s) for s in range(seeds) for arm in arms if arm.option != "reference"]
+        order += [(arm, s) for s in range(seeds) for arm in arms if arm.option == "reference"]
         for arm, seed in order:
             s = spec(arm, seed, extra)
             run_dir = study.run_dir(arm, seed)
@@ -242,7 +244,7 @@ def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 
             test_tokens(run_dir)
         speeds_path = study.out / "speeds.json"
         if not speeds_path.is_file():
-            write_json(speeds_path, interleaved_speeds({a.name: study.run_dir(a, 0) for a in ARMS}, log=log))
+            write_json(speeds_path, interleaved_speeds({a.name: study.run_dir(a, 0) for a in arms}, log=log))
     results = collect(study)
     write_results(results, study.out)
     log(f"done in {(time.time() - started) / 60:.1f} min: {study.out / 'results.md'}")
@@ -261,10 +263,13 @@ def collect(study: Study) -> dict:
     """The finished runs, tabulated: per arm, test numbers over seeds (mean ± std), the per-token
     analysis, speeds, and each budget's verdict against the compute-matched top-k."""
     rows = {}
-    for arm in ARMS:
+    for arm in study.arms:
         seeds = study.finished(arm)
         if seeds:
             rows[arm.name] = _arm_row(study, arm, seeds)
+    if not rows:
+        raise UsageError(f"{study.out} has no finished run of this study yet; run xmoe study budget with the "
+                         f"same --out (and --data) first")
     speeds_path = study.out / "speeds.json"
     speeds = read_json(speeds_path) if speeds_path.is_file() else {}
     for name, row in rows.items():
@@ -297,16 +302,19 @@ def _arm_row(study: Study, arm: Arm, seeds: list[int]) -> dict:
 
 
 def _test_numbers(run_dir: Path) -> dict:
-    """Perplexity and experts/token on the whole test split, from the per-token file; t as trained."""
+    """Perplexity and experts/token on the whole test split, from the per-token file; the t each
+    threshold-routed layer was left at by training (read from the checkpoint)."""
+    from xmoe.training import load_lm
+
     tokens = test_tokens(run_dir)
     m = read_json(run_dir / "measurements.json")
     experts_layers = tokens["experts_LN"].double().mean(dim=1).tolist()
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    thresholds = [r["threshold"] for r in metrics if r.get("split") == "train" and "threshold" in r]
+    routers = [layer.router for layer in load_lm(run_dir, device="cpu").model.moe_layers()]
+    thresholds = [r.threshold for r in routers if r.kind == "threshold"]
     return {"perplexity": math.exp(float(tokens["loss_N"].double().mean())),
             "experts_per_token": statistics.fmean(experts_layers), "experts_layers": experts_layers,
             "train_experts_per_token": m.get("train_experts_per_token", 0.0),
-            "final_threshold": thresholds[-1] if thresholds else None}
+            "final_threshold": statistics.fmean(thresholds) if thresholds else None}
 
 
 def versus(row: dict, topk: dict[float, dict]) -> dict:
@@ -341,11 +349,11 @@ def _difficulty(study: Study, row: dict, topk: dict[float, dict]) -> dict | None
     if 0 not in row["seeds"]:
         return None
     above = sorted(k for k in topk if k >= row["experts_per_token"]["mean"] and 0 in topk[k]["seeds"])
-    arm = next(a for a in ARMS if a.name == row["label"])
+    arm = next(a for a in study.arms if a.name == row["label"])
     own = test_tokens(study.run_dir(arm, 0))
     matched = None
     if above:
-        other = next(a for a in ARMS if a.name == topk[above[0]]["label"])
+        other = next(a for a in study.arms if a.name == topk[above[0]]["label"])
         candidate = test_tokens(study.run_dir(other, 0))
         if torch.equal(candidate["targets_N"], own["targets_N"]):  # the same tokenizer and tokens
             matched = candidate
