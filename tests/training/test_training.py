@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from helpers.data import write_corpus
-from helpers.training import tiny_lm_config
+from helpers.training import cross_entropy_by_hand, tiny_lm_config
 from xmoe import UsageError
 from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
@@ -311,57 +312,95 @@ def test_bad_warmup_steps_is_a_clear_error(value):
         TrainConfig(warmup_steps=value)
 
 
-@pytest.mark.parametrize("paper", [False, True])
-def test_demo_trains_xmoe_and_top_k_on_the_same_tokens_and_compares_them(corpus, tmp_path, monkeypatch, capsys, paper):
-    """`xmoe demo` (the README's main job) at toy size: XMoE (sharpened unless --paper-recipe) and
-    the top-k model of equal parameters, the compute dial, and the side-by-side closing lines."""
-    from xmoe.cli import main as cli
-    from xmoe.models.gpt import num_params
+def matched_k_by_hand(experts: float) -> list[int]:
+    """Top-k at XMoE's compute: the integer within 0.05, else the integers on either side."""
+    for k in range(1, 65):
+        if abs(experts - k) <= 0.05:
+            return [k]
+    return [int(experts), int(experts) + 1]
 
+
+def small_demo(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_DEMO_TRAIN", {
         **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
         "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
+    monkeypatch.setattr(cli, "_SPEED_BATCHES", 1)
+
+
+@pytest.mark.parametrize("paper", [False, True])
+def test_demo_trains_xmoe_and_the_compute_matched_top_k_on_the_same_tokens(corpus, tmp_path, monkeypatch, capsys,
+                                                                           paper):
+    """`xmoe demo` (the README's main job) at toy size: XMoE (with a compute budget unless
+    --paper-recipe), then top-k at the experts per token XMoE measured, the compute dial, and the
+    closing table, whose perplexities are recomputed here from float64 logits."""
+    from xmoe.cli import main as cli
+    from xmoe.models.gpt import num_params
+
+    small_demo(cli, monkeypatch, tmp_path)
     out = tmp_path / "demo"
     cli.main(["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)]
              + (["--paper-recipe"] if paper else []))
     printed = capsys.readouterr().out
-    xmoe, topk = load_lm(out / "xmoe"), load_lm(out / "topk")
-    assert xmoe.cfg.train.entropy_loss_coef == (0.0 if paper else cli.DEMO_ENTROPY_COEF)
-    assert topk.cfg.train.entropy_loss_coef == 0.0 and topk.cfg.model.moe.router == "topk"
-    assert num_params(xmoe.model) == num_params(topk.model)
-    assert (out / "xmoe" / "tokenizer.json").read_bytes() == (out / "topk" / "tokenizer.json").read_bytes()
-    for run in ("xmoe", "topk"):
-        assert json.loads((out / run / "checkpoint" / "state.json").read_text())["step"] == 2
+    xmoe = load_lm(out / "xmoe")
+    assert xmoe.cfg.model.moe.target_experts == (None if paper else cli.DEMO_BUDGET)
+    batches = list(eval_batches(xmoe, None, max_batches=2))
+    experts = evaluate_lm(xmoe.model, batches).to_dict()["experts_per_token"]
+    ks = matched_k_by_hand(experts)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["xmoe", *(f"top{k}" for k in ks)])
+    closing = printed[printed.index("XMoE against top-k at the same compute"):]
+    for k in ks:
+        topk = load_lm(out / f"top{k}")
+        assert topk.cfg.model.moe.router == "topk" and topk.cfg.model.moe.top_k == k
+        assert num_params(xmoe.model) == num_params(topk.model)
+        assert (out / "xmoe" / "tokenizer.json").read_bytes() == (out / f"top{k}" / "tokenizer.json").read_bytes()
+        assert json.loads((out / f"top{k}" / "checkpoint" / "state.json").read_text())["step"] == 2
+        total, count = cross_entropy_by_hand(topk.model, batches)
+        assert f"| top-{k} | {math.exp(total / count):.2f} | {k:.2f} |" in closing
+        assert f"Against top-{k}: XMoE's perplexity is" in closing
     assert (out / "xmoe" / "report" / "threshold_sweep.png").is_file()
-    assert ("the paper's recipe" in printed) == paper and ("with router sharpening" in printed) != paper
-    closing = printed[printed.index("XMoE against top-k"):]
-    ppl = evaluate_lm(topk.model, list(eval_batches(topk, None, max_batches=2))).perplexity
-    assert f"| top-k, equal parameters | {ppl:.2f} | {topk.cfg.model.moe.top_k:.2f} | 1.00x |" in closing
+    assert ("the paper's recipe" in printed) == paper and ("compute budget" in printed) != paper
+    total, count = cross_entropy_by_hand(xmoe.model, batches)
+    assert f"| {math.exp(total / count):.2f} | {experts:.2f} |" in closing.splitlines()[4]
+
+
+def test_the_demo_compares_a_budgeted_xmoe_at_its_trained_t_after_the_dial(corpus, tmp_path, monkeypatch, capsys):
+    """The dial sweeps t over 0.5 .. 1.0; the closing table must be XMoE at the t training left
+    (per layer), not at the last t of the sweep or the config's starting t."""
+    from xmoe.cli import main as cli
+
+    small_demo(cli, monkeypatch, tmp_path)
+    cli.main(["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")])
+    closing = capsys.readouterr().out.split("XMoE against top-k at the same compute")[1]
+    xmoe = load_lm(tmp_path / "d" / "xmoe")
+    trained = [layer.threshold for layer in xmoe.model.moe_layers()]
+    assert all(t not in (0.5, 0.7, 0.9, 1.0) for t in trained)
+    assert f"t trained to {sum(trained) / len(trained):.3f}" in closing
+    total, count = cross_entropy_by_hand(xmoe.model, list(eval_batches(xmoe, None, max_batches=2)))
+    assert f"| {math.exp(total / count):.2f} |" in closing.splitlines()[4]
 
 
 def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):
     """A second `xmoe demo` on the same --out names --resume; --resume trains only what is
-    missing (here the top-k model) and closes with both models."""
+    missing (here a top-k model) and closes with every model."""
     from xmoe.cli import main as cli
 
-    monkeypatch.setattr(cli, "_DEMO_TRAIN", {
-        **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
-        "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
+    small_demo(cli, monkeypatch, tmp_path)
     out = tmp_path / "demo"
     argv = ["demo", "--steps", "2", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(out)]
     cli.main(argv)
     xmoe_weights = (out / "xmoe" / "checkpoint" / "model.safetensors").read_bytes()
+    baseline = next(p for p in out.iterdir() if p.name.startswith("top"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         cli.main(argv)
     assert refused.value.code == 2 and "continue it with --resume" in capsys.readouterr().err
-    shutil.rmtree(out / "topk")
+    shutil.rmtree(baseline)
     cli.main(argv + ["--resume"])
     printed = capsys.readouterr().out
     assert f"{out / 'xmoe'}: trained before (2 steps)" in printed
     assert (out / "xmoe" / "checkpoint" / "model.safetensors").read_bytes() == xmoe_weights
-    assert json.loads((out / "topk" / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert "| – |" in printed[printed.index("XMoE against top-k"):]
+    assert json.loads((baseline / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert f"| top-{baseline.name[3:]} |" in printed[printed.index("XMoE against top-k"):]
 
 
 @pytest.mark.parametrize("error, one_line", [(UsageError("--x is wrong; use --y"), True), (ValueError("a bug"), False)])

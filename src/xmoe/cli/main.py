@@ -28,7 +28,6 @@ import errno
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -205,72 +204,87 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job: XMoE and the top-k model of equal parameters, trained on the same tokens of
-    text that ships with Python, evaluated and compared; then XMoE's compute dial."""
-    from xmoe.training import checkpoint_dir, eval_batches, evaluate_lm, lm_run_config, load_lm
-    from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import describe_comparison, write_report
+    """The main job: XMoE with a compute budget, and top-k over the same experts at the compute
+    XMoE measured, trained on the same tokens of text that ships with Python, compared; then
+    XMoE's compute dial."""
+    from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
+    from xmoe.training.report import write_report
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
-    runs = {name: out / name for name in ("xmoe", "topk")}
-    if not args.resume and any((run / "checkpoint").exists() for run in runs.values()):
+    if not args.resume and (out / "xmoe" / "checkpoint").exists():
         raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
                          f"(or delete {out})")
     common = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
     if args.data is not None:
         common["data.path"] = args.data
-    sharpen = {} if args.paper_recipe else {"train.entropy_loss_coef": f"{DEMO_ENTROPY_COEF:g}"}
-    xmoe_cfg = lm_run_config(args.preset, overrides={**common, **sharpen})
+    budget = {} if args.paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
+    xmoe_cfg = lm_run_config(args.preset, overrides={**common, **budget})
     moe = xmoe_cfg.model.moe
     if moe is None or moe.router != "threshold":
         raise UsageError(f"--preset {args.preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
-    topk_cfg = lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk"})
 
     print(_demo_recipe(moe, args.paper_recipe))
     go_on = " ".join(["xmoe", *args.argv, *([] if args.resume else ["--resume"])])
-    seconds = {}  # each model's training time, when this call trained it from the start
-    for name, cfg in (("xmoe", xmoe_cfg), ("topk", topk_cfg)):
-        if name == "topk":
-            print(f"\nthe baseline: top-{moe.top_k} routing over the same {moe.num_experts} experts (equal "
-                  f"parameters), trained on the same tokens")
-        started = (runs[name] / "checkpoint").exists()
-        if started and read_state(checkpoint_dir(runs[name]))["step"] >= cfg.train.max_steps:
-            print(f"{runs[name]}: trained before ({cfg.train.max_steps} steps)")
-            continue
-        t0 = time.perf_counter()
-        train_and_report(cfg, runs[name], resume=started, go_on=go_on)
-        if not started:
-            seconds[name] = time.perf_counter() - t0
-
-    xmoe, topk = load_lm(out / "xmoe"), load_lm(out / "topk")
+    _train_demo_model(xmoe_cfg, out / "xmoe", go_on)
+    xmoe = load_lm(out / "xmoe")
     batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
+    evals = {"xmoe": evaluate_lm(xmoe.model, batches).to_dict()}
+    ks = compute_matched_k(evals["xmoe"]["experts_per_token"], moe.num_experts)
+    print(f"\nthe baselines: top-{' and top-'.join(map(str, ks))} over the same {moe.num_experts} experts, the "
+          f"compute XMoE measured ({evals['xmoe']['experts_per_token']:.2f} experts per token on validation), "
+          f"trained on the same tokens")
+    models = {}
+    for k in ks:
+        name = f"top{k}"
+        _train_demo_model(lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk",
+                                                                 "model.moe.top_k": str(k)}), out / name, go_on)
+        models[f"top-{k}"] = load_lm(out / name).model
+        evals[f"top-{k}"] = evaluate_lm(models[f"top-{k}"], batches).to_dict()
+
     print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
+    trained = [layer.threshold for layer in xmoe.model.moe_layers()]
     _sweep(xmoe, [0.5, 0.7, 0.9, 1.0], batches, out / "xmoe" / "report")
-    set_threshold(xmoe.model, moe.threshold, xmoe.run_dir)
+    for layer, t in zip(xmoe.model.moe_layers(), trained):
+        layer.set_threshold(t)  # back to what training left (a budget's t differs per layer)
     write_report(out / "xmoe")  # again, now with the sweep in summary.md
-    print("\n" + describe_comparison(evaluate_lm(xmoe.model, batches).to_dict(),
-                                     evaluate_lm(topk.model, batches).to_dict(),
-                                     threshold=moe.threshold, seconds=seconds,
-                                     recipe="the paper's recipe" if args.paper_recipe else
-                                     f"router entropy loss {DEMO_ENTROPY_COEF:g}"))
+    label = (f"XMoE t = {moe.threshold:g} (the paper's recipe)" if args.paper_recipe else
+             f"XMoE, budget {DEMO_BUDGET:g} experts/token (t trained to {sum(trained) / len(trained):.3f})")
+    speeds = interleaved_speeds({label: xmoe.model, **models}, batches[:_SPEED_BATCHES])
+    print("\n" + describe_comparison((label, evals["xmoe"]), {k: v for k, v in evals.items() if k != "xmoe"},
+                                     speeds=speeds, flops_per_expert=moe.flops_per_pair * len(trained)))
 
 
-# The router-sharpening setting the demo trains with (an extension beyond the paper; --paper-recipe
-# turns it off): the entropy coefficient `xmoe study sharpen` chose on the default corpus's
-# validation split (docs/results.md, "Router sharpening").
-DEMO_ENTROPY_COEF = 0.03
+def _train_demo_model(cfg, run: Path, go_on: str) -> None:
+    """Train one model of the demo, or continue it; a finished one is left as it is."""
+    from xmoe.training import checkpoint_dir
+    from xmoe.training.checkpoint import read_state
+
+    started = (run / "checkpoint").exists()
+    if started and read_state(checkpoint_dir(run))["step"] >= cfg.train.max_steps:
+        print(f"{run}: trained before ({cfg.train.max_steps} steps)")
+        return
+    train_and_report(cfg, run, resume=started, go_on=go_on)
+
+
+# The compute budget the demo trains XMoE with (MoEConfig.target_experts, beyond the paper;
+# --paper-recipe trains the paper's fixed t = 0.9): see docs/results.md, "At the same compute".
+DEMO_BUDGET = 2.0
 _DEMO_TRAIN = {"train.batch_size": "8", "train.seq_len": "128", "train.eval_every": "100",
                "train.save_every": "100", "train.lr": "2e-3"}
+_SPEED_BATCHES = 4  # validation batches the closing speed columns are measured on
 
 
 def _demo_recipe(moe, paper: bool) -> str:
-    rule = f"XMoE: {moe.num_experts} experts of width {moe.expert_dim}, threshold t = {moe.threshold:g}"
+    experts = f"XMoE: {moe.num_experts} experts of width {moe.expert_dim}"
     if paper:
-        return f"{rule}, the paper's recipe (without --paper-recipe the router is sharpened)"
-    return (f"{rule}, with router sharpening: + {DEMO_ENTROPY_COEF:g} x router entropy in the loss (an extension "
-            f"beyond the paper, docs/method.md; --paper-recipe trains the paper's plain recipe)")
+        return (f"{experts}, threshold t = {moe.threshold:g}: the paper's recipe (without --paper-recipe a budget "
+                f"controller holds the mean experts per token)")
+    return (f"{experts}, threshold router with a compute budget: t is steered in training so that tokens take "
+            f"{DEMO_BUDGET:g} experts on average, each its own number (beyond the paper, docs/method.md; "
+            f"--paper-recipe trains the paper's fixed t = {moe.threshold:g})")
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> None:
@@ -345,9 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=LM_TASK.default_preset)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
-    p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topk")
+    p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topK for each baseline k")
     p.add_argument("--paper-recipe", action="store_true",
-                   help="train XMoE with the paper's plain recipe (no router sharpening)")
+                   help="train XMoE with the paper's fixed t = 0.9 (no budget controller); after a few hundred "
+                        "steps its router engages many experts, and the compute-matched top-k as many")
     p.add_argument("--resume", action="store_true", help="continue a demo in --out that was stopped")
     p.set_defaults(func=cmd_demo)
 

@@ -64,7 +64,6 @@ BUDGETS = (1.5, 2.0, 4.0)
 TOPK = (1, 2, 4)
 SHARPEN_COEF = 0.03
 TOKENS_FILE = "test_tokens.safetensors"
-SPEED_REPEATS = 5
 SPEED_BATCHES = 4
 
 BUDGET_ARMS = tuple(Arm(name=f"budget-{k:g}", option="budget", overrides={"model.moe.target_experts": f"{k:g}"})
@@ -152,52 +151,18 @@ def difficulty(own: dict, matched: dict | None) -> dict:
     return {"layers": layers}
 
 
-# --- speed, interleaved ---------------------------------------------------------------------
-
-
-def interleaved_speeds(run_dirs: dict[str, Path], *, repeats: int = SPEED_REPEATS,
-                       log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Training (forward + backward) and inference tokens/s of each run's model on the same
-    batches, round robin over the models, ``repeats`` rounds, median per model: every model
-    sees the same load, in the same process and thread."""
+def measure_speeds(run_dirs: dict[str, Path], log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Training and inference tokens/s of each run's model, interleaved (compare.interleaved_speeds)
+    on the first test batches; the load average is recorded beside them."""
     from xmoe.training import eval_batches, load_lm
+    from xmoe.training.compare import interleaved_speeds
 
     loaded = {name: load_lm(d, device="cpu") for name, d in run_dirs.items()}
-    first = next(iter(loaded.values()))
-    batches = list(eval_batches(first, None, split="test", max_batches=SPEED_BATCHES))
-    tokens = sum(y.numel() for _, y in batches)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    times: dict[str, dict[str, list[float]]] = {n: {"train": [], "inference": []} for n in loaded}
-    try:
-        for r in range(repeats + 1):  # round 0 warms up and is not counted
-            for name, run in loaded.items():
-                train_s, infer_s = _time_model(run.model, batches)
-                if r:
-                    times[name]["train"].append(train_s)
-                    times[name]["inference"].append(infer_s)
-    finally:
-        torch.set_num_threads(threads)
+    batches = list(eval_batches(next(iter(loaded.values())), None, split="test", max_batches=SPEED_BATCHES))
+    speeds = interleaved_speeds({name: run.model for name, run in loaded.items()}, batches)
     load = os.getloadavg()[0]
-    log(f"speeds measured interleaved ({repeats} rounds, 1 thread, load average {load:.1f})")
-    return {n: {"train_tokens_per_s": tokens / statistics.median(t["train"]),
-                "inference_tokens_per_s": tokens / statistics.median(t["inference"]),
-                "load_average": load} for n, t in times.items()}
-
-
-def _time_model(model, batches) -> tuple[float, float]:
-    model.train()
-    t0 = time.perf_counter()
-    for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        model(x, y).loss.backward()
-    train_s = time.perf_counter() - t0
-    model.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for x, y in batches:
-            model(x, y)
-    return train_s, time.perf_counter() - t0
+    log(f"speeds measured interleaved (one thread, load average {load:.1f})")
+    return {name: {**s, "load_average": load} for name, s in speeds.items()}
 
 
 # --- the study ------------------------------------------------------------------------------
@@ -244,7 +209,7 @@ def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 
             test_tokens(run_dir)
         speeds_path = study.out / "speeds.json"
         if not speeds_path.is_file():
-            write_json(speeds_path, interleaved_speeds({a.name: study.run_dir(a, 0) for a in arms}, log=log))
+            write_json(speeds_path, measure_speeds({a.name: study.run_dir(a, 0) for a in arms}, log=log))
     results = collect(study)
     write_results(results, study.out)
     log(f"done in {(time.time() - started) / 60:.1f} min: {study.out / 'results.md'}")

@@ -202,32 +202,6 @@ def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool 
     return "\n".join(lines)
 
 
-def describe_comparison(xmoe: dict, topk: dict, *, threshold: float, seconds: dict[str, float], recipe: str) -> str:
-    """XMoE and the top-k model of equal parameters side by side (``LMEval.to_dict()`` of each on
-    the same validation batches; ``seconds``: each one's training time, where measured), and what
-    it means."""
-    def row(name: str, ev: dict, secs: float | None) -> str:
-        return (f"| {name} | {ev['perplexity']:.2f} | {ev['experts_per_token']:.2f} | {ev['moe_flops_ratio']:.2f}x | "
-                f"{'–' if secs is None else f'{secs:.0f}'} |")
-
-    ratio, gap = xmoe["moe_flops_ratio"], xmoe["perplexity"] / topk["perplexity"] - 1
-    lines = ["XMoE against top-k, trained on the same tokens (validation, dropless):", "",
-             "| model | perplexity | experts/token | expert FLOPs vs top-k | training s |", "|---|---|---|---|---|",
-             row(f"XMoE t={threshold:g}, {recipe}", xmoe, seconds.get("xmoe")),
-             row("top-k, equal parameters", topk, seconds.get("topk")), ""]
-    quality = f"perplexity {abs(gap):.1%} {'higher' if gap > 0 else 'lower'} than top-k's"
-    if ratio <= 1:
-        lines.append(f"XMoE computed {ratio:.0%} of top-k's expert FLOPs per token at {quality}.")
-    else:
-        lines.append(f"XMoE computed {ratio:.1f}x top-k's expert FLOPs per token ({quality}): its router is not "
-                     f"confident yet. Longer training brings the saving (docs/results.md), and so does router "
-                     f"sharpening (the demo's default; --paper-recipe turns it off); lower thresholds engage "
-                     f"fewer experts now (the dial above).")
-    lines.append("One seed and a few hundred steps: docs/results.md has the controlled study (3 seeds, a held-out "
-                 "test split).")
-    return "\n".join(lines)
-
-
 def describe_mt_eval(final: dict, *, bleu_sentences: int) -> str:
     """The last evaluation of a translation run in words (``bleu_sentences``: how many
     validation sentences BLEU and chrF++ were computed on)."""
