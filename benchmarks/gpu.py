@@ -696,7 +696,7 @@ class Report:
     """results.json and results.md in ``out``, both replaced atomically whenever a row or a
     section's status changes, so whatever stops the run leaves every finished row on disk."""
 
-    def __init__(self, out: Path, header: dict, sections: dict[str, Section] = BY_NAME) -> None:
+    def __init__(self, out: Path, header: dict, sections: dict[str, Section]) -> None:
         self.out, self.sections = out, sections
         self.data = {**header, "sections": {}, "ok": True, "finished": False}
         out.mkdir(parents=True, exist_ok=True)
@@ -727,7 +727,7 @@ class Report:
         self.flush()
 
     def flush(self) -> None:
-        self.data["ok"] = run_ok(self.records, self.sections)
+        self.data["ok"] = run_ok(self.records, self.sections) and not self.data.get("killed")
         _write(self.out / "results.json", json.dumps(self.data, indent=2, default=str))
         _write(self.out / "results.md", self.markdown())
 
@@ -774,12 +774,16 @@ def summary(data: dict, sections: dict[str, Section]) -> str:
     by_status: dict[str, list[str]] = {}
     for name, record in data["sections"].items():
         by_status.setdefault(record["status"], []).append(name)
-    not_run = [name for name in sections if name not in data["sections"]]
+    not_started = [name for name in sections if name not in data["sections"]]
     state = "finished" if data["finished"] else ("KILLED" if data.get("killed") else "still running (or stopped)")
-    verdict = "every check passed" if data["ok"] else "NOT OK (a check failed or a section did not finish)"
+    if data.get("killed"):
+        verdict = "NOT OK (killed before the end)"
+    else:
+        verdict = ("every check passed" + ("" if data["finished"] else " so far")) if data["ok"] else (
+            "NOT OK (a check failed or a section did not finish)")
     parts = [f"{status}: {', '.join(names)}" for status, names in by_status.items()]
-    if not_run:
-        parts.append(f"not run: {', '.join(not_run)}")
+    if not_started:
+        parts.append(f"not started: {', '.join(not_started)}")
     return f"**Run {state}; {verdict}.** " + "; ".join(parts)
 
 
@@ -920,28 +924,48 @@ def run_child(sections: list[Section], ctx: Context, report: Report, budget: Bud
     if not ctx.cuda:
         env.setdefault("TRITON_INTERPRET", "1")  # the dry run: the Triton kernels run in Triton's interpreter
     print(f"# child process for {', '.join(names)} (at most {limit:.0f} s)", flush=True)
-    start, returncode = time.monotonic(), None
+    returncode = None
     try:
-        returncode = subprocess.run(cmd, env=env, timeout=max(limit, 1) + 15).returncode
-    except subprocess.TimeoutExpired:
-        returncode = "killed at its time limit"
+        returncode = wait_for_child(subprocess.Popen(cmd, env=env), max(limit, 1) + 15)
     finally:
-        report.merge(child_records(out, names, returncode, time.monotonic() - start))
+        report.merge(child_records(out, names, returncode))
 
 
-def child_records(out: Path, names: list[str], returncode, seconds: float) -> dict[str, dict]:
-    """What the child wrote for ``names``; a section it left running or never reached is 'crashed'."""
+def wait_for_child(child: subprocess.Popen, limit: float) -> int | str:
+    """The child's exit status; killed past ``limit``. On SIGTERM the child gets SIGTERM too and
+    a few seconds to record which section it was in, then the parent goes on stopping."""
+    try:
+        return child.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return "killed at its time limit"
+    except Terminated:
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        if child.poll() is None:
+            child.kill()
+        raise
+
+
+def child_records(out: Path, names: list[str], returncode) -> dict[str, dict]:
+    """What the child wrote for ``names``: a section it left running 'crashed', one it never
+    reached 'not run'."""
     try:
         written = json.loads((out / "results.json").read_text())["sections"]
     except (OSError, ValueError, KeyError):
         written = {}
     records = {}
     for name in names:
-        record = written.get(name) or {"title": BY_NAME[name].title, "rows": [], "seconds": None,
-                                       "predicted_h100_s": BY_NAME[name].h100_s, "error": None, "status": "running"}
-        if record["status"].startswith("running"):
-            reason = f"the child process ended ({_exit_reason(returncode)}) before this section finished"
-            record = {**record, "status": "crashed", "seconds": record["seconds"] or seconds, "error": reason}
+        ended = f"the child process ended ({_exit_reason(returncode)})"
+        if name not in written:
+            record = {"title": BY_NAME[name].title, "status": "not run", "seconds": None, "rows": [],
+                      "predicted_h100_s": BY_NAME[name].h100_s, "error": f"{ended} before it"}
+        elif written[name]["status"] == "running":
+            record = {**written[name], "status": "crashed", "error": f"{ended} during this section"}
+        else:
+            record = written[name]
         records[name] = record
     return records
 
@@ -1016,8 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = Context(device, args.quick, args.faults)
-    report = Report(Path(args.out), {"machine": machine(device), "quick": args.quick, "budget_s": args.budget_s})
     sections = [s for s in SECTIONS if args.sections is None or s.name in args.sections]
+    report = Report(Path(args.out), {"machine": machine(device), "quick": args.quick, "budget_s": args.budget_s},
+                    {s.name: s for s in sections})
     print(f"# xmoe GPU check on {report.data['machine']['device']}, budget {args.budget_s:.0f} s", flush=True)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
