@@ -275,7 +275,8 @@ def count_syncs(device: torch.device, overrides: dict, shape: layer_bench.Shape)
         problem = cannot_run(layer, x)
         if problem:
             return {"forward": None, "backward": None, "ok": None, "skipped": problem}
-        layer(x).output.float().sum().backward()  # warm-up: lazy initialisation may sync
+        if device.type == "cuda":
+            layer(x).output.float().sum().backward()  # warm-up: lazy initialisation may sync
         with counting() as forward:
             out = layer(x)
         with counting() as backward:
@@ -370,9 +371,10 @@ def step(fn: Callable[[], Tensor], leaves: list[Tensor], backward: bool) -> Call
 
 def median_ms(calls: dict[str, Callable[[], None]], ctx: Context, inner: int = 1) -> dict[str, float]:
     """Median milliseconds per call, candidates interleaved (drift hits all alike), after one
-    warm-up each. Each sample times ``inner`` calls back to back between two syncs: a decode-size
-    call is a few microseconds of GPU work, and a sync per call would time the sync."""
-    for fn in calls.values():
+    warm-up each (none in a --quick run, whose times mean nothing). Each sample times ``inner``
+    calls back to back between two syncs: a decode-size call is a few microseconds of GPU work,
+    and a sync per call would time the sync."""
+    for fn in calls.values() if not ctx.quick else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(ctx.repeats):
@@ -408,7 +410,8 @@ def measure_graphs(ctx: Context) -> Iterator[dict]:
     x = ctx.tokens(shape.tokens, shape.model_dim)
     static, eager = same_weights([layer_bench.build_layer(shape, "threshold", "auto", TARGET_K, x, SEED, static=s)
                                   for s in (True, False)])
-    static.eval(), eager.eval()
+    static.eval()
+    eager.eval()
     for num_tokens in (*DECODE_TOKENS, shape.tokens):
         yield inference_graph_row(static, eager, x[:num_tokens], ctx)
     yield training_graph_row(static.train(), x, ctx)
@@ -416,32 +419,69 @@ def measure_graphs(ctx: Context) -> Iterator[dict]:
 
 def inference_graph_row(static: MoELayer, eager: MoELayer, x: Tensor, ctx: Context) -> dict:
     """One decode (or prefill) size: eager, eager static and static replayed from a CUDA graph."""
-    row = {"tokens": x.shape[0], "pass": "fwd (eval)", "kept_pairs": int(static.route(x).kept_TE.sum()),
-           "static_rows": static.router.max_pairs(x.shape[0])}
+    row = _graph_row(static, x, "fwd (eval)")
     with torch.no_grad():
-        expected = static(x).output
+        expected = [static(x).output]
         calls = {"eager": lambda: eager(x), "eager static": lambda: static(x)}
-        if ctx.cuda:
-            replay, out = cuda_graph(lambda: static(x).output, ctx)
+        replay, got, status = captured(lambda: cuda_graph(lambda: static(x).output, ctx), ctx)
+        if replay is not None:
             calls["CUDA graph"] = replay
         row["ms"] = median_ms(calls, ctx, inner=1 if ctx.quick else 20)
-    return {**row, **graph_verdict(row, [out] if ctx.cuda else None, [expected], ctx)}
+    return {**row, **graph_verdict(row["ms"], got, expected, status, ctx)}
 
 
 def training_graph_row(static: MoELayer, x: Tensor, ctx: Context) -> dict:
     """Static mode forward+backward at S1 in training, eager against make_graphed_callables."""
     x = x.detach().requires_grad_(True)
     leaves = [x, *static.parameters()]
-    row = {"tokens": x.shape[0], "pass": "fwd+bwd (train)", "kept_pairs": int(static.route(x).kept_TE.sum()),
-           "static_rows": static.router.max_pairs(x.shape[0])}
+    row = _graph_row(static, x, "fwd+bwd (train)")
     expected = output_and_grad(lambda: static(x).output, x)
     calls = {"eager static": step(lambda: static(x).output, leaves, True)}
-    if ctx.cuda:
-        graphed = torch.cuda.make_graphed_callables(OutputOnly(static), (x,))
-        calls["CUDA graph"] = step(lambda: graphed(x), leaves, True)
-        got = output_and_grad(lambda: graphed(x), x)
+    replay, got, status = captured(lambda: graphed_training(static, x, leaves), ctx)
+    if replay is not None:
+        calls["CUDA graph"] = replay
     row["ms"] = median_ms(calls, ctx)
-    return {**row, **graph_verdict(row, got if ctx.cuda else None, expected, ctx)}
+    return {**row, **graph_verdict(row["ms"], got, expected, status, ctx)}
+
+
+def _graph_row(static: MoELayer, x: Tensor, kind: str) -> dict:
+    """What static mode computes at this size: the kept pairs, and the rows it pads them to."""
+    return {"tokens": x.shape[0], "pass": kind, "kept_pairs": int(static.route(x.detach()).kept_TE.sum()),
+            "static_rows": static.router.max_pairs(x.shape[0])}
+
+
+def captured(capture: Callable[[], tuple[Callable[[], None], list[Tensor]]], ctx: Context):
+    """(replay, its outputs, status) of ``capture()`` where CUDA graphs exist; a capture that
+    fails is recorded in the status, not raised, so the other sizes still run."""
+    if not ctx.cuda:
+        return None, None, "not captured: CUDA graphs need a CUDA device"
+    try:
+        replay, outputs = capture()
+    except Exception as e:  # noqa: BLE001 - static mode failing to capture is the finding
+        return None, None, f"capture failed: {type(e).__name__}: {e}"
+    return replay, outputs, "captured"
+
+
+def cuda_graph(fn: Callable[[], Tensor], ctx: Context) -> tuple[Callable[[], None], list[Tensor]]:
+    """``fn`` captured in a CUDA graph: (replay, [the output tensor every replay rewrites]).
+    Warm-up on a side stream first, as torch.cuda.graphs asks."""
+    stream = torch.cuda.Stream(ctx.device)
+    stream.wait_stream(torch.cuda.current_stream(ctx.device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(ctx.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, [out]
+
+
+def graphed_training(static: MoELayer, x: Tensor, leaves: list[Tensor]) -> tuple[Callable[[], None], list[Tensor]]:
+    """A training step (forward+backward) of static mode through make_graphed_callables, and the
+    output and input gradient it gives."""
+    graphed = torch.cuda.make_graphed_callables(OutputOnly(static), (x,), allow_unused_input=True)
+    return step(lambda: graphed(x), leaves, True), output_and_grad(lambda: graphed(x), x)
 
 
 class OutputOnly(nn.Module):
@@ -463,29 +503,15 @@ def output_and_grad(fn: Callable[[], Tensor], x: Tensor) -> list[Tensor]:
     return [out.detach().clone(), x.grad.clone()]
 
 
-def cuda_graph(fn: Callable[[], Tensor], ctx: Context) -> tuple[Callable[[], None], Tensor]:
-    """``fn`` captured in a CUDA graph: (replay, the output tensor every replay rewrites). Warm-up
-    on a side stream first, as torch.cuda.graphs asks."""
-    stream = torch.cuda.Stream(ctx.device)
-    stream.wait_stream(torch.cuda.current_stream(ctx.device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(ctx.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
-
-
-def graph_verdict(row: dict, got: list[Tensor] | None, expected: list[Tensor], ctx: Context) -> dict:
-    """Whether the replayed graph computed what eager static mode does, and the speed-ups."""
+def graph_verdict(ms: dict[str, float], got: list[Tensor] | None, expected: list[Tensor], status: str,
+                  ctx: Context) -> dict:
+    """Whether the replayed graph computed what eager static mode does, and the speed-ups. A
+    capture that failed on CUDA fails the check: static mode exists to be captured."""
     if got is None:
-        return {"graph": "not captured: CUDA graphs need a CUDA device", "graph_error": None, "ok": None}
+        return {"graph": status, "graph_error": None, "ok": False if ctx.cuda else None}
     ctx.sync()
     error = max(_rel(g, e) for g, e in zip(got, expected))
-    ms = row["ms"]
-    return {"graph": "captured", "graph_error": error, "ok": error < BF16_TOLERANCE,
+    return {"graph": status, "graph_error": error, "ok": error < BF16_TOLERANCE,
             "graph_vs_eager_static": ms["eager static"] / ms["CUDA graph"],
             "graph_vs_eager": ms["eager"] / ms["CUDA graph"] if "eager" in ms else None}
 

@@ -197,6 +197,23 @@ def test_a_failed_check_row_fails_the_run(tmp_path) -> None:
     assert not report.data["ok"] and "NOT OK" in (tmp_path / "results.md").read_text()
 
 
+def test_a_failed_capture_is_a_failed_check_not_a_failed_section() -> None:
+    """On a GPU static mode must capture; a capture that raises is recorded in its row (ok False)
+    and the other sizes still run. Off CUDA nothing is captured and nothing is judged."""
+    gpu = _load()
+
+    def broken_capture():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    on_gpu = gpu.Context(torch.device("cuda"), quick=True)  # a device name only: nothing runs on it
+    replay, got, status = gpu.captured(broken_capture, on_gpu)
+    assert replay is None and got is None and status.startswith("capture failed: RuntimeError")
+    assert gpu.graph_verdict({"eager static": 1.0}, got, [], status, on_gpu)["ok"] is False
+    on_cpu = gpu.Context(torch.device("cpu"), quick=True)
+    replay, got, status = gpu.captured(broken_capture, on_cpu)
+    assert "need a CUDA device" in status and gpu.graph_verdict({}, got, [], status, on_cpu)["ok"] is None
+
+
 # --- the documented command -------------------------------------------------------------------------
 
 
