@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import gc
 import io
+import itertools
 import json
 import math
 import os
@@ -830,7 +831,7 @@ def run_sections(sections: list[Section], ctx: Context, report: Report, budget: 
     i = 0
     while i < len(sections):
         if sections[i].child and not in_child:
-            group = list(_takewhile(lambda s: s.child, sections[i:]))
+            group = list(itertools.takewhile(lambda s: s.child, sections[i:]))
             run_child(group, ctx, report, budget)
             i += len(group)
             continue
@@ -840,13 +841,6 @@ def run_sections(sections: list[Section], ctx: Context, report: Report, budget: 
             print(f"# the device is unusable after {sections[i - 1].name}: the rest runs in a fresh process", flush=True)
             run_child(sections[i:], ctx, report, budget)
             return
-
-
-def _takewhile(keep: Callable[[Section], bool], sections: list[Section]) -> Iterator[Section]:
-    for s in sections:
-        if not keep(s):
-            return
-        yield s
 
 
 def run_section(section: Section, ctx: Context, report: Report, budget: Budget) -> BaseException | None:
@@ -988,7 +982,7 @@ def child_records(out: Path, names: list[str], returncode) -> dict[str, dict]:
         if name not in written:
             record = {"title": BY_NAME[name].title, "status": "not run", "seconds": None, "rows": [],
                       "predicted_h100_s": BY_NAME[name].h100_s, "error": f"{ended} before it"}
-        elif written[name]["status"] == "running":
+        elif written[name]["status"].startswith("running"):
             record = {**written[name], "status": "crashed", "error": f"{ended} during this section"}
         else:
             record = written[name]
