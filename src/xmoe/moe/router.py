@@ -175,8 +175,8 @@ class Router(nn.Module):
     """Linear gate ``W_g`` [E, D] without bias, and the rule that turns its scores into pairs.
 
     The rule's fixed settings are read from the config the router was built with (``cfg``);
-    the live ones (t, ``max_experts``, the evaluation capacity, a budget controller's state) from
-    its ``dial``, so a built model's compute can be dialled at inference (``router.threshold =
+    the live ones (t or a top-k router's k, ``max_experts``, the evaluation capacity, a budget
+    controller's state) from its ``dial``, so a built model's compute can be dialled at inference (``router.threshold =
     0.7``) without rebuilding it, and the config never goes stale.
     """
 
