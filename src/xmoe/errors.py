@@ -17,3 +17,8 @@ def check_counts(owner: str, *, minimum: int = 1, **values: object) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise UsageError(f"{owner}.{name} must be {kind}, got {value!r}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupted, unsafe or made for another model;
+    the message names the file and what to do."""

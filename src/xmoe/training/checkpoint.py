@@ -53,7 +53,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -64,17 +65,17 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xmoe.distributed import SingleProcess
+from xmoe.errors import CheckpointError
+
 from xmoe.distributed.parallel import rng_state
+
+from .shards import ShardReader
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "dcp"  # a sharded checkpoint's tensors (torch.distributed.checkpoint's files)
 CONFIG_HASH_KEY = "xmoe_config_sha256"  # in the safetensors header of the weights
 REQUIRED = (MODEL_FILE, "state.json", "config.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or made for another model."""
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -150,12 +151,7 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | Non
     if not (folder / SHARDS_DIR).is_dir():
         raise CheckpointError(f"checkpoint {folder} is not sharded (no {SHARDS_DIR}/): it is a single-file one already")
     _verify_sharded(folder, None)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".consolidate-") as scratch:
-        whole = Path(scratch) / "whole.pt"
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
-            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-            dcp_to_torch_save(str(folder / SHARDS_DIR), str(whole))
-        full = torch.load(whole, weights_only=True, map_location="cpu")
+    full = _read_shards(folder, {}, planner=_EmptyStateDictLoadPlanner())
     if full.get(CONFIG_HASH_KEY) != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
         raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
                               f"{folder / 'config.json'}; put the matching config.json beside them")
@@ -221,8 +217,8 @@ def _unwrap_checkpoint_exception(err: BaseException) -> BaseException:
     """The first rank's own error inside torch.distributed.checkpoint's CheckpointException."""
     failures = getattr(err, "failures", None)
     if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = getattr(first, "exc", first)
+        first = next(iter(failures.values()))  # (exception, traceback summary)
+        inner = first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
         if isinstance(inner, BaseException):
             return inner
     return err
@@ -394,19 +390,34 @@ def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     _verify_sharded(folder, parallel)
     state = _state_template(model, optimizer, parallel)
     template = {**state.saved, CONFIG_HASH_KEY: ""}
-    try:
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
-            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-            dcp.load(template, checkpoint_id=str(folder / SHARDS_DIR), no_dist=parallel.world_size == 1)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"checkpoint {folder} does not match this model ({_unwrap_checkpoint_exception(err)!r:.300}); it was made "
-            f"with another config: load it with the config.json saved beside it"
-        ) from None
+    _read_shards(folder, template, no_dist=parallel.world_size == 1)
     if template[CONFIG_HASH_KEY] != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
         raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
                               f"{folder / 'config.json'} (another run's weights?); put the matching config.json beside them")
     _apply(state, model, optimizer)
+
+
+def _read_shards(folder: Path, state: dict, *, planner=None, no_dist: bool = True) -> dict:
+    """Fill ``state`` (in place, and returned) from the shards in ``folder/dcp`` through
+    ``ShardReader``, which unpickles nothing but DCP's metadata and plain values
+    (xmoe.training.shards); ``planner``: _EmptyStateDictLoadPlanner reads every entry there is."""
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+            # torch's private loader: dcp.load cannot fill an empty state dict, and dcp_to_torch_save
+            # takes no storage reader.
+            _load_state_dict(state, storage_reader=ShardReader(folder / SHARDS_DIR), planner=planner, no_dist=no_dist)
+    except BaseException as err:  # DCP wraps each rank's error in a CheckpointException (a BaseException)
+        inner = _unwrap_checkpoint_exception(err)
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        if not isinstance(inner, (RuntimeError, ValueError, KeyError)):
+            raise
+        raise CheckpointError(
+            f"checkpoint {folder} does not match this model ({inner!r:.300}); it was made "
+            f"with another config: load it with the config.json saved beside it"
+        ) from None
+    return state
 
 
 def _verify_sharded(folder: Path, parallel) -> None:
