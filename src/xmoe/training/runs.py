@@ -151,6 +151,7 @@ class TaskKind:
     describe_data: Callable[[Any], str]  # what changed when a resume finds other text
     load_vocab: Callable[[Path], Any]  # run folder -> the vocabulary prepare saved there
     num_params: Callable[[Any], int] | None = None  # cfg.model -> parameters, checked before building
+    vocab_files: tuple[str, ...] = ()  # what prepare saves in the run folder; every checkpoint is bound to them
     also_resumable: tuple[str, ...] = ()  # beyond RESUMABLE_TRAIN_FIELDS: see check_resumable
 
 
@@ -190,7 +191,7 @@ def train_task(kind: TaskKind, cfg, run_dir: str | os.PathLike, *, resume: bool 
         model = kind.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, kind.task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
                      progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": ranks},
-                     parallel=parallel)
+                     parallel=parallel, run_files=kind.vocab_files)
 
 
 @dataclass(frozen=True)
