@@ -75,6 +75,8 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
         result = train_lm(cfg, out, resume=resume, parallel=parallel)
     if not main_rank:
         return
+    if go_on is None and parallel is not None:  # the same processes and layout continue it
+        go_on = f"xmoe train --nproc {parallel.world_size} --ep-size {ep_size} --out {out} --resume"
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
     print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
     print(f"report: {write_report(out)}")
