@@ -160,6 +160,9 @@ def run_config(kind: TaskKind, preset: str | None, overrides: dict[str, str], *,
     """The config a run starts from: ``preset`` (None: the kind's default) with ``overrides``; to
     resume, the config saved in run folder ``resume_from`` with them (train_task then refuses
     those that would break exactness), where ``preset``, if given, must be the run's."""
+    if "model.vocab_size" in overrides:
+        raise UsageError(f"--model.vocab_size: a run's vocabulary is its tokenizer's, trained on the data; set "
+                         f"--data.vocab_size={overrides['model.vocab_size']} instead (the model follows it)")
     if resume_from is None:
         return kind.from_preset(preset or kind.default_preset, overrides=overrides)
     saved = saved_config(resume_from, kind.config, kind.name)
