@@ -96,3 +96,97 @@ def test_json_quoted_strings_lose_their_quotes(key, value, field):
 def test_a_plain_string_with_quotes_inside_is_kept():
     cfg = apply_overrides(lm_run_config("debug-xmoe"), {"data.path": 'my "quoted" file.txt'})
     assert cfg.data.path == 'my "quoted" file.txt'
+
+
+# items 10, 12, 13: paths, failed starts and full disks
+
+
+@pytest.mark.parametrize("out", ["file.txt/sub", "file.txt"])
+def test_an_out_path_through_a_file_is_one_line(tmp_path, capsys, out):
+    (tmp_path / "file.txt").write_text("keep me")
+    line = one_line_error(["train", "--out", str(tmp_path / out), "--preset", "debug-xmoe"], capsys)
+    assert f"--out {tmp_path / out}: a file stands where a folder must be" in line
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_a_metrics_log_that_is_a_folder_is_one_line_on_resume(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "metrics.jsonl").unlink()
+    (copy / "metrics.jsonl").mkdir()
+    before = (copy / "checkpoint" / "manifest.json").read_text()
+    line = one_line_error(["train", "--out", str(copy), "--resume", "--train.max_steps=3"], capsys)
+    assert "metrics.jsonl is a folder, not the run's metrics log" in line
+    assert (copy / "checkpoint" / "manifest.json").read_text() == before
+
+
+def test_a_lock_that_cannot_be_written_is_undone_with_the_failed_start(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from xmoe.training.runs import run_folder
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        with run_folder(tmp_path / "new", resume=False):
+            pass
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_huge_vocab_size_is_bounded_by_the_text():
+    from xmoe.data import BPETokenizer
+
+    tokenizer = BPETokenizer.train(["a tiny text, a tiny text"], vocab_size=1_000_000_000)
+    assert 257 <= tokenizer.vocab_size <= 257 + len("a tiny text, a tiny text")
+
+
+def test_a_first_save_on_a_full_disk_does_not_advise_a_resume(tmp_path, monkeypatch):
+    """Item 13: no earlier checkpoint, and the failed start removes the folder: start again."""
+    import errno
+
+    from xmoe.models.gpt import GPT
+    from xmoe.training import CheckpointError, save_checkpoint
+    from xmoe.training import checkpoint as checkpoint_module
+
+    def full(obj, path):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", full)
+    model = GPT(lm_run_config("debug-xmoe").model)
+    with pytest.raises(CheckpointError) as error:
+        save_checkpoint(tmp_path, model=model, step=1, config={})
+    assert "nothing to resume: free some space, then start the run again" in str(error.value)
+    assert "--resume" not in str(error.value)
+
+
+def test_an_export_onto_a_full_disk_is_one_error_and_keeps_the_earlier_export(tmp_path):
+    """Item 11: safetensors reports a full disk as a SafetensorError quoting the OS error."""
+    import errno
+    import json
+
+    pytest.importorskip("transformers")
+    from safetensors import SafetensorError
+
+    from xmoe.hf import export as export_module
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "xmoe"}))
+
+    class FullDisk:
+        def save_pretrained(self, folder):
+            (folder / "model.safetensors").write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                  "\"No space left on device\" }) (os error 28)")
+
+    with pytest.raises(OSError) as error:
+        export_module._write(out, FullDisk(), None)
+    assert error.value.errno == errno.ENOSPC
+    assert f"the earlier export in {out} is intact" in str(error.value)
+    assert json.loads((out / "config.json").read_text()) == {"model_type": "xmoe"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no half-written export left beside it

@@ -39,7 +39,6 @@ sharded checkpoint into a single-file one in one process.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -67,7 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xmoe.distributed import SingleProcess
-from xmoe.errors import CheckpointError
+from xmoe.errors import CheckpointError, is_disk_full
 
 from xmoe.distributed.parallel import rng_state
 
@@ -209,11 +208,11 @@ def _cleaned_up_on_error(tmp: Path, run_dir: Path):
         yield
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(err):
+        if is_disk_full(err):
             raise CheckpointError(
                 f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
                 f"checkpoint in {run_dir}; "
-                f"{_previous_checkpoint(run_dir / 'checkpoint')}. Free some space, then resume (xmoe train --out RUN --resume)"
+                f"{_what_to_do_now(run_dir / 'checkpoint')}"
             ) from None
         raise
 
@@ -295,27 +294,17 @@ class _RecordingWriter:
         self.f.flush()
 
 
-# ENOSPC: disk full, EDQUOT: quota exceeded, EFBIG: file size limit; safetensors (Rust) reports
-# them in its message only.
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return err.errno in _DISK_FULL
-    return isinstance(err, (SafetensorError, RuntimeError)) and any(
-        f"os error {code})" in str(err) for code in _DISK_FULL)
-
-
 def _reason(err: BaseException) -> str:
     return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
-def _previous_checkpoint(target: Path) -> str:
+def _what_to_do_now(target: Path) -> str:
+    """After a failed save: what is on disk, and how to go on from it."""
     try:
-        return f"the previous checkpoint {target} (step {read_state(target)['step']}) is intact"
-    except CheckpointError:
-        return "there was no previous checkpoint"
+        step = read_state(target)["step"]
+    except CheckpointError:  # a new run's first save: its failed start removes the folder
+        return "there was no earlier checkpoint, so there is nothing to resume: free some space, then start the run again"
+    return f"the previous checkpoint {target} (step {step}) is intact. Free some space, then resume (--resume)"
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -293,6 +293,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_before: int = 0) -> None:
         self.path = path
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder, not the run's metrics log (a file); move it away, then run again")
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = read_metrics(path) if keep_before and path.exists() else []
         with open(path, "w") as f:

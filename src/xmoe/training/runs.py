@@ -71,19 +71,26 @@ def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[N
         yield
         return
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    before = {p.name for p in run_dir.iterdir()}
-    fd = _lock(run_dir)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError) as err:
+        raise UsageError(f"--out {run_dir}: a file stands where a folder must be ({err.strerror}); choose "
+                         f"another --out") from None
+    before = {p.name for p in run_dir.iterdir()}
+    fd = None
+    try:
+        fd = _lock(run_dir)  # inside the guard: a lock file a failed start wrote is undone too
         _remove_stale_temporaries(run_dir)
         with raising():  # a SIGTERM while starting must reach the clean-up below
             yield
-    except BaseException:
-        if not resume and not (run_dir / "checkpoint").exists():
+    except BaseException as err:
+        mine = not isinstance(err, RunInUseError)  # another run's folder is left alone
+        if mine and not resume and not (run_dir / "checkpoint").exists():
             _undo_start(run_dir, before, created)
         raise
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _lock(run_dir: Path) -> int:
