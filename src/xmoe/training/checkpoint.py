@@ -153,7 +153,8 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | Non
     """Turn a sharded checkpoint (written by a distributed run) into a single-file one, in one
     process and without the model's code: ``model.safetensors`` and ``optimizer.pt`` as a single
     process writes them, the same step, config, RNG states and extra state. Written atomically
-    to ``out/checkpoint`` (default: in place of the sharded one). Returns the new folder."""
+    to ``out/checkpoint`` (default: in place of the sharded one), bound to the same run files
+    (copy the run's tokenizer into ``out`` too, to load it from there). Returns the new folder."""
     folder = checkpoint_dir(path)
     if not (folder / SHARDS_DIR).is_dir():
         raise CheckpointError(f"checkpoint {folder} is not sharded (no {SHARDS_DIR}/): it is a single-file one already")
