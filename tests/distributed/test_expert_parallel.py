@@ -17,6 +17,7 @@ import torch
 
 from helpers import distributed as workers
 from helpers.data import write_corpus
+from helpers.training import recompute_manifest
 from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
@@ -218,6 +219,13 @@ def test_a_two_rank_run_resumes_in_one_process_with_the_same_micro_batches(corpu
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{shard.name} does not match the checksum"):
         load_lm(damaged, device="cpu")
+    swapped = tmp_path / "swapped"  # the two ranks' shard files swapped, the manifest made to fit
+    shutil.copytree(two, swapped)
+    first, second = sorted((swapped / "checkpoint" / "dcp").glob("*.distcp"))
+    first.rename(swapped / "tmp"), second.rename(first), (swapped / "tmp").rename(second)
+    recompute_manifest(swapped / "checkpoint")
+    with pytest.raises(CheckpointError, match=r"__[01]_0\.distcp (is truncated|holds rank|does not hold what)"):
+        load_lm(swapped, device="cpu")
 
     with pytest.raises(ValueError, match="train.grad_accum=2"):
         train_lm(_config(corpus, cache, grad_accum=1, max_steps=4), two, resume=True, progress=False)

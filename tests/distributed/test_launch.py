@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,42 @@ def test_train_on_two_processes_then_evaluate_in_one(tmp_path) -> None:
 def test_nproc_below_one_is_rejected(tmp_path, bad: str) -> None:
     result = _xmoe("train", "--nproc", bad, "--preset", "debug-xmoe", "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--nproc must be >= 1" in result.stderr
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_launcher_stops_every_rank_after_a_coordinated_save(tmp_path, signum, status) -> None:
+    """Item 8: the launcher passes SIGINT and SIGTERM on to torchrun and both ranks, waits for
+    the ranks' save, exits 128 + the signal, and the advice to resume names --nproc and --ep-size."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus with experts and tokens" for i in range(300)))
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "xmoe", "train", "--nproc", "2", "--ep-size", "2", "--preset", "debug-xmoe",
+         "--out", str(run), f"--data.path={corpus}", "--data.vocab_size=300", f"--data.cache_dir={tmp_path / 'c'}",
+         "--train.max_steps=100000", "--train.batch_size=2", "--train.seq_len=16", "--train.log_every=1",
+         "--train.save_every=0", "--train.eval_every=0", "--train.device=cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.5)
+    launcher.send_signal(signum)
+    out, err = launcher.communicate(timeout=180)
+    assert launcher.returncode == status, err[-3000:]
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert 2 <= state["step"] < 100000 and state["world_size"] == 2
+    assert f"continue with: xmoe train --nproc 2 --ep-size 2 --out {run} --resume" in out
+    assert _processes_naming(str(run)) == []  # no rank or torchrun left training

@@ -32,3 +32,15 @@ def cross_entropy_by_hand(model, batches) -> tuple[float, int]:
             total += F.cross_entropy(logits.flatten(0, 1), y_BL.flatten(), reduction="sum").item()
             count += y_BL.numel()
     return total, count
+
+
+def recompute_manifest(folder) -> None:
+    """What an attacker (or a careless copy) does after changing the files of checkpoint folder
+    ``folder``: a manifest whose checksums fit them again (its run stamp is kept)."""
+    import hashlib
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
+    manifest["sha256"] = {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -159,3 +159,27 @@ print(model.config.moe_threshold)
     assert done.stdout.strip().splitlines()[-1] == "0.6"
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(x).logits, rtol=0, atol=1e-6)
+
+
+def test_a_config_that_disagrees_with_its_weights_is_loud_and_never_nan(tmp_path):
+    """Issue 23 item 7: config.json says 5 layers, the weights hold 4. transformers initialises
+    the missing layer (our _init_weights, not uninitialised memory), and xmoe's loader refuses
+    the folder naming what is missing."""
+    from xmoe.errors import UsageError
+    from xmoe.hf.folders import load_folder
+
+    model = hf_from_gpt(tiny_gpt())
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["n_layer"] = 5
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        logits = loaded(torch.randint(VOCAB, (2, 16))).logits
+    assert torch.isfinite(logits).all()
+    new = loaded.transformer.blocks[4]
+    assert all(torch.isfinite(p).all() and p.abs().max() <= 1.0 for p in new.parameters())  # N(0, 0.02), LayerNorm 1
+    with pytest.raises(UsageError, match=r"config.json does not describe its weights \(missing keys: "
+                                         r"transformer\.blocks\.4\."):
+        load_folder(tmp_path / "m")

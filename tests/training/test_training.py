@@ -160,7 +160,7 @@ def test_corrupted_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="corrupted"):
         load_checkpoint(tmp_path, model)
     (tmp_path / "checkpoint" / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete: missing config.json"):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         load_checkpoint(tmp_path, model)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere", model)

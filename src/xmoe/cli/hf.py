@@ -112,6 +112,14 @@ def check_folder_args(args: argparse.Namespace, kind: str = "a Hugging Face mode
         raise UsageError(f"--capacity: {kind} is evaluated dropless (it has no training capacity)")
 
 
+def refuse_max_experts(args: argparse.Namespace, kind: str) -> None:
+    """--max-experts caps a pretrained MoE folder's routing; on ``kind`` (an xmoe run, a
+    converted model) nothing would read it, so it is refused rather than ignored."""
+    if getattr(args, "max_experts", None) is not None:
+        raise UsageError(f"--max-experts applies to Hugging Face MoE folders; {args.checkpoint} is {kind}, whose cap "
+                         f"is its config's model.moe.max_experts: drop --max-experts")
+
+
 def _device(args: argparse.Namespace):
     from xmoe.training.loop import resolve_device
 

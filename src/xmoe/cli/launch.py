@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,12 +37,31 @@ def relaunch(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", "-m", "xmoe", *argv]
     print("launching:", " ".join(command), flush=True)
-    proc = subprocess.Popen(command)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # torchrun got the Ctrl-C too: wait while it stops its workers
-            continue
+    # torchrun and its ranks in a process group of their own: a stop reaches them once, from here.
+    return wait_forwarding_signals(subprocess.Popen(command, start_new_session=True))
+
+
+def wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``, the leader of its own process group, passing SIGINT and SIGTERM on to
+    the whole group (torchrun and every rank), so that the ranks stop together after their
+    coordinated save. Returns the exit status: 128 + the first signal (130, 143) if one came,
+    as for a process that signal stopped; otherwise ``proc``'s."""
+    from xmoe.training.stopping import STOP_SIGNALS, exit_code
+
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):  # the group has just ended
+            os.killpg(proc.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return exit_code(received[0]) if received else status
 
 
 @contextlib.contextmanager

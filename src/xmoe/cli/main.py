@@ -74,6 +74,8 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
         result = train_lm(cfg, out, resume=resume, parallel=parallel)
     if not main_rank:
         return
+    if go_on is None and parallel is not None:  # the same processes and layout continue it
+        go_on = f"xmoe train --nproc {parallel.world_size} --ep-size {ep_size} --out {out} --resume"
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
     print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
     print(f"report: {write_report(out)}")
@@ -118,9 +120,10 @@ def _sweep_hf(args: argparse.Namespace) -> None:
     from xmoe.conversion.hf import sweep_converted
     from xmoe.training.loop import resolve_device
 
-    from xmoe.cli.hf import check_folder_args
+    from xmoe.cli.hf import check_folder_args, refuse_max_experts
 
     check_folder_args(args, kind="a converted Hugging Face model")
+    refuse_max_experts(args, "a converted Hugging Face model")
     points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
                              device=resolve_device(args.device))
     print(sweep_markdown({Path(args.checkpoint).name: points}))
@@ -294,6 +297,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
+    from xmoe.cli.hf import refuse_max_experts
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.moe import MoELayer
     from xmoe.training import load_lm
@@ -308,6 +312,7 @@ def _load(args: argparse.Namespace):
             f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; make it sparse first: "
             f"xmoe convert --checkpoint {args.checkpoint} --experts E --out NEW_FOLDER --data TEXT"
         )
+    refuse_max_experts(args, "an `xmoe train` run")
     loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
     if getattr(args, "threshold", None) is not None:
         set_threshold(loaded.model, args.threshold, args.checkpoint)

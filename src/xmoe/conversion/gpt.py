@@ -29,6 +29,8 @@ from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT
 from xmoe.models.layers import FeedForward
 from xmoe.training import LoadedRun, checkpoint_dir, load_lm, save_checkpoint, to_dict
+from xmoe.training.checkpoint import read_state
+from xmoe.training.manifest import hash_run_files
 
 from .ffn import DenseFFN, expert_config
 from .hf import is_converted_folder, is_hf_folder
@@ -117,13 +119,13 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     model, reports = convert_gpt(loaded.model, calibration_batch(loaded, data, calibration_tokens), cfg)
     run_cfg = dataclasses.replace(
         loaded.cfg, model=model.cfg, preset=f"{loaded.cfg.preset}+convert-{cfg.num_experts}-{cfg.partition}")
-    state = json.loads((checkpoint_dir(checkpoint) / "state.json").read_text())
+    state = read_state(checkpoint_dir(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        save_checkpoint(tmp, model=model, optimizer=None, step=state["step"], config=to_dict(run_cfg),
-                        extra={"converted_from": str(checkpoint)})
         shutil.copyfile(loaded.run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        save_checkpoint(tmp, model=model, optimizer=None, step=state["step"], config=to_dict(run_cfg),
+                        extra={"converted_from": str(checkpoint)}, run_files=hash_run_files(tmp, [TOKENIZER_FILE]))
         summary = {"converted_from": str(checkpoint), "config": to_dict(cfg), "calibration_data": data,
                    "calibration_tokens": calibration_tokens, "layers": [dataclasses.asdict(r) for r in reports]}
         (tmp / CONVERSION_FILE).write_text(json.dumps(summary, indent=1))

@@ -56,7 +56,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, documents: Iterable[str], *, vocab_size: int) -> BPETokenizer:
-        """Learn up to ``vocab_size`` tokens (256 bytes, EOT, merges) from ``documents``."""
+        """Learn up to ``vocab_size`` tokens (256 bytes, EOT, merges) from ``documents``.
+
+        Each merge joins a pair of tokens that occurs in the text, so there are fewer merges
+        than bytes of text: ``vocab_size`` is bounded by that before training (the tokenizers
+        library would otherwise allocate for all of it, and abort on a huge value)."""
+        documents = list(documents)
+        vocab_size = min(vocab_size, 257 + sum(len(doc.encode("utf-8")) for doc in documents))
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()

@@ -18,6 +18,7 @@ replaced only once the new one is complete, so a failure never destroys it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
-from xmoe.errors import UsageError
+from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig
 from .modeling_xmoe import XMoEForCausalLM
@@ -112,10 +113,14 @@ def _write(out: str | os.PathLike, model, tokenizer) -> Path:
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "export"
             out.rename(old)
         tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
         if old is not None and not out.exists():
             old.rename(out)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            earlier = f"; the earlier export in {out} is intact" if out.exists() else ""
+            raise OSError(errno.ENOSPC, f"no space left while writing the export {out} ({err}){earlier}. Free "
+                                        f"some space, then export again") from None
         raise
     finally:
         if old is not None:  # the replaced export, or an empty folder once it was moved back

@@ -62,8 +62,15 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     from transformers import AutoModelForCausalLM
 
     kind = folder_kind(path)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, kind
+    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    mismatch = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(name)}
+    if mismatch:
+        details = "; ".join(f"{name.replace('_', ' ')}: {', '.join(map(str, sorted(keys, key=str)[:4]))}"
+                            for name, keys in mismatch.items())
+        raise UsageError(f"{path}: its config.json does not describe its weights ({details}); the model would "
+                         f"run with freshly initialised layers. Use the config.json exported with the weights")
+    return model.to(device).eval(), kind
 
 
 def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:

@@ -69,9 +69,20 @@ class XMoEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = False
 
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Nothing: xmoe's GPT initialises its own weights when it is built (GPT-2's init,
-        xmoe.models.layers.init_gpt2_), and from_pretrained loads every one of them."""
+        """transformers' convention: initialise ``module``'s own parameters, as xmoe's GPT does
+        when it is built (xmoe.models.layers.init_gpt2_, without the depth scaling of residual
+        projections): Linear and Embedding weights ~ N(0, init_std), biases 0, LayerNorm (1, 0),
+        routers and experts as their MoEConfig says. from_pretrained calls it for the modules a
+        folder has no weights for (a config.json that disagrees with its weights), which would
+        otherwise keep uninitialised memory."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) or hasattr(module, "reset_parameters") and module is not self:
+            module.reset_parameters()
 
 
 class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):

@@ -7,20 +7,23 @@ Layout of ``RUN/checkpoint/``:
       or, from a distributed run (a sharded checkpoint):
     dcp/                weights and optimizer state keyed by parameter name, written by every
                         rank at once (torch.distributed.checkpoint: each rank its own shards,
-                        a replicated tensor once) with the sha256 of config.json among them
+                        a replicated tensor once), each rank's file with the run stamp
     rng.pt              torch CPU (and CUDA) RNG states, for an exact resume (those of every
                         rank in a distributed run)
-    state.json          {"step": ...}: the next step to run; batches are a function of it
+    state.json          {"step": ..., "run_id": ...}: the next step to run; batches are a function of it
     config.json         the resolved run config: `xmoe eval --checkpoint RUN` needs no flags
-    manifest.json       sha256 and size of each file above (written last)
+    manifest.json       the run stamp, and the sha256 of each file above (written last)
 
-Verification: safetensors and torch.save carry no checksum, so a flipped bit would load
-silently. ``load_checkpoint`` checks each file it reads against manifest.json and refuses with
-the file named; the weights also carry the sha256 of their config.json in their safetensors
-header, so weights copied in from another run (even with the same shapes) are refused too.
-Cost: one sha256 pass (``hashlib``) over each file read or written, small beside the write or
-read itself (measured in benchmarks/README.md, "Checkpoint checksums").
-Checkpoints written before manifests existed load with a warning.
+Verification (xmoe.training.manifest): safetensors and torch.save carry no checksum, so a
+flipped bit would load silently. ``load_checkpoint`` checks each file it reads against
+manifest.json, and the run stamp inside each file (run id, step, the sha256 of config.json and
+of the run's tokenizer) against the manifest's, before using it, and refuses with the file
+named: files copied in from another run or step (even with the same shapes, even with the
+manifest recomputed) are refused too. Cost: one sha256 pass (``hashlib``) over each file read
+or written, small beside the write or read itself (measured in benchmarks/README.md,
+"Checkpoint checksums"). Checkpoints written before manifests existed load with a warning.
+Nothing is unpickled but tensors and plain values: optimizer.pt and rng.pt with
+``weights_only=True``, a sharded checkpoint through xmoe.training.shards.ShardReader.
 
 A checkpoint is written to a temporary folder beside the target and then renamed into place,
 so a crash mid-write never destroys the previous one; ``load`` falls back to the previous one
@@ -36,14 +39,11 @@ sharded checkpoint into a single-file one in one process.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,9 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -64,17 +66,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xmoe.distributed import SingleProcess
+from xmoe.errors import CheckpointError, is_disk_full
+
 from xmoe.distributed.parallel import rng_state
 
+from .manifest import RUN_KEY, Manifest, Stamp, new_stamp, read_json, write_manifest
+from .shards import ShardReader
+
 MODEL_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "dcp"  # a sharded checkpoint's tensors (torch.distributed.checkpoint's files)
-CONFIG_HASH_KEY = "xmoe_config_sha256"  # in the safetensors header of the weights
 REQUIRED = (MODEL_FILE, "state.json", "config.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or made for another model."""
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -91,10 +92,12 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
 def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, step: int, config: dict,
                     extra: dict | None = None, model_state: dict[str, Tensor] | None = None,
-                    optimizer_state: dict | None = None, rng: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, rng: dict | None = None,
+                    run_files: dict[str, str] | None = None) -> Path:
     """Write ``RUN/checkpoint`` atomically from a model and optimizer, or from their (whole)
     state dicts ``model_state``/``optimizer_state``; ``rng``: rng.pt's contents (default: this
-    process's RNG states)."""
+    process's RNG states). ``extra["run_id"]``: the run it continues (default: a new run);
+    ``run_files``: sha256 of the run-folder files it needs (manifest.hash_run_files)."""
     if (model is None) == (model_state is None):
         raise ValueError("save_checkpoint needs exactly one of model= and model_state=")
     if model is not None:
@@ -105,16 +108,19 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
     tmp = _temp_folder(run_dir)
     with _cleaned_up_on_error(tmp, run_dir):
         config_text = _json_text(config)
-        save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={CONFIG_HASH_KEY: _sha256_text(config_text)})
+        stamp = new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
+                          run_files=run_files or {})
+        save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={RUN_KEY: stamp.text()})
         if optimizer_state is not None:
-            _torch_save(optimizer_state, tmp / "optimizer.pt")
-        _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng or _rng_file([rng_state()]))
+            _torch_save({**optimizer_state, RUN_KEY: stamp.text()}, tmp / "optimizer.pt")
+        _write_common(tmp, stamp=stamp, config_text=config_text, extra=extra, rng=rng or _rng_file([rng_state()]))
         _commit(tmp, run_dir)
     return run_dir / "checkpoint"
 
 
 def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                            *, parallel, step: int, config: dict, extra: dict | None = None) -> Path:
+                            *, parallel, step: int, config: dict, extra: dict | None = None,
+                            run_files: dict[str, str] | None = None) -> Path:
     """Write ``RUN/checkpoint`` from every rank of a distributed run at once (collective).
 
     Each rank writes its own shards (torch.distributed.checkpoint, into ``dcp/``; an expert or
@@ -123,8 +129,10 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimi
     run_dir = Path(run_dir)
     tmp = Path(parallel.broadcast(str(_temp_folder(run_dir)) if parallel.is_main else None))
     config_text = _json_text(config)
+    stamp = parallel.broadcast(new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
+                                         run_files=run_files or {}) if parallel.is_main else None)
     state = _state_template(model, optimizer, parallel).saved
-    state[CONFIG_HASH_KEY] = _sha256_text(config_text)
+    state[_shard_stamp_key(parallel.rank)] = stamp.tensor(parallel.rank)
     rng = _rng_file(parallel.rng_states())  # collective
     try:
         dcp.save(state, checkpoint_id=str(tmp / SHARDS_DIR))  # collective; raises on every rank if one fails
@@ -135,7 +143,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimi
         raise
     if parallel.is_main:
         with _cleaned_up_on_error(tmp, run_dir):
-            _write_common(tmp, step=step, config_text=config_text, extra=extra, rng=rng)
+            _write_common(tmp, stamp=stamp, config_text=config_text, extra=extra, rng=rng)
             _commit(tmp, run_dir)
     parallel.barrier()
     return run_dir / "checkpoint"
@@ -145,26 +153,20 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike | Non
     """Turn a sharded checkpoint (written by a distributed run) into a single-file one, in one
     process and without the model's code: ``model.safetensors`` and ``optimizer.pt`` as a single
     process writes them, the same step, config, RNG states and extra state. Written atomically
-    to ``out/checkpoint`` (default: in place of the sharded one). Returns the new folder."""
+    to ``out/checkpoint`` (default: in place of the sharded one), bound to the same run files
+    (copy the run's tokenizer into ``out`` too, to load it from there). Returns the new folder."""
     folder = checkpoint_dir(path)
     if not (folder / SHARDS_DIR).is_dir():
         raise CheckpointError(f"checkpoint {folder} is not sharded (no {SHARDS_DIR}/): it is a single-file one already")
-    _verify_sharded(folder, None)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".consolidate-") as scratch:
-        whole = Path(scratch) / "whole.pt"
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
-            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-            dcp_to_torch_save(str(folder / SHARDS_DIR), str(whole))
-        full = torch.load(whole, weights_only=True, map_location="cpu")
-    if full.get(CONFIG_HASH_KEY) != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
-        raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
-                              f"{folder / 'config.json'}; put the matching config.json beside them")
+    manifest = _checked_manifest(folder)
+    _verify_sharded(folder, manifest, None)
+    full = _read_shards(folder, {}, manifest, planner=_EmptyStateDictLoadPlanner())
     optimizer_state = _indexed_optimizer_state(full["optim"]) if "optim" in full else None
-    state = read_state(folder)
-    _verifier(folder)("rng.pt")
+    state = read_state(folder, manifest)
     return save_checkpoint(Path(out) if out is not None else folder.parent, model_state=full["model"],
                            optimizer_state=optimizer_state, step=state.pop("step"), extra=state,
-                           config=read_config(folder), rng=_torch_load(folder / "rng.pt", "the RNG states"))
+                           config=read_config(folder), rng=_read_rng(folder, manifest),
+                           run_files=manifest.stamp.files if manifest.stamp else None)
 
 
 def _temp_folder(run_dir: Path) -> Path:
@@ -177,13 +179,12 @@ def _rng_file(ranks: list[dict[str, Tensor]]) -> dict:
     return {"cpu": ranks[0]["cpu"], "ranks": ranks}
 
 
-def _write_common(tmp: Path, *, step: int, config_text: str, extra: dict | None, rng: dict) -> None:
-    """The files every checkpoint has, then the manifest of everything in ``tmp``."""
-    _torch_save(rng, tmp / "rng.pt")
-    _write_json(tmp / "state.json", {"step": step, **(extra or {})})
+def _write_common(tmp: Path, *, stamp: Stamp, config_text: str, extra: dict | None, rng: dict) -> None:
+    """The files every checkpoint has, each with ``stamp``, then the manifest of everything in ``tmp``."""
+    _torch_save({**rng, RUN_KEY: stamp.text()}, tmp / "rng.pt")
+    _write_json(tmp / "state.json", {"step": stamp.step, **(extra or {}), "run_id": stamp.run_id})
     _write_text(tmp / "config.json", config_text)
-    files = sorted(f for f in tmp.rglob("*") if f.is_file())
-    _write_json(tmp / MANIFEST_FILE, {"sha256": {f.relative_to(tmp).as_posix(): _sha256_file(f) for f in files}})
+    write_manifest(tmp, stamp)
 
 
 def _commit(tmp: Path, run_dir: Path) -> None:
@@ -208,11 +209,11 @@ def _cleaned_up_on_error(tmp: Path, run_dir: Path):
         yield
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(err):
+        if is_disk_full(err):
             raise CheckpointError(
                 f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
                 f"checkpoint in {run_dir}; "
-                f"{_previous_checkpoint(run_dir / 'checkpoint')}. Free some space, then resume (xmoe train --out RUN --resume)"
+                f"{_what_to_do_now(run_dir / 'checkpoint')}"
             ) from None
         raise
 
@@ -221,8 +222,8 @@ def _unwrap_checkpoint_exception(err: BaseException) -> BaseException:
     """The first rank's own error inside torch.distributed.checkpoint's CheckpointException."""
     failures = getattr(err, "failures", None)
     if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = getattr(first, "exc", first)
+        first = next(iter(failures.values()))  # (exception, traceback summary)
+        inner = first[0] if isinstance(first, tuple) else getattr(first, "exc", first)
         if isinstance(inner, BaseException):
             return inner
     return err
@@ -294,75 +295,79 @@ class _RecordingWriter:
         self.f.flush()
 
 
-# ENOSPC: disk full, EDQUOT: quota exceeded, EFBIG: file size limit; safetensors (Rust) reports
-# them in its message only.
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return err.errno in _DISK_FULL
-    return isinstance(err, (SafetensorError, RuntimeError)) and any(
-        f"os error {code})" in str(err) for code in _DISK_FULL)
-
-
 def _reason(err: BaseException) -> str:
     return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
-def _previous_checkpoint(target: Path) -> str:
+def _what_to_do_now(target: Path) -> str:
+    """After a failed save: what is on disk, and how to go on from it."""
     try:
-        return f"the previous checkpoint {target} (step {read_state(target)['step']}) is intact"
-    except CheckpointError:
-        return "there was no previous checkpoint"
+        step = read_state(target)["step"]
+    except CheckpointError:  # a new run's first save: its failed start removes the folder
+        return "there was no earlier checkpoint, so there is nothing to resume: free some space, then start the run again"
+    return f"the previous checkpoint {target} (step {step}) is intact. Free some space, then resume (--resume)"
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """config.json of a checkpoint (checked against the manifest), as a dict."""
+    """config.json of a checkpoint (checked against the manifest and its stamp), as a dict."""
     folder = checkpoint_dir(path)
-    _verifier(folder, warn=False)("config.json")
-    return _read_json(folder / "config.json")
+    manifest = Manifest(folder, warn=False)
+    manifest.verify("config.json")
+    text = (folder / "config.json").read_text(encoding="utf-8")
+    manifest.check_config(text)
+    return read_json(folder / "config.json")
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     *, restore_rng: bool = False, parallel=None) -> dict:
     """Load weights (and optimizer, RNG) into ``model``; returns state.json's contents.
 
-    Either kind of checkpoint (single-file, or sharded by a distributed run) loads into either
-    kind of run. ``parallel`` (xmoe.distributed.Parallel, collective): ``model`` is sharded (FSDP,
-    expert parallelism); each rank reads its part, whatever the number of ranks that saved it.
+    Every file is checked before it is used (xmoe.training.manifest): listed in the manifest
+    with its checksum, stamped with the checkpoint's run and step, beside the config and the
+    run's tokenizer it was saved with. Either kind of checkpoint (single-file, or sharded by a
+    distributed run) loads into either kind of run. ``parallel`` (xmoe.distributed.Parallel,
+    collective): ``model`` is sharded (FSDP, expert parallelism); each rank reads its part,
+    whatever the number of ranks that saved it.
     """
     parallel = parallel or SingleProcess()
     folder = checkpoint_dir(path)
+    manifest = _checked_manifest(folder)
     if (folder / SHARDS_DIR).is_dir():
-        _load_sharded(folder, model, optimizer, parallel)
+        _load_sharded(folder, manifest, model, optimizer, parallel)
     else:
-        _load_single_file(folder, model, optimizer, parallel)
+        _load_single_file(folder, manifest, model, optimizer, parallel)
     if restore_rng:
         if not (folder / "rng.pt").is_file():
             raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
-        _verifier(folder)("rng.pt")
-        _restore_rng(_torch_load(folder / "rng.pt", "the random number generator states"), folder, parallel)
-    return read_state(folder)
+        _restore_rng(_read_rng(folder, manifest), folder, parallel)
+    return read_state(folder, manifest)
 
 
-def _load_single_file(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> None:
+def _checked_manifest(folder: Path) -> Manifest:
+    """The manifest of ``folder``, after checking that every file it lists is there and nothing
+    else is, and that config.json and the run's files (tokenizer) are those of its stamp."""
+    manifest = Manifest(folder)
+    manifest.check_complete()
+    manifest.verify("config.json")
+    manifest.check_config((folder / "config.json").read_text(encoding="utf-8"))
+    manifest.check_run_files()
+    return manifest
+
+
+def _load_single_file(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                      parallel) -> None:
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
-    verify = _verifier(folder)
-    verify(MODEL_FILE, "config.json")
+    manifest.verify(MODEL_FILE)
     try:
         tensors = load_file(str(folder / MODEL_FILE))
+        with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
+            header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {folder / MODEL_FILE} are corrupted or unreadable: {err}") from err
-    _check_config_hash(folder)
-    optimizer_state = None
-    if optimizer is not None:
-        if not (folder / "optimizer.pt").is_file():
-            raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed")
-        verify("optimizer.pt")
-        optimizer_state = _torch_load(folder / "optimizer.pt", "the optimizer state")
+    _check_file_stamp(manifest, MODEL_FILE, header.get(RUN_KEY))
+    optimizer_state = _read_optimizer(folder, manifest) if optimizer is not None else None
     if parallel.world_size == 1:
         _load_weights(_unwrap(model), tensors, folder)
         if optimizer is not None:
@@ -387,38 +392,106 @@ def _load_single_file(folder: Path, model: nn.Module, optimizer: torch.optim.Opt
     _apply(state, model, optimizer)
 
 
-def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> None:
+def _read_optimizer(folder: Path, manifest: Manifest) -> dict:
+    """optimizer.pt, checked, without its stamp."""
+    if not (folder / "optimizer.pt").is_file():
+        raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed")
+    return _read_stamped(folder, manifest, "optimizer.pt", "the optimizer state")
+
+
+def _read_rng(folder: Path, manifest: Manifest) -> dict:
+    """rng.pt, checked, without its stamp."""
+    return _read_stamped(folder, manifest, "rng.pt", "the random number generator states")
+
+
+def _read_stamped(folder: Path, manifest: Manifest, name: str, what: str) -> dict:
+    """A torch.save'd dict of the checkpoint: checksum, contents (weights only), then stamp."""
+    manifest.verify(name)
+    data = _torch_load(folder / name, what)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint file {folder / name} does not hold {what}; it was edited or damaged: "
+                              f"restore it, or start a new run")
+    _check_file_stamp(manifest, name, data.pop(RUN_KEY, None))
+    return data
+
+
+def _check_file_stamp(manifest: Manifest, name: str, text: str | None) -> None:
+    manifest.check_stamp(name, None if text is None else Stamp.parse(text, manifest.folder / name))
+
+
+def _load_sharded(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                  parallel) -> None:
     missing = [name for name in ("state.json", "config.json", f"{SHARDS_DIR}/.metadata") if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
-    _verify_sharded(folder, parallel)
+    _verify_sharded(folder, manifest, parallel)
     state = _state_template(model, optimizer, parallel)
-    template = {**state.saved, CONFIG_HASH_KEY: ""}
-    try:
-        with warnings.catch_warnings():  # one process reading a sharded checkpoint is meant, not a mistake
-            warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
-            dcp.load(template, checkpoint_id=str(folder / SHARDS_DIR), no_dist=parallel.world_size == 1)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"checkpoint {folder} does not match this model ({_unwrap_checkpoint_exception(err)!r:.300}); it was made "
-            f"with another config: load it with the config.json saved beside it"
-        ) from None
-    if template[CONFIG_HASH_KEY] != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
-        raise CheckpointError(f"checkpoint shards in {folder / SHARDS_DIR} were saved with another config than "
-                              f"{folder / 'config.json'} (another run's weights?); put the matching config.json beside them")
+    _read_shards(folder, state.saved, manifest, no_dist=parallel.world_size == 1)
     _apply(state, model, optimizer)
 
 
-def _verify_sharded(folder: Path, parallel) -> None:
+def _read_shards(folder: Path, state: dict, manifest: Manifest, *, planner=None, no_dist: bool = True) -> dict:
+    """Fill ``state`` (in place, and returned) from the shards in ``folder/dcp`` through
+    ``ShardReader``, which unpickles nothing but DCP's metadata and plain values
+    (xmoe.training.shards), after checking every shard file's stamp; ``planner``:
+    _EmptyStateDictLoadPlanner reads every entry there is (the stamps left out)."""
+    reader = ShardReader(folder / SHARDS_DIR)
+    _check_shard_stamps(reader, manifest, no_dist=no_dist)
+    _load_shards(folder, state, reader, planner=planner, no_dist=no_dist)
+    for key in [key for key in state if key.startswith(RUN_KEY)]:
+        del state[key]
+    return state
+
+
+def _load_shards(folder: Path, state: dict, reader: ShardReader, *, planner=None, no_dist: bool = True) -> None:
+    """DCP's load of ``state`` through ``reader``, its errors as CheckpointErrors."""
+    try:
+        # torch's private loader: dcp.load cannot fill an empty state dict, and dcp_to_torch_save
+        # takes no storage reader.
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except BaseException as err:  # DCP wraps each rank's error in a CheckpointException (a BaseException)
+        inner = _unwrap_checkpoint_exception(err)
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        if not isinstance(inner, (RuntimeError, ValueError, KeyError)):
+            raise
+        raise CheckpointError(
+            f"checkpoint {folder} does not match this model ({inner!r:.300}); it was made "
+            f"with another config: load it with the config.json saved beside it"
+        ) from None
+
+
+def _shard_stamp_key(rank: int) -> str:
+    return f"{RUN_KEY}.rank{rank}"
+
+
+def _check_shard_stamps(reader: ShardReader, manifest: Manifest, *, no_dist: bool) -> None:
+    """Each shard file carries the stamp of the rank that wrote it, and the checkpoint's: read
+    first, on their own (a few bytes per rank), before any tensor is used."""
+    metadata = reader.metadata
+    where = {index.fqn: info.relative_path for index, info in metadata.storage_data.items()
+             if index.fqn.startswith(RUN_KEY)}
+    stamps = {key: torch.zeros(meta.size, dtype=torch.uint8) for key, meta in metadata.state_dict_metadata.items()
+              if key in where and isinstance(meta, TensorStorageMetadata)}
+    if stamps:
+        _load_shards(reader.folder.parent, stamps, reader, no_dist=no_dist)
+    for key, tensor in sorted(stamps.items()):
+        name = f"{SHARDS_DIR}/{where[key]}"
+        rank = int(key.rpartition("rank")[2])
+        manifest.check_stamp(name, Stamp.from_tensor(tensor, rank, manifest.folder / name))
+    for file in sorted({info.relative_path for info in metadata.storage_data.values()} - set(where.values())):
+        manifest.check_stamp(f"{SHARDS_DIR}/{file}", None)
+
+
+def _verify_sharded(folder: Path, manifest: Manifest, parallel) -> None:
     """Every file of a sharded checkpoint against its manifest, the files shared out over the
     ranks (each reads 1 / W of them); any rank's failure fails every rank."""
     parallel = parallel or SingleProcess()
-    verify = _verifier(folder)
-    verify("config.json", "state.json")
+    manifest.verify("state.json")
     shards = sorted(f.relative_to(folder).as_posix() for f in (folder / SHARDS_DIR).rglob("*") if f.is_file())
     error = None
     try:
-        verify(*shards[parallel.rank :: parallel.world_size])
+        manifest.verify(*shards[parallel.rank :: parallel.world_size])
     except CheckpointError as err:
         error = err
     failed = parallel.sum(int(error is not None))
@@ -450,14 +523,17 @@ def _apply(state: _State, model: nn.Module, optimizer: torch.optim.Optimizer | N
         set_optimizer_state_dict(model, optimizer, state.live["optim"])
 
 
-def read_state(folder: Path) -> dict:
-    """state.json of a checkpoint folder, checked against the manifest and for a step count."""
-    _verifier(folder, warn=False)("state.json")
-    state = _read_json(folder / "state.json")
+def read_state(folder: Path, manifest: Manifest | None = None) -> dict:
+    """state.json of a checkpoint folder, checked against the manifest, its stamp (``manifest``:
+    the one a load is checking against) and for a step count."""
+    manifest = manifest or Manifest(folder, warn=False)
+    manifest.verify("state.json")
+    state = read_json(folder / "state.json")
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"checkpoint file {folder / 'state.json'} has no valid \"step\" (got {step!r}); "
                               f"it was edited or damaged: restore it, or start a new run")
+    manifest.check_state(state)
     return state
 
 
@@ -492,56 +568,6 @@ def _torch_load(path: Path, what: str):
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint file {path} ({what}) is truncated or corrupted ({err}); "
                               f"restore it, or start a new run") from None
-
-
-def _verifier(folder: Path, *, warn: bool = True):
-    """A function that checks files of ``folder`` against its manifest (or, with ``warn``, warns
-    that the checkpoint has none)."""
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        if warn:
-            warnings.warn(f"checkpoint {folder} has no {MANIFEST_FILE} (saved by an older xmoe): its files "
-                          f"cannot be checked for corruption", stacklevel=3)
-        return lambda *names: None
-    recorded = _read_json(path).get("sha256")
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"checkpoint file {path} has no \"sha256\" table; it was edited or damaged")
-
-    def verify(*names: str) -> None:
-        for name in names:
-            if name not in recorded:
-                raise CheckpointError(f"checkpoint file {folder / name} is not listed in {path}: the folder "
-                                      f"was put together by hand; refusing to load it")
-            if _sha256_file(folder / name) != recorded[name]:
-                raise CheckpointError(
-                    f"checkpoint file {folder / name} does not match the checksum recorded when it was saved: "
-                    f"it was corrupted or replaced since. Restore it (or use an earlier checkpoint)"
-                )
-
-    return verify
-
-
-def _check_config_hash(folder: Path) -> None:
-    """The weights name the config they were saved with; refuse them beside another one."""
-    with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
-        recorded = (f.metadata() or {}).get(CONFIG_HASH_KEY)
-    if recorded is not None and recorded != _sha256_text((folder / "config.json").read_text(encoding="utf-8")):
-        raise CheckpointError(
-            f"checkpoint weights {folder / MODEL_FILE} were saved with another config than "
-            f"{folder / 'config.json'} (another run's weights?); put the matching config.json beside them"
-        )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
@@ -604,18 +630,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint file {path} is corrupted (not JSON: {err}); restore it, or start "
-                              f"a new run") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint file {path} must hold a JSON object, not a {type(data).__name__}; "
-                              f"it was edited or damaged: restore it, or start a new run")
-    return data

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import math
 import re
 import typing
@@ -92,6 +93,9 @@ class TrainConfig:
             raise UsageError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise UsageError(f"train.betas must be two numbers in [0, 1) (Adam's moment decays), got "
+                             f"{list(self.betas)}; e.g. --train.betas='[0.9, 0.95]'")
         if not 0 < self.router_lr_mult < math.inf:
             raise UsageError(f"train.router_lr_mult must be a positive finite number (1 = the paper's recipe), "
                              f"got {self.router_lr_mult!r}")
@@ -165,8 +169,21 @@ def _with_overrides(cls: type, defaults: dict, overrides: dict[str, str]) -> Any
     parser = _parser(cls)
     parser.set_defaults(defaults)
     with _one_line_errors():
-        flags = [f"--{key}={'null' if value in ('none', 'None') else value}" for key, value in overrides.items()]
+        flags = [f"--{key}={_flag_value(value)}" for key, value in overrides.items()]
         return _build(cls, parser, parser.parse_args(flags))
+
+
+def _flag_value(value: str) -> str:
+    """An override's text as the parser takes it: None as null, and a JSON string (the README
+    says values are JSON: --train.precision='"bf16"') without its quotes."""
+    if value in ("none", "None"):
+        return "null"
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(value)
+            if isinstance(decoded, str):
+                return decoded
+    return value
 
 
 def _parser(cls: type) -> ArgumentParser:

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from xmoe.data import LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
+from xmoe.data import TOKENIZER_FILE, LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
 from xmoe.distributed import Ranks, SingleProcess
 from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token, num_params
@@ -172,6 +172,7 @@ LM_TASK = TaskKind(
                                f"version for the default corpus)"),
     load_vocab=load_tokenizer,
     num_params=num_params,
+    vocab_files=(TOKENIZER_FILE,),
 )
 
 

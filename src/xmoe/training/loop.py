@@ -24,6 +24,7 @@ import json
 import math
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from .checkpoint import (
     save_sharded_checkpoint,
 )
 from .config import TrainConfig
+from .manifest import hash_run_files
 from .optim import build_optimizer, lr_at
 from .report import parse_metrics
 from .stopping import StopSignals
@@ -91,11 +93,12 @@ def _bf16(device: torch.device, precision: str) -> bool:
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
           resume: bool = False, progress: bool = True, extra_state: dict | None = None,
-          parallel: Ranks | None = None) -> TrainResult:
+          parallel: Ranks | None = None, run_files: tuple[str, ...] = ()) -> TrainResult:
     """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``.
 
     ``extra_state`` is saved in each checkpoint's state.json (e.g. the corpus fingerprint).
     ``parallel``: this process's place in a distributed run (default: a run of one).
+    ``run_files``: files of ``run_dir`` each checkpoint is bound to (the tokenizer).
     """
     run_dir = Path(run_dir)
     parallel = parallel or SingleProcess()
@@ -104,9 +107,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     parallel.shard(model, DataParallel(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
                                        mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))
     optimizer = build_optimizer(model, cfg)
-    start = 0
+    start, run_id = 0, None
     if resume:
-        start = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=parallel)["step"]
+        state = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=parallel)
+        start, run_id = state["step"], state.get("run_id")
         if start >= cfg.max_steps:
             raise UsageError(
                 f"the checkpoint in {run_dir} is already at step {start}; to continue, raise "
@@ -117,13 +121,19 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else _NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
+    # Every checkpoint of the run carries its id (xmoe.training.manifest); one id on every rank.
+    run_id = parallel.broadcast((run_id or uuid.uuid4().hex) if parallel.is_main else None)
+    extra_state = {**(extra_state or {}), "run_id": run_id}
+
     def save(step: int) -> None:
         _check_finite(model, step, run_dir, parallel)  # collective
+        files = hash_run_files(run_dir, run_files) if parallel.is_main else {}
         if parallel.world_size == 1:
-            save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state)
+            save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state,
+                            run_files=files)
         else:  # every rank writes its shards
             save_sharded_checkpoint(run_dir, model, optimizer, parallel=parallel, step=step, config=config,
-                                    extra=extra_state)
+                                    extra=extra_state, run_files=files)
 
     losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
@@ -291,6 +301,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_before: int = 0) -> None:
         self.path = path
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder, not the run's metrics log (a file); move it away, then run again")
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = read_metrics(path) if keep_before and path.exists() else []
         with open(path, "w") as f:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xmoe.data.parallel import (
+    SPM_FILE,
     PAD_ID,
     ParallelData,
     ParallelDataConfig,
@@ -277,6 +278,7 @@ MT_TASK = TaskKind(
     task=MTTask,
     describe_data=lambda cfg: "the parallel files",
     load_vocab=load_subword_vocab,
+    vocab_files=(SPM_FILE,),
     # Beyond the training fields every task may change on a resume: decoding and evaluation only.
     also_resumable=("decode.", "eval_bleu_sentences"),
 )

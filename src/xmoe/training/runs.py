@@ -71,19 +71,26 @@ def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[N
         yield
         return
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    before = {p.name for p in run_dir.iterdir()}
-    fd = _lock(run_dir)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError) as err:
+        raise UsageError(f"--out {run_dir}: a file stands where a folder must be ({err.strerror}); choose "
+                         f"another --out") from None
+    before = {p.name for p in run_dir.iterdir()}
+    fd = None
+    try:
+        fd = _lock(run_dir)  # inside the guard: a lock file a failed start wrote is undone too
         _remove_stale_temporaries(run_dir)
         with raising():  # a SIGTERM while starting must reach the clean-up below
             yield
-    except BaseException:
-        if not resume and not (run_dir / "checkpoint").exists():
+    except BaseException as err:
+        mine = not isinstance(err, RunInUseError)  # another run's folder is left alone
+        if mine and not resume and not (run_dir / "checkpoint").exists():
             _undo_start(run_dir, before, created)
         raise
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _lock(run_dir: Path) -> int:
@@ -151,6 +158,7 @@ class TaskKind:
     describe_data: Callable[[Any], str]  # what changed when a resume finds other text
     load_vocab: Callable[[Path], Any]  # run folder -> the vocabulary prepare saved there
     num_params: Callable[[Any], int] | None = None  # cfg.model -> parameters, checked before building
+    vocab_files: tuple[str, ...] = ()  # what prepare saves in the run folder; every checkpoint is bound to them
     also_resumable: tuple[str, ...] = ()  # beyond RESUMABLE_TRAIN_FIELDS: see check_resumable
 
 
@@ -159,6 +167,9 @@ def run_config(kind: TaskKind, preset: str | None, overrides: dict[str, str], *,
     """The config a run starts from: ``preset`` (None: the kind's default) with ``overrides``; to
     resume, the config saved in run folder ``resume_from`` with them (train_task then refuses
     those that would break exactness), where ``preset``, if given, must be the run's."""
+    if "model.vocab_size" in overrides:
+        raise UsageError(f"--model.vocab_size: a run's vocabulary is its tokenizer's, trained on the data; set "
+                         f"--data.vocab_size={overrides['model.vocab_size']} instead (the model follows it)")
     if resume_from is None:
         return kind.from_preset(preset or kind.default_preset, overrides=overrides)
     saved = saved_config(resume_from, kind.config, kind.name)
@@ -190,7 +201,7 @@ def train_task(kind: TaskKind, cfg, run_dir: str | os.PathLike, *, resume: bool 
         model = kind.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, kind.task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
                      progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": ranks},
-                     parallel=parallel)
+                     parallel=parallel, run_files=kind.vocab_files)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from xmoe.errors import UsageError
+
 from .fused import fused_backend
 from .grouped import compute_dtype, grouped_mm_backend, grouped_mm_fast, grouped_mm_problem
 from .loop import loop_backend
@@ -86,10 +88,11 @@ def get(name: str) -> Backend:
 def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool = True) -> Backend:
     """The backend that will run ``experts`` on ``x``: ``name``, or what ``auto`` picks.
 
-    Raises ValueError when the named backend cannot run here, naming what to use instead.
+    Raises UsageError (a ValueError: the setting is the user's) when the named backend cannot
+    run here, naming what to use instead.
     """
     if static and not local:
-        raise ValueError("static_shapes=True cannot run under expert parallelism (the exchange sizes are "
+        raise UsageError("static_shapes=True cannot run under expert parallelism (the exchange sizes are "
                          "read on the host); build the model with static_shapes=False")
     if name == "auto":
         name = auto_backend(experts, x, static=static, local=local)
@@ -100,14 +103,14 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
     backend = get(name)
     problem = backend.problem(experts, x)
     if problem:
-        raise ValueError(f"backend={backend.name!r} cannot run here: {problem}")
+        raise UsageError(f"model.moe.backend={backend.name!r} cannot run here: {problem}")
     if static and not backend.static:
-        raise ValueError(
+        raise UsageError(
             f"backend={backend.name!r} reads the per-expert counts on the host, which static_shapes=True "
             f"forbids; use backend='grouped_mm' (or 'triton' on a GPU), or 'auto'"
         )
     if static and backend.name == "grouped_mm" and x.device.type == "cuda" and not grouped_mm_fast(experts, x):
-        raise ValueError(
+        raise UsageError(
             "backend='grouped_mm' with static_shapes=True on this GPU would sync: torch's fast grouped GEMM "
             "runs only on sm90/sm100 in bfloat16 (elsewhere it reads the offsets on the host); run under "
             "bf16 autocast on such a GPU, or use backend='triton'"
@@ -126,7 +129,7 @@ def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True
     if x.device.type == "cuda":
         if triton_problem(experts, x) is None:
             return "triton"
-        raise ValueError(
+        raise UsageError(
             "static_shapes=True on this GPU needs the Triton kernel (pip install 'xmoe[triton]'): "
             "torch's grouped_mm has its fast kernel only on sm90/sm100 in bfloat16"
         )
