@@ -7,16 +7,18 @@
 
 from .backends import BACKENDS, Backend, auto_backend
 from .config import MoEConfig, capacity
+from .dial import Dial, budget_dials, step_budgets
 from .dispatch import DispatchPlan, Groups, LocalDispatcher, combine
 from .experts import Experts, ExpertWeights
 from .layer import MoELayer, MoEOutput, set_threshold
 from .losses import load_balancing_loss, router_entropy, router_z_loss
-from .router import Router, RouterOutput, apply_capacity, threshold_mask, topk_mask
+from .router import Router, RouterOutput, apply_capacity, threshold_mask, threshold_prefix, topk_mask
 from .stats import RoutingStats, RoutingSummary, routing_stats
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Dial",
     "DispatchPlan",
     "ExpertWeights",
     "Experts",
@@ -31,6 +33,7 @@ __all__ = [
     "RoutingSummary",
     "apply_capacity",
     "auto_backend",
+    "budget_dials",
     "capacity",
     "combine",
     "load_balancing_loss",
@@ -38,6 +41,8 @@ __all__ = [
     "router_z_loss",
     "routing_stats",
     "set_threshold",
+    "step_budgets",
     "threshold_mask",
+    "threshold_prefix",
     "topk_mask",
 ]
