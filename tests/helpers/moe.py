@@ -30,8 +30,11 @@ def make_layer(seed: int = 0, **overrides) -> MoELayer:
     """A small layer; dims are multiples of 4 (fp32) and 8 (bf16) so grouped_mm can run it."""
     fields = dict(model_dim=8, num_experts=8, expert_dim=16)
     fields.update(overrides)
+    backend = fields.pop("backend", "auto")  # set on the layer: MoEConfig lists the names users pick
     torch.manual_seed(seed)
-    return MoELayer(MoEConfig(**fields))
+    layer = MoELayer(MoEConfig(**fields))
+    layer.backend = backend
+    return layer
 
 
 def params64(layer: MoELayer) -> oracle.Params:
