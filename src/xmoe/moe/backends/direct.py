@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .grouped import compute_dtype
-from .loop import linear, per_expert
+from .loop import _linear, per_expert
 
 
 def direct_backend(experts, x_TD: Tensor, plan, dispatcher=None) -> Tensor:
@@ -47,9 +47,9 @@ def direct_backend(experts, x_TD: Tensor, plan, dispatcher=None) -> Tensor:
         tokens_n = plan.token_idx_N[rows]
         # An expert's tokens are distinct and ascending: all of them means x itself.
         x_nD = x_TD if n == num_tokens else x_TD.index_select(0, tokens_n)
-        up = linear(x_nD, w1[e], b1[e])
-        gate = linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
-        y_nD = linear(experts.hidden(up, gate), w2[e], b2[e])
+        up = _linear(x_nD, w1[e], b1[e])
+        gate = _linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
+        y_nD = _linear(experts.hidden(up, gate), w2[e], b2[e])
         out_TD.index_add_(0, tokens_n, y_nD.float() * plan.weight_N[rows].unsqueeze(1))
     return out_TD
 

@@ -32,9 +32,9 @@ def loop_rows(experts, x_ND: Tensor, groups) -> Tensor:
     outputs = []
     for e, x_nD in enumerate(x_ND.split(groups.counts)):
         if x_nD.shape[0] or (e == E - 1 and not outputs):
-            up = linear(x_nD, w1[e], b1[e])
-            gate = linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
-            outputs.append(linear(experts.hidden(up, gate), w2[e], b2[e]))
+            up = _linear(x_nD, w1[e], b1[e])
+            gate = _linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
+            outputs.append(_linear(experts.hidden(up, gate), w2[e], b2[e]))
     return torch.cat(outputs)
 
 
@@ -46,5 +46,5 @@ def per_expert(param: Tensor | None, num_experts: int, *, split: bool = True) ->
     return param.unbind(0) if split else param
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return x @ w if b is None else torch.addmm(b, x, w)
