@@ -7,10 +7,10 @@ built to amortise it over thousands of tokens. This one does, per expert with pa
 
     out[t] += w_te * FFN_e(x_t)          for the tokens t of expert e (one GEMM chain)
 
-and nothing else: no [N, D] gather at all when the expert takes every token of the call (at
-T = 1, always), no [N, D] buffer, no autograd Function. Its ops are plain differentiable torch
-ops, so autograd writes the backward (correct, and tested against the float64 oracle, but not
-tuned: ``auto`` picks this backend only for a few tokens).
+and nothing else: no gather when the expert takes every token of the call (at T = 1, always),
+no autograd Function. Its ops are plain differentiable torch ops, so autograd writes the
+backward (tested against the float64 oracle, and faster than the fused backend's up to 64
+tokens; benchmarks/README.md).
 
 Weights are indexed per expert (``w1[e]``, a view); when a weight gradient is wanted they are
 split once with ``unbind`` instead, whose backward makes one [E, ...] gradient (indexing would
@@ -39,17 +39,20 @@ def direct_backend(experts, x_TD: Tensor, plan, dispatcher=None) -> Tensor:
     x_TD = x_TD.to(w.w1.dtype)
     num_tokens = x_TD.shape[0]
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)  # fp32: a token sums several experts
+    weight_N1 = plan.weight_N.unsqueeze(1)
     stop = 0
     for e, n in enumerate(plan.counts):
         if not n:
             continue
         rows, stop = slice(stop, stop + n), stop + n
-        tokens_n = plan.token_idx_N[rows]
-        # An expert's tokens are distinct and ascending: all of them means x itself.
-        x_nD = x_TD if n == num_tokens else x_TD.index_select(0, tokens_n)
+        # An expert's tokens are distinct and ascending: all of them is x itself.
+        tokens_n = None if n == num_tokens else plan.token_idx_N[rows]
+        x_nD = x_TD if tokens_n is None else x_TD.index_select(0, tokens_n)
         up = _linear(x_nD, w1[e], b1[e])
         gate = _linear(x_nD, w3[e], b3[e]) if w3[e] is not None else None
         y_nD = _linear(experts.hidden(up, gate), w2[e], b2[e])
-        out_TD.index_add_(0, tokens_n, y_nD.float() * plan.weight_N[rows].unsqueeze(1))
+        if tokens_n is None:
+            out_TD.addcmul_(y_nD, weight_N1[rows])
+        else:
+            out_TD.index_add_(0, tokens_n, y_nD.float() * weight_N1[rows])
     return out_TD
-
