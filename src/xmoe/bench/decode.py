@@ -201,6 +201,20 @@ def counting_experts(model: nn.Module) -> Iterator[ExpertCount]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def generation_report(model: nn.Module, new_tokens: int, out=None) -> Iterator[None]:
+    """Times the generation inside the context and then prints its speed and the experts a token
+    got, one line to ``out`` (stderr), as ``xmoe generate`` does."""
+    with counting_experts(model) as count:
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+    line = f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s"
+    if count.layers:
+        line += f", {count.experts_per_token:.2f} experts per token (mean over {count.layers} MoE layers)"
+    print(line, file=out or sys.stderr)
+
+
 def active_params(model: nn.Module, experts_per_token: float | None) -> float:
     """Weights one decoded token reads: every parameter but the position embeddings (one row
     read), with each MoE layer's experts at ``experts_per_token`` of E."""

@@ -190,11 +190,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("--prompt is empty; give some text to continue")
+    from xmoe.bench.decode import generation_report
+
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                generator=generator)
+    with generation_report(loaded.model, args.max_new_tokens):
+        out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    generator=generator)
     print(tokenizer.decode(out[0].tolist()))
 
 
@@ -371,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
     commands.choices["sweep-threshold"].add_argument("--out", default=None, help="default: RUN/report")
 
-    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache); speed and experts per "
+                                             "token to stderr")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)

@@ -37,11 +37,18 @@ from .stats import RoutingStats
 @dataclass(frozen=True)
 class MoEOutput:
     """A layer call's output, and its router losses and statistics, each computed when first read
-    (then kept): a call whose losses nobody reads pays nothing for them."""
+    (then kept): a call whose losses and statistics nobody reads pays nothing for them."""
 
     output: Tensor  # same shape and dtype as the input
-    stats: RoutingStats  # computed when read
-    decision: RouterOutput = field(repr=False)  # what the losses are computed from
+    decision: RouterOutput = field(repr=False)  # what the losses and statistics are computed from
+    cfg: MoEConfig = field(repr=False)
+    backend: str  # the backend that ran (what ``auto`` chose)
+
+    @cached_property
+    def stats(self) -> RoutingStats:
+        """The call's routing statistics (each computed when read)."""
+        d = self.decision
+        return RoutingStats(d.probs_TE, d.wanted_TE, d.kept_TE, d.capacity, self.cfg, self.backend)
 
     @cached_property
     def aux_loss(self) -> Tensor:
@@ -100,10 +107,7 @@ class MoELayer(nn.Module):
         decision = self.router(x_TD)
         plan = self._plan(decision)
         y_TD = backend.run(self.experts, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
-        stats = RoutingStats(
-            decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg, backend.name
-        )
-        return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), stats, decision)
+        return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
 
     def backend_for(self, x: Tensor) -> backends.Backend:
         """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
