@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from helpers.data import write_corpus
-import xmoe
 from helpers.training import tiny_lm_config
+import xmoe
 from xmoe import UsageError
 from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
