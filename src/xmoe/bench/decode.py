@@ -211,7 +211,8 @@ def generation_report(model: nn.Module, new_tokens: int, out=None) -> Iterator[N
         seconds = time.perf_counter() - start
     line = f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s"
     if count.layers:
-        line += f", {count.experts_per_token:.2f} experts per token (mean over {count.layers} MoE layers)"
+        layers = f"{count.layers} MoE layer{'s' if count.layers > 1 else ''}"
+        line += f", {count.experts_per_token:.2f} experts per token (mean over {layers})"
     print(line, file=out or sys.stderr)
 
 
