@@ -11,7 +11,7 @@
     xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (see xmoe.cli.hf)
     xmoe presets
     xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
-    xmoe bench layer
+    xmoe bench layer / decode
 
 `train`, `train-mt` and `study` take every field of the run config as a dotted flag
 (--train.max_steps=200, --model.moe.threshold=0.8; xmoe.training.config reads each value as its
@@ -282,6 +282,12 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
     layer.run(args)
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from xmoe.bench import decode
+
+    decode.run(args)
+
+
 def _load(args: argparse.Namespace):
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.moe import MoELayer
@@ -418,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
     layer.add_arguments(p)
     p.set_defaults(func=cmd_bench_layer)
+    from xmoe.bench import decode
+
+    p = kinds.add_parser("decode", help="decode speed (a few tokens per call) against the active-weights floor")
+    decode.add_arguments(p)
+    p.set_defaults(func=cmd_bench_decode)
     for command in _leaf_parsers(commands):
         command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return parser

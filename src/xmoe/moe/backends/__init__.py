@@ -180,8 +180,9 @@ def _announce(name: str, device: str, dtype: str, static: bool) -> None:
 
 def _warn_rows_equivalent(name: str) -> None:
     """A local backend cannot run under expert parallelism (said once per layer and input kind)."""
+    rows = ROWS_EQUIVALENT[name]
     warnings.warn(
         f"backend={name!r} gathers and combines in one process, but the experts are spread over ranks: "
-        f"the layer runs {ROWS_EQUIVALENT[name]!r} (the same math); name that backend, or 'auto', to silence this",
+        f"the layer runs {rows!r} (the same math); ask for {rows!r} or 'auto' to silence this",
         stacklevel=3,
     )
