@@ -371,11 +371,15 @@ def test_auto_says_what_it_chose_by_device_and_size(tokens: int, expected: str, 
     assert f"'{expected}'" in caplog.text
 
 
-def test_a_local_backend_under_expert_parallelism_runs_its_rows_equivalent_and_says_so() -> None:
+def test_a_local_backend_under_expert_parallelism_runs_its_rows_equivalent_and_says_so(caplog) -> None:
+    """Named, with a warning; under auto, the log line says why."""
+    backends._announce.cache_clear()
     experts = make_layer().experts
     with pytest.warns(UserWarning, match="runs 'loop'"):
         assert backends.choose("direct", experts, torch.randn(2, 8), local=False).name == "loop"
-    assert backends.choose("auto", experts, torch.randn(2, 8), local=False).name == "loop"
+    with caplog.at_level("INFO", logger="xmoe.moe"):
+        assert backends.choose("auto", experts, torch.randn(2, 8), local=False).name == "loop"
+    assert "'loop' on cpu torch.float32 (experts spread over ranks)" in caplog.text
 
 
 # --- CUDA, when there is one ------------------------------------------------------------------

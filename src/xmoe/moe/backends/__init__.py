@@ -126,7 +126,7 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
     if name == "auto":
         name = auto_backend(experts, x, static=static, local=local)
         if not torch.compiler.is_compiling():  # logging would break the graph
-            _announce(name, str(x.device), str(compute_dtype(x)), static)
+            _announce(name, str(x.device), str(compute_dtype(x)), static, local)
     elif not local and get(name).local:
         _warn_rows_equivalent(name)
         name = ROWS_EQUIVALENT[name]
@@ -172,10 +172,10 @@ def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True
 
 
 @lru_cache(maxsize=None)
-def _announce(name: str, device: str, dtype: str, static: bool) -> None:
+def _announce(name: str, device: str, dtype: str, static: bool, local: bool = True) -> None:
     """One log line per choice (cached: a model of many layers says it once)."""
-    log.info("xmoe: backend='auto' runs the experts with %r on %s %s%s", name, device, dtype,
-             " (static shapes)" if static else "")
+    log.info("xmoe: backend='auto' runs the experts with %r on %s %s%s%s", name, device, dtype,
+             " (static shapes)" if static else "", "" if local else " (experts spread over ranks)")
 
 
 def _warn_rows_equivalent(name: str) -> None:
