@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from xmoe.hf import XMoEConfig, XMoEForCausalLM
-from xmoe.moe import set_threshold
+from xmoe.moe import MoELayer, set_threshold
 
 from helpers.hf import VOCAB, hf_from_gpt, tiny_gpt
 
@@ -183,3 +183,20 @@ def test_a_config_that_disagrees_with_its_weights_is_loud_and_never_nan(tmp_path
     with pytest.raises(UsageError, match=r"config.json does not describe its weights \(missing keys: "
                                          r"transformer\.blocks\.4\."):
         load_folder(tmp_path / "m")
+
+
+def test_decoding_takes_the_small_token_path_in_xmoe_and_in_the_export():
+    """A decode step routes one token: ``auto`` takes the small-T path ("direct") in xmoe's own
+    generate and in the exported model's, whose layers are the same; the prompt goes as one call."""
+    gpt = tiny_gpt()
+    hf = hf_from_gpt(gpt)
+    prompt = torch.randint(VOCAB, (1, 20))
+    for model, generate in ((gpt, lambda: gpt.generate(prompt, 3, temperature=0)),
+                            (hf, lambda: hf.generate(prompt, max_new_tokens=3, do_sample=False))):
+        backends = []
+        hooks = [layer.register_forward_hook(lambda _layer, _inputs, out: backends.append(out.backend))
+                 for layer in model.modules() if isinstance(layer, MoELayer)]
+        generate()
+        for hook in hooks:
+            hook.remove()
+        assert backends == ["fused"] * 2 + ["direct"] * 4, backends  # 2 MoE layers x (prompt, 2 steps)

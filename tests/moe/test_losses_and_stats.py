@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import oracle
 from helpers.moe import CPU_BACKENDS, make_layer, params64, run_oracle
@@ -124,6 +125,39 @@ def test_zero_tokens(backend: str, shape: tuple, capacity_factor) -> None:
     json.dumps(stats.to_dict())  # loggable even when empty
     (out.output.sum() + out.aux_loss).backward()  # an empty batch must not break training
     assert x.grad.shape == shape
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_losses_are_computed_only_when_read_and_then_exactly(training: bool) -> None:
+    """A call whose losses nobody reads (evaluation, decoding) runs none of their ops (the
+    z-loss's logsumexp, the entropy's log_softmax: no router step has them); reading them gives
+    the pure functions' values on the call's router outputs, once, with their gradient."""
+    layer = make_layer(threshold=0.8).train(training)
+    x = torch.randn(6, 8)
+    with _OpNames() as call:
+        out = layer(x)
+    assert not {"logsumexp", "_log_softmax"} & set(call.names), call.names
+    with _OpNames() as reading:
+        losses = (out.aux_loss, out.z_loss, out.entropy_loss)
+    assert {"logsumexp", "_log_softmax", "argmax"} <= set(reading.names)
+    assert out.aux_loss is losses[0]  # computed once, then kept
+    decision = layer.route(x)
+    expected = (load_balancing_loss(decision.probs_TE), router_z_loss(decision.logits_TE),
+                router_entropy(decision.logits_TE))
+    for got, want in zip(losses, expected):
+        torch.testing.assert_close(got, want)
+    sum(losses).backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
 
 def test_stats_worked_example() -> None:

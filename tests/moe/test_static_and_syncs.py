@@ -33,7 +33,7 @@ def _static(case: Case) -> Case:
     return dataclasses.replace(case, cfg=cfg)
 
 
-STATIC_BACKENDS = [b for b in CPU_BACKENDS if backends.BACKENDS[b].static]  # triton under its interpreter
+STATIC_BACKENDS = [b for b in CPU_BACKENDS if backends.get(b).static]  # triton under its interpreter
 
 
 @pytest.mark.parametrize("backend", STATIC_BACKENDS)
@@ -172,7 +172,7 @@ def test_static_grouped_mm_on_a_gpu_without_its_fast_kernel_is_refused(monkeypat
         backends.choose("grouped_mm", experts, x, static=True)
 
 
-@pytest.mark.parametrize("backend", ["loop", "fused"])
+@pytest.mark.parametrize("backend", ["loop", "fused", "direct"])
 def test_static_mode_refuses_backends_that_read_counts(backend: str) -> None:
     layer = make_layer(max_experts=2, static_shapes=True, backend=backend)
     with pytest.raises(ValueError, match="static_shapes"):
@@ -221,7 +221,7 @@ def count_host_reads(monkeypatch):
     return mode
 
 
-@pytest.mark.parametrize("backend", ["loop", "fused", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["loop", "fused", "grouped_mm", "direct"])
 def test_one_host_read_per_forward_none_in_backward(backend: str, count_host_reads, monkeypatch) -> None:
     """Outside the router's CPU-only fast paths (whose branches are free on a CPU and never run
     on a GPU, so they are switched off here as a GPU would), one read per forward: the counts,
@@ -359,13 +359,29 @@ def test_auto_static_on_a_gpu_without_fast_grouped_mm_needs_triton(monkeypatch) 
         backends.auto_backend(make_layer(model_dim=16).experts, x, static=True)
 
 
-def test_auto_says_what_it_chose(caplog) -> None:
+@pytest.mark.parametrize("tokens, expected", [(1, "direct"), (backends.DIRECT_MAX_TOKENS, "direct"),
+                                               (backends.DIRECT_MAX_TOKENS + 1, "fused")])
+def test_auto_says_what_it_chose_by_device_and_size(tokens: int, expected: str, caplog) -> None:
+    """On a CPU, a few tokens (decoding) take the small-T path, more the fused backend; the same
+    layer switches between them as the call's size changes."""
     backends._announce.cache_clear()
     layer = make_layer()
+    layer(torch.randn(1 if expected == "fused" else 64, 8))  # first the other one: chosen per size
     with caplog.at_level("INFO", logger="xmoe.moe"):
-        out = layer(torch.randn(4, 8))
-    assert out.stats.backend == "fused"
-    assert "'fused'" in caplog.text
+        out = layer(torch.randn(tokens, 8))
+    assert out.stats.backend == expected
+    assert f"'{expected}'" in caplog.text
+
+
+def test_a_local_backend_under_expert_parallelism_runs_its_rows_equivalent_and_says_so(caplog) -> None:
+    """Named, with a warning; under auto, the log line says why."""
+    backends._announce.cache_clear()
+    experts = make_layer().experts
+    with pytest.warns(UserWarning, match="runs 'loop'"):
+        assert backends.choose("direct", experts, torch.randn(2, 8), local=False).name == "loop"
+    with caplog.at_level("INFO", logger="xmoe.moe"):
+        assert backends.choose("auto", experts, torch.randn(2, 8), local=False).name == "loop"
+    assert "'loop' on cpu torch.float32 (experts spread over ranks)" in caplog.text
 
 
 # --- CUDA, when there is one ------------------------------------------------------------------

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.data import write_corpus
 from helpers.training import cross_entropy_by_hand, tiny_lm_config
+import xmoe
 from xmoe import UsageError
 from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
@@ -183,7 +187,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "xmoe", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    """``python -m xmoe ARGS`` in ``cwd``, importing the xmoe this test imported (not whichever a
+    relative PYTHONPATH or an install elsewhere would give in another folder)."""
+    src = str(Path(xmoe.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "xmoe", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 def test_cli_end_to_end(corpus, tmp_path):
@@ -211,6 +220,7 @@ def test_cli_end_to_end(corpus, tmp_path):
     r = run_cli("generate", "--checkpoint", str(run), "--prompt", "the quick", "--max-new-tokens", "5",
                 cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("the quick"), r.stderr
+    assert re.search(r"5 new tokens in [\d.]+ s: [\d.]+ tokens/s, [\d.]+ experts per token", r.stderr), r.stderr
 
     r = run_cli("train", "--out", str(run), "--resume", "--train.max_steps=10", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

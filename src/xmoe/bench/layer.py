@@ -78,12 +78,12 @@ def build_layer(shape: Shape, router: str, backend: str, target_k: float, x: Ten
     )
     layer = MoELayer(cfg).to(device=x.device, dtype=x.dtype)
     if router == "threshold":
-        _calibrate_router(layer, x, target_k)
+        calibrate_router(layer, x, target_k)
     return layer
 
 
 @torch.no_grad()
-def _calibrate_router(layer: MoELayer, x: Tensor, target_k: float) -> None:
+def calibrate_router(layer: MoELayer, x: Tensor, target_k: float) -> None:
     """Scale the router weights (bisection on log scale) until mean wanted experts ~ target_k."""
     base = layer.router.weight.detach().clone()
     lo, hi = 0.0, 8.0  # log2 of the scale

@@ -83,6 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from xmoe.bench.decode import generation_report
     from xmoe.conversion.hf import load_tokenizer
     from xmoe.hf.folders import load_folder, set_dial
 
@@ -97,8 +98,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = {"do_sample": False} if args.temperature == 0 else {
         "do_sample": True, "temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 1.0}
     device = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                         pad_token_id=tokenizer.eos_token_id, **sampling)
+    with generation_report(model, args.max_new_tokens):
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id, **sampling)
     print(tokenizer.decode(out[0].tolist()))
 
 

@@ -11,7 +11,7 @@
     xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (see xmoe.cli.hf)
     xmoe presets
     xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
-    xmoe bench layer
+    xmoe bench layer / decode
 
 `train`, `train-mt` and `study` take every field of the run config as a dotted flag
 (--train.max_steps=200, --model.moe.threshold=0.8; xmoe.training.config reads each value as its
@@ -192,11 +192,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("--prompt is empty; give some text to continue")
+    from xmoe.bench.decode import generation_report
+
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                generator=generator)
+    with generation_report(loaded.model, args.max_new_tokens):
+        out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    generator=generator)
     print(tokenizer.decode(out[0].tolist()))
 
 
@@ -296,6 +299,12 @@ def cmd_bench_layer(args: argparse.Namespace) -> None:
     layer.run(args)
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from xmoe.bench import decode
+
+    decode.run(args)
+
+
 def _load(args: argparse.Namespace):
     from xmoe.cli.hf import refuse_max_experts
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
@@ -391,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
     commands.choices["sweep-threshold"].add_argument("--out", default=None, help="default: RUN/report")
 
-    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache); speed and experts per "
+                                             "token to stderr")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -434,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
     layer.add_arguments(p)
     p.set_defaults(func=cmd_bench_layer)
+    from xmoe.bench import decode
+
+    p = kinds.add_parser("decode", help="decode speed (a few tokens per call) against the active-weights floor")
+    decode.add_arguments(p)
+    p.set_defaults(func=cmd_bench_decode)
     for command in _leaf_parsers(commands):
         command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return parser

@@ -10,13 +10,13 @@ stay local, as XMoE computes them per micro-batch):
     dispatch   all_to_all of x[token of each pair] (split sizes vary per step), then the
                received rows, which arrive grouped by source rank, regrouped by local expert
     experts    the local shard (a plain Experts module of L experts) on its rows, with any
-               grouped backend
+               rows backend (xmoe.moe.backends)
     combine    rows back in the received order, all_to_all in reverse, and the weighted fp32
                scatter-add on the token's rank
 
 The row exchanges are differentiable (the backward of an all_to_all is the all_to_all with the
 split sizes swapped), so gradients reach the input, the router (through the combine weights)
-and the experts. Every grouped backend returns an output that depends on its input even when a
+and the experts. Every rows backend returns an output that depends on its input even when a
 rank received no row, so every rank takes part in every backward exchange.
 
 Host reads per call: one, as without parallelism: the counts this rank sends and the counts it
@@ -81,7 +81,7 @@ STATIC_ERROR = ("static_shapes=True cannot run under expert parallelism (the exc
 class AllToAllDispatcher:
     """Sends each kept pair's row to the rank holding its expert, and the result back."""
 
-    local = False  # no whole-stage backends: the rows cross ranks between gather and compute
+    local = False  # no local backends: the rows cross ranks between gather and compute
 
     def __init__(self, *, num_experts: int, ep_rank: int, ep_size: int, group) -> None:
         self.num_experts, self.ep_rank, self.ep_size, self.group = num_experts, ep_rank, ep_size, group

@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmoe.errors import UsageError, check_counts
-from xmoe.moe import MoEConfig, MoELayer, RoutingStats
+from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
 from .layers import Block, KVCache, init_gpt2_
 
@@ -101,12 +102,36 @@ class GPTConfig:
 
 @dataclass(frozen=True)
 class GPTOutput:
+    """The model's output. The router losses are summed over the MoE layers when first read, as
+    each layer computes its own (MoEOutput): generation, which reads none, pays for none."""
+
     logits_BLV: Tensor  # next-token logits at every position, in the compute dtype
     loss: Tensor | None  # fp32 mean cross-entropy over targets != IGNORE_INDEX; None without targets
-    aux_loss: Tensor  # fp32 scalar: sum over MoE layers of the *unscaled* balancing loss; 0 if dense
-    z_loss: Tensor  # fp32 scalar: sum over MoE layers of the router z-loss; 0 if dense
-    entropy_loss: Tensor  # fp32 scalar: sum over MoE layers of the mean router entropy; 0 if dense
-    stats: tuple[RoutingStats, ...]  # one per MoE layer, in layer order
+    moe_outputs: tuple[MoEOutput, ...] = field(repr=False)  # one per MoE layer, in layer order
+
+    @property
+    def stats(self) -> tuple[RoutingStats, ...]:
+        """One per MoE layer, in layer order."""
+        return tuple(o.stats for o in self.moe_outputs)
+
+    @cached_property
+    def aux_loss(self) -> Tensor:
+        """fp32 scalar: sum over MoE layers of the *unscaled* balancing loss; 0 if dense."""
+        return self._sum("aux_loss")
+
+    @cached_property
+    def z_loss(self) -> Tensor:
+        """fp32 scalar: sum over MoE layers of the router z-loss; 0 if dense."""
+        return self._sum("z_loss")
+
+    @cached_property
+    def entropy_loss(self) -> Tensor:
+        """fp32 scalar: sum over MoE layers of the mean router entropy; 0 if dense."""
+        return self._sum("entropy_loss")
+
+    def _sum(self, loss: str) -> Tensor:
+        zero = torch.zeros((), dtype=torch.float32, device=self.logits_BLV.device)
+        return sum((getattr(o, loss) for o in self.moe_outputs), zero)
 
 
 class GPT(nn.Module):
@@ -185,15 +210,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits_BLV.float().reshape(B * L, -1), targets.reshape(B * L), ignore_index=IGNORE_INDEX
             )
-        zero = torch.zeros((), dtype=torch.float32, device=idx_BL.device)
-        return GPTOutput(
-            logits_BLV=logits_BLV,
-            loss=loss,
-            aux_loss=sum((o.aux_loss for o in moe_outputs), zero),
-            z_loss=sum((o.z_loss for o in moe_outputs), zero),
-            entropy_loss=sum((o.entropy_loss for o in moe_outputs), zero),
-            stats=tuple(o.stats for o in moe_outputs),
-        )
+        return GPTOutput(logits_BLV=logits_BLV, loss=loss, moe_outputs=tuple(moe_outputs))
 
     @torch.no_grad()
     def generate(

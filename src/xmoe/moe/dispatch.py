@@ -75,7 +75,7 @@ class LocalDispatcher:
         counts, so they cost no sync of their own; ``plan.read_along`` holds them.
         """
         counts_E = kept_TE.sum(dim=0)
-        offsets_E = counts_E.cumsum(dim=0).to(torch.int32)
+        offsets_E = counts_E.cumsum(dim=0, dtype=torch.int32)
         extra: tuple[int, ...] = ()
         if max_pairs is None:
             counts, extra = read_counts(counts_E, read_along)
@@ -111,7 +111,7 @@ def read_counts(counts_E: Tensor, read_along: Tensor | None = None) -> tuple[tup
     them, in the same read, the integers of ``read_along``."""
     if read_along is None:
         return tuple(counts_E.tolist()), ()
-    values = torch.cat([counts_E, read_along.to(counts_E.dtype).reshape(-1)]).tolist()
+    values = torch.cat([counts_E, read_along.reshape(-1)]).tolist()  # cat promotes to the counts' dtype
     E = counts_E.shape[0]
     return tuple(values[:E]), tuple(values[E:])
 

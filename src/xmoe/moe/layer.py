@@ -1,8 +1,12 @@
-"""MoELayer: route -> dispatch -> experts -> combine, for any leading shape.
+"""MoELayer: route -> plan -> dispatch, experts, combine (one backend), for any leading shape.
 
 A drop-in replacement for a Transformer block's FFN. Only the (token, expert) pairs the router
 kept are computed, so a threshold router that engages 3 of 64 experts costs 3/64 of the experts'
-FLOPs, in wall time too.
+FLOPs, in wall time too. Every backend takes the same inputs (backends/__init__.py); ``auto``
+picks one by device and size, the small-T path for decoding included.
+
+Nothing is computed that nobody reads: the router losses and the statistics of a call are
+computed when first read, so evaluation and decoding pay nothing for them.
 
 Host syncs: one per call (the per-expert pair counts, read when the dispatcher plans; the
 non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
@@ -15,7 +19,8 @@ Shapes: T tokens, D model dim, E experts, N kept pairs.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +36,34 @@ from .stats import RoutingStats
 
 @dataclass(frozen=True)
 class MoEOutput:
+    """A layer call's output, and its router losses and statistics, each computed when first read
+    (then kept): a call whose losses and statistics nobody reads pays nothing for them."""
+
     output: Tensor  # same shape and dtype as the input
-    aux_loss: Tensor  # fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss
-    z_loss: Tensor  # fp32 scalar, the router z-loss (optional; not in XMoE's recipe)
-    entropy_loss: Tensor  # fp32 scalar, mean router entropy (optional sharpening; not in XMoE's recipe)
-    stats: RoutingStats  # computed when read
+    decision: RouterOutput = field(repr=False)  # what the losses and statistics are computed from
+    cfg: MoEConfig = field(repr=False)
+    backend: str  # the backend that ran (what ``auto`` chose)
+
+    @cached_property
+    def stats(self) -> RoutingStats:
+        """The call's routing statistics (each computed when read)."""
+        d = self.decision
+        return RoutingStats(d.probs_TE, d.wanted_TE, d.kept_TE, d.capacity, self.cfg, self.backend)
+
+    @cached_property
+    def aux_loss(self) -> Tensor:
+        """fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss."""
+        return load_balancing_loss(self.decision.probs_TE)
+
+    @cached_property
+    def z_loss(self) -> Tensor:
+        """fp32 scalar, the router z-loss (optional; not in XMoE's recipe)."""
+        return router_z_loss(self.decision.logits_TE)
+
+    @cached_property
+    def entropy_loss(self) -> Tensor:
+        """fp32 scalar, mean router entropy (optional sharpening; not in XMoE's recipe)."""
+        return router_entropy(self.decision.logits_TE)
 
 
 class MoELayer(nn.Module):
@@ -76,30 +104,10 @@ class MoELayer(nn.Module):
             return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
         backend = self.backend_for(x_TD)
-
         decision = self.router(x_TD)
-        max_pairs = self.router.max_pairs(x_TD.shape[0]) if self.cfg.static_shapes else None
-        # The non-finite check rides on the plan's one host read, not a sync of its own.
-        finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None
-        plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=max_pairs, read_along=finite)
-        if finite is not None and not plan.read_along[-1]:
-            raise _non_finite_error()
-        if backend.stage:
-            # A named override: the backend gathers, computes and combines in one.
-            y_TD = backend.run(self.experts, x_TD, plan)
-        else:
-            x_ND = self.dispatcher.dispatch(x_TD, plan)
-            y_ND = backend.run(self.experts, x_ND, plan.groups)
-            y_TD = self.dispatcher.combine(y_ND, plan)
-        return MoEOutput(
-            output=y_TD.to(x.dtype).reshape(x.shape),
-            aux_loss=load_balancing_loss(decision.probs_TE),
-            z_loss=router_z_loss(decision.logits_TE),
-            entropy_loss=router_entropy(decision.logits_TE),
-            stats=RoutingStats(
-                decision.probs_TE, decision.wanted_TE, decision.kept_TE, decision.capacity, self.cfg, backend.name
-            ),
-        )
+        plan = self._plan(decision)
+        y_TD = backend.run(self.experts, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
+        return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
 
     def backend_for(self, x: Tensor) -> backends.Backend:
         """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
@@ -107,10 +115,21 @@ class MoELayer(nn.Module):
         static, local = self.cfg.static_shapes, self.dispatcher.local
         if torch.compiler.is_compiling():
             return backends.choose(self.backend, self.experts, x, static=static, local=local)
-        key = (self.backend, x.device, backends.compute_dtype(x), local)
+        key = (self.backend, *backends.choice_key(x), local)
         if key not in self._backends:
             self._backends[key] = backends.choose(self.backend, self.experts, x, static=static, local=local)
         return self._backends[key]
+
+    def _plan(self, decision: RouterOutput):
+        """The dispatcher's plan of the kept pairs: the call's one host read (none in static mode,
+        which pads to a bound known from the shapes), with the non-finite check riding on it."""
+        num_tokens = decision.kept_TE.shape[0]
+        max_pairs = self.router.max_pairs(num_tokens) if self.cfg.static_shapes else None
+        finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None
+        plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=max_pairs, read_along=finite)
+        if finite is not None and not plan.read_along[-1]:
+            raise _non_finite_error()
+        return plan
 
     @property
     def _check_finite(self) -> bool:

@@ -1,31 +1,40 @@
 """Backends: interchangeable implementations of the experts' computation, chosen by name.
 
-Two kinds, with two signatures (``Backend.stage`` tells them apart):
+One signature for all, the whole dispatch -> experts -> combine stage of a layer call:
 
-    grouped   ``run(experts, x_ND, groups) -> y_ND``: rows already grouped by expert (the
-              dispatcher gathered them) through their experts, in the compute dtype. The layer
-              then combines. Works behind any dispatcher, expert parallelism included.
-    stage     ``run(experts, x_TD, plan) -> out_TD`` (fp32): a named override of the whole
-              dispatch -> experts -> combine stage, for implementations that fuse the gather
-              and the weighted scatter-add into the expert computation. Local experts only.
+    run(experts, x_TD, plan, dispatcher) -> out_TD     [T, D] fp32, the weighted sum of each
+                                                       token's kept experts (``y = sum_e p_e FFN_e(x)``)
 
-    "loop"        grouped; the plain reference: one GEMM chain per expert on its slice, autograd
+A backend that computes rows grouped by expert (``rows(experts, x_ND, groups) -> y_ND``) is
+made one with ``through_dispatcher``: the dispatcher gathers the rows (sending them to the ranks
+that hold their experts, under expert parallelism) and combines the results. Such backends run
+behind any dispatcher. The others gather, compute and combine in one (``Backend.local``): they
+need every expert in this process.
+
+    "loop"        rows; the plain reference: one GEMM chain per expert on its slice, autograd
                   does the rest. Any device, any dtype. Needs the host counts.
-    "grouped_mm"  grouped; torch.nn.functional.grouped_mm for all experts at once, no Python loop
+    "grouped_mm"  rows; torch.nn.functional.grouped_mm for all experts at once, no Python loop
                   over experts. No host counts needed (static mode). Fast on CUDA sm90/sm100 in
                   bf16 (torch's CUTLASS kernel); elsewhere torch falls back to a per-expert loop.
-    "fused"       stage; gather, MLP and weighted scatter-add a few experts at a time with a
+    "fused"       local; gather, MLP and weighted scatter-add a few experts at a time with a
                   hand-written backward (no [N, D] temporaries). The fastest on CPU.
-    "triton"      stage; one Triton kernel per projection for a variable number of experts per
+    "direct"      local; the small-T path: each kept expert's GEMV chain on its tokens, added
+                  straight into the output, with none of the per-call machinery the others
+                  amortise over many tokens (backends/direct.py). The fastest for a few tokens.
+    "triton"      local; one Triton kernel per projection for a variable number of experts per
                   token (backends/triton_moe.py). CUDA, or CPU under TRITON_INTERPRET=1 (tests).
 
-``auto`` (``choose``) picks by what the device can do, in one table:
+``auto`` (``choose``) picks by what the device can do and the call's size, in one table:
 
-    CPU                                  fused; static mode: grouped_mm
-    CUDA, sm90/sm100, bf16               grouped_mm (torch's fast grouped GEMM exists there)
-    other CUDA                           fused; static mode: triton (grouped_mm's fallback there
-                                         reads the offsets on the host, which static mode forbids)
-    expert parallelism                   a grouped backend: grouped_mm where fast, else loop
+    CPU, at most DIRECT_MAX_TOKENS tokens  direct (decoding; measured in benchmarks/README.md)
+    CPU                                    fused; static mode: grouped_mm
+    CUDA, sm90/sm100, bf16                 grouped_mm (torch's fast grouped GEMM exists there)
+    other CUDA                             fused; static mode: triton (grouped_mm's fallback there
+                                           reads the offsets on the host, which static mode forbids)
+    expert parallelism                     a rows backend: grouped_mm where fast, else loop
+
+A local backend named under expert parallelism runs its rows equivalent (same math), with a
+warning; ``auto`` says what it picked in one log line per choice.
 
 The Triton kernel is not picked by ``auto`` until a GPU measurement shows it faster
 (benchmarks/gpu.py prints the comparison); ask for it by name.
@@ -34,6 +43,7 @@ The Triton kernel is not picked by ``auto`` until a GPU measurement shows it fas
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -43,9 +53,10 @@ from torch import Tensor
 
 from xmoe.errors import UsageError
 
+from .direct import direct_backend
 from .fused import fused_backend
-from .grouped import compute_dtype, grouped_mm_backend, grouped_mm_fast, grouped_mm_problem
-from .loop import loop_backend
+from .grouped import compute_dtype, grouped_mm_fast, grouped_mm_problem, grouped_mm_rows
+from .loop import loop_rows
 from .triton_stage import triton_backend, triton_problem
 
 log = logging.getLogger("xmoe.moe")
@@ -55,11 +66,21 @@ def _anywhere(experts, x: Tensor) -> str | None:
     return None
 
 
+def through_dispatcher(rows: Callable) -> Callable:
+    """The backend of a function of rows grouped by expert, ``rows(experts, x_ND, groups) ->
+    y_ND``: the dispatcher gathers the rows and combines what the experts made of them."""
+
+    def run(experts, x_TD: Tensor, plan, dispatcher) -> Tensor:
+        return dispatcher.combine(rows(experts, dispatcher.dispatch(x_TD, plan), plan.groups), plan)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: Callable
-    stage: bool  # True: replaces dispatch + experts + combine; False: grouped rows -> rows
+    run: Callable  # (experts, x_TD, plan, dispatcher) -> [T, D] fp32
+    local: bool  # gathers and combines itself: every expert must be in this process
     static: bool  # runs without the host counts (static mode)
     problem: Callable[[object, Tensor], str | None] = _anywhere  # why it cannot run on x; None: it can
 
@@ -67,18 +88,29 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("loop", loop_backend, stage=False, static=False),
-        Backend("grouped_mm", grouped_mm_backend, stage=False, static=True, problem=grouped_mm_problem),
-        Backend("fused", fused_backend, stage=True, static=False),
-        Backend("triton", triton_backend, stage=True, static=True, problem=triton_problem),
+        Backend("loop", through_dispatcher(loop_rows), local=False, static=False),
+        Backend("grouped_mm", through_dispatcher(grouped_mm_rows), local=False, static=True,
+                problem=grouped_mm_problem),
+        Backend("fused", fused_backend, local=True, static=False),
+        Backend("triton", triton_backend, local=True, static=True, problem=triton_problem),
     )
 }
 
-# A stage backend under expert parallelism runs its grouped equivalent (same math).
-GROUPED_EQUIVALENT = {"fused": "loop", "triton": "grouped_mm"}
+# The small-T path. ``auto`` picks it by size; a layer's ``backend`` attribute takes its name, but
+# MoEConfig.backend does not list it (yet), so it stays out of BACKENDS, which scripts build
+# configs from.
+DIRECT = Backend("direct", direct_backend, local=True, static=False)
+
+# A local backend under expert parallelism runs its rows equivalent (same math).
+ROWS_EQUIVALENT = {"fused": "loop", "direct": "loop", "triton": "grouped_mm"}
+
+# Up to this many tokens per call, ``auto`` runs "direct" on a CPU (measured in benchmarks/README.md).
+DIRECT_MAX_TOKENS = 16
 
 
 def get(name: str) -> Backend:
+    if name == DIRECT.name:
+        return DIRECT
     try:
         return BACKENDS[name]
     except KeyError:
@@ -97,9 +129,10 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
     if name == "auto":
         name = auto_backend(experts, x, static=static, local=local)
         if not torch.compiler.is_compiling():  # logging would break the graph
-            _announce(name, str(x.device), str(compute_dtype(x)), static)
-    elif not local and get(name).stage:
-        name = GROUPED_EQUIVALENT[name]
+            _announce(name, str(x.device), str(compute_dtype(x)), static, local)
+    elif not local and get(name).local:
+        _warn_rows_equivalent(name)
+        name = ROWS_EQUIVALENT[name]
     backend = get(name)
     problem = backend.problem(experts, x)
     if problem:
@@ -118,6 +151,11 @@ def choose(name: str, experts, x: Tensor, *, static: bool = False, local: bool =
     return backend
 
 
+def choice_key(x: Tensor) -> tuple:
+    """What ``auto``'s choice for a layer depends on in its input: device, compute dtype, size."""
+    return x.device, compute_dtype(x), x.shape[0] <= DIRECT_MAX_TOKENS
+
+
 def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True) -> str:
     """The table in this module's docstring."""
     if x.device.type == "cuda" and grouped_mm_fast(experts, x):
@@ -125,7 +163,7 @@ def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True
     if not local:
         return "loop"
     if not static:
-        return "fused"
+        return "direct" if x.device.type == "cpu" and x.shape[0] <= DIRECT_MAX_TOKENS else "fused"
     if x.device.type == "cuda":
         if triton_problem(experts, x) is None:
             return "triton"
@@ -137,7 +175,17 @@ def auto_backend(experts, x: Tensor, *, static: bool = False, local: bool = True
 
 
 @lru_cache(maxsize=None)
-def _announce(name: str, device: str, dtype: str, static: bool) -> None:
+def _announce(name: str, device: str, dtype: str, static: bool, local: bool = True) -> None:
     """One log line per choice (cached: a model of many layers says it once)."""
-    log.info("xmoe: backend='auto' runs the experts with %r on %s %s%s", name, device, dtype,
-             " (static shapes)" if static else "")
+    log.info("xmoe: backend='auto' runs the experts with %r on %s %s%s%s", name, device, dtype,
+             " (static shapes)" if static else "", "" if local else " (experts spread over ranks)")
+
+
+def _warn_rows_equivalent(name: str) -> None:
+    """A local backend cannot run under expert parallelism (said once per layer and input kind)."""
+    rows = ROWS_EQUIVALENT[name]
+    warnings.warn(
+        f"backend={name!r} gathers and combines in one process, but the experts are spread over ranks: "
+        f"the layer runs {rows!r} (the same math); ask for {rows!r} or 'auto' to silence this",
+        stacklevel=3,
+    )

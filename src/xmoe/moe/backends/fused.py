@@ -1,6 +1,7 @@
 """The "fused" backend: gather -> expert MLP -> weighted scatter-add, a few experts at a time.
 
-A stage backend: it replaces the layer's dispatch -> experts -> combine (backends/__init__.py).
+A local backend: it gathers, computes and combines in one, with every expert in this process
+(backends/__init__.py).
 
 Forward and backward walk the experts in runs of consecutive experts holding at least
 ``CHUNK_BYTES`` of rows (a few experts at S1: cache-sized; one busy expert is a run of its own),
@@ -43,7 +44,7 @@ from .grouped import compute_dtype
 CHUNK_BYTES = 2 << 20
 
 
-def fused_backend(experts, x_TD: Tensor, plan) -> Tensor:
+def fused_backend(experts, x_TD: Tensor, plan, dispatcher=None) -> Tensor:
     """The kept pairs of ``plan`` through their experts, weighted and summed per token: [T, D] fp32."""
     if plan.counts is None:
         raise ValueError("backend='fused' needs the per-expert counts on the host; static mode needs 'grouped_mm'")

@@ -1,4 +1,5 @@
-"""The "grouped_mm" backend: all experts in one ``torch.nn.functional.grouped_mm`` per matrix.
+"""The "grouped_mm" backend: all experts in one ``torch.nn.functional.grouped_mm`` per matrix
+(on rows the dispatcher gathered; it combines the results: backends/__init__.py).
 
 Rows are grouped by ``groups.offsets_E`` (int32 end offsets, on the device), so nothing is read
 to the host: this backend runs in static mode. Biases are per expert, so they are gathered per
@@ -60,12 +61,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_backend(experts, x_ND: Tensor, groups) -> Tensor:
+def grouped_mm_rows(experts, x_ND: Tensor, groups) -> Tensor:
     """[N, D] rows grouped by expert -> [N, D] expert outputs, in the compute dtype."""
     if x_ND.shape[0] == 0:  # grouped_mm rejects an empty operand; the loop keeps the graph
-        from .loop import loop_backend
+        from .loop import loop_rows
 
-        return loop_backend(experts, x_ND, dataclasses.replace(groups, counts=(0,) * experts.num_experts))
+        return loop_rows(experts, x_ND, dataclasses.replace(groups, counts=(0,) * experts.num_experts))
     dtype = compute_dtype(x_ND)  # grouped_mm is not on autocast's list: cast by hand
     w = experts.weights(dtype)
     valid = None if groups.valid_N is None else groups.valid_N.unsqueeze(-1)

@@ -1,4 +1,5 @@
-"""The "loop" backend, the plain reference: one GEMM chain per expert on its slice of rows.
+"""The "loop" backend, the plain reference: one GEMM chain per expert on its slice of rows
+(the dispatcher gathers the rows and combines the results: backends/__init__.py).
 
 Every step is an ordinary differentiable torch op, so autograd writes the backward.
 
@@ -13,19 +14,21 @@ take part in the backward exchange.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from .grouped import compute_dtype
 
 
-def loop_backend(experts, x_ND: Tensor, groups) -> Tensor:
+def loop_rows(experts, x_ND: Tensor, groups) -> Tensor:
     """[N, D] rows grouped by expert -> [N, D] expert outputs, in the compute dtype."""
     if groups.counts is None:
         raise ValueError("backend='loop' needs the per-expert counts on the host; static mode needs 'grouped_mm'")
     w = experts.weights(compute_dtype(x_ND))
     E = experts.num_experts
-    w1, w2, w3, b1, b2, b3 = (_per_expert(p, E) for p in (w.w1, w.w2, w.w3, w.b1, w.b2, w.b3))
+    w1, w2, w3, b1, b2, b3 = (per_expert(p, E) for p in (w.w1, w.w2, w.w3, w.b1, w.b2, w.b3))
     outputs = []
     for e, x_nD in enumerate(x_ND.split(groups.counts)):
         if x_nD.shape[0] or (e == E - 1 and not outputs):
@@ -35,8 +38,12 @@ def loop_backend(experts, x_ND: Tensor, groups) -> Tensor:
     return torch.cat(outputs)
 
 
-def _per_expert(param: Tensor | None, num_experts: int) -> tuple:
-    return param.unbind(0) if param is not None else (None,) * num_experts
+def per_expert(param: Tensor | None, num_experts: int, *, split: bool = True) -> Sequence:
+    """``param[e]`` for each expert: the parameter's ``unbind`` (``split``), the parameter itself
+    (indexing it makes a view: cheaper than E views, but no use for a gradient), or Nones."""
+    if param is None:
+        return (None,) * num_experts
+    return param.unbind(0) if split else param
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

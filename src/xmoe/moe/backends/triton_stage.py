@@ -1,4 +1,5 @@
-"""The "triton" backend: the layer's stage through xmoe's Triton kernels (backends/triton_moe.py).
+"""The "triton" backend: the layer's stage through xmoe's Triton kernels (backends/triton_moe.py),
+a local backend (it gathers and combines itself: backends/__init__.py).
 
 Triton is optional (``pip install 'xmoe[triton]'``): nothing here imports it until the backend
 is asked about or runs, and ``triton_problem`` says what is missing when it cannot.
@@ -23,7 +24,7 @@ def triton_problem(experts, x: Tensor) -> str | None:
     return problem(torch.empty(0, device=x.device, dtype=compute_dtype(x)))
 
 
-def triton_backend(experts, x_TD: Tensor, plan) -> Tensor:
+def triton_backend(experts, x_TD: Tensor, plan, dispatcher=None) -> Tensor:
     """The kept pairs of ``plan`` through their experts, weighted and summed per token: [T, D] fp32."""
     from .triton_moe import triton_moe
 
