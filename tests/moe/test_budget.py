@@ -178,3 +178,13 @@ def test_budget_dials_lists_only_controlled_layers():
 
     model = nn.Sequential(budget_layer(2.0), make_layer(), budget_layer(3.0))
     assert [d.target_experts for d in budget_dials(model)] == [2.0, 3.0]
+
+
+def test_static_mode_steers_t_like_the_dynamic_layer():
+    """Static mode (no host read) counts and updates on the device: the same t, step by step."""
+    static = budget_layer(2.0, max_experts=8, static_shapes=True)
+    dynamic = budget_layer(2.0, max_experts=8)
+    dynamic.load_state_dict(static.state_dict())
+    for layer in (static, dynamic):
+        layer.ts, _ = train_steps(layer, 8, tokens=32)
+    assert static.ts == dynamic.ts and len(set(static.ts)) == 8

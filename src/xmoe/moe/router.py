@@ -19,9 +19,11 @@ expert index; ties between equal priorities at a full expert go to the earlier t
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig, capacity
@@ -213,9 +215,11 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         # Routing decisions are discontinuous in p; bf16 logits would move tokens between
-        # experts. Autocast is switched off so the gate really runs in fp32.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = x_TD.float() @ self.weight.float().T
+        # experts. Autocast is switched off so the gate really runs in fp32 (entered only when
+        # on: at one token per call, every op of the router shows in the layer's time).
+        device = x_TD.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         cfg, dial = self.cfg, self.dial
         with torch.no_grad():
