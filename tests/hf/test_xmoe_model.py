@@ -200,3 +200,36 @@ def test_decoding_takes_the_small_token_path_in_xmoe_and_in_the_export():
         for hook in hooks:
             hook.remove()
         assert backends == ["fused"] * 2 + ["direct"] * 4, backends  # 2 MoE layers x (prompt, 2 steps)
+
+
+def test_a_budgeted_model_keeps_its_trained_t_through_export_and_from_pretrained(tmp_path):
+    """A compute budget's t lives in the weights, one per layer: from_pretrained brings each
+    back in float64, the unsaved per-step counts start at zero (not uninitialised memory), and
+    a folder saved after the dial was turned to 1.0 still loads."""
+    from xmoe.hf.folders import set_dial
+    from xmoe.models.gpt import GPT, GPTConfig
+    from xmoe.moe import MoEConfig, step_budgets
+
+    cfg = GPTConfig(vocab_size=VOCAB, block_size=48, n_layer=4, n_head=2, d_model=32, d_ff=64, moe_every=2,
+                    moe=MoEConfig(model_dim=32, num_experts=8, expert_dim=16, target_experts=2.0, init_std=0.02))
+    torch.manual_seed(0)
+    gpt = GPT(cfg).train()
+    for layer in gpt.moe_layers():
+        with torch.no_grad():
+            layer.router.weight.normal_(std=1.0 if layer is gpt.moe_layers()[0] else 0.1)
+    for _ in range(5):
+        gpt(torch.randint(VOCAB, (2, 16)))
+        step_budgets(gpt)
+    trained = [layer.threshold for layer in gpt.moe_layers()]
+    assert len(set(trained)) == 2 and 0.9 not in trained  # the two layers' routers differ, so do their t
+    hf_from_gpt(gpt.eval()).save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert [layer.threshold for layer in loaded.moe_layers()] == trained
+    assert all(layer.router.dial.threshold.dtype == torch.float64 for layer in loaded.moe_layers())
+    assert all(float(layer.router.dial.step_tokens) == 0 == float(layer.router.dial.step_pairs)
+               for layer in loaded.moe_layers())
+    assert set_dial(loaded, "xmoe", None) == "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
+    set_threshold(loaded, 1.0)
+    loaded.save_pretrained(tmp_path / "dialled")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "dialled")
+    assert [layer.threshold for layer in again.moe_layers()] == [1.0, 1.0]

@@ -61,8 +61,9 @@ def test_the_bar_is_beating_the_top_k_at_or_above_the_measured_compute_beyond_th
     assert (v["below"]["k"], v["above"]["k"]) == (1.0, 2.0)
     assert v["above"]["difference"] == pytest.approx(-1.0) and v["meets_bar"] is True
     assert versus(row(28.6, 0.2, 1.7), topk)["meets_bar"] is False  # 28.8 is not below 28.7
-    exact = versus(row(28.0, 0.2, 2.0), topk)  # exactly 2 experts: top-2 is below and above
-    assert exact["below"]["k"] == exact["above"]["k"] == 2.0
+    for experts in (2.0, 2.03, 1.96):  # within 0.05 of 2 experts: top-2 is below and above
+        near = versus(row(28.0, 0.2, experts), topk)
+        assert near["below"]["k"] == near["above"]["k"] == 2.0
     worse = versus(row(31.0, 0.1, 4.5), topk)  # more compute than any top-k: nothing above
     assert "above" not in worse and "meets_bar" not in worse and worse["below"]["worse_beyond_spread"]
 
@@ -110,7 +111,8 @@ def test_test_numbers_are_the_whole_test_split_recomputed_by_hand(study):
 
 def experts_by_hand(model, batches) -> float:
     """Mean over MoE layers of the experts per token, by the threshold rule in float64 on each
-    layer's input (captured by a hook); tokens within 1e-6 of a boundary are left out."""
+    layer's input (captured by a hook); a token within 1e-6 of a boundary fails the test (its
+    fp32 and float64 decisions could differ)."""
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, []).append(args[0]))
              for i, layer in enumerate(model.moe_layers())]

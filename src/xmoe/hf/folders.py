@@ -81,6 +81,9 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
         if max_experts is not None:
             raise UsageError("--max-experts applies to pretrained MoE models; an xmoe model's cap is its config")
         if threshold is None:
+            trained = [layer.threshold for layer in model.moe_layers() if layer.router.dial.controlled]
+            if trained:  # a compute budget's t, one per layer
+                return "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
             return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
         if set_threshold(model, threshold) == 0:
             raise UsageError(f"--threshold: the model has no threshold-routed MoE layer")

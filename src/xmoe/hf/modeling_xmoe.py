@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from xmoe.models.gpt import GPT, IGNORE_INDEX
-from xmoe.moe import MoELayer, RoutingStats
+from xmoe.moe import Dial, MoELayer, RoutingStats
 
 from .configuration_xmoe import XMoEConfig
 
@@ -83,6 +83,8 @@ class XMoEPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm) or hasattr(module, "reset_parameters") and module is not self:
             module.reset_parameters()
+        elif isinstance(module, Dial):  # its unsaved per-step counts; a trained t comes with the weights
+            module.reset_counts()
 
 
 class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):

@@ -38,7 +38,8 @@ class MoEConfig:
     from the paper, off by default; docs/method.md). ``target_experts`` makes t a controlled
     variable (another deviation, off by default): during training a PI controller per layer moves
     t so that the mean experts per token tracks this budget, while each token still takes a
-    variable number (xmoe.moe.dial; ``threshold`` is then t's starting value). ``static_shapes=True`` runs the layer with
+    variable number (xmoe.moe.dial; ``threshold`` is then t's starting value, and a start of 1 or
+    more enters the controller at its upper clamp). ``static_shapes=True`` runs the layer with
     no host sync at all (CUDA graphs, ``torch.compile(fullgraph=True)``): the kept pairs are
     padded to a bound known from the shapes, so the rule must have one (a capacity factor in
     training and evaluation, a top-k router, or ``max_experts``). ``check_finite`` raises on
@@ -117,9 +118,6 @@ class MoEConfig:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1 <= value <= most:
             raise ValueError(f"MoEConfig.target_experts must be a number of experts per token in 1..{most} "
                              f"(max_experts or num_experts), or None for a fixed threshold; got {value!r}")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"MoEConfig.threshold is the controller's starting t with target_experts set, so it must "
-                             f"lie strictly between 0 and 1 (e.g. 0.9); got {self.threshold!r}")
 
     def _check_max_experts_and_static(self) -> None:
         if self.max_experts is not None:

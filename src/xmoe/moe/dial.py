@@ -19,9 +19,9 @@ while each token still takes a variable number. Once per optimizer step, per lay
 a PI controller in velocity form on the logit of t. The logit keeps t inside (0, 1) without a
 clamp on t itself, and the log-ratio error makes the gains unitless: the same gains hold for a
 budget of 1.5 or 8 experts. Velocity form keeps no integral that could wind up while u sits at
-its clamp. The gains were chosen on synthetic routers (soft, sharp, and sharpening over
-training) where the mean comes within 10% of k* in at most 12 steps; tests check the controller against
-a float64 simulation written out by hand.
+its clamp. The gains were chosen in a simulation of synthetic routers (soft, sharp, and
+sharpening over training) where the mean came within 10% of k* in at most 12 steps; tests hold
+the layer to a float64 simulation of the equations written out by hand.
 
 State: a controlled t and e_prev are float64 buffers, saved with the weights, so a resumed run continues exactly;
 the step's counts are buffers too, but not saved (they are zero after every update, which is
@@ -33,6 +33,7 @@ of every rank are summed in one all-reduce per optimizer step for all layers tog
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,11 @@ from .config import MoEConfig, check_threshold
 K_P = 0.3  # proportional gain, per unit of ln(target / measured)
 K_I = 0.5  # integral gain: the step in logit(t) per unit of ln(target / measured)
 U_MAX = 12.0  # |logit(t)| at most: t in [6e-6, 1 - 6e-6]
+_T_MIN = 1.0 / (1.0 + math.exp(U_MAX))  # sigmoid(-U_MAX)
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 class Dial(nn.Module):
@@ -55,6 +61,7 @@ class Dial(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
+        self.kind = cfg.router
         self.top_k = cfg.top_k
         self.max_experts = cfg.max_experts
         self.eval_capacity_factor = cfg.eval_capacity_factor
@@ -93,26 +100,33 @@ class Dial(nn.Module):
         measured = pairs / tokens.clamp(min=1)
         error = torch.log(self.target_experts / measured.clamp(min=1e-12))
         error = torch.where(tokens > 0, error, self.last_error.new_zeros(()))
-        u = torch.logit(self.threshold) + K_P * (error - self.last_error) + K_I * error
+        # eps: a t set to 1 or more by hand (the dial at inference) enters at the clamp, not as inf.
+        u = torch.logit(self.threshold, eps=_T_MIN) + K_P * (error - self.last_error) + K_I * error
         new_t = torch.sigmoid(u.clamp(-U_MAX, U_MAX))
         self.threshold.copy_(torch.where(tokens > 0, new_t, self.threshold))
         self.last_error.copy_(torch.where(tokens > 0, error, self.last_error))
-        self.step_pairs.zero_()
-        self.step_tokens.zero_()
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Forget this step's counts (after an update, or where a loader left the unsaved
+        counters uninitialised)."""
+        if self.controlled:
+            self.step_pairs.zero_()
+            self.step_tokens.zero_()
 
     def _apply(self, fn, recurse=True):
-        # Follow the model to its device, never to its dtype (see the class docstring): the
-        # values are carried over from before ``fn``, so a cast cannot round them.
-        before = dict(self.named_buffers(recurse=False))
-        super()._apply(fn, recurse)
-        for name, buf in self.named_buffers(recurse=False):
-            wide = torch.float32 if buf.device.type == "mps" else torch.float64  # MPS has no fp64
-            if buf.dtype != wide:
-                setattr(self, name, before[name].to(device=buf.device, dtype=wide))
+        # Follow the model to its device, never to its dtype (see the class docstring). ``fn`` is
+        # tried on a float32 copy only to learn the device: a cast cannot round the buffers, and
+        # MPS, which has no float64, gets float32.
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                device = fn(buf.float()).device
+                self._buffers[name] = buf.to(device=device, dtype=_wide(device))
         return self
 
     def extra_repr(self) -> str:
-        parts = [f"threshold={float(self.threshold):.4g}"]
+        rule = f"top_k={self.top_k}" if self.kind == "topk" else f"threshold={float(self.threshold):.4g}"
+        parts = [rule]
         if self.controlled:
             parts.append(f"target_experts={self.target_experts:g}")
         if self.max_experts is not None:

@@ -67,7 +67,7 @@ class Arm:
 
     name: str
     router: str = "threshold"
-    option: str | None = None  # "entropy" or "router_lr": the option this arm is a value of
+    option: str | None = None  # sharpen: "entropy" or "router_lr"; budget: "budget" or "reference"
     overrides: dict[str, str] = field(default_factory=dict)
 
     @property

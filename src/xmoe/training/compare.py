@@ -94,8 +94,9 @@ def describe_comparison(xmoe: tuple[str, dict], baselines: dict[str, dict], *, s
     for name, r in baselines.items():
         gap = ev["perplexity"] / r["perplexity"] - 1
         compute = ev["experts_per_token"] / r["experts_per_token"]
+        verdict = "XMoE better" if gap < 0 else f"{name} better" if gap > 0 else "a tie"
         lines.append(f"Against {name}: XMoE's perplexity is {abs(gap):.1%} {'lower' if gap < 0 else 'higher'} "
-                     f"({'XMoE better' if gap < 0 else f'{name} better'}), at {compute:.2f}x its expert FLOPs.")
+                     f"({verdict}), at {compute:.2f}x its expert FLOPs.")
     lines += ["Speeds: medians of rounds taken in turn in one process, one thread, so that load on the machine "
               "cannot invert them.",
               "One seed and a few hundred steps: docs/results.md (\"At the same compute\") has the study with 3 seeds "
