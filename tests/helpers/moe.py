@@ -19,7 +19,7 @@ def _runs_on_cpu(name: str) -> bool:
 
 # Every backend that runs on CPU tensors here (the Triton kernel only under TRITON_INTERPRET=1;
 # its interpreter tests live in test_triton_moe.py), the small-T path that auto picks by size too.
-CPU_BACKENDS = sorted(name for name in (*BACKENDS, backends.DIRECT.name) if _runs_on_cpu(name))
+CPU_BACKENDS = sorted(name for name in BACKENDS if _runs_on_cpu(name))
 
 # Below this distance from a routing boundary, fp32 (library) and float64 (oracle) decisions
 # could differ; fixed-seed cases assert they are further away than this.
@@ -30,11 +30,8 @@ def make_layer(seed: int = 0, **overrides) -> MoELayer:
     """A small layer; dims are multiples of 4 (fp32) and 8 (bf16) so grouped_mm can run it."""
     fields = dict(model_dim=8, num_experts=8, expert_dim=16)
     fields.update(overrides)
-    backend = fields.pop("backend", "auto")  # set on the layer: MoEConfig lists the names users pick
     torch.manual_seed(seed)
-    layer = MoELayer(MoEConfig(**fields))
-    layer.backend = backend
-    return layer
+    return MoELayer(MoEConfig(**fields))
 
 
 def params64(layer: MoELayer) -> oracle.Params:

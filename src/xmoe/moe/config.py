@@ -14,7 +14,7 @@ ROUTERS = ("threshold", "topk")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 COMBINES = ("probs", "ones")
 INITS = ("independent", "identical")
-BACKENDS = ("auto", "loop", "fused", "grouped_mm", "triton")
+BACKENDS = ("auto", "loop", "fused", "grouped_mm", "triton", "direct")
 
 
 @dataclass(frozen=True, kw_only=True)

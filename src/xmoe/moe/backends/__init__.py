@@ -93,13 +93,9 @@ BACKENDS: dict[str, Backend] = {
                 problem=grouped_mm_problem),
         Backend("fused", fused_backend, local=True, static=False),
         Backend("triton", triton_backend, local=True, static=True, problem=triton_problem),
+        Backend("direct", direct_backend, local=True, static=False),  # the small-T path; auto picks it by size
     )
 }
-
-# The small-T path. ``auto`` picks it by size; a layer's ``backend`` attribute takes its name, but
-# MoEConfig.backend does not list it (yet), so it stays out of BACKENDS, which scripts build
-# configs from.
-DIRECT = Backend("direct", direct_backend, local=True, static=False)
 
 # A local backend under expert parallelism runs its rows equivalent (same math).
 ROWS_EQUIVALENT = {"fused": "loop", "direct": "loop", "triton": "grouped_mm"}
@@ -109,8 +105,6 @@ DIRECT_MAX_TOKENS = 16
 
 
 def get(name: str) -> Backend:
-    if name == DIRECT.name:
-        return DIRECT
     try:
         return BACKENDS[name]
     except KeyError:
