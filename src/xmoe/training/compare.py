@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from xmoe.moe import budget_dials
+
 TOLERANCE = 0.05  # experts per token within this of an integer k: top-k alone is compute-matched
 SPEED_ROUNDS = 5
 
@@ -39,7 +41,8 @@ def interleaved_speeds(models: dict[str, nn.Module], batches: Sequence, *, round
     warm-up round, the median per model. Every model sees the same load in the same process, so
     a busy machine slows all of them alike instead of inverting the comparison. ``threads``:
     torch threads while measuring (one is steadiest on a shared machine; None keeps the
-    setting). The models are left in eval mode with no gradients."""
+    setting). The models are left in eval mode, with no gradients and a budget's per-step counts
+    reset to zero (call it between optimizer steps, where they are zero anyway)."""
     tokens = sum(y.numel() for _, y in batches)
     before = torch.get_num_threads()
     if threads is not None:
@@ -66,6 +69,8 @@ def _time_once(model: nn.Module, batches: Sequence) -> tuple[float, float]:
         model(x, y).loss.backward()
     train_s = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
+    for dial in budget_dials(model):  # the timing steps are not training steps: t must not learn from them
+        dial.reset_counts()
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
