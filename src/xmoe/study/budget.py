@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 
 from xmoe.errors import UsageError, check_counts
-from xmoe.extras import check_extra, needs_extra
+from xmoe.extras import needs_extra
 
 from xmoe.training.compare import compute_matched_k
 
 from .aggregate import mean_std
 from .measure import is_finished, measure_run, read_json, write_json
-from .sharpen import EXPERTS, SCALE, Arm, study_overrides
+from .sharpen import EXPERTS, SCALE, Arm, preflight, study_overrides
 from .sharpen import spec as sharpen_spec
 
 BUDGETS = (1.5, 2.0, 4.0)
@@ -194,12 +194,8 @@ def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 
     ``train=False`` tabulates the runs finished so far and trains nothing; ``arms`` (a subset
     of ARMS) is for tests."""
     check_counts("study", seeds=seeds)
-    if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
-    check_extra("study", "the study's plots")
     extra = _overrides(steps=steps, data=data, overrides=overrides)
-    for arm in arms:
-        spec(arm, 0, extra).config()  # a bad override fails now, not an hour in
+    preflight(arms, extra, data=data)
     study = Study(Path(out), extra, seeds, arms)
     started = time.time()
     if train:

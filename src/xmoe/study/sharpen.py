@@ -114,6 +114,16 @@ def study_overrides(*, steps: int | None, data: str | None, overrides: dict[str,
     return extra
 
 
+def preflight(arms: tuple[Arm, ...], extra: dict[str, str], *, data: str | None) -> None:
+    """What a study checks before its first run: the corpus exists, the plots can be drawn, and
+    every arm's config builds (a bad override fails now, not an hour in)."""
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    check_extra("study", "the study's plots")
+    for arm in arms:
+        spec(arm, 0, extra).config()
+
+
 def select(arms: list[Arm], measured: dict[str, dict]) -> Arm:
     """The pre-declared choice among one option's values, from their seed-0 validation numbers."""
     cheap = [a for a in arms if measured[a.name]["moe_flops_ratio"] <= BAR_FLOPS_RATIO]
@@ -127,12 +137,8 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
                 log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study in ``out``; write results.json, results.md and the plots."""
     check_counts("study", seeds=seeds)
-    if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
-    check_extra("study", "the study's plots")
     extra = study_overrides(steps=steps, data=data, overrides=overrides)
-    for arm in ARMS:
-        spec(arm, 0, extra).config()  # a bad override fails now, not an hour in
+    preflight(ARMS, extra, data=data)
     out = Path(out)
     started = time.time()
 

@@ -283,8 +283,11 @@ def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, devic
 
 def _budget_thresholds(model: nn.Module) -> dict[str, float]:
     """t of each budgeted MoE layer (``threshold_layers``) and their mean, for the log."""
-    ts = [float(d.threshold) for d in budget_dials(model)]
-    return {"threshold": sum(ts) / len(ts), "threshold_layers": ts} if ts else {}
+    dials = budget_dials(model)
+    if not dials:
+        return {}
+    ts = torch.stack([d.threshold for d in dials]).tolist()  # one read for every layer
+    return {"threshold": sum(ts) / len(ts), "threshold_layers": ts}
 
 
 def _evaluate(model: nn.Module, task: Task, parallel: Ranks) -> dict[str, Any]:
