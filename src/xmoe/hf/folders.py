@@ -1,7 +1,7 @@
 """Evaluating Hugging Face MoE folders at several thresholds: what ``xmoe eval``,
 ``xmoe sweep-threshold`` and ``xmoe generate`` do on a folder written by ``xmoe export-hf`` (the
-dial is ``xmoe.moe.set_threshold``) or on a pretrained OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral
-folder (the dial is ``adaptive``; without a threshold the model runs its own top-k).
+dial is ``xmoe.moe.set_threshold``) or on a pretrained MoE model folder of a family ``adaptive``
+supports (the dial is ``adaptive``; without a threshold the model runs its own top-k).
 
 Each point reports perplexity on held-out text, experts per token (mean, and a histogram summed
 over the MoE layers) and tokens/s of the forward passes, timed in the same process.
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from xmoe.errors import UsageError
 
-from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
 from .export import XMOE_MODEL_TYPES
 
 
@@ -91,7 +91,7 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
     if threshold is None:
         if max_experts is not None:
             raise UsageError("--max-experts needs --threshold (the model's own top-k has its own k)")
-        return f"top-{model.config.num_experts_per_tok} (the model's own)"
+        return f"top-{own_top_k(model)} (the model's own)"
     adaptive(model, threshold=threshold, max_experts=max_experts)
     return f"t={threshold:g}" + (f", at most {max_experts}" if max_experts else "")
 
