@@ -101,7 +101,8 @@ def tiny_family(family: str, **overrides) -> torch.nn.Module:
             for name in ("bias", "e_score_correction_bias"):  # gpt-oss; the sigmoid families
                 if hasattr(router, name):
                     getattr(router, name).normal_(std=0.5 if name == "bias" else 0.1)
-            if hasattr(router, "per_expert_scale"):  # Gemma-4
+            if family == "gemma4":  # its input scale and per-expert output scales
+                router.scale.uniform_(0.5, 1.5)
                 router.per_expert_scale.uniform_(0.5, 1.5)
     return model
 
