@@ -80,7 +80,8 @@ def family_config(family: str, **overrides) -> tf.PretrainedConfig:
     elif family == "glm4_moe":
         cfg = tf.Glm4MoeConfig(**_SIGMOID, head_dim=16, rope_parameters=rope, **_COMMON)
     elif family == "glm4_moe_lite":
-        cfg = tf.Glm4MoeLiteConfig(**{**_SIGMOID, "n_group": 1, "topk_group": 1}, **_MLA, rope_parameters=rope, **_COMMON)
+        cfg = tf.Glm4MoeLiteConfig(**{**_SIGMOID, "n_group": 1, "topk_group": 1}, **_MLA, rope_parameters=rope,
+                                   mlp_layer_types=["sparse", "sparse"], **_COMMON)
     else:
         raise AssertionError(family)
     for key, value in overrides.items():
