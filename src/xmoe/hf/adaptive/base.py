@@ -45,7 +45,7 @@ class Scores:
 
 class ThresholdRouter(nn.Module):
     """Mixed in before a family's router class (see ``adapt_router``); a subclass per router kind
-    says how the family scores (``scores``) and weighs (``weigh``) its experts."""
+    says how the family scores (``score``) and weighs (``weigh``) its experts."""
 
     threshold: float
     max_experts: int | None  # None: every candidate
@@ -60,15 +60,17 @@ class ThresholdRouter(nn.Module):
         """The family's k (same caveat as ``candidates``)."""
         return self.top_k
 
-    def scores(self, hidden_states: Tensor) -> Scores:
+    def score(self, hidden_states: Tensor) -> Scores:
+        """The family's scores of every expert for ``hidden_states`` ([..., D], flattened to T)."""
         raise NotImplementedError
 
     def weigh(self, value_TK: Tensor, index_TK: Tensor, scores: Scores) -> Tensor:
-        """The family's weights of the kept experts, from their values (0 in unused slots)."""
+        """The family's weights of the kept experts from their values, which are 0 in unused
+        slots (and stay 0: every family's weighing scales or renormalises them)."""
         raise NotImplementedError
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        scores = self.scores(hidden_states)
+        scores = self.score(hidden_states)
         cap = min(self.max_experts or self.candidates(), self.candidates())
         # A stable sort, so that ties go to the lower expert index, as in xmoe's layer.
         mass_TE, index_TE = scores.mass_TE.sort(dim=-1, descending=True, stable=True)
@@ -77,7 +79,7 @@ class ThresholdRouter(nn.Module):
         width = int(kept_TK.sum(dim=1).max()) if kept_TK.shape[0] else 1  # a host sync; kept is a prefix
         kept_TK, index_TK = kept_TK[:, :width], index_TK[:, :width]
         value_TK = scores.value_TE.gather(1, index_TK).masked_fill(~kept_TK, 0.0)
-        weights_TK = self.weigh(value_TK, index_TK, scores).masked_fill(~kept_TK, 0.0)
+        weights_TK = self.weigh(value_TK, index_TK, scores)
         return scores.output_TE, weights_TK, torch.where(kept_TK, index_TK, index_TK[:, :1])
 
     def train(self, mode: bool = True) -> ThresholdRouter:
@@ -108,7 +110,7 @@ def adapt_router(router: nn.Module, rule: type[ThresholdRouter], *, threshold: f
     router.train(False)
 
 
-@functools.cache
+@functools.cache  # one class per (rule, family): the adapted routers of a model share it
 def _threshold_class(rule: type[ThresholdRouter], family: type[nn.Module]) -> type[nn.Module]:
     return type(f"Threshold{family.__name__}", (rule, family), {"__module__": rule.__module__})
 

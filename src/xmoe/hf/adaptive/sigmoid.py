@@ -34,7 +34,7 @@ class GroupLimitedSigmoidThreshold(ThresholdRouter):
     def candidates(self) -> int:
         return self.top_k
 
-    def scores(self, hidden_states: Tensor) -> Scores:
+    def score(self, hidden_states: Tensor) -> Scores:
         x_TD = hidden_states.reshape(-1, self.hidden_dim).float()
         logits_TE = F.linear(x_TD, self.weight.float())  # fp32, as the family computes them
         s_TE = logits_TE.sigmoid()

@@ -32,7 +32,7 @@ class SoftmaxThreshold(ThresholdRouter):
     def candidates(self) -> int:
         return self.num_experts
 
-    def scores(self, hidden_states: Tensor) -> Scores:
+    def score(self, hidden_states: Tensor) -> Scores:
         logits_TE = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
         probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)  # fp32, as the family does
         return Scores(logits_TE, probs_TE, probs_TE)
@@ -66,7 +66,7 @@ class Gemma4Threshold(ThresholdRouter):
     def own_top_k(self) -> int:
         return self.config.top_k_experts
 
-    def scores(self, hidden_states: Tensor) -> Scores:
+    def score(self, hidden_states: Tensor) -> Scores:
         x_TD = self.norm(hidden_states.reshape(-1, self.hidden_size)) * self.scale * self.scalar_root_size
         probs_TE = F.softmax(self.proj(x_TD), dim=-1, dtype=torch.float32)
         return Scores(probs_TE, probs_TE, probs_TE)

@@ -27,7 +27,7 @@ class TopKSoftmaxThreshold(ThresholdRouter):
     def candidates(self) -> int:
         return self.top_k
 
-    def scores(self, hidden_states: Tensor) -> Scores:
+    def score(self, hidden_states: Tensor) -> Scores:
         logits_TE = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight, self.bias)
         top_TK, index_TK = logits_TE.topk(self.top_k, dim=-1)
         q_TK = F.softmax(top_TK, dim=-1, dtype=torch.float32)  # fp32 for the cumulative mass
