@@ -110,9 +110,9 @@ def expert64(family: str, experts, config, e: int, x: torch.Tensor) -> torch.Ten
     x = x.double()
     if family == "gpt_oss":  # transposed weights, biases, interleaved gate/up, clamped GLU
         gate_up = x @ experts.gate_up_proj[e].double() + experts.gate_up_proj_bias[e].double()
-        gate = gate_up[0::2].clamp(max=config.swiglu_limit)
-        up = gate_up[1::2].clamp(-config.swiglu_limit, config.swiglu_limit)
-        h = (up + 1) * gate * torch.sigmoid(gate * config.swiglu_alpha)
+        gate = gate_up[0::2].clamp(max=experts.limit)
+        up = gate_up[1::2].clamp(-experts.limit, experts.limit)
+        h = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
         return h @ experts.down_proj[e].double() + experts.down_proj_bias[e].double()
     gate, up = (experts.gate_up_proj[e].double() @ x).chunk(2)
     act = F.gelu(gate, approximate="tanh") if family == "gemma4" else F.silu(gate)

@@ -20,7 +20,7 @@ from helpers.hf import FAMILIES, VOCAB, tiny_family
 def router_outputs(model, x):
     with torch.no_grad():
         out = model(x, output_router_logits=True)
-    return out.router_logits, getattr(out, "aux_loss", None)
+    return getattr(out, "router_logits", None), getattr(out, "aux_loss", None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,6 +28,8 @@ def test_output_router_logits_records_every_adapted_router(family):
     model = tiny_family(family)
     x = torch.randint(VOCAB, (2, 9))
     reference, reference_aux = router_outputs(model, x)  # installs transformers' recording hooks
+    if reference is None:  # e.g. DeepSeek-V3, GLM-4.5, Gemma-4 under transformers 5.17
+        pytest.skip(f"transformers {tf.__version__} returns no router logits for {family}, adapted or not")
     assert len(reference) == len(moe_routers(model))
     adaptive(model, threshold=1.0, max_experts=own_top_k(model))
     logits, aux = router_outputs(model, x)
