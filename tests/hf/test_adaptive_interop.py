@@ -5,6 +5,7 @@ original weights, and what cannot be adapted is refused with the reason."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -126,3 +127,36 @@ def test_a_router_wrapped_by_offloading_hooks_is_refused():
     add_hook_to_module(moe_routers(model)[1], ModelHook())
     with pytest.raises(ValueError, match="forward is wrapped on the module itself"):
         adaptive(model, threshold=0.5)
+
+
+def test_the_commands_take_a_multimodal_checkpoint_of_a_supported_family(tmp_path):
+    """Gemma-4 and Qwen3.5-MoE checkpoints keep their experts in a text_config: the Hugging Face
+    commands still recognise them as MoE folders."""
+    from xmoe.cli.hf import handles
+    from xmoe.hf.folders import folder_kind
+
+    for model_type, text in (("gemma4", {"num_experts": 128, "enable_moe_block": True}),
+                             ("qwen3_5_moe", {"num_experts": 256})):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type, "text_config": text}))
+        assert handles(str(folder)) and folder_kind(folder) == model_type
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gpt_oss", "deepseek_v3"])
+def test_sweep_threshold_on_a_folder_of_a_new_family(family, tmp_path, capsys):
+    from helpers.cli import run_cli
+    from helpers.data import write_corpus
+    from helpers.hf import WORDS, byte_level_tokenizer
+
+    text = write_corpus(tmp_path / "text.txt", num_lines=100, words=WORDS, length=10)
+    tokenizer = byte_level_tokenizer(text)
+    model = tiny_family(family, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / family)
+    tokenizer.save_pretrained(tmp_path / family)
+    k = own_top_k(model)
+    run_cli(["sweep-threshold", "--checkpoint", str(tmp_path / family), "--data", str(text), "--max-batches", "1",
+             "--thresholds", "0.5", "1.0", "--max-experts", str(k), "--out", str(tmp_path)], capsys)
+    own, half, full = json.loads((tmp_path / "threshold_sweep.json").read_text())
+    assert own["routing"] == f"top-{k} (the model's own)" and own["experts_per_token"] == k
+    assert half["experts_per_token"] < k and full["perplexity"] == pytest.approx(own["perplexity"], rel=1e-5)

@@ -7,7 +7,8 @@
     xmoe generate --checkpoint olmoe-folder --prompt "def " --threshold 0.5
 
 A folder is handled here when its config.json names the "xmoe" model type or a supported MoE
-family (olmoe, qwen2_moe, qwen3_moe, mixtral); other folders keep their own paths in cli.main.
+family (``xmoe.hf.SUPPORTED_FAMILIES``: OLMoE, FlexOlmo, Qwen2/3/3.5-MoE, Qwen3-Next, Mixtral,
+Gemma-4, gpt-oss, DeepSeek-V3, GLM-4.5); other folders keep their own paths in cli.main.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def handles(checkpoint: str) -> bool:
     if (Path(checkpoint) / "state.json").exists() or (Path(checkpoint) / "checkpoint").exists():
         return False  # an `xmoe train` run or checkpoint folder
     moe_fields = ("num_experts", "num_local_experts", "n_routed_experts", "moe")
-    return config.get("model_type") == "xmoe" or any(config.get(f) for f in moe_fields)
+    text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
+    return config.get("model_type") == "xmoe" or any(config.get(f) or text_config.get(f) for f in moe_fields)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
