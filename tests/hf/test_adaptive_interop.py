@@ -127,6 +127,7 @@ def test_a_router_wrapped_by_offloading_hooks_is_refused():
     add_hook_to_module(moe_routers(model)[1], ModelHook())
     with pytest.raises(ValueError, match="forward is wrapped on the module itself"):
         adaptive(model, threshold=0.5)
+    assert not is_adapted(model)  # refused before any router changed
 
 
 def test_the_commands_take_a_multimodal_checkpoint_of_a_supported_family(tmp_path):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from xmoe.errors import UsageError
 
 from ..experts import EXPERTS_IMPLEMENTATION
-from .base import ThresholdRouter, adapt_router
+from .base import ThresholdRouter, adapt_router, check_adaptable
 from .families import FAMILIES, SUPPORTED_FAMILIES, family_of
 
 __all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "ExpertCounts", "adaptive", "experts_per_token", "is_adapted",
@@ -54,6 +54,8 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
     if not routers:
         raise UsageError(_unsupported(model))
     _check_max_experts(max_experts, routers[0])
+    for router in routers:  # every check before any change
+        check_adaptable(router)
     model.eval()
     for router in routers:
         adapt_router(router, family_of(router).rule, threshold=threshold, max_experts=max_experts)

@@ -95,16 +95,20 @@ class ThresholdRouter(nn.Module):
         return f"threshold={self.threshold}, max_experts={cap}, candidates={self.candidates()}"
 
 
+def check_adaptable(router: nn.Module) -> None:
+    """Refuse a router whose ``forward`` is replaced on the instance: a new class would not run."""
+    if "forward" in vars(router):
+        raise UsageError(
+            f"{type(router).__name__}.forward is wrapped on the module itself (as accelerate's offloading "
+            f"hooks do), so a threshold rule would never run; load the model without offloading "
+            f"(device_map on devices that hold every router) before xmoe.hf.adaptive"
+        )
+
+
 def adapt_router(router: nn.Module, rule: type[ThresholdRouter], *, threshold: float,
                  max_experts: int | None) -> None:
     """Route ``router`` (a family's router, or one adapted before) by ``rule`` at ``threshold``."""
     if not isinstance(router, ThresholdRouter):
-        if "forward" in vars(router):
-            raise UsageError(
-                f"{type(router).__name__}.forward is wrapped on the module itself (as accelerate's offloading "
-                f"hooks do), so a threshold rule would never run; load the model without offloading "
-                f"(device_map on devices that hold every router) before xmoe.hf.adaptive"
-            )
         router.__class__ = _threshold_class(rule, type(router))
     router.threshold, router.max_experts = threshold, max_experts
     router.train(False)
