@@ -1,5 +1,5 @@
 """DeepSeek-V3-style routers: sigmoid scores, a bias for the choice only, group-limited top-k
-(DeepSeek-V3 / R1 and Kimi-K2 as ``deepseek_v3``, GLM-4.5 / 4.6 / 4.7 as ``glm4_moe``, GLM-4.7-Flash
+(DeepSeek-V3 / R1 and Kimi-K2 as ``deepseek_v3``, GLM-4.5 / 4.6 as ``glm4_moe``, GLM-4.7-Flash
 as ``glm4_moe_lite``).
 
 The family's router, per token: ``s = sigmoid(W x)`` in fp32; it ranks the experts by ``s + b``
@@ -17,6 +17,8 @@ prefix whose share reaches t (at most ``max_experts <= k``). The kept experts ar
 family's rule over the kept set: ``s`` renormalised over them when ``norm_topk_prob`` (so the
 routed output keeps its scale), raw ``s`` otherwise, times ``routed_scaling_factor``. t >= 1 keeps
 all k: the model itself. The shared experts run for every token, untouched.
+
+Shape legend: T tokens, D model dim, E experts, G groups, K the family's k.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ experts are weighed as the family weighs its top k:
 - Gemma-4: renormalised, then times the router's learned ``per_expert_scale`` of each expert.
 
 At ``max_experts = k`` and t >= 1 each token keeps the family's top k with the family's weights.
+
+Shape legend: T tokens, D model dim, E experts, K slots per token.
 """
 
 from __future__ import annotations

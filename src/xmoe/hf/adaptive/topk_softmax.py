@@ -10,6 +10,8 @@ kept set: the family's rule applied to the experts that run. t >= 1 keeps all k:
 (A softmax over all E logits would be another distribution, one the model was never trained
 to combine by; the weights it combines by are q.) The SwiGLU clamp and the expert biases are
 the experts' own and run unchanged.
+
+Shape legend: T tokens, E experts, K the family's k (then slots per token).
 """
 
 from __future__ import annotations
