@@ -5,6 +5,7 @@
     xmoe eval --checkpoint hf/a --data held-out.txt --threshold 0.7
     xmoe sweep-threshold --checkpoint olmoe-folder --data held-out.txt --thresholds 0.3 0.5 0.7 [--max-experts 8]
     xmoe generate --checkpoint olmoe-folder --prompt "def " --threshold 0.5
+    xmoe lm-eval --checkpoint olmoe-folder --tasks hellaswag arc_easy --thresholds 0.3 0.5 0.7 [--limit 500]
 
 A folder is handled here when its config.json names the "xmoe" model type or a supported MoE
 family (``xmoe.hf.SUPPORTED_FAMILIES``: OLMoE, FlexOlmo, Qwen2/3/3.5-MoE, Qwen3-Next, Mixtral,
@@ -26,6 +27,7 @@ def add_commands(commands) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder of `xmoe train` or `xmoe convert`")
     p.add_argument("--out", required=True, help="new folder (an earlier export there is replaced once the new one is complete)")
     p.set_defaults(func=cmd_export)
+    add_lm_eval_command(commands)
     for name in ("eval", "sweep-threshold", "generate"):
         commands.choices[name].add_argument(
             "--max-experts", type=int, default=None,
@@ -80,6 +82,40 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
     print(f"json: {out / 'threshold_sweep.json'}")
+
+
+def add_lm_eval_command(commands) -> None:
+    p = commands.add_parser(
+        "lm-eval", help="lm-evaluation-harness tasks on a Hugging Face MoE or xmoe folder, as loaded and at each threshold")
+    p.add_argument("--checkpoint", required=True, help="a Hugging Face folder: `xmoe export-hf` or a pretrained MoE")
+    p.add_argument("--tasks", nargs="+", required=True, help="harness task names (its registry, or --include-path)")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9],
+                   help="the dial's settings, after the model as loaded (default: 0.3 0.5 0.7 0.9)")
+    p.add_argument("--max-experts", type=int, default=None, help="pretrained MoE folders: at most this many experts")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); default all")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="sequences per forward (default 1: with more, the harness's pads are routed and counted)")
+    p.add_argument("--out", default=".", help="where lm_eval.json and lm_eval.md go (default: this folder)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps")
+    p.set_defaults(func=cmd_lm_eval)
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from xmoe.conversion.hf import load_tokenizer
+    from xmoe.hf.folders import load_folder
+    from xmoe.hf.harness import points_table, run_tasks, write_points
+
+    if args.limit is not None and not args.limit > 0:
+        raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {args.limit:g}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    model, kind = load_folder(args.checkpoint, device=_device(args))
+    points, _ = run_tasks(model, load_tokenizer(args.checkpoint), kind, args.tasks, args.thresholds,
+                          max_experts=args.max_experts, limit=limit, num_fewshot=args.num_fewshot,
+                          include_path=args.include_path, batch_size=args.batch_size)
+    print(points_table(points))
+    print(f"json: {write_points(points, args.out)}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

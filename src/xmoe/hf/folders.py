@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], 
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
     loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with _count_experts(model, kind) as counts:
+    with count_experts(model, kind) as counts:
         for x_BL, y_BL in batches:
             x_BL, y_BL = x_BL.to(device), y_BL.to(device)
             start = time.perf_counter()
@@ -112,11 +112,15 @@ def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], 
             loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
             tokens += y_BL.numel()
     loss = loss_sum / tokens
-    histogram = counts.histogram
-    routed = sum(histogram)
-    mean = sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
     return FolderPoint(routing=routing, threshold=threshold, loss=loss, perplexity=math.exp(loss), tokens=tokens,
-                       experts_per_token=mean, histogram=histogram, tokens_per_second=tokens / seconds)
+                       experts_per_token=histogram_mean(counts.histogram), histogram=counts.histogram,
+                       tokens_per_second=tokens / seconds)
+
+
+def histogram_mean(histogram: list[int]) -> float:
+    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
+    routed = sum(histogram)
+    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
 
 
 class _XMoECounts:
@@ -141,7 +145,9 @@ class _XMoECounts:
             handle.remove()
 
 
-def _count_experts(model: nn.Module, kind: str):
+def count_experts(model: nn.Module, kind: str):
+    """A context manager whose value's ``histogram`` counts the experts each (token, MoE
+    layer) pair engaged while it is open."""
     return _XMoECounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
 
 
