@@ -9,10 +9,10 @@ MoE LLMs (needs ``pip install 'xmoe[hf]'``).
     xmoe.hf.adaptive(olmoe, threshold=0.6)    # top-8 becomes the threshold rule (inference)
 
 Importing this package registers, in transformers' own registries: the "xmoe" model type (and
-"xmoe_converted", a Hugging Face model converted by ``xmoe convert``)
-(AutoConfig, AutoModelForCausalLM, and ``register_for_auto_class``, so ``save_pretrained``
-writes ``auto_map`` and the modeling code for ``trust_remote_code`` loading without this import),
-and the "xmoe" experts implementation (``ExpertsInterface``) that the adapted models run.
+"xmoe_converted", a Hugging Face model converted by ``xmoe convert``) with AutoConfig and
+AutoModelForCausalLM, and the "xmoe" experts implementation (``ExpertsInterface``) that the
+adapted models run. Their ``save_pretrained`` writes ``auto_map`` and self-contained modeling
+code (xmoe.hf.standalone), so a saved folder loads with ``trust_remote_code=True`` and no xmoe.
 """
 
 from xmoe.extras import MissingExtra
@@ -27,13 +27,12 @@ from .configuration_xmoe import XMoEConfig
 from .experts import EXPERTS_IMPLEMENTATION, register_experts
 from .export import export_hf, export_model, is_xmoe_folder
 from .modeling_xmoe import XMoECausalLMOutput, XMoEForCausalLM
-from .modeling_xmoe_converted import XMoEConvertedConfig, XMoEConvertedForCausalLM
+from .configuration_xmoe import XMoEConvertedConfig
+from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 
 for _config, _model in ((XMoEConfig, XMoEForCausalLM), (XMoEConvertedConfig, XMoEConvertedForCausalLM)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
-    _config.register_for_auto_class()
-    _model.register_for_auto_class("AutoModelForCausalLM")
 register_experts()
 
 __all__ = [
