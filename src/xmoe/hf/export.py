@@ -6,7 +6,7 @@ xmoe_layer.py, modeling_xmoe.py; torch and transformers only), the run's tokeniz
 ``PreTrainedTokenizerFast`` and a model card (README.md: what XMoE is, the dial, the run's last
 validation numbers), so that
 
-    AutoTokenizer.from_pretrained(DIR)
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          # it reads config.json too
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # or after `import xmoe.hf`
 
 work where xmoe is not installed (with ``import xmoe.hf``, the model runs xmoe's own layers). Every LM run kind exports the same way: trained MoE (threshold or top-k
@@ -177,7 +177,7 @@ def model_card(model, results: dict | None) -> str:
         f"takes as many experts as its router needs to reach a probability mass t, so easy tokens cost less.", "",
         f"{shape}.", "", "## The dial", "", dial, "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        'tokenizer = AutoTokenizer.from_pretrained("DIR")',
+        'tokenizer = AutoTokenizer.from_pretrained("DIR", trust_remote_code=True)  # reads config.json: no prompt',
         'model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)', "```", "",
         "The modeling code in this folder needs only torch and transformers. With xmoe installed, `import xmoe.hf` "
         "first loads the same weights into xmoe's own layers (faster expert kernels), without remote code.",

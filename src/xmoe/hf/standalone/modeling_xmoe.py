@@ -47,13 +47,13 @@ def positions_and_masks(input_ids: Tensor, attention_mask: Tensor | None, positi
     B, L = input_ids.shape
     S = past + L
     device = input_ids.device
+    if attention_mask is not None and attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask must be [batch, cached + new tokens] = [{B}, {S}] of 1 (real) and 0 "
+                         f"(padding), got shape {tuple(attention_mask.shape)}")
     if attention_mask is None or bool(attention_mask.all()):
         if position_ids is None:
             position_ids = torch.arange(past, S, device=device).expand(B, L)
         return position_ids, None, None
-    if attention_mask.ndim != 2 or attention_mask.shape != (B, S):
-        raise ValueError(f"attention_mask must be [batch, cached + new tokens] = [{B}, {S}] of 1 (real) and 0 "
-                         f"(padding), got shape {tuple(attention_mask.shape)}")
     keys_BS = attention_mask.bool()
     if position_ids is None:
         position_ids = (keys_BS.long().cumsum(dim=-1) - 1).clamp(min=0)[:, past:]
