@@ -19,13 +19,12 @@ import transformers as tf
 import xmoe
 from xmoe.hf import XMoEConfig, export_model
 from xmoe.hf.standalone import FILES, FOLDER
-from xmoe.hf.standalone.modeling_xmoe import XMoEForCausalLM as PortableXMoE
 from xmoe.hf.standalone.xmoe_layer import Router
 from xmoe.models.gpt import GPT, GPTConfig
 from xmoe.moe import MoEConfig, step_budgets
 
 from helpers.data import write_corpus
-from helpers.hf import VOCAB, WORDS, byte_level_tokenizer, hf_from_gpt, tiny_gpt
+from helpers.hf import VOCAB, WORDS, byte_level_tokenizer, hf_from_gpt, portable_copy, tiny_gpt
 
 # Run first in the subprocess: any import of xmoe fails, as where it is not installed.
 NO_XMOE = """
@@ -87,13 +86,6 @@ MODELS = {
     "budgeted": _budgeted,
     "dense": lambda: tiny_gpt(moe=False),
 }
-
-
-def portable_copy(model) -> PortableXMoE:
-    """The portable model with ``model``'s config and weights (every key, strict)."""
-    portable = PortableXMoE(PortableXMoE.config_class.from_dict(model.config.to_dict())).eval()
-    portable.load_state_dict(model.state_dict(), strict=True)
-    return portable
 
 
 def _taken(model, x, **kwargs) -> list[torch.Tensor]:
