@@ -68,9 +68,8 @@ def positions_and_masks(input_ids: Tensor, attention_mask: Tensor | None, positi
 def check_cache(cache: Cache | None) -> None:
     if cache is not None and getattr(cache, "is_compileable", False):
         raise ValueError(
-            f"XMoE models run with transformers' dynamic cache, not {type(cache).__name__}: the threshold router "
-            f"gives each token a variable number of experts, so the decoding step has no fixed shapes to compile. "
-            f"Generate without cache_implementation (the default DynamicCache)")
+            f"XMoE models support transformers' dynamic cache only, not {type(cache).__name__}: generate without "
+            f"cache_implementation (the default, DynamicCache)")
 
 
 class WindowedGenerationMixin(GenerationMixin):
