@@ -178,6 +178,7 @@ def test_the_folder_records_the_version_the_moe_fields_and_a_model_card(tmp_path
     assert config["xmoe_version"] == xmoe.__version__
     assert (config["num_experts"], config["num_experts_per_tok"]) == (8, 2)
     assert (config["router_aux_loss_coef"], config["output_router_logits"]) == (0.01, False)
+    assert config["pad_token_id"] == config["eos_token_id"] == 0  # the end-of-text token pads batches
     assert config["auto_map"] == {"AutoConfig": "configuration_xmoe.XMoEConfig",
                                   "AutoModelForCausalLM": "modeling_xmoe.XMoEForCausalLM"}
     for name in ("configuration_xmoe.py", "xmoe_layer.py", "modeling_xmoe.py"):

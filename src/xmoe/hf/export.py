@@ -54,10 +54,12 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
     tokenizer = None
     special = {}
     if tokenizer_file is not None:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eot_token, bos_token=eot_token)
+        # The end-of-text token pads too (GPT-2's convention), so that batches can be padded.
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eot_token, bos_token=eot_token,
+                                            pad_token=eot_token)
         if eot_token is not None:
             eot_id = tokenizer.convert_tokens_to_ids(eot_token)
-            special = {"eos_token_id": eot_id, "bos_token_id": eot_id}
+            special = {"eos_token_id": eot_id, "bos_token_id": eot_id, "pad_token_id": eot_id}
     hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(model.cfg, **special))
     hf_model.transformer.load_state_dict(model.state_dict())
     return _write(out, hf_model, tokenizer, model_card(hf_model, results))

@@ -10,7 +10,7 @@ The transformers contract: a KV cache (``cache=`` from transformers 5.24 on,
 ``past_key_values=`` before; the dynamic cache), left or right padding through
 ``attention_mask`` (positions count real tokens only, pad tokens are attended by nobody and
 routed to no expert), ``MoeCausalLMOutputWithPast`` with ``aux_loss`` (the unscaled balancing
-loss summed over MoE layers) and ``router_logits`` when asked, a loss from ``labels`` that is
+loss summed over MoE layers) and ``router_logits`` when asked ([real tokens, E] per layer), a loss from ``labels`` that is
 ``CE + router_aux_loss_coef * aux_loss`` (+ ``router_entropy_loss_coef`` * mean router
 entropy), and generation past ``block_size``: the window slides (each new token then re-reads
 the last ``block_size`` tokens, as xmoe's own generate does with absolute positions).
