@@ -25,7 +25,6 @@ Shape legend: B batch, L sequence length, S cached + new positions, E experts, V
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +118,7 @@ class DialMixin:
 def write_portable(name: str, folder: Path) -> None:
     """Copy the portable module ``name`` into ``folder``, under a line naming the xmoe that wrote it."""
     code = (PORTABLE_FOLDER / name).read_text()
-    (folder / name).write_text(f"# Written by xmoe {xmoe.__version__} (https://github.com/xmoe); needs only torch "
-                               f"and transformers.\n{code}")
+    (folder / name).write_text(f"# Written by xmoe {xmoe.__version__}; needs only torch and transformers.\n{code}")
 
 
 class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):

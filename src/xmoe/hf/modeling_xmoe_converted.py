@@ -14,7 +14,6 @@ with ``trust_remote_code=True`` where xmoe is not installed.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from xmoe.conversion.hf import ConvertedMLP
