@@ -3,7 +3,7 @@ MoE LLMs (needs ``pip install 'xmoe[hf]'``).
 
     import xmoe.hf                      # registers "xmoe" with AutoConfig / AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("exported")   # written by `xmoe export-hf`
-    xmoe.moe.set_threshold(model, 0.7)  # the compute dial
+    model.config.moe_threshold = 0.7    # the compute dial (xmoe.moe.set_threshold(model, 0.7) too)
 
     olmoe = AutoModelForCausalLM.from_pretrained("olmoe-folder")
     xmoe.hf.adaptive(olmoe, threshold=0.6)    # top-8 becomes the threshold rule (inference)
@@ -23,11 +23,10 @@ except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise MissingExtra("xmoe.hf needs transformers >= 5.17: pip install 'xmoe[hf]'") from err
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, is_adapted
-from .configuration_xmoe import XMoEConfig
+from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
 from .experts import EXPERTS_IMPLEMENTATION, register_experts
 from .export import export_hf, export_model, is_xmoe_folder
 from .modeling_xmoe import XMoECausalLMOutput, XMoEForCausalLM
-from .configuration_xmoe import XMoEConvertedConfig
 from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 
 for _config, _model in ((XMoEConfig, XMoEForCausalLM), (XMoEConvertedConfig, XMoEConvertedForCausalLM)):
