@@ -205,8 +205,9 @@ class XMoEForCausalLM(XMoEPreTrainedModel, WindowedGenerationMixin):
         cache = cache if cache is not None else past_key_values
         check_cache(cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
+        if use_cache and cache is None and not self.training:  # training keeps no keys and values
             cache = DynamicCache(config=self.config)
+        use_cache = use_cache and cache is not None
         past = cache.get_seq_length() if cache is not None else 0
         pos_BL, mask_B1LS, real_BL = positions_and_masks(input_ids, attention_mask, position_ids, past)
         if int(pos_BL.max()) >= self.config.block_size:
