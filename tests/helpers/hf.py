@@ -34,6 +34,16 @@ def hf_from_gpt(gpt: GPT) -> XMoEForCausalLM:
     return model
 
 
+def portable_copy(model: XMoEForCausalLM) -> torch.nn.Module:
+    """The portable model (xmoe.hf.standalone, what exported folders carry) with ``model``'s
+    config and weights (every key, strict), in eval mode."""
+    from xmoe.hf.standalone.modeling_xmoe import XMoEForCausalLM as Portable
+
+    portable = Portable(Portable.config_class.from_dict(model.config.to_dict())).eval()
+    portable.load_state_dict(model.state_dict(), strict=True)
+    return portable
+
+
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                max_position_embeddings=64, pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
