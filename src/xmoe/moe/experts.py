@@ -63,6 +63,14 @@ class ExpertWeights:
     b3: Tensor | None
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls will run in on ``x``: autocast's, when it is on for x's
+    device (every backend casts the weights to it with ``Experts.weights``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int | None = None) -> None:
         """The experts of ``cfg``; ``num_experts``: only this many (a shard, under expert parallelism)."""

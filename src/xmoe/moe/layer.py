@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from .backends import Backend, choice_key, choose
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
@@ -74,7 +74,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg)
         self.backend = cfg.backend  # a name; "auto" picks per input (backends.choose)
         self.dispatcher = LocalDispatcher()  # expert parallelism replaces it (xmoe.distributed)
-        self._backends: dict[tuple, backends.Backend] = {}  # backend_for's decisions
+        self._backends: dict[tuple, Backend] = {}  # backend_for's decisions
 
     @property
     def threshold(self) -> float:
@@ -109,15 +109,15 @@ class MoELayer(nn.Module):
         y_TD = backend.run(self.experts, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
 
-    def backend_for(self, x: Tensor) -> backends.Backend:
+    def backend_for(self, x: Tensor) -> Backend:
         """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
         decided once per kind of input: the checks are Python, and a GPU layer is launch-bound."""
         static, local = self.cfg.static_shapes, self.dispatcher.local
         if torch.compiler.is_compiling():
-            return backends.choose(self.backend, self.experts, x, static=static, local=local)
-        key = (self.backend, *backends.choice_key(x), local)
+            return choose(self.backend, self.experts, x, static=static, local=local)
+        key = (self.backend, *choice_key(x), local)
         if key not in self._backends:
-            self._backends[key] = backends.choose(self.backend, self.experts, x, static=static, local=local)
+            self._backends[key] = choose(self.backend, self.experts, x, static=static, local=local)
         return self._backends[key]
 
     def _plan(self, decision: RouterOutput):

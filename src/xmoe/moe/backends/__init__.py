@@ -55,7 +55,8 @@ from xmoe.errors import UsageError
 
 from .direct import direct_backend
 from .fused import fused_backend
-from .grouped import compute_dtype, grouped_mm_fast, grouped_mm_problem, grouped_mm_rows
+from ..experts import compute_dtype
+from .grouped import grouped_mm_fast, grouped_mm_problem, grouped_mm_rows
 from .loop import loop_rows
 from .triton_stage import triton_backend, triton_problem
 

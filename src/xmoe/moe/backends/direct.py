@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grouped import compute_dtype
+from ..experts import compute_dtype
 from .loop import _linear, per_expert
 
 
