@@ -19,6 +19,7 @@ Shapes: T tokens, D model dim, E experts, N kept pairs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -104,7 +105,7 @@ class MoELayer(nn.Module):
             return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
         backend = self.backend_for(x_TD)
-        decision = self.router(x_TD)
+        decision = self.router(x_TD, on_host=backend.plans_on_host)
         plan = self._plan(decision)
         y_TD = backend.run(self.experts, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
@@ -122,7 +123,14 @@ class MoELayer(nn.Module):
 
     def _plan(self, decision: RouterOutput):
         """The dispatcher's plan of the kept pairs: the call's one host read (none in static mode,
-        which pads to a bound known from the shapes), with the non-finite check riding on it."""
+        which pads to a bound known from the shapes), with the non-finite check riding on it.
+        A decision taken on the host was that read, and comes planned."""
+        if decision.host is not None:
+            # On the host, as the decision was: a float64 sum of fp32 numbers cannot overflow,
+            # so it is finite iff every logit is.
+            if self._check_finite and not all(math.isfinite(sum(row)) for row in decision.logits_TE.tolist()):
+                raise _non_finite_error()
+            return decision.host
         num_tokens = decision.kept_TE.shape[0]
         max_pairs = self.router.max_pairs(num_tokens) if self.cfg.static_shapes else None
         finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None

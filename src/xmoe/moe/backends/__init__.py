@@ -84,6 +84,7 @@ class Backend:
     local: bool  # gathers and combines itself: every expert must be in this process
     static: bool  # runs without the host counts (static mode)
     problem: Callable[[object, Tensor], str | None] = _anywhere  # why it cannot run on x; None: it can
+    plans_on_host: bool = False  # runs a HostPlan too (a small call decided on the host)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -94,7 +95,7 @@ BACKENDS: dict[str, Backend] = {
                 problem=grouped_mm_problem),
         Backend("fused", fused_backend, local=True, static=False),
         Backend("triton", triton_backend, local=True, static=True, problem=triton_problem),
-        Backend("direct", direct_backend, local=True, static=False),  # the small-T path; auto picks it by size
+        Backend("direct", direct_backend, local=True, static=False, plans_on_host=True),  # the small-T path; auto picks it by size
     )
 }
 
