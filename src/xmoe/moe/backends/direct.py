@@ -72,12 +72,8 @@ def _run_host_plan(experts, x_TD: Tensor, plan: HostPlan) -> Tensor:
     """``direct_backend`` on a plan read to the host (inference: nothing here records autograd)."""
     views = experts.per_expert(compute_dtype(x_TD))
     x_TD = x_TD.to(views[0][0].dtype)
-    if plan.num_tokens == 1:  # every expert takes the one token: the first one's GEMM makes the sum
-        out_1D = None
-        for e, weights in zip(plan.experts, plan.weights):
-            w1, b1, w2, b2, w3, b3 = views[e]
-            out_1D = _add_weighted(out_1D, _hidden(experts, x_TD, w1, b1, w3, b3), w2, b2, weights[0])
-        return out_1D
+    if plan.num_tokens == 1:
+        return _one_token(experts, views, x_TD, plan)
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)  # fp32: a token sums several experts
     x_rows, out_rows = x_TD.split(1), out_TD.split(1)  # views, for the experts of one token
     for e, tokens, weights in zip(plan.experts, plan.tokens, plan.weights):
@@ -96,6 +92,26 @@ def _run_host_plan(experts, x_TD: Tensor, plan: HostPlan) -> Tensor:
         else:
             out_TD.index_add_(0, index, weighted_nD)
     return out_TD
+
+
+def _one_token(experts, views, x_1D: Tensor, plan: HostPlan) -> Tensor:
+    """Decoding's call: every expert takes the one token, and the first one's GEMM makes the sum.
+
+    This Python runs between GEMVs that stream each expert's weights through the caches and
+    evict the interpreter's state, so each Python call costs several times what it costs in a
+    loop (benchmarks/README.md, "Decoding"): the fp32 loop body is torch calls alone.
+    """
+    out_1D = None
+    for e, (weight,) in zip(plan.experts, plan.weights):
+        w1, b1, w2, b2, w3, b3 = views[e]
+        h_1F = experts.hidden(_linear(x_1D, w1, b1), None if w3 is None else _linear(x_1D, w3, b3))
+        if out_1D is None or h_1F.dtype != torch.float32:
+            out_1D = _add_weighted(out_1D, h_1F, w2, b2, weight)
+            continue
+        out_1D.addmm_(h_1F, w2, alpha=weight)
+        if b2 is not None:
+            out_1D.add_(b2, alpha=weight)
+    return out_1D
 
 
 def _hidden(experts, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
