@@ -11,7 +11,10 @@ computed when first read, so evaluation and decoding pay nothing for them.
 Host syncs: one per call (the per-expert pair counts, read when the dispatcher plans; the
 non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
 has none at all: pairs are padded to a bound known from the shapes (Router.max_pairs).
-A padding mask (``forward(x, mask)``) adds one, to select the real tokens.
+A padding mask (``forward(x, mask)``) adds one, to select the real tokens. Decoding on a CPU
+(eval, no grad, a few tokens: the ``direct`` backend) reads instead each token's top candidates
+and the logits (memory reads there, no sync), decides and plans on the host, and runs the plan
+with no mask, sort or scatter: about four ops per kept expert and five for the router.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
 """

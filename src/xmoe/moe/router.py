@@ -214,7 +214,7 @@ def host_plan(
     holds it to them) and their combine weights (``p``, or 1 with ``ones``), no [T, E] tensor.
 
     For the CPU, where reading the candidates costs nothing, and a few tokens, where each op of
-    the tensor path costs more than a Python loop over the tokens: one ``topk`` and one read.
+    the tensor path costs more than a Python loop over the tokens: one ``topk``, read once.
     None where the candidates cannot decide, and the caller decides on tensors: a tie at a
     token's last wanted place (the rule gives it to the lower expert index, ``topk`` to either),
     a threshold prefix that goes on past the ``CANDIDATES``, or an expert wanted by more tokens

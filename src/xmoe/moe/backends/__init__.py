@@ -21,6 +21,8 @@ need every expert in this process.
     "direct"      local; the small-T path: each kept expert's GEMV chain on its tokens, added
                   straight into the output, with none of the per-call machinery the others
                   amortise over many tokens (backends/direct.py). The fastest for a few tokens.
+                  At inference on a CPU it runs a plan the router made on the host
+                  (``plans_on_host``: no mask, no sort, no scatter; dispatch.HostPlan).
     "triton"      local; one Triton kernel per projection for a variable number of experts per
                   token (backends/triton_moe.py). CUDA, or CPU under TRITON_INTERPRET=1 (tests).
 
@@ -53,9 +55,9 @@ from torch import Tensor
 
 from xmoe.errors import UsageError
 
+from ..experts import compute_dtype
 from .direct import direct_backend
 from .fused import fused_backend
-from ..experts import compute_dtype
 from .grouped import grouped_mm_fast, grouped_mm_problem, grouped_mm_rows
 from .loop import loop_rows
 from .triton_stage import triton_backend, triton_problem
