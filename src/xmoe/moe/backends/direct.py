@@ -14,7 +14,8 @@ At inference on the CPU the plan is a ``HostPlan`` (the router decided on the ho
 pairs were grouped there, dispatch.py): the experts' tensors are views made once
 (``Experts.per_expert``), a weight is a number, and a token's weighted sum is accumulated by
 the GEMM itself (``out.addmm_(h, w2, alpha=w)``): per expert of one token, four ops
-(``addmm``, ``gelu``, ``addmm_``, ``add_`` of the bias), against the floor's three.
+(``addmm``, ``gelu``, ``addmm_``, ``add_`` of the bias) against the floor's three, and three for
+the first, whose ``addmm(b2, h, w2, beta=w, alpha=w)`` makes the sum.
 
 With a ``DispatchPlan`` (training, or a call the host could not decide), its ops are plain
 differentiable torch ops, so autograd writes the backward (tested against the float64 oracle,
@@ -99,12 +100,12 @@ def _one_token(experts, views, x_1D: Tensor, plan: HostPlan) -> Tensor:
 
     This Python runs between GEMVs that stream each expert's weights through the caches and
     evict the interpreter's state, so each Python call costs several times what it costs in a
-    loop (benchmarks/README.md, "Decoding"): the fp32 loop body is torch calls alone.
+    loop (benchmarks/README.md, "Decoding"): the fp32 loop adds into the sum with no call between.
     """
     out_1D = None
     for e, (weight,) in zip(plan.experts, plan.weights):
         w1, b1, w2, b2, w3, b3 = views[e]
-        h_1F = experts.hidden(_linear(x_1D, w1, b1), None if w3 is None else _linear(x_1D, w3, b3))
+        h_1F = _hidden(experts, x_1D, w1, b1, w3, b3)
         if out_1D is None or h_1F.dtype != torch.float32:
             out_1D = _add_weighted(out_1D, h_1F, w2, b2, weight)
             continue
@@ -115,6 +116,7 @@ def _one_token(experts, views, x_1D: Tensor, plan: HostPlan) -> Tensor:
 
 
 def _hidden(experts, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
+    """One expert's activation on its rows: act(x w1 + b1), gated by x w3 + b3 for SwiGLU."""
     return experts.hidden(_linear(x_nD, w1, b1), None if w3 is None else _linear(x_nD, w3, b3))
 
 
