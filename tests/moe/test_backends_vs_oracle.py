@@ -295,3 +295,29 @@ def test_float64_layer_matches_oracle() -> None:
     assert out.output.dtype == torch.float64
     assert layer.route(x).probs_TE.dtype == torch.float32
     torch.testing.assert_close(out.output, y64.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_inference_calls_of_a_few_tokens_match_oracle(case: Case, tokens: int) -> None:
+    """Decoding: eval mode, no grad, a few tokens, ``auto`` (the small-T path, decided and
+    planned on the host where it can be). Output and decisions (the masks are built from the
+    host decision when read) against the oracle; the host decides every call it can: all but a
+    renormalized rule, a tie at a token's last wanted place, and an expert over capacity."""
+    layer, x = _setup(case, "auto")
+    layer.eval()
+    x = x[:tokens]
+    E = layer.cfg.num_experts
+    y64, _, _, routing = run_oracle(layer, x)
+    assert routing.margin > MARGIN
+    with torch.no_grad():
+        out = layer(x)
+    assert out.backend == "direct"
+    torch.testing.assert_close(out.output.double(), y64, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.decision.kept_TE, routing.kept_mask(E))
+    assert torch.equal(out.decision.wanted_TE, routing.wanted_mask(E))
+    torch.testing.assert_close(out.decision.combine_weights(), layer.route(x).combine_weights(), rtol=0, atol=0)
+    p_TE = out.decision.probs_TE.tolist()
+    tie = any(len(w) < E and sorted(p, reverse=True)[len(w) - 1] == sorted(p, reverse=True)[len(w)]
+              for p, w in zip(p_TE, routing.wanted))
+    assert (out.decision.host is not None) == (not layer.cfg.renormalize and not tie and not overflow(routing, E))

@@ -153,6 +153,25 @@ def test_non_finite_router_weight_raises_floating_point_error() -> None:
         layer(torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("logit", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logit_raises_when_decoding_too(logit: float) -> None:
+    """Decoding decides on the host, and the check goes with it. A -inf logit leaves every
+    probability finite (its expert gets p = 0): only the logits can tell."""
+    layer = make_layer(**BASE).eval()
+    x = torch.randn(1, 8)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        layer.router.weight[1] = 0.0
+        layer.router.weight[1, 0] = logit
+        with pytest.raises(FloatingPointError):
+            layer(x)
+        unchecked = make_layer(**BASE, check_finite=False).eval()
+        unchecked.load_state_dict(layer.state_dict())
+        decision = unchecked(x).decision
+    if logit < 0:  # the probabilities are finite: the host decided, and the check still caught it
+        assert decision.host is not None and torch.isfinite(decision.probs_TE).all()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_check_finite_false_skips_the_check(backend: str) -> None:
     layer = make_layer(**BASE, backend=backend, check_finite=False)

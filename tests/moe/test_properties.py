@@ -237,3 +237,48 @@ def test_router_fast_path_sorts_only_the_rows_that_need_it() -> None:
         fast, _ = router_module.wanted_pairs(probs, "threshold", 0.9, 2)
     assert sorted_rows == [1]  # row 4 only
     assert torch.equal(fast, threshold_mask(probs, 0.9)[0])
+
+
+@PROPERTY
+@given(probs=prob_rows(max_tokens=8, max_experts=10), data=st.data())
+def test_host_decision_is_the_rule(probs: torch.Tensor, data) -> None:
+    """A small call decided on the host (router.host_plan) keeps exactly the rule's pairs, with
+    their probabilities (or 1) as weights, grouped by expert; or declines (None: a tie at a
+    token's last place, a prefix past the candidates, an expert over capacity), and then the
+    tensors decide. Few candidates put tokens on both sides."""
+    T, E = probs.shape
+    kind = data.draw(st.sampled_from(["threshold", "topk"]), label="rule")
+    threshold = data.draw(st.floats(0.05, 1.2), label="t")
+    k = data.draw(st.integers(1, E), label="k")
+    cap = data.draw(st.one_of(st.none(), st.integers(1, E)), label="max_experts") if kind == "threshold" else None
+    slots = data.draw(st.one_of(st.none(), st.integers(1, T)), label="slots")
+    ones = data.draw(st.booleans(), label="ones")
+    with mock.patch.object(router_module, "CANDIDATES", data.draw(st.integers(1, 4), label="candidates")):
+        plan = router_module.host_plan(probs, kind, threshold, k, cap, slots, ones=ones)
+    wanted_TE = threshold_mask(probs, threshold, cap)[0] if kind == "threshold" else topk_mask(probs, k)[0]
+    if plan is None:
+        return
+    assert torch.equal(apply_capacity(probs, wanted_TE, None, slots), wanted_TE)  # it drops nothing
+    assert list(plan.experts) == sorted(set(plan.experts)) and plan.num_tokens == T
+    pairs = {(t, e) for e, tokens in zip(plan.experts, plan.tokens) for t in tokens}
+    assert pairs == {tuple(pair) for pair in torch.nonzero(wanted_TE).tolist()}
+    for e, tokens, weights in zip(plan.experts, plan.tokens, plan.weights):
+        assert list(tokens) == sorted(tokens)
+        assert list(weights) == [1.0 if ones else probs[t, e].item() for t in tokens]
+
+
+def test_host_decision_declines_only_where_it_must() -> None:
+    """Worked rows (E = 4, t = 0.9): distinct peaked rows are decided on the host; a tie at the
+    last wanted place, or a prefix longer than the candidates, is left to the tensors."""
+    decide = router_module.host_plan
+    rows = torch.tensor([[0.6, 0.25, 0.1, 0.05], [0.05, 0.1, 0.25, 0.6]])  # experts {0, 1, 2}, {3, 2, 1}
+    plan = decide(rows, "threshold", 0.9, 2, None, None, ones=False)
+    assert plan.experts == (0, 1, 2, 3) and plan.tokens == ([0], [0, 1], [0, 1], [1])
+    tie = torch.tensor([[0.5, 0.2, 0.2, 0.1]])  # top-2: expert 1 or 2? the rule says 1
+    assert decide(tie, "topk", 0.9, 2, None, None, ones=False) is None
+    assert decide(tie, "topk", 0.9, 3, None, None, ones=False).experts == (0, 1, 2)  # the tie is inside
+    with mock.patch.object(router_module, "CANDIDATES", 2):
+        assert decide(rows, "threshold", 0.9, 2, None, None, ones=False) is None  # wants 3 > 2 candidates
+        assert decide(rows, "threshold", 0.9, 2, 2, None, ones=False).tokens == ([0], [0], [1], [1])
+    assert decide(rows, "topk", 0.9, 1, None, 1, ones=True).weights == ([1.0], [1.0])
+    assert decide(torch.tensor([[0.6, 0.4], [0.7, 0.3]]), "topk", 0.9, 1, None, 1, ones=False) is None  # overflow

@@ -82,7 +82,11 @@ def clock() -> Callable[[], float]:
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, sample_s: float = 0.01) -> dict[str, float]:
     """Median seconds per call of each candidate: ``repeats`` rounds, each timing every candidate
-    once (over enough calls to last about ``sample_s``), so drift hits all alike."""
+    once (over enough calls to last about ``sample_s``), so drift hits all alike.
+
+    Each round starts one candidate later than the one before: a candidate's time depends on what
+    ran just before it (measured: a layer right after the dense FFN's 9 MB of weights ran ~30%
+    slower for its whole sample), so no candidate always follows the same one."""
     now, calls = clock(), {}
     for name, fn in candidates.items():
         fn()  # warm-up
@@ -90,8 +94,9 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, sampl
         fn()
         calls[name] = max(1, round(sample_s / max(now() - start, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    order = list(candidates.items())
+    for r in range(repeats):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             start = now()
             for _ in range(calls[name]):
                 fn()

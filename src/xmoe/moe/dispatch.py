@@ -12,6 +12,9 @@ them in this order (layer.py):
 the same three methods, that sends the rows to the ranks holding their experts
 (xmoe.distributed.experts). Nothing here is [T, E, C]-sized: memory follows the kept pairs.
 
+A small call decided on the host (CPU, inference) comes planned: the router groups its kept
+pairs by expert there, a ``HostPlan``, with no tensor op (the small-T path).
+
 Host syncs: building a plan reads the per-expert pair counts to the host once (the layer's one
 sync per call), because the experts' groups are sliced by them. In static mode it reads
 nothing: the pairs are padded to a bound known from the shapes, and padding rows (after
@@ -55,6 +58,18 @@ class DispatchPlan:
     @property
     def counts(self) -> tuple[int, ...] | None:
         return self.groups.counts
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """A small call's kept pairs grouped by expert, on the host: the plan the small-T path runs
+    from (backends/direct.py), made by the router in Python from its one host read
+    (router.host_plan), with no tensor op."""
+
+    experts: tuple[int, ...]  # the experts with pairs, ascending
+    tokens: tuple[tuple[int, ...], ...]  # each one's tokens, ascending
+    weights: tuple[tuple[float, ...], ...]  # their combine weights
+    num_tokens: int
 
 
 class LocalDispatcher:

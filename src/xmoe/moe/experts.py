@@ -63,6 +63,14 @@ class ExpertWeights:
     b3: Tensor | None
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls will run in on ``x``: autocast's, when it is on for x's
+    device (every backend casts the weights to it with ``Experts.weights``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: MoEConfig, num_experts: int | None = None) -> None:
         """The experts of ``cfg``; ``num_experts``: only this many (a shard, under expert parallelism)."""
@@ -80,6 +88,7 @@ class Experts(nn.Module):
         self.b3 = nn.Parameter(torch.empty(E, F_)) if bias and self.w3 is not None else None
         self.reset_parameters()
         self._cast: tuple | None = None  # (key, ExpertWeights) of the last cast
+        self._views: tuple | None = None  # (key, per-expert views) of the last per_expert call
 
     @property
     def num_experts(self) -> int:
@@ -140,12 +149,33 @@ class Experts(nn.Module):
             self._cast = (key, cast())
         return self._cast[1]
 
+    def per_expert(self, dtype: torch.dtype) -> tuple[tuple[Tensor | None, ...], ...]:
+        """Expert e's tensors in ``dtype``, ``(w1[e], b1[e], w2[e], b2[e], w3[e], b3[e])``, for
+        every e: views of ``weights(dtype)``, made once and kept while those tensors stay the same.
+
+        For reading without autograd (the small-T path, under ``torch.no_grad``): a decoding
+        call runs a few experts, and indexing the stacked weights would cost an op per tensor
+        per expert per call. The views are made without autograd, so they carry no gradient.
+        Keyed on the tensors' addresses: the kept views keep their storage alive, so a tensor
+        made after them (a new cast, a parameter's new ``.data``) cannot take the same address.
+        """
+        tensors = tuple([getattr(self, name) for name in PARAMS])  # getattr: a parametrization computes them
+        if tensors[0].dtype != dtype:
+            w = self.weights(dtype)
+            tensors = (w.w1, w.b1, w.w2, w.b2, w.w3, w.b3)
+        key = tuple([None if t is None else t.data_ptr() for t in tensors])
+        if self._views is None or self._views[0] != key:
+            with torch.no_grad():
+                split = [(None,) * self.num_experts if t is None else t.unbind(0) for t in tensors]
+            self._views = (key, tuple(zip(*split)))
+        return self._views[1]
+
     def drop_cast_cache(self) -> None:
-        self._cast = None
+        self._cast = self._views = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: a cast is not state
-        return {**self.__dict__, "_cast": None}
+        return {**self.__dict__, "_cast": None, "_views": None}
 
     def _apply(self, fn, recurse=True):
-        self._cast = None  # .to(), .cuda(), .half() ... make new parameters
+        self._cast = self._views = None  # .to(), .cuda(), .half() ... make new parameters
         return super()._apply(fn, recurse)

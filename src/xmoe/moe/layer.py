@@ -11,7 +11,10 @@ computed when first read, so evaluation and decoding pay nothing for them.
 Host syncs: one per call (the per-expert pair counts, read when the dispatcher plans; the
 non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
 has none at all: pairs are padded to a bound known from the shapes (Router.max_pairs).
-A padding mask (``forward(x, mask)``) adds one, to select the real tokens.
+A padding mask (``forward(x, mask)``) adds one, to select the real tokens. Decoding on a CPU
+(eval, no grad, a few tokens: the ``direct`` backend) reads instead each token's top candidates
+and the logits (memory reads there, no sync), decides and plans on the host, and runs the plan
+with no mask, sort or scatter: about four ops per kept expert and five for the router.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
 """
@@ -19,13 +22,14 @@ Shapes: T tokens, D model dim, E experts, N kept pairs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from .backends import Backend, choice_key, choose
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
@@ -74,7 +78,7 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg)
         self.backend = cfg.backend  # a name; "auto" picks per input (backends.choose)
         self.dispatcher = LocalDispatcher()  # expert parallelism replaces it (xmoe.distributed)
-        self._backends: dict[tuple, backends.Backend] = {}  # backend_for's decisions
+        self._backends: dict[tuple, Backend] = {}  # backend_for's decisions
 
     @property
     def threshold(self) -> float:
@@ -104,7 +108,7 @@ class MoELayer(nn.Module):
             return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
         backend = self.backend_for(x_TD)
-        decision = self.router(x_TD)
+        decision = self.router(x_TD, on_host=backend.plans_on_host)
         plan = self._plan(decision)
         y_TD = self.experts(backend.run, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
@@ -118,20 +122,27 @@ class MoELayer(nn.Module):
             experts = experts.base_layer
         return experts
 
-    def backend_for(self, x: Tensor) -> backends.Backend:
+    def backend_for(self, x: Tensor) -> Backend:
         """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
         decided once per kind of input: the checks are Python, and a GPU layer is launch-bound."""
         static, local = self.cfg.static_shapes, self.dispatcher.local
         if torch.compiler.is_compiling():
-            return backends.choose(self.backend, self.base_experts, x, static=static, local=local)
-        key = (self.backend, *backends.choice_key(x), local)
+            return choose(self.backend, self.base_experts, x, static=static, local=local)
+        key = (self.backend, *choice_key(x), local)
         if key not in self._backends:
-            self._backends[key] = backends.choose(self.backend, self.base_experts, x, static=static, local=local)
+            self._backends[key] = choose(self.backend, self.base_experts, x, static=static, local=local)
         return self._backends[key]
 
     def _plan(self, decision: RouterOutput):
         """The dispatcher's plan of the kept pairs: the call's one host read (none in static mode,
-        which pads to a bound known from the shapes), with the non-finite check riding on it."""
+        which pads to a bound known from the shapes), with the non-finite check riding on it.
+        A decision taken on the host was that read, and comes planned."""
+        if decision.host is not None:
+            # On the host, as the decision was: a float64 sum of fp32 numbers cannot overflow,
+            # so it is finite iff every logit is.
+            if self._check_finite and not all(math.isfinite(sum(row)) for row in decision.logits_TE.tolist()):
+                raise _non_finite_error()
+            return decision.host
         num_tokens = decision.kept_TE.shape[0]
         max_pairs = self.router.max_pairs(num_tokens) if self.cfg.static_shapes else None
         finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None

@@ -20,7 +20,7 @@ expert index; ties between equal priorities at a full expert go to the earlier t
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,22 +28,54 @@ from torch import Tensor, nn
 
 from .config import MoEConfig, capacity
 from .dial import Dial
+from .dispatch import HostPlan
 
 
 @dataclass(frozen=True)
 class RouterOutput:
-    """The routing decision for T tokens. Dense [T, E] masks: small next to the activations."""
+    """The routing decision for T tokens: dense [T, E] masks, small next to the activations.
+
+    A small call decided on the host (``host``) builds its masks only when they are read:
+    decoding, which reads none of them, runs from ``host`` alone.
+    """
 
     logits_TE: Tensor  # fp32 router logits
     probs_TE: Tensor  # fp32 softmax over all experts
-    wanted_TE: Tensor  # bool: the router picked this pair (before capacity)
-    kept_TE: Tensor  # bool: the pair survived capacity and will be computed
-    weights_TE: Tensor  # fp32 combine weights, 0 where not kept
     capacity: int | None  # slots per expert in this call; None when dropless
+    masks: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)  # (wanted, kept, weights)
+    host: HostPlan | None = field(default=None, repr=False)  # the kept pairs on the host
+
+    @property
+    def wanted_TE(self) -> Tensor:
+        """bool: the router picked this pair (before capacity)."""
+        return (self.masks or self._host_masks())[0]
+
+    @property
+    def kept_TE(self) -> Tensor:
+        """bool: the pair survived capacity and will be computed."""
+        return (self.masks or self._host_masks())[1]
+
+    @property
+    def weights_TE(self) -> Tensor:
+        """fp32 combine weights, 0 where not kept."""
+        return (self.masks or self._host_masks())[2]
 
     def combine_weights(self) -> Tensor:
         """Dense [T, E] fp32 weights each expert output is multiplied by; 0 where not computed."""
         return self.weights_TE
+
+    def _host_masks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The masks of a host decision, built on first read and kept (in ``masks``)."""
+        # A host decision is taken only where capacity drops nothing: wanted = kept.
+        probs_TE, host = self.probs_TE, self.host
+        tokens = [t for tokens in host.tokens for t in tokens]
+        experts = [e for e, tokens in zip(host.experts, host.tokens) for _ in tokens]
+        index = (probs_TE.new_tensor(tokens, dtype=torch.long), probs_TE.new_tensor(experts, dtype=torch.long))
+        kept_TE = torch.zeros_like(probs_TE, dtype=torch.bool).index_put_(index, probs_TE.new_ones((), dtype=torch.bool))
+        weights = probs_TE.new_tensor([w for weights in host.weights for w in weights])
+        weights_TE = torch.zeros_like(probs_TE).index_put_(index, weights)
+        object.__setattr__(self, "masks", (kept_TE, kept_TE, weights_TE))  # frozen: a cache, not a change
+        return self.masks
 
 
 def threshold_prefix(sorted_p_TK: Tensor, threshold: float | Tensor, max_experts: int | None = None) -> Tensor:
@@ -173,6 +205,57 @@ def wanted_pairs(
     return wanted_TE, None
 
 
+def host_plan(
+    probs_TE: Tensor, kind: str, threshold: float | Tensor, k: int, max_experts: int | None, slots: int | None,
+    ones: bool,
+) -> HostPlan | None:
+    """A small call's decision taken on the host from each token's top candidates, its kept
+    pairs grouped by expert: the pairs of ``threshold_prefix`` / ``topk_mask`` (a property test
+    holds it to them) and their combine weights (``p``, or 1 with ``ones``), no [T, E] tensor.
+
+    For the CPU, where reading the candidates costs nothing, and a few tokens, where each op of
+    the tensor path costs more than a Python loop over the tokens: one ``topk``, read once.
+    None where the candidates cannot decide, and the caller decides on tensors: a tie at a
+    token's last wanted place (the rule gives it to the lower expert index, ``topk`` to either),
+    a threshold prefix that goes on past the ``CANDIDATES``, or an expert wanted by more tokens
+    than its ``slots`` (the priority order then decides who is dropped).
+    """
+    E = probs_TE.shape[-1]
+    most = min(k, E) if kind == "topk" else (max_experts or E)  # the most experts a token may take
+    n = most if kind == "topk" else min(most, CANDIDATES)  # places the candidates decide
+    top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
+    threshold = float(threshold)
+    by_expert: dict[int, tuple[list[int], list[float]]] = {}
+    for t, (p, idx) in enumerate(zip(top_p.tolist(), top_idx.tolist())):  # the one host read
+        m = n if kind == "topk" else _prefix_length(p, threshold, min(len(p), most))
+        if m > n or (m < len(p) and p[m - 1] == p[m]):
+            return None
+        for e, w in zip(idx[:m], p):
+            tokens, weights = by_expert.setdefault(e, ([], []))
+            tokens.append(t)
+            weights.append(1.0 if ones else w)
+    if slots is not None and by_expert and max(len(tokens) for tokens, _ in by_expert.values()) > slots:
+        return None
+    experts = sorted(by_expert)
+    return HostPlan(tuple(experts), tuple(by_expert[e][0] for e in experts), tuple(by_expert[e][1] for e in experts),
+                    top_p.shape[0])
+
+
+def _prefix_length(p: list[float], threshold: float, limit: int) -> int:
+    """How many of the first ``limit`` places of a token's sorted ``p`` the threshold rule
+    wants (``threshold_prefix``): place j iff j == 0 or p[0] + ... + p[j-1] < t, summed in the
+    same order and precision (float64) as there, so every comparison comes out the same."""
+    if threshold >= 1.0:
+        return limit
+    mass, j = 0.0, 1
+    while j < limit:
+        mass += p[j - 1]
+        if not mass < threshold:
+            break
+        j += 1
+    return j
+
+
 class Router(nn.Module):
     """Linear gate ``W_g`` [E, D] without bias, and the rule that turns its scores into pairs.
 
@@ -187,6 +270,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
         self.dial = Dial(cfg)
+        self._host_rule = not cfg.static_shapes and not cfg.renormalize  # host_plan can decide for it
         self.reset_parameters()
 
     @property
@@ -213,7 +297,10 @@ class Router(nn.Module):
         else:
             nn.init.normal_(self.weight, std=self.cfg.init_std)
 
-    def forward(self, x_TD: Tensor) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, on_host: bool = False) -> RouterOutput:
+        """The decision for [T, D] tokens. ``on_host``: where it is exact and cheaper, decide on
+        the host (``host_plan``), leaving the masks to be built when read; the small-T path
+        asks for it (MoELayer)."""
         # Routing decisions are discontinuous in p; bf16 logits would move tokens between
         # experts. Autocast is switched off so the gate really runs in fp32 (entered only when
         # on: at one token per call, every op of the router shows in the layer's time).
@@ -222,14 +309,21 @@ class Router(nn.Module):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         cfg, dial = self.cfg, self.dial
+        factor = cfg.capacity_factor if self.training else dial.eval_capacity_factor
+        slots = capacity(x_TD.shape[0], self.num_experts, factor, cfg.min_capacity)
+        # On the host: inference on the CPU. Its weights are numbers, which carry no gradient;
+        # static mode reads nothing; renormalized weights are left to the tensors.
+        if on_host and self._host_rule and device == "cpu" and not self.training and not torch.is_grad_enabled():
+            plan = host_plan(probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots,
+                             ones=cfg.combine == "ones")
+            if plan is not None:
+                return RouterOutput(logits_TE, probs_TE, slots, host=plan)
         with torch.no_grad():
             wanted_TE, order_TE = wanted_pairs(
                 probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, fast=not cfg.static_shapes
             )
             if self.training and dial.controlled:
                 dial.observe(wanted_TE)
-            factor = cfg.capacity_factor if self.training else dial.eval_capacity_factor
-            slots = capacity(x_TD.shape[0], self.num_experts, factor, cfg.min_capacity)
             kept_TE = apply_capacity(probs_TE, wanted_TE, order_TE, slots, shortcut=not cfg.static_shapes)
         weights_TE = probs_TE
         if cfg.combine == "ones":
@@ -237,7 +331,7 @@ class Router(nn.Module):
         elif cfg.renormalize:
             weights_TE = probs_TE / (probs_TE * wanted_TE).sum(dim=-1, keepdim=True)
         weights_TE = weights_TE * kept_TE
-        return RouterOutput(logits_TE, probs_TE, wanted_TE, kept_TE, weights_TE, slots)
+        return RouterOutput(logits_TE, probs_TE, slots, masks=(wanted_TE, kept_TE, weights_TE))
 
     def max_pairs(self, num_tokens: int) -> int:
         """The most (token, expert) pairs a call of ``num_tokens`` tokens can keep, with the

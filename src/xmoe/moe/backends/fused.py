@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..activations import activate, activate_backward
-from .grouped import compute_dtype
+from ..experts import compute_dtype
 
 # The least a run gathers: 2 MB of [rows, D] (682 rows at S1), small enough to stay in cache and
 # large enough to amortise a run's calls; runs of other sizes are timed in benchmarks/README.md.

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..experts import compute_dtype
+from .loop import loop_rows
+
 # torch's fast grouped GEMM (CUTLASS) exists for these compute capabilities, in bfloat16;
 # elsewhere grouped_mm falls back to a loop over groups that reads the offsets on the host.
 FAST_CAPABILITIES = ((9, 0), (10, 0))
@@ -54,18 +57,9 @@ def grouped_mm_fast(experts, x: Tensor) -> bool:
     )
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the expert matmuls will run in: autocast's, when it is on for x's device."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def grouped_mm_rows(experts, x_ND: Tensor, groups) -> Tensor:
     """[N, D] rows grouped by expert -> [N, D] expert outputs, in the compute dtype."""
     if x_ND.shape[0] == 0:  # grouped_mm rejects an empty operand; the loop keeps the graph
-        from .loop import loop_rows
-
         return loop_rows(experts, x_ND, dataclasses.replace(groups, counts=(0,) * experts.num_experts))
     dtype = compute_dtype(x_ND)  # grouped_mm is not on autocast's list: cast by hand
     w = experts.weights(dtype)

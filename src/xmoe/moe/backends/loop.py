@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .grouped import compute_dtype
+from ..experts import compute_dtype
 
 
 def loop_rows(experts, x_ND: Tensor, groups) -> Tensor:

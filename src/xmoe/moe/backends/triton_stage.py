@@ -12,7 +12,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from .grouped import compute_dtype
+from ..experts import compute_dtype
 
 
 def triton_problem(experts, x: Tensor) -> str | None:

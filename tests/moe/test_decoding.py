@@ -1,0 +1,82 @@
+"""The small-T path at inference (decoding): a call of a few tokens is decided and planned on
+the host and runs each kept expert on views of its weights that the experts keep between calls
+(``Experts.per_expert``). These views must follow every way a weight can change, and a call
+must stay a handful of ops (the point of the path: benchmarks/README.md, "Decoding")."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers.moe import make_layer, run_oracle
+
+
+def _check(layer, x: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """One decoding call against the oracle on the layer's weights of the moment."""
+    with torch.no_grad():
+        out = layer(x)
+    assert out.decision.host is not None  # the host path ran
+    torch.testing.assert_close(out.output.double(), run_oracle(layer, x)[0], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_decoding_follows_every_kind_of_weight_change(activation: str) -> None:
+    layer = make_layer(router="topk", top_k=3, activation=activation).eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    _check(layer, x)
+    experts = layer.experts
+    with torch.no_grad():
+        experts.w2.mul_(2.0)  # in place: the views share the storage
+        _check(layer, x)
+        experts.w1.data = experts.w1.data * 0.5  # new storage behind the same parameter
+        _check(layer, x)
+        layer.load_state_dict(make_layer(seed=3, router="topk", top_k=3, activation=activation).state_dict())
+        _check(layer, x)
+        experts.b2 = nn.Parameter(torch.randn_like(experts.b2))  # a new parameter
+        _check(layer, x)
+    layer.double()  # .to() and friends make new parameters
+    _check(layer, x.double())
+    _check(copy.deepcopy(layer), x.double())
+
+
+def test_decoding_under_autocast_follows_the_weights() -> None:
+    """Under bf16 autocast the views are of the cached bf16 cast, which a weight update renews."""
+    layer = make_layer(router="topk", top_k=2, model_dim=16).eval()
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _check(layer, x, rtol=2e-2, atol=2e-2)
+        with torch.no_grad():
+            layer.experts.w2.mul_(-1.0)
+        _check(layer, x, rtol=2e-2, atol=2e-2)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_a_decoding_call_is_a_handful_of_ops(k: int) -> None:
+    """One token, top-k: the router's linear, softmax and topk, then per expert its up GEMM and
+    activation and a down GEMM that adds into the output with the weight as its alpha (the first
+    expert's GEMM makes the output, the others add their bias apart), and the reshapes in and
+    out. 43 ops for top-1 before the host path, 9 with it."""
+    layer = make_layer(router="topk", top_k=k, num_experts=16).eval()
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        layer(x)  # the first call makes the views
+        with _CountOps() as counted:
+            layer(x)
+    up_and_down = ["addmm.default", "gelu.default"]
+    expected = ["view.default", "t.default", "mm.default", "_softmax.default", "topk.default"]
+    expected += up_and_down + ["addmm.default"] + (up_and_down + ["addmm_.default", "add_.Tensor"]) * (k - 1)
+    assert counted.ops == expected + ["view.default"]
