@@ -122,7 +122,7 @@ def test_translation_training_stops_before_it_makes_the_run_folder(monkeypatch, 
 
 def test_plots_name_the_report_extra(monkeypatch, tmp_path) -> None:
     from xmoe.conversion.sweep import SweepPoint, plot_sweeps
-    from xmoe.training.report import plot_threshold_sweep
+    from xmoe.report.sweep import plot_threshold_sweep
 
     hide(monkeypatch, "matplotlib")
     rows = [{"threshold": 0.5, "perplexity": 10.0, "moe_flops_ratio": 0.5}]

@@ -480,7 +480,7 @@ def test_a_file_size_limit_during_a_resume_is_one_line_and_the_checkpoint_surviv
 
 def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, finished_run):
     """Item 8: what a full disk leaves at the end of metrics.jsonl."""
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     run = finished_run("run")
     with open(run / "metrics.jsonl", "a") as f:
@@ -566,7 +566,7 @@ def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(
 def test_sweep_and_eval_on_other_text_say_so_and_keep_the_runs_own_sweep(tmp_path, finished_run, capsys):
     """Item 19: a sweep on other text has its own files, which name the text and the step; eval
     says "loss on 'FILE'", not "validation loss". Item 23: summary.md shows the sweeps."""
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     run = finished_run("run")
     other = tmp_path / "other.txt"
@@ -592,7 +592,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
     eval does not claim every expert was engaged."""
     from xmoe.presets import get_preset
-    from xmoe.training.report import flops_baseline, threshold_sweep_figure
+    from xmoe.report import flops_baseline
+    from xmoe.report.sweep import threshold_sweep_figure
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
             for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]
@@ -608,7 +609,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
 
 def test_the_experts_plot_shows_what_training_wanted_as_well_as_kept(tmp_path, finished_run):
     """Item 23: training logs the experts the router wanted (before capacity) beside those kept."""
-    from xmoe.training.report import plot_experts_over_training, split_rows, read_rows
+    from xmoe.report.plots import plot_experts_over_training
+    from xmoe.training.metrics import read_rows, split_rows
 
     run = finished_run("run")
     train_rows, val_rows = split_rows(read_rows(run / "metrics.jsonl"))

@@ -63,7 +63,7 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     when it is not ``xmoe train --out OUT --resume``."""
     from xmoe.cli import launch
     from xmoe.training import train_lm
-    from xmoe.training.report import describe_eval, write_report
+    from xmoe.report import describe_eval, write_report
     from xmoe.training.stopping import exit_if_interrupted
 
     with launch.parallel_context(ep_size, cfg.train) as parallel:
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
     else:
-        from xmoe.training.report import describe_eval
+        from xmoe.report import describe_eval
 
         print(describe_eval(summary, loaded.model.cfg.moe, on=None if args.data is None else repr(args.data)))
 
@@ -140,7 +140,8 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | N
     text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
     from xmoe.training import checkpoint_dir, evaluate_lm
     from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import is_dense_split, plot_threshold_sweep, sweep_name, sweep_record, sweep_table
+    from xmoe.report import is_dense_split
+    from xmoe.report.sweep import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
         raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
@@ -204,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     print(f"report: {write_report(args.run_dir, args.out)}")
 
@@ -215,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     XMoE's compute dial."""
     from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
     from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")

@@ -51,7 +51,7 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train_mt(args: argparse.Namespace) -> None:
     from xmoe.cli.main import run_config
     from xmoe.training.mt import train_mt
-    from xmoe.training.report import describe_mt_eval
+    from xmoe.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
 
     cfg = run_config(args)

@@ -11,7 +11,8 @@ from .checkpoint import (
 )
 from .config import LMRunConfig, TrainConfig, apply_overrides, from_dict, lm_run_config, to_dict
 from .lm import LMEval, LMTask, eval_batches, evaluate_lm, load_lm, train_lm
-from .loop import TrainResult, read_metrics, train
+from .loop import TrainResult, train
+from .metrics import read_metrics
 from .mt import MTRunConfig, MTTask, evaluate_mt, load_mt, mt_run_config, train_mt, translate
 from .runs import LoadedRun, TaskKind, load_run, train_task
 

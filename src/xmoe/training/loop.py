@@ -48,8 +48,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .manifest import hash_run_files
+from .metrics import MetricsLog, NoLog
 from .optim import build_optimizer, lr_at
-from .report import parse_metrics
 from .stopping import StopSignals
 
 
@@ -118,7 +118,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             )
     else:
         torch.manual_seed(cfg.seed + parallel.rank)  # ranks draw their own dropout masks
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else _NoLog()
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
     # Every checkpoint of the run carries its id (xmoe.training.manifest); one id on every rank.
@@ -296,61 +296,6 @@ def _evaluate(model: nn.Module, task: Task, parallel: Ranks) -> dict[str, Any]:
     return metrics
 
 
-class MetricsLog:
-    """JSON lines, one row per log event; a resume drops the rows after its checkpoint.
-
-    Scalars also go to TensorBoard (RUN/tensorboard) when the ``tensorboard`` package is installed.
-    """
-
-    def __init__(self, path: Path, keep_before: int = 0) -> None:
-        self.path = path
-        if path.is_dir():
-            raise UsageError(f"{path} is a folder, not the run's metrics log (a file); move it away, then run again")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(path) if keep_before and path.exists() else []
-        with open(path, "w") as f:
-            for row in rows:
-                if row["step"] <= keep_before:
-                    f.write(json.dumps(row) + "\n")
-        self.board = _tensorboard(path.parent / "tensorboard", purge_step=keep_before + 1 if keep_before else None)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.board is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.board.add_scalar(f"{row['split']}/{key}", value, row["step"])
-            self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
-class _NoLog:
-    """The metrics log of a rank that does not write (all but rank 0)."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard(folder: Path, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder), purge_step=purge_step)  # a resume drops the later events
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl (a torn last line is dropped with a warning)."""
-    return parse_metrics(path)
-
-
 def _postfix(row: dict) -> str:
     parts = [f"loss {row['loss']:.3f}", f"{row['tokens_per_s']:.0f} tok/s"]
     if "experts_per_token" in row:
@@ -374,4 +319,4 @@ def _progress(start: int, total: int, enabled: bool, file=None):
 PROGRESS_TO_FILE_S = 60.0
 
 
-__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "read_metrics", "checkpoint_dir"]
+__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "checkpoint_dir"]
