@@ -183,7 +183,7 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     parallel.sync_gradients(model)
     norm = parallel.clip(model, 0.0)
     dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
-    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0],
+    torch.save({"loss": float(loss), "grad_norm": float(norm), "dtypes": dtypes, "forward_dtype": seen[0],
                 "router_dtype": gates[0]},
                Path(out) / f"rank{rank}.pt")
 

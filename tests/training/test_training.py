@@ -252,7 +252,7 @@ def test_interrupt_during_evaluation_saves_the_completed_step(corpus, tmp_path, 
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
-def test_non_finite_loss_raises_before_updating_or_saving(corpus, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_before_saving(corpus, tmp_path, monkeypatch):
     cfg = tiny_config(corpus, tmp_path, max_steps=4, save_every=1)
     original = lm_module.LMTask.loss
 
@@ -266,7 +266,7 @@ def test_non_finite_loss_raises_before_updating_or_saving(corpus, tmp_path, monk
 
     monkeypatch.setattr(lm_module.LMTask, "batches_seen", 0, raising=False)
     monkeypatch.setattr(lm_module.LMTask, "loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="nothing was updated or saved"):
+    with pytest.raises(FloatingPointError, match="nothing was saved"):
         train_lm(cfg, tmp_path / "run", progress=False)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2

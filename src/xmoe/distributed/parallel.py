@@ -129,8 +129,7 @@ class Ranks(Protocol):
     def shard(self, model: nn.Module, dp: DataParallel = ...) -> None: ...
     def batch_index(self, index: int) -> int: ...
     def sync_gradients(self, model: nn.Module) -> None: ...
-    def clip(self, model: nn.Module, max_norm: float) -> float: ...
-    def mean(self, values: dict[str, float]) -> dict[str, float]: ...
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor: ...
     def sum(self, value: float) -> float: ...
     def sum_tensor(self, t: Tensor) -> Tensor: ...
     def broadcast(self, obj: Any) -> Any: ...
@@ -153,16 +152,13 @@ class SingleProcess(Ranks):
     def sync_gradients(self, model: nn.Module) -> None:
         pass
 
-    def clip(self, model: nn.Module, max_norm: float) -> float:
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros(())
         if max_norm <= 0:
-            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        return float(nn.utils.clip_grad_norm_(params, max_norm))
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        return values
+            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        return nn.utils.clip_grad_norm_(params, max_norm)
 
     def sum(self, value: float) -> float:
         return value
@@ -258,8 +254,9 @@ class Parallel(Ranks):
             _average_grads(dense, None, self.world_size, self.world_size)
         _average_grads(experts, self.replica_group, self.layout.dp_size, self.world_size)
 
-    def clip(self, model: nn.Module, max_norm: float) -> float:
-        """The global gradient norm (each parameter counted once), clipped as clip_grad_norm_ does.
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        """The global gradient norm (each parameter counted once, fp64), clipped as
+        clip_grad_norm_ does; a 0-d tensor left on the device (nothing is read to the host).
 
         Dense gradients are whole on every rank (allreduce) or a 1 / W shard each (fsdp: summed
         over the world); an expert shard is summed over its expert-parallel group."""
@@ -269,20 +266,13 @@ class Parallel(Ranks):
         dense_sq = _sum_sq(dense, self.device)
         if self.dp.impl == "fsdp":
             dist.all_reduce(dense_sq)
-        norm = math.sqrt(float(dense_sq + expert_sq))  # the step's one host read
+        norm = (dense_sq + expert_sq).sqrt()
         if max_norm > 0:
-            scale = min(1.0, max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-            if scale < 1.0:
-                for p in dense + experts:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+            for p in dense + experts:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))  # x 1.0 where not clipped: exact
         return norm
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
     def sum(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)

@@ -201,7 +201,7 @@ def train_task(kind: TaskKind, cfg, run_dir: str | os.PathLike, *, resume: bool 
         model = kind.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, kind.task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
                      progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": ranks},
-                     parallel=parallel, run_files=kind.vocab_files)
+                     ranks=parallel, run_files=kind.vocab_files)
 
 
 @dataclass(frozen=True)
