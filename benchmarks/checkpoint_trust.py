@@ -21,7 +21,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from xmoe.distributed import SingleProcess
 from xmoe.models.gpt import GPT
-from xmoe.training import lm_run_config, to_dict
+from xmoe.training import to_dict
+from xmoe.tasks.lm import lm_run_config
 from xmoe.training.checkpoint import Manifest, _read_shards, _state_template, save_sharded_checkpoint
 from xmoe.training.optim import build_optimizer
 

@@ -23,7 +23,8 @@ import torch
 
 from xmoe.bench.probes import HostReads
 from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, lm_run_config, train_lm
+from xmoe.training import TrainConfig
+from xmoe.tasks.lm import lm_run_config, train_lm
 
 STEPS, GRAD_ACCUM, LOG_EVERY = 8, 2, 4
 FLOORS = (("training floor", ("xmoe/training/", "xmoe/tasks/", "xmoe/distributed/")), ("MoE layer", ("xmoe/moe/",)),

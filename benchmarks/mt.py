@@ -22,7 +22,7 @@ import torch
 
 from xmoe.data.parallel import read_parallel
 from xmoe.models.seq2seq import num_params
-from xmoe.training.mt import DecodeConfig, evaluate_mt, load_mt, mt_run_config, train_mt
+from xmoe.tasks.mt import DecodeConfig, evaluate_mt, load_mt, mt_run_config, train_mt
 
 PRESETS = ("cpu-xmoe-32x512", "cpu-top2-32x512")
 

@@ -93,7 +93,7 @@ def test_the_translation_vocabulary_names_the_mt_extra(monkeypatch, tmp_path) ->
 
 
 def test_bleu_names_the_mt_extra(monkeypatch) -> None:
-    from xmoe.training.mt import corpus_scores
+    from xmoe.tasks.mt import corpus_scores
 
     hide(monkeypatch, "sacrebleu")
     with pytest.raises(MissingExtra, match=r"sacrebleu is not installed \(BLEU and chrF\+\+\): " + install_hint("mt")):

@@ -14,7 +14,8 @@ import torch
 
 from helpers import distributed as workers
 from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, checkpoint_dir, lm_run_config, load_lm, to_dict
+from xmoe.training import TrainConfig, checkpoint_dir, to_dict
+from xmoe.tasks.lm import lm_run_config, load_lm
 from xmoe.training.checkpoint import read_state
 
 TIMEOUT_S = 15.0  # the collective timeout these runs set: the bound on noticing a silent rank

@@ -100,7 +100,8 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     from torch.distributed.tensor import DTensor
 
     from xmoe.models.gpt import GPT
-    from xmoe.training import LMRunConfig, from_dict, load_checkpoint, read_config, train_lm
+    from xmoe.training import from_dict, load_checkpoint, read_config
+    from xmoe.tasks.lm import LMRunConfig, train_lm
     from xmoe.training import loop
 
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
@@ -116,7 +117,7 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
         return optimizer
 
     loop.build_optimizer = keep
-    train_lm(cfg, run_dir, progress=False, parallel=parallel, resume=resume)
+    train_lm(cfg, run_dir, progress=False, ranks=parallel, resume=resume)
     loop.build_optimizer = original
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     layout = {name: {"dtensor": isinstance(p, DTensor), "local_numel": local(p).numel(), "numel": p.numel()}
@@ -139,7 +140,8 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
     """Train until something stops the run (a signal, a rank that dies); write what this rank
     saw to stopped-rank{r}.json beside RUN (a run that fails before its first checkpoint is
     removed): the result, or the error and when it was raised."""
-    from xmoe.training import LMRunConfig, from_dict, train_lm
+    from xmoe.training import from_dict
+    from xmoe.tasks.lm import LMRunConfig, train_lm
     from xmoe.training import loop
 
     saves = []
@@ -154,7 +156,7 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
     cfg = from_dict(LMRunConfig, cfg_dict)
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size), timeout_s=cfg.train.collective_timeout_s)
     try:
-        result = train_lm(cfg, run_dir, progress=False, parallel=parallel)
+        result = train_lm(cfg, run_dir, progress=False, ranks=parallel)
         report.write_text(json.dumps({"steps": result.steps, "signal": result.signal, "saves": saves}))
     except Exception as err:
         report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))
@@ -196,7 +198,7 @@ def run_evaluation(rank: int, world_size: int, batches: list, out: str) -> None:
     EVAL_LAYOUTS, each rank its share; save each result and how many forwards this rank ran."""
     from xmoe.models.gpt import GPT
     from xmoe.presets import get_preset
-    from xmoe.training import evaluate_lm
+    from xmoe.tasks.lm import evaluate_lm
 
     results = {}
     for name, ep_size in EVAL_LAYOUTS.items():

@@ -15,11 +15,11 @@ from helpers.mt import BOS, EOS, FIRST_WORD, PAD, tiny_config
 from xmoe.cli.main import main
 from xmoe.data.parallel import ParallelDataConfig, pad, prepare_parallel_data
 from xmoe.models.seq2seq import Seq2Seq
-from xmoe.training import mt as mt_module
+from xmoe.tasks import mt as mt_module
 from xmoe.training import runs as runs_module
 from xmoe.training import LoadedRun, read_metrics
 from xmoe.training.loop import train as loop_train
-from xmoe.training.mt import (
+from xmoe.tasks.mt import (
     corpus_scores,
     evaluate_mt,
     label_smoothed_loss,

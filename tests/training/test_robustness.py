@@ -19,8 +19,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from xmoe.cli.main import main as cli_main
 from helpers.data import write_corpus
 from helpers.training import recompute_manifest, tiny_lm_config
-from xmoe.training import lm_run_config, load_lm, train_lm
-from xmoe.training import lm as lm_module
+from xmoe.tasks.lm import lm_run_config, load_lm, train_lm
+from xmoe.tasks import lm as lm_module
 from xmoe.training import loop as loop_module
 
 
@@ -122,7 +122,7 @@ def test_a_signal_during_the_final_evaluation_skips_it_and_keeps_the_checkpoint(
         evaluations.append("not interrupted")  # never reached: the signal raises at once
         return {}
 
-    monkeypatch.setattr(lm_module.LMTask, "evaluate", evaluate)
+    monkeypatch.setattr(lm_module.LanguageModelling, "evaluate", evaluate)
     result = train_lm(tiny_config(corpus, tmp_path, max_steps=3), tmp_path / "run", progress=False)
     assert evaluations == ["started"]
     assert result.interrupted and result.steps == 3 and result.final_eval == {}
@@ -310,10 +310,11 @@ def flip_a_bit(path: Path, offset_from_end: int = 100) -> None:
 
 
 def resume(run: Path):
-    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training import apply_overrides
+    from xmoe.tasks.lm import LanguageModelling
     from xmoe.training.runs import saved_config
 
-    cfg = saved_config(run, LMRunConfig, "lm")  # two more steps on the run's schedule (no warning)
+    cfg = saved_config(run, LanguageModelling)  # two more steps on the run's schedule (no warning)
     extend = {"train.max_steps": "4", "train.schedule_steps": str(cfg.train.max_steps)}
     return train_lm(apply_overrides(cfg, extend), run, resume=True, progress=False)
 
@@ -539,12 +540,13 @@ def test_flags_that_do_not_exist_point_at_the_ones_that_do(tmp_path, capsys, mon
 def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(tmp_path, finished_run):
     """Item 18: resume 2 -> 4 steps re-stretches the cosine; the warning says what the lr becomes,
     and --train.schedule_steps keeps the old schedule (lr at its floor, as a direct check)."""
-    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training import apply_overrides
+    from xmoe.tasks.lm import LanguageModelling
     from xmoe.training.optim import lr_at
     from xmoe.training.runs import saved_config
 
     run = finished_run("run")
-    saved = saved_config(run, LMRunConfig, "lm")
+    saved = saved_config(run, LanguageModelling)
     longer = apply_overrides(saved, {"train.max_steps": "4"})
     with pytest.warns(UserWarning, match=r"now spans 4 steps instead of 2, so the learning rate at step 3 is "
                                          r".* add --train.schedule_steps=2"):

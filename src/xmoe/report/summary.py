@@ -23,7 +23,6 @@ import os
 import statistics
 import warnings
 from pathlib import Path
-from typing import Sequence
 
 from xmoe.extras import MissingExtra
 from xmoe.training.metrics import METRICS_FILE, read_rows, split_rows

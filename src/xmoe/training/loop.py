@@ -24,7 +24,6 @@ and a rank that dies or hangs stops the others with RanksLost (docs/distributed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
