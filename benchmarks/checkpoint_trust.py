@@ -37,7 +37,7 @@ def main() -> None:
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_sharded_checkpoint(tmp, model, optimizer, parallel=SingleProcess(), step=1, config=to_dict(cfg))
+        folder = save_sharded_checkpoint(tmp, model, optimizer, ranks=SingleProcess(), step=1, config=to_dict(cfg))
         size = sum(f.stat().st_size for f in (folder / "dcp").iterdir()) / 1e6
         template = lambda: _state_template(model, optimizer, SingleProcess()).saved
         plain = lambda: dcp.load(template(), storage_reader=FileSystemReader(folder / "dcp"), no_dist=True)

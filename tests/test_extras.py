@@ -82,7 +82,7 @@ def test_needs_extra_names_the_extra_and_lets_other_import_errors_through(monkey
 
 
 def test_the_translation_vocabulary_names_the_mt_extra(monkeypatch, tmp_path) -> None:
-    from xmoe.data.parallel import SubwordVocab, train_subword_vocab
+    from xmoe.data.translation import SubwordVocab, train_subword_vocab
 
     hide(monkeypatch, "sentencepiece")
     with pytest.raises(MissingExtra, match=r"sentencepiece is not installed .*" + install_hint("mt")):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.distributed import DataParallel, Layout, Parallel
+from xmoe.distributed import DataParallelConfig, Layout, Parallel
 from xmoe.moe import MoEConfig, MoELayer, Router
 
 # The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
@@ -71,7 +71,7 @@ def layer_case(name: str, backend: str, rank: int | None = None):
 
 def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
-    replicated = DataParallel(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
+    replicated = DataParallelConfig(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
     results = {}
     for name in LAYER_CASES:
         for backend in BACKENDS:
@@ -128,7 +128,7 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     saved = from_dict(LMRunConfig, read_config(run_dir))
     model = GPT(saved.model)
     parallel.shard(model)
-    load_checkpoint(run_dir, model, parallel=parallel)
+    load_checkpoint(run_dir, model, ranks=parallel)
     model.eval()
     with torch.no_grad():
         logits = model(probe).logits_BLV
@@ -173,7 +173,7 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     torch.manual_seed(0)
     model = GPT(get_preset("debug-xmoe"))
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
-    parallel.shard(model, DataParallel(mixed_precision=True))
+    parallel.shard(model, DataParallelConfig(mixed_precision=True))
     seen = []  # the dtype of a block's (gathered) parameters while it runs
     model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(block.ln_1.weight.dtype))
     router = next(m for m in model.modules() if isinstance(m, Router))

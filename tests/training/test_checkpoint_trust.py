@@ -57,7 +57,7 @@ def save_sharded(run: Path, step: int = 1) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     optimizer.step()
-    return save_sharded_checkpoint(run, model, optimizer, parallel=SingleProcess(), step=step, config=config)
+    return save_sharded_checkpoint(run, model, optimizer, ranks=SingleProcess(), step=step, config=config)
 
 
 @pytest.fixture

@@ -87,11 +87,11 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_mt(args: argparse.Namespace) -> None:
-    from xmoe.data.parallel import read_parallel
+    from xmoe.data.translation import read_sentence_pairs
     from xmoe.tasks.mt import evaluate_mt
 
     loaded, decode = _load(args)
-    src, ref = read_parallel(args.src, args.ref)
+    src, ref = read_sentence_pairs(args.src, args.ref)
     summary, hyps = evaluate_mt(loaded, src, ref, decode=decode)
     if args.hyp_out:
         Path(args.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

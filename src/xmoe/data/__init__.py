@@ -25,7 +25,7 @@ from .corpus import (
     split_documents,
 )
 from .lm import LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
-from .parallel import ParallelData, ParallelDataConfig, SubwordVocab, prepare_parallel_data, read_parallel
+from .translation import TranslationData, TranslationDataConfig, SubwordVocab, prepare_translation_data, read_sentence_pairs
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
 
 __all__ = [
@@ -34,8 +34,8 @@ __all__ = [
     "DataConfig",
     "EOT",
     "LMData",
-    "ParallelData",
-    "ParallelDataConfig",
+    "TranslationData",
+    "TranslationDataConfig",
     "TEXT_SUFFIXES",
     "TOKENIZER_FILE",
     "SubwordVocab",
@@ -50,7 +50,7 @@ __all__ = [
     "load_eval_tokens",
     "load_tokenizer",
     "prepare_lm_data",
-    "prepare_parallel_data",
-    "read_parallel",
+    "prepare_translation_data",
+    "read_sentence_pairs",
     "split_documents",
 ]

@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xmoe.data.parallel import (
+from xmoe.data.translation import (
     SPM_FILE,
     PAD_ID,
-    ParallelData,
-    ParallelDataConfig,
+    TranslationData,
+    TranslationDataConfig,
     Pairs,
     SubwordVocab,
     encode_pairs,
     eval_batches,
     load_subword_vocab,
-    prepare_parallel_data,
+    prepare_translation_data,
     source_batches,
 )
 from xmoe.distributed import Ranks
@@ -74,7 +74,7 @@ class MTRunConfig:
     task: str = "mt"  # what config.json says the run is (xmoe.tasks.task_class)
     preset: str
     model: Seq2SeqConfig
-    data: ParallelDataConfig = field(default_factory=ParallelDataConfig)
+    data: TranslationDataConfig = field(default_factory=TranslationDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     label_smoothing: float = 0.1
@@ -112,7 +112,7 @@ def mt_run_config(preset: str, *, overrides: dict[str, str] | None = None) -> MT
     recipe = _RECIPES[preset.split("-")[0]]
     train = TrainConfig(betas=(0.9, 0.98), weight_decay=0.0, schedule="inverse_sqrt", warmup_fraction=0.1,
                         **recipe["train"])
-    cfg = MTRunConfig(preset=preset, model=model, data=ParallelDataConfig(**recipe["data"]), train=train)
+    cfg = MTRunConfig(preset=preset, model=model, data=TranslationDataConfig(**recipe["data"]), train=train)
     return apply_overrides(cfg, overrides or {})
 
 
@@ -144,13 +144,13 @@ class Translation:
     num_params = None  # a Seq2Seq preset is small: no memory check before building
 
     @staticmethod
-    def prepare(cfg: MTRunConfig, run_dir, resume: bool, ranks: Ranks | None) -> ParallelData:
+    def prepare(cfg: MTRunConfig, run_dir, resume: bool, ranks: Ranks | None) -> TranslationData:
         """The subword vocabulary (trained on the training pairs, or the run's own on a resume)
         and the encoded pairs. Translation trains in one process."""
-        return prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume)
+        return prepare_translation_data(cfg.data, run_dir, reuse_vocab=resume)
 
     @staticmethod
-    def fit_vocab(cfg: MTRunConfig, data: ParallelData) -> MTRunConfig:
+    def fit_vocab(cfg: MTRunConfig, data: TranslationData) -> MTRunConfig:
         vocab = data.vocab
         return dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
@@ -159,7 +159,7 @@ class Translation:
     def describe_data(cfg: MTRunConfig) -> str:
         return "the parallel files"
 
-    def __init__(self, data: ParallelData, cfg: MTRunConfig) -> None:
+    def __init__(self, data: TranslationData, cfg: MTRunConfig) -> None:
         self.data, self.cfg = data, cfg
         self.batches = data.train_batches(max_tokens=cfg.data.max_tokens, seed=cfg.train.seed)
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact, reshard
+from xmoe.distributed import DataParallelConfig, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 from xmoe.errors import UsageError
 from xmoe.moe.dial import budget_dials, step_budgets
 
@@ -107,12 +107,12 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     ranks = ranks or SingleProcess()
     device = ranks.device or resolve_device(cfg.device)
     model.to(device)
-    ranks.shard(model, DataParallel(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
+    ranks.shard(model, DataParallelConfig(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
                                        mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))
     optimizer = build_optimizer(model, cfg)
     start, run_id = 0, None
     if resume:
-        state = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=ranks)
+        state = load_checkpoint(run_dir, model, optimizer, restore_rng=True, ranks=ranks)
         start, run_id = state["step"], state.get("run_id")
         if start >= cfg.max_steps:
             raise UsageError(
@@ -135,7 +135,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state,
                             run_files=files)
         else:  # every rank writes its shards
-            save_sharded_checkpoint(run_dir, model, optimizer, parallel=ranks, step=step, config=config,
+            save_sharded_checkpoint(run_dir, model, optimizer, ranks=ranks, step=step, config=config,
                                     extra=extra_state, run_files=files)
 
     losses = []
