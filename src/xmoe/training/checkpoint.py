@@ -332,10 +332,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     ranks = ranks or SingleProcess()
     folder = checkpoint_dir(path)
     manifest = _checked_manifest(folder)
+    state = _state_template(model, optimizer, ranks)  # what this run holds; each rank fills its part
     if (folder / SHARDS_DIR).is_dir():
-        _load_sharded(folder, manifest, model, optimizer, ranks)
+        _read_sharded(folder, manifest, state.saved, ranks)
     else:
-        _load_single_file(folder, manifest, model, optimizer, ranks)
+        _read_single_file(folder, manifest, state)
+    _apply(state, model, optimizer)
     if restore_rng:
         if not (folder / "rng.pt").is_file():
             raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
@@ -354,8 +356,11 @@ def _checked_manifest(folder: Path) -> Manifest:
     return manifest
 
 
-def _load_single_file(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                      ranks) -> None:
+def _read_single_file(folder: Path, manifest: Manifest, state: _State) -> None:
+    """Fill ``state`` from model.safetensors and optimizer.pt, each checked first; every rank
+    reads the whole files and keeps its part. A parameter without optimizer state in the file
+    (saved before its first step) is left without."""
+    template = state.saved
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
@@ -367,29 +372,20 @@ def _load_single_file(folder: Path, manifest: Manifest, model: nn.Module, optimi
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {folder / MODEL_FILE} are corrupted or unreadable: {err}") from err
     _check_file_stamp(manifest, MODEL_FILE, header.get(RUN_KEY))
-    optimizer_state = _read_optimizer(folder, manifest) if optimizer is not None else None
-    if ranks.world_size == 1:
-        _load_weights(_unwrap(model), tensors, folder)
-        if optimizer is not None:
-            try:
-                optimizer.load_state_dict(optimizer_state)
-            except (RuntimeError, ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err}") from err
-        return
-    # A sharded model: every rank reads the whole file and keeps its part.
-    state = _state_template(model, optimizer, ranks)
-    template = state.saved
     _check_weights_match(template["model"], tensors, folder)
     _fill(template["model"], tensors)
-    if optimizer is not None:
+    if "optim" in template:
+        optimizer_state = _read_optimizer(folder, manifest)
         names = [name for group in template["optim"]["param_groups"] for name in group["params"]]
-        try:
+        try:  # optimizer.pt is keyed by position in the param groups, the template by name
             named = {names[int(i)]: entry for i, entry in optimizer_state["state"].items()}
-            for name, entry in template["optim"]["state"].items():
-                _fill(entry, named[name])
+            for name in list(template["optim"]["state"]):
+                if name in named:
+                    _fill(template["optim"]["state"][name], named[name])
+                else:
+                    del template["optim"]["state"][name], state.live["optim"]["state"][name]
         except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err!r}") from err
-    _apply(state, model, optimizer)
 
 
 def _read_optimizer(folder: Path, manifest: Manifest) -> dict:
@@ -419,15 +415,13 @@ def _check_file_stamp(manifest: Manifest, name: str, text: str | None) -> None:
     manifest.check_stamp(name, None if text is None else Stamp.parse(text, manifest.folder / name))
 
 
-def _load_sharded(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                  ranks) -> None:
+def _read_sharded(folder: Path, manifest: Manifest, template: dict, ranks) -> None:
+    """Fill ``template`` (``_State.saved``) from the shards in ``dcp/``, each rank reading its part."""
     missing = [name for name in ("state.json", "config.json", f"{SHARDS_DIR}/.metadata") if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
     _verify_sharded(folder, manifest, ranks)
-    state = _state_template(model, optimizer, ranks)
-    _read_shards(folder, state.saved, manifest, no_dist=ranks.world_size == 1)
-    _apply(state, model, optimizer)
+    _read_shards(folder, template, manifest, no_dist=ranks.world_size == 1)
 
 
 def _read_shards(folder: Path, state: dict, manifest: Manifest, *, planner=None, no_dist: bool = True) -> dict:
@@ -568,11 +562,6 @@ def _torch_load(path: Path, what: str):
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint file {path} ({what}) is truncated or corrupted ({err}); "
                               f"restore it, or start a new run") from None
-
-
-def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    _check_weights_match(model.state_dict(), tensors, folder)
-    model.load_state_dict(tensors, strict=False)
 
 
 def _check_weights_match(expected: dict[str, Tensor], tensors: dict[str, Tensor], folder: Path) -> None:
