@@ -37,7 +37,7 @@ from .routing import moe_objective, routing_summary
 class LMRunConfig:
     """Everything a language-model run needs; saved as config.json with each checkpoint."""
 
-    task: str = "lm"  # what config.json says the run is (xmoe.tasks.task_class)
+    task: str = "lm"  # what config.json says the run is (xmoe.training.runs.task_of)
     preset: str
     model: GPTConfig
     data: DataConfig = field(default_factory=DataConfig)

@@ -71,7 +71,7 @@ class MTRunConfig:
 
     train.batch_size and train.seq_len are unused here: data.max_tokens sets the batch."""
 
-    task: str = "mt"  # what config.json says the run is (xmoe.tasks.task_class)
+    task: str = "mt"  # what config.json says the run is (xmoe.training.runs.task_of)
     preset: str
     model: Seq2SeqConfig
     data: TranslationDataConfig = field(default_factory=TranslationDataConfig)
