@@ -2,8 +2,9 @@
 makes the host wait for the device (a `.item()`, `float(t)`, `bool(t)` or `.tolist()`).
 
     PYTHONPATH=src python benchmarks/host_reads.py            # debug-xmoe LM, 8 steps, log_every 4
+    PYTHONPATH=src python benchmarks/host_reads.py cuda       # the same run on a GPU
 
-Runs on the CPU, where no read waits, and counts reads as a GPU would pay for them
+On the CPU no read waits; reads are counted as a GPU would pay for them
 (xmoe.bench.probes.HostReads), each by the file that asked for it: the training floor
 (xmoe/training, xmoe/tasks, xmoe/distributed), the MoE layer (xmoe/moe: one read per forward
 for its expert counts, none in static mode), and torch's optimizer (Adam's step counter, a CPU
@@ -35,7 +36,7 @@ def floor(site: str) -> str:
     return next((name for name, parts in FLOORS if any(part in site for part in parts)), "other: " + site)
 
 
-def main() -> None:
+def main(device: str = "cpu") -> None:
     torch.set_num_threads(1)
     words = "the quick brown fox jumps over the lazy dog while experts route tokens".split()
     rng = random.Random(0)
@@ -44,7 +45,7 @@ def main() -> None:
         corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)))
         cfg = lm_run_config("debug-xmoe", data=DataConfig(path=str(corpus), vocab_size=300, cache_dir=f"{tmp}/cache"),
                             train=TrainConfig(max_steps=STEPS, grad_accum=GRAD_ACCUM, log_every=LOG_EVERY,
-                                              batch_size=4, seq_len=32, eval_every=0, save_every=0, device="cpu"))
+                                              batch_size=4, seq_len=32, eval_every=0, save_every=0, device=device))
         starts: list[int] = []
         with HostReads() as reads:
             def mark(module, args):
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:]))
