@@ -21,7 +21,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from xmoe.distributed import SingleProcess
 from xmoe.models.gpt import GPT
-from xmoe.training import lm_run_config, to_dict
+from xmoe.training import to_dict
+from xmoe.tasks.lm import lm_run_config
 from xmoe.training.checkpoint import Manifest, _read_shards, _state_template, save_sharded_checkpoint
 from xmoe.training.optim import build_optimizer
 
@@ -36,7 +37,7 @@ def main() -> None:
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_sharded_checkpoint(tmp, model, optimizer, parallel=SingleProcess(), step=1, config=to_dict(cfg))
+        folder = save_sharded_checkpoint(tmp, model, optimizer, ranks=SingleProcess(), step=1, config=to_dict(cfg))
         size = sum(f.stat().st_size for f in (folder / "dcp").iterdir()) / 1e6
         template = lambda: _state_template(model, optimizer, SingleProcess()).saved
         plain = lambda: dcp.load(template(), storage_reader=FileSystemReader(folder / "dcp"), no_dist=True)

@@ -31,7 +31,7 @@ from xmoe.conversion import (
     sweep,
 )
 from xmoe.moe import set_threshold
-from xmoe.training import eval_batches, lm_run_config, load_lm, train_lm
+from xmoe.tasks.lm import eval_batches, lm_run_config, load_lm, train_lm
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import DataParallel, Layout, Parallel, SingleProcess
+from xmoe.distributed import DataParallelConfig, Layout, Parallel, SingleProcess
 from xmoe.models.gpt import GPT
 from xmoe.presets import get_preset
 from xmoe.training import TrainConfig
@@ -105,7 +105,7 @@ def run(rank: int, config: Config, args, port: int, results) -> None:
         parallel = Parallel(Layout(world_size=config.world, ep_size=config.ep))
     torch.manual_seed(0)
     model = GPT(get_preset(args.preset))
-    parallel.shard(model, DataParallel(impl=config.impl if config.world > 1 else "allreduce"))
+    parallel.shard(model, DataParallelConfig(impl=config.impl if config.world > 1 else "allreduce"))
     optimizer = build_optimizer(model, TrainConfig())
     gen = torch.Generator().manual_seed(rank)
     vocab = model.cfg.vocab_size

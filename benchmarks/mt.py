@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from xmoe.data.parallel import read_parallel
+from xmoe.data.translation import read_sentence_pairs
 from xmoe.models.seq2seq import num_params
-from xmoe.training.mt import DecodeConfig, evaluate_mt, load_mt, mt_run_config, train_mt
+from xmoe.tasks.mt import DecodeConfig, evaluate_mt, load_mt, mt_run_config, train_mt
 
 PRESETS = ("cpu-xmoe-32x512", "cpu-top2-32x512")
 
@@ -58,7 +58,7 @@ def run_one(preset: str, args: argparse.Namespace, data: Path) -> dict:
     result = train_mt(mt_run_config(preset, overrides=overrides), run_dir, progress=False)
     train_s = time.perf_counter() - t0
     loaded = load_mt(run_dir, device="cpu")
-    src, ref = read_parallel(data / f"test_2016_flickr.{s}", data / f"test_2016_flickr.{t}")
+    src, ref = read_sentence_pairs(data / f"test_2016_flickr.{s}", data / f"test_2016_flickr.{t}")
     t0 = time.perf_counter()
     summary, hyps = evaluate_mt(loaded, src, ref, decode=DecodeConfig(beam=args.beam))
     eval_s = time.perf_counter() - t0

@@ -83,7 +83,7 @@ def test_needs_extra_names_the_extra_and_lets_other_import_errors_through(monkey
 
 
 def test_the_translation_vocabulary_names_the_mt_extra(monkeypatch, tmp_path) -> None:
-    from xmoe.data.parallel import SubwordVocab, train_subword_vocab
+    from xmoe.data.translation import SubwordVocab, train_subword_vocab
 
     hide(monkeypatch, "sentencepiece")
     with pytest.raises(MissingExtra, match=r"sentencepiece is not installed .*" + install_hint("mt")):
@@ -94,7 +94,7 @@ def test_the_translation_vocabulary_names_the_mt_extra(monkeypatch, tmp_path) ->
 
 
 def test_bleu_names_the_mt_extra(monkeypatch) -> None:
-    from xmoe.training.mt import corpus_scores
+    from xmoe.tasks.mt import corpus_scores
 
     hide(monkeypatch, "sacrebleu")
     with pytest.raises(MissingExtra, match=r"sacrebleu is not installed \(BLEU and chrF\+\+\): " + install_hint("mt")):
@@ -123,7 +123,7 @@ def test_translation_training_stops_before_it_makes_the_run_folder(monkeypatch, 
 
 def test_plots_name_the_report_extra(monkeypatch, tmp_path) -> None:
     from xmoe.conversion.sweep import SweepPoint, plot_sweeps
-    from xmoe.training.report import plot_threshold_sweep
+    from xmoe.report.sweep import plot_threshold_sweep
 
     hide(monkeypatch, "matplotlib")
     rows = [{"threshold": 0.5, "perplexity": 10.0, "moe_flops_ratio": 0.5}]

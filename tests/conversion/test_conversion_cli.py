@@ -10,7 +10,7 @@ import pytest
 from helpers.cli import TINY_TRAIN, run_cli
 from helpers.data import write_corpus
 from xmoe.cli.main import main
-from xmoe.training import load_lm
+from xmoe.tasks.lm import load_lm
 
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from xmoe.data import load_corpus
-from xmoe.data.parallel import read_lines
+from xmoe.data.translation import read_lines
 
 
 @pytest.fixture

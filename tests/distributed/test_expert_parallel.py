@@ -22,19 +22,8 @@ from xmoe.data import DataConfig
 from xmoe.distributed import Layout
 from xmoe.models.gpt import GPT
 from xmoe.presets import get_preset
-from xmoe.training import (
-    CheckpointError,
-    TrainConfig,
-    checkpoint_dir,
-    consolidate_checkpoint,
-    eval_batches,
-    evaluate_lm,
-    lm_run_config,
-    load_lm,
-    read_metrics,
-    to_dict,
-    train_lm,
-)
+from xmoe.training import CheckpointError, TrainConfig, checkpoint_dir, consolidate_checkpoint, read_metrics, to_dict
+from xmoe.tasks.lm import eval_batches, evaluate_lm, lm_run_config, load_lm, train_lm
 from xmoe.training.checkpoint import read_state
 
 WORLD = 2

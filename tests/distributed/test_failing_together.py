@@ -14,7 +14,9 @@ import torch
 
 from helpers import distributed as workers
 from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, checkpoint_dir, lm_run_config, load_lm, to_dict
+from xmoe.models.gpt import GPT
+from xmoe.training import TrainConfig, checkpoint_dir, to_dict
+from xmoe.tasks.lm import lm_run_config, load_lm
 from xmoe.training.checkpoint import read_state
 
 TIMEOUT_S = 15.0  # the collective timeout these runs set: the bound on noticing a silent rank
@@ -102,7 +104,12 @@ def test_a_killed_rank_ends_the_other_within_the_timeout_and_the_last_checkpoint
     assert "--resume" in report["error"]
     step = read_state(checkpoint_dir(run))["step"]
     assert step >= 2 and step % 2 == 0
-    assert load_lm(run, device="cpu").model is not None  # the last checkpoint loads in one process
+    loaded = load_lm(run, device="cpu")  # the last checkpoint loads in one process: trained weights
+    torch.manual_seed(loaded.cfg.train.seed)
+    initial = GPT(loaded.cfg.model).state_dict()
+    trained = loaded.model.state_dict()
+    assert trained.keys() == initial.keys() and all(torch.isfinite(v).all() for v in trained.values())
+    assert not all(torch.equal(trained[k], initial[k]) for k in initial)
 
 
 @pytest.mark.slow

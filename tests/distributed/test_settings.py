@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xmoe.distributed import DataParallel, init_from_env, transformer_blocks
+from xmoe.distributed import DataParallelConfig, init_from_env, transformer_blocks
 from xmoe.models.gpt import GPT
 from xmoe.presets import get_preset
 from xmoe.training import TrainConfig
@@ -23,7 +23,7 @@ def test_train_config_rejects_bad_distributed_settings(fields, message) -> None:
 
 def test_data_parallel_rejects_an_unknown_implementation() -> None:
     with pytest.raises(ValueError, match="train.dp_impl='zero3'"):
-        DataParallel(impl="zero3")
+        DataParallelConfig(impl="zero3")
 
 
 def test_init_from_env_rejects_a_timeout_that_bounds_nothing(monkeypatch) -> None:

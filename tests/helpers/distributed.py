@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.distributed import DataParallel, Layout, Parallel
+from xmoe.distributed import DataParallelConfig, Layout, Parallel
 from xmoe.moe import MoEConfig, MoELayer, Router
 
 # The layer cases: MoEConfig fields, and the tokens each rank routes (uneven, and zero).
@@ -71,7 +71,7 @@ def layer_case(name: str, backend: str, rank: int | None = None):
 
 def run_layer_cases(rank: int, world_size: int, out: str) -> None:
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
-    replicated = DataParallel(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
+    replicated = DataParallelConfig(impl="allreduce")  # the router whole on every rank: its raw per-rank gradient
     results = {}
     for name in LAYER_CASES:
         for backend in BACKENDS:
@@ -100,7 +100,8 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     from torch.distributed.tensor import DTensor
 
     from xmoe.models.gpt import GPT
-    from xmoe.training import LMRunConfig, from_dict, load_checkpoint, read_config, train_lm
+    from xmoe.training import from_dict, load_checkpoint, read_config
+    from xmoe.tasks.lm import LMRunConfig, train_lm
     from xmoe.training import loop
 
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size))
@@ -116,7 +117,7 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
         return optimizer
 
     loop.build_optimizer = keep
-    train_lm(cfg, run_dir, progress=False, parallel=parallel, resume=resume)
+    train_lm(cfg, run_dir, progress=False, ranks=parallel, resume=resume)
     loop.build_optimizer = original
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     layout = {name: {"dtensor": isinstance(p, DTensor), "local_numel": local(p).numel(), "numel": p.numel()}
@@ -127,7 +128,7 @@ def run_training(rank: int, world_size: int, cfg_dict: dict, run_dir: str, ep_si
     saved = from_dict(LMRunConfig, read_config(run_dir))
     model = GPT(saved.model)
     parallel.shard(model)
-    load_checkpoint(run_dir, model, parallel=parallel)
+    load_checkpoint(run_dir, model, ranks=parallel)
     model.eval()
     with torch.no_grad():
         logits = model(probe).logits_BLV
@@ -139,7 +140,8 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
     """Train until something stops the run (a signal, a rank that dies); write what this rank
     saw to stopped-rank{r}.json beside RUN (a run that fails before its first checkpoint is
     removed): the result, or the error and when it was raised."""
-    from xmoe.training import LMRunConfig, from_dict, train_lm
+    from xmoe.training import from_dict
+    from xmoe.tasks.lm import LMRunConfig, train_lm
     from xmoe.training import loop
 
     saves = []
@@ -154,7 +156,7 @@ def run_until_stopped(rank: int, world_size: int, cfg_dict: dict, run_dir: str, 
     cfg = from_dict(LMRunConfig, cfg_dict)
     parallel = Parallel(Layout(world_size=world_size, ep_size=ep_size), timeout_s=cfg.train.collective_timeout_s)
     try:
-        result = train_lm(cfg, run_dir, progress=False, parallel=parallel)
+        result = train_lm(cfg, run_dir, progress=False, ranks=parallel)
         report.write_text(json.dumps({"steps": result.steps, "signal": result.signal, "saves": saves}))
     except Exception as err:
         report.write_text(json.dumps({"error": f"{type(err).__name__}: {err}", "at": time.time(), "saves": saves}))
@@ -171,7 +173,7 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     torch.manual_seed(0)
     model = GPT(get_preset("debug-xmoe"))
     parallel = Parallel(Layout(world_size=world_size, ep_size=world_size))
-    parallel.shard(model, DataParallel(mixed_precision=True))
+    parallel.shard(model, DataParallelConfig(mixed_precision=True))
     seen = []  # the dtype of a block's (gathered) parameters while it runs
     model.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(block.ln_1.weight.dtype))
     router = next(m for m in model.modules() if isinstance(m, Router))
@@ -183,7 +185,7 @@ def run_mixed_precision(rank: int, world_size: int, tokens: torch.Tensor, out: s
     parallel.sync_gradients(model)
     norm = parallel.clip(model, 0.0)
     dtypes = {p.grad.dtype for p in model.parameters() if p.grad is not None}
-    torch.save({"loss": float(loss), "grad_norm": norm, "dtypes": dtypes, "forward_dtype": seen[0],
+    torch.save({"loss": float(loss), "grad_norm": float(norm), "dtypes": dtypes, "forward_dtype": seen[0],
                 "router_dtype": gates[0]},
                Path(out) / f"rank{rank}.pt")
 
@@ -196,7 +198,7 @@ def run_evaluation(rank: int, world_size: int, batches: list, out: str) -> None:
     EVAL_LAYOUTS, each rank its share; save each result and how many forwards this rank ran."""
     from xmoe.models.gpt import GPT
     from xmoe.presets import get_preset
-    from xmoe.training import evaluate_lm
+    from xmoe.tasks.lm import evaluate_lm
 
     results = {}
     for name, ep_size in EVAL_LAYOUTS.items():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from xmoe.data import DataConfig
-from xmoe.training import LMRunConfig, TrainConfig, lm_run_config
+from xmoe.training import TrainConfig
+from xmoe.tasks.lm import LMRunConfig, lm_run_config
 
 
 def tiny_lm_config(corpus, tmp_path, overrides: dict[str, str] | None = None, **train) -> LMRunConfig:

@@ -13,7 +13,7 @@ from helpers.cli import TINY_TRAIN, run_cli
 from helpers.data import write_corpus
 from xmoe.cli.main import main
 from xmoe.data import load_tokenizer
-from xmoe.training import load_lm
+from xmoe.tasks.lm import load_lm
 
 
 

@@ -12,8 +12,9 @@ import torch
 from helpers.mt import write_toy_corpus
 from xmoe.cli.main import main
 from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, lm_run_config, train_lm
-from xmoe.training.mt import mt_run_config, train_mt
+from xmoe.training import TrainConfig
+from xmoe.tasks.lm import lm_run_config, train_lm
+from xmoe.tasks.mt import mt_run_config, train_mt
 
 
 @pytest.fixture(scope="module")

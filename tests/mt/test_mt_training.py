@@ -13,13 +13,13 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from helpers.mt import BOS, EOS, FIRST_WORD, PAD, tiny_config
 from xmoe.cli.main import main
-from xmoe.data.parallel import ParallelDataConfig, pad, prepare_parallel_data
+from xmoe.data.translation import TranslationDataConfig, pad, prepare_translation_data
 from xmoe.models.seq2seq import Seq2Seq
-from xmoe.training import mt as mt_module
+from xmoe.tasks import mt as mt_module
 from xmoe.training import runs as runs_module
 from xmoe.training import LoadedRun, read_metrics
 from xmoe.training.loop import train as loop_train
-from xmoe.training.mt import (
+from xmoe.tasks.mt import (
     corpus_scores,
     evaluate_mt,
     label_smoothed_loss,
@@ -111,7 +111,7 @@ def test_bleu_scores_detokenised_text_against_raw_references(toy_files, tmp_path
     """Hypotheses leave the decode path as detokenised text (no sentencepiece pieces) and are
     scored against the raw reference lines: an oracle decoder scores BLEU 100."""
     (src, tgt), (vsrc, vtgt) = toy_files["train"], toy_files["valid"]
-    data = prepare_parallel_data(ParallelDataConfig(src=src, tgt=tgt, valid_src=vsrc, valid_tgt=vtgt,
+    data = prepare_translation_data(TranslationDataConfig(src=src, tgt=tgt, valid_src=vsrc, valid_tgt=vtgt,
                                                     vocab_size=60), tmp_path)
     vocab, src_lines, refs = data.vocab, data.valid_src, data.valid_ref
     cfg = _cfg(toy_files)

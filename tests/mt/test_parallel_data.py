@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from xmoe.data.parallel import (
+from xmoe.data.translation import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
     SPM_FILE,
     Pairs,
-    ParallelDataConfig,
+    TranslationDataConfig,
     TokenBatches,
-    prepare_parallel_data,
-    read_parallel,
+    prepare_translation_data,
+    read_sentence_pairs,
 )
 
 
@@ -23,19 +23,19 @@ def test_mismatched_line_counts_are_a_clear_error(tmp_path):
     (tmp_path / "a.en").write_text("one\ntwo\nthree\n")
     (tmp_path / "a.de").write_text("eins\nzwei\n")
     with pytest.raises(ValueError, match=r"a\.en has 3 lines.*a\.de has 2"):
-        read_parallel(tmp_path / "a.en", tmp_path / "a.de")
+        read_sentence_pairs(tmp_path / "a.en", tmp_path / "a.de")
 
 
 def test_missing_file_and_half_validation_pair(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.en"):
-        read_parallel(tmp_path / "nope.en", tmp_path / "nope.de")
+        read_sentence_pairs(tmp_path / "nope.en", tmp_path / "nope.de")
     with pytest.raises(ValueError, match="valid_src and data.valid_tgt go together"):
-        ParallelDataConfig(src="a", tgt="b", valid_src="c")
+        TranslationDataConfig(src="a", tgt="b", valid_src="c")
 
 
 def test_vocabulary_is_joint_saved_and_round_trips(toy_files, tmp_path):
     (src, tgt), (vsrc, vtgt) = toy_files["train"], toy_files["valid"]
-    data = prepare_parallel_data(ParallelDataConfig(src=src, tgt=tgt, valid_src=vsrc, valid_tgt=vtgt,
+    data = prepare_translation_data(TranslationDataConfig(src=src, tgt=tgt, valid_src=vsrc, valid_tgt=vtgt,
                                                     vocab_size=60), tmp_path / "run")
     assert (tmp_path / "run" / SPM_FILE).is_file()
     vocab = data.vocab
@@ -49,9 +49,9 @@ def test_vocabulary_is_joint_saved_and_round_trips(toy_files, tmp_path):
 def test_resume_without_the_saved_vocabulary_is_an_error(toy_files, tmp_path):
     """A resume must reuse the run's spm.model: retraining it could renumber the pieces."""
     src, tgt = toy_files["train"]
-    cfg = ParallelDataConfig(src=src, tgt=tgt, vocab_size=60)
+    cfg = TranslationDataConfig(src=src, tgt=tgt, vocab_size=60)
     with pytest.raises(FileNotFoundError, match="spm.model"):
-        prepare_parallel_data(cfg, tmp_path / "run", reuse_vocab=True)
+        prepare_translation_data(cfg, tmp_path / "run", reuse_vocab=True)
     assert not (tmp_path / "run" / SPM_FILE).exists()
 
 
@@ -64,7 +64,7 @@ def _pairs(src_lens, tgt_lens) -> Pairs:
 
 def test_over_long_pairs_are_filtered(toy_files, tmp_path):
     src, tgt = toy_files["train"]
-    data = prepare_parallel_data(ParallelDataConfig(src=src, tgt=tgt, vocab_size=60, max_len=8, max_tokens=64,
+    data = prepare_translation_data(TranslationDataConfig(src=src, tgt=tgt, vocab_size=60, max_len=8, max_tokens=64,
                                                     val_lines=10), tmp_path / "run")
     vocab = data.vocab
     lines_src, lines_tgt = open(src).read().splitlines()[:-10], open(tgt).read().splitlines()[:-10]

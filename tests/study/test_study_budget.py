@@ -13,7 +13,7 @@ from helpers.training import cross_entropy_by_hand
 from xmoe import UsageError
 from xmoe.cli.main import main
 from xmoe.study.budget import ARMS, difficulty, run_budget, spearman, versus
-from xmoe.training import eval_batches, load_lm
+from xmoe.tasks.lm import eval_batches, load_lm
 
 OVERRIDES = {"train.max_steps": "3", "train.batch_size": "2", "train.seq_len": "16", "train.eval_batches": "2",
              "train.save_every": "0", "data.vocab_size": "300"}

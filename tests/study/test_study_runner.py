@@ -15,7 +15,7 @@ from xmoe.cli.main import main
 from xmoe.moe import MoELayer
 from xmoe.study import MEASUREMENTS, RESULTS_JSON, RESULTS_MD, plan_study, run_study
 from xmoe.study import measure as measure_module
-from xmoe.training import eval_batches, load_lm
+from xmoe.tasks.lm import eval_batches, load_lm
 
 GRANULARITY = ["xmoe-8x256-t0.9", "xmoe-16x128-t0.9", "xmoe-32x64-t0.9", "xmoe-64x32-t0.9"]
 STEPS = 2

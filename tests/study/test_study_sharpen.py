@@ -12,7 +12,7 @@ import torch
 from helpers.training import cross_entropy_by_hand
 from xmoe.cli.main import main
 from xmoe.study.sharpen import ARMS, OPTION_ARMS, meets_bar, run_sharpen, select
-from xmoe.training import eval_batches, load_lm
+from xmoe.tasks.lm import eval_batches, load_lm
 
 OVERRIDES = {"train.max_steps": "2", "train.batch_size": "2", "train.seq_len": "16", "train.eval_batches": "2",
              "train.save_every": "0", "data.vocab_size": "300"}

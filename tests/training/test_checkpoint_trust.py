@@ -26,8 +26,8 @@ from helpers.data import write_corpus
 from helpers.training import recompute_manifest, tiny_lm_config
 from xmoe.distributed import SingleProcess
 from xmoe.models.gpt import GPT
-from xmoe.training import CheckpointError, lm_run_config, load_checkpoint, load_lm, to_dict, train_lm
-from xmoe.training import LMRunConfig
+from xmoe.training import CheckpointError, load_checkpoint, to_dict
+from xmoe.tasks.lm import LanguageModelling, lm_run_config, load_lm, train_lm
 from xmoe.training.checkpoint import consolidate_checkpoint, save_sharded_checkpoint
 from xmoe.training.optim import build_optimizer
 from xmoe.training.runs import saved_config
@@ -57,7 +57,7 @@ def save_sharded(run: Path, step: int = 1) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     optimizer.step()
-    return save_sharded_checkpoint(run, model, optimizer, parallel=SingleProcess(), step=step, config=config)
+    return save_sharded_checkpoint(run, model, optimizer, ranks=SingleProcess(), step=step, config=config)
 
 
 @pytest.fixture
@@ -206,7 +206,7 @@ def runs(two_runs, tmp_path) -> tuple[Path, Path]:
 def resume_load(run: Path) -> dict:
     """What --resume reads: weights, optimizer state, RNG states, state.json (into the model the
     untouched run "a" describes)."""
-    cfg = saved_config(run.parent / "pristine-a", LMRunConfig, "lm")
+    cfg = saved_config(run.parent / "pristine-a", LanguageModelling)
     model = GPT(cfg.model)
     return load_checkpoint(run, model, build_optimizer(model, cfg.train), restore_rng=True)
 

@@ -19,8 +19,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from xmoe.cli.main import main as cli_main
 from helpers.data import write_corpus
 from helpers.training import recompute_manifest, tiny_lm_config
-from xmoe.training import lm_run_config, load_lm, train_lm
-from xmoe.training import lm as lm_module
+from xmoe.tasks.lm import lm_run_config, load_lm, train_lm
+from xmoe.tasks import lm as lm_module
 from xmoe.training import loop as loop_module
 
 
@@ -122,7 +122,7 @@ def test_a_signal_during_the_final_evaluation_skips_it_and_keeps_the_checkpoint(
         evaluations.append("not interrupted")  # never reached: the signal raises at once
         return {}
 
-    monkeypatch.setattr(lm_module.LMTask, "evaluate", evaluate)
+    monkeypatch.setattr(lm_module.LanguageModelling, "evaluate", evaluate)
     result = train_lm(tiny_config(corpus, tmp_path, max_steps=3), tmp_path / "run", progress=False)
     assert evaluations == ["started"]
     assert result.interrupted and result.steps == 3 and result.final_eval == {}
@@ -310,10 +310,11 @@ def flip_a_bit(path: Path, offset_from_end: int = 100) -> None:
 
 
 def resume(run: Path):
-    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training import apply_overrides
+    from xmoe.tasks.lm import LanguageModelling
     from xmoe.training.runs import saved_config
 
-    cfg = saved_config(run, LMRunConfig, "lm")  # two more steps on the run's schedule (no warning)
+    cfg = saved_config(run, LanguageModelling)  # two more steps on the run's schedule (no warning)
     extend = {"train.max_steps": "4", "train.schedule_steps": str(cfg.train.max_steps)}
     return train_lm(apply_overrides(cfg, extend), run, resume=True, progress=False)
 
@@ -461,6 +462,7 @@ def test_a_file_size_limit_during_a_resume_is_one_line_and_the_checkpoint_surviv
     import resource
 
     run = finished_run("run")
+    before = load_lm(run).model.state_dict()
     sizes = {name: (run / "checkpoint" / name).stat().st_size for name in ("model.safetensors", "optimizer.pt")}
     limit = sizes[failing] // 2
     assert failing == "model.safetensors" or limit > sizes["model.safetensors"]
@@ -474,13 +476,15 @@ def test_a_file_size_limit_during_a_resume_is_one_line_and_the_checkpoint_surviv
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "no space left" in r.stderr
     assert "(step 2) is intact" in r.stderr
-    assert saved_step(run) == 2 and load_lm(run).model is not None
+    assert saved_step(run) == 2
+    after = load_lm(run).model.state_dict()  # the step-2 weights, untouched by the failed write
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not list(run.glob(".checkpoint-*"))
 
 
 def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, finished_run):
     """Item 8: what a full disk leaves at the end of metrics.jsonl."""
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     run = finished_run("run")
     with open(run / "metrics.jsonl", "a") as f:
@@ -539,12 +543,13 @@ def test_flags_that_do_not_exist_point_at_the_ones_that_do(tmp_path, capsys, mon
 def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(tmp_path, finished_run):
     """Item 18: resume 2 -> 4 steps re-stretches the cosine; the warning says what the lr becomes,
     and --train.schedule_steps keeps the old schedule (lr at its floor, as a direct check)."""
-    from xmoe.training import LMRunConfig, apply_overrides
+    from xmoe.training import apply_overrides
+    from xmoe.tasks.lm import LanguageModelling
     from xmoe.training.optim import lr_at
     from xmoe.training.runs import saved_config
 
     run = finished_run("run")
-    saved = saved_config(run, LMRunConfig, "lm")
+    saved = saved_config(run, LanguageModelling)
     longer = apply_overrides(saved, {"train.max_steps": "4"})
     with pytest.warns(UserWarning, match=r"now spans 4 steps instead of 2, so the learning rate at step 3 is "
                                          r".* add --train.schedule_steps=2"):
@@ -566,7 +571,7 @@ def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(
 def test_sweep_and_eval_on_other_text_say_so_and_keep_the_runs_own_sweep(tmp_path, finished_run, capsys):
     """Item 19: a sweep on other text has its own files, which name the text and the step; eval
     says "loss on 'FILE'", not "validation loss". Item 23: summary.md shows the sweeps."""
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     run = finished_run("run")
     other = tmp_path / "other.txt"
@@ -592,7 +597,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
     eval does not claim every expert was engaged."""
     from xmoe.presets import get_preset
-    from xmoe.training.report import flops_baseline, threshold_sweep_figure
+    from xmoe.report import flops_baseline
+    from xmoe.report.sweep import threshold_sweep_figure
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
             for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]
@@ -608,7 +614,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
 
 def test_the_experts_plot_shows_what_training_wanted_as_well_as_kept(tmp_path, finished_run):
     """Item 23: training logs the experts the router wanted (before capacity) beside those kept."""
-    from xmoe.training.report import plot_experts_over_training, split_rows, read_rows
+    from xmoe.report.plots import plot_experts_over_training
+    from xmoe.training.metrics import read_rows, split_rows
 
     run = finished_run("run")
     train_rows, val_rows = split_rows(read_rows(run / "metrics.jsonl"))

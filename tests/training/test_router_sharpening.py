@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from xmoe.data import DataConfig
-from xmoe.training import TrainConfig, lm_run_config, load_lm, read_metrics, train_lm
+from xmoe.training import TrainConfig, read_metrics
+from xmoe.tasks.lm import lm_run_config, load_lm, train_lm
 from xmoe.training.optim import build_optimizer
 
 

@@ -8,7 +8,8 @@ import pytest
 from helpers.cli import TINY_TRAIN
 from helpers.data import write_corpus
 from xmoe.cli.main import main as cli_main
-from xmoe.training import apply_overrides, lm_run_config, train_lm
+from xmoe.training import apply_overrides
+from xmoe.tasks.lm import lm_run_config, train_lm
 
 
 @pytest.fixture(scope="module")

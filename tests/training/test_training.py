@@ -22,21 +22,16 @@ from xmoe.cli.main import build_parser, config_overrides, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
     CheckpointError,
-    LMRunConfig,
     TrainConfig,
     apply_overrides,
-    eval_batches,
-    evaluate_lm,
     from_dict,
-    lm_run_config,
     load_checkpoint,
-    load_lm,
     read_metrics,
     save_checkpoint,
     to_dict,
-    train_lm,
 )
-from xmoe.training import lm as lm_module
+from xmoe.tasks.lm import LMRunConfig, eval_batches, evaluate_lm, lm_run_config, load_lm, train_lm
+from xmoe.tasks import lm as lm_module
 
 
 @pytest.fixture
@@ -91,8 +86,22 @@ def test_config_json_round_trip(corpus, tmp_path):
     assert from_dict(LMRunConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
+def test_a_run_config_names_its_task_and_old_folders_are_told_apart_by_decode():
+    """config.json says which task a run is; a folder saved before it said so is a translation
+    run when it has decoding settings (only translation has them)."""
+    from xmoe.training.runs import task_of
+
+    assert to_dict(lm_run_config("debug-xmoe"))["task"] == "lm"
+    assert task_of({"task": "mt", "preset": "debug-xmoe"}) == "mt"
+    assert task_of({"preset": "debug-xmoe-mt", "decode": {"beam": 4}}) == "mt"
+    assert task_of({"preset": "debug-xmoe", "model": {}}) == "lm"
+    with pytest.raises(ValueError, match="task 'lm'"):
+        from_dict(LMRunConfig, {**to_dict(lm_run_config("debug-xmoe")), "task": "mt"})
+
+
 def test_training_lowers_the_loss_and_logs(corpus, tmp_path):
     result = train_lm(tiny_config(corpus, tmp_path, max_steps=30, save_every=0), tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["task"] == "lm"
     assert result.steps == 30 and not result.interrupted
     assert sum(result.train_losses[-5:]) / 5 < sum(result.train_losses[:5]) / 5 - 0.3
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -108,17 +117,17 @@ def test_resume_continues_exactly(corpus, tmp_path, monkeypatch, overrides):
     cfg = tiny_config(corpus, tmp_path, overrides)
     whole = train_lm(cfg, tmp_path / "whole", progress=False)
 
-    original = lm_module.LMTask.train_batch
+    original = lm_module.LanguageModelling.train_batch
 
     def interrupt_at_step_4(self, index):
         if index == 4:
             raise KeyboardInterrupt
         return original(self, index)
 
-    monkeypatch.setattr(lm_module.LMTask, "train_batch", interrupt_at_step_4)
+    monkeypatch.setattr(lm_module.LanguageModelling, "train_batch", interrupt_at_step_4)
     first = train_lm(cfg, tmp_path / "split", progress=False)
     assert first.interrupted and first.steps == 4
-    monkeypatch.setattr(lm_module.LMTask, "train_batch", original)
+    monkeypatch.setattr(lm_module.LanguageModelling, "train_batch", original)
     second = train_lm(cfg, tmp_path / "split", resume=True, progress=False)
 
     assert first.train_losses + second.train_losses == whole.train_losses  # bit for bit
@@ -246,15 +255,15 @@ def test_interrupt_during_evaluation_saves_the_completed_step(corpus, tmp_path, 
     def interrupted_eval(self, model, ranks):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lm_module.LMTask, "evaluate", interrupted_eval)
+    monkeypatch.setattr(lm_module.LanguageModelling, "evaluate", interrupted_eval)
     result = train_lm(cfg, tmp_path / "run", progress=False)
     assert result.interrupted and result.steps == 2
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
-def test_non_finite_loss_raises_before_updating_or_saving(corpus, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_before_saving(corpus, tmp_path, monkeypatch):
     cfg = tiny_config(corpus, tmp_path, max_steps=4, save_every=1)
-    original = lm_module.LMTask.loss
+    original = lm_module.LanguageModelling.loss
 
     def nan_at_step_3(self, model, batch):
         loss, logs = original(self, model, batch)
@@ -264,9 +273,9 @@ def test_non_finite_loss_raises_before_updating_or_saving(corpus, tmp_path, monk
         self.batches_seen += 1
         return loss, logs
 
-    monkeypatch.setattr(lm_module.LMTask, "batches_seen", 0, raising=False)
-    monkeypatch.setattr(lm_module.LMTask, "loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="nothing was updated or saved"):
+    monkeypatch.setattr(lm_module.LanguageModelling, "batches_seen", 0, raising=False)
+    monkeypatch.setattr(lm_module.LanguageModelling, "loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="nothing was saved"):
         train_lm(cfg, tmp_path / "run", progress=False)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2

@@ -62,8 +62,8 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     its evaluation and write its report; ``go_on``: the command that continues it, if stopped,
     when it is not ``xmoe train --out OUT --resume``."""
     from xmoe.cli import launch
-    from xmoe.training import train_lm
-    from xmoe.training.report import describe_eval, write_report
+    from xmoe.tasks.lm import train_lm
+    from xmoe.report import describe_eval, write_report
     from xmoe.training.stopping import exit_if_interrupted
 
     with launch.parallel_context(ep_size, cfg.train) as parallel:
@@ -71,7 +71,7 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
         if main_rank:
             ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {ep_size})"
             print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'}{ranks} -> {out}")
-        result = train_lm(cfg, out, resume=resume, parallel=parallel)
+        result = train_lm(cfg, out, resume=resume, ranks=parallel)
     if not main_rank:
         return
     if go_on is None and parallel is not None:  # the same processes and layout continue it
@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if hf_cli.handles(args.checkpoint):
         return hf_cli.cmd_eval(args)
-    from xmoe.training import eval_batches, evaluate_lm
+    from xmoe.tasks.lm import eval_batches, evaluate_lm
 
     loaded = _load(args)
     result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
     else:
-        from xmoe.training.report import describe_eval
+        from xmoe.report import describe_eval
 
         print(describe_eval(summary, loaded.model.cfg.moe, on=None if args.data is None else repr(args.data)))
 
@@ -105,7 +105,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if hf_cli.handles(args.checkpoint):
         return hf_cli.cmd_sweep(args)
     from xmoe.conversion.hf import is_converted_folder
-    from xmoe.training import eval_batches
+    from xmoe.tasks.lm import eval_batches
 
     if is_converted_folder(args.checkpoint):
         return _sweep_hf(args)
@@ -138,9 +138,11 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | N
     """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
     (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
     text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
-    from xmoe.training import checkpoint_dir, evaluate_lm
+    from xmoe.training import checkpoint_dir
+    from xmoe.tasks.lm import evaluate_lm
     from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import is_dense_split, plot_threshold_sweep, sweep_name, sweep_record, sweep_table
+    from xmoe.report import is_dense_split
+    from xmoe.report.sweep import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
         raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
@@ -204,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     print(f"report: {write_report(args.run_dir, args.out)}")
 
@@ -213,9 +215,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The main job: XMoE with a compute budget, and top-k over the same experts at the compute
     XMoE measured, trained on the same tokens of text that ships with Python, compared; then
     XMoE's compute dial."""
-    from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.tasks.lm import eval_batches, evaluate_lm, lm_run_config, load_lm
     from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
-    from xmoe.training.report import write_report
+    from xmoe.report import write_report
 
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
@@ -317,7 +319,7 @@ def _load(args: argparse.Namespace):
     from xmoe.cli.hf import refuse_max_experts
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.moe import MoELayer
-    from xmoe.training import load_lm
+    from xmoe.tasks.lm import load_lm
 
     if is_converted_folder(args.checkpoint):
         raise UsageError(
@@ -375,10 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from xmoe.cli import launch
-    from xmoe.training.lm import LM_TASK
+    from xmoe.tasks.lm import LanguageModelling
 
     p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
-    p.add_argument("--preset", default=LM_TASK.default_preset)
+    p.add_argument("--preset", default=LanguageModelling.default_preset)
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topK for each baseline k")
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a demo in --out that was stopped")
     p.set_defaults(func=cmd_demo)
 
-    p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},
+    p = add_train_command(commands, "train", cmd_train, LanguageModelling, renamed={"data": "data.path"},
                           help="train a GPT preset", out="checkpoint, tokenizer, metrics, report")
     launch.add_arguments(p)
 
@@ -488,14 +490,14 @@ def _set_threads(threads: int | None) -> None:
 
 def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
                       renamed: dict[str, str]) -> argparse.ArgumentParser:
-    """A command that trains a run of ``kind`` (xmoe.training.runs.TaskKind): --preset, --out,
+    """A command that trains a run of task ``kind`` (an xmoe.tasks class): --preset, --out,
     --resume, and its run config's flags (``renamed``: see add_config_flags)."""
     p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
     p.add_argument("--preset", default=None,
                    help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
     p.add_argument("--out", required=True, help=f"run folder: {out}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    add_config_flags(p, kind.config, renamed=renamed)
+    add_config_flags(p, kind.config_class, renamed=renamed)
     p.set_defaults(func=func, kind=kind)
     return p
 

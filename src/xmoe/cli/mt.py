@@ -1,5 +1,5 @@
 """`xmoe train-mt`, `xmoe translate`, `xmoe eval-mt`: translation commands; the work lives in
-xmoe.training.mt.
+xmoe.tasks.mt.
 
     xmoe train-mt --preset cpu-xmoe-32x512 --data.src=train.en --data.tgt=train.de \\
         [--data.valid_src=val.en --data.valid_tgt=val.de] --out runs/mt [--resume] [--train.max_steps=2000 ...]
@@ -19,9 +19,9 @@ from pathlib import Path
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
     from xmoe.cli.main import add_train_command
-    from xmoe.training.mt import MT_TASK
+    from xmoe.tasks.mt import Translation
 
-    add_train_command(commands, "train-mt", cmd_train_mt, MT_TASK, help="train a translation preset",
+    add_train_command(commands, "train-mt", cmd_train_mt, Translation, help="train a translation preset",
                       out="checkpoint, spm.model, metrics", renamed={
                           "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
                           "valid-tgt": "data.valid_tgt"})
@@ -50,8 +50,8 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train_mt(args: argparse.Namespace) -> None:
     from xmoe.cli.main import run_config
-    from xmoe.training.mt import train_mt
-    from xmoe.training.report import describe_mt_eval
+    from xmoe.tasks.mt import train_mt
+    from xmoe.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
 
     cfg = run_config(args)
@@ -64,7 +64,7 @@ def cmd_train_mt(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
     from xmoe.cli.main import set_threshold
-    from xmoe.training.mt import load_mt
+    from xmoe.tasks.mt import load_mt
 
     loaded = load_mt(args.checkpoint, device=args.device)
     if args.threshold is not None:
@@ -76,7 +76,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_translate(args: argparse.Namespace) -> None:
     from xmoe.data.files import decode_lines
-    from xmoe.training.mt import translate
+    from xmoe.tasks.mt import translate
 
     loaded, decode = _load(args)
     stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that invalid UTF-8 is named, not a TypeError
@@ -87,11 +87,11 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_mt(args: argparse.Namespace) -> None:
-    from xmoe.data.parallel import read_parallel
-    from xmoe.training.mt import evaluate_mt
+    from xmoe.data.translation import read_sentence_pairs
+    from xmoe.tasks.mt import evaluate_mt
 
     loaded, decode = _load(args)
-    src, ref = read_parallel(args.src, args.ref)
+    src, ref = read_sentence_pairs(args.src, args.ref)
     summary, hyps = evaluate_mt(loaded, src, ref, decode=decode)
     if args.hyp_out:
         Path(args.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

@@ -45,7 +45,7 @@ def add_parser(commands) -> None:
     p.add_argument("--tabulate", action="store_true",
                    help="budget: write the tables and plots of the runs finished so far; train nothing")
     from xmoe.cli.main import add_config_flags
-    from xmoe.training import LMRunConfig
+    from xmoe.tasks.lm import LMRunConfig
 
     add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
     p.set_defaults(func=cmd_study)

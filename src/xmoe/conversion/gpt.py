@@ -28,7 +28,8 @@ from xmoe.data import TOKENIZER_FILE, load_eval_tokens, prepare_lm_data
 from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT
 from xmoe.models.layers import FeedForward
-from xmoe.training import LoadedRun, checkpoint_dir, load_lm, save_checkpoint, to_dict
+from xmoe.training import LoadedRun, checkpoint_dir, save_checkpoint, to_dict
+from xmoe.tasks.lm import load_lm
 from xmoe.training.checkpoint import read_state
 from xmoe.training.manifest import hash_run_files
 

@@ -15,7 +15,6 @@ Imports nothing else from xmoe but ``xmoe.extras`` (the optional-dependency erro
 
 from .batches import TrainBatches, ValBatches
 from .cache import cached_arrays, default_cache_dir
-from .config import DataConfig
 from .corpus import (
     DEFAULT_MODULES,
     TEXT_SUFFIXES,
@@ -24,8 +23,8 @@ from .corpus import (
     load_corpus,
     split_documents,
 )
-from .lm import LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
-from .parallel import ParallelData, ParallelDataConfig, SubwordVocab, prepare_parallel_data, read_parallel
+from .lm import DataConfig, LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
+from .translation import TranslationData, TranslationDataConfig, SubwordVocab, prepare_translation_data, read_sentence_pairs
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
 
 __all__ = [
@@ -34,8 +33,8 @@ __all__ = [
     "DataConfig",
     "EOT",
     "LMData",
-    "ParallelData",
-    "ParallelDataConfig",
+    "TranslationData",
+    "TranslationDataConfig",
     "TEXT_SUFFIXES",
     "TOKENIZER_FILE",
     "SubwordVocab",
@@ -50,7 +49,7 @@ __all__ = [
     "load_eval_tokens",
     "load_tokenizer",
     "prepare_lm_data",
-    "prepare_parallel_data",
-    "read_parallel",
+    "prepare_translation_data",
+    "read_sentence_pairs",
     "split_documents",
 ]

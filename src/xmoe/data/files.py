@@ -20,8 +20,8 @@ def check_regular_file(path: Path, what: str = "text file") -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"no such {what}: {path}") from None
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
-        raise UsageError(f"{path} is {kind}, not a regular file; save the text to a file and give that")
+        what_it_is = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
+        raise UsageError(f"{path} is {what_it_is}, not a regular file; save the text to a file and give that")
 
 
 def decode_lines(raw_lines: Iterable[bytes], source: str) -> list[str]:

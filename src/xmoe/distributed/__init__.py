@@ -9,7 +9,7 @@ Depends on xmoe.moe and torch only. See docs/distributed.md for the layout and i
 from .experts import AllToAllDispatcher, all_to_all, local_shard, shard_experts
 from .parallel import (
     DP_IMPLS,
-    DataParallel,
+    DataParallelConfig,
     Layout,
     Parallel,
     Ranks,
@@ -21,6 +21,6 @@ from .parallel import (
     transformer_blocks,
 )
 
-__all__ = ["AllToAllDispatcher", "DP_IMPLS", "DataParallel", "local_shard", "Layout", "Parallel", "Ranks", "RanksLost",
+__all__ = ["AllToAllDispatcher", "DP_IMPLS", "DataParallelConfig", "local_shard", "Layout", "Parallel", "Ranks", "RanksLost",
            "SingleProcess", "all_to_all", "init_from_env", "lost_contact", "reshard",
            "shard_experts", "transformer_blocks"]

@@ -106,7 +106,7 @@ class Layout:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataParallel:
+class DataParallelConfig:
     """How the dense parameters are kept in step across ranks (see the module docstring)."""
 
     impl: str = "fsdp"
@@ -126,11 +126,10 @@ class Ranks(Protocol):
     is_main: bool
     device: torch.device | None  # where collectives of small numbers live; None: the loop resolves train.device
 
-    def shard(self, model: nn.Module, dp: DataParallel = ...) -> None: ...
+    def shard(self, model: nn.Module, dp: DataParallelConfig = ...) -> None: ...
     def batch_index(self, index: int) -> int: ...
     def sync_gradients(self, model: nn.Module) -> None: ...
-    def clip(self, model: nn.Module, max_norm: float) -> float: ...
-    def mean(self, values: dict[str, float]) -> dict[str, float]: ...
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor: ...
     def sum(self, value: float) -> float: ...
     def sum_tensor(self, t: Tensor) -> Tensor: ...
     def broadcast(self, obj: Any) -> Any: ...
@@ -144,7 +143,7 @@ class SingleProcess(Ranks):
 
     rank, world_size, is_main, device = 0, 1, True, None
 
-    def shard(self, model: nn.Module, dp: DataParallel = DataParallel()) -> None:
+    def shard(self, model: nn.Module, dp: DataParallelConfig = DataParallelConfig()) -> None:
         pass
 
     def batch_index(self, index: int) -> int:
@@ -153,16 +152,13 @@ class SingleProcess(Ranks):
     def sync_gradients(self, model: nn.Module) -> None:
         pass
 
-    def clip(self, model: nn.Module, max_norm: float) -> float:
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros(())
         if max_norm <= 0:
-            return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        return float(nn.utils.clip_grad_norm_(params, max_norm))
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        return values
+            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        return nn.utils.clip_grad_norm_(params, max_norm)
 
     def sum(self, value: float) -> float:
         return value
@@ -187,7 +183,7 @@ class Parallel(Ranks):
     """This process's place in a torch.distributed run of ``layout``.
 
     Build it after ``dist.init_process_group`` (``init_from_env`` does both under torchrun).
-    ``shard`` then decides how the model is split (``DataParallel``).
+    ``shard`` then decides how the model is split (``DataParallelConfig``).
     """
 
     def __init__(self, layout: Layout, device: torch.device | None = None, *,
@@ -209,12 +205,12 @@ class Parallel(Ranks):
         self.mesh = DeviceMesh.from_group([self.replica_group, self.ep_group], self.device.type,
                                           mesh=torch.arange(layout.world_size).view(layout.shape),
                                           mesh_dim_names=("dp", "ep"))
-        self.dp = DataParallel(impl="allreduce")  # until shard() says otherwise
+        self.dp = DataParallelConfig(impl="allreduce")  # until shard() says otherwise
         self.sharded: set[str] = set()  # expert parameters sharded by expert parallelism
 
     # --- model ----------------------------------------------------------------------------
 
-    def shard(self, model: nn.Module, dp: DataParallel = DataParallel()) -> None:
+    def shard(self, model: nn.Module, dp: DataParallelConfig = DataParallelConfig()) -> None:
         """Keep this rank's experts (when ep > 1), then shard the rest as ``dp.impl`` says."""
         self.dp = dp
         if self.layout.ep_size > 1:
@@ -258,8 +254,9 @@ class Parallel(Ranks):
             _average_grads(dense, None, self.world_size, self.world_size)
         _average_grads(experts, self.replica_group, self.layout.dp_size, self.world_size)
 
-    def clip(self, model: nn.Module, max_norm: float) -> float:
-        """The global gradient norm (each parameter counted once), clipped as clip_grad_norm_ does.
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        """The global gradient norm (each parameter counted once, fp64), clipped as
+        clip_grad_norm_ does; a 0-d tensor left on the device (nothing is read to the host).
 
         Dense gradients are whole on every rank (allreduce) or a 1 / W shard each (fsdp: summed
         over the world); an expert shard is summed over its expert-parallel group."""
@@ -269,20 +266,13 @@ class Parallel(Ranks):
         dense_sq = _sum_sq(dense, self.device)
         if self.dp.impl == "fsdp":
             dist.all_reduce(dense_sq)
-        norm = math.sqrt(float(dense_sq + expert_sq))  # the step's one host read
+        norm = (dense_sq + expert_sq).sqrt()
         if max_norm > 0:
-            scale = min(1.0, max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
-            if scale < 1.0:
-                for p in dense + experts:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+            for p in dense + experts:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))  # x 1.0 where not clipped: exact
         return norm
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
 
     def sum(self, value: float) -> float:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
@@ -365,8 +355,8 @@ def init_from_env(ep_size: int, device: str = "auto", *,
     if not 0 < timeout_s < math.inf:
         raise ValueError(f"the collective timeout must be a positive number of seconds, got {timeout_s!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    kind = rank_device_type(device)
-    if kind == "cuda":
+    device_type = rank_device_type(device)
+    if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
         if local_ranks > torch.cuda.device_count():
@@ -388,12 +378,12 @@ def rank_device_type(device: str) -> str:
     """"cuda" or "cpu" for a train.device setting (auto, cpu, cuda, cuda:N)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(device).type
-    if kind not in ("cpu", "cuda"):
+    device_type = torch.device(device).type
+    if device_type not in ("cpu", "cuda"):
         raise ValueError(f"distributed runs take train.device auto, cpu or cuda, not {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={device!r}, but this torch sees no CUDA GPU; use --train.device=cpu")
-    return kind
+    return device_type
 
 
 def _my_group(groups: list[list[int]], rank: int, timeout: datetime.timedelta):

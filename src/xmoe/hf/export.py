@@ -70,7 +70,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.data import TOKENIZER_FILE
     from xmoe.data.tokenizer import EOT
-    from xmoe.training import load_lm
+    from xmoe.tasks.lm import load_lm
 
     if is_converted_folder(checkpoint):
         return export_converted(checkpoint, out)

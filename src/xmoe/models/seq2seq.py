@@ -319,7 +319,7 @@ class Seq2Seq(nn.Module):
         if not bool(nonpad_BS.any(dim=1).all()):
             raise UsageError(
                 "Seq2Seq.encode: every source row needs at least one real token (not PAD), e.g. the "
-                "EOS that data.parallel.collate appends; drop or fill the empty rows"
+                "EOS that data.translation.collate appends; drop or fill the empty rows"
             )
         attn_mask_B11S = nonpad_BS[:, None, None, :]
         x_BSD = self._embed(src_BS, 0)

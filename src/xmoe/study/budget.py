@@ -105,7 +105,7 @@ def test_tokens(run_dir: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     took in each MoE layer (dropless, the trained t); cached in test_tokens.safetensors."""
     from safetensors.torch import load_file, save_file
 
-    from xmoe.training import eval_batches, load_lm
+    from xmoe.tasks.lm import eval_batches, load_lm
 
     path = Path(run_dir) / TOKENS_FILE
     if path.is_file():
@@ -159,7 +159,7 @@ def difficulty(own: dict, matched: dict | None) -> dict:
 def measure_speeds(run_dirs: dict[str, Path], log: Callable[[str], None] = print) -> dict[str, dict]:
     """Training and inference tokens/s of each run's model, interleaved (compare.interleaved_speeds)
     on the first test batches; the load average is recorded beside them."""
-    from xmoe.training import eval_batches, load_lm
+    from xmoe.tasks.lm import eval_batches, load_lm
     from xmoe.training.compare import interleaved_speeds
 
     loaded = {name: load_lm(d, device="cpu") for name, d in run_dirs.items()}
@@ -270,7 +270,7 @@ def _arm_row(study: Study, arm: Arm, seeds: list[int]) -> dict:
 def _test_numbers(run_dir: Path) -> dict:
     """Perplexity and experts/token on the whole test split, from the per-token file; the t each
     threshold-routed layer was left at by training (read from the checkpoint)."""
-    from xmoe.training import load_lm
+    from xmoe.tasks.lm import load_lm
 
     tokens = test_tokens(run_dir)
     m = read_json(run_dir / "measurements.json")

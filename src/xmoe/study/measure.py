@@ -36,18 +36,8 @@ import torch
 from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
 from xmoe.moe import MoELayer, set_threshold
-from xmoe.training import (
-    LMEval,
-    LMRunConfig,
-    checkpoint_dir,
-    eval_batches,
-    evaluate_lm,
-    from_dict,
-    load_lm,
-    read_metrics,
-    to_dict,
-    train_lm,
-)
+from xmoe.training import checkpoint_dir, from_dict, read_metrics, to_dict
+from xmoe.tasks.lm import LMEval, LMRunConfig, eval_batches, evaluate_lm, load_lm, train_lm
 
 MEASUREMENTS = "measurements.json"
 INFERENCE_SWEEP = "inference_sweep.json"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from xmoe.errors import UsageError, check_counts
 from xmoe.presets.gpt import PRESETS, family_moe, get_preset
-from xmoe.training import LMRunConfig, lm_run_config
+from xmoe.tasks.lm import LMRunConfig, lm_run_config
 
 STUDIES = ("main", "threshold", "granularity", "all")
 MAIN_THRESHOLD = 0.9  # the paper's t

@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
 
 
 def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                            *, parallel, step: int, config: dict, extra: dict | None = None,
+                            *, ranks, step: int, config: dict, extra: dict | None = None,
                             run_files: dict[str, str] | None = None) -> Path:
     """Write ``RUN/checkpoint`` from every rank of a distributed run at once (collective).
 
@@ -127,25 +127,25 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimi
     a dense parameter replicated on several ranks is written once); rank 0 then writes the small
     files, the manifest, and renames the folder into place, as ``save_checkpoint`` does."""
     run_dir = Path(run_dir)
-    tmp = Path(parallel.broadcast(str(_temp_folder(run_dir)) if parallel.is_main else None))
+    tmp = Path(ranks.broadcast(str(_temp_folder(run_dir)) if ranks.is_main else None))
     config_text = _json_text(config)
-    stamp = parallel.broadcast(new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
-                                         run_files=run_files or {}) if parallel.is_main else None)
-    state = _state_template(model, optimizer, parallel).saved
-    state[_shard_stamp_key(parallel.rank)] = stamp.tensor(parallel.rank)
-    rng = _rng_file(parallel.rng_states())  # collective
+    stamp = ranks.broadcast(new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
+                                         run_files=run_files or {}) if ranks.is_main else None)
+    state = _state_template(model, optimizer, ranks).saved
+    state[_shard_stamp_key(ranks.rank)] = stamp.tensor(ranks.rank)
+    rng = _rng_file(ranks.rng_states())  # collective
     try:
         dcp.save(state, checkpoint_id=str(tmp / SHARDS_DIR))  # collective; raises on every rank if one fails
     except BaseException as err:
-        if parallel.is_main:
+        if ranks.is_main:
             with _cleaned_up_on_error(tmp, run_dir):
                 raise _unwrap_checkpoint_exception(err) from None
         raise
-    if parallel.is_main:
+    if ranks.is_main:
         with _cleaned_up_on_error(tmp, run_dir):
             _write_common(tmp, stamp=stamp, config_text=config_text, extra=extra, rng=rng)
             _commit(tmp, run_dir)
-    parallel.barrier()
+    ranks.barrier()
     return run_dir / "checkpoint"
 
 
@@ -174,9 +174,9 @@ def _temp_folder(run_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
 
 
-def _rng_file(ranks: list[dict[str, Tensor]]) -> dict:
+def _rng_file(states: list[dict[str, Tensor]]) -> dict:
     """rng.pt: every rank's states (CPU, and CUDA where used); "cpu" is rank 0's, as before."""
-    return {"cpu": ranks[0]["cpu"], "ranks": ranks}
+    return {"cpu": states[0]["cpu"], "ranks": states}
 
 
 def _write_common(tmp: Path, *, stamp: Stamp, config_text: str, extra: dict | None, rng: dict) -> None:
@@ -234,20 +234,20 @@ class _State:
     """Model (and optimizer) state keyed by parameter name, two ways: ``live`` as
     torch.distributed.checkpoint.state_dict gives it (what ``set_*_state_dict`` takes back), and
     ``saved``, the same tensors (views, nothing copied) as tensors of the whole run
-    (``parallel.global_view``): what torch.distributed.checkpoint writes, and fills in place."""
+    (``ranks.global_view``): what torch.distributed.checkpoint writes, and fills in place."""
 
     live: dict
     saved: dict
 
 
-def _state_template(model: nn.Module, optimizer: torch.optim.Optimizer | None, parallel) -> _State:
+def _state_template(model: nn.Module, optimizer: torch.optim.Optimizer | None, ranks) -> _State:
     model = _unwrap(model)
     live = {"model": get_model_state_dict(model)}
-    saved = {"model": {k: parallel.global_view(k, v) for k, v in live["model"].items()}}
+    saved = {"model": {k: ranks.global_view(k, v) for k, v in live["model"].items()}}
     if optimizer is not None:
         live["optim"] = get_optimizer_state_dict(model, optimizer)  # creates Adam's moments if no step ran yet
         saved["optim"] = {
-            "state": {name: {k: parallel.global_view(name, v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+            "state": {name: {k: ranks.global_view(name, v) if isinstance(v, Tensor) else v for k, v in entry.items()}
                       for name, entry in live["optim"]["state"].items()},
             "param_groups": live["optim"]["param_groups"],
         }
@@ -319,27 +319,29 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, restore_rng: bool = False, parallel=None) -> dict:
+                    *, restore_rng: bool = False, ranks=None) -> dict:
     """Load weights (and optimizer, RNG) into ``model``; returns state.json's contents.
 
     Every file is checked before it is used (xmoe.training.manifest): listed in the manifest
     with its checksum, stamped with the checkpoint's run and step, beside the config and the
     run's tokenizer it was saved with. Either kind of checkpoint (single-file, or sharded by a
-    distributed run) loads into either kind of run. ``parallel`` (xmoe.distributed.Parallel,
+    distributed run) loads into either kind of run. ``ranks`` (xmoe.distributed.Parallel,
     collective): ``model`` is sharded (FSDP, expert parallelism); each rank reads its part,
     whatever the number of ranks that saved it.
     """
-    parallel = parallel or SingleProcess()
+    ranks = ranks or SingleProcess()
     folder = checkpoint_dir(path)
     manifest = _checked_manifest(folder)
+    state = _state_template(model, optimizer, ranks)  # what this run holds; each rank fills its part
     if (folder / SHARDS_DIR).is_dir():
-        _load_sharded(folder, manifest, model, optimizer, parallel)
+        _read_sharded(folder, manifest, state.saved, ranks)
     else:
-        _load_single_file(folder, manifest, model, optimizer, parallel)
+        _read_single_file(folder, manifest, state)
+    _apply(state, model, optimizer)
     if restore_rng:
         if not (folder / "rng.pt").is_file():
             raise CheckpointError(f"checkpoint {folder} has no rng.pt, so the run cannot be resumed exactly")
-        _restore_rng(_read_rng(folder, manifest), folder, parallel)
+        _restore_rng(_read_rng(folder, manifest), folder, ranks)
     return read_state(folder, manifest)
 
 
@@ -354,8 +356,11 @@ def _checked_manifest(folder: Path) -> Manifest:
     return manifest
 
 
-def _load_single_file(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                      parallel) -> None:
+def _read_single_file(folder: Path, manifest: Manifest, state: _State) -> None:
+    """Fill ``state`` from model.safetensors and optimizer.pt, each checked first; every rank
+    reads the whole files and keeps its part. A parameter without optimizer state in the file
+    (saved before its first step) is left without."""
+    template = state.saved
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
@@ -367,29 +372,20 @@ def _load_single_file(folder: Path, manifest: Manifest, model: nn.Module, optimi
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint weights {folder / MODEL_FILE} are corrupted or unreadable: {err}") from err
     _check_file_stamp(manifest, MODEL_FILE, header.get(RUN_KEY))
-    optimizer_state = _read_optimizer(folder, manifest) if optimizer is not None else None
-    if parallel.world_size == 1:
-        _load_weights(_unwrap(model), tensors, folder)
-        if optimizer is not None:
-            try:
-                optimizer.load_state_dict(optimizer_state)
-            except (RuntimeError, ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err}") from err
-        return
-    # A sharded model: every rank reads the whole file and keeps its part.
-    state = _state_template(model, optimizer, parallel)
-    template = state.saved
     _check_weights_match(template["model"], tensors, folder)
     _fill(template["model"], tensors)
-    if optimizer is not None:
+    if "optim" in template:
+        optimizer_state = _read_optimizer(folder, manifest)
         names = [name for group in template["optim"]["param_groups"] for name in group["params"]]
-        try:
+        try:  # optimizer.pt is keyed by position in the param groups, the template by name
             named = {names[int(i)]: entry for i, entry in optimizer_state["state"].items()}
-            for name, entry in template["optim"]["state"].items():
-                _fill(entry, named[name])
+            for name in list(template["optim"]["state"]):
+                if name in named:
+                    _fill(template["optim"]["state"][name], named[name])
+                else:
+                    del template["optim"]["state"][name], state.live["optim"]["state"][name]
         except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err!r}") from err
-    _apply(state, model, optimizer)
 
 
 def _read_optimizer(folder: Path, manifest: Manifest) -> dict:
@@ -419,15 +415,13 @@ def _check_file_stamp(manifest: Manifest, name: str, text: str | None) -> None:
     manifest.check_stamp(name, None if text is None else Stamp.parse(text, manifest.folder / name))
 
 
-def _load_sharded(folder: Path, manifest: Manifest, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                  parallel) -> None:
+def _read_sharded(folder: Path, manifest: Manifest, template: dict, ranks) -> None:
+    """Fill ``template`` (``_State.saved``) from the shards in ``dcp/``, each rank reading its part."""
     missing = [name for name in ("state.json", "config.json", f"{SHARDS_DIR}/.metadata") if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}")
-    _verify_sharded(folder, manifest, parallel)
-    state = _state_template(model, optimizer, parallel)
-    _read_shards(folder, state.saved, manifest, no_dist=parallel.world_size == 1)
-    _apply(state, model, optimizer)
+    _verify_sharded(folder, manifest, ranks)
+    _read_shards(folder, template, manifest, no_dist=ranks.world_size == 1)
 
 
 def _read_shards(folder: Path, state: dict, manifest: Manifest, *, planner=None, no_dist: bool = True) -> dict:
@@ -483,18 +477,18 @@ def _check_shard_stamps(reader: ShardReader, manifest: Manifest, *, no_dist: boo
         manifest.check_stamp(f"{SHARDS_DIR}/{file}", None)
 
 
-def _verify_sharded(folder: Path, manifest: Manifest, parallel) -> None:
+def _verify_sharded(folder: Path, manifest: Manifest, ranks) -> None:
     """Every file of a sharded checkpoint against its manifest, the files shared out over the
     ranks (each reads 1 / W of them); any rank's failure fails every rank."""
-    parallel = parallel or SingleProcess()
+    ranks = ranks or SingleProcess()
     manifest.verify("state.json")
     shards = sorted(f.relative_to(folder).as_posix() for f in (folder / SHARDS_DIR).rglob("*") if f.is_file())
     error = None
     try:
-        manifest.verify(*shards[parallel.rank :: parallel.world_size])
+        manifest.verify(*shards[ranks.rank :: ranks.world_size])
     except CheckpointError as err:
         error = err
-    failed = parallel.sum(int(error is not None))
+    failed = ranks.sum(int(error is not None))
     if error is not None:
         raise error
     if failed:
@@ -537,13 +531,13 @@ def read_state(folder: Path, manifest: Manifest | None = None) -> dict:
     return state
 
 
-def _restore_rng(rng, folder: Path, parallel) -> None:
+def _restore_rng(rng, folder: Path, ranks) -> None:
     try:
-        ranks = rng.get("ranks", [rng["cpu"]])
-        ranks = [r if isinstance(r, dict) else {"cpu": r} for r in ranks]  # older files: CPU states only
+        states = rng.get("ranks", [rng["cpu"]])
+        states = [s if isinstance(s, dict) else {"cpu": s} for s in states]  # older files: CPU states only
         # Each rank continues its own streams when the number of ranks is unchanged; otherwise
         # (another layout) dropout masks cannot be replayed, and rank 0's states seed all.
-        mine = ranks[parallel.rank] if len(ranks) == parallel.world_size else ranks[0]
+        mine = states[ranks.rank] if len(states) == ranks.world_size else states[0]
         torch.set_rng_state(mine["cpu"])
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda"])  # this rank's device
@@ -568,11 +562,6 @@ def _torch_load(path: Path, what: str):
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint file {path} ({what}) is truncated or corrupted ({err}); "
                               f"restore it, or start a new run") from None
-
-
-def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    _check_weights_match(model.state_dict(), tensors, folder)
-    model.load_state_dict(tensors, strict=False)
 
 
 def _check_weights_match(expected: dict[str, Tensor], tensors: dict[str, Tensor], folder: Path) -> None:

@@ -1,5 +1,6 @@
-"""Run configuration: the typed dataclasses of a run, their dotted overrides and their JSON
-form (config.json), parsed and checked by jsonargparse.
+"""Run configuration: how to train (TrainConfig), and the machinery every task's run config
+(xmoe.tasks) uses for its dotted overrides and its JSON form (config.json), parsed and checked by
+jsonargparse.
 
     cfg = lm_run_config("cpu-xmoe-64x128", overrides={"model.moe.threshold": "0.8", "train.max_steps": "200"})
     apply_overrides(cfg, {"train.betas": "[0.9, 0.98]"})   # a tuple is a JSON list; None is null (or none)
@@ -25,15 +26,12 @@ import math
 import re
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from jsonargparse import ArgumentError, ArgumentParser
 
-from xmoe.data import DataConfig
 from xmoe.errors import UsageError, check_counts
-from xmoe.models.gpt import GPTConfig
-from xmoe.presets import get_preset
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -109,41 +107,9 @@ class TrainConfig:
                              f"got {self.collective_timeout_s!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class LMRunConfig:
-    """Everything a language-model run needs; saved as config.json with each checkpoint."""
-
-    preset: str
-    model: GPTConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        if self.train.seq_len > self.model.block_size:
-            raise UsageError(
-                f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}; "
-                f"lower train.seq_len or raise model.block_size"
-            )
-
-
-def lm_run_config(preset: str, *, vocab_size: int | None = None, overrides: dict[str, str] | None = None,
-                  **sections: Any) -> LMRunConfig:
-    """The run config of a GPT preset, with ``sections`` (data=..., train=...) and overrides.
-
-    Without a train section, ``train.seq_len`` defaults to at most the preset's context length.
-    """
-    model = get_preset(preset, vocab_size=vocab_size)
-    train = sections.pop("train", None) or TrainConfig(seq_len=min(TrainConfig.seq_len, model.block_size))
-    data = {"preset": preset, "model": to_dict(model), "data": to_dict(sections.pop("data", DataConfig())),
-            "train": to_dict(train)}
-    if sections:
-        raise TypeError(f"unknown config sections: {', '.join(sections)}")
-    return _with_overrides(LMRunConfig, data, overrides or {})
-
-
 def apply_overrides(cfg: Any, overrides: dict[str, str]) -> Any:
     """A copy of ``cfg`` with dotted keys (``"model.moe.threshold"``) set from their text."""
-    return _with_overrides(type(cfg), to_dict(cfg), overrides)
+    return with_overrides(type(cfg), to_dict(cfg), overrides)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -159,8 +125,10 @@ def from_dict(cls: type, data: Any) -> Any:
         return _build(cls, parser, parser.parse_object(data))
 
 
-def _with_overrides(cls: type, defaults: dict, overrides: dict[str, str]) -> Any:
-    """Overrides are parsed on top of ``defaults`` and validated once, together, so that two
+def with_overrides(cls: type, defaults: dict, overrides: dict[str, str]) -> Any:
+    """The run config ``cls`` from ``defaults`` (a dict of its fields) and dotted ``overrides``.
+
+    Overrides are parsed on top of ``defaults`` and validated once, together, so that two
     fields checked against each other (train.seq_len, model.block_size) can change in one go.
     ``model.moe.model_dim`` follows ``model.d_model`` unless it is given too."""
     _check_keys(cls, defaults, overrides)
@@ -227,8 +195,8 @@ def _one_line(text: str) -> str:
 
 
 def config_keys(cls: type) -> list[str]:
-    """The dotted keys an override may set (``preset`` is chosen, not overridden)."""
-    return [key for key in _leaf_keys(cls) if key != "preset"]
+    """The dotted keys an override may set (``preset`` is chosen and ``task`` fixed, not overridden)."""
+    return [key for key in _leaf_keys(cls) if key not in ("preset", "task")]
 
 
 def check_config_keys(cls: type, keys: list[str]) -> None:

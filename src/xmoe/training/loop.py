@@ -8,11 +8,15 @@ A task is any object with:
     loss(model, batch) -> (loss, logs)             the loss to backpropagate and numbers to log
     evaluate(model, ranks) -> dict                 validation metrics (the model is in eval mode),
                                                    each rank evaluating its share (xmoe.distributed.Ranks)
-    tokens(batch) -> int                           tokens in a batch, for tokens/s
+    tokens(batch) -> int                           tokens in a batch, for tokens/s (counted on the
+                                                   host, before the batch moves to the device)
 
-In a distributed run (``parallel``, xmoe.distributed.Parallel) every rank runs this same loop
-on its own micro-batches; the parallel object shards the model (FSDP2, expert parallelism),
-averages gradients and computes the global gradient norm. Every rank writes its shards of each
+The loop reads nothing to the host between its log steps: a step's numbers stay on the device
+until the next log, evaluation or save step reads them all at once (``_Unread``).
+
+In a distributed run (``ranks``, xmoe.distributed.Parallel) every rank runs this same loop
+on its own micro-batches; ``ranks`` shards the model (FSDP2, expert parallelism), averages
+gradients and computes the global gradient norm. Every rank writes its shards of each
 checkpoint; rank 0 alone logs. A stop signal on any rank stops every rank after the same step,
 and a rank that dies or hangs stops the others with RanksLost (docs/distributed.md).
 """
@@ -20,7 +24,6 @@ and a rank that dies or hangs stops the others with RanksLost (docs/distributed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from xmoe.distributed import DataParallel, Ranks, RanksLost, SingleProcess, lost_contact, reshard
+from xmoe.distributed import DataParallelConfig, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 from xmoe.errors import UsageError
 from xmoe.moe.dial import budget_dials, step_budgets
 
@@ -48,8 +51,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .manifest import hash_run_files
+from .metrics import MetricsLog, NoLog
 from .optim import build_optimizer, lr_at
-from .report import parse_metrics
 from .stopping import StopSignals
 
 
@@ -93,23 +96,23 @@ def _bf16(device: torch.device, precision: str) -> bool:
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *, config: dict,
           resume: bool = False, progress: bool = True, extra_state: dict | None = None,
-          parallel: Ranks | None = None, run_files: tuple[str, ...] = ()) -> TrainResult:
+          ranks: Ranks | None = None, run_files: tuple[str, ...] = ()) -> TrainResult:
     """Train ``model`` on ``task`` for ``cfg.max_steps`` optimizer steps, checkpointing to ``run_dir``.
 
     ``extra_state`` is saved in each checkpoint's state.json (e.g. the corpus fingerprint).
-    ``parallel``: this process's place in a distributed run (default: a run of one).
+    ``ranks``: this process's place in a distributed run (default: a run of one).
     ``run_files``: files of ``run_dir`` each checkpoint is bound to (the tokenizer).
     """
     run_dir = Path(run_dir)
-    parallel = parallel or SingleProcess()
-    device = parallel.device or resolve_device(cfg.device)
+    ranks = ranks or SingleProcess()
+    device = ranks.device or resolve_device(cfg.device)
     model.to(device)
-    parallel.shard(model, DataParallel(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
+    ranks.shard(model, DataParallelConfig(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
                                        mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))
     optimizer = build_optimizer(model, cfg)
     start, run_id = 0, None
     if resume:
-        state = load_checkpoint(run_dir, model, optimizer, restore_rng=True, parallel=parallel)
+        state = load_checkpoint(run_dir, model, optimizer, restore_rng=True, ranks=ranks)
         start, run_id = state["step"], state.get("run_id")
         if start >= cfg.max_steps:
             raise UsageError(
@@ -117,73 +120,77 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                 f"train.max_steps above {start} (e.g. --train.max_steps={2 * start})"
             )
     else:
-        torch.manual_seed(cfg.seed + parallel.rank)  # ranks draw their own dropout masks
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if parallel.is_main else _NoLog()
+        torch.manual_seed(cfg.seed + ranks.rank)  # ranks draw their own dropout masks
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if ranks.is_main else NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
     # Every checkpoint of the run carries its id (xmoe.training.manifest); one id on every rank.
-    run_id = parallel.broadcast((run_id or uuid.uuid4().hex) if parallel.is_main else None)
+    run_id = ranks.broadcast((run_id or uuid.uuid4().hex) if ranks.is_main else None)
     extra_state = {**(extra_state or {}), "run_id": run_id}
 
     def save(step: int) -> None:
-        _check_finite(model, step, run_dir, parallel)  # collective
-        files = hash_run_files(run_dir, run_files) if parallel.is_main else {}
-        if parallel.world_size == 1:
+        _check_finite(model, step, run_dir, ranks)  # collective
+        files = hash_run_files(run_dir, run_files) if ranks.is_main else {}
+        if ranks.world_size == 1:
             save_checkpoint(run_dir, model=model, optimizer=optimizer, step=step, config=config, extra=extra_state,
                             run_files=files)
         else:  # every rank writes its shards
-            save_sharded_checkpoint(run_dir, model, optimizer, parallel=parallel, step=step, config=config,
+            save_sharded_checkpoint(run_dir, model, optimizer, ranks=ranks, step=step, config=config,
                                     extra=extra_state, run_files=files)
 
     losses = []
     done = start  # optimizer steps applied to the weights: what a checkpoint must say
     saved = start if resume else None  # the step of the checkpoint on disk
-    bar = _progress(start, cfg.max_steps, progress and parallel.is_main)
-    with StopSignals() as stop, _failing_together(parallel, run_dir, cfg, lambda: done):
+    unread = _Unread(ranks)  # the steps whose numbers are still on the device
+    bar = _progress(start, cfg.max_steps, progress and ranks.is_main)
+
+    def read(log_row: bool) -> None:
+        """Bring the unread steps' numbers to the host in one read; raise if one diverged."""
+        rows = unread.read(model if log_row else None)
+        losses.extend(row["loss"] for row in rows)
+        if log_row:
+            log.write(rows[-1])
+            bar.set_postfix_str(_postfix(rows[-1]), refresh=False)
+
+    with StopSignals() as stop, _failing_together(ranks, run_dir, cfg, lambda: done):
         try:
             for step in range(start, cfg.max_steps):
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_mult", 1.0)
-                model.train()
-                t0 = time.perf_counter()
-                logs, tokens, grad_norm = _step_gradients(step_model, model, task, cfg, step, device, parallel)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_budgets(model, parallel.sum_tensor)  # budgeted routers: t follows the step's experts/token
+                unread.add(step + 1, lr, *train_step(step_model, model, task, optimizer, cfg, step, device, ranks))
                 done = step + 1
-                seconds = time.perf_counter() - t0
-                losses.append(logs["loss"])
-                row = {"step": done, "split": "train", "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens / seconds, **logs}
-                if done % cfg.log_every == 0 or step == 0:
-                    log.write(row | _budget_thresholds(model))
                 bar.update(1)
-                bar.set_postfix_str(_postfix(row), refresh=False)
-                if _stop_requested(stop, parallel):
-                    break  # the final save below follows at once: no periodic evaluation or save first
                 last = done == cfg.max_steps
                 evaluate = cfg.eval_every and done % cfg.eval_every == 0 and not last
+                save_now = cfg.save_every and done % cfg.save_every == 0 and not last
+                if done % cfg.log_every == 0 or step == 0 or evaluate or save_now:
+                    read(log_row=done % cfg.log_every == 0 or step == 0)
+                if _stop_requested(stop, ranks):
+                    break  # the final save below follows at once: no periodic evaluation or save first
                 if evaluate:
-                    log.write({"step": done, "split": "val", **_evaluate(model, task, parallel)})
-                if cfg.save_every and done % cfg.save_every == 0 and not last:
+                    log.write({"step": done, "split": "val", **_evaluate(model, task, ranks)})
+                if save_now:
                     save(done)
                     saved = done
-                    if _stop_requested(stop, parallel):  # during the save: stop now, not a step later
+                    if _stop_requested(stop, ranks):  # during the save: stop now, not a step later
                         break
-                elif evaluate and _stop_requested(stop, parallel):
+                elif evaluate and _stop_requested(stop, ranks):
                     break
+                if evaluate or save_now:
+                    unread.restart_clock()  # tokens/s counts training time only
         except KeyboardInterrupt:  # raised by code, or where no handler could be installed
             stop.request(signal.SIGINT)
         finally:
             bar.close()
+        read(log_row=False)  # the steps since the last read: a diverged one must not be saved
         if saved != done:
             save(done)
         final = {}
         if stop.signum is None:
             try:
                 with stop.interruptible():
-                    final = _evaluate(model, task, parallel)
+                    final = _evaluate(model, task, ranks)
             except KeyboardInterrupt:  # the checkpoint is safe; only the evaluation is skipped
                 stop.request(signal.SIGINT)
     if final:
@@ -193,19 +200,103 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
                        signal=stop.signum)
 
 
+def train_step(step_model: nn.Module, model: nn.Module, task: Task, optimizer: torch.optim.Optimizer,
+               cfg: TrainConfig, step: int, device: torch.device, ranks: Ranks) -> tuple[dict[str, Tensor], Tensor, int]:
+    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches forward and backward,
+    gradients reduced over the ranks and clipped, the update, the budget controllers' step.
+
+    Returns the step's logs (mean over its micro-batches) and gradient norm as device tensors,
+    and this rank's token count: nothing is read to the host here (``_Unread`` reads them at
+    the log steps). Batches are counted on the host before they move to the device."""
+    totals: dict[str, Tensor] = {}
+    tokens = 0
+    try:
+        for micro in range(cfg.grad_accum):
+            batch = task.train_batch(ranks.batch_index(step * cfg.grad_accum + micro))
+            tokens += task.tokens(batch)
+            batch = tuple(t.to(device) for t in batch)
+            with autocast_context(device, cfg.precision):
+                loss, logs = task.loss(step_model, batch)
+            (loss / cfg.grad_accum).backward()
+            for key, value in logs.items():
+                value = torch.as_tensor(value).detach().float()
+                totals[key] = totals[key] + value if key in totals else value
+    except FloatingPointError as err:  # the MoE layer's check of its router logits
+        cause = str(err).split(",")[0].split(";")[0]  # its first clause: what was not finite
+        raise FloatingPointError(f"the run diverged at step {step + 1}: {cause}; {_NOT_SAVED}") from None
+    ranks.sync_gradients(model)
+    grad_norm = ranks.clip(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_budgets(model, ranks.sum_tensor)  # budgeted routers: t follows the step's experts/token
+    return {key: value / cfg.grad_accum for key, value in totals.items()}, grad_norm, tokens
+
+
+class _Unread:
+    """The numbers of the steps since the last read, kept on the device, and the one read that
+    brings them to the host (at log, evaluation and save steps, and at the end), as nanoGPT and
+    torchtitan read only at their log interval.
+
+    A step whose loss or gradient norm is not finite stops the run at that read, before any
+    checkpoint holds it: the weights it updated are never saved (checkpoints also refuse
+    non-finite weights, ``_check_finite``)."""
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self.steps: list[tuple[int, float, dict[str, Tensor], Tensor, int]] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
+
+    def add(self, step: int, lr: float, logs: dict[str, Tensor], grad_norm: Tensor, tokens: int) -> None:
+        self.steps.append((step, lr, logs, grad_norm, tokens))
+
+    def read(self, model: nn.Module | None) -> list[dict[str, Any]]:
+        """One train row per unread step (with ``model``: the last row also holds the budgeted
+        layers' t). Logs are averaged and tokens summed over the ranks, in one all-reduce."""
+        if not self.steps:
+            return []
+        keys = list(self.steps[0][2])
+        logs_SK = torch.stack([torch.stack([logs[k] for k in keys]) for _, _, logs, _, _ in self.steps]).double()
+        tokens_S = torch.tensor([n for *_, n in self.steps], dtype=torch.float64, device=logs_SK.device)
+        summed = self.ranks.sum_tensor(torch.cat([logs_SK, tokens_S[:, None]], dim=1))
+        norms_S = torch.stack([norm for _, _, _, norm, _ in self.steps]).to(summed.device, torch.float64)
+        dials = budget_dials(model) if model is not None else []
+        ts = [d.threshold.to(summed.device, torch.float64) for d in dials]
+        flat = torch.cat([summed.flatten(), norms_S] + [t.reshape(1) for t in ts]).tolist()  # the one read
+        seconds = time.perf_counter() - self.started
+        table, width = flat[:summed.numel()], len(keys) + 1
+        norms, thresholds = flat[summed.numel():summed.numel() + len(self.steps)], flat[summed.numel() + len(self.steps):]
+        rows = []
+        for i, (step, lr, *_rest) in enumerate(self.steps):
+            values = table[i * width:(i + 1) * width]
+            logs = {k: v / self.ranks.world_size for k, v in zip(keys, values)}
+            rows.append({"step": step, "split": "train", "lr": lr, "grad_norm": norms[i], **logs})
+            if not (math.isfinite(logs["loss"]) and math.isfinite(norms[i])):
+                raise FloatingPointError(f"the run diverged at step {step}: loss {logs['loss']}, gradient norm "
+                                         f"{norms[i]}; {_NOT_SAVED}")
+        rows[-1]["tokens_per_s"] = sum(table[width - 1::width]) / seconds  # over the steps read
+        if thresholds:
+            rows[-1] |= {"threshold": sum(thresholds) / len(thresholds), "threshold_layers": thresholds}
+        self.steps.clear()
+        self.restart_clock()
+        return rows
+
+
 @contextlib.contextmanager
-def _failing_together(parallel, run_dir: Path, cfg: TrainConfig, done: Callable[[], int]):
+def _failing_together(ranks, run_dir: Path, cfg: TrainConfig, done: Callable[[], int]):
     """A collective that failed because another rank is gone (its process ended: noticed at
     once; it hangs: after train.collective_timeout_s) becomes a RanksLost on this rank that
     says so, where the run stood and what to resume from. Every rank stops, none hangs."""
     try:
         yield
     except RuntimeError as err:
-        if parallel.world_size == 1 or isinstance(err, RanksLost) or not lost_contact(err):
+        if ranks.world_size == 1 or isinstance(err, RanksLost) or not lost_contact(err):
             raise
         reason = str(err).split(". ")[0]
         raise RanksLost(
-            f"rank {parallel.rank} lost contact with another rank during step {done() + 1}: a rank died or stopped "
+            f"rank {ranks.rank} lost contact with another rank during step {done() + 1}: a rank died or stopped "
             f"answering for train.collective_timeout_s={cfg.collective_timeout_s:g} s ({reason}). Every rank "
             f"stops; {_last_checkpoint(run_dir)}"
         ) from None
@@ -219,46 +310,26 @@ def _last_checkpoint(run_dir: Path) -> str:
     return f"the last checkpoint (step {step}) in {run_dir} is intact: continue with --out {run_dir} --resume"
 
 
-def _stop_requested(stop: StopSignals, parallel) -> bool:
+def _stop_requested(stop: StopSignals, ranks) -> bool:
     """Whether any rank received a stop signal; every rank gets the same answer, so all stop
     after the same step and the collective save matches up (one small all-reduce when
     distributed; nothing in a single process)."""
-    if parallel.sum(int(stop.signum is not None)):
+    if ranks.sum(int(stop.signum is not None)):
         stop.request(signal.SIGINT)  # a rank that saw no signal stops with the others
         return True
     return False
 
 
-def _step_gradients(step_model: nn.Module, model: nn.Module, task: Task, cfg: TrainConfig, step: int,
-                    device: torch.device, parallel):
-    """Gradients of step ``step`` (0-based), reduced over ranks and clipped; raises before the
-    optimizer steps if the loss, the gradients or the router logits are not finite."""
-    try:
-        logs, tokens = _accumulate(step_model, task, cfg, step, device, parallel)
-    except FloatingPointError as err:  # the MoE layer's check of its router logits
-        cause = str(err).split(",")[0].split(";")[0]  # its first clause: what was not finite
-        raise FloatingPointError(f"the run diverged at step {step + 1}: {cause}; {_NOT_SAVED}") from None
-    parallel.sync_gradients(model)
-    grad_norm = parallel.clip(model, cfg.grad_clip)
-    logs, tokens = parallel.mean(logs), parallel.sum(tokens)
-    if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
-        # Raise before stepping, so neither the weights nor any checkpoint see it.
-        raise FloatingPointError(
-            f"the run diverged at step {step + 1}: loss {logs['loss']}, gradient norm {grad_norm}; {_NOT_SAVED}"
-        )
-    return logs, tokens, grad_norm
+_NOT_SAVED = "nothing was saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
 
 
-_NOT_SAVED = "nothing was updated or saved (the last checkpoint, if any, is unchanged). Train again with a lower train.lr"
-
-
-def _check_finite(model: nn.Module, step: int, run_dir: Path, parallel) -> None:
+def _check_finite(model: nn.Module, step: int, run_dir: Path, ranks) -> None:
     """Refuse to save weights that hold NaN or inf: a checkpoint must stay loadable. Each rank
     checks its own shards; all refuse together."""
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t
     bad = [name for name, t in model.state_dict().items()
            if t.is_floating_point() and not torch.isfinite(local(t)).all()]
-    if parallel.sum(len(bad)):
+    if ranks.sum(len(bad)):
         bad = bad or ["on another rank"]
         raise FloatingPointError(
             f"the run diverged by step {step}: the weights hold NaN or inf ({', '.join(bad[:3])}); not saved, "
@@ -266,89 +337,10 @@ def _check_finite(model: nn.Module, step: int, run_dir: Path, parallel) -> None:
         )
 
 
-def _accumulate(model: nn.Module, task: Task, cfg: TrainConfig, step: int, device: torch.device, parallel):
-    totals: dict[str, float] = {}
-    tokens = 0
-    for micro in range(cfg.grad_accum):
-        index = parallel.batch_index(step * cfg.grad_accum + micro)
-        batch = tuple(t.to(device) for t in task.train_batch(index))
-        with autocast_context(device, cfg.precision):
-            loss, logs = task.loss(model, batch)
-        (loss / cfg.grad_accum).backward()
-        tokens += task.tokens(batch)
-        for key, value in logs.items():
-            totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accum
-    return totals, tokens
-
-
-def _budget_thresholds(model: nn.Module) -> dict[str, float]:
-    """t of each budgeted MoE layer (``threshold_layers``) and their mean, for the log."""
-    dials = budget_dials(model)
-    if not dials:
-        return {}
-    ts = torch.stack([d.threshold for d in dials]).tolist()  # one read for every layer
-    return {"threshold": sum(ts) / len(ts), "threshold_layers": ts}
-
-
-def _evaluate(model: nn.Module, task: Task, parallel: Ranks) -> dict[str, Any]:
-    metrics = task.evaluate(model, parallel)  # the task sets eval mode, no_grad and precision
+def _evaluate(model: nn.Module, task: Task, ranks: Ranks) -> dict[str, Any]:
+    metrics = task.evaluate(model, ranks)  # the task sets eval mode, no_grad and precision
     reshard(model)  # FSDP parameters an evaluation left gathered
     return metrics
-
-
-class MetricsLog:
-    """JSON lines, one row per log event; a resume drops the rows after its checkpoint.
-
-    Scalars also go to TensorBoard (RUN/tensorboard) when the ``tensorboard`` package is installed.
-    """
-
-    def __init__(self, path: Path, keep_before: int = 0) -> None:
-        self.path = path
-        if path.is_dir():
-            raise UsageError(f"{path} is a folder, not the run's metrics log (a file); move it away, then run again")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(path) if keep_before and path.exists() else []
-        with open(path, "w") as f:
-            for row in rows:
-                if row["step"] <= keep_before:
-                    f.write(json.dumps(row) + "\n")
-        self.board = _tensorboard(path.parent / "tensorboard", purge_step=keep_before + 1 if keep_before else None)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.board is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.board.add_scalar(f"{row['split']}/{key}", value, row["step"])
-            self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-
-class _NoLog:
-    """The metrics log of a rank that does not write (all but rank 0)."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard(folder: Path, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder), purge_step=purge_step)  # a resume drops the later events
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl (a torn last line is dropped with a warning)."""
-    return parse_metrics(path)
 
 
 def _postfix(row: dict) -> str:
@@ -374,4 +366,4 @@ def _progress(start: int, total: int, enabled: bool, file=None):
 PROGRESS_TO_FILE_S = 60.0
 
 
-__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "read_metrics", "checkpoint_dir"]
+__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "checkpoint_dir"]

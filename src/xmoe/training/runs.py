@@ -1,15 +1,16 @@
-"""Starting and resuming a run: the steps every task (LM, translation) takes around the shared
-loop, so that ``--resume`` continues a run exactly or refuses with the reason.
+"""Starting and resuming a run: the steps every task (xmoe.tasks: language modelling,
+translation) takes around the shared loop, so that ``--resume`` continues a run exactly or
+refuses with the reason. ``task`` is a task class; what each step asks of it is its method.
 
-    train_task(LM_TASK, cfg, run_dir, resume=...)        # what train_lm and train_mt are
+    train_task(Task, cfg, run_dir, resume=...)           # what train_lm and train_mt are
         with run_folder(run_dir, resume=...):             # 1. the lock; a failed start is undone
             saved_state = begin_run(run_dir, resume=...)  # 2. None for a new run
             check_resumable(saved_cfg, cfg, ...)          # 3. a resume changes nothing that shapes the run
-            data = kind.prepare(...)                      # 4. tokenizer / vocabulary saved in the run folder
+            data = Task.prepare(...)                      # 4. tokenizer / vocabulary saved in the run folder
             check_same_data(saved_state, ...)             # 5. and the same text
-            cfg = kind.fit_vocab(cfg, data)               # 6. the model's vocabulary is the data's
-            model = kind.build_model(cfg.model)           # 7. after the memory check, from the seed
-            train(model, kind.task(data, cfg), ...)       # 8. the shared loop
+            cfg = Task.fit_vocab(cfg, data)               # 6. the model's vocabulary is the data's
+            model = Task.build_model(cfg.model)           # 7. after the memory check, from the seed
+            train(model, Task(data, cfg), ...)            # 8. the shared loop
 
 One process at a time owns a run folder: ``run_folder`` takes an exclusive ``fcntl.flock`` on
 ``RUN/.xmoe.lock`` (released by the kernel when the process ends, however it ends; POSIX only,
@@ -28,7 +29,7 @@ import shutil
 import socket
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmoe.distributed import Ranks
 from xmoe.errors import UsageError
 
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_config, read_state
@@ -143,65 +145,46 @@ def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class TaskKind:
-    """What one kind of run (``name``: "lm", "mt") does in the steps of ``train_task``."""
-
-    name: str
-    config: type  # its run config class, as saved in config.json
-    from_preset: Callable[..., Any]  # (preset, overrides=...) -> the run config
-    default_preset: str
-    prepare: Callable[..., Any]  # (cfg, run_dir, resume, parallel) -> data with a .fingerprint
-    fit_vocab: Callable[[Any, Any], Any]  # (cfg, data) -> cfg whose model has the data's vocabulary
-    build_model: Callable[[Any], Any]  # cfg.model -> the model
-    task: Callable[[Any, Any], Any]  # (data, cfg) -> a loop.Task
-    describe_data: Callable[[Any], str]  # what changed when a resume finds other text
-    load_vocab: Callable[[Path], Any]  # run folder -> the vocabulary prepare saved there
-    num_params: Callable[[Any], int] | None = None  # cfg.model -> parameters, checked before building
-    vocab_files: tuple[str, ...] = ()  # what prepare saves in the run folder; every checkpoint is bound to them
-    also_resumable: tuple[str, ...] = ()  # beyond RESUMABLE_TRAIN_FIELDS: see check_resumable
-
-
-def run_config(kind: TaskKind, preset: str | None, overrides: dict[str, str], *,
+def run_config(task, preset: str | None, overrides: dict[str, str], *,
                resume_from: str | os.PathLike | None = None) -> Any:
-    """The config a run starts from: ``preset`` (None: the kind's default) with ``overrides``; to
+    """The config a run of ``task`` starts from: ``preset`` (None: the task's default) with ``overrides``; to
     resume, the config saved in run folder ``resume_from`` with them (train_task then refuses
     those that would break exactness), where ``preset``, if given, must be the run's."""
     if "model.vocab_size" in overrides:
         raise UsageError(f"--model.vocab_size: a run's vocabulary is its tokenizer's, trained on the data; set "
                          f"--data.vocab_size={overrides['model.vocab_size']} instead (the model follows it)")
     if resume_from is None:
-        return kind.from_preset(preset or kind.default_preset, overrides=overrides)
-    saved = saved_config(resume_from, kind.config, kind.name)
+        return task.config(preset or task.default_preset, overrides=overrides)
+    saved = saved_config(resume_from, task)
     if preset is not None and preset != saved.preset:
         raise UsageError(f"--resume: {resume_from} was trained with --preset {saved.preset}, not {preset}")
     return apply_overrides(saved, overrides)
 
 
-def train_task(kind: TaskKind, cfg, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-               parallel=None) -> TrainResult:
+def train_task(task, cfg, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+               ranks: Ranks | None = None) -> TrainResult:
     """Prepare the data (its vocabulary saved in ``run_dir``), build the model and run the shared
     loop; ``resume`` continues the run in ``run_dir`` exactly, or refuses.
 
-    ``parallel`` (xmoe.distributed.Parallel): this process is one rank of a distributed run; rank
+    ``ranks`` (xmoe.distributed.Parallel): this process is one rank of a distributed run; rank
     0 owns the run folder and prepares the data first."""
     run_dir = Path(run_dir)
-    ranks = parallel.world_size if parallel is not None else 1
-    with run_folder(run_dir, resume=resume, owner=parallel is None or parallel.is_main):
+    world_size = ranks.world_size if ranks is not None else 1
+    with run_folder(run_dir, resume=resume, owner=ranks is None or ranks.is_main):
         saved_state = begin_run(run_dir, resume=resume)
         if resume:
-            check_resumable(saved_config(run_dir, kind.config, kind.name), cfg, run_dir, saved_state=saved_state,
-                            ranks=ranks, also_resumable=kind.also_resumable)
-        data = kind.prepare(cfg, run_dir, resume, parallel)
-        check_same_data(saved_state, data.fingerprint, run_dir, kind.describe_data(cfg))
-        cfg = kind.fit_vocab(cfg, data)
-        if kind.num_params is not None:
-            check_fits_in_memory(kind.num_params(cfg.model), f"preset {cfg.preset}")
+            check_resumable(saved_config(run_dir, task), cfg, run_dir, saved_state=saved_state,
+                            world_size=world_size, also_resumable=task.also_resumable)
+        data = task.prepare(cfg, run_dir, resume, ranks)
+        check_same_data(saved_state, data.fingerprint, run_dir, task.describe_data(cfg))
+        cfg = task.fit_vocab(cfg, data)
+        if task.num_params is not None:
+            check_fits_in_memory(task.num_params(cfg.model), f"preset {cfg.preset}")
         torch.manual_seed(cfg.train.seed)
-        model = kind.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
-        return train(model, kind.task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
-                     progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": ranks},
-                     parallel=parallel, run_files=kind.vocab_files)
+        model = task.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
+        return train(model, task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
+                     progress=progress, extra_state={"data_fingerprint": data.fingerprint, "world_size": world_size},
+                     ranks=ranks, run_files=task.vocab_files)
 
 
 @dataclass(frozen=True)
@@ -215,35 +198,42 @@ class LoadedRun:
     vocab: Any
 
 
-def load_run(kind: TaskKind, path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
-    """The run of ``kind`` in ``path`` (a run or checkpoint folder), its model in eval mode."""
-    cfg = saved_config(path, kind.config, kind.name)
-    if kind.num_params is not None:
-        check_fits_in_memory(kind.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
-    model = kind.build_model(cfg.model)
+def load_run(task, path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
+    """The run of ``task`` in ``path`` (a run or checkpoint folder), its model in eval mode."""
+    cfg = saved_config(path, task)
+    if task.num_params is not None:
+        check_fits_in_memory(task.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
+    model = task.build_model(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()
     run_dir = checkpoint_dir(path).parent
-    return LoadedRun(model, cfg, run_dir, kind.load_vocab(run_dir))
+    return LoadedRun(model, cfg, run_dir, task.load_vocab(run_dir))
 
 
-# What each kind of run is, and the commands that take it.
-_KINDS = {
-    "lm": "a language-model run (xmoe train): use xmoe eval, generate or sweep-threshold, and xmoe train to --resume it",
-    "mt": "a translation run (xmoe train-mt): use xmoe translate or eval-mt, and xmoe train-mt to --resume it",
-}
+# What each task's run is, for a command given a run of the other task.
+_RUNS = {"lm": "a language-model run (xmoe train): use xmoe eval, generate or sweep-threshold, and xmoe train to "
+               "--resume it",
+         "mt": "a translation run (xmoe train-mt): use xmoe translate or eval-mt, and xmoe train-mt to --resume it"}
 
 
-def saved_config(path: str | os.PathLike, cls: type, kind: str) -> Any:
-    """The run config saved with a checkpoint, as ``cls``; ``kind`` ("lm" or "mt") is what the
-    caller can use, and a run of the other kind is refused by name, not by its config keys."""
+def task_of(config: dict) -> str:
+    """The task ("lm" or "mt") of a saved run config (config.json as a dict): its ``task`` field;
+    folders saved before that field existed are told apart by their decoding settings, which only
+    translation has."""
+    return config.get("task") or ("mt" if "decode" in config else "lm")
+
+
+def saved_config(path: str | os.PathLike, task) -> Any:
+    """The run config saved with a checkpoint, as ``task``'s config class; a run of another task
+    is refused by name."""
     folder = checkpoint_dir(path)
     data = read_config(folder)
-    found = "mt" if "decode" in data else "lm"  # only translation runs have decoding settings
-    if found != kind:
-        raise CheckpointError(f"{folder.parent if folder.name == 'checkpoint' else folder} is {_KINDS[found]}")
+    found = task_of(data)
+    if found != task.name:
+        raise CheckpointError(f"{folder.parent if folder.name == 'checkpoint' else folder} is "
+                              f"{_RUNS.get(found, f'a run of task {found!r}')}")
     try:
-        return from_dict(cls, data)
+        return from_dict(task.config_class, {**data, "task": found})
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"checkpoint file {folder / 'config.json'} is not a valid run config ({err}); "
                               f"it was edited or damaged: restore it, or start a new run") from None
@@ -273,20 +263,21 @@ def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
     return None
 
 
-def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, ranks: int = 1,
+def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_size: int = 1,
                     also_resumable: tuple[str, ...] = ()) -> None:
     """A resume must replay the same micro-batches per step: the same config (bar the fields in
     RESUMABLE_TRAIN_FIELDS, ``model.vocab_size``, which the data sets, and ``also_resumable``:
     dotted names, or prefixes ending in "."), and the same ``grad_accum x ranks``; a run may move
     between numbers of processes if it keeps that product."""
-    saved_ranks = saved_state.get("world_size", 1)
-    saved_micro, micro = saved_cfg.train.grad_accum * saved_ranks, cfg.train.grad_accum * ranks
+    saved_world = saved_state.get("world_size", 1)
+    saved_micro, micro = saved_cfg.train.grad_accum * saved_world, cfg.train.grad_accum * world_size
     if saved_micro != micro:
-        hint = f"; with {ranks} rank(s) use --train.grad_accum={saved_micro // ranks}" if saved_micro % ranks == 0 else ""
+        hint = (f"; with {world_size} rank(s) use --train.grad_accum={saved_micro // world_size}"
+                if saved_micro % world_size == 0 else "")
         raise UsageError(
             f"--resume: {run_dir} took {saved_micro} micro-batches per step (train.grad_accum="
-            f"{saved_cfg.train.grad_accum} x {saved_ranks} rank(s)); this run would take {micro} "
-            f"(train.grad_accum={cfg.train.grad_accum} x {ranks} rank(s)), so the batches would differ{hint}"
+            f"{saved_cfg.train.grad_accum} x {saved_world} rank(s)); this run would take {micro} "
+            f"(train.grad_accum={cfg.train.grad_accum} x {world_size} rank(s)), so the batches would differ{hint}"
         )
     _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
     free = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"train.grad_accum", "model.vocab_size"}

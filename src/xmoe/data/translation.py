@@ -1,8 +1,8 @@
 """Parallel text for translation: line-aligned files, a joint sentencepiece vocabulary saved with
 the run, over-long pair filtering, and length-bucketed batches by token count.
 
-    cfg = ParallelDataConfig(src="train.en", tgt="train.de", valid_src="val.en", valid_tgt="val.de")
-    data = prepare_parallel_data(cfg, run_dir)        # trains RUN/spm.model
+    cfg = TranslationDataConfig(src="train.en", tgt="train.de", valid_src="val.en", valid_tgt="val.de")
+    data = prepare_translation_data(cfg, run_dir)        # trains RUN/spm.model
     batches = data.train_batches(max_tokens=4096, seed=0)
     src_BS, tgt_in_BL, tgt_out_BL = batches.batch(step) # a pure function of (seed, step)
 
@@ -38,7 +38,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, kw_only=True)
-class ParallelDataConfig:
+class TranslationDataConfig:
     """Where the sentence pairs come from and how they become batches.
 
     src, tgt: training files, one sentence per line, equal line counts.
@@ -77,7 +77,7 @@ class ParallelDataConfig:
             )
 
 
-def read_parallel(src: str | os.PathLike, tgt: str | os.PathLike) -> tuple[list[str], list[str]]:
+def read_sentence_pairs(src: str | os.PathLike, tgt: str | os.PathLike) -> tuple[list[str], list[str]]:
     """The lines of two aligned files (trailing whitespace stripped); equal counts are checked."""
     src_lines, tgt_lines = read_lines(src), read_lines(tgt)
     if len(src_lines) != len(tgt_lines):
@@ -268,7 +268,7 @@ def source_batches(vocab: SubwordVocab, lines: Sequence[str], *, max_tokens: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class ParallelData:
+class TranslationData:
     vocab: SubwordVocab
     train: Pairs
     valid: Pairs  # over-long pairs dropped too (for the validation loss; BLEU uses every line)
@@ -284,16 +284,16 @@ class ParallelData:
         return TokenBatches(pairs=self.train, max_tokens=max_tokens, seed=seed)
 
 
-def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *,
-                          reuse_vocab: bool = False) -> ParallelData:
+def prepare_translation_data(cfg: TranslationDataConfig, run_dir: str | os.PathLike, *,
+                          reuse_vocab: bool = False) -> TranslationData:
     """Read and split the pairs, train the joint vocabulary on the training pairs (or, with
     ``reuse_vocab``, load RUN/spm.model, which must exist: a resume), encode and filter."""
     if cfg.src is None or cfg.tgt is None:
         raise UsageError("data.src and data.tgt are required: the parallel training files (--src, --tgt)")
-    src, tgt = read_parallel(cfg.src, cfg.tgt)
+    src, tgt = read_sentence_pairs(cfg.src, cfg.tgt)
     paths = [cfg.src, cfg.tgt]
     if cfg.valid_src is not None:
-        valid_src, valid_ref = read_parallel(cfg.valid_src, cfg.valid_tgt)
+        valid_src, valid_ref = read_sentence_pairs(cfg.valid_src, cfg.valid_tgt)
         paths += [cfg.valid_src, cfg.valid_tgt]
     else:
         if len(src) <= cfg.val_lines:
@@ -317,7 +317,7 @@ def prepare_parallel_data(cfg: ParallelDataConfig, run_dir: str | os.PathLike, *
                 raise UsageError(f"{path} has {len(lines)} lines and all are empty: there is no text to learn "
                                  f"a vocabulary from; check that --src and --tgt are the training files")
         vocab = train_subword_vocab(src + tgt, run_dir, cfg.vocab_size)
-    return ParallelData(
+    return TranslationData(
         vocab=vocab,
         train=encode_pairs(vocab, src, tgt, max_len=cfg.max_len),
         valid=encode_pairs(vocab, valid_src, valid_ref, max_len=cfg.max_len),

@@ -1,6 +1,6 @@
-"""Machine translation on the shared loop: the run config, the task, decoding and evaluation
-(BLEU and chrF++ from sacreBLEU, routing statistics, MoE FLOPs), and the entry points the CLI
-wires up (train, load, translate, evaluate).
+"""Machine translation: the task a Seq2Seq model trains on, its run config and recipe, decoding
+and evaluation (BLEU and chrF++ from sacreBLEU, routing statistics, MoE FLOPs), and the entry
+points the CLI wires up (train, load, translate, evaluate).
 
 Recipe (XMoE, Yang et al. 2024, Sec. 4; docs/method.md "Machine translation"): label-smoothed
 cross entropy (0.1; Szegedy et al. 2016) over real target tokens, Adam (0.9, 0.98), inverse
@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xmoe.data.parallel import (
+from xmoe.data.translation import (
     SPM_FILE,
     PAD_ID,
-    ParallelData,
-    ParallelDataConfig,
+    TranslationData,
+    TranslationDataConfig,
     Pairs,
     SubwordVocab,
     encode_pairs,
     eval_batches,
     load_subword_vocab,
-    prepare_parallel_data,
+    prepare_translation_data,
     source_batches,
 )
 from xmoe.distributed import Ranks
@@ -41,11 +41,11 @@ from xmoe.extras import check_extra, needs_extra
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
+from xmoe.training.config import TrainConfig, apply_overrides
+from xmoe.training.loop import TrainResult, autocast_context
+from xmoe.training.runs import LoadedRun, load_run, train_task
 
-from .config import TrainConfig, apply_overrides
-from .loop import TrainResult, autocast_context
-from .objective import moe_objective
-from .runs import LoadedRun, TaskKind, load_run, train_task
+from .routing import moe_objective, routing_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,15 +71,18 @@ class MTRunConfig:
 
     train.batch_size and train.seq_len are unused here: data.max_tokens sets the batch."""
 
+    task: str = "mt"  # what config.json says the run is (xmoe.training.runs.task_of)
     preset: str
     model: Seq2SeqConfig
-    data: ParallelDataConfig = field(default_factory=ParallelDataConfig)
+    data: TranslationDataConfig = field(default_factory=TranslationDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     label_smoothing: float = 0.1
     eval_bleu_sentences: int = 200  # validation sentences translated (greedy) at each evaluation
 
     def __post_init__(self) -> None:
+        if self.task != "mt":
+            raise UsageError(f"task={self.task!r}: a translation run config is task 'mt'")
         if self.data.max_len > self.model.max_len:
             raise UsageError(
                 f"data.max_len={self.data.max_len} exceeds model.max_len={self.model.max_len} (the "
@@ -109,7 +112,7 @@ def mt_run_config(preset: str, *, overrides: dict[str, str] | None = None) -> MT
     recipe = _RECIPES[preset.split("-")[0]]
     train = TrainConfig(betas=(0.9, 0.98), weight_decay=0.0, schedule="inverse_sqrt", warmup_fraction=0.1,
                         **recipe["train"])
-    cfg = MTRunConfig(preset=preset, model=model, data=ParallelDataConfig(**recipe["data"]), train=train)
+    cfg = MTRunConfig(preset=preset, model=model, data=TranslationDataConfig(**recipe["data"]), train=train)
     return apply_overrides(cfg, overrides or {})
 
 
@@ -123,10 +126,40 @@ def label_smoothed_loss(logits_BLV: Tensor, tgt_out_BL: Tensor, smoothing: float
                            label_smoothing=smoothing)
 
 
-class MTTask:
-    """A Task for xmoe.training.loop.train."""
+class Translation:
+    """The translation task, as xmoe.training.runs.train_task runs it: the class says how a run
+    starts (config, data, model, vocabulary), an instance is the loop's task (batches, loss,
+    evaluation)."""
 
-    def __init__(self, data: ParallelData, cfg: MTRunConfig) -> None:
+    name = "mt"
+    config_class = MTRunConfig
+    default_preset = "cpu-xmoe-32x512"
+    commands = "xmoe translate or eval-mt, and xmoe train-mt to --resume it"
+    vocab_files = (SPM_FILE,)  # saved in the run folder; every checkpoint is bound to them
+    # Beyond the training fields every task may change on a resume: decoding and evaluation only.
+    also_resumable = ("decode.", "eval_bleu_sentences")
+    config = staticmethod(mt_run_config)
+    build_model = Seq2Seq
+    load_vocab = staticmethod(load_subword_vocab)
+    num_params = None  # a Seq2Seq preset is small: no memory check before building
+
+    @staticmethod
+    def prepare(cfg: MTRunConfig, run_dir, resume: bool, ranks: Ranks | None) -> TranslationData:
+        """The subword vocabulary (trained on the training pairs, or the run's own on a resume)
+        and the encoded pairs. Translation trains in one process."""
+        return prepare_translation_data(cfg.data, run_dir, reuse_vocab=resume)
+
+    @staticmethod
+    def fit_vocab(cfg: MTRunConfig, data: TranslationData) -> MTRunConfig:
+        vocab = data.vocab
+        return dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
+
+    @staticmethod
+    def describe_data(cfg: MTRunConfig) -> str:
+        return "the parallel files"
+
+    def __init__(self, data: TranslationData, cfg: MTRunConfig) -> None:
         self.data, self.cfg = data, cfg
         self.batches = data.train_batches(max_tokens=cfg.data.max_tokens, seed=cfg.train.seed)
 
@@ -190,20 +223,10 @@ def teacher_forced(model: Seq2Seq, pairs: Pairs, *, max_tokens: int, precision: 
         for layer, stats in zip(layers, out.stats):
             layer.add(stats)
     result: dict[str, Any] = {"loss": total / tokens, "tokens": tokens}
-    result.update(moe_summary(model.cfg, layers))
+    if model.cfg.moe is not None:
+        flops = sum(layer.kept_pairs / max(layer.tokens, 1) for layer in layers) * model.cfg.moe.flops_per_pair
+        result.update(routing_summary(layers, flops, moe_flops_budget(model.cfg)))
     return result
-
-
-def moe_summary(cfg: Seq2SeqConfig, layers: Sequence[RoutingSummary]) -> dict[str, Any]:
-    """Experts per token (mean over MoE layers) and MoE FLOPs against the top-k budget."""
-    if cfg.moe is None or not layers:
-        return {}
-    per_layer = [layer.to_dict() for layer in layers]
-    experts = [layer["experts_per_token"] for layer in per_layer]
-    flops = sum(experts) * cfg.moe.flops_per_pair
-    budget = moe_flops_budget(cfg)
-    return {"experts_per_token": sum(experts) / len(experts), "moe_flops_per_token": flops,
-            "topk_moe_flops_per_token": budget, "moe_flops_ratio": flops / budget, "layers": per_layer}
 
 
 @torch.no_grad()
@@ -258,36 +281,13 @@ def train_mt(cfg: MTRunConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
     """Train (or with ``resume``, continue) the translation model ``cfg`` in ``run_dir``; see
     xmoe.training.runs.train_task."""
     check_extra("mt", "translation")  # before the run folder is made, not at the first BLEU
-    return train_task(MT_TASK, cfg, run_dir, resume=resume, progress=progress)
-
-
-def _fit_vocab(cfg: MTRunConfig, data: ParallelData) -> MTRunConfig:
-    vocab = data.vocab
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id))
-
-
-MT_TASK = TaskKind(
-    name="mt",
-    config=MTRunConfig,
-    from_preset=mt_run_config,
-    default_preset="cpu-xmoe-32x512",
-    prepare=lambda cfg, run_dir, resume, parallel: prepare_parallel_data(cfg.data, run_dir, reuse_vocab=resume),
-    fit_vocab=_fit_vocab,
-    build_model=Seq2Seq,
-    task=MTTask,
-    describe_data=lambda cfg: "the parallel files",
-    load_vocab=load_subword_vocab,
-    vocab_files=(SPM_FILE,),
-    # Beyond the training fields every task may change on a resume: decoding and evaluation only.
-    also_resumable=("decode.", "eval_bleu_sentences"),
-)
+    return train_task(Translation, cfg, run_dir, resume=resume, progress=progress)
 
 
 def load_mt(path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
     """A trained translation model, its config, run folder and subword vocabulary, from a run or
     checkpoint folder."""
-    return load_run(MT_TASK, path, device=device)
+    return load_run(Translation, path, device=device)
 
 
 def translate(loaded: LoadedRun, lines: Sequence[str], *, decode: DecodeConfig | None = None) -> list[str]:
@@ -296,6 +296,6 @@ def translate(loaded: LoadedRun, lines: Sequence[str], *, decode: DecodeConfig |
 
 
 __all__ = [
-    "DecodeConfig", "MTRunConfig", "MTTask", "corpus_scores", "evaluate_mt", "label_smoothed_loss",
-    "load_mt", "moe_summary", "mt_run_config", "teacher_forced", "train_mt", "translate", "translate_lines",
+    "DecodeConfig", "MTRunConfig", "Translation", "corpus_scores", "evaluate_mt", "label_smoothed_loss",
+    "load_mt", "mt_run_config", "teacher_forced", "train_mt", "translate", "translate_lines",
 ]

@@ -1,4 +1,4 @@
-"""The run report (xmoe.training.report): PNGs and summary.md from a synthetic metrics.jsonl, the
+"""The run report (xmoe.report): PNGs and summary.md from a synthetic metrics.jsonl, the
 threshold-sweep plot and table, and the errors a user sees. Rows are shaped like the ones
 ``xmoe.training.loop`` and ``lm.evaluate_lm`` write; no model is trained here."""
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from xmoe.training.report import plot_threshold_sweep, sweep_table, write_report
+from xmoe.report import write_report
+from xmoe.report.sweep import plot_threshold_sweep, sweep_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOE_PNGS = {"loss.png", "experts_per_token.png", "tokens_per_expert.png", "top1_probability.png",
@@ -206,7 +207,20 @@ def test_sweep_table_without_experts_column_and_bad_rows() -> None:
 # --- import hygiene -------------------------------------------------------------------------------
 
 
-def test_importing_report_does_not_import_matplotlib() -> None:
-    probe = "import sys, xmoe.training.report; print('matplotlib' in sys.modules)"
+def _modules_after(statement: str) -> set[str]:
+    probe = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert result.stdout.strip() == "False", "matplotlib must be imported inside the plotting functions"
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_report_does_not_import_matplotlib() -> None:
+    modules = _modules_after("import xmoe.report, xmoe.report.sweep")
+    assert "xmoe.report.plots" in modules
+    assert "matplotlib" not in modules, "matplotlib must be imported inside the plotting functions"
+
+
+def test_the_training_loop_imports_no_report_code() -> None:
+    """The loop depends on the metrics log only: plots, markdown and console text are the report's."""
+    modules = _modules_after("import xmoe.training, xmoe.training.loop")
+    assert "xmoe.training.metrics" in modules
+    assert sorted(m for m in modules if m == "xmoe.report" or m.startswith(("xmoe.report.", "matplotlib"))) == []
