@@ -18,7 +18,7 @@ from pathlib import Path
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.cli.main import add_train_command
+    from xmoe.cli.flags import add_train_command
     from xmoe.training.mt import MT_TASK
 
     add_train_command(commands, "train-mt", cmd_train_mt, MT_TASK, help="train a translation preset",
@@ -49,7 +49,7 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_mt(args: argparse.Namespace) -> None:
-    from xmoe.cli.main import run_config
+    from xmoe.cli.flags import run_config
     from xmoe.training.mt import train_mt
     from xmoe.training.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
@@ -63,7 +63,7 @@ def cmd_train_mt(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
-    from xmoe.cli.main import set_threshold
+    from xmoe.cli.flags import set_threshold
     from xmoe.training.mt import load_mt
 
     loaded = load_mt(args.checkpoint, device=args.device)

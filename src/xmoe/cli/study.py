@@ -44,7 +44,7 @@ def add_parser(commands) -> None:
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
     p.add_argument("--tabulate", action="store_true",
                    help="budget: write the tables and plots of the runs finished so far; train nothing")
-    from xmoe.cli.main import add_config_flags
+    from xmoe.cli.flags import add_config_flags
     from xmoe.training import LMRunConfig
 
     add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
@@ -52,7 +52,7 @@ def add_parser(commands) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from xmoe.cli.main import config_overrides
+    from xmoe.cli.flags import config_overrides
     from xmoe.study import default_out, plan_study, run_study
 
     if args.tabulate and args.name != "budget":

@@ -1,0 +1,65 @@
+"""The flags several commands share: a training command's --preset / --out / --resume and one
+``--section.field=VALUE`` flag per field of its run config (`train`, `train-mt`, `study`), and --threshold, the dial of every command that loads a model.
+
+`xmoe.cli.main` builds the command table from these; the command modules (`xmoe.cli.mt`,
+`xmoe.cli.study`) import them from here, so no command module imports the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from xmoe.errors import UsageError
+
+
+def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
+                      renamed: dict[str, str]) -> argparse.ArgumentParser:
+    """A command that trains a run of ``kind`` (xmoe.training.runs.TaskKind): --preset, --out,
+    --resume, and its run config's flags (``renamed``: see add_config_flags)."""
+    p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
+    p.add_argument("--preset", default=None,
+                   help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
+    p.add_argument("--out", required=True, help=f"run folder: {out}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    add_config_flags(p, kind.config, renamed=renamed)
+    p.set_defaults(func=func, kind=kind)
+    return p
+
+
+def run_config(args: argparse.Namespace):
+    """The run config of a training command's --preset, --resume and config flags."""
+    from xmoe.training.runs import run_config
+
+    return run_config(args.kind, args.preset, config_overrides(args), resume_from=args.out if args.resume else None)
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:
+    """A ``--section.field VALUE`` option for every field of the run config ``cls`` (the preset's
+    value unless given); ``renamed``: old flags (without --) that now fail naming their new key."""
+    from xmoe.training.config import config_keys
+
+    group = p.add_argument_group("run config", "every field of the preset's run config; values as JSON "
+                                 "(a tuple is a list, [0.9, 0.95]; None is null)")
+    p.usage = "%(prog)s [options] [--SECTION.FIELD=VALUE ...]"
+    keys = config_keys(cls)
+    for key in keys:
+        group.add_argument(f"--{key}", dest=key, metavar="VALUE", default=argparse.SUPPRESS)
+    p.set_defaults(config_class=cls, config_keys=keys, renamed=renamed or {})
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The run config flags given on the command line, by dotted key."""
+    return {key: getattr(args, key) for key in args.config_keys if hasattr(args, key)}
+
+
+def set_threshold(model, threshold: float, checkpoint) -> None:
+    """--threshold: t of every threshold router of ``model`` (the checkpoint's) set at inference."""
+    from xmoe import moe
+
+    try:
+        if moe.set_threshold(model, threshold) == 0:
+            raise UsageError(f"--threshold: {checkpoint} has no threshold-routed MoE layer")
+    except UsageError:
+        raise
+    except ValueError as err:  # xmoe.moe's check of t
+        raise UsageError(f"--threshold {threshold}: {err}") from None
