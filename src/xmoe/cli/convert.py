@@ -24,22 +24,26 @@ from xmoe.errors import UsageError
 
 def add_command(commands) -> None:
     """Register `xmoe convert` on the subparsers of cli.main."""
-    from xmoe.conversion.partition import PARTITIONS
-
     p = commands.add_parser(
         "convert", help="split a dense model's FFNs (an xmoe GPT run or a Hugging Face folder) into experts")
     p.add_argument("--checkpoint", required=True,
                    help="run folder of a dense GPT (a *-dense preset), or a Hugging Face model folder")
     p.add_argument("--experts", type=int, required=True, help="experts per FFN; must divide d_ff")
     p.add_argument("--out", required=True, help="new folder for the converted model (must not exist)")
-    p.add_argument("--partition", choices=PARTITIONS, default="contiguous",
-                   help="how neurons are grouped: contiguous slices, or clustered by co-activation")
+    p.later(_add_partition)
     p.add_argument("--calibration-tokens", type=int, default=16384,
                    help="tokens of calibration text for clustering and router fitting")
     p.add_argument("--data", default=None,
                    help="calibration text (default: the run's training split; required for a Hugging Face model)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_convert)
+
+
+def _add_partition(p: argparse.ArgumentParser) -> None:
+    from xmoe.conversion.partition import PARTITIONS
+
+    p.add_argument("--partition", choices=PARTITIONS, default="contiguous",
+                   help="how neurons are grouped: contiguous slices, or clustered by co-activation")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

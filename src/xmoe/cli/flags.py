@@ -8,21 +8,57 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from xmoe.errors import UsageError
 
 
-def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose heavier arguments are added only when that command is used.
+
+    ``xmoe --help`` and ``xmoe presets`` must not import torch: the choices of `xmoe study`, the
+    flags of `xmoe bench layer` and the run config's fields live in modules that do. Such a
+    command registers ``later(add)``; ``add(parser)`` runs before the command's arguments are
+    parsed or its help is printed, so only the command typed pays for its imports."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._later: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._later.append(add)
+
+    def complete(self) -> CommandParser:
+        """Add the deferred arguments (once)."""
+        while self._later:
+            self._later.pop(0)(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(CommandParser, self.complete()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(CommandParser, self.complete()).format_help()
+
+
+def add_train_command(commands, name: str, func, task: Callable[[], object], *, help: str, out: str,
                       renamed: dict[str, str]) -> argparse.ArgumentParser:
-    """A command that trains a run of ``kind`` (xmoe.training.runs.TaskKind): --preset, --out,
-    --resume, and its run config's flags (``renamed``: see add_config_flags)."""
+    """A command that trains a run of the task ``task()`` returns (xmoe.training.runs.TaskKind,
+    imported only when this command is used): --preset, --out, --resume, and its run config's
+    flags (``renamed``: see add_config_flags)."""
     p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
-    p.add_argument("--preset", default=None,
-                   help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
     p.add_argument("--out", required=True, help=f"run folder: {out}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    add_config_flags(p, kind.config, renamed=renamed)
-    p.set_defaults(func=func, kind=kind)
+    p.set_defaults(func=func)
+
+    def add_task_flags(p: argparse.ArgumentParser) -> None:
+        kind = task()
+        p.add_argument("--preset", default=None,
+                       help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
+        add_config_flags(p, kind.config, renamed=renamed)
+        p.set_defaults(kind=kind)
+
+    p.later(add_task_flags)
     return p
 
 

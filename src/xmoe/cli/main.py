@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import json
 import os
 import sys
@@ -32,8 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from xmoe.cli.flags import add_train_command, run_config, set_threshold
-from xmoe.errors import UsageError
+from xmoe.cli.flags import CommandParser, add_train_command, run_config, set_threshold
+from xmoe.errors import CheckpointError, UsageError
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -219,6 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
     from xmoe.training.report import write_report
 
+    args.preset = args.preset or _lm_task().default_preset
     if args.steps < 1:
         raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
@@ -359,15 +361,15 @@ def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `xmoe` parser. Building it imports nothing heavy (``CommandParser``): a command's
+    torch-dependent flags are added when that command is used."""
     parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     from xmoe.cli import launch
-    from xmoe.training.lm import LM_TASK
 
     p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
-    p.add_argument("--preset", default=LM_TASK.default_preset)
+    p.add_argument("--preset", default=None, help="an XMoE language-model preset (default: xmoe train's)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topK for each baseline k")
@@ -377,10 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a demo in --out that was stopped")
     p.set_defaults(func=cmd_demo)
 
-    p = add_train_command(commands, "train", cmd_train, LM_TASK, renamed={"data": "data.path"},
+    p = add_train_command(commands, "train", cmd_train, _lm_task, renamed={"data": "data.path"},
                           help="train a GPT preset", out="checkpoint, tokenizer, metrics, report")
     launch.add_arguments(p)
-
     for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
                               ("sweep-threshold", cmd_sweep, "perplexity and MoE FLOPs for several thresholds")):
         p = commands.add_parser(name, help=help_)
@@ -435,20 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_mt_commands(commands)  # train-mt, translate, eval-mt
 
     bench = commands.add_parser("bench", help="benchmarks")
-    kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
-    from xmoe.bench import layer
-
+    kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND", parser_class=CommandParser)
     p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
-    layer.add_arguments(p)
+    p.later(lambda p: importlib.import_module("xmoe.bench.layer").add_arguments(p))
     p.set_defaults(func=cmd_bench_layer)
-    from xmoe.bench import decode
-
     p = kinds.add_parser("decode", help="decode speed (a few tokens per call) against the active-weights floor")
-    decode.add_arguments(p)
+    p.later(lambda p: importlib.import_module("xmoe.bench.decode").add_arguments(p))
     p.set_defaults(func=cmd_bench_decode)
     for command in _leaf_parsers(commands):
         command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return parser
+
+
+def _lm_task():
+    from xmoe.training.lm import LM_TASK
+
+    return LM_TASK
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
@@ -503,11 +506,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
     """Run the command; the errors a user can fix become one line and exit status 2."""
-    from xmoe.distributed import RanksLost
-    from xmoe.extras import MissingExtra
-    from xmoe.training import CheckpointError
-    from xmoe.training.runs import RunInUseError
-
     try:
         _set_threads(args.threads)
         if rest:
@@ -518,24 +516,43 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
             err = _diverged_checkpoint(args.checkpoint, err)
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra,
-            RanksLost) as err:
-        print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
     except BrokenPipeError:  # `xmoe presets | head`: the reader has gone, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(1)
     except OSError as err:
+        if isinstance(err, (FileNotFoundError, FileExistsError)):
+            _user_error(args, err)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"xmoe {args.command}: error: no space left on the device: {err}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(args, f"no space left on the device: {err}")
     except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
         from xmoe.training.stopping import exit_code, signal_name
 
         signum = getattr(err, "signum", None)
         print(f"\nxmoe {args.command}: {signal_name(signum)}", file=sys.stderr)
         sys.exit(exit_code(signum))
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        _user_error(args, err)
+
+
+def _user_error(args: argparse.Namespace, message) -> None:
+    print(f"xmoe {args.command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# Errors a user can fix that are defined beside the code raising them, by module: a module not
+# imported by the command raised none, so the CLI need not import it to recognise them.
+_USER_ERRORS_IN = {"xmoe.training.runs": "RunInUseError", "xmoe.distributed.parallel": "RanksLost"}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from xmoe.extras import MissingExtra
+
+    found = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS_IN.items()
+                  if module in sys.modules)
+    return (UsageError, CheckpointError, MissingExtra, *found)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from xmoe.cli.flags import add_train_command, run_config, set_threshold
+
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.cli.flags import add_train_command
-    from xmoe.training.mt import MT_TASK
-
-    add_train_command(commands, "train-mt", cmd_train_mt, MT_TASK, help="train a translation preset",
+    add_train_command(commands, "train-mt", cmd_train_mt, _mt_task, help="train a translation preset",
                       out="checkpoint, spm.model, metrics", renamed={
                           "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
                           "valid-tgt": "data.valid_tgt"})
@@ -41,6 +40,12 @@ def add_mt_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_mt)
 
 
+def _mt_task():
+    from xmoe.training.mt import MT_TASK
+
+    return MT_TASK
+
+
 def _decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy); default: the run's decode.beam")
     p.add_argument("--length-penalty", type=float, default=None)
@@ -49,7 +54,6 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_mt(args: argparse.Namespace) -> None:
-    from xmoe.cli.flags import run_config
     from xmoe.training.mt import train_mt
     from xmoe.training.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
@@ -63,7 +67,6 @@ def cmd_train_mt(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
-    from xmoe.cli.flags import set_threshold
     from xmoe.training.mt import load_mt
 
     loaded = load_mt(args.checkpoint, device=args.device)

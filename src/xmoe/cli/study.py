@@ -19,16 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 
+from xmoe.cli.flags import add_config_flags, config_overrides
 from xmoe.errors import UsageError
 
 
 def add_parser(commands) -> None:
-    """Register `xmoe study` on the CLI's subcommands."""
-    from xmoe.study import SCALES, STUDIES
-
+    """Register `xmoe study` on the CLI's subcommands (its choices and config flags are added
+    when it is used: they come from modules that import torch)."""
     p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
+    p.later(_add_arguments)
+    p.set_defaults(func=cmd_study)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from xmoe.study import SCALES, STUDIES
+    from xmoe.training import LMRunConfig
+
     p.add_argument("name", choices=(*STUDIES, "sharpen", "budget"),
                    help="which study (all = the three, sharing runs; sharpen: the router-sharpening options; "
                         "budget: XMoE against top-k at equal average compute)")
@@ -44,15 +52,10 @@ def add_parser(commands) -> None:
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
     p.add_argument("--tabulate", action="store_true",
                    help="budget: write the tables and plots of the runs finished so far; train nothing")
-    from xmoe.cli.flags import add_config_flags
-    from xmoe.training import LMRunConfig
-
     add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
-    p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from xmoe.cli.flags import config_overrides
     from xmoe.study import default_out, plan_study, run_study
 
     if args.tabulate and args.name != "budget":
