@@ -47,14 +47,16 @@ def _add_partition(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from xmoe.checkpoints import checkpoint_kind, expect
     from xmoe.conversion import ConversionConfig, convert_checkpoint
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
 
-    cfg = ConversionConfig(num_experts=args.experts, partition=args.partition)
-    if is_converted_folder(args.checkpoint):
+    checkpoint = checkpoint_kind(args.checkpoint)
+    if checkpoint.kind == "converted":
         raise UsageError(f"{args.checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
                          f"dense model it came from instead")
-    if is_hf_folder(args.checkpoint):
+    expect(checkpoint, ("run", "hf-dense"), "convert")
+    cfg = ConversionConfig(num_experts=args.experts, partition=args.partition)
+    if checkpoint.kind == "hf-dense":
         return _convert_hf(args, cfg)
     out = convert_checkpoint(args.checkpoint, args.out, cfg, calibration_tokens=args.calibration_tokens,
                              data=args.data, device=args.device)

@@ -1,5 +1,5 @@
 """The flags several commands share: a training command's --preset / --out / --resume and one
-``--section.field=VALUE`` flag per field of its run config (`train`, `train-mt`, `study`), and --threshold, the dial of every command that loads a model.
+``--section.field=VALUE`` flag per field of its run config (`train`, `train-mt`, `study`).
 
 `xmoe.cli.main` builds the command table from these; the command modules (`xmoe.cli.mt`,
 `xmoe.cli.study`) import them from here, so no command module imports the table.
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-
-from xmoe.errors import UsageError
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -86,16 +84,3 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str
 def config_overrides(args: argparse.Namespace) -> dict[str, str]:
     """The run config flags given on the command line, by dotted key."""
     return {key: getattr(args, key) for key in args.config_keys if hasattr(args, key)}
-
-
-def set_threshold(model, threshold: float, checkpoint) -> None:
-    """--threshold: t of every threshold router of ``model`` (the checkpoint's) set at inference."""
-    from xmoe import moe
-
-    try:
-        if moe.set_threshold(model, threshold) == 0:
-            raise UsageError(f"--threshold: {checkpoint} has no threshold-routed MoE layer")
-    except UsageError:
-        raise
-    except ValueError as err:  # xmoe.moe's check of t
-        raise UsageError(f"--threshold {threshold}: {err}") from None

@@ -6,8 +6,8 @@
     xmoe sweep-threshold --checkpoint olmoe-folder --data held-out.txt --thresholds 0.3 0.5 0.7 [--max-experts 8]
     xmoe generate --checkpoint olmoe-folder --prompt "def " --threshold 0.5
 
-A folder is handled here when its config.json names the "xmoe" model type or a supported MoE
-family (olmoe, qwen2_moe, qwen3_moe, mixtral); other folders keep their own paths in cli.main.
+A folder is handled here when xmoe.checkpoint_kind finds a Hugging Face MoE folder ("xmoe" model
+type or a MoE family's config) or a Hub id ORG/NAME, which transformers loads.
 """
 
 from __future__ import annotations
@@ -31,19 +31,6 @@ def add_commands(commands) -> None:
             help="Hugging Face MoE folders: at most this many experts per token under --threshold(s)")
 
 
-def handles(checkpoint: str) -> bool:
-    """True for a Hugging Face folder whose model type is "xmoe" or a MoE family (supported or
-    not: an unsupported one gets its error from xmoe.hf.folders.folder_kind)."""
-    try:
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if (Path(checkpoint) / "state.json").exists() or (Path(checkpoint) / "checkpoint").exists():
-        return False  # an `xmoe train` run or checkpoint folder
-    moe_fields = ("num_experts", "num_local_experts", "n_routed_experts", "moe")
-    return config.get("model_type") == "xmoe" or any(config.get(f) for f in moe_fields)
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from xmoe.hf import export_hf
 
@@ -52,11 +39,14 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"trust_remote_code=True) (xmoe must be installed), or after `import xmoe.hf`")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from xmoe.hf.folders import evaluate, load_folder, set_dial, text_batches
+def cmd_eval(args: argparse.Namespace, checkpoint) -> None:
+    """`xmoe eval` on ``checkpoint``, a Hugging Face folder or Hub id (xmoe.checkpoint_kind)."""
+    from xmoe.checkpoints import open_checkpoint
+    from xmoe.hf.folders import evaluate, set_dial, text_batches
 
     check_folder_args(args)
-    model, kind = load_folder(args.checkpoint, device=_device(args))
+    model = open_checkpoint(checkpoint, device=args.device).model
+    kind = model.config.model_type
     batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
                            seq_len=256)
     point = evaluate(model, kind, batches, set_dial(model, kind, args.threshold, args.max_experts), args.threshold)
@@ -67,7 +57,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"{point.experts_per_token:.2f} experts per token, {point.tokens_per_second:.0f} tokens/s")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace, checkpoint) -> None:
+    """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder or Hub id."""
     from xmoe.hf.folders import points_table, sweep_folder
 
     check_folder_args(args)
@@ -80,15 +71,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"json: {out / 'threshold_sweep.json'}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: argparse.Namespace, checkpoint) -> None:
+    """`xmoe generate` on ``checkpoint``, a Hugging Face folder or Hub id."""
     import torch
 
     from xmoe.bench.decode import generation_report
+    from xmoe.checkpoints import open_checkpoint
     from xmoe.conversion.hf import load_tokenizer
-    from xmoe.hf.folders import load_folder, set_dial
+    from xmoe.hf.folders import set_dial
 
-    model, kind = load_folder(args.checkpoint, device=_device(args))
-    set_dial(model, kind, args.threshold, args.max_experts)
+    model = open_checkpoint(checkpoint, device=args.device).model
+    set_dial(model, model.config.model_type, args.threshold, args.max_experts)
     tokenizer = load_tokenizer(args.checkpoint)
     ids = tokenizer(args.prompt)["input_ids"]
     if not ids:

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from xmoe.cli.flags import CommandParser, add_train_command, run_config, set_threshold
+from xmoe.cli.flags import CommandParser, add_train_command, run_config
 from xmoe.errors import CheckpointError, UsageError
 
 
@@ -87,12 +87,15 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
 def cmd_eval(args: argparse.Namespace) -> None:
     from xmoe.cli import hf as hf_cli
 
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_eval(args)
+    checkpoint = _checkpoint(args, "eval", takes=("run", "hf", "hub"))
+    if checkpoint.is_hugging_face:
+        return hf_cli.cmd_eval(args, checkpoint)
+    from xmoe.checkpoints import training_capacity
     from xmoe.training import eval_batches, evaluate_lm
 
-    loaded = _load(args)
-    result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
+    loaded = _load_run(args, checkpoint)
+    with training_capacity(loaded.model) if args.capacity else contextlib.nullcontext():
+        result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
     summary = result.to_dict()
     if args.json:
         print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
@@ -105,16 +108,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from xmoe.cli import hf as hf_cli
 
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_sweep(args)
-    from xmoe.conversion.hf import is_converted_folder
+    checkpoint = _checkpoint(args, "sweep-threshold", takes=("run", "converted", "hf", "hub"))
+    if checkpoint.is_hugging_face:
+        return hf_cli.cmd_sweep(args, checkpoint)
+    if checkpoint.kind == "converted":
+        return _sweep_hf(args)
+    from xmoe.checkpoints import training_capacity
     from xmoe.training import eval_batches
 
-    if is_converted_folder(args.checkpoint):
-        return _sweep_hf(args)
-    loaded = _load(args)
-    _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
-           Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
+    loaded = _load_run(args, checkpoint)
+    with training_capacity(loaded.model) if args.capacity else contextlib.nullcontext():
+        _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
+               Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
 
 
 def _sweep_hf(args: argparse.Namespace) -> None:
@@ -141,6 +146,7 @@ def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | N
     """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
     (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
     text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
+    from xmoe.checkpoints import set_threshold
     from xmoe.training import checkpoint_dir, evaluate_lm
     from xmoe.training.checkpoint import read_state
     from xmoe.training.report import is_dense_split, plot_threshold_sweep, sweep_name, sweep_record, sweep_table
@@ -186,11 +192,12 @@ def _text_name(data: str | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from xmoe.cli import hf as hf_cli
 
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_generate(args)
+    checkpoint = _checkpoint(args, "generate", takes=("run", "hf", "hub"))
+    if checkpoint.is_hugging_face:
+        return hf_cli.cmd_generate(args, checkpoint)
     import torch
 
-    loaded = _load(args)
+    loaded = _load_run(args, checkpoint)
     tokenizer = loaded.vocab
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -317,32 +324,27 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     decode.run(args)
 
 
-def _load(args: argparse.Namespace):
-    from xmoe.cli.hf import refuse_max_experts
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
-    from xmoe.moe import MoELayer
-    from xmoe.training import load_lm
+def _checkpoint(args: argparse.Namespace, command: str, *, takes: tuple[str, ...]):
+    """What --checkpoint holds (xmoe.checkpoint_kind), refused unless ``command`` takes it."""
+    from xmoe.checkpoints import checkpoint_kind, expect
 
-    if is_converted_folder(args.checkpoint):
-        raise UsageError(
-            f"{args.checkpoint} is a converted Hugging Face model, not an `xmoe train` run; evaluate it with: "
-            f"xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
-        )
-    if is_hf_folder(args.checkpoint):
-        raise UsageError(
-            f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; make it sparse first: "
-            f"xmoe convert --checkpoint {args.checkpoint} --experts E --out NEW_FOLDER --data TEXT"
-        )
+    checkpoint = checkpoint_kind(args.checkpoint)
+    expect(checkpoint, takes, command)
+    return checkpoint
+
+
+def _load_run(args: argparse.Namespace, checkpoint):
+    """The `xmoe train` run at --checkpoint, with --threshold applied; --capacity is checked."""
+    from xmoe.checkpoints import has_capacity, open_checkpoint, set_threshold
+
+    from xmoe.cli.hf import refuse_max_experts
+
     refuse_max_experts(args, "an `xmoe train` run")
-    loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
+    loaded = open_checkpoint(checkpoint, device=args.device).run
     if getattr(args, "threshold", None) is not None:
         set_threshold(loaded.model, args.threshold, args.checkpoint)
-    if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
-        layers = [m for m in loaded.model.modules() if isinstance(m, MoELayer)]
-        if not any(m.router.cfg.capacity_factor is not None for m in layers):
-            raise UsageError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
-        for m in layers:
-            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
+    if getattr(args, "capacity", False) and not has_capacity(loaded.model):
+        raise UsageError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
     return loaded
 
 

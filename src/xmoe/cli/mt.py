@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from xmoe.cli.flags import add_train_command, run_config, set_threshold
+from xmoe.cli.flags import add_train_command, run_config
 
 
 def add_mt_commands(commands: argparse._SubParsersAction) -> None:
@@ -67,9 +67,9 @@ def cmd_train_mt(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
-    from xmoe.training.mt import load_mt
+    from xmoe.checkpoints import open_checkpoint, set_threshold
 
-    loaded = load_mt(args.checkpoint, device=args.device)
+    loaded = open_checkpoint(args.checkpoint, device=args.device, task="mt", takes=("run",), command=args.command).run
     if args.threshold is not None:
         set_threshold(loaded.model, args.threshold, args.checkpoint)
     changes = {"beam": args.beam, "length_penalty": args.length_penalty}

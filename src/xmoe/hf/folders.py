@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.checkpoint_kind import checkpoint_kind
 from xmoe.errors import UsageError
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
@@ -43,26 +44,24 @@ class FolderPoint:
         return asdict(self)
 
 
-def folder_kind(path: str | os.PathLike) -> str:
-    """The folder's model_type: "xmoe" / "xmoe_converted" for an ``xmoe export-hf`` folder, or
-    a supported MoE family's; a ValueError naming what was found otherwise."""
-    path = Path(path)
-    supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UsageError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
-    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
-        return model_type
-    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
-
-
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """The model in ``path`` (eval mode) and its kind (see folder_kind)."""
+    """The model in the Hugging Face folder ``path`` (or behind the Hub id ``path``: see
+    xmoe.checkpoints), in eval mode, and its model_type: "xmoe" / "xmoe_converted" for an
+    ``xmoe export-hf`` folder, or a supported MoE family's; a UsageError naming anything else."""
     from transformers import AutoModelForCausalLM
 
-    kind = folder_kind(path)
-    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    hub = checkpoint_kind(path).kind == "hub"
+    if not hub:
+        _check_family(path, _model_type(Path(path)))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=not hub, output_loading_info=True)
+    except OSError as err:
+        if not hub:
+            raise
+        raise UsageError(f"{path} is no local folder, so it was taken for a Hugging Face Hub id, and transformers "
+                         f"could not load it ({err}); check the id and the network, or give a local folder") from None
+    model_type = model.config.model_type
+    _check_family(path, model_type)
     mismatch = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if info.get(name)}
     if mismatch:
@@ -70,7 +69,22 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
                             for name, keys in mismatch.items())
         raise UsageError(f"{path}: its config.json does not describe its weights ({details}); the model would "
                          f"run with freshly initialised layers. Use the config.json exported with the weights")
-    return model.to(device).eval(), kind
+    return model.to(device).eval(), model_type
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder") from None
+
+
+def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
+    """A UsageError unless ``model_type`` is an ``xmoe export-hf`` folder's or a supported MoE family's."""
+    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
+        return
+    supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
+    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
 
 def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:

@@ -27,15 +27,15 @@ import json
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from xmoe.checkpoints import training_capacity
 from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
-from xmoe.moe import MoELayer, set_threshold
+from xmoe.moe import set_threshold
 from xmoe.training import (
     LMEval,
     LMRunConfig,
@@ -198,20 +198,6 @@ def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
         out["train_experts_per_token"] = statistics.fmean(r["experts_per_token"] for r in last)
         out["train_dropped_token_fraction"] = statistics.fmean(r["dropped_token_fraction"] for r in last)
     return out
-
-
-@contextmanager
-def training_capacity(model) -> Iterator[None]:
-    """Evaluate with each MoE layer's training capacity factor instead of dropless."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    saved = [m.router.dial.eval_capacity_factor for m in layers]
-    try:
-        for m in layers:
-            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
-        yield
-    finally:
-        for m, factor in zip(layers, saved):
-            m.router.dial.eval_capacity_factor = factor
 
 
 def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *, split: str = "val") -> list[dict]:
