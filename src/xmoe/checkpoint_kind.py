@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmoe.errors import CheckpointError, UsageError
+from xmoe.errors import CheckpointError
 
 KINDS = ("run", "converted", "hf", "hf-dense", "hub")
 CONVERSION_FILE = "xmoe_conversion.json"  # written by xmoe.conversion.hf.save_converted

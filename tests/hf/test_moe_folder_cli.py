@@ -30,8 +30,8 @@ def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, caps
     folder, text = olmoe_folder
     table = run(["sweep-threshold", "--checkpoint", str(folder), "--data", str(text), "--max-batches", "1",
                  "--thresholds", "0.3", "0.9", "--out", str(tmp_path)], capsys)
-    assert "| top-2 (the model's own) |" in table and "| t=0.3 |" in table and "| t=0.9 |" in table
-    points = json.loads((tmp_path / "threshold_sweep.json").read_text())
+    assert "| top-2 (the model's own) |" in table and "| 0.3 |" in table and "| 0.9 |" in table
+    points = json.loads((tmp_path / "threshold_sweep_text.json").read_text())["rows"]
     own, low, high = points
     assert own["experts_per_token"] == 2.0 and low["experts_per_token"] < high["experts_per_token"]
     assert all(p["tokens_per_second"] > 0 and p["tokens"] == own["tokens"] for p in points)

@@ -592,7 +592,8 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     axis, legend, a line at the dense model's perplexity (t = 1), neighbours' labels apart; and
     eval does not claim every expert was engaged."""
     from xmoe.presets import get_preset
-    from xmoe.training.report import flops_baseline, threshold_sweep_figure
+    from xmoe.sweep import threshold_sweep_figure
+    from xmoe.training.report import flops_baseline
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
             for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]

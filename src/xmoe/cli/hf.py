@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from xmoe.errors import UsageError
 
@@ -41,15 +40,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace, checkpoint) -> None:
     """`xmoe eval` on ``checkpoint``, a Hugging Face folder or Hub id (xmoe.checkpoint_kind)."""
-    from xmoe.checkpoints import open_checkpoint
-    from xmoe.hf.folders import evaluate, set_dial, text_batches
+    import dataclasses
 
-    check_folder_args(args)
-    model = open_checkpoint(checkpoint, device=args.device).model
-    kind = model.config.model_type
-    batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
-                           seq_len=256)
-    point = evaluate(model, kind, batches, set_dial(model, kind, args.threshold, args.max_experts), args.threshold)
+    from xmoe.hf.folders import measure, set_dial
+
+    model, batches = _open_with_text(args, checkpoint)
+    routing = set_dial(model, model.config.model_type, args.threshold, args.max_experts)
+    point = dataclasses.replace(measure(model, batches), threshold=args.threshold, routing=routing)
     if args.json:
         print(json.dumps(point.to_dict(), indent=2))
         return
@@ -58,17 +55,27 @@ def cmd_eval(args: argparse.Namespace, checkpoint) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace, checkpoint) -> None:
-    """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder or Hub id."""
-    from xmoe.hf.folders import points_table, sweep_folder
+    """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder or Hub id: the report goes
+    to --out or the current folder, never into the model's folder."""
+    from xmoe.hf.folders import sweep_folder
+    from xmoe.sweep import write_sweep
+
+    model, batches = _open_with_text(args, checkpoint)
+    points = sweep_folder(model, batches, args.thresholds, max_experts=args.max_experts)
+    write_sweep(points, args.out or ".", data=args.data, step=None, baseline="top-k")
+
+
+def _open_with_text(args: argparse.Namespace, checkpoint):
+    """The model at ``checkpoint`` and up to --max-batches (8) batches of 8 windows of 256 tokens
+    of the --data text, through its tokenizer."""
+    from xmoe.checkpoints import open_checkpoint
+    from xmoe.hf.folders import text_batches
 
     check_folder_args(args)
-    points = sweep_folder(args.checkpoint, args.data, args.thresholds, max_experts=args.max_experts,
-                          max_batches=args.max_batches or 8, device=_device(args))
-    print(points_table(points))
-    out = Path(args.out or Path(args.checkpoint) / "report")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
-    print(f"json: {out / 'threshold_sweep.json'}")
+    model = open_checkpoint(checkpoint, device=args.device).model
+    batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
+                           seq_len=256)
+    return model, batches
 
 
 def cmd_generate(args: argparse.Namespace, checkpoint) -> None:
@@ -113,9 +120,3 @@ def refuse_max_experts(args: argparse.Namespace, kind: str) -> None:
     if getattr(args, "max_experts", None) is not None:
         raise UsageError(f"--max-experts applies to Hugging Face MoE folders; {args.checkpoint} is {kind}, whose cap "
                          f"is its config's model.moe.max_experts: drop --max-experts")
-
-
-def _device(args: argparse.Namespace):
-    from xmoe.training.loop import resolve_device
-
-    return resolve_device(getattr(args, "device", "auto"))

@@ -31,7 +31,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 from xmoe.cli.flags import CommandParser, add_train_command, run_config
 from xmoe.errors import CheckpointError, UsageError
@@ -112,76 +111,47 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if checkpoint.is_hugging_face:
         return hf_cli.cmd_sweep(args, checkpoint)
     if checkpoint.kind == "converted":
-        return _sweep_hf(args)
+        return _sweep_converted(args)
     from xmoe.checkpoints import training_capacity
     from xmoe.training import eval_batches
 
     loaded = _load_run(args, checkpoint)
     with training_capacity(loaded.model) if args.capacity else contextlib.nullcontext():
-        _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
-               Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
+        sweep_run(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
+                  Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
 
 
-def _sweep_hf(args: argparse.Namespace) -> None:
-    """sweep-threshold on a Hugging Face model converted by `xmoe convert`."""
-    from xmoe.conversion import plot_sweeps, sweep_markdown
-    from xmoe.conversion.hf import sweep_converted
-    from xmoe.training.loop import resolve_device
-
+def _sweep_converted(args: argparse.Namespace) -> None:
+    """sweep-threshold on a Hugging Face model converted by `xmoe convert`: the report goes to
+    --out or the current folder, never into the model's folder."""
     from xmoe.cli.hf import check_folder_args, refuse_max_experts
+    from xmoe.conversion.hf import sweep_converted
+    from xmoe.sweep import write_sweep
+    from xmoe.training.loop import resolve_device
 
     check_folder_args(args, kind="a converted Hugging Face model")
     refuse_max_experts(args, "a converted Hugging Face model")
     points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
                              device=resolve_device(args.device))
-    print(sweep_markdown({Path(args.checkpoint).name: points}))
-    out = Path(args.out or Path(args.checkpoint) / "report")
-    out.mkdir(parents=True, exist_ok=True)
-    with _optional_plot():
-        plot_sweeps({Path(args.checkpoint).name: points}, out / "threshold_sweep.png")
-    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
+    write_sweep(points, args.out or ".", data=args.data, step=None, baseline="dense")
 
 
-def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> list[dict]:
-    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
-    (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
-    text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
+def sweep_run(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> None:
+    """An `xmoe train` run's threshold sweep (xmoe.sweep), measured as `xmoe eval` measures, into
+    its report folder ``out`` (threshold_sweep.*, or threshold_sweep_<stem>.* on other text;
+    the JSON names the text and the checkpoint's step)."""
     from xmoe.checkpoints import set_threshold
+    from xmoe.sweep import point_from_eval, sweep, write_sweep
     from xmoe.training import checkpoint_dir, evaluate_lm
     from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import is_dense_split, plot_threshold_sweep, sweep_name, sweep_record, sweep_table
+    from xmoe.training.report import is_dense_split
 
     if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
         raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
-    rows = []
-    for t in thresholds:
-        set_threshold(loaded.model, t, loaded.run_dir)
-        r = evaluate_lm(loaded.model, batches).to_dict()
-        rows.append({"threshold": t, "perplexity": r["perplexity"], "experts_per_token": r["experts_per_token"],
-                     "moe_flops_ratio": r["moe_flops_ratio"]})
-    print(sweep_table(rows))
-    out.mkdir(parents=True, exist_ok=True)
-    text = _text_name(data)
-    baseline = "dense" if is_dense_split(loaded.model.cfg.moe) else "top-k"
-    name = sweep_name(data)
-    step = read_state(checkpoint_dir(loaded.run_dir))["step"]
-    record = sweep_record(rows, data=text, step=step, baseline=baseline)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    with _optional_plot():
-        plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
-        print(f"plot: {out / name}.png")
-    return rows
-
-
-@contextlib.contextmanager
-def _optional_plot() -> Iterator[None]:
-    """A plot whose extra is missing is skipped with a warning: the table and JSON are the result."""
-    from xmoe.extras import MissingExtra
-
-    try:
-        yield
-    except MissingExtra as err:
-        warnings.warn(f"{err}; no plot drawn", stacklevel=3)
+    points = sweep(thresholds, lambda: point_from_eval(evaluate_lm(loaded.model, batches).to_dict(), None),
+                   lambda t: set_threshold(loaded.model, t, loaded.run_dir))
+    write_sweep(points, out, data=data, step=read_state(checkpoint_dir(loaded.run_dir))["step"],
+                baseline="dense" if is_dense_split(loaded.model.cfg.moe) else "top-k")
 
 
 def _text_name(data: str | None) -> str:
@@ -263,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
     trained = [layer.threshold for layer in xmoe.model.moe_layers()]
-    _sweep(xmoe, _dial_points(sum(trained) / len(trained)), batches, out / "xmoe" / "report")
+    sweep_run(xmoe, _dial_points(sum(trained) / len(trained)), batches, out / "xmoe" / "report")
     for layer, t in zip(xmoe.model.moe_layers(), trained):
         layer.set_threshold(t)  # back to what training left (a budget's t differs per layer)
     write_report(out / "xmoe")  # again, now with the sweep in summary.md
@@ -398,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["eval"].add_argument("--json", action="store_true", help="print the full result as JSON")
     commands.choices["sweep-threshold"].add_argument(
         "--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
-    commands.choices["sweep-threshold"].add_argument("--out", default=None, help="default: RUN/report")
+    commands.choices["sweep-threshold"].add_argument(
+        "--out", default=None, help="default: RUN/report for an xmoe run; the current folder for a Hugging Face "
+                                    "or converted model (never the model's folder)")
 
     p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache); speed and experts per "
                                              "token to stderr")

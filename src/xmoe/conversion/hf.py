@@ -32,10 +32,10 @@ from xmoe.checkpoint_kind import CONVERSION_FILE, checkpoint_kind
 from xmoe.errors import CheckpointError, UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
+from xmoe.sweep import SweepPoint, hf_logits, measure_layers, sweep, threshold_dial
 
 from .ffn import DenseFFN
 from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
-from .sweep import SweepPoint, hf_logits, sweep
 
 WEIGHTS_FILE = "model.safetensors"
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -274,15 +274,15 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
 def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, thresholds: Sequence[float], *,
                     max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
                     device: str | torch.device = "cpu") -> list[SweepPoint]:
-    """Perplexity and engaged FFN FLOPs of the converted model in ``folder`` at each threshold,
-    on the text at ``data``: up to ``max_batches`` batches of ``batch_size`` windows of
-    ``seq_len`` tokens (fewer if the model's context is shorter), spread over the text."""
+    """The converted model in ``folder`` at each threshold (xmoe.sweep), on the text at ``data``:
+    up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
+    model's context is shorter), spread over the text."""
     model = load_converted(folder).to(device)  # a clear error if folder holds no converted model
     L = context_length(model, seq_len) + 1  # inputs and their next tokens
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-    return sweep(model, batches, thresholds, hf_logits)
+    return sweep(thresholds, lambda: measure_layers(model, batches, hf_logits), threshold_dial(model))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

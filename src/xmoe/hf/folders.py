@@ -3,19 +3,20 @@
 dial is ``xmoe.moe.set_threshold``) or on a pretrained OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral
 folder (the dial is ``adaptive``; without a threshold the model runs its own top-k).
 
-Each point reports perplexity on held-out text, experts per token (mean, and a histogram summed
-over the MoE layers) and tokens/s of the forward passes, timed in the same process.
+Each point (xmoe.sweep.SweepPoint) reports perplexity on held-out text, experts per token (mean,
+and a histogram summed over the MoE layers), the MoE FLOPs ratio and tokens/s of the forward
+passes, timed in the same process.
 
 Shape legend: B windows, L window length, V vocabulary, E experts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,24 +25,10 @@ from torch import Tensor, nn
 
 from xmoe.checkpoint_kind import checkpoint_kind
 from xmoe.errors import UsageError
+from xmoe.sweep import LayerCounts, SweepPoint, sweep
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
 from .export import XMOE_MODEL_TYPES
-
-
-@dataclass(frozen=True)
-class FolderPoint:
-    routing: str  # "top-8 (the model's own)", "t=0.7", "t=0.7, at most 4"
-    threshold: float | None
-    loss: float  # mean next-token cross-entropy
-    perplexity: float
-    tokens: int
-    experts_per_token: float  # mean over tokens and MoE layers
-    histogram: list[int]  # histogram[n]: (token, layer) pairs that engaged n experts
-    tokens_per_second: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
@@ -111,13 +98,14 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], routing: str,
-             threshold: float | None) -> FolderPoint:
-    """Perplexity, experts per token and tokens/s of ``model`` on (inputs, targets) [B, L] pairs."""
+def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoint:
+    """Perplexity, experts per token, MoE FLOPs ratio and tokens/s of ``model`` as its dial is
+    set, on (inputs, targets) [B, L] pairs. The ratio's baseline is the model's own top-k (a MoE
+    family), or the top-k budget of its MoE layers (an xmoe export)."""
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
     loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with _count_experts(model, kind) as counts:
+    with _counts(model) as counts:
         for x_BL, y_BL in batches:
             x_BL, y_BL = x_BL.to(device), y_BL.to(device)
             start = time.perf_counter()
@@ -125,38 +113,29 @@ def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], 
             seconds += time.perf_counter() - start
             loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
             tokens += y_BL.numel()
-    loss = loss_sum / tokens
-    histogram = counts.histogram
-    routed = sum(histogram)
-    mean = sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
-    return FolderPoint(routing=routing, threshold=threshold, loss=loss, perplexity=math.exp(loss), tokens=tokens,
-                       experts_per_token=mean, histogram=histogram, tokens_per_second=tokens / seconds)
+    speed = tokens / seconds
+    if isinstance(counts, LayerCounts):
+        return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
+    return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
+                      experts_per_token=counts.mean, moe_flops_ratio=counts.mean / model.config.num_experts_per_tok,
+                      histogram=tuple(counts.histogram), tokens_per_second=speed)
 
 
-class _XMoECounts:
-    """Experts per token of an xmoe model, from the routing statistics its MoE layers return."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from xmoe.moe import MoELayer
-
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.histogram = [0] * (layers[0].cfg.num_experts + 1 if layers else 1)
-        self._handles = [layer.register_forward_hook(self._add) for layer in layers]
-
-    def _add(self, _layer, _inputs, output) -> None:
-        for n, c in enumerate(output.stats.kept_histogram.tolist()):
-            self.histogram[n] += int(c)
-
-    def __enter__(self) -> _XMoECounts:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
+def _counts(model: nn.Module):
+    return LayerCounts(model) if model.config.model_type in XMOE_MODEL_TYPES else experts_per_token(model)
 
 
-def _count_experts(model: nn.Module, kind: str):
-    return _XMoECounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
+                 max_experts: int | None = None) -> list[SweepPoint]:
+    """The model as loaded (its own top-k, or its saved t), then each threshold, on the same batches."""
+    kind = model.config.model_type
+    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, kind, None))
+
+    def dial(threshold: float) -> str | None:
+        routing = set_dial(model, kind, threshold, max_experts)
+        return routing if max_experts is not None else None  # a plain t labels itself
+
+    return [own, *sweep(thresholds, lambda: measure(model, batches), dial)]
 
 
 def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
@@ -172,26 +151,3 @@ def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.M
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-
-
-def sweep_folder(folder: str | os.PathLike, data: str | os.PathLike, thresholds: list[float], *,
-                 max_experts: int | None = None, max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
-                 device: str | torch.device = "cpu") -> list[FolderPoint]:
-    """The model as loaded (its own top-k, or its saved t), then each threshold, on the same text."""
-    model, kind = load_folder(folder, device=device)
-    batches = text_batches(folder, data, model, max_batches=max_batches, batch_size=batch_size, seq_len=seq_len)
-    points = [evaluate(model, kind, batches, set_dial(model, kind, None), None)]
-    for t in thresholds:
-        points.append(evaluate(model, kind, batches, set_dial(model, kind, t, max_experts), t))
-    return points
-
-
-def points_table(points: list[FolderPoint]) -> str:
-    """A markdown table of sweep points; the histogram lists the counts of 1, 2, ... experts."""
-    rows = ["| routing | perplexity | experts/token | histogram (1, 2, ... experts) | tokens/s |", "|---|---|---|---|---|"]
-    for p in points:
-        last = max((n for n, c in enumerate(p.histogram) if c), default=0)
-        total = sum(p.histogram) or 1
-        hist = " ".join(f"{c / total:.2f}" for c in p.histogram[1:last + 1])
-        rows.append(f"| {p.routing} | {p.perplexity:.3f} | {p.experts_per_token:.2f} | {hist} | {p.tokens_per_second:.0f} |")
-    return "\n".join(rows)
