@@ -332,10 +332,12 @@ def matched_k_by_hand(experts: float) -> list[int]:
 
 
 def small_demo(cli, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_DEMO_TRAIN", {
-        **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
+    from xmoe.study import demo
+
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {
+        **demo.DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
         "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
-    monkeypatch.setattr(cli, "_SPEED_BATCHES", 1)
+    monkeypatch.setattr(demo, "SPEED_BATCHES", 1)
 
 
 @pytest.mark.parametrize("paper", [False, True])
@@ -353,7 +355,9 @@ def test_demo_trains_xmoe_and_the_compute_matched_top_k_on_the_same_tokens(corpu
              + (["--paper-recipe"] if paper else []))
     printed = capsys.readouterr().out
     xmoe = load_lm(out / "xmoe")
-    assert xmoe.cfg.model.moe.target_experts == (None if paper else cli.DEMO_BUDGET)
+    from xmoe.study.demo import DEMO_BUDGET
+
+    assert xmoe.cfg.model.moe.target_experts == (None if paper else DEMO_BUDGET)
     batches = list(eval_batches(xmoe, None, max_batches=2))
     experts = evaluate_lm(xmoe.model, batches).to_dict()["experts_per_token"]
     ks = matched_k_by_hand(experts)

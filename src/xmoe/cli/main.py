@@ -113,6 +113,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if checkpoint.kind == "converted":
         return _sweep_converted(args)
     from xmoe.checkpoints import training_capacity
+    from xmoe.study.measure import sweep_run
     from xmoe.training import eval_batches
 
     loaded = _load_run(args, checkpoint)
@@ -134,24 +135,6 @@ def _sweep_converted(args: argparse.Namespace) -> None:
     points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
                              device=resolve_device(args.device))
     write_sweep(points, args.out or ".", data=args.data, step=None, baseline="dense")
-
-
-def sweep_run(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> None:
-    """An `xmoe train` run's threshold sweep (xmoe.sweep), measured as `xmoe eval` measures, into
-    its report folder ``out`` (threshold_sweep.*, or threshold_sweep_<stem>.* on other text;
-    the JSON names the text and the checkpoint's step)."""
-    from xmoe.checkpoints import set_threshold
-    from xmoe.sweep import point_from_eval, sweep, write_sweep
-    from xmoe.training import checkpoint_dir, evaluate_lm
-    from xmoe.training.checkpoint import read_state
-    from xmoe.training.report import is_dense_split
-
-    if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
-        raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
-    points = sweep(thresholds, lambda: point_from_eval(evaluate_lm(loaded.model, batches).to_dict(), None),
-                   lambda t: set_threshold(loaded.model, t, loaded.run_dir))
-    write_sweep(points, out, data=data, step=read_state(checkpoint_dir(loaded.run_dir))["step"],
-                baseline="dense" if is_dense_split(loaded.model.cfg.moe) else "top-k")
 
 
 def _text_name(data: str | None) -> str:
@@ -190,96 +173,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job: XMoE with a compute budget, and top-k over the same experts at the compute
-    XMoE measured, trained on the same tokens of text that ships with Python, compared; then
-    XMoE's compute dial."""
-    from xmoe.training import eval_batches, evaluate_lm, lm_run_config, load_lm
-    from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
-    from xmoe.training.report import write_report
+    """The main job (xmoe.study.demo), each model trained as `xmoe train` trains it."""
+    from xmoe.study.demo import run_demo
 
-    args.preset = args.preset or _lm_task().default_preset
-    if args.steps < 1:
-        raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
-    out = Path(args.out)
-    if not args.resume and (out / "xmoe" / "checkpoint").exists():
-        raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
-                         f"(or delete {out})")
-    common = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
-    if args.data is not None:
-        common["data.path"] = args.data
-    budget = {} if args.paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
-    xmoe_cfg = lm_run_config(args.preset, overrides={**common, **budget})
-    moe = xmoe_cfg.model.moe
-    if moe is None or moe.router != "threshold":
-        raise UsageError(f"--preset {args.preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
-
-    print(_demo_recipe(moe, args.paper_recipe))
     go_on = " ".join(["xmoe", *args.argv, *([] if args.resume else ["--resume"])])
-    _train_demo_model(xmoe_cfg, out / "xmoe", go_on)
-    xmoe = load_lm(out / "xmoe")
-    batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
-    evals = {"xmoe": evaluate_lm(xmoe.model, batches).to_dict()}
-    ks = compute_matched_k(evals["xmoe"]["experts_per_token"], moe.num_experts)
-    print(f"\nthe baselines: top-{' and top-'.join(map(str, ks))} over the same {moe.num_experts} experts, the "
-          f"compute XMoE measured ({evals['xmoe']['experts_per_token']:.2f} experts per token on validation), "
-          f"trained on the same tokens")
-    models = {}
-    for k in ks:
-        name = f"top{k}"
-        _train_demo_model(lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk",
-                                                                 "model.moe.top_k": str(k)}), out / name, go_on)
-        models[f"top-{k}"] = load_lm(out / name).model
-        evals[f"top-{k}"] = evaluate_lm(models[f"top-{k}"], batches).to_dict()
-
-    print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
-    trained = [layer.threshold for layer in xmoe.model.moe_layers()]
-    sweep_run(xmoe, _dial_points(sum(trained) / len(trained)), batches, out / "xmoe" / "report")
-    for layer, t in zip(xmoe.model.moe_layers(), trained):
-        layer.set_threshold(t)  # back to what training left (a budget's t differs per layer)
-    write_report(out / "xmoe")  # again, now with the sweep in summary.md
-    label = (f"XMoE t = {moe.threshold:g} (the paper's recipe)" if args.paper_recipe else
-             f"XMoE, budget {DEMO_BUDGET:g} experts/token (t trained to {sum(trained) / len(trained):.3f})")
-    speeds = interleaved_speeds({label: xmoe.model, **models}, batches[:_SPEED_BATCHES])
-    print("\n" + describe_comparison((label, evals["xmoe"]), {k: v for k, v in evals.items() if k != "xmoe"},
-                                     speeds=speeds, flops_per_expert=moe.flops_per_pair * len(trained)))
-
-
-def _dial_points(trained: float) -> list[float]:
-    """Thresholds for the demo's dial: around the t training left (a budget's t can be far below
-    the paper's 0.9), and the paper's t and 1.0 (every expert)."""
-    around = [round(trained * f, 3) for f in (0.5, 1.0, 2.0, 4.0) if trained * f < 0.9]
-    return sorted({*around, 0.9, 1.0})
-
-
-def _train_demo_model(cfg, run: Path, go_on: str) -> None:
-    """Train one model of the demo, or continue it; a finished one is left as it is."""
-    from xmoe.training import checkpoint_dir
-    from xmoe.training.checkpoint import read_state
-
-    started = (run / "checkpoint").exists()
-    if started and read_state(checkpoint_dir(run))["step"] >= cfg.train.max_steps:
-        print(f"{run}: trained before ({cfg.train.max_steps} steps)")
-        return
-    train_and_report(cfg, run, resume=started, go_on=go_on)
-
-
-# The compute budget the demo trains XMoE with (MoEConfig.target_experts, beyond the paper;
-# --paper-recipe trains the paper's fixed t = 0.9): see docs/results.md, "At the same compute".
-DEMO_BUDGET = 2.0
-DEMO_STEPS = 200  # per model: XMoE and its one or two compute-matched top-k models fit about 5 minutes
-_DEMO_TRAIN = {"train.batch_size": "8", "train.seq_len": "128", "train.eval_every": "100",
-               "train.save_every": "100", "train.lr": "2e-3"}
-_SPEED_BATCHES = 4  # validation batches the closing speed columns are measured on
-
-
-def _demo_recipe(moe, paper: bool) -> str:
-    experts = f"XMoE: {moe.num_experts} experts of width {moe.expert_dim}"
-    if paper:
-        return (f"{experts}, threshold t = {moe.threshold:g}: the paper's recipe (without --paper-recipe a budget "
-                f"controller holds the mean experts per token)")
-    return (f"{experts}, threshold router with a compute budget: t is steered in training so that tokens take "
-            f"{DEMO_BUDGET:g} experts on average, each its own number (beyond the paper, docs/method.md; "
-            f"--paper-recipe trains the paper's fixed t = {moe.threshold:g})")
+    run_demo(preset=args.preset or _lm_task().default_preset, steps=args.steps, data=args.data, out=args.out,
+             paper_recipe=args.paper_recipe, resume=args.resume, go_on=go_on, train=train_and_report)
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> None:
@@ -342,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
     p.add_argument("--preset", default=None, help="an XMoE language-model preset (default: xmoe train's)")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the demo's, "
+                                                          "about 4 minutes on 2 cores for the three models)")
     p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
     p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topK for each baseline k")
     p.add_argument("--paper-recipe", action="store_true",

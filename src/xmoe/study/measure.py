@@ -18,7 +18,9 @@ computation; docs/method.md "Statistics"):
                           (data.test_fraction > 0)
 
 ``measurements.json`` in the run folder, written last and atomically, marks a finished run; a
-study skips such runs when it resumes.
+study skips such runs when it resumes. ``sweep_run`` is a run's threshold sweep as `xmoe
+sweep-threshold` and the demo's dial write it (xmoe.sweep); ``inference_sweep`` the study's
+per-seed version, with timing and per-layer numbers for its tables.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from typing import Any
 
 import torch
 
-from xmoe.checkpoints import training_capacity
+from xmoe.checkpoints import set_threshold, training_capacity
 from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
-from xmoe.moe import set_threshold
+from xmoe.sweep import point_from_eval, sweep, write_sweep
 from xmoe.training import (
     LMEval,
     LMRunConfig,
+    LoadedRun,
     checkpoint_dir,
     eval_batches,
     evaluate_lm,
@@ -213,8 +216,23 @@ def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ..
     batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches, split=split))
     rows = []
     for t in thresholds:
-        set_threshold(loaded.model, t)
+        set_threshold(loaded.model, t, run_dir)
         ev, tps = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
         rows.append({"threshold": t, "inference_tokens_per_s": tps, **_eval_numbers(ev)})
     write_json(path, rows)
     return rows
+
+
+def sweep_run(loaded: LoadedRun, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> None:
+    """An `xmoe train` run's threshold sweep (xmoe.sweep), measured as `xmoe eval` measures, into
+    its report folder ``out`` (threshold_sweep.*, or threshold_sweep_<stem>.* on other text;
+    the JSON names the text and the checkpoint's step)."""
+    from xmoe.training.checkpoint import read_state
+    from xmoe.training.report import is_dense_split
+
+    if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
+        raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
+    points = sweep(thresholds, lambda: point_from_eval(evaluate_lm(loaded.model, batches).to_dict(), None),
+                   lambda t: set_threshold(loaded.model, t, loaded.run_dir))
+    write_sweep(points, out, data=data, step=read_state(checkpoint_dir(loaded.run_dir))["step"],
+                baseline="dense" if is_dense_split(loaded.model.cfg.moe) else "top-k")
