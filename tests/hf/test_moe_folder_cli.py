@@ -60,15 +60,13 @@ def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["a Hugging Face model folder", "a converted Hugging Face model"])
 def test_folder_commands_need_text_and_take_no_capacity(kind) -> None:
     """eval / sweep-threshold on either kind of Hugging Face folder: one clear line each."""
-    import argparse
-
     from xmoe.cli.hf import check_folder_args
 
     with pytest.raises(ValueError, match=f"is {kind}, which brings no evaluation text: give held-out text with --data"):
-        check_folder_args(argparse.Namespace(checkpoint="m", data=None, capacity=False), kind)
+        check_folder_args("m", None, False, kind)
     with pytest.raises(ValueError, match=f"--capacity: {kind} is evaluated dropless"):
-        check_folder_args(argparse.Namespace(checkpoint="m", data="t.txt", capacity=True), kind)
-    check_folder_args(argparse.Namespace(checkpoint="m", data="t.txt", capacity=False), kind)
+        check_folder_args("m", "t.txt", True, kind)
+    check_folder_args("m", "t.txt", False, kind)
 
 
 def test_a_hub_id_is_handed_to_transformers(olmoe_folder, tmp_path, capsys, monkeypatch):

@@ -422,10 +422,10 @@ def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, mon
 def test_main_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, capsys, error, one_line):
     from xmoe.cli import main as cli
 
-    def fail(args):
+    def fail():
         raise error
 
-    monkeypatch.setattr(cli, "cmd_presets", fail)
+    monkeypatch.setitem(cli.COMMANDS, "presets", cli.Command(fail))
     if one_line:
         with pytest.raises(SystemExit) as exit_:
             cli.main(["presets"])

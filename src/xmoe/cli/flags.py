@@ -1,8 +1,6 @@
-"""The flags several commands share: a training command's --preset / --out / --resume and one
-``--section.field=VALUE`` flag per field of its run config (`train`, `train-mt`, `study`).
-
-`xmoe.cli.main` builds the command table from these; the command modules (`xmoe.cli.mt`,
-`xmoe.cli.study`) import them from here, so no command module imports the table.
+"""What the command table (xmoe.cli.main) needs beyond signatures: a parser whose heavy flags
+are added when its command is used, and one ``--section.field=VALUE`` flag per field of a run
+config (`train`, `train-mt`, `study`).
 """
 
 from __future__ import annotations
@@ -39,32 +37,12 @@ class CommandParser(argparse.ArgumentParser):
         return super(CommandParser, self.complete()).format_help()
 
 
-def add_train_command(commands, name: str, func, task: Callable[[], object], *, help: str, out: str,
-                      renamed: dict[str, str]) -> argparse.ArgumentParser:
-    """A command that trains a run of the task ``task()`` returns (xmoe.training.runs.TaskKind,
-    imported only when this command is used): --preset, --out, --resume, and its run config's
-    flags (``renamed``: see add_config_flags)."""
-    p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
-    p.add_argument("--out", required=True, help=f"run folder: {out}")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.set_defaults(func=func)
-
-    def add_task_flags(p: argparse.ArgumentParser) -> None:
-        kind = task()
-        p.add_argument("--preset", default=None,
-                       help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
-        add_config_flags(p, kind.config, renamed=renamed)
-        p.set_defaults(kind=kind)
-
-    p.later(add_task_flags)
-    return p
-
-
-def run_config(args: argparse.Namespace):
-    """The run config of a training command's --preset, --resume and config flags."""
+def run_config(task, preset: str | None, overrides: dict[str, str], *, out: str, resume: bool):
+    """The run config of a training command of ``task`` (xmoe.training.runs.TaskKind): --preset
+    (None: the task's default, or with --resume the run's), its config flags, --resume."""
     from xmoe.training.runs import run_config
 
-    return run_config(args.kind, args.preset, config_overrides(args), resume_from=args.out if args.resume else None)
+    return run_config(task, preset, overrides, resume_from=out if resume else None)
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:

@@ -9,97 +9,89 @@ xmoe.training.mt.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import json as _json  # `json` is also a flag of `xmoe eval-mt`
 import sys
 from pathlib import Path
 
-from xmoe.cli.flags import add_train_command, run_config
+from xmoe.cli.flags import run_config
 
 
-def add_mt_commands(commands: argparse._SubParsersAction) -> None:
-    """Register the translation subcommands on the `xmoe` parser."""
-    add_train_command(commands, "train-mt", cmd_train_mt, _mt_task, help="train a translation preset",
-                      out="checkpoint, spm.model, metrics", renamed={
-                          "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
-                          "valid-tgt": "data.valid_tgt"})
+def train_mt(*, out: str, preset: str | None = None, resume: bool = False, config: dict[str, str]) -> None:
+    """Train a translation preset; --section.field=value flags set its run config.
 
-    p = commands.add_parser("translate", help="translate stdin to stdout, one sentence per line")
-    p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
-    _decode_arguments(p)
-    p.set_defaults(func=cmd_translate)
-
-    p = commands.add_parser("eval-mt", help="BLEU, chrF++, experts per token and MoE FLOPs of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--src", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--hyp-out", default=None, help="also write the translations to this file")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    _decode_arguments(p)
-    p.set_defaults(func=cmd_eval_mt)
-
-
-def _mt_task():
-    from xmoe.training.mt import MT_TASK
-
-    return MT_TASK
-
-
-def _decode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy); default: the run's decode.beam")
-    p.add_argument("--length-penalty", type=float, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="change t of the threshold routers at inference")
-    p.add_argument("--device", default="auto")
-
-
-def cmd_train_mt(args: argparse.Namespace) -> None:
-    from xmoe.training.mt import train_mt
+    Args:
+        out: run folder: checkpoint, spm.model, metrics
+        preset: see `xmoe presets` (default: cpu-xmoe-32x512; with --resume: the run's)
+        resume: continue the run in --out exactly where it stopped
+    """
+    from xmoe.training.mt import MT_TASK, train_mt
     from xmoe.training.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
 
-    cfg = run_config(args)
-    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
-    result = train_mt(cfg, args.out, resume=args.resume)
-    exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train-mt", evaluate="xmoe eval-mt")
+    cfg = run_config(MT_TASK, preset, config, out=out, resume=resume)
+    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {out}")
+    result = train_mt(cfg, out, resume=resume)
+    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train-mt", evaluate="xmoe eval-mt")
     print(describe_mt_eval(result.final_eval, bleu_sentences=cfg.eval_bleu_sentences))
 
 
-def _load(args: argparse.Namespace):
+def _load(checkpoint: str, command: str, *, beam: int | None, length_penalty: float | None,
+          threshold: float | None, device: str):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
     from xmoe.checkpoints import open_checkpoint, set_threshold
 
-    loaded = open_checkpoint(args.checkpoint, device=args.device, task="mt", takes=("run",), command=args.command).run
-    if args.threshold is not None:
-        set_threshold(loaded.model, args.threshold, args.checkpoint)
-    changes = {"beam": args.beam, "length_penalty": args.length_penalty}
+    loaded = open_checkpoint(checkpoint, device=device, task="mt", takes=("run",), command=command).run
+    if threshold is not None:
+        set_threshold(loaded.model, threshold, checkpoint)
+    changes = {"beam": beam, "length_penalty": length_penalty}
     decode = dataclasses.replace(loaded.cfg.decode, **{k: v for k, v in changes.items() if v is not None})
     return loaded, decode
 
 
-def cmd_translate(args: argparse.Namespace) -> None:
-    from xmoe.data.files import decode_lines
-    from xmoe.training.mt import translate
+def translate(*, checkpoint: str, beam: int | None = None, length_penalty: float | None = None,
+              threshold: float | None = None, device: str = "auto") -> None:
+    """Translate stdin to stdout, one sentence per line.
 
-    loaded, decode = _load(args)
+    Args:
+        checkpoint: run folder (or its checkpoint folder)
+        beam: beam size (1 = greedy); default: the run's decode.beam
+        threshold: change t of the threshold routers at inference
+    """
+    from xmoe.data.files import decode_lines
+    from xmoe.training import mt
+
+    loaded, decode = _load(checkpoint, "translate", beam=beam, length_penalty=length_penalty, threshold=threshold,
+                           device=device)
     stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that invalid UTF-8 is named, not a TypeError
     lines = decode_lines(stdin, "stdin") if stdin is not None else list(sys.stdin)
     lines = [line.rstrip("\r\n") for line in lines]  # Unix or Windows line ends
-    for hyp in translate(loaded, lines, decode=decode):
+    for hyp in mt.translate(loaded, lines, decode=decode):
         print(hyp)
 
 
-def cmd_eval_mt(args: argparse.Namespace) -> None:
+def eval_mt(*, checkpoint: str, src: str, ref: str, hyp_out: str | None = None, json: bool = False,
+            beam: int | None = None, length_penalty: float | None = None, threshold: float | None = None,
+            device: str = "auto") -> None:
+    """BLEU, chrF++, experts per token and MoE FLOPs of a checkpoint.
+
+    Args:
+        hyp_out: also write the translations to this file
+        json: print the full result as JSON
+        beam: beam size (1 = greedy); default: the run's decode.beam
+        threshold: change t of the threshold routers at inference
+    """
     from xmoe.data.parallel import read_parallel
     from xmoe.training.mt import evaluate_mt
 
-    loaded, decode = _load(args)
-    src, ref = read_parallel(args.src, args.ref)
-    summary, hyps = evaluate_mt(loaded, src, ref, decode=decode)
-    if args.hyp_out:
-        Path(args.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    loaded, decode = _load(checkpoint, "eval-mt", beam=beam, length_penalty=length_penalty, threshold=threshold,
+                           device=device)
+    sources, references = read_parallel(src, ref)
+    summary, hyps = evaluate_mt(loaded, sources, references, decode=decode)
+    if hyp_out:
+        Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if json:
+        print(_json.dumps(summary, indent=2))
         return
     print(f"{summary['sentences']} sentences, beam {summary['beam']}")
     print(summary["bleu_text"])
