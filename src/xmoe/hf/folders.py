@@ -87,7 +87,7 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
                 return "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
             return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
         if set_threshold(model, threshold) == 0:
-            raise UsageError(f"--threshold: the model has no threshold-routed MoE layer")
+            raise UsageError("--threshold: the model has no threshold-routed MoE layer")
         return f"t={threshold:g}"
     if threshold is None:
         if max_experts is not None:
