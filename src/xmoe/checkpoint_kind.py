@@ -78,7 +78,9 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
     if config is None:
         raise CheckpointError(f"no checkpoint in {path}: expected {path}/checkpoint/state.json (written by "
                               f"`xmoe train`) or a Hugging Face model's config.json")
-    moe = config.get("model_type") in XMOE_MODEL_TYPES or any(config.get(field) for field in _MOE_FIELDS)
+    text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
+    moe = config.get("model_type") in XMOE_MODEL_TYPES or any(
+        config.get(field) or text_config.get(field) for field in _MOE_FIELDS)
     return Checkpoint(str(path), "hf" if moe else "hf-dense")
 
 

@@ -29,13 +29,15 @@ def folders(tmp_path):
         "olmoe": _write(tmp_path / "olmoe", "config.json", {"model_type": "olmoe", "num_experts": 8}),
         "mixtral": _write(tmp_path / "mixtral", "config.json", {"model_type": "mixtral", "num_local_experts": 8}),
         "dense": _write(tmp_path / "gpt2", "config.json", {"model_type": "gpt2"}),
+        "multimodal": _write(tmp_path / "gemma", "config.json", {"model_type": "gemma4",
+                                                                 "text_config": {"num_experts": 8}}),
         "empty": _write(tmp_path / "empty", "notes.txt"),
     }
 
 
 @pytest.mark.parametrize("name, kind", [
     ("run", "run"), ("checkpoint folder", "run"), ("converted", "converted"), ("export", "hf"), ("olmoe", "hf"),
-    ("mixtral", "hf"), ("dense", "hf-dense"),
+    ("mixtral", "hf"), ("multimodal", "hf"), ("dense", "hf-dense"),
 ])
 def test_each_folder_is_one_kind(folders, name, kind):
     assert checkpoint_kind(folders[name]).kind == kind
