@@ -105,7 +105,7 @@ def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoin
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
     loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with _counts(model) as counts:
+    with count_experts(model, model.config.model_type) as counts:
         for x_BL, y_BL in batches:
             x_BL, y_BL = x_BL.to(device), y_BL.to(device)
             start = time.perf_counter()
@@ -116,13 +116,22 @@ def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoin
     speed = tokens / seconds
     if isinstance(counts, LayerCounts):
         return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
+    mean = histogram_mean(counts.histogram)
     return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
-                      experts_per_token=counts.mean, moe_flops_ratio=counts.mean / model.config.num_experts_per_tok,
+                      experts_per_token=mean, moe_flops_ratio=mean / model.config.num_experts_per_tok,
                       histogram=tuple(counts.histogram), tokens_per_second=speed)
 
 
-def _counts(model: nn.Module):
-    return LayerCounts(model) if model.config.model_type in XMOE_MODEL_TYPES else experts_per_token(model)
+def histogram_mean(histogram: list[int]) -> float:
+    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
+    routed = sum(histogram)
+    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
+
+
+def count_experts(model: nn.Module, kind: str):
+    """A context manager whose value's ``histogram`` counts the experts each (token, MoE layer)
+    pair engaged while it is open (``kind``: the model_type)."""
+    return LayerCounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
 
 
 def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
