@@ -207,7 +207,8 @@ def sweep_table(rows: Sequence[SweepPoint | dict]) -> str:
     columns = [("t", lambda p: p.label)]
     if any(p.experts_per_token is not None for p in points):
         columns.append(("experts/token", lambda p: _fmt(p.experts_per_token, ".2f")))
-    columns += [("MoE FLOPs ratio", lambda p: f"{p.moe_flops_ratio:.3f}"), ("perplexity", lambda p: f"{p.perplexity:.2f}")]
+    columns += [("MoE FLOPs ratio", lambda p: f"{p.moe_flops_ratio:.3f}"),
+                ("perplexity", lambda p: f"{p.perplexity:.2f}")]
     if any(p.tokens_per_second is not None for p in points):
         columns.append(("tokens/s", lambda p: _fmt(p.tokens_per_second, ".0f")))
     if any(p.histogram for p in points):

@@ -59,3 +59,16 @@ def test_a_command_still_gets_its_deferred_flags(capsys) -> None:
     except SystemExit:
         pass
     assert "--model.moe.threshold" in capsys.readouterr().out
+
+
+def test_the_user_errors_named_by_module_exist():
+    """The CLI recognises some user errors without importing their modules (a module the command
+    did not import raised none); a renamed class or module must fail here, not turn a one-line
+    error into a traceback."""
+    import importlib
+
+    from xmoe.cli.main import _USER_ERRORS_IN
+
+    for module, name in _USER_ERRORS_IN.items():
+        found = getattr(importlib.import_module(module), name)
+        assert isinstance(found, type) and issubclass(found, Exception), (module, name)

@@ -4,6 +4,7 @@ to this process at a chosen moment or to an ``xmoe train`` subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -635,7 +636,15 @@ def test_the_progress_bar_redirected_to_a_file_does_not_flood_it():
 
 def test_every_command_takes_threads(capsys):
     """Item 22: --threads on every command (it was on `study` only)."""
-    from xmoe.cli.main import _leaf_parsers, build_parser
+    from xmoe.cli.main import build_parser
+
+    def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+        """Every command's parser (`bench layer`, not `bench`)."""
+        leaves = []
+        for p in dict.fromkeys(commands.choices.values()):  # aliases map to the same parser
+            nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+            leaves += _leaf_parsers(nested[0]) if nested else [p]
+        return leaves
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")

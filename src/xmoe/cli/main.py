@@ -168,15 +168,6 @@ THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machin
                 "(measured in benchmarks/README.md)")
 
 
-def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """Every command's parser (`bench layer`, not `bench`), so each takes the common options."""
-    leaves = []
-    for p in dict.fromkeys(commands.choices.values()):  # aliases map to the same parser
-        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        leaves += _leaf_parsers(nested[0]) if nested else [p]
-    return leaves
-
-
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
