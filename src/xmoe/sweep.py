@@ -53,6 +53,7 @@ class SweepPoint:
     perplexity: float
     moe_flops_ratio: float
     experts_per_token: float | None = None  # None: no MoE layer
+    experts_per_token_layers: tuple[float, ...] | None = None  # per MoE layer
     loss: float | None = None
     tokens: int | None = None
     tokens_per_second: float | None = None  # forward passes, timed in this process
@@ -79,17 +80,19 @@ class SweepPoint:
             raise UsageError(f"threshold sweep row {index} needs numbers for {missing}, got {row!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in row.items() if k in names}
-        if known.get("histogram") is not None:
-            known["histogram"] = tuple(known["histogram"])
+        for name in ("histogram", "experts_per_token_layers"):
+            if known.get(name) is not None:
+                known[name] = tuple(known[name])
         return cls(**{"threshold": None, **known})
 
 
 def point_from_eval(summary: dict, threshold: float | None, **measured) -> SweepPoint:
     """The point of an evaluation of an xmoe model (``LMEval.to_dict()``)."""
+    layers = tuple(layer["experts_per_token"] for layer in summary["layers"]) if "layers" in summary else None
     return SweepPoint(threshold=threshold, perplexity=summary["perplexity"],
                       moe_flops_ratio=summary.get("moe_flops_ratio", 1.0),
-                      experts_per_token=summary.get("experts_per_token"), loss=summary["loss"],
-                      tokens=summary["tokens"], **measured)
+                      experts_per_token=summary.get("experts_per_token"), experts_per_token_layers=layers,
+                      loss=summary["loss"], tokens=summary["tokens"], **measured)
 
 
 def sweep(thresholds: Iterable[float], measure: Callable[[], SweepPoint],

@@ -203,22 +203,26 @@ def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
     return out
 
 
-def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *, split: str = "val") -> list[dict]:
-    """The trained model of ``run_dir`` evaluated (dropless, timed) at each threshold on its
-    validation (or test) split; cached in inference_sweep.json (inference_sweep_test.json),
-    recomputed if the thresholds differ."""
+def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *,
+                    split: str = "val") -> list[dict]:
+    """The trained model of ``run_dir`` at each threshold (xmoe.sweep points: dropless, timed) on
+    its validation (or test) split, as JSON rows; cached in inference_sweep.json
+    (inference_sweep_test.json), measured again if the thresholds differ or the file predates
+    the sweep's point (no tokens_per_second)."""
     path = Path(run_dir) / (INFERENCE_SWEEP if split == "val" else INFERENCE_SWEEP.replace(".json", f"_{split}.json"))
     if path.is_file():
         rows = read_json(path)
-        if [r["threshold"] for r in rows] == list(thresholds):
+        if [r["threshold"] for r in rows] == list(thresholds) and all("tokens_per_second" in r for r in rows):
             return rows
     loaded = load_lm(run_dir, device=cfg.train.device)
     batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches, split=split))
-    rows = []
-    for t in thresholds:
-        set_threshold(loaded.model, t, run_dir)
-        ev, tps = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
-        rows.append({"threshold": t, "inference_tokens_per_s": tps, **_eval_numbers(ev)})
+
+    def measure():
+        ev, speed = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
+        return point_from_eval(ev.to_dict(), None, tokens_per_second=speed)
+
+    points = sweep(thresholds, measure, lambda t: set_threshold(loaded.model, t, run_dir))
+    rows = [p.to_dict() for p in points]
     write_json(path, rows)
     return rows
 
