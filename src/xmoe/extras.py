@@ -24,6 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("matplotlib",),  # the plots of `xmoe report`, `xmoe train` and the threshold sweeps
     "study": ("matplotlib",),  # the plots of `xmoe study`
     "hf": ("transformers",),  # xmoe.hf and Hugging Face conversion
+    "lmeval": ("lm_eval",),  # `xmoe lm-eval`: lm-evaluation-harness tasks at several thresholds
 }
 
 

@@ -46,15 +46,15 @@ def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, caps
 
 
 def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
-    folder = tmp_path / "dsv3"
+    folder = tmp_path / "granite"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "n_routed_experts": 8}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "granitemoe", "num_local_experts": 8}))
     for argv in (["eval", "--checkpoint", str(folder), "--data", "x.txt"],
                  ["sweep-threshold", "--checkpoint", str(folder), "--data", "x.txt"]):
         with pytest.raises(SystemExit):
             main(argv)
         err = capsys.readouterr().err
-        assert "'deepseek_v3'" in err and "olmoe, qwen2_moe, qwen3_moe, mixtral" in err
+        assert "'granitemoe'" in err and "olmoe, flex_olmo, qwen2_moe, qwen3_moe" in err
 
 
 @pytest.mark.parametrize("kind", ["a Hugging Face model folder", "a converted Hugging Face model"])

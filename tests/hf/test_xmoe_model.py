@@ -124,17 +124,16 @@ def test_auto_classes_know_the_model_type():
 def test_bad_inputs_are_clear_errors():
     model = hf_from_gpt(tiny_gpt())
     x = torch.randint(VOCAB, (2, 6))
-    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    with pytest.raises(ValueError, match="right padding only"):
-        model(x, attention_mask=left_padded)
-    right_padded = left_padded.flip(1)
-    torch.testing.assert_close(model(x, attention_mask=right_padded).logits, model(x).logits)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, cached \+ new tokens\] = \[2, 6\]"):
+        model(x, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.randint(VOCAB, (1, 49)))
     with pytest.raises(ValueError, match="not both"):
         model(x, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
-    with pytest.raises(ValueError, match="GPTConfig.d_model"):
+    with pytest.raises(ValueError, match="d_model=30 is not divisible by n_head=4"):
         XMoEConfig(d_model=30, n_head=4)
+    with pytest.raises(ValueError, match=r"GPTConfig.dropout must be in \[0, 1\)"):
+        XMoEConfig(dropout=1.5)
 
 
 def test_a_fresh_process_loads_the_folder_with_trust_remote_code(tmp_path):
@@ -233,3 +232,41 @@ def test_a_budgeted_model_keeps_its_trained_t_through_export_and_from_pretrained
     loaded.save_pretrained(tmp_path / "dialled")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "dialled")
     assert [layer.threshold for layer in again.moe_layers()] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["xmoe", "portable"])
+def test_resize_token_embeddings_keeps_the_tied_output_layer(kind, tmp_path):
+    from helpers.hf import portable_copy
+
+    model = hf_from_gpt(tiny_gpt())
+    model = portable_copy(model) if kind == "portable" else model
+    old = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(VOCAB + 8)
+    wte, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert lm_head.weight is wte.weight and wte.weight.shape == (VOCAB + 8, 32) and model.config.vocab_size == VOCAB + 8
+    assert torch.equal(wte.weight[:VOCAB], old)
+    x = torch.randint(VOCAB + 8, (2, 7))
+    with torch.no_grad():
+        logits = model(x).logits
+    assert logits.shape == (2, 7, VOCAB + 8)
+    model.save_pretrained(tmp_path / "m")
+    loaded = type(model).from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, logits, rtol=0, atol=1e-6)
+
+
+def test_the_static_cache_is_refused_with_what_to_do():
+    model = hf_from_gpt(tiny_gpt())
+    with pytest.raises(ValueError, match="dynamic cache only, not StaticCache: generate without cache_implementation"):
+        model.generate(torch.randint(VOCAB, (1, 5)), max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
+def test_generation_past_block_size_slides_the_window_as_xmoe_generate_does():
+    gpt = tiny_gpt()  # block_size 48
+    model = hf_from_gpt(gpt)
+    prompt = torch.randint(VOCAB, (2, 30))
+    expected = gpt.generate(prompt, 40, temperature=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False), expected)
+    assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False, use_cache=False), expected)
+    with pytest.raises(ValueError, match="block_size"):  # a forward call is not windowed: too long is an error
+        model(torch.randint(VOCAB, (1, 49)))

@@ -185,7 +185,7 @@ def test_an_export_onto_a_full_disk_is_one_error_and_keeps_the_earlier_export(tm
                                   "\"No space left on device\" }) (os error 28)")
 
     with pytest.raises(OSError) as error:
-        export_module._write(out, FullDisk(), None)
+        export_module._write(out, FullDisk(), None, card="")
     assert error.value.errno == errno.ENOSPC
     assert f"the earlier export in {out} is intact" in str(error.value)
     assert json.loads((out / "config.json").read_text()) == {"model_type": "xmoe"}

@@ -5,10 +5,12 @@ needs `pip install 'xmoe[hf]'`).
     xmoe eval --checkpoint hf/a --data held-out.txt --threshold 0.7
     xmoe sweep-threshold --checkpoint olmoe-folder --data held-out.txt --thresholds 0.3 0.5 0.7 [--max-experts 8]
     xmoe generate --checkpoint org/some-moe --prompt "def " --threshold 0.5
+    xmoe lm-eval --checkpoint olmoe-folder --tasks hellaswag arc_easy --thresholds 0.3 0.5 0.7 [--limit 500]
 
 xmoe.cli.lm hands a checkpoint here when xmoe.checkpoint_kind finds a Hugging Face MoE folder
-("xmoe" model type or a MoE family's config), a Hub id ORG/NAME (transformers loads it), or, for
-sweep-threshold, a model converted by `xmoe convert`.
+("xmoe" model type or the config of a family ``xmoe.hf.SUPPORTED_FAMILIES`` lists: OLMoE,
+FlexOlmo, Qwen2/3/3.5-MoE, Qwen3-Next, Mixtral, Gemma-4, gpt-oss, DeepSeek-V3, GLM-4.5), a Hub id
+ORG/NAME (transformers loads it), or, for sweep-threshold, a model converted by `xmoe convert`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,38 @@ def export_hf(*, checkpoint: str, out: str) -> None:
     written = export_hf(checkpoint, out)
     print(f"exported {checkpoint} -> {written}: load it with AutoModelForCausalLM.from_pretrained({str(written)!r}, "
           f"trust_remote_code=True) (xmoe must be installed), or after `import xmoe.hf`")
+
+
+def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None = None,
+            max_experts: int | None = None, limit: float | None = None, num_fewshot: int | None = None,
+            include_path: str | None = None, batch_size: int = 1, out: str = ".", device: str = "auto") -> None:
+    """lm-evaluation-harness tasks on a Hugging Face MoE or xmoe folder, as loaded and at each threshold.
+
+    Args:
+        checkpoint: a Hugging Face folder (`xmoe export-hf` or a pretrained MoE), or a Hub id ORG/NAME
+        tasks: harness task names (its registry, or --include-path)
+        thresholds: the dial's settings, after the model as loaded (default: 0.3 0.5 0.7 0.9)
+        max_experts: pretrained MoE folders: at most this many experts
+        limit: documents per task (a fraction if < 1); default all
+        num_fewshot: few-shot examples (default: each task's own)
+        include_path: a folder of task YAML files of your own
+        batch_size: sequences per forward (default 1: with more, the harness's pads are routed and counted)
+        out: where lm_eval.json and lm_eval.md go (default: this folder)
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps
+    """
+    from xmoe.checkpoints import open_checkpoint
+    from xmoe.conversion.hf import load_tokenizer
+    from xmoe.hf.harness import points_table, run_tasks, write_points
+
+    if limit is not None and not limit > 0:
+        raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {limit:g}")
+    model = open_checkpoint(checkpoint, device=device, takes=("hf", "hub"), command="lm-eval").model
+    points, _ = run_tasks(model, load_tokenizer(checkpoint), model.config.model_type, tasks,
+                          [0.3, 0.5, 0.7, 0.9] if thresholds is None else thresholds, max_experts=max_experts,
+                          limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot,
+                          include_path=include_path, batch_size=batch_size)
+    print(points_table(points))
+    print(f"json: {write_points(points, out)}")
 
 
 def evaluate(checkpoint, *, data: str | None, max_batches: int | None, capacity: bool, device: str,

@@ -88,6 +88,7 @@ COMMANDS: dict[str, Command] = {
     "report": Command(lm.report),
     "convert": Command(convert.convert, choices={"partition": convert.partitions}, description=convert.__doc__),
     "export-hf": Command(hf.export_hf),
+    "lm-eval": Command(hf.lm_eval),
     "study": Command(study.study, config=_lm_config, choices={"name": study.names, "scale": study.scales},
                      description=study.__doc__),
     "presets": Command(lm.presets),

@@ -5,8 +5,10 @@ transformers 5.x computes a MoE block's experts through ``ExpertsInterface`` (a 
 ``hidden [T, D]``, ``top_k_index [T, K]``, ``top_k_weights [T, K]`` on the experts module, whose
 weights are 3-D: ``gate_up_proj [E, 2F, D]``, ``down_proj [E, D, F]``). A threshold router gives
 each token a variable number of experts in a fixed ``[T, K]`` by filling the unused slots with
-a sentinel index (E, or anything outside [0, E)) and weight 0; this implementation drops those
-slots before any compute, so a token with 2 experts costs 2 experts.
+weight 0 (xmoe.hf.adaptive points them at the token's first expert, so that every other
+implementation computes them harmlessly; a sentinel index outside [0, E) is accepted too). This
+implementation drops those slots before any compute, so a token with 2 experts costs 2 experts:
+a pair of weight 0 adds nothing to its token.
 
 The computation (as MegaBlocks and ScatterMoE do it, on plain torch): sort the kept pairs by
 expert, run one GEMM chain per expert on its contiguous slice of rows, weigh each row by its
@@ -29,12 +31,14 @@ EXPERTS_IMPLEMENTATION = "xmoe"  # the name to pass as experts_implementation=
 def xmoe_experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                          top_k_weights: Tensor) -> Tensor:
     """``sum_k top_k_weights[t, k] * expert_{top_k_index[t, k]}(hidden_states[t])`` over the slots
-    whose index is a real expert (sentinel slots are skipped): [T, D], in the input's dtype."""
+    with a nonzero weight whose index is a real expert (the others are skipped): [T, D], in the
+    input's dtype."""
     x_TD = hidden_states
     T, K = top_k_index.shape
     E = experts.num_experts
-    # Sentinels (anything outside [0, E)) all go to bucket E, which sorts last and is never computed.
-    expert_TK = torch.where((top_k_index >= 0) & (top_k_index < E), top_k_index, E)
+    # Skipped slots all go to bucket E, which sorts last and is never computed.
+    runs_TK = (top_k_index >= 0) & (top_k_index < E) & (top_k_weights != 0)
+    expert_TK = torch.where(runs_TK, top_k_index, E)
     order_TK = expert_TK.reshape(-1).argsort(stable=True)
     counts = torch.bincount(expert_TK.reshape(-1), minlength=E + 1)[:E].tolist()  # the one host sync
     pair_N = order_TK[: sum(counts)]

@@ -1,7 +1,7 @@
 """Evaluating Hugging Face MoE folders at several thresholds: what ``xmoe eval``,
 ``xmoe sweep-threshold`` and ``xmoe generate`` do on a folder written by ``xmoe export-hf`` (the
-dial is ``xmoe.moe.set_threshold``) or on a pretrained OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral
-folder (the dial is ``adaptive``; without a threshold the model runs its own top-k).
+dial is ``xmoe.moe.set_threshold``) or on a pretrained MoE model folder of a family ``adaptive``
+supports (the dial is ``adaptive``; without a threshold the model runs its own top-k).
 
 Each point (xmoe.sweep.SweepPoint) reports perplexity on held-out text, experts per token (mean,
 and a histogram summed over the MoE layers), the MoE FLOPs ratio and tokens/s of the forward
@@ -27,7 +27,7 @@ from xmoe.checkpoint_kind import checkpoint_kind
 from xmoe.errors import UsageError
 from xmoe.sweep import LayerCounts, SweepPoint, sweep
 
-from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
 from .export import XMOE_MODEL_TYPES
 
 
@@ -92,7 +92,7 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
     if threshold is None:
         if max_experts is not None:
             raise UsageError("--max-experts needs --threshold (the model's own top-k has its own k)")
-        return f"top-{model.config.num_experts_per_tok} (the model's own)"
+        return f"top-{own_top_k(model)} (the model's own)"
     adaptive(model, threshold=threshold, max_experts=max_experts)
     return f"t={threshold:g}" + (f", at most {max_experts}" if max_experts else "")
 
@@ -118,7 +118,7 @@ def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoin
         return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
     mean = histogram_mean(counts.histogram)
     return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
-                      experts_per_token=mean, moe_flops_ratio=mean / model.config.num_experts_per_tok,
+                      experts_per_token=mean, moe_flops_ratio=mean / own_top_k(model),
                       histogram=tuple(counts.histogram), tokens_per_second=speed)
 
 

@@ -1,43 +1,47 @@
 """XMoEForCausalLM: xmoe's GPT (xmoe.models.gpt) as a transformers causal LM, so that
-``AutoModelForCausalLM.from_pretrained``, ``generate()``, the Trainer and PEFT work on it.
+``AutoModelForCausalLM.from_pretrained``, ``generate()``, the Trainer and PEFT work on it with
+xmoe's own layers (its backends, its routing statistics, its compute-budget state).
 
-The model holds an unchanged ``xmoe.models.gpt.GPT`` (its blocks, its ``MoELayer``s, its
-weights) and runs GPT.forward, so its logits are xmoe's own. What this file adds is the
-transformers contract:
+The model holds an unchanged ``xmoe.models.gpt.GPT`` and runs GPT.forward, so its logits are
+xmoe's own. The transformers contract around it (padding and positions, the generation window
+past ``block_size``, the embeddings) is the portable model's (xmoe.hf.standalone.modeling_xmoe,
+which exported folders carry); what this file adds:
 
 - the KV cache: transformers passes a ``Cache`` (``cache=`` from 5.24 on, ``past_key_values=``
   before); xmoe's attention writes into it through ``_CacheView``;
 - ``MoeCausalLMOutputWithPast``: ``aux_loss`` (the sum over MoE layers of the unscaled
-  balancing loss), ``router_logits`` when asked (``output_router_logits``), and a ``loss`` from
-  ``labels`` (shifted inside, as transformers does) that is ``CE + router_aux_loss_coef *
-  aux_loss`` (0.01, the paper's recipe), so the Trainer trains what ``xmoe train`` trains.
-  ``routing_stats`` carries xmoe's RoutingStats, one per MoE layer;
-- the threshold dial: ``config.moe_threshold`` is the t the model is built with, and
-  ``xmoe.moe.set_threshold(model, t)`` changes it on the loaded model (saved with it).
+  balancing loss, over real tokens), ``router_logits`` when asked, a ``loss`` from ``labels``
+  that is ``CE + router_aux_loss_coef * aux_loss`` (0.01, the paper's recipe), and
+  ``routing_stats``, xmoe's RoutingStats, one per MoE layer;
+- the dial (``DialMixin``): ``config.moe_threshold`` is read at every call, and
+  ``xmoe.moe.set_threshold(model, t)`` works too; whichever was set last routes, and
+  ``save_pretrained`` writes it;
+- ``save_pretrained`` writes the portable modeling code beside the weights, not this file, so a
+  saved folder loads with ``trust_remote_code=True`` where xmoe is not installed.
 
-This file is copied beside the weights by ``save_pretrained`` (``trust_remote_code`` loading), so
-it imports xmoe only by absolute imports, and its own config by a relative one.
-
-Shape legend: B batch, L sequence length, T tokens (B * L), E experts, V vocabulary.
+Shape legend: B batch, L sequence length, S cached + new positions, E experts, V vocabulary.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+import xmoe
 from xmoe.models.gpt import GPT, IGNORE_INDEX
-from xmoe.moe import Dial, MoELayer, RoutingStats
+from xmoe.moe import Dial, MoELayer, RoutingStats, set_threshold
 
 from .configuration_xmoe import XMoEConfig
-
-# The output's cache field: "cache" from transformers 5.24 on, "past_key_values" before.
-_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+from .standalone import FOLDER as PORTABLE_FOLDER
+from .standalone.modeling_xmoe import (
+    CACHE_FIELD, WindowedGenerationMixin, XMoEPreTrainedModel, check_cache, positions_and_masks,
+)
 
 
 @dataclass
@@ -63,11 +67,69 @@ class _CacheView:
         self.position += num_positions
 
 
-class XMoEPreTrainedModel(PreTrainedModel):
+class DialMixin:
+    """One dial for an xmoe model loaded in transformers: ``config.moe_threshold``.
+
+    xmoe's layers hold their t themselves (``xmoe.moe.set_threshold`` turns it), so the config
+    and the layers are kept in step: a config edit is pushed into the layers at the next call
+    (or ``apply_dial()``), a ``set_threshold`` is written back into the config by
+    ``save_pretrained``. ``moe_threshold=None`` leaves each layer's own t (a compute budget's
+    trained t, loaded with the weights)."""
+
+    def apply_dial(self) -> None:
+        """Route every threshold layer at ``config.moe_threshold`` if it was edited since last applied."""
+        t = self.config.moe_threshold
+        if t is not None and t != getattr(self, "_applied_threshold", None):
+            set_threshold(self, t)
+        self._applied_threshold = t
+
+    @property
+    def moe_threshold(self) -> float | None:
+        """The t every threshold layer routes with now (None when they differ or there are none)."""
+        layers = [m for m in self.modules() if isinstance(m, MoELayer) and m.router.kind == "threshold"]
+        thresholds = {layer.threshold for layer in layers}
+        return thresholds.pop() if len(thresholds) == 1 else None
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+        # The weights were loaded after __init__: a trained t in them gives way to a moe_threshold.
+        model._applied_threshold = None
+        model.apply_dial()
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """transformers' save_pretrained, with the dial as it routes now, the xmoe version, and the
+        portable modeling code (``auto_map``) instead of this file."""
+        self.apply_dial()  # a config edit not yet applied wins over the layers' t
+        if self.moe_threshold is not None:  # None: no threshold layer, or a budget's t per layer
+            self.config.moe_threshold = self._applied_threshold = self.moe_threshold
+        self.config.xmoe_version = xmoe.__version__
+        kind = "modeling_xmoe_converted" if self.config.model_type == "xmoe_converted" else "modeling_xmoe"
+        self.config.auto_map = {"AutoConfig": f"configuration_xmoe.{type(self.config).__name__}",
+                                "AutoModelForCausalLM": f"{kind}.{type(self).__name__}"}
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        for name in ("configuration_xmoe.py", "xmoe_layer.py", f"{kind}.py"):
+            write_portable(name, Path(save_directory))
+        return out
+
+
+def write_portable(name: str, folder: Path) -> None:
+    """Copy the portable module ``name`` into ``folder``, under a line naming the xmoe that wrote it."""
+    code = (PORTABLE_FOLDER / name).read_text()
+    (folder / name).write_text(f"# Written by xmoe {xmoe.__version__}; needs only torch and transformers.\n{code}")
+
+
+class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):
     config_class = XMoEConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["Block"]
-    supports_gradient_checkpointing = False
+    accepts_loss_kwargs = False  # the loss is a mean over the batch's targets, like xmoe train's
+
+    def __init__(self, config: XMoEConfig) -> None:
+        super().__init__(config)
+        self.transformer = GPT(config.to_gpt_config())
+        self._applied_threshold = config.moe_threshold
+        self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -78,52 +140,20 @@ class XMoEPreTrainedModel(PreTrainedModel):
         folder has no weights for (a config.json that disagrees with its weights), which would
         otherwise keep uninitialised memory."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            super()._init_weights(module)
         elif isinstance(module, nn.LayerNorm) or hasattr(module, "reset_parameters") and module is not self:
             module.reset_parameters()
         elif isinstance(module, Dial):  # its unsaved per-step counts; a trained t comes with the weights
             module.reset_counts()
 
-
-class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"transformer.lm_head.weight": "transformer.wte.weight"}
-    accepts_loss_kwargs = False  # the loss is a mean over the batch's targets, like xmoe train's
-
-    def __init__(self, config: XMoEConfig) -> None:
-        super().__init__(config)
-        self.transformer = GPT(config.to_gpt_config())
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.transformer.wte = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.transformer.lm_head
-
     def moe_layers(self) -> list[MoELayer]:
         return self.transformer.moe_layers()
-
-    @property
-    def moe_threshold(self) -> float | None:
-        """The threshold the MoE layers route with now (None when they have none)."""
-        thresholds = {layer.threshold for layer in self.moe_layers() if layer.cfg.router == "threshold"}
-        return thresholds.pop() if len(thresholds) == 1 else self.config.moe_threshold
-
-    def save_pretrained(self, *args, **kwargs):
-        # The live t goes into config.json: xmoe.moe.set_threshold(model, t) changes the layers only.
-        if self.config.moe is not None:
-            self.config.moe_threshold = self.moe_threshold
-        return super().save_pretrained(*args, **kwargs)
 
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
@@ -135,38 +165,35 @@ class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
         predicting ``labels[:, 1:]`` from the positions before, plus the weighted balancing loss.
 
         ``cache`` / ``past_key_values`` (either spelling): a transformers Cache holding the
-        tokens before ``input_ids``; positions continue after them. ``attention_mask`` may only
-        mark right padding (absolute positions make left padding wrong), and only without a cache.
+        tokens before ``input_ids``. ``attention_mask`` [B, S] (1 real, 0 padding; left or
+        right): pad tokens are attended by nobody and routed to no expert, and without
+        ``position_ids`` a token's position counts the real tokens before it.
         """
         if input_ids is None:
             raise ValueError("XMoEForCausalLM needs input_ids (inputs_embeds are not supported)")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("give the KV cache once, as cache= or past_key_values=, not both")
         cache = cache if cache is not None else past_key_values
+        check_cache(cache)
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
                 raise ValueError(f"XMoEForCausalLM does not return {flag.removeprefix('output_')}; call it with {flag}=False")
+        self.apply_dial()
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training:
             cache = None  # training mode routes with capacity: incremental decoding would not match
         elif use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         view = _CacheView(cache) if cache is not None else None
-        _check_attention_mask(attention_mask, cached=view is not None and view.position > 0)
+        pos_BL, mask_B1LS, real_BL = positions_and_masks(input_ids, attention_mask, position_ids,
+                                                          view.position if view is not None else 0)
 
         targets_BL = None
         if labels is not None:  # position i predicts labels[i + 1]; the last position nothing
             targets_BL = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
         want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
-        router_logits: list[Tensor] = []
-        hooks = [layer.register_forward_hook(_record_router_logits(router_logits)) for layer in self.moe_layers()] \
-            if want_logits else []
-        try:
-            out = self.transformer(input_ids, targets=targets_BL, cache=view)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
+        out = self.transformer(input_ids, targets=targets_BL, cache=view, positions_BL=pos_BL, attn_mask=mask_B1LS,
+                               token_mask_BL=real_BL)
         loss = None
         if out.loss is not None:
             loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
@@ -176,33 +203,7 @@ class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=out.aux_loss,
             logits=out.logits_BLV,
-            router_logits=tuple(router_logits) if want_logits else None,
+            router_logits=tuple(o.decision.logits_TE for o in out.moe_outputs) if want_logits else None,
             routing_stats=out.stats,
-            **{_CACHE_FIELD: cache if use_cache else None},
-        )
-
-
-def _record_router_logits(into: list[Tensor]):
-    """A forward hook on a MoELayer appending its router logits [T, E] for the hook's input."""
-
-    def hook(layer: MoELayer, inputs: tuple, _output) -> None:
-        into.append(layer.route(inputs[0]).logits_TE)
-
-    return hook
-
-
-def _check_attention_mask(mask_BS: Tensor | None, *, cached: bool) -> None:
-    """Padding is allowed on the right only (it is never attended by an earlier real token), and
-    not while decoding with a cache."""
-    if mask_BS is None or bool(mask_BS.all()):
-        return
-    if cached:
-        raise ValueError(
-            "XMoEForCausalLM got a padded attention_mask while decoding with a cache; xmoe's positions are "
-            "absolute, so generate() needs unpadded prompts: generate one prompt (or equal-length prompts) at a time"
-        )
-    if not bool((mask_BS[:, 1:] <= mask_BS[:, :-1]).all()):
-        raise ValueError(
-            "XMoEForCausalLM supports right padding only (attention_mask of 1s then 0s per row); xmoe's positions "
-            "are absolute, so left padding would shift them: pad on the right (tokenizer.padding_side = 'right')"
+            **{CACHE_FIELD: cache if use_cache else None},
         )

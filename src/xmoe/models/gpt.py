@@ -172,11 +172,16 @@ class GPT(nn.Module):
         """An empty KV cache for incremental decoding (buffers are allocated on first use)."""
         return KVCache(num_layers=self.cfg.n_layer, max_len=self.cfg.block_size)
 
-    def forward(self, idx_BL: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> GPTOutput:
+    def forward(self, idx_BL: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, *,
+                positions_BL: Tensor | None = None, attn_mask: Tensor | None = None,
+                token_mask_BL: Tensor | None = None) -> GPTOutput:
         """Logits for token ids ``idx_BL`` [B, L]; with ``targets`` [B, L], the mean CE too.
 
         With ``cache``, ``idx_BL`` continues the tokens already in it (positions
         ``cache.position ..``), and the cache advances by L. The cache needs eval mode.
+        Padded batches (xmoe.hf): ``positions_BL`` replaces those positions, ``attn_mask``
+        (bool, broadcastable to [B, H, L, S]) limits attention, ``token_mask_BL`` (bool, True =
+        a real token) keeps pad tokens out of the MoE layers.
         """
         B, L = idx_BL.shape
         start = 0
@@ -188,16 +193,18 @@ class GPT(nn.Module):
                     "incremental decoding would not match a full forward)"
                 )
             start = cache.position
-        if start + L > self.cfg.block_size:
+        last = start + L if positions_BL is None else int(positions_BL.max()) + 1
+        if last > self.cfg.block_size:
             raise UsageError(
-                f"sequence of {start + L} positions is longer than GPTConfig.block_size="
+                f"sequence of {last} positions is longer than GPTConfig.block_size="
                 f"{self.cfg.block_size}; crop the input to the last block_size tokens"
             )
-        pos_L = torch.arange(start, start + L, device=idx_BL.device)
-        x_BLD = self.drop(self.wte(idx_BL) + self.wpe(pos_L))
+        if positions_BL is None:
+            positions_BL = torch.arange(start, start + L, device=idx_BL.device)
+        x_BLD = self.drop(self.wte(idx_BL) + self.wpe(positions_BL))
         moe_outputs = []
         for block in self.blocks:
-            x_BLD, moe_out = block(x_BLD, cache=cache)
+            x_BLD, moe_out = block(x_BLD, attn_mask=attn_mask, cache=cache, moe_mask=token_mask_BL)
             if moe_out is not None:
                 moe_outputs.append(moe_out)
         if cache is not None:

@@ -184,12 +184,14 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoELayer)
 
     def forward(
-        self, x_BLD: Tensor, *, attn_mask: Tensor | None = None, cache: KVCache | None = None
+        self, x_BLD: Tensor, *, attn_mask: Tensor | None = None, cache: KVCache | None = None,
+        moe_mask: Tensor | None = None,
     ) -> tuple[Tensor, MoEOutput | None]:
+        """``moe_mask`` (bool [B, L], True = a real token): pad tokens the MoE layer never routes."""
         x_BLD = x_BLD + self.drop(self.attn(self.ln_1(x_BLD), attn_mask=attn_mask, cache=cache))
         h_BLD = self.ln_2(x_BLD)
         if self.is_moe:
-            moe_out = self.ffn(h_BLD)
+            moe_out = self.ffn(h_BLD, moe_mask)
             y_BLD = moe_out.output if self.ffn_bias is None else moe_out.output + self.ffn_bias
             return x_BLD + self.drop(y_BLD), moe_out
         return x_BLD + self.drop(self.ffn(h_BLD)), None

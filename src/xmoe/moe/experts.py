@@ -106,6 +106,12 @@ class Experts(nn.Module):
                 if b is not None:
                     b.copy_(b[:1].expand_as(b))
 
+    def forward(self, run, *args):
+        """``run(self, *args)``, inside this module's call: a wrapper of the experts that changes
+        their weights only while it is called (PEFT's LoRA on ``experts.w1`` and the others
+        parametrizes them for the call) sees every use. MoELayer runs its backend this way."""
+        return run(self, *args)
+
     def hidden(self, up: Tensor, gate: Tensor | None) -> Tensor:
         """The activation between the projections; ``gate`` is x w3 + b3 for SwiGLU."""
         return activate(self.activation, up, gate)

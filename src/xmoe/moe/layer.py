@@ -106,18 +106,27 @@ class MoELayer(nn.Module):
         backend = self.backend_for(x_TD)
         decision = self.router(x_TD)
         plan = self._plan(decision)
-        y_TD = backend.run(self.experts, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
+        y_TD = self.experts(backend.run, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
+
+    @property
+    def base_experts(self) -> Experts:
+        """The Experts module, also when a wrapper holds it as its ``base_layer`` (PEFT's LoRA on
+        expert weights: the wrapper is called in its place, see Experts.forward)."""
+        experts = self.experts
+        while not isinstance(experts, Experts):
+            experts = experts.base_layer
+        return experts
 
     def backend_for(self, x: Tensor) -> backends.Backend:
         """The backend this layer runs on ``x`` (what ``auto`` picks, or the named one, checked),
         decided once per kind of input: the checks are Python, and a GPU layer is launch-bound."""
         static, local = self.cfg.static_shapes, self.dispatcher.local
         if torch.compiler.is_compiling():
-            return backends.choose(self.backend, self.experts, x, static=static, local=local)
+            return backends.choose(self.backend, self.base_experts, x, static=static, local=local)
         key = (self.backend, *backends.choice_key(x), local)
         if key not in self._backends:
-            self._backends[key] = backends.choose(self.backend, self.experts, x, static=static, local=local)
+            self._backends[key] = backends.choose(self.backend, self.base_experts, x, static=static, local=local)
         return self._backends[key]
 
     def _plan(self, decision: RouterOutput):
@@ -161,7 +170,7 @@ class MoELayer(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"MoELayer needs a floating-point input, got {x.dtype}")
-        weight_dtype = self.experts.w1.dtype
+        weight_dtype = self.base_experts.w1.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(
                 f"input dtype {x.dtype} does not match the layer's parameter dtype {weight_dtype}: "

@@ -1,0 +1,132 @@
+"""The threshold rule on a pretrained router: what every family shares.
+
+A family's router (transformers' ``*TopKRouter``) scores the experts, picks its top k and weighs
+them. The threshold version keeps the scoring and the weighing and replaces the pick: each token
+keeps the smallest prefix of its candidates, ranked by the family's normalised score (its
+"mass", summing to 1 over the candidates), whose mass reaches t (``threshold_prefix``, the rule
+of xmoe's own layer), at most ``max_experts``. The candidates are all E experts for a softmax
+over all of them, or the k the family itself picks when its weights are normalised over those k
+only. Ties go to the lower expert index.
+
+The router is adapted in place by changing its class to a subclass of its own that mixes in a
+``ThresholdRouter`` (what ``torch.nn.utils.parametrize`` does to a parametrised module): its
+parameters, buffers and state-dict keys stay; ``isinstance`` against the family's class still
+holds, so transformers' ``OutputRecorder`` records its logits (``output_router_logits=True``),
+and hooks already on the module stay on it.
+
+The outputs keep the family's meaning: ``(scores [T, E], weights [T, K], index [T, K])`` with K
+the most experts a token of the call keeps. A token that keeps fewer fills its other slots with
+its first expert at weight 0: every experts implementation computes them correctly (0 times a
+finite output adds nothing), and the "xmoe" one skips them, so they cost nothing there.
+
+Shape legend: T tokens, D model dim, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from xmoe.errors import UsageError
+from xmoe.moe.router import threshold_prefix
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a family's router computes before it picks, for every expert."""
+
+    output_TE: Tensor  # the router's first output (its logits; Gemma-4's probabilities), returned as is
+    value_TE: Tensor  # each expert's weight before any normalisation over the kept set
+    mass_TE: Tensor  # fp32, sums to 1 over the candidates; -inf for an expert the family never picks
+
+
+class ThresholdRouter(nn.Module):
+    """Mixed in before a family's router class (see ``adapt_router``); a subclass per router kind
+    says how the family scores (``score``) and weighs (``weigh``) its experts."""
+
+    threshold: float
+    max_experts: int | None  # None: every candidate
+    own_top_k_only = False  # True: the candidates are the k experts the family picks, not all E
+
+    def candidates(self) -> int:
+        """How many experts a token can keep: E, or the family's own k when it weighs only those.
+        (Reads only the family router's attributes: callable on an unadapted router too.)"""
+        raise NotImplementedError
+
+    def own_top_k(self) -> int:
+        """The family's k (same caveat as ``candidates``)."""
+        return self.top_k
+
+    def score(self, hidden_states: Tensor) -> Scores:
+        """The family's scores of every expert for ``hidden_states`` ([..., D], flattened to T)."""
+        raise NotImplementedError
+
+    def weigh(self, value_TK: Tensor, index_TK: Tensor, scores: Scores) -> Tensor:
+        """The family's weights of the kept experts from their values, which are 0 in unused
+        slots (and stay 0: every family's weighing scales or renormalises them)."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scores = self.score(hidden_states)
+        cap = min(self.max_experts or self.candidates(), self.candidates())
+        # A stable sort, so that ties go to the lower expert index, as in xmoe's layer.
+        mass_TE, index_TE = scores.mass_TE.sort(dim=-1, descending=True, stable=True)
+        mass_TK, index_TK = mass_TE[:, :cap], index_TE[:, :cap]
+        kept_TK = threshold_prefix(mass_TK, self.threshold)
+        width = int(kept_TK.sum(dim=1).max()) if kept_TK.shape[0] else 1  # a host sync; kept is a prefix
+        kept_TK, index_TK = kept_TK[:, :width], index_TK[:, :width]
+        value_TK = scores.value_TE.gather(1, index_TK).masked_fill(~kept_TK, 0.0)
+        weights_TK = self.weigh(value_TK, index_TK, scores)
+        return scores.output_TE, weights_TK, torch.where(kept_TK, index_TK, index_TK[:, :1])
+
+    def train(self, mode: bool = True) -> ThresholdRouter:
+        if mode:
+            raise UsageError(
+                "a model adapted by xmoe.hf.adaptive routes for inference only (its threshold rule has no "
+                "gradient path or balancing loss); to train, load the model again with from_pretrained"
+            )
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        cap = "None (all candidates)" if self.max_experts is None else self.max_experts
+        return f"threshold={self.threshold}, max_experts={cap}, candidates={self.candidates()}"
+
+
+def check_adaptable(router: nn.Module) -> None:
+    """Refuse a router whose ``forward`` is replaced on the instance: a new class would not run."""
+    if "forward" in vars(router):
+        raise UsageError(
+            f"{type(router).__name__}.forward is wrapped on the module itself (as accelerate's offloading "
+            f"hooks do), so a threshold rule would never run; load the model without offloading "
+            f"(device_map on devices that hold every router) before xmoe.hf.adaptive"
+        )
+
+
+def adapt_router(router: nn.Module, rule: type[ThresholdRouter], *, threshold: float,
+                 max_experts: int | None) -> None:
+    """Route ``router`` (a family's router, or one adapted before) by ``rule`` at ``threshold``."""
+    if not isinstance(router, ThresholdRouter):
+        router.__class__ = _threshold_class(rule, type(router))
+    router.threshold, router.max_experts = threshold, max_experts
+    router.train(False)
+
+
+@functools.cache  # one class per (rule, family): the adapted routers of a model share it
+def _threshold_class(rule: type[ThresholdRouter], family: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Threshold{family.__name__}", (rule, family), {"__module__": rule.__module__})
+
+
+def renormalized(value_TK: Tensor, eps: float = 0.0) -> Tensor:
+    """Each row divided by its sum: weights normalised over the kept experts."""
+    return value_TK / (value_TK.sum(dim=-1, keepdim=True) + eps)
+
+
+def candidate_scores(output_TE: Tensor, value_TK: Tensor, index_TK: Tensor, mass_TK: Tensor) -> Scores:
+    """Scores of a family that picks k candidates itself: values and mass of the candidates at
+    ``index_TK``, the other experts never picked (mass -inf)."""
+    value_TE = torch.zeros_like(output_TE, dtype=value_TK.dtype).scatter(1, index_TK, value_TK)
+    mass_TE = torch.full_like(output_TE, -torch.inf, dtype=torch.float32).scatter(1, index_TK, mass_TK.float())
+    return Scores(output_TE, value_TE, mass_TE)

@@ -1,0 +1,103 @@
+"""`xmoe lm-eval` / xmoe.hf.harness: lm-evaluation-harness tasks at several thresholds, offline, on
+a tiny OLMoE and a tiny xmoe export with a task file written here. The harness's log-likelihoods
+and accuracies are recomputed by hand (float64 log-softmax over the model's logits), and the
+FLOPs from the configs' shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from helpers.cli import run_cli as run
+from helpers.data import write_corpus
+from helpers.hf import WORDS, byte_level_tokenizer, tiny_family
+from xmoe.errors import UsageError
+from xmoe.hf import XMoEConfig, XMoEForCausalLM, adaptive
+from xmoe.hf.harness import run_tasks
+from xmoe.models import GPTConfig
+from xmoe.moe import MoEConfig
+
+TASK = "xmoe_tiny_choice"
+
+
+@pytest.fixture(scope="module")
+def task_and_tokenizer(tmp_path_factory):
+    """A multiple-choice task of 8 questions (YAML + JSON lines) and a tokenizer trained on its words."""
+    root = tmp_path_factory.mktemp("harness")
+    text = write_corpus(root / "text.txt", num_lines=300, words=WORDS, length=10)
+    docs = [{"question": " ".join(WORDS[i:i + 4]), "choices": [" fox", " dog", " lazy experts"], "answer": i % 3}
+            for i in range(8)]
+    (root / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (root / "task.yaml").write_text(
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    return root, byte_level_tokenizer(text)
+
+
+def loglikelihood_by_hand(model, tokenizer, context: str, continuation: str) -> float:
+    whole, prefix = tokenizer(context + continuation)["input_ids"], tokenizer(context)["input_ids"]
+    assert whole[:len(prefix)] == prefix  # the continuation's tokens follow the context's
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole])).logits[0].double().log_softmax(-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(prefix), len(whole)))
+
+
+def check_against_hand(point, result, model, tokenizer) -> None:
+    correct = []
+    for sample in result["samples"][TASK]:
+        by_hand = [loglikelihood_by_hand(model, tokenizer, *args) for args in sample["arguments"]]
+        harness = [ll for ll, _greedy in sample["filtered_resps"]]
+        assert harness == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
+        correct.append(max(range(len(by_hand)), key=by_hand.__getitem__) == sample["target"])
+    assert point.scores[TASK]["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_each_point_scores_the_model_at_its_own_routing(task_and_tokenizer) -> None:
+    root, tokenizer = task_and_tokenizer
+    model = tiny_family("olmoe", vocab_size=len(tokenizer))
+    untouched = tiny_family("olmoe", vocab_size=len(tokenizer))
+    untouched.load_state_dict(model.state_dict())
+    points, results = run_tasks(model, tokenizer, "olmoe", [TASK], [0.3], include_path=root, log_samples=True)
+    own, low = points
+    assert (own.routing, low.routing) == ("top-2 (the model's own)", "t=0.3")
+    check_against_hand(own, results[0], untouched, tokenizer)
+    check_against_hand(low, results[1], adaptive(untouched, threshold=0.3), tokenizer)
+    # OLMoE's experts: gate, up and down, hidden 32 x intermediate 16; 2 MoE layers
+    pair_flops = 2 * 3 * 32 * 16
+    assert own.experts_per_token == 2.0 and own.moe_flops_per_token == 2.0 * 2 * pair_flops
+    assert 1.0 <= low.experts_per_token < 2.0
+    assert low.moe_flops_per_token == pytest.approx(low.experts_per_token * 2 * pair_flops)
+
+
+def test_an_unknown_task_is_named(task_and_tokenizer) -> None:
+    root, tokenizer = task_and_tokenizer
+    model = tiny_family("olmoe", vocab_size=len(tokenizer))
+    with pytest.raises(UsageError, match="no_such_task.*--include-path"):
+        run_tasks(model, tokenizer, "olmoe", ["no_such_task"], [0.5])
+
+
+def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and_tokenizer, tmp_path, capsys):
+    root, tokenizer = task_and_tokenizer
+    moe = MoEConfig(model_dim=32, num_experts=8, expert_dim=16, router="threshold", threshold=0.9, top_k=2)
+    gpt = GPTConfig(vocab_size=len(tokenizer), block_size=48, n_layer=2, n_head=2, d_model=32, d_ff=64, moe_every=1,
+                    moe=moe)
+    folder = tmp_path / "xmoe-folder"
+    XMoEForCausalLM(XMoEConfig.from_gpt_config(gpt)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "scores"
+    table = run(["lm-eval", "--checkpoint", str(folder), "--tasks", TASK, "--include-path", str(root),
+                 "--thresholds", "0.2", "1.0", "--out", str(out)], capsys)
+    assert "| t=0.9 (as saved) |" in table and "| t=0.2 |" in table and f"{TASK} acc" in table
+    points = json.loads((out / "lm_eval.json").read_text())
+    assert [p["threshold"] for p in points] == [None, 0.2, 1.0]
+    # t = 1.0 engages every expert: 8 per token; one expert is 2 GeLU matrices of 32 x 16, in 2 MoE layers
+    assert points[2]["experts_per_token"] == 8.0 and points[2]["moe_flops_per_token"] == 8 * 2 * (2 * 2 * 32 * 16)
+    assert points[1]["experts_per_token"] < points[0]["experts_per_token"] < 8.0
+    assert (out / "lm_eval.md").read_text().startswith("| routing |")
+    assert not any(p.name.startswith("lm_eval") for p in folder.iterdir())
+    assert tf.AutoConfig.from_pretrained(folder).moe_threshold == 0.9  # the folder is untouched
