@@ -21,7 +21,7 @@ _INSTEAD = {
     "run": "give a Hugging Face folder, or export the run with: xmoe export-hf --checkpoint {path} --out FOLDER",
     "hf": "convert only takes a dense model; evaluate this one with: xmoe sweep-threshold --checkpoint {path} "
           "--data TEXT",
-    "hub": "this command takes a local folder; download it first (huggingface-cli download {path} --local-dir DIR)",
+    "hub": "this command takes a local folder; download it first (hf download {path} --local-dir DIR)",
 }
 
 
