@@ -22,15 +22,9 @@ from pathlib import Path
 
 import torch
 
-from xmoe.conversion import (
-    ConversionConfig,
-    convert_checkpoint,
-    evaluate_point,
-    gpt_logits,
-    plot_sweeps,
-    sweep,
-)
+from xmoe.conversion import ConversionConfig, convert_checkpoint
 from xmoe.moe import set_threshold
+from xmoe.sweep import gpt_logits, measure_layers, plot_threshold_sweep, sweep, threshold_dial
 from xmoe.tasks.lm import eval_batches, lm_run_config, load_lm, train_lm
 
 RESULTS = Path(__file__).parent / "results"
@@ -106,9 +100,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"{out}/dense and {out}/split8 have different tokenizers; delete {out} and re-run")
     dense = load_lm(dense_dir, device="cpu")
     batches = list(eval_batches(dense, None, max_batches=args.eval_batches))
-    dense_point = evaluate_point(dense.model, batches, gpt_logits)
+    dense_point = measure_layers(dense.model, batches, gpt_logits)
     models = {name: load_lm(path, device="cpu").model for name, path in runs.items()}
-    curves = {name: sweep(model, batches, args.thresholds, gpt_logits) for name, model in models.items()}
+    curves = {name: sweep(args.thresholds, lambda m=model: measure_layers(m, batches, gpt_logits), threshold_dial(model))
+              for name, model in models.items()}
 
     x_BL = batches[0][0]
     configs = {"dense": (dense.model, None)}
@@ -120,7 +115,7 @@ def main(argv=None) -> None:
     for name, points in curves.items():
         for p in points:
             rows.append({"model": name, "threshold": p.threshold, "perplexity": p.perplexity,
-                         "ffn_flops_fraction": p.ffn_flops_fraction, "experts_per_token": p.experts_per_token,
+                         "ffn_flops_fraction": p.moe_flops_ratio, "experts_per_token": p.experts_per_token,
                          "us_per_token": 1e6 * seconds[f"{name} @ {p.threshold:g}"] / tokens})
     command = "python " + " ".join(["benchmarks/dense.py", *(argv if argv is not None else sys.argv[1:])])
     write_results(rows, curves, dense_point, command, args, tokens)
@@ -143,7 +138,8 @@ def write_results(rows, curves, dense_point, command: str, args: argparse.Namesp
     results.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     print(text)
-    plot_sweeps(curves, results / "dense.png", dense_point)
+    plot_threshold_sweep(curves, results / "dense.png", baseline="dense", data="the validation text",
+                         dense_perplexity=dense_point.perplexity)
     header = [
         "# Dense to sparse: route 1 (split FFN trained at t = 1) and route 2 (converted dense model)",
         "",

@@ -122,16 +122,15 @@ def test_translation_training_stops_before_it_makes_the_run_folder(monkeypatch, 
 
 
 def test_plots_name_the_report_extra(monkeypatch, tmp_path) -> None:
-    from xmoe.conversion.sweep import SweepPoint, plot_sweeps
-    from xmoe.report.sweep import plot_threshold_sweep
+    from xmoe.sweep import SweepPoint, plot_threshold_sweep
 
     hide(monkeypatch, "matplotlib")
     rows = [{"threshold": 0.5, "perplexity": 10.0, "moe_flops_ratio": 0.5}]
     with pytest.raises(MissingExtra, match=r"matplotlib is not installed .*" + install_hint("report")):
         plot_threshold_sweep(rows, tmp_path / "sweep.png")
-    point = SweepPoint(threshold=0.5, loss=2.3, ffn_flops_fraction=0.5, experts_per_token=2.0)
+    point = SweepPoint(threshold=0.5, perplexity=10.0, moe_flops_ratio=0.5, experts_per_token=2.0)
     with pytest.raises(MissingExtra, match=install_hint("report")):
-        plot_sweeps({"a": [point]}, tmp_path / "conversion.png")
+        plot_threshold_sweep({"a": [point]}, tmp_path / "conversion.png")
     assert list(tmp_path.iterdir()) == []
 
 

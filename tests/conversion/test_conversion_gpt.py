@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from xmoe.conversion import ConversionConfig, RouterFitConfig, convert_gpt, evaluate_point, gpt_logits
+from xmoe.conversion import ConversionConfig, RouterFitConfig, convert_gpt
+from xmoe.sweep import gpt_logits, measure_layers, threshold_dial
 from xmoe.models.gpt import GPT
 from xmoe.presets import get_preset
 from xmoe.moe import MoELayer
@@ -36,8 +37,9 @@ def test_converted_gpt_equals_the_dense_gpt_at_t_1(partition):
     with torch.no_grad():
         torch.testing.assert_close(sparse(x).logits_BLV, dense(x).logits_BLV, rtol=1e-5, atol=1e-5)
         for t in (1.0, 1.5):
-            point = evaluate_point(sparse, [(x, x)], gpt_logits, t)
-            assert point.ffn_flops_fraction == 1.0 and point.experts_per_token == 8
+            threshold_dial(sparse)(t)
+            point = measure_layers(sparse, [(x, x)], gpt_logits)
+            assert point.moe_flops_ratio == 1.0 and point.experts_per_token == 8
 
 
 def engaged_experts(probs, t):
@@ -59,7 +61,8 @@ def test_flops_fraction_at_lower_t_is_the_count_of_engaged_experts():
     inputs = []
     hooks = [m.register_forward_hook(lambda m, a, o: inputs.append((m, a[0])))
              for m in sparse.modules() if isinstance(m, MoELayer)]
-    point = evaluate_point(sparse, [(x, x)], gpt_logits, 0.6)
+    threshold_dial(sparse)(0.6)
+    point = measure_layers(sparse, [(x, x)], gpt_logits)
     for h in hooks:
         h.remove()
     engaged = total = 0
@@ -69,7 +72,7 @@ def test_flops_fraction_at_lower_t_is_the_count_of_engaged_experts():
             engaged += engaged_experts(row, 0.6)
             total += 8
     assert 0 < engaged < total
-    assert point.ffn_flops_fraction == pytest.approx(engaged / total, abs=1e-9)
+    assert point.moe_flops_ratio == pytest.approx(engaged / total, abs=1e-9)
     assert point.experts_per_token == pytest.approx(8 * engaged / total, abs=1e-9)
     logits = sparse(x).logits_BLV.double()
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), x.reshape(-1))
@@ -85,15 +88,3 @@ def test_non_dense_models_and_bad_expert_counts_are_refused():
         convert_gpt(dense_model(), torch.randint(50, (1, 8)), ConversionConfig(num_experts=7))
     with pytest.raises(ValueError, match="partition"):
         ConversionConfig(num_experts=8, partition="random")
-
-
-def test_sweep_table_and_plot_take_a_point_at_the_models_own_threshold(tmp_path):
-    import math
-
-    from xmoe.conversion.sweep import SweepPoint, plot_sweeps, sweep_markdown
-
-    curves = {"m": [SweepPoint(None, math.log(20.0), 0.5, 2.0), SweepPoint(0.9, math.log(25.0), 0.25, 1.0)]}
-    table = sweep_markdown(curves)
-    assert "| m | - | 0.500 | 2.00 | 20.00 |" in table and "| m | 0.9 | 0.250 | 1.00 | 25.00 |" in table
-    plot_sweeps(curves, tmp_path / "sweep.png")
-    assert (tmp_path / "sweep.png").stat().st_size > 0

@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from xmoe.conversion import ConversionConfig, RouterFitConfig, evaluate_point, hf_logits  # noqa: E402
+from xmoe.conversion import ConversionConfig, RouterFitConfig  # noqa: E402
+from xmoe.sweep import hf_logits, measure_layers, threshold_dial  # noqa: E402
 from xmoe.conversion.hf import ConvertedMLP, convert_hf, convert_hf_folder, load_converted, save_converted  # noqa: E402
 
 FAST = RouterFitConfig(steps=30)
@@ -44,8 +45,9 @@ def test_converted_hf_model_equals_the_original_at_t_1(build, activation, partit
     assert converted[0].moe.cfg.activation == activation
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, reference, rtol=1e-5, atol=1e-5)
-    assert evaluate_point(model, [(x, x)], hf_logits, 1.0).ffn_flops_fraction == 1.0
-    assert evaluate_point(model, [(x, x)], hf_logits, 0.3).ffn_flops_fraction < 1.0
+    for t, full in ((1.0, True), (0.3, False)):
+        threshold_dial(model)(t)
+        assert (measure_layers(model, [(x, x)], hf_logits).moe_flops_ratio == 1.0) == full
 
 
 def test_hf_folder_in_converted_folder_out(tmp_path):

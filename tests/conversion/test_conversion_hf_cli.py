@@ -34,7 +34,8 @@ def hf_folder(tmp_path_factory):
     return folder, text, model
 
 
-def test_convert_then_sweep_a_hugging_face_folder(hf_folder, tmp_path, capsys):
+def test_convert_then_sweep_a_hugging_face_folder(hf_folder, tmp_path, capsys, monkeypatch):
+    """The sweep's report goes to the current folder, never into the model's (issue 24 item 8)."""
     folder, text, dense = hf_folder
     out = tmp_path / "x4"
     printed = run(["convert", "--checkpoint", str(folder), "--experts", "4", "--out", str(out),
@@ -50,12 +51,17 @@ def test_convert_then_sweep_a_hugging_face_folder(hf_folder, tmp_path, capsys):
         torch.testing.assert_close(converted(input_ids=ids).logits, dense(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
 
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
     table = run(["sweep-threshold", "--checkpoint", str(out), "--data", str(text), "--thresholds", "0.3", "1.0",
                  "--max-batches", "1", "--device", "cpu"], capsys)
-    rows = json.loads((out / "report" / "threshold_sweep.json").read_text())
-    assert [r["threshold"] for r in rows] == [0.3, 1.0]
-    assert rows[1]["ffn_flops_fraction"] == 1.0 and rows[0]["ffn_flops_fraction"] < 1.0
-    assert (out / "report" / "threshold_sweep.png").is_file() and "| x4 | 1 | 1.000 |" in table
+    record = json.loads((here / "threshold_sweep_text.json").read_text())
+    rows = record["rows"]
+    assert [r["threshold"] for r in rows] == [0.3, 1.0] and record["data"] == repr(str(text))
+    assert rows[1]["moe_flops_ratio"] == 1.0 and rows[0]["moe_flops_ratio"] < 1.0
+    assert (here / "threshold_sweep_text.png").is_file() and "| 1 | 4.00 | 1.000 |" in table
+    assert not (out / "report").exists()
     # At t = 1 the perplexity is the dense model's on the same text: 8 windows of 64 inputs and
     # their next tokens, spread evenly over the tokenized file (one document, then end-of-text).
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -98,7 +104,7 @@ def test_hugging_face_errors_name_the_fix(hf_folder, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
-def test_a_bf16_llama_folder_stays_bf16_and_matches_at_t_1(hf_folder, tmp_path, capsys):
+def test_a_bf16_llama_folder_stays_bf16_and_matches_at_t_1(hf_folder, tmp_path, capsys, monkeypatch):
     """Real LLaMA-style checkpoints are saved in bf16: the converted layers keep that dtype,
     and the loaded model runs (and equals the dense one at t = 1, to bf16 rounding)."""
     folder, text, _ = hf_folder
@@ -120,6 +126,7 @@ def test_a_bf16_llama_folder_stays_bf16_and_matches_at_t_1(hf_folder, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids=ids).logits.float(), dense(input_ids=ids).logits.float(),
                                    rtol=0.02, atol=0.02)
+    monkeypatch.chdir(tmp_path)  # where the sweep writes its report
     table = run(["sweep-threshold", "--checkpoint", str(out), "--data", str(text), "--thresholds", "1.0",
                  "--max-batches", "1"], capsys)
-    assert "| llama-x4 | 1 | 1.000 |" in table
+    assert "| 1 | 4.00 | 1.000 |" in table

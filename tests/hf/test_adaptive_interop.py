@@ -133,15 +133,15 @@ def test_a_router_wrapped_by_offloading_hooks_is_refused():
 def test_the_commands_take_a_multimodal_checkpoint_of_a_supported_family(tmp_path):
     """Gemma-4 and Qwen3.5-MoE checkpoints keep their experts in a text_config: the Hugging Face
     commands still recognise them as MoE folders."""
-    from xmoe.cli.hf import handles
-    from xmoe.hf.folders import folder_kind
+    from xmoe.checkpoint_kind import checkpoint_kind
+    from xmoe.hf import SUPPORTED_FAMILIES
 
     for model_type, text in (("gemma4", {"num_experts": 128, "enable_moe_block": True}),
                              ("qwen3_5_moe", {"num_experts": 256})):
         folder = tmp_path / model_type
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"model_type": model_type, "text_config": text}))
-        assert handles(str(folder)) and folder_kind(folder) == model_type
+        assert checkpoint_kind(folder).kind == "hf" and model_type in SUPPORTED_FAMILIES
 
 
 @pytest.mark.parametrize("family", ["gemma4", "gpt_oss", "deepseek_v3"])
@@ -158,6 +158,6 @@ def test_sweep_threshold_on_a_folder_of_a_new_family(family, tmp_path, capsys):
     k = own_top_k(model)
     run_cli(["sweep-threshold", "--checkpoint", str(tmp_path / family), "--data", str(text), "--max-batches", "1",
              "--thresholds", "0.5", "1.0", "--max-experts", str(k), "--out", str(tmp_path)], capsys)
-    own, half, full = json.loads((tmp_path / "threshold_sweep.json").read_text())
+    own, half, full = json.loads((tmp_path / "threshold_sweep_text.json").read_text())["rows"]
     assert own["routing"] == f"top-{k} (the model's own)" and own["experts_per_token"] == k
     assert half["experts_per_token"] < k and full["perplexity"] == pytest.approx(own["perplexity"], rel=1e-5)

@@ -4,6 +4,7 @@ tokenizer, saved here), and the error for a folder holding an unsupported MoE.""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -29,8 +30,8 @@ def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, caps
     folder, text = olmoe_folder
     table = run(["sweep-threshold", "--checkpoint", str(folder), "--data", str(text), "--max-batches", "1",
                  "--thresholds", "0.3", "0.9", "--out", str(tmp_path)], capsys)
-    assert "| top-2 (the model's own) |" in table and "| t=0.3 |" in table and "| t=0.9 |" in table
-    points = json.loads((tmp_path / "threshold_sweep.json").read_text())
+    assert "| top-2 (the model's own) |" in table and "| 0.3 |" in table and "| 0.9 |" in table
+    points = json.loads((tmp_path / "threshold_sweep_text.json").read_text())["rows"]
     own, low, high = points
     assert own["experts_per_token"] == 2.0 and low["experts_per_token"] < high["experts_per_token"]
     assert all(p["tokens_per_second"] > 0 and p["tokens"] == own["tokens"] for p in points)
@@ -59,12 +60,48 @@ def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["a Hugging Face model folder", "a converted Hugging Face model"])
 def test_folder_commands_need_text_and_take_no_capacity(kind) -> None:
     """eval / sweep-threshold on either kind of Hugging Face folder: one clear line each."""
-    import argparse
-
     from xmoe.cli.hf import check_folder_args
 
     with pytest.raises(ValueError, match=f"is {kind}, which brings no evaluation text: give held-out text with --data"):
-        check_folder_args(argparse.Namespace(checkpoint="m", data=None, capacity=False), kind)
+        check_folder_args("m", None, False, kind)
     with pytest.raises(ValueError, match=f"--capacity: {kind} is evaluated dropless"):
-        check_folder_args(argparse.Namespace(checkpoint="m", data="t.txt", capacity=True), kind)
-    check_folder_args(argparse.Namespace(checkpoint="m", data="t.txt", capacity=False), kind)
+        check_folder_args("m", "t.txt", True, kind)
+    check_folder_args("m", "t.txt", False, kind)
+
+
+def test_a_hub_id_is_handed_to_transformers(olmoe_folder, tmp_path, capsys, monkeypatch):
+    """Issue 24 item 8: ORG/NAME that is no local folder reaches transformers' from_pretrained
+    (nothing can be downloaded here, so the Hub is this test's OLMoE folder), not a "train one"
+    refusal; an id transformers cannot load is one clear line naming the Hub."""
+    import transformers
+
+    folder, text = olmoe_folder
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def from_hub(original):
+        def load(name, *args, **kwargs):
+            asked.append((str(name), kwargs.get("local_files_only")))
+            if str(name) == "org/tiny-olmoe":
+                return original(folder, *args, **kwargs)
+            if os.path.isdir(name):
+                return original(name, *args, **kwargs)
+            raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+        return load
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", from_hub(cls.from_pretrained))
+    local = json.loads(run(["eval", "--checkpoint", str(folder), "--data", str(text), "--max-batches", "1",
+                            "--json"], capsys))
+    asked.clear()
+    hub = json.loads(run(["eval", "--checkpoint", "org/tiny-olmoe", "--data", str(text), "--max-batches", "1",
+                          "--json"], capsys))
+    assert hub["perplexity"] == pytest.approx(local["perplexity"], rel=1e-6)
+    assert ("org/tiny-olmoe", False) in asked  # the model, from the Hub, not local files only
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--checkpoint", "org/no-such-model", "--prompt", "the"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "taken for a Hugging Face Hub id" in err and "org/no-such-model" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", "no-such-run", "--data", str(text)])
+    assert "no checkpoint at no-such-run: the folder does not exist" in capsys.readouterr().err

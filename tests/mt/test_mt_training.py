@@ -166,7 +166,7 @@ def test_translate_strips_windows_line_ends(monkeypatch, capsys):
     import io
 
     seen = []
-    monkeypatch.setattr("xmoe.cli.mt._load", lambda args: (None, None))
+    monkeypatch.setattr("xmoe.cli.mt._load", lambda *args, **kwargs: (None, None))
     monkeypatch.setattr(mt_module, "translate", lambda loaded, lines, decode: seen.extend(lines) or list(lines))
     monkeypatch.setattr("sys.stdin", io.StringIO("sun moon\r\nbird\n\r\n"))
     main(["translate", "--checkpoint", "unused"])

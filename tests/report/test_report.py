@@ -1,5 +1,5 @@
-"""The run report (xmoe.report): PNGs and summary.md from a synthetic metrics.jsonl, the
-threshold-sweep plot and table, and the errors a user sees. Rows are shaped like the ones
+"""The run report (xmoe.report): PNGs and summary.md from a synthetic metrics.jsonl, and
+the errors a user sees (the threshold sweep's plot and table: tests/test_sweep.py). Rows are shaped like the ones
 ``xmoe.training.loop`` and ``lm.evaluate_lm`` write; no model is trained here."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from xmoe.report import write_report
-from xmoe.report.sweep import plot_threshold_sweep, sweep_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOE_PNGS = {"loss.png", "experts_per_token.png", "tokens_per_expert.png", "top1_probability.png",
@@ -173,37 +172,6 @@ def test_cut_short_metrics_line_names_the_line(tmp_path: Path) -> None:
 
 # --- threshold sweep ------------------------------------------------------------------------------
 
-SWEEP = [  # given out of order on purpose: the table sorts by threshold
-    {"threshold": 0.9, "perplexity": 120.5, "moe_flops_ratio": 0.62, "experts_per_token": 2.48},
-    {"threshold": 0.5, "perplexity": 131.25, "moe_flops_ratio": 0.31, "experts_per_token": 1.24},
-    {"threshold": 1.0, "perplexity": 119.0, "moe_flops_ratio": 4.0, "experts_per_token": 16.0},
-]
-
-
-def test_plot_threshold_sweep_writes_a_png(tmp_path: Path) -> None:
-    path = tmp_path / "new" / "threshold_sweep.png"
-    assert plot_threshold_sweep(SWEEP, path) == path
-    _assert_png(path)
-
-
-def test_sweep_table_has_one_row_per_threshold_in_order() -> None:
-    lines = sweep_table(SWEEP).splitlines()
-    assert lines[0].startswith("| threshold |") and set(lines[1]) <= set("|- ")
-    body = lines[2:]
-    assert [l.split("|")[1].strip() for l in body] == ["0.5", "0.9", "1"]
-    assert body[0] == "| 0.5 | 1.24 | 0.310 | 131.25 |"
-
-
-def test_sweep_table_without_experts_column_and_bad_rows() -> None:
-    rows = [{k: v for k, v in r.items() if k != "experts_per_token"} for r in SWEEP]
-    lines = sweep_table(rows).splitlines()
-    assert "experts" not in lines[0] and len(lines) == 2 + len(rows)
-    with pytest.raises(ValueError, match="moe_flops_ratio"):
-        sweep_table([{"threshold": 0.9, "perplexity": 120.0}])
-    with pytest.raises(ValueError, match="at least one threshold"):
-        sweep_table([])
-
-
 # --- import hygiene -------------------------------------------------------------------------------
 
 
@@ -214,7 +182,7 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_importing_report_does_not_import_matplotlib() -> None:
-    modules = _modules_after("import xmoe.report, xmoe.report.sweep")
+    modules = _modules_after("import xmoe.report")
     assert "xmoe.report.plots" in modules
     assert "matplotlib" not in modules, "matplotlib must be imported inside the plotting functions"
 

@@ -4,6 +4,7 @@ to this process at a chosen moment or to an ``xmoe train`` subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -598,7 +599,7 @@ def test_a_dense_baseline_is_named_and_drawn_as_such(capsys):
     eval does not claim every expert was engaged."""
     from xmoe.presets import get_preset
     from xmoe.report import flops_baseline
-    from xmoe.report.sweep import threshold_sweep_figure
+    from xmoe.sweep import threshold_sweep_figure
 
     rows = [{"threshold": t, "perplexity": p, "moe_flops_ratio": r, "experts_per_token": e}
             for t, p, r, e in ((0.9, 31.0, 0.82, 6.6), (0.95, 30.2, 0.93, 7.4), (1.0, 30.0, 1.0, 8.0))]
@@ -641,7 +642,15 @@ def test_the_progress_bar_redirected_to_a_file_does_not_flood_it():
 
 def test_every_command_takes_threads(capsys):
     """Item 22: --threads on every command (it was on `study` only)."""
-    from xmoe.cli.main import _leaf_parsers, build_parser
+    from xmoe.cli.main import build_parser
+
+    def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+        """Every command's parser (`bench layer`, not `bench`)."""
+        leaves = []
+        for p in dict.fromkeys(commands.choices.values()):  # aliases map to the same parser
+            nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+            leaves += _leaf_parsers(nested[0]) if nested else [p]
+        return leaves
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")

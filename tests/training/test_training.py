@@ -18,7 +18,8 @@ from helpers.data import write_corpus
 from helpers.training import cross_entropy_by_hand, tiny_lm_config
 import xmoe
 from xmoe import UsageError
-from xmoe.cli.main import build_parser, config_overrides, main
+from xmoe.cli.flags import config_overrides
+from xmoe.cli.main import build_parser, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
     CheckpointError,
@@ -340,10 +341,12 @@ def matched_k_by_hand(experts: float) -> list[int]:
 
 
 def small_demo(cli, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_DEMO_TRAIN", {
-        **cli._DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
+    from xmoe.study import demo
+
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {
+        **demo.DEMO_TRAIN, "train.batch_size": "4", "train.seq_len": "32", "train.eval_batches": "2",
         "data.vocab_size": "300", "data.cache_dir": str(tmp_path / "cache")})
-    monkeypatch.setattr(cli, "_SPEED_BATCHES", 1)
+    monkeypatch.setattr(demo, "SPEED_BATCHES", 1)
 
 
 @pytest.mark.parametrize("paper", [False, True])
@@ -361,7 +364,9 @@ def test_demo_trains_xmoe_and_the_compute_matched_top_k_on_the_same_tokens(corpu
              + (["--paper-recipe"] if paper else []))
     printed = capsys.readouterr().out
     xmoe = load_lm(out / "xmoe")
-    assert xmoe.cfg.model.moe.target_experts == (None if paper else cli.DEMO_BUDGET)
+    from xmoe.study.demo import DEMO_BUDGET
+
+    assert xmoe.cfg.model.moe.target_experts == (None if paper else DEMO_BUDGET)
     batches = list(eval_batches(xmoe, None, max_batches=2))
     experts = evaluate_lm(xmoe.model, batches).to_dict()["experts_per_token"]
     ks = matched_k_by_hand(experts)
@@ -426,10 +431,10 @@ def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, mon
 def test_main_prints_user_errors_as_one_line_and_lets_bugs_raise(monkeypatch, capsys, error, one_line):
     from xmoe.cli import main as cli
 
-    def fail(args):
+    def fail():
         raise error
 
-    monkeypatch.setattr(cli, "cmd_presets", fail)
+    monkeypatch.setitem(cli.COMMANDS, "presets", cli.Command(fail))
     if one_line:
         with pytest.raises(SystemExit) as exit_:
             cli.main(["presets"])

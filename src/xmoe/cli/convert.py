@@ -17,56 +17,53 @@ tokenizer; needs `pip install 'xmoe[hf]'`) becomes a converted HF folder, calibr
 
 from __future__ import annotations
 
-import argparse
-
 from xmoe.errors import UsageError
 
 
-def add_command(commands) -> None:
-    """Register `xmoe convert` on the subparsers of cli.main."""
+def convert(*, checkpoint: str, experts: int, out: str, partition: str = "contiguous",
+            calibration_tokens: int = 16384, data: str | None = None, device: str = "auto") -> None:
+    """Split a dense model's FFNs (an xmoe GPT run or a Hugging Face folder) into experts.
+
+    Args:
+        checkpoint: run folder of a dense GPT (a *-dense preset), or a Hugging Face model folder
+        experts: experts per FFN; must divide d_ff
+        out: new folder for the converted model (must not exist)
+        partition: how neurons are grouped: contiguous slices, or clustered by co-activation
+        calibration_tokens: tokens of calibration text for clustering and router fitting
+        data: calibration text (default: the run's training split; required for a Hugging Face model)
+    """
+    from xmoe.checkpoints import checkpoint_kind, expect
+    from xmoe.conversion import ConversionConfig, convert_checkpoint
+
+    kind = checkpoint_kind(checkpoint)
+    if kind.kind == "converted":
+        raise UsageError(f"{checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
+                         f"dense model it came from instead")
+    expect(kind, ("run", "hf-dense"), "convert")
+    cfg = ConversionConfig(num_experts=experts, partition=partition)
+    if kind.kind == "hf-dense":
+        return _convert_hf(checkpoint, out, cfg, data=data, calibration_tokens=calibration_tokens, device=device)
+    written = convert_checkpoint(checkpoint, out, cfg, calibration_tokens=calibration_tokens, data=data,
+                                 device=device)
+    print(f"converted {checkpoint} -> {written}: every FFN split into {experts} experts ({partition}), routers "
+          f"fitted; t = 1.0 reproduces the dense model")
+    print(f"next: xmoe sweep-threshold --checkpoint {written}   (or xmoe eval --checkpoint {written} --threshold 0.8)")
+
+
+def partitions() -> tuple[str, ...]:
+    """The choices of --partition (xmoe.conversion.partition, which imports torch: read when used)."""
     from xmoe.conversion.partition import PARTITIONS
 
-    p = commands.add_parser(
-        "convert", help="split a dense model's FFNs (an xmoe GPT run or a Hugging Face folder) into experts")
-    p.add_argument("--checkpoint", required=True,
-                   help="run folder of a dense GPT (a *-dense preset), or a Hugging Face model folder")
-    p.add_argument("--experts", type=int, required=True, help="experts per FFN; must divide d_ff")
-    p.add_argument("--out", required=True, help="new folder for the converted model (must not exist)")
-    p.add_argument("--partition", choices=PARTITIONS, default="contiguous",
-                   help="how neurons are grouped: contiguous slices, or clustered by co-activation")
-    p.add_argument("--calibration-tokens", type=int, default=16384,
-                   help="tokens of calibration text for clustering and router fitting")
-    p.add_argument("--data", default=None,
-                   help="calibration text (default: the run's training split; required for a Hugging Face model)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_convert)
+    return PARTITIONS
 
 
-def cmd_convert(args: argparse.Namespace) -> None:
-    from xmoe.conversion import ConversionConfig, convert_checkpoint
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
-
-    cfg = ConversionConfig(num_experts=args.experts, partition=args.partition)
-    if is_converted_folder(args.checkpoint):
-        raise UsageError(f"{args.checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
-                         f"dense model it came from instead")
-    if is_hf_folder(args.checkpoint):
-        return _convert_hf(args, cfg)
-    out = convert_checkpoint(args.checkpoint, args.out, cfg, calibration_tokens=args.calibration_tokens,
-                             data=args.data, device=args.device)
-    print(f"converted {args.checkpoint} -> {out}: every FFN split into {args.experts} experts "
-          f"({args.partition}), routers fitted; t = 1.0 reproduces the dense model")
-    print(f"next: xmoe sweep-threshold --checkpoint {out}   (or xmoe eval --checkpoint {out} --threshold 0.8)")
-
-
-def _convert_hf(args: argparse.Namespace, cfg) -> None:
+def _convert_hf(checkpoint: str, out: str, cfg, *, data: str | None, calibration_tokens: int, device: str) -> None:
     from xmoe.conversion.hf import convert_hf_checkpoint
     from xmoe.training.loop import resolve_device
 
-    out, reports = convert_hf_checkpoint(args.checkpoint, args.out, cfg, data=args.data,
-                                         calibration_tokens=args.calibration_tokens,
-                                         device=resolve_device(args.device))
-    print(f"converted the Hugging Face model {args.checkpoint} -> {out}: {len(reports)} FFNs split into "
-          f"{args.experts} experts ({args.partition}), routers fitted; t = 1.0 reproduces the dense model")
-    print(f"next: xmoe sweep-threshold --checkpoint {out} --data HELD_OUT_TEXT   "
-          f"(in Python: xmoe.conversion.hf.load_converted({str(out)!r}))")
+    written, reports = convert_hf_checkpoint(checkpoint, out, cfg, data=data, calibration_tokens=calibration_tokens,
+                                             device=resolve_device(device))
+    print(f"converted the Hugging Face model {checkpoint} -> {written}: {len(reports)} FFNs split into "
+          f"{cfg.num_experts} experts ({cfg.partition}), routers fitted; t = 1.0 reproduces the dense model")
+    print(f"next: xmoe sweep-threshold --checkpoint {written} --data HELD_OUT_TEXT   "
+          f"(in Python: xmoe.conversion.hf.load_converted({str(written)!r}))")

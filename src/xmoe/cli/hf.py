@@ -1,166 +1,168 @@
-"""`xmoe export-hf`, and `xmoe eval / sweep-threshold / generate` on Hugging Face MoE folders
-(xmoe.hf; needs `pip install 'xmoe[hf]'`).
+"""`xmoe export-hf`, and `xmoe eval / sweep-threshold / generate` on Hugging Face models (xmoe.hf;
+needs `pip install 'xmoe[hf]'`).
 
     xmoe export-hf --checkpoint runs/a --out hf/a         # an ordinary Hugging Face folder
     xmoe eval --checkpoint hf/a --data held-out.txt --threshold 0.7
     xmoe sweep-threshold --checkpoint olmoe-folder --data held-out.txt --thresholds 0.3 0.5 0.7 [--max-experts 8]
-    xmoe generate --checkpoint olmoe-folder --prompt "def " --threshold 0.5
+    xmoe generate --checkpoint org/some-moe --prompt "def " --threshold 0.5
     xmoe lm-eval --checkpoint olmoe-folder --tasks hellaswag arc_easy --thresholds 0.3 0.5 0.7 [--limit 500]
 
-A folder is handled here when its config.json names the "xmoe" model type or a supported MoE
-family (``xmoe.hf.SUPPORTED_FAMILIES``: OLMoE, FlexOlmo, Qwen2/3/3.5-MoE, Qwen3-Next, Mixtral,
-Gemma-4, gpt-oss, DeepSeek-V3, GLM-4.5); other folders keep their own paths in cli.main.
+xmoe.cli.lm hands a checkpoint here when xmoe.checkpoint_kind finds a Hugging Face MoE folder
+("xmoe" model type or the config of a family ``xmoe.hf.SUPPORTED_FAMILIES`` lists: OLMoE,
+FlexOlmo, Qwen2/3/3.5-MoE, Qwen3-Next, Mixtral, Gemma-4, gpt-oss, DeepSeek-V3, GLM-4.5), a Hub id
+ORG/NAME (transformers loads it), or, for sweep-threshold, a model converted by `xmoe convert`.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-from pathlib import Path
 
 from xmoe.errors import UsageError
 
 
-def add_commands(commands) -> None:
-    """Register `xmoe export-hf` and the Hugging Face flags of eval / sweep-threshold / generate."""
-    p = commands.add_parser("export-hf", help="write an xmoe LM run as a Hugging Face folder (AutoModelForCausalLM)")
-    p.add_argument("--checkpoint", required=True, help="run folder of `xmoe train` or `xmoe convert`")
-    p.add_argument("--out", required=True, help="new folder (an earlier export there is replaced once the new one is complete)")
-    p.set_defaults(func=cmd_export)
-    add_lm_eval_command(commands)
-    for name in ("eval", "sweep-threshold", "generate"):
-        commands.choices[name].add_argument(
-            "--max-experts", type=int, default=None,
-            help="Hugging Face MoE folders: at most this many experts per token under --threshold(s)")
+def export_hf(*, checkpoint: str, out: str) -> None:
+    """Write an xmoe LM run as a Hugging Face folder (AutoModelForCausalLM).
 
-
-def handles(checkpoint: str) -> bool:
-    """True for a Hugging Face folder whose model type is "xmoe" or a MoE family (supported or
-    not: an unsupported one gets its error from xmoe.hf.folders.folder_kind)."""
-    try:
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if (Path(checkpoint) / "state.json").exists() or (Path(checkpoint) / "checkpoint").exists():
-        return False  # an `xmoe train` run or checkpoint folder
-    moe_fields = ("num_experts", "num_local_experts", "n_routed_experts", "moe")
-    text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
-    return config.get("model_type") == "xmoe" or any(config.get(f) or text_config.get(f) for f in moe_fields)
-
-
-def cmd_export(args: argparse.Namespace) -> None:
+    Args:
+        checkpoint: run folder of `xmoe train` or `xmoe convert`
+        out: new folder (an earlier export there is replaced once the new one is complete)
+    """
     from xmoe.hf import export_hf
 
-    out = export_hf(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+    written = export_hf(checkpoint, out)
+    print(f"exported {checkpoint} -> {written}: load it with AutoModelForCausalLM.from_pretrained({str(written)!r}, "
           f"trust_remote_code=True) (xmoe must be installed), or after `import xmoe.hf`")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from xmoe.hf.folders import evaluate, load_folder, set_dial, text_batches
+def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None = None,
+            max_experts: int | None = None, limit: float | None = None, num_fewshot: int | None = None,
+            include_path: str | None = None, batch_size: int = 1, out: str = ".", device: str = "auto") -> None:
+    """lm-evaluation-harness tasks on a Hugging Face MoE or xmoe folder, as loaded and at each threshold.
 
-    check_folder_args(args)
-    model, kind = load_folder(args.checkpoint, device=_device(args))
-    batches = text_batches(args.checkpoint, args.data, model, max_batches=args.max_batches or 8, batch_size=8,
-                           seq_len=256)
-    point = evaluate(model, kind, batches, set_dial(model, kind, args.threshold, args.max_experts), args.threshold)
-    if args.json:
+    Args:
+        checkpoint: a Hugging Face folder (`xmoe export-hf` or a pretrained MoE), or a Hub id ORG/NAME
+        tasks: harness task names (its registry, or --include-path)
+        thresholds: the dial's settings, after the model as loaded (default: 0.3 0.5 0.7 0.9)
+        max_experts: pretrained MoE folders: at most this many experts
+        limit: documents per task (a fraction if < 1); default all
+        num_fewshot: few-shot examples (default: each task's own)
+        include_path: a folder of task YAML files of your own
+        batch_size: sequences per forward (default 1: with more, the harness's pads are routed and counted)
+        out: where lm_eval.json and lm_eval.md go (default: this folder)
+        device: auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps
+    """
+    from xmoe.checkpoints import open_checkpoint
+    from xmoe.conversion.hf import load_tokenizer
+    from xmoe.hf.harness import points_table, run_tasks, write_points
+
+    if limit is not None and not limit > 0:
+        raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {limit:g}")
+    model = open_checkpoint(checkpoint, device=device, takes=("hf", "hub"), command="lm-eval").model
+    points, _ = run_tasks(model, load_tokenizer(checkpoint), model.config.model_type, tasks,
+                          [0.3, 0.5, 0.7, 0.9] if thresholds is None else thresholds, max_experts=max_experts,
+                          limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot,
+                          include_path=include_path, batch_size=batch_size)
+    print(points_table(points))
+    print(f"json: {write_points(points, out)}")
+
+
+def evaluate(checkpoint, *, data: str | None, max_batches: int | None, capacity: bool, device: str,
+             threshold: float | None, json_out: bool, max_experts: int | None) -> None:
+    """`xmoe eval` on ``checkpoint``, a Hugging Face folder or Hub id (xmoe.checkpoint_kind)."""
+    from xmoe.hf.folders import measure, set_dial
+
+    check_folder_args(checkpoint.path, data, capacity)
+    model, batches = _open_with_text(checkpoint, data, max_batches, device)
+    routing = set_dial(model, model.config.model_type, threshold, max_experts)
+    point = dataclasses.replace(measure(model, batches), threshold=threshold, routing=routing)
+    if json_out:
         print(json.dumps(point.to_dict(), indent=2))
         return
     print(f"{point.routing}: loss {point.loss:.4f}, perplexity {point.perplexity:.2f} ({point.tokens} tokens), "
           f"{point.experts_per_token:.2f} experts per token, {point.tokens_per_second:.0f} tokens/s")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from xmoe.hf.folders import points_table, sweep_folder
+def sweep_threshold(checkpoint, *, data: str | None, max_batches: int | None, capacity: bool, device: str,
+                    thresholds: list[float], out: str | None, max_experts: int | None) -> None:
+    """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder, a Hub id or a converted
+    model: the report goes to --out or the current folder, never into the model's folder."""
+    from xmoe.sweep import write_sweep
 
-    check_folder_args(args)
-    points = sweep_folder(args.checkpoint, args.data, args.thresholds, max_experts=args.max_experts,
-                          max_batches=args.max_batches or 8, device=_device(args))
-    print(points_table(points))
-    out = Path(args.out or Path(args.checkpoint) / "report")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
-    print(f"json: {out / 'threshold_sweep.json'}")
+    if checkpoint.kind == "converted":
+        check_folder_args(checkpoint.path, data, capacity, "a converted Hugging Face model")
+        refuse_max_experts(checkpoint.path, max_experts, "a converted Hugging Face model")
+        points = _sweep_converted(checkpoint, data, max_batches, device, thresholds)
+    else:
+        from xmoe.hf.folders import sweep_folder
 
-
-def add_lm_eval_command(commands) -> None:
-    p = commands.add_parser(
-        "lm-eval", help="lm-evaluation-harness tasks on a Hugging Face MoE or xmoe folder, as loaded and at each threshold")
-    p.add_argument("--checkpoint", required=True, help="a Hugging Face folder: `xmoe export-hf` or a pretrained MoE")
-    p.add_argument("--tasks", nargs="+", required=True, help="harness task names (its registry, or --include-path)")
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9],
-                   help="the dial's settings, after the model as loaded (default: 0.3 0.5 0.7 0.9)")
-    p.add_argument("--max-experts", type=int, default=None, help="pretrained MoE folders: at most this many experts")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1); default all")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="sequences per forward (default 1: with more, the harness's pads are routed and counted)")
-    p.add_argument("--out", default=".", help="where lm_eval.json and lm_eval.md go (default: this folder)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, mps")
-    p.set_defaults(func=cmd_lm_eval)
+        check_folder_args(checkpoint.path, data, capacity)
+        model, batches = _open_with_text(checkpoint, data, max_batches, device)
+        points = sweep_folder(model, batches, thresholds, max_experts=max_experts)
+    write_sweep(points, out or ".", data=data, step=None, baseline="dense" if checkpoint.kind == "converted"
+                else "top-k")
 
 
-def cmd_lm_eval(args: argparse.Namespace) -> None:
-    from xmoe.conversion.hf import load_tokenizer
-    from xmoe.hf.folders import load_folder
-    from xmoe.hf.harness import points_table, run_tasks, write_points
+def _sweep_converted(checkpoint, data: str, max_batches: int | None, device: str, thresholds: list[float]):
+    from xmoe.conversion.hf import sweep_converted
+    from xmoe.training.loop import resolve_device
 
-    if args.limit is not None and not args.limit > 0:
-        raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {args.limit:g}")
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    model, kind = load_folder(args.checkpoint, device=_device(args))
-    points, _ = run_tasks(model, load_tokenizer(args.checkpoint), kind, args.tasks, args.thresholds,
-                          max_experts=args.max_experts, limit=limit, num_fewshot=args.num_fewshot,
-                          include_path=args.include_path, batch_size=args.batch_size)
-    print(points_table(points))
-    print(f"json: {write_points(points, args.out)}")
+    return sweep_converted(checkpoint.path, data, thresholds, max_batches=max_batches or 8,
+                           device=resolve_device(device))
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _open_with_text(checkpoint, data: str, max_batches: int | None, device: str):
+    """The model at ``checkpoint`` and up to ``max_batches`` (8) batches of 8 windows of 256
+    tokens of the text at ``data``, through its tokenizer."""
+    from xmoe.checkpoints import open_checkpoint
+    from xmoe.hf.folders import text_batches
+
+    model = open_checkpoint(checkpoint, device=device).model
+    batches = text_batches(checkpoint.path, data, model, max_batches=max_batches or 8, batch_size=8, seq_len=256)
+    return model, batches
+
+
+def generate(checkpoint, *, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+             top_p: float | None, threshold: float | None, seed: int, device: str, max_experts: int | None) -> None:
+    """`xmoe generate` on ``checkpoint``, a Hugging Face folder or Hub id."""
     import torch
 
     from xmoe.bench.decode import generation_report
+    from xmoe.checkpoints import open_checkpoint
     from xmoe.conversion.hf import load_tokenizer
-    from xmoe.hf.folders import load_folder, set_dial
+    from xmoe.hf.folders import set_dial
 
-    model, kind = load_folder(args.checkpoint, device=_device(args))
-    set_dial(model, kind, args.threshold, args.max_experts)
-    tokenizer = load_tokenizer(args.checkpoint)
-    ids = tokenizer(args.prompt)["input_ids"]
+    model = open_checkpoint(checkpoint, device=device).model
+    set_dial(model, model.config.model_type, threshold, max_experts)
+    tokenizer = load_tokenizer(checkpoint.path)
+    ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise UsageError("--prompt is empty; give some text to continue")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     # None means "no top-k / top-p" here, as for xmoe runs (transformers would fall back to its defaults).
-    sampling = {"do_sample": False} if args.temperature == 0 else {
-        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k or 0, "top_p": args.top_p or 1.0}
-    device = next(model.parameters()).device
-    with generation_report(model, args.max_new_tokens):
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+    sampling = {"do_sample": False} if temperature == 0 else {
+        "do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    on = next(model.parameters()).device
+    with generation_report(model, max_new_tokens):
+        out = model.generate(torch.tensor([ids], device=on), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.eos_token_id, **sampling)
     print(tokenizer.decode(out[0].tolist()))
 
 
-def check_folder_args(args: argparse.Namespace, kind: str = "a Hugging Face model folder") -> None:
+def check_folder_args(checkpoint: str, data: str | None, capacity: bool,
+                      kind: str = "a Hugging Face model folder") -> None:
     """eval / sweep-threshold on a Hugging Face folder (``kind`` names it): text must be given
     and there is no training capacity to turn on."""
-    if args.data is None:
-        raise UsageError(f"{args.checkpoint} is {kind}, which brings no evaluation text: "
+    if data is None:
+        raise UsageError(f"{checkpoint} is {kind}, which brings no evaluation text: "
                          f"give held-out text with --data FILE")
-    if args.capacity:
+    if capacity:
         raise UsageError(f"--capacity: {kind} is evaluated dropless (it has no training capacity)")
 
 
-def refuse_max_experts(args: argparse.Namespace, kind: str) -> None:
+def refuse_max_experts(checkpoint: str, max_experts: int | None, kind: str) -> None:
     """--max-experts caps a pretrained MoE folder's routing; on ``kind`` (an xmoe run, a
     converted model) nothing would read it, so it is refused rather than ignored."""
-    if getattr(args, "max_experts", None) is not None:
-        raise UsageError(f"--max-experts applies to Hugging Face MoE folders; {args.checkpoint} is {kind}, whose cap "
+    if max_experts is not None:
+        raise UsageError(f"--max-experts applies to Hugging Face MoE folders; {checkpoint} is {kind}, whose cap "
                          f"is its config's model.moe.max_experts: drop --max-experts")
-
-
-def _device(args: argparse.Namespace):
-    from xmoe.training.loop import resolve_device
-
-    return resolve_device(getattr(args, "device", "auto"))

@@ -7,7 +7,6 @@ process that torchrun started joins the run (xmoe.distributed.init_from_env).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -17,25 +16,17 @@ import sys
 from xmoe.errors import UsageError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine (launched with torchrun; gloo on CPU, NCCL on GPUs)")
-    p.add_argument("--ep-size", type=int, default=1,
-                   help="expert-parallel group size: each rank holds E/ep-size experts of every MoE layer "
-                        "(1 = experts replicated, pure data parallelism)")
-
-
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch(args: argparse.Namespace) -> int:
-    """Run this same `xmoe` command under torchrun with ``--nproc`` processes; its exit code."""
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
-    argv = _without_nproc(args.argv)
+def relaunch(command_line: list[str], nproc: int) -> int:
+    """Run this same `xmoe` command (its arguments: ``command_line``) under torchrun with
+    ``nproc`` processes; its exit code."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {nproc}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "xmoe", *argv]
+               f"--nproc-per-node={nproc}", "-m", "xmoe", *_without_nproc(command_line)]
     print("launching:", " ".join(command), flush=True)
     # torchrun and its ranks in a process group of their own: a stop reaches them once, from here.
     return wait_forwarding_signals(subprocess.Popen(command, start_new_session=True))

@@ -1,4 +1,5 @@
-"""`xmoe <command>`: one small function per command; the work lives in the library.
+"""`xmoe <command>`: the command table. Each command is a typed function (xmoe.cli.lm, .mt, .hf,
+.convert, .study) whose signature is its flags (xmoe.cli.signature); the work lives in the library.
 
     xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
     xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
@@ -23,338 +24,130 @@ and exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import json
+import importlib
+import inspect
 import os
 import sys
 import warnings
-from pathlib import Path
-from typing import Iterator
-
-from xmoe.errors import UsageError
-
-def cmd_presets(args: argparse.Namespace) -> None:
-    from xmoe.presets import list_mt_presets, list_presets
-
-    for title, rows in (("language-model presets (xmoe train --preset P)", list_presets()),
-                        ("translation presets (xmoe train-mt --preset P)", list_mt_presets())):
-        print(f"{title}:\n")
-        print("| preset | layers | experts | params | forward GFLOPs/token | MoE expert MFLOPs/token (top-k budget) |")
-        print("|---|---|---|---|---|---|")
-        for row in rows:
-            forward = "" if row.flops_per_token is None else f"{row.flops_per_token / 1e9:.3f}"
-            print(f"| {row.name} | {row.layers} | {row.experts} | {row.params / 1e6:.1f}M | {forward} "
-                  f"| {row.moe_flops_per_token / 1e6:.1f} |")
-        print()
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from xmoe.cli import launch
-
-    if args.nproc != 1 and not launch.under_torchrun():
-        sys.exit(launch.relaunch(args))
-    train_and_report(run_config(args), Path(args.out), resume=args.resume, ep_size=args.ep_size)
-
-
-def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, go_on: str | None = None) -> None:
-    """Train the language model ``cfg`` into ``out`` (on every rank under torchrun), then print
-    its evaluation and write its report; ``go_on``: the command that continues it, if stopped,
-    when it is not ``xmoe train --out OUT --resume``."""
-    from xmoe.cli import launch
-    from xmoe.tasks.lm import train_lm
-    from xmoe.report import describe_eval, write_report
-    from xmoe.training.stopping import exit_if_interrupted
-
-    with launch.parallel_context(ep_size, cfg.train) as parallel:
-        main_rank = parallel is None or parallel.is_main
-        if main_rank:
-            ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {ep_size})"
-            print(f"training {cfg.preset} on {cfg.data.path or 'the default corpus'}{ranks} -> {out}")
-        result = train_lm(cfg, out, resume=resume, ranks=parallel)
-    if not main_rank:
-        return
-    if go_on is None and parallel is not None:  # the same processes and layout continue it
-        go_on = f"xmoe train --nproc {parallel.world_size} --ep-size {ep_size} --out {out} --resume"
-    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
-    print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
-    print(f"report: {write_report(out)}")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from xmoe.cli import hf as hf_cli
-
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_eval(args)
-    from xmoe.tasks.lm import eval_batches, evaluate_lm
-
-    loaded = _load(args)
-    result = evaluate_lm(loaded.model, eval_batches(loaded, args.data, max_batches=args.max_batches))
-    summary = result.to_dict()
-    if args.json:
-        print(json.dumps({"data": _text_name(args.data), **summary}, indent=2))
-    else:
-        from xmoe.report import describe_eval
-
-        print(describe_eval(summary, loaded.model.cfg.moe, on=None if args.data is None else repr(args.data)))
-
-
-def cmd_sweep(args: argparse.Namespace) -> None:
-    from xmoe.cli import hf as hf_cli
-
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_sweep(args)
-    from xmoe.conversion.hf import is_converted_folder
-    from xmoe.tasks.lm import eval_batches
-
-    if is_converted_folder(args.checkpoint):
-        return _sweep_hf(args)
-    loaded = _load(args)
-    _sweep(loaded, args.thresholds, eval_batches(loaded, args.data, max_batches=args.max_batches),
-           Path(args.out or Path(loaded.run_dir) / "report"), data=args.data)
-
-
-def _sweep_hf(args: argparse.Namespace) -> None:
-    """sweep-threshold on a Hugging Face model converted by `xmoe convert`."""
-    from xmoe.conversion import plot_sweeps, sweep_markdown
-    from xmoe.conversion.hf import sweep_converted
-    from xmoe.training.loop import resolve_device
-
-    from xmoe.cli.hf import check_folder_args, refuse_max_experts
-
-    check_folder_args(args, kind="a converted Hugging Face model")
-    refuse_max_experts(args, "a converted Hugging Face model")
-    points = sweep_converted(args.checkpoint, args.data, args.thresholds, max_batches=args.max_batches or 8,
-                             device=resolve_device(args.device))
-    print(sweep_markdown({Path(args.checkpoint).name: points}))
-    out = Path(args.out or Path(args.checkpoint) / "report")
-    out.mkdir(parents=True, exist_ok=True)
-    with _optional_plot():
-        plot_sweeps({Path(args.checkpoint).name: points}, out / "threshold_sweep.png")
-    (out / "threshold_sweep.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
-
-
-def _sweep(loaded, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> list[dict]:
-    """Perplexity and MoE FLOPs at each threshold: table on stdout, plot and JSON in ``out``
-    (threshold_sweep.*, or threshold_sweep_<stem>.* for ``data`` other than the run's validation
-    text, so one never overwrites the other; the JSON names the text and the checkpoint's step)."""
-    from xmoe.training import checkpoint_dir
-    from xmoe.tasks.lm import evaluate_lm
-    from xmoe.training.checkpoint import read_state
-    from xmoe.report import is_dense_split
-    from xmoe.report.sweep import plot_threshold_sweep, sweep_name, sweep_record, sweep_table
-
-    if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
-        raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
-    rows = []
-    for t in thresholds:
-        set_threshold(loaded.model, t, loaded.run_dir)
-        r = evaluate_lm(loaded.model, batches).to_dict()
-        rows.append({"threshold": t, "perplexity": r["perplexity"], "experts_per_token": r["experts_per_token"],
-                     "moe_flops_ratio": r["moe_flops_ratio"]})
-    print(sweep_table(rows))
-    out.mkdir(parents=True, exist_ok=True)
-    text = _text_name(data)
-    baseline = "dense" if is_dense_split(loaded.model.cfg.moe) else "top-k"
-    name = sweep_name(data)
-    step = read_state(checkpoint_dir(loaded.run_dir))["step"]
-    record = sweep_record(rows, data=text, step=step, baseline=baseline)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    with _optional_plot():
-        plot_threshold_sweep(rows, out / f"{name}.png", baseline=baseline, data=text)
-        print(f"plot: {out / name}.png")
-    return rows
-
-
-@contextlib.contextmanager
-def _optional_plot() -> Iterator[None]:
-    """A plot whose extra is missing is skipped with a warning: the table and JSON are the result."""
-    from xmoe.extras import MissingExtra
-
-    try:
-        yield
-    except MissingExtra as err:
-        warnings.warn(f"{err}; no plot drawn", stacklevel=3)
-
-
-def _text_name(data: str | None) -> str:
-    """How output names the evaluation text: the run's validation split, or the file given."""
-    return "the validation text" if data is None else repr(data)
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from xmoe.cli import hf as hf_cli
-
-    if hf_cli.handles(args.checkpoint):
-        return hf_cli.cmd_generate(args)
-    import torch
-
-    loaded = _load(args)
-    tokenizer = loaded.vocab
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise UsageError("--prompt is empty; give some text to continue")
-    from xmoe.bench.decode import generation_report
-
-    device = next(loaded.model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with generation_report(loaded.model, args.max_new_tokens):
-        out = loaded.model.generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    generator=generator)
-    print(tokenizer.decode(out[0].tolist()))
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from xmoe.report import write_report
-
-    print(f"report: {write_report(args.run_dir, args.out)}")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job: XMoE with a compute budget, and top-k over the same experts at the compute
-    XMoE measured, trained on the same tokens of text that ships with Python, compared; then
-    XMoE's compute dial."""
-    from xmoe.tasks.lm import eval_batches, evaluate_lm, lm_run_config, load_lm
-    from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
-    from xmoe.report import write_report
-
-    if args.steps < 1:
-        raise UsageError(f"--steps must be a positive number of training steps, got {args.steps}")
-    out = Path(args.out)
-    if not args.resume and (out / "xmoe" / "checkpoint").exists():
-        raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
-                         f"(or delete {out})")
-    common = {"train.max_steps": str(args.steps), **_DEMO_TRAIN}
-    if args.data is not None:
-        common["data.path"] = args.data
-    budget = {} if args.paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
-    xmoe_cfg = lm_run_config(args.preset, overrides={**common, **budget})
-    moe = xmoe_cfg.model.moe
-    if moe is None or moe.router != "threshold":
-        raise UsageError(f"--preset {args.preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
-
-    print(_demo_recipe(moe, args.paper_recipe))
-    go_on = " ".join(["xmoe", *args.argv, *([] if args.resume else ["--resume"])])
-    _train_demo_model(xmoe_cfg, out / "xmoe", go_on)
-    xmoe = load_lm(out / "xmoe")
-    batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
-    evals = {"xmoe": evaluate_lm(xmoe.model, batches).to_dict()}
-    ks = compute_matched_k(evals["xmoe"]["experts_per_token"], moe.num_experts)
-    print(f"\nthe baselines: top-{' and top-'.join(map(str, ks))} over the same {moe.num_experts} experts, the "
-          f"compute XMoE measured ({evals['xmoe']['experts_per_token']:.2f} experts per token on validation), "
-          f"trained on the same tokens")
-    models = {}
-    for k in ks:
-        name = f"top{k}"
-        _train_demo_model(lm_run_config(args.preset, overrides={**common, "model.moe.router": "topk",
-                                                                 "model.moe.top_k": str(k)}), out / name, go_on)
-        models[f"top-{k}"] = load_lm(out / name).model
-        evals[f"top-{k}"] = evaluate_lm(models[f"top-{k}"], batches).to_dict()
-
-    print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
-    trained = [layer.threshold for layer in xmoe.model.moe_layers()]
-    _sweep(xmoe, _dial_points(sum(trained) / len(trained)), batches, out / "xmoe" / "report")
-    for layer, t in zip(xmoe.model.moe_layers(), trained):
-        layer.set_threshold(t)  # back to what training left (a budget's t differs per layer)
-    write_report(out / "xmoe")  # again, now with the sweep in summary.md
-    label = (f"XMoE t = {moe.threshold:g} (the paper's recipe)" if args.paper_recipe else
-             f"XMoE, budget {DEMO_BUDGET:g} experts/token (t trained to {sum(trained) / len(trained):.3f})")
-    speeds = interleaved_speeds({label: xmoe.model, **models}, batches[:_SPEED_BATCHES])
-    print("\n" + describe_comparison((label, evals["xmoe"]), {k: v for k, v in evals.items() if k != "xmoe"},
-                                     speeds=speeds, flops_per_expert=moe.flops_per_pair * len(trained)))
-
-
-def _dial_points(trained: float) -> list[float]:
-    """Thresholds for the demo's dial: around the t training left (a budget's t can be far below
-    the paper's 0.9), and the paper's t and 1.0 (every expert)."""
-    around = [round(trained * f, 3) for f in (0.5, 1.0, 2.0, 4.0) if trained * f < 0.9]
-    return sorted({*around, 0.9, 1.0})
-
-
-def _train_demo_model(cfg, run: Path, go_on: str) -> None:
-    """Train one model of the demo, or continue it; a finished one is left as it is."""
-    from xmoe.training import checkpoint_dir
-    from xmoe.training.checkpoint import read_state
-
-    started = (run / "checkpoint").exists()
-    if started and read_state(checkpoint_dir(run))["step"] >= cfg.train.max_steps:
-        print(f"{run}: trained before ({cfg.train.max_steps} steps)")
-        return
-    train_and_report(cfg, run, resume=started, go_on=go_on)
-
-
-# The compute budget the demo trains XMoE with (MoEConfig.target_experts, beyond the paper;
-# --paper-recipe trains the paper's fixed t = 0.9): see docs/results.md, "At the same compute".
-DEMO_BUDGET = 2.0
-DEMO_STEPS = 200  # per model: XMoE and its one or two compute-matched top-k models fit about 5 minutes
-_DEMO_TRAIN = {"train.batch_size": "8", "train.seq_len": "128", "train.eval_every": "100",
-               "train.save_every": "100", "train.lr": "2e-3"}
-_SPEED_BATCHES = 4  # validation batches the closing speed columns are measured on
-
-
-def _demo_recipe(moe, paper: bool) -> str:
-    experts = f"XMoE: {moe.num_experts} experts of width {moe.expert_dim}"
-    if paper:
-        return (f"{experts}, threshold t = {moe.threshold:g}: the paper's recipe (without --paper-recipe a budget "
-                f"controller holds the mean experts per token)")
-    return (f"{experts}, threshold router with a compute budget: t is steered in training so that tokens take "
-            f"{DEMO_BUDGET:g} experts on average, each its own number (beyond the paper, docs/method.md; "
-            f"--paper-recipe trains the paper's fixed t = {moe.threshold:g})")
-
-
-def cmd_bench_layer(args: argparse.Namespace) -> None:
-    from xmoe.bench import layer
-
-    layer.run(args)
-
-
-def cmd_bench_decode(args: argparse.Namespace) -> None:
-    from xmoe.bench import decode
-
-    decode.run(args)
-
-
-def _load(args: argparse.Namespace):
-    from xmoe.cli.hf import refuse_max_experts
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
-    from xmoe.moe import MoELayer
-    from xmoe.tasks.lm import load_lm
-
-    if is_converted_folder(args.checkpoint):
-        raise UsageError(
-            f"{args.checkpoint} is a converted Hugging Face model, not an `xmoe train` run; evaluate it with: "
-            f"xmoe sweep-threshold --checkpoint {args.checkpoint} --data TEXT --thresholds T"
-        )
-    if is_hf_folder(args.checkpoint):
-        raise UsageError(
-            f"{args.checkpoint} is a Hugging Face model folder, not an `xmoe train` run; make it sparse first: "
-            f"xmoe convert --checkpoint {args.checkpoint} --experts E --out NEW_FOLDER --data TEXT"
-        )
-    refuse_max_experts(args, "an `xmoe train` run")
-    loaded = load_lm(args.checkpoint, device=getattr(args, "device", "auto"))
-    if getattr(args, "threshold", None) is not None:
-        set_threshold(loaded.model, args.threshold, args.checkpoint)
-    if getattr(args, "capacity", False):  # the training capacity, instead of dropless inference
-        layers = [m for m in loaded.model.modules() if isinstance(m, MoELayer)]
-        if not any(m.router.cfg.capacity_factor is not None for m in layers):
-            raise UsageError(f"--capacity: {args.checkpoint} was trained without capacity (dense or dropless)")
-        for m in layers:
-            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
-    return loaded
-
-
-def set_threshold(model, threshold: float, checkpoint) -> None:
-    """--threshold: t of every threshold router of ``model`` (the checkpoint's) set at inference."""
-    from xmoe import moe
-
-    try:
-        if moe.set_threshold(model, threshold) == 0:
-            raise UsageError(f"--threshold: {checkpoint} has no threshold-routed MoE layer")
-    except UsageError:
-        raise
-    except ValueError as err:  # xmoe.moe's check of t
-        raise UsageError(f"--threshold {threshold}: {err}") from None
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xmoe.cli import convert, hf, lm, mt, study
+from xmoe.cli.flags import CommandParser, add_config_flags, config_overrides
+from xmoe.cli.signature import add_signature, summary
+from xmoe.errors import CheckpointError, UsageError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `xmoe` command: ``run``, whose signature is its flags, and what a signature cannot
+    say: ``config``, the run config its --section.field=VALUE flags set (passed as ``config``);
+    ``choices`` read when the command is used (their modules import torch); ``renamed``, old
+    flags that name their new spelling. A benchmark defines its own flags (``flags``), and its
+    ``run`` takes the parsed namespace."""
+
+    run: Callable
+    config: Callable[[], type] | None = None
+    choices: dict[str, Callable[[], tuple[str, ...]]] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+    flags: Callable[[argparse.ArgumentParser], None] | None = None
+    help: str | None = None
+    description: str | None = None
+
+
+def _lm_config() -> type:
+    from xmoe.tasks.lm import LMRunConfig
+
+    return LMRunConfig
+
+
+def _mt_config() -> type:
+    from xmoe.tasks.mt import MTRunConfig
+
+    return MTRunConfig
+
+
+def _bench(kind: str, help: str) -> Command:
+    """`xmoe bench KIND`: the benchmark module (xmoe.bench.KIND) defines its flags and reads them."""
+    module = f"xmoe.bench.{kind}"
+    return Command(run=lambda args: importlib.import_module(module).run(args), help=help,
+                   flags=lambda p: importlib.import_module(module).add_arguments(p))
+
+
+# Parameters the runner passes itself: the run config's flags, and the command line (to relaunch
+# it under torchrun, or to name the command that continues a stopped demo).
+SUPPLIED = ("config", "command_line")
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(lm.demo),
+    "train": Command(lm.train, config=_lm_config, renamed={"data": "data.path"}),
+    "eval": Command(lm.evaluate),
+    "sweep-threshold": Command(lm.sweep_threshold),
+    "generate": Command(lm.generate),
+    "report": Command(lm.report),
+    "convert": Command(convert.convert, choices={"partition": convert.partitions}, description=convert.__doc__),
+    "export-hf": Command(hf.export_hf),
+    "lm-eval": Command(hf.lm_eval),
+    "study": Command(study.study, config=_lm_config, choices={"name": study.names, "scale": study.scales},
+                     description=study.__doc__),
+    "presets": Command(lm.presets),
+    "train-mt": Command(mt.train_mt, config=_mt_config, renamed={
+        "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src", "valid-tgt": "data.valid_tgt"}),
+    "translate": Command(mt.translate),
+    "eval-mt": Command(mt.eval_mt),
+    "bench layer": _bench("layer", "MoE layer speed against the speed limit and baselines"),
+    "bench decode": _bench("decode", "decode speed (a few tokens per call) against the active-weights floor"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `xmoe` parser, from COMMANDS. Building it imports nothing heavy: a command's run-config
+    flags, choices and benchmark flags are added when that command is used (CommandParser)."""
+    parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, command in COMMANDS.items():
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            groups[group] = commands.add_parser(group, help="benchmarks").add_subparsers(
+                dest=group, required=True, metavar="KIND", parser_class=CommandParser)
+        p = (groups[group] if group else commands).add_parser(
+            leaf, help=command.help or summary(command.run), description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=command.config is None)
+        if command.flags is None:
+            add_signature(p, command.run, skip=SUPPLIED)
+        p.later(lambda p, command=command: _add_deferred(p, command))
+        p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+        p.set_defaults(entry=command)
+    return parser
+
+
+def _add_deferred(p: argparse.ArgumentParser, command: Command) -> None:
+    """The flags and choices that come from modules importing torch."""
+    if command.flags is not None:
+        command.flags(p)
+    for action in p._actions:
+        if action.dest in command.choices:
+            action.choices = command.choices[action.dest]()
+    if command.config is not None:
+        add_config_flags(p, command.config(), renamed=command.renamed)
+
+
+def _call(command: Command, args: argparse.Namespace, argv: list[str]) -> None:
+    """Run ``command`` with the values of its parameters in ``args``."""
+    if command.flags is not None:
+        return command.run(args)
+    supplied = {"config": lambda: config_overrides(args), "command_line": lambda: argv}
+    positional, keywords = [], {}
+    for name, param in inspect.signature(command.run).parameters.items():
+        value = supplied[name]() if name in supplied else getattr(args, name)
+        if param.kind is param.POSITIONAL_ONLY:
+            positional.append(value)
+        else:
+            keywords[name] = value
+    command.run(*positional, **keywords)
 
 
 def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
@@ -371,111 +164,9 @@ def _diverged_checkpoint(path: str, err: FloatingPointError) -> str:
             f"train it again with a lower train.lr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from xmoe.cli import launch
-    from xmoe.tasks.lm import LanguageModelling
-
-    p = commands.add_parser("demo", help="the main job: train a CPU-sized XMoE LM, evaluate, report")
-    p.add_argument("--preset", default=LanguageModelling.default_preset)
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
-    p.add_argument("--out", default="runs/demo", help="runs/demo/xmoe and runs/demo/topK for each baseline k")
-    p.add_argument("--paper-recipe", action="store_true",
-                   help="train XMoE with the paper's fixed t = 0.9 (no budget controller); after a few hundred "
-                        "steps its router engages many experts, and the compute-matched top-k as many")
-    p.add_argument("--resume", action="store_true", help="continue a demo in --out that was stopped")
-    p.set_defaults(func=cmd_demo)
-
-    p = add_train_command(commands, "train", cmd_train, LanguageModelling, renamed={"data": "data.path"},
-                          help="train a GPT preset", out="checkpoint, tokenizer, metrics, report")
-    launch.add_arguments(p)
-
-    for name, func, help_ in (("eval", cmd_eval, "perplexity, experts per token and MoE FLOPs of a checkpoint"),
-                              ("sweep-threshold", cmd_sweep, "perplexity and MoE FLOPs for several thresholds")):
-        p = commands.add_parser(name, help=help_)
-        p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
-        p.add_argument("--data", default=None, help="evaluate on this text instead of the run's validation split")
-        p.add_argument("--max-batches", type=int, default=None)
-        p.add_argument("--capacity", action="store_true",
-                       help="apply the training capacity (default: dropless, so no token depends on its neighbours)")
-        p.add_argument("--device", default="auto")
-        p.set_defaults(func=func)
-    commands.choices["eval"].add_argument("--threshold", type=float, default=None, help="change t at inference")
-    commands.choices["eval"].add_argument("--json", action="store_true", help="print the full result as JSON")
-    commands.choices["sweep-threshold"].add_argument(
-        "--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
-    commands.choices["sweep-threshold"].add_argument("--out", default=None, help="default: RUN/report")
-
-    p = commands.add_parser("generate", help="sample text from a checkpoint (KV cache); speed and experts per "
-                                             "token to stderr")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="change t at inference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_generate)
-
-    p = commands.add_parser("report", help="plots and a markdown summary of a run")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="default: RUN/report")
-    p.set_defaults(func=cmd_report)
-
-    from xmoe.cli import convert
-
-    convert.add_command(commands)
-
-    from xmoe.cli import hf as hf_cli
-
-    hf_cli.add_commands(commands)  # export-hf; eval / sweep-threshold / generate on Hugging Face MoE folders
-
-    from xmoe.cli.study import add_parser as add_study_parser
-
-    add_study_parser(commands)
-
-    p = commands.add_parser("presets", help="list model presets with parameters and FLOPs")
-    p.set_defaults(func=cmd_presets)
-
-    from xmoe.cli.mt import add_mt_commands
-
-    add_mt_commands(commands)  # train-mt, translate, eval-mt
-
-    bench = commands.add_parser("bench", help="benchmarks")
-    kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
-    from xmoe.bench import layer
-
-    p = kinds.add_parser("layer", help="MoE layer speed against the speed limit and baselines")
-    layer.add_arguments(p)
-    p.set_defaults(func=cmd_bench_layer)
-    from xmoe.bench import decode
-
-    p = kinds.add_parser("decode", help="decode speed (a few tokens per call) against the active-weights floor")
-    decode.add_arguments(p)
-    p.set_defaults(func=cmd_bench_decode)
-    for command in _leaf_parsers(commands):
-        command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    return parser
-
-
 THREADS_HELP = ("torch CPU threads (default: torch's, one per core). On a machine shared with other jobs, "
                 "use 1: threads otherwise wait for each other while another job holds a core "
                 "(measured in benchmarks/README.md)")
-
-
-def _leaf_parsers(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """Every command's parser (`bench layer`, not `bench`), so each takes the common options."""
-    leaves = []
-    for p in dict.fromkeys(commands.choices.values()):  # aliases map to the same parser
-        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        leaves += _leaf_parsers(nested[0]) if nested else [p]
-    return leaves
 
 
 def _set_threads(threads: int | None) -> None:
@@ -486,46 +177,6 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def add_train_command(commands, name: str, func, kind, *, help: str, out: str,
-                      renamed: dict[str, str]) -> argparse.ArgumentParser:
-    """A command that trains a run of task ``kind`` (an xmoe.tasks class): --preset, --out,
-    --resume, and its run config's flags (``renamed``: see add_config_flags)."""
-    p = commands.add_parser(name, help=f"{help}; --section.field=value flags set its run config", allow_abbrev=False)
-    p.add_argument("--preset", default=None,
-                   help=f"see `xmoe presets` (default: {kind.default_preset}; with --resume: the run's)")
-    p.add_argument("--out", required=True, help=f"run folder: {out}")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    add_config_flags(p, kind.config_class, renamed=renamed)
-    p.set_defaults(func=func, kind=kind)
-    return p
-
-
-def run_config(args: argparse.Namespace):
-    """The run config of a training command's --preset, --resume and config flags."""
-    from xmoe.training.runs import run_config
-
-    return run_config(args.kind, args.preset, config_overrides(args), resume_from=args.out if args.resume else None)
-
-
-def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:
-    """A ``--section.field VALUE`` option for every field of the run config ``cls`` (the preset's
-    value unless given); ``renamed``: old flags (without --) that now fail naming their new key."""
-    from xmoe.training.config import config_keys
-
-    group = p.add_argument_group("run config", "every field of the preset's run config; values as JSON "
-                                 "(a tuple is a list, [0.9, 0.95]; None is null)")
-    p.usage = "%(prog)s [options] [--SECTION.FIELD=VALUE ...]"
-    keys = config_keys(cls)
-    for key in keys:
-        group.add_argument(f"--{key}", dest=key, metavar="VALUE", default=argparse.SUPPRESS)
-    p.set_defaults(config_class=cls, config_keys=keys, renamed=renamed or {})
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, str]:
-    """The run config flags given on the command line, by dotted key."""
-    return {key: getattr(args, key) for key in args.config_keys if hasattr(args, key)}
 
 
 def _reject(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
@@ -545,50 +196,64 @@ def _reject(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: lis
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():  # puts showwarning back when main returns
         # Warnings are messages to the user here: one line each, without the source line.
         warnings.showwarning = lambda message, *_, **__: print(f"xmoe {args.command}: warning: {message}",
                                                                file=sys.stderr)
-        _run(parser, args, rest)
+        _run(parser, args, rest, argv)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> None:
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str], argv: list[str]) -> None:
     """Run the command; the errors a user can fix become one line and exit status 2."""
-    from xmoe.distributed import RanksLost
-    from xmoe.extras import MissingExtra
-    from xmoe.training import CheckpointError
-    from xmoe.training.runs import RunInUseError
-
     try:
         _set_threads(args.threads)
         if rest:
             _reject(parser, args, rest)
-        args.func(args)
+        _call(args.entry, args, argv)
     except FloatingPointError as err:
         if getattr(args, "checkpoint", None) is not None:  # training says which step diverged itself
             err = _diverged_checkpoint(args.checkpoint, err)
-        print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (UsageError, CheckpointError, FileNotFoundError, FileExistsError, RunInUseError, MissingExtra,
-            RanksLost) as err:
         print(f"xmoe {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `xmoe presets | head`: the reader has gone, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(1)
     except OSError as err:
+        if isinstance(err, (FileNotFoundError, FileExistsError)):
+            _user_error(args, err)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"xmoe {args.command}: error: no space left on the device: {err}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(args, f"no space left on the device: {err}")
     except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
         from xmoe.training.stopping import exit_code, signal_name
 
         signum = getattr(err, "signum", None)
         print(f"\nxmoe {args.command}: {signal_name(signum)}", file=sys.stderr)
         sys.exit(exit_code(signum))
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        _user_error(args, err)
+
+
+def _user_error(args: argparse.Namespace, message) -> None:
+    print(f"xmoe {args.command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# Errors a user can fix that are defined beside the code raising them, by module: a module not
+# imported by the command raised none, so the CLI need not import it to recognise them.
+_USER_ERRORS_IN = {"xmoe.training.runs": "RunInUseError", "xmoe.distributed.parallel": "RanksLost"}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from xmoe.extras import MissingExtra
+
+    found = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERRORS_IN.items()
+                  if module in sys.modules)
+    return (UsageError, CheckpointError, MissingExtra, *found)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`xmoe train-mt`, `xmoe translate`, `xmoe eval-mt`: translation commands; the work lives in
-xmoe.tasks.mt.
+xmoe.training.mt.
 
     xmoe train-mt --preset cpu-xmoe-32x512 --data.src=train.en --data.tgt=train.de \\
         [--data.valid_src=val.en --data.valid_tgt=val.de] --out runs/mt [--resume] [--train.max_steps=2000 ...]
@@ -9,94 +9,89 @@ xmoe.tasks.mt.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import json as _json  # `json` is also a flag of `xmoe eval-mt`
 import sys
 from pathlib import Path
 
-
-def add_mt_commands(commands: argparse._SubParsersAction) -> None:
-    """Register the translation subcommands on the `xmoe` parser."""
-    from xmoe.cli.main import add_train_command
-    from xmoe.tasks.mt import Translation
-
-    add_train_command(commands, "train-mt", cmd_train_mt, Translation, help="train a translation preset",
-                      out="checkpoint, spm.model, metrics", renamed={
-                          "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src",
-                          "valid-tgt": "data.valid_tgt"})
-
-    p = commands.add_parser("translate", help="translate stdin to stdout, one sentence per line")
-    p.add_argument("--checkpoint", required=True, help="run folder (or its checkpoint folder)")
-    _decode_arguments(p)
-    p.set_defaults(func=cmd_translate)
-
-    p = commands.add_parser("eval-mt", help="BLEU, chrF++, experts per token and MoE FLOPs of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--src", required=True)
-    p.add_argument("--ref", required=True)
-    p.add_argument("--hyp-out", default=None, help="also write the translations to this file")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    _decode_arguments(p)
-    p.set_defaults(func=cmd_eval_mt)
+from xmoe.cli.flags import run_config
 
 
-def _decode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy); default: the run's decode.beam")
-    p.add_argument("--length-penalty", type=float, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="change t of the threshold routers at inference")
-    p.add_argument("--device", default="auto")
+def train_mt(*, out: str, preset: str | None = None, resume: bool = False, config: dict[str, str]) -> None:
+    """Train a translation preset; --section.field=value flags set its run config.
 
-
-def cmd_train_mt(args: argparse.Namespace) -> None:
-    from xmoe.cli.main import run_config
-    from xmoe.tasks.mt import train_mt
+    Args:
+        out: run folder: checkpoint, spm.model, metrics
+        preset: see `xmoe presets` (default: cpu-xmoe-32x512; with --resume: the run's)
+        resume: continue the run in --out exactly where it stopped
+    """
+    from xmoe.tasks.mt import Translation, train_mt
     from xmoe.report import describe_mt_eval
     from xmoe.training.stopping import exit_if_interrupted
 
-    cfg = run_config(args)
-    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {args.out}")
-    result = train_mt(cfg, args.out, resume=args.resume)
-    exit_if_interrupted(result, cfg.train.max_steps, args.out, train="xmoe train-mt", evaluate="xmoe eval-mt")
+    cfg = run_config(Translation, preset, config, out=out, resume=resume)
+    print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {out}")
+    result = train_mt(cfg, out, resume=resume)
+    exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train-mt", evaluate="xmoe eval-mt")
     print(describe_mt_eval(result.final_eval, bleu_sentences=cfg.eval_bleu_sentences))
 
 
-def _load(args: argparse.Namespace):
+def _load(checkpoint: str, command: str, *, beam: int | None, length_penalty: float | None,
+          threshold: float | None, device: str):
     """The checkpoint, with --threshold applied, and the decoding settings with --beam etc."""
-    from xmoe.cli.main import set_threshold
-    from xmoe.tasks.mt import load_mt
+    from xmoe.checkpoints import open_checkpoint, set_threshold
 
-    loaded = load_mt(args.checkpoint, device=args.device)
-    if args.threshold is not None:
-        set_threshold(loaded.model, args.threshold, args.checkpoint)
-    changes = {"beam": args.beam, "length_penalty": args.length_penalty}
+    loaded = open_checkpoint(checkpoint, device=device, task="mt", takes=("run",), command=command).run
+    if threshold is not None:
+        set_threshold(loaded.model, threshold, checkpoint)
+    changes = {"beam": beam, "length_penalty": length_penalty}
     decode = dataclasses.replace(loaded.cfg.decode, **{k: v for k, v in changes.items() if v is not None})
     return loaded, decode
 
 
-def cmd_translate(args: argparse.Namespace) -> None:
-    from xmoe.data.files import decode_lines
-    from xmoe.tasks.mt import translate
+def translate(*, checkpoint: str, beam: int | None = None, length_penalty: float | None = None,
+              threshold: float | None = None, device: str = "auto") -> None:
+    """Translate stdin to stdout, one sentence per line.
 
-    loaded, decode = _load(args)
+    Args:
+        checkpoint: run folder (or its checkpoint folder)
+        beam: beam size (1 = greedy); default: the run's decode.beam
+        threshold: change t of the threshold routers at inference
+    """
+    from xmoe.data.files import decode_lines
+    from xmoe.tasks import mt
+
+    loaded, decode = _load(checkpoint, "translate", beam=beam, length_penalty=length_penalty, threshold=threshold,
+                           device=device)
     stdin = getattr(sys.stdin, "buffer", None)  # bytes, so that invalid UTF-8 is named, not a TypeError
     lines = decode_lines(stdin, "stdin") if stdin is not None else list(sys.stdin)
     lines = [line.rstrip("\r\n") for line in lines]  # Unix or Windows line ends
-    for hyp in translate(loaded, lines, decode=decode):
+    for hyp in mt.translate(loaded, lines, decode=decode):
         print(hyp)
 
 
-def cmd_eval_mt(args: argparse.Namespace) -> None:
+def eval_mt(*, checkpoint: str, src: str, ref: str, hyp_out: str | None = None, json: bool = False,
+            beam: int | None = None, length_penalty: float | None = None, threshold: float | None = None,
+            device: str = "auto") -> None:
+    """BLEU, chrF++, experts per token and MoE FLOPs of a checkpoint.
+
+    Args:
+        hyp_out: also write the translations to this file
+        json: print the full result as JSON
+        beam: beam size (1 = greedy); default: the run's decode.beam
+        threshold: change t of the threshold routers at inference
+    """
     from xmoe.data.translation import read_sentence_pairs
     from xmoe.tasks.mt import evaluate_mt
 
-    loaded, decode = _load(args)
-    src, ref = read_sentence_pairs(args.src, args.ref)
-    summary, hyps = evaluate_mt(loaded, src, ref, decode=decode)
-    if args.hyp_out:
-        Path(args.hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    loaded, decode = _load(checkpoint, "eval-mt", beam=beam, length_penalty=length_penalty, threshold=threshold,
+                           device=device)
+    sources, references = read_sentence_pairs(src, ref)
+    summary, hyps = evaluate_mt(loaded, sources, references, decode=decode)
+    if hyp_out:
+        Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if json:
+        print(_json.dumps(summary, indent=2))
         return
     print(f"{summary['sentences']} sentences, beam {summary['beam']}")
     print(summary["bleu_text"])

@@ -16,78 +16,73 @@ Re-running the same command resumes: finished runs in --out are skipped.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from xmoe.errors import UsageError
 
 
-def add_parser(commands) -> None:
-    """Register `xmoe study` on the CLI's subcommands."""
-    from xmoe.study import SCALES, STUDIES
+def study(name: str, /, *, data: str | None = None, out: str | None = None, seeds: int = 3, sweep_seeds: int = 1,
+          scale: str = "cpu", steps: int | None = None, plan: bool = False, progress: bool = False,
+          tabulate: bool = False, config: dict[str, str]) -> None:
+    """Run a study of XMoE's claims: train, evaluate, tables + plots.
 
-    p = commands.add_parser("study", help="run a study of XMoE's claims: train, evaluate, tables + plots",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
-    p.add_argument("name", choices=(*STUDIES, "sharpen", "budget"),
-                   help="which study (all = the three, sharing runs; sharpen: the router-sharpening options; "
-                        "budget: XMoE against top-k at equal average compute)")
-    p.add_argument("--data", default=None, help="text file, folder or .jsonl (default: Python's own docs)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/study/SCALE-CORPUS)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the main comparison (default 3)")
-    p.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the threshold/granularity sweeps (default 1)")
-    p.add_argument("--scale", choices=list(SCALES), default="cpu",
-                   help="cpu: shrunk cpu-* family (about an hour for `all` on 2 cores); gpt2: the paper's "
-                        "GPT-2-small family and recipe (GPUs); debug: seconds, for tests")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the scale's)")
-    p.add_argument("--plan", action="store_true", help="print the runs and their overrides as JSON; train nothing")
-    p.add_argument("--progress", action="store_true", help="a progress bar per run")
-    p.add_argument("--tabulate", action="store_true",
-                   help="budget: write the tables and plots of the runs finished so far; train nothing")
-    from xmoe.cli.main import add_config_flags
-    from xmoe.tasks.lm import LMRunConfig
-
-    add_config_flags(p, LMRunConfig)  # on top of the study's own, for every run
-    p.set_defaults(func=cmd_study)
-
-
-def cmd_study(args: argparse.Namespace) -> None:
-    from xmoe.cli.main import config_overrides
+    Args:
+        name: which study (all = the three, sharing runs; sharpen: the router-sharpening options;
+            budget: XMoE against top-k at equal average compute)
+        data: text file, folder or .jsonl (default: Python's own docs)
+        out: output folder (default: runs/study/SCALE-CORPUS)
+        seeds: seeds of the main comparison (default 3)
+        sweep_seeds: seeds of the threshold/granularity sweeps (default 1)
+        scale: cpu: shrunk cpu-* family (about an hour for `all` on 2 cores); gpt2: the paper's
+            GPT-2-small family and recipe (GPUs); debug: seconds, for tests
+        steps: optimizer steps per run (default: the scale's)
+        plan: print the runs and their overrides as JSON; train nothing
+        progress: a progress bar per run
+        tabulate: budget: write the tables and plots of the runs finished so far; train nothing
+    """
     from xmoe.study import default_out, plan_study, run_study
 
-    if args.tabulate and args.name != "budget":
+    if tabulate and name != "budget":
         raise UsageError("--tabulate belongs to xmoe study budget; the other studies tabulate when they finish")
-    if args.name in ("sharpen", "budget"):
-        _own_scale(args, config_overrides(args))
+    if name in ("sharpen", "budget"):
+        if scale != "cpu" or sweep_seeds != 1:
+            raise UsageError(f"xmoe study {name} has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
+        return _own_scale(name, out=out or default_out(name, data), data=data, seeds=seeds, steps=steps,
+                          overrides=config, plan=plan, progress=progress, tabulate=tabulate)
+    common = dict(data=data, seeds=seeds, sweep_seeds=sweep_seeds, scale=scale, steps=steps, overrides=config)
+    if plan:
+        runs = plan_study(name, **common).runs
+        print(json.dumps({"out": str(out or default_out(scale, data)),
+                          "runs": {r.name: {"preset": r.preset, "overrides": r.overrides} for r in runs}}, indent=2))
         return
-    common = dict(data=args.data, seeds=args.seeds, sweep_seeds=args.sweep_seeds, scale=args.scale,
-                  steps=args.steps, overrides=config_overrides(args))
-    if args.plan:
-        plan = plan_study(args.name, **common)
-        print(json.dumps({"out": str(args.out or default_out(args.scale, args.data)),
-                          "runs": {r.name: {"preset": r.preset, "overrides": r.overrides} for r in plan.runs}},
-                         indent=2))
-        return
-    run_study(args.name, out=args.out, progress=args.progress, **common)
+    run_study(name, out=out, progress=progress, **common)
 
 
-def _own_scale(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def names() -> tuple[str, ...]:
+    """The choices of `xmoe study NAME` (xmoe.study imports torch: read when the command is used)."""
+    from xmoe.study import STUDIES
+
+    return (*STUDIES, "sharpen", "budget")
+
+
+def scales() -> tuple[str, ...]:
+    from xmoe.study import SCALES
+
+    return tuple(SCALES)
+
+
+def _own_scale(name: str, *, out, data: str | None, seeds: int, steps: int | None, overrides: dict[str, str],
+               plan: bool, progress: bool, tabulate: bool) -> None:
     """The studies with a scale and seeds plan of their own: sharpen and budget."""
-    from xmoe.study import default_out
-
-    if args.name == "sharpen":
+    if name == "sharpen":
         from xmoe.study.sharpen import ARMS, run_sharpen as run, spec, study_overrides as plan_overrides
     else:
         from xmoe.study.budget import ARMS, _overrides as plan_overrides, run_budget as run, spec
-    if args.scale != "cpu" or args.sweep_seeds != 1:
-        raise UsageError(f"xmoe study {args.name} has its own scale and no sweep seeds; drop --scale and --sweep-seeds")
-    out = args.out or default_out(args.name, args.data)
-    if args.plan:
-        extra = plan_overrides(steps=args.steps, data=args.data, overrides=overrides)
-        key = "stage1" if args.name == "sharpen" else "seed0"  # the runs that start the study
+    if plan:
+        extra = plan_overrides(steps=steps, data=data, overrides=overrides)
+        key = "stage1" if name == "sharpen" else "seed0"  # the runs that start the study
         print(json.dumps({"out": str(out), key: {s.name: {"preset": s.preset, "overrides": s.overrides}
                                                      for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
         return
-    extra = {"train": not args.tabulate} if args.name == "budget" else {}
-    run(out=out, data=args.data, seeds=args.seeds, steps=args.steps, overrides=overrides, progress=args.progress,
-        **extra)
+    extra = {"train": not tabulate} if name == "budget" else {}
+    run(out=out, data=data, seeds=seeds, steps=steps, overrides=overrides, progress=progress, **extra)

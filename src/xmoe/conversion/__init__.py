@@ -5,9 +5,10 @@ Each dense FFN's neurons are split into E equal groups (contiguous, or clustered
 each group becoming an expert; a router is fitted on calibration text to predict which groups
 carry a token's FFN output; unit combine weights keep the converted model exact at t >= 1.
 
-    from xmoe.conversion import ConversionConfig, convert_checkpoint, convert_gpt, sweep
+    from xmoe.conversion import ConversionConfig, convert_checkpoint, convert_gpt
     convert_checkpoint("runs/dense", "runs/dense-x8", ConversionConfig(num_experts=8, partition="clustered"))
     # Hugging Face (pip install 'xmoe[hf]'): xmoe.conversion.hf.convert_hf(model, calibration_ids, cfg)
+    # the compute dial of a converted model: xmoe.sweep (measure_layers, sweep)
 """
 
 from .ffn import DenseFFN, expert_config, group_contributions, split_into
@@ -15,11 +16,10 @@ from .gpt import calibration_batch, convert_checkpoint, convert_gpt, dense_ffn
 from .layer import ConversionConfig, LayerReport, convert_ffn
 from .partition import PARTITIONS, check_partition, clustered_partition, contiguous_partition
 from .router_fit import RouterFit, RouterFitConfig, fit_router, router_targets
-from .sweep import SweepPoint, evaluate_point, gpt_logits, hf_logits, plot_sweeps, sweep, sweep_markdown
 
 __all__ = [
-    "PARTITIONS", "ConversionConfig", "DenseFFN", "LayerReport", "RouterFit", "RouterFitConfig", "SweepPoint",
+    "PARTITIONS", "ConversionConfig", "DenseFFN", "LayerReport", "RouterFit", "RouterFitConfig",
     "calibration_batch", "check_partition", "clustered_partition", "contiguous_partition", "convert_checkpoint",
-    "convert_ffn", "convert_gpt", "dense_ffn", "evaluate_point", "expert_config", "fit_router", "gpt_logits",
-    "group_contributions", "hf_logits", "plot_sweeps", "router_targets", "split_into", "sweep", "sweep_markdown",
+    "convert_ffn", "convert_gpt", "dense_ffn", "expert_config", "fit_router", "group_contributions",
+    "router_targets", "split_into",
 ]

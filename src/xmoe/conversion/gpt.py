@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from xmoe.checkpoint_kind import checkpoint_kind
 from xmoe.data import TOKENIZER_FILE, load_eval_tokens, prepare_lm_data
 from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT
@@ -34,7 +35,6 @@ from xmoe.training.checkpoint import read_state
 from xmoe.training.manifest import hash_run_files
 
 from .ffn import DenseFFN, expert_config
-from .hf import is_converted_folder, is_hf_folder
 from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
 from .partition import check_divides
 
@@ -107,8 +107,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
         raise UsageError(f"--out {out} already exists; conversion writes a new folder: choose another --out")
     if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
         raise UsageError(f"--calibration-tokens must be a positive integer, got {calibration_tokens!r}")
-    folder = Path(checkpoint)
-    if is_hf_folder(folder) or is_converted_folder(folder):
+    if checkpoint_kind(checkpoint).kind != "run":
         raise UsageError(
             f"{checkpoint} is a Hugging Face model folder (or an already converted one), not an `xmoe train` "
             f"run; convert a dense one with "

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from xmoe.errors import UsageError
+from xmoe.checkpoint_kind import CONVERSION_FILE, checkpoint_kind
+from xmoe.errors import CheckpointError, UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
+from xmoe.sweep import SweepPoint, hf_logits, measure_layers, sweep, threshold_dial
 
 from .ffn import DenseFFN
 from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
-from .sweep import SweepPoint, hf_logits, sweep
 
-CONVERSION_FILE = "xmoe_conversion.json"
 WEIGHTS_FILE = "model.safetensors"
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                 "silu": "swiglu", "swish": "swiglu"}
@@ -170,27 +170,35 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
 
 
 def is_converted_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONVERSION_FILE).is_file()
+    return _kind(path) == "converted"
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
     """A Hugging Face model folder (config.json), not an ``xmoe train`` run or a converted model."""
-    path = Path(path)
-    run_files = ("checkpoint", "state.json", CONVERSION_FILE)
-    return (path / "config.json").is_file() and not any((path / name).exists() for name in run_files)
+    return _kind(path) in ("hf", "hf-dense")
+
+
+def _kind(path: str | os.PathLike) -> str | None:
+    """What xmoe.checkpoint_kind decides ``path`` holds; None for a path that holds no model."""
+    try:
+        return checkpoint_kind(path).kind
+    except CheckpointError:
+        return None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in the local folder ``path`` (``tokenizer.save_pretrained``)."""
+    """The tokenizer saved in the local folder ``path`` (``tokenizer.save_pretrained``), or a
+    Hugging Face Hub id's (xmoe.checkpoint_kind)."""
     fix = f"save the model's tokenizer there with tokenizer.save_pretrained({str(path)!r})"
+    hub = checkpoint_kind(path).kind == "hub"
     # Checked first: given only config.json, transformers may build an empty tokenizer silently.
-    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+    if not hub and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
         raise UsageError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); {fix}")
     try:
-        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=not hub)
     except (OSError, ValueError) as err:
         raise UsageError(f"the tokenizer in {path} could not be loaded ({err}); {fix}") from err
 
@@ -266,15 +274,15 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
 def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, thresholds: Sequence[float], *,
                     max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
                     device: str | torch.device = "cpu") -> list[SweepPoint]:
-    """Perplexity and engaged FFN FLOPs of the converted model in ``folder`` at each threshold,
-    on the text at ``data``: up to ``max_batches`` batches of ``batch_size`` windows of
-    ``seq_len`` tokens (fewer if the model's context is shorter), spread over the text."""
+    """The converted model in ``folder`` at each threshold (xmoe.sweep), on the text at ``data``:
+    up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
+    model's context is shorter), spread over the text."""
     model = load_converted(folder).to(device)  # a clear error if folder holds no converted model
     L = context_length(model, seq_len) + 1  # inputs and their next tokens
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-    return sweep(model, batches, thresholds, hf_logits)
+    return sweep(thresholds, lambda: measure_layers(model, batches, hf_logits), threshold_dial(model))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

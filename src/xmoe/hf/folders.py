@@ -3,66 +3,52 @@
 dial is ``xmoe.moe.set_threshold``) or on a pretrained MoE model folder of a family ``adaptive``
 supports (the dial is ``adaptive``; without a threshold the model runs its own top-k).
 
-Each point reports perplexity on held-out text, experts per token (mean, and a histogram summed
-over the MoE layers) and tokens/s of the forward passes, timed in the same process.
+Each point (xmoe.sweep.SweepPoint) reports perplexity on held-out text, experts per token (mean,
+and a histogram summed over the MoE layers), the MoE FLOPs ratio and tokens/s of the forward
+passes, timed in the same process.
 
 Shape legend: B windows, L window length, V vocabulary, E experts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.checkpoint_kind import checkpoint_kind
 from xmoe.errors import UsageError
+from xmoe.sweep import LayerCounts, SweepPoint, sweep
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
 from .export import XMOE_MODEL_TYPES
 
 
-@dataclass(frozen=True)
-class FolderPoint:
-    routing: str  # "top-8 (the model's own)", "t=0.7", "t=0.7, at most 4"
-    threshold: float | None
-    loss: float  # mean next-token cross-entropy
-    perplexity: float
-    tokens: int
-    experts_per_token: float  # mean over tokens and MoE layers
-    histogram: list[int]  # histogram[n]: (token, layer) pairs that engaged n experts
-    tokens_per_second: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def folder_kind(path: str | os.PathLike) -> str:
-    """The folder's model_type: "xmoe" / "xmoe_converted" for an ``xmoe export-hf`` folder, or
-    a supported MoE family's; a ValueError naming what was found otherwise."""
-    path = Path(path)
-    supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UsageError(f"{path} holds no readable config.json, so it is no Hugging Face model folder; expected {supported}") from None
-    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
-        return model_type
-    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
-
-
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
-    """The model in ``path`` (eval mode) and its kind (see folder_kind)."""
+    """The model in the Hugging Face folder ``path`` (or behind the Hub id ``path``: see
+    xmoe.checkpoints), in eval mode, and its model_type: "xmoe" / "xmoe_converted" for an
+    ``xmoe export-hf`` folder, or a supported MoE family's; a UsageError naming anything else."""
     from transformers import AutoModelForCausalLM
 
-    kind = folder_kind(path)
-    model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    hub = checkpoint_kind(path).kind == "hub"
+    if not hub:
+        _check_family(path, _model_type(Path(path)))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=not hub, output_loading_info=True)
+    except OSError as err:
+        if not hub:
+            raise
+        raise UsageError(f"{path} is no local folder, so it was taken for a Hugging Face Hub id, and transformers "
+                         f"could not load it ({err}); check the id and the network, or give a local folder") from None
+    model_type = model.config.model_type
+    _check_family(path, model_type)
     mismatch = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if info.get(name)}
     if mismatch:
@@ -70,7 +56,22 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
                             for name, keys in mismatch.items())
         raise UsageError(f"{path}: its config.json does not describe its weights ({details}); the model would "
                          f"run with freshly initialised layers. Use the config.json exported with the weights")
-    return model.to(device).eval(), kind
+    return model.to(device).eval(), model_type
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder") from None
+
+
+def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
+    """A UsageError unless ``model_type`` is an ``xmoe export-hf`` folder's or a supported MoE family's."""
+    if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
+        return
+    supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
+    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
 
 def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:
@@ -86,7 +87,7 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
                 return "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
             return f"t={model.moe_threshold:g} (as saved)" if model.moe_threshold is not None else "dense"
         if set_threshold(model, threshold) == 0:
-            raise UsageError(f"--threshold: the model has no threshold-routed MoE layer")
+            raise UsageError("--threshold: the model has no threshold-routed MoE layer")
         return f"t={threshold:g}"
     if threshold is None:
         if max_experts is not None:
@@ -97,13 +98,14 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], routing: str,
-             threshold: float | None) -> FolderPoint:
-    """Perplexity, experts per token and tokens/s of ``model`` on (inputs, targets) [B, L] pairs."""
+def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoint:
+    """Perplexity, experts per token, MoE FLOPs ratio and tokens/s of ``model`` as its dial is
+    set, on (inputs, targets) [B, L] pairs. The ratio's baseline is the model's own top-k (a MoE
+    family), or the top-k budget of its MoE layers (an xmoe export)."""
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
     loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with count_experts(model, kind) as counts:
+    with count_experts(model, model.config.model_type) as counts:
         for x_BL, y_BL in batches:
             x_BL, y_BL = x_BL.to(device), y_BL.to(device)
             start = time.perf_counter()
@@ -111,10 +113,13 @@ def evaluate(model: nn.Module, kind: str, batches: list[tuple[Tensor, Tensor]], 
             seconds += time.perf_counter() - start
             loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
             tokens += y_BL.numel()
-    loss = loss_sum / tokens
-    return FolderPoint(routing=routing, threshold=threshold, loss=loss, perplexity=math.exp(loss), tokens=tokens,
-                       experts_per_token=histogram_mean(counts.histogram), histogram=counts.histogram,
-                       tokens_per_second=tokens / seconds)
+    speed = tokens / seconds
+    if isinstance(counts, LayerCounts):
+        return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
+    mean = histogram_mean(counts.histogram)
+    return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
+                      experts_per_token=mean, moe_flops_ratio=mean / own_top_k(model),
+                      histogram=tuple(counts.histogram), tokens_per_second=speed)
 
 
 def histogram_mean(histogram: list[int]) -> float:
@@ -123,32 +128,23 @@ def histogram_mean(histogram: list[int]) -> float:
     return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
 
 
-class _XMoECounts:
-    """Experts per token of an xmoe model, from the routing statistics its MoE layers return."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from xmoe.moe import MoELayer
-
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        self.histogram = [0] * (layers[0].cfg.num_experts + 1 if layers else 1)
-        self._handles = [layer.register_forward_hook(self._add) for layer in layers]
-
-    def _add(self, _layer, _inputs, output) -> None:
-        for n, c in enumerate(output.stats.kept_histogram.tolist()):
-            self.histogram[n] += int(c)
-
-    def __enter__(self) -> _XMoECounts:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def count_experts(model: nn.Module, kind: str):
-    """A context manager whose value's ``histogram`` counts the experts each (token, MoE
-    layer) pair engaged while it is open."""
-    return _XMoECounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+    """A context manager whose value's ``histogram`` counts the experts each (token, MoE layer)
+    pair engaged while it is open (``kind``: the model_type)."""
+    return LayerCounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+
+
+def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
+                 max_experts: int | None = None) -> list[SweepPoint]:
+    """The model as loaded (its own top-k, or its saved t), then each threshold, on the same batches."""
+    kind = model.config.model_type
+    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, kind, None))
+
+    def dial(threshold: float) -> str | None:
+        routing = set_dial(model, kind, threshold, max_experts)
+        return routing if max_experts is not None else None  # a plain t labels itself
+
+    return [own, *sweep(thresholds, lambda: measure(model, batches), dial)]
 
 
 def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
@@ -164,26 +160,3 @@ def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.M
     tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
     windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-
-
-def sweep_folder(folder: str | os.PathLike, data: str | os.PathLike, thresholds: list[float], *,
-                 max_experts: int | None = None, max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
-                 device: str | torch.device = "cpu") -> list[FolderPoint]:
-    """The model as loaded (its own top-k, or its saved t), then each threshold, on the same text."""
-    model, kind = load_folder(folder, device=device)
-    batches = text_batches(folder, data, model, max_batches=max_batches, batch_size=batch_size, seq_len=seq_len)
-    points = [evaluate(model, kind, batches, set_dial(model, kind, None), None)]
-    for t in thresholds:
-        points.append(evaluate(model, kind, batches, set_dial(model, kind, t, max_experts), t))
-    return points
-
-
-def points_table(points: list[FolderPoint]) -> str:
-    """A markdown table of sweep points; the histogram lists the counts of 1, 2, ... experts."""
-    rows = ["| routing | perplexity | experts/token | histogram (1, 2, ... experts) | tokens/s |", "|---|---|---|---|---|"]
-    for p in points:
-        last = max((n for n, c in enumerate(p.histogram) if c), default=0)
-        total = sum(p.histogram) or 1
-        hist = " ".join(f"{c / total:.2f}" for c in p.histogram[1:last + 1])
-        rows.append(f"| {p.routing} | {p.perplexity:.3f} | {p.experts_per_token:.2f} | {hist} | {p.tokens_per_second:.0f} |")
-    return "\n".join(rows)

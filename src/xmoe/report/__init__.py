@@ -1,6 +1,6 @@
 """xmoe.report: what a person reads about a run, drawn from its metrics.jsonl
 (xmoe.training.metrics): PNG plots (``plots``), summary.md (``summary``), the sentences a
-command prints (``console``) and threshold sweeps (``sweep``). The top floor: nothing below
+command prints (``console``); threshold sweeps are xmoe.sweep's. The top floor: nothing below
 imports it, so the training loop never loads plotting or markdown code.
 """
 

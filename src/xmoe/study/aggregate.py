@@ -17,7 +17,8 @@ from xmoe.errors import UsageError
 # Numbers averaged over seeds for every table row (missing keys, e.g. routing of a dense model, skip).
 SUMMARY_KEYS = ("perplexity", "capacity_perplexity", "experts_per_token", "moe_flops_per_token", "moe_flops_ratio",
                 "train_tokens_per_s", "inference_tokens_per_s", "train_experts_per_token",
-                "train_dropped_token_fraction", "dropped_pairs_per_token", "train_seconds")
+                "train_dropped_token_fraction", "dropped_pairs_per_token", "train_seconds",
+                "tokens_per_second")  # the last: an inference sweep's point (xmoe.sweep.SweepPoint)
 
 
 def mean_std(values: Sequence[float]) -> dict:

@@ -18,7 +18,9 @@ computation; docs/method.md "Statistics"):
                           (data.test_fraction > 0)
 
 ``measurements.json`` in the run folder, written last and atomically, marks a finished run; a
-study skips such runs when it resumes.
+study skips such runs when it resumes. ``sweep_run`` is a run's threshold sweep as `xmoe
+sweep-threshold` and the demo's dial write it (xmoe.sweep); ``inference_sweep`` the study's
+per-seed version, with timing and per-layer numbers for its tables.
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ import json
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from xmoe.checkpoints import set_threshold, training_capacity
 from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
-from xmoe.moe import MoELayer, set_threshold
-from xmoe.training import checkpoint_dir, from_dict, read_metrics, to_dict
+from xmoe.sweep import point_from_eval, sweep, write_sweep
 from xmoe.tasks.lm import LMEval, LMRunConfig, eval_batches, evaluate_lm, load_lm, train_lm
+from xmoe.training import LoadedRun, checkpoint_dir, from_dict, read_metrics, to_dict
 
 MEASUREMENTS = "measurements.json"
 INFERENCE_SWEEP = "inference_sweep.json"
@@ -190,35 +192,40 @@ def training_numbers(rows: list[dict], *, tail: float = 0.1) -> dict:
     return out
 
 
-@contextmanager
-def training_capacity(model) -> Iterator[None]:
-    """Evaluate with each MoE layer's training capacity factor instead of dropless."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    saved = [m.router.dial.eval_capacity_factor for m in layers]
-    try:
-        for m in layers:
-            m.router.dial.eval_capacity_factor = m.router.cfg.capacity_factor
-        yield
-    finally:
-        for m, factor in zip(layers, saved):
-            m.router.dial.eval_capacity_factor = factor
-
-
-def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *, split: str = "val") -> list[dict]:
-    """The trained model of ``run_dir`` evaluated (dropless, timed) at each threshold on its
-    validation (or test) split; cached in inference_sweep.json (inference_sweep_test.json),
-    recomputed if the thresholds differ."""
+def inference_sweep(cfg: LMRunConfig, run_dir: Path, thresholds: tuple[float, ...], *,
+                    split: str = "val") -> list[dict]:
+    """The trained model of ``run_dir`` at each threshold (xmoe.sweep points: dropless, timed) on
+    its validation (or test) split, as JSON rows; cached in inference_sweep.json
+    (inference_sweep_test.json), measured again if the thresholds differ or the file predates
+    the sweep's point (no tokens_per_second)."""
     path = Path(run_dir) / (INFERENCE_SWEEP if split == "val" else INFERENCE_SWEEP.replace(".json", f"_{split}.json"))
     if path.is_file():
         rows = read_json(path)
-        if [r["threshold"] for r in rows] == list(thresholds):
+        if [r["threshold"] for r in rows] == list(thresholds) and all("tokens_per_second" in r for r in rows):
             return rows
     loaded = load_lm(run_dir, device=cfg.train.device)
     batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches, split=split))
-    rows = []
-    for t in thresholds:
-        set_threshold(loaded.model, t)
-        ev, tps = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
-        rows.append({"threshold": t, "inference_tokens_per_s": tps, **_eval_numbers(ev)})
+
+    def measure():
+        ev, speed = timed_eval(loaded.model, batches, precision=cfg.train.precision, repeats=1)
+        return point_from_eval(ev.to_dict(), None, tokens_per_second=speed)
+
+    points = sweep(thresholds, measure, lambda t: set_threshold(loaded.model, t, run_dir))
+    rows = [p.to_dict() for p in points]
     write_json(path, rows)
     return rows
+
+
+def sweep_run(loaded: LoadedRun, thresholds: list[float], batches, out: Path, *, data: str | None = None) -> None:
+    """An `xmoe train` run's threshold sweep (xmoe.sweep), measured as `xmoe eval` measures, into
+    its report folder ``out`` (threshold_sweep.*, or threshold_sweep_<stem>.* on other text;
+    the JSON names the text and the checkpoint's step)."""
+    from xmoe.training.checkpoint import read_state
+    from xmoe.report import is_dense_split
+
+    if loaded.model.cfg.moe is None or loaded.model.cfg.moe.router != "threshold":
+        raise UsageError(f"{loaded.run_dir} has no threshold router to sweep (preset {loaded.cfg.preset})")
+    points = sweep(thresholds, lambda: point_from_eval(evaluate_lm(loaded.model, batches).to_dict(), None),
+                   lambda t: set_threshold(loaded.model, t, loaded.run_dir))
+    write_sweep(points, out, data=data, step=read_state(checkpoint_dir(loaded.run_dir))["step"],
+                baseline="dense" if is_dense_split(loaded.model.cfg.moe) else "top-k")

@@ -148,7 +148,7 @@ def _threshold(train: dict, inference: dict) -> list[str]:
                 _ms(r, "perplexity", ".2f"),
                 _layers(r),
                 _ms(r, "moe_flops_ratio", ".2f"),
-                _ms(r, "inference_tokens_per_s", ",.0f"),
+                _ms(r, "tokens_per_second", ",.0f"),  # an inference sweep's point (xmoe.sweep)
             ]
             for r in inference["rows"]
         ),
