@@ -12,6 +12,20 @@ peft = pytest.importorskip("peft")
 from helpers.hf import VOCAB, hf_from_gpt, tiny_gpt  # noqa: E402
 
 
+
+def train_lora(model, x: torch.Tensor, steps: int = 15) -> list[float]:
+    """AdamW on the trainable (LoRA) parameters over the batch ``x``; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
 def test_lora_on_attention_trains_and_reloads(tmp_path):
     hf_from_gpt(tiny_gpt()).save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
@@ -22,15 +36,7 @@ def test_lora_on_attention_trains_and_reloads(tmp_path):
     assert trainable and all("lora_" in name for name in trainable)
     assert sum("attn.qkv" in n for n in trainable) == sum("attn.proj" in n for n in trainable) == 2 * 4  # A, B x 4 layers
     x = torch.randint(VOCAB, (4, 24))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_lora(model, x)
     assert losses[-1] < losses[0] - 0.1
     for name, p in model.get_base_model().named_parameters():
         if "lora_" not in name:  # the base weights did not move
@@ -74,15 +80,7 @@ def test_lora_on_the_experts_trains_merges_and_equals_the_merged_weights(portabl
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 2 * 2 and all("lora_" in name for name in trainable)  # 2 layers x (w1, w2) x (A, B)
     x = torch.randint(VOCAB, (4, 24))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_lora(model, x)
     assert losses[-1] < losses[0] - 0.1
     model.eval()
     ffn = model.get_base_model().transformer.blocks[3].ffn
