@@ -1,6 +1,7 @@
-"""`xmoe --help` starts without importing torch (or transformers, matplotlib): the command table
-imports only the light command modules, and a command's heavy flags are added when it is used.
-Checked in a fresh interpreter, so other tests' imports don't count."""
+"""`xmoe --help` and `xmoe presets` start without importing torch (or transformers, matplotlib):
+the command table imports only the light command modules, a command's heavy flags are added when
+it is used, and the presets are listed from torch-free configs and counts (xmoe.models.config,
+xmoe.models.counts). Checked in a fresh interpreter, so other tests' imports don't count."""
 
 from __future__ import annotations
 
@@ -23,8 +24,17 @@ print(json.dumps(imported))
 """
 
 
-def _probe() -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True)
+PRESETS_PROBE = r"""
+import contextlib, io, json, sys
+from xmoe.cli.main import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    main(["presets"])
+print(json.dumps({"presets": sorted(sys.modules), "printed": out.getvalue()}))
+"""
+
+
+def _probe(code: str = PROBE) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -39,6 +49,14 @@ def test_the_command_table_and_help_import_no_heavy_module() -> None:
     assert _heavy(probe["help"]) == [], "xmoe --help"
     for command in ("train", "sweep-threshold", "study", "presets", "bench"):  # the help lists every command
         assert command in probe["printed"]
+
+
+def test_presets_imports_no_heavy_module() -> None:
+    """The whole table, translation presets included, counted from the configs alone."""
+    probe = _probe(PRESETS_PROBE)
+    assert _heavy(probe["presets"]) == [], "xmoe presets"
+    for row in ("| gpt2-xmoe-64x384 | 12 d768 |", "| base-xmoe-64x1024 | 6+6 d512 |"):
+        assert row in probe["printed"]
 
 
 def test_a_command_still_gets_its_deferred_flags(capsys) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers.mt import BOS, EOS, FIRST_WORD, PAD, random_batch, record_routing, sharpen_routers, tiny_config
 from xmoe.cli.main import main
 from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params, sinusoidal_positions
+from xmoe.moe import MoEConfig
 from xmoe.presets import MT_PRESETS, get_mt_preset, list_mt_presets
 
 
@@ -271,6 +272,30 @@ def test_presets_follow_the_paper():
         assert num_params(Seq2Seq(top2)) == num_params(Seq2Seq(xmoe))
     assert moe_flops_budget(xmoe) == 3 * 2 * (2 * 512 * 2048)
     assert all(name in MT_PRESETS for name in ("cpu-xmoe-32x512", "cpu-top2-32x512", "debug-dense"))
+
+
+@pytest.mark.parametrize("name", list(MT_PRESETS))
+def test_every_preset_counts_its_parameters_from_the_config(name):
+    """`xmoe presets` counts from the config (no torch); the model built on the meta device is
+    the independent count."""
+    cfg = get_mt_preset(name)
+    with torch.device("meta"):
+        assert num_params(cfg) == sum(p.numel() for p in Seq2Seq(cfg).parameters())
+
+
+@pytest.mark.parametrize("kw", [
+    dict(norm="pre"),  # a final LayerNorm per stack
+    dict(dec_moe_every=1, enc_moe_every=0),  # MoE in the decoder only
+    dict(dec_moe_every=2, n_dec_layer=3),
+    dict(activation="swiglu", expert_bias=False),
+    dict(activation="relu", expert_bias=True, n_enc_layer=3, dec_moe_every=3, n_dec_layer=3),
+])
+def test_parameter_count_of_a_config_equals_the_built_model(kw):
+    moe_kw = {k: kw.pop(k) for k in ("activation", "expert_bias") if k in kw}
+    moe = MoEConfig(model_dim=16, num_experts=4, expert_dim=8, **moe_kw)
+    layout = dict(vocab_size=40, max_len=12, n_enc_layer=2, n_dec_layer=2, n_head=2, d_model=16, d_ff=24)
+    cfg = Seq2SeqConfig(moe=moe, **(layout | kw))
+    assert num_params(cfg) == sum(p.numel() for p in Seq2Seq(cfg).parameters())
 
 
 def test_presets_are_listed_with_their_real_sizes(capsys):

@@ -25,79 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmoe.errors import UsageError, check_counts
-from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
+from xmoe.errors import UsageError
+from xmoe.moe import MoELayer, MoEOutput, RoutingStats
 
+from .config import GPTConfig
+from .counts import FlopsPerToken, flops_breakdown, flops_per_token, gpt_params
 from .layers import Block, KVCache, init_gpt2_
 
+# GPTConfig and the counts of a config are torch-free (xmoe.models.config, .counts); the model's
+# module exports them as well, as the one place to import GPT's pieces from.
+__all__ = ["GPT", "IGNORE_INDEX", "FlopsPerToken", "GPTConfig", "GPTOutput", "flops_breakdown", "flops_per_token",
+           "moe_flops_per_token", "num_params"]
+
 IGNORE_INDEX = -100  # target value that the loss skips (torch's cross_entropy default)
-
-
-@dataclass(frozen=True, kw_only=True)
-class GPTConfig:
-    """A GPT-2-style decoder. ``moe`` replaces the FFN of layers i (1-based) with
-    ``i % moe_every == 0``: moe_every=2 gives layers 2, 4, ..., as in the paper. ``moe=None`` is
-    the dense model (``moe_every`` is then unused). ``moe.model_dim`` must equal ``d_model``."""
-
-    vocab_size: int
-    block_size: int  # context length: the most positions the model sees at once
-    n_layer: int
-    n_head: int
-    d_model: int
-    d_ff: int  # hidden width of the dense FFNs
-    dropout: float = 0.0  # embeddings, attention probabilities, residual branches
-    moe_every: int = 2
-    moe: MoEConfig | None = None
-    init_std: float = 0.02
-    layer_norm_eps: float = 1e-5
-    # MoE blocks add one shared output bias [D] after the experts, whatever experts are engaged:
-    # a dense FFN converted to experts keeps its down-projection bias here, added once, so the
-    # converted block equals the dense one when every expert is engaged (xmoe.conversion).
-    moe_output_bias: bool = False
-
-    def __post_init__(self) -> None:
-        check_counts("GPTConfig", **{name: getattr(self, name) for name in (
-            "vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every")})
-        if self.d_model % self.n_head:
-            raise UsageError(
-                f"GPTConfig.d_model={self.d_model} is not divisible by GPTConfig.n_head={self.n_head}; "
-                f"pick n_head dividing d_model (head dim = d_model / n_head)"
-            )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise UsageError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("init_std", "layer_norm_eps"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise UsageError(f"GPTConfig.{name} must be a positive number, got {value!r}")
-        if not isinstance(self.moe_output_bias, bool):
-            raise UsageError(f"GPTConfig.moe_output_bias must be True or False, got {self.moe_output_bias!r}")
-        if self.moe is None:
-            return
-        if not isinstance(self.moe, MoEConfig):
-            raise UsageError(
-                f"GPTConfig.moe must be an xmoe.moe.MoEConfig or None (dense), got {type(self.moe).__name__}"
-            )
-        if self.moe.model_dim != self.d_model:
-            raise UsageError(
-                f"GPTConfig.moe.model_dim={self.moe.model_dim} differs from GPTConfig.d_model="
-                f"{self.d_model}; build the MoEConfig with model_dim=d_model"
-            )
-        if self.moe_every > self.n_layer:
-            raise UsageError(
-                f"GPTConfig.moe_every={self.moe_every} > n_layer={self.n_layer} places no MoE layer; "
-                f"use moe_every <= n_layer, or moe=None for a dense model"
-            )
-
-    @property
-    def moe_layer_indices(self) -> tuple[int, ...]:
-        """0-based indices of the MoE blocks: layer i+1 (1-based) when (i+1) % moe_every == 0."""
-        if self.moe is None:
-            return ()
-        return tuple(i for i in range(self.n_layer) if (i + 1) % self.moe_every == 0)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
 
 @dataclass(frozen=True)
@@ -298,7 +238,7 @@ def _sample(
     return torch.multinomial(probs_BV, num_samples=1, generator=generator)
 
 
-# --- parameter and FLOP counts ---------------------------------------------------------------
+# --- parameter and FLOP counts (of a config: xmoe.models.counts) ------------------------------
 
 
 def num_params(model_or_cfg: nn.Module | GPTConfig, *, non_embedding: bool = False) -> int:
@@ -308,66 +248,11 @@ def num_params(model_or_cfg: nn.Module | GPTConfig, *, non_embedding: bool = Fal
     nanoGPT reports; the token embeddings are also the output layer, so they stay).
     """
     if isinstance(model_or_cfg, GPTConfig):
-        cfg = model_or_cfg
-        D = cfg.d_model
-        per_layer = 4 * D  # two LayerNorms
-        per_layer += 4 * D * D + 4 * D  # attention: qkv and output projections, with biases
-        total = cfg.vocab_size * D + cfg.block_size * D + 2 * D  # wte (= lm_head), wpe, ln_f
-        total += cfg.n_layer * per_layer
-        num_moe = len(cfg.moe_layer_indices)
-        total += (cfg.n_layer - num_moe) * (2 * D * cfg.d_ff + cfg.d_ff + D)
-        if cfg.moe is not None:
-            total += num_moe * (_moe_params(cfg.moe) + (D if cfg.moe_output_bias else 0))
-        return total - (cfg.block_size * D if non_embedding else 0)
+        return gpt_params(model_or_cfg, non_embedding=non_embedding)
     total = sum(p.numel() for p in model_or_cfg.parameters())  # parameters() skips tied duplicates
     if non_embedding and isinstance(model_or_cfg, GPT):
         total -= model_or_cfg.wpe.weight.numel()
     return total
-
-
-def _moe_params(moe: MoEConfig) -> int:
-    E, D, F_ = moe.num_experts, moe.model_dim, moe.expert_dim
-    weights = E * D * F_ * moe.num_matrices
-    biases = E * (F_ * (moe.num_matrices - 1) + D) if moe.expert_bias else 0
-    return E * D + weights + biases  # router, experts
-
-
-@dataclass(frozen=True)
-class FlopsPerToken:
-    """Forward FLOPs per token (2 per multiply-add), by part. Attention scores assume the full
-    context (``block_size`` keys per query, the Kaplan et al. 2020 convention); biases, norms
-    and activations are left out. MoE experts are counted at the top-k-equivalent budget,
-    ``moe.top_k`` experts per token in every MoE layer: for XMoE presets top_k is set to the
-    parameter-matched top-k (one dense FFN's FLOPs), the budget the threshold router undercuts."""
-
-    attention: int  # QKV and output projections, QK^T and AV
-    dense_ffn: int  # the dense FFN layers
-    router: int  # MoE gates
-    experts: int  # MoE experts at the top-k-equivalent budget
-    lm_head: int  # output logits
-
-    @property
-    def total(self) -> int:
-        return self.attention + self.dense_ffn + self.router + self.experts + self.lm_head
-
-
-def flops_breakdown(cfg: GPTConfig, *, context: int | None = None) -> FlopsPerToken:
-    """Activated forward FLOPs per token of ``cfg``, by part; ``context`` defaults to block_size."""
-    D, ctx = cfg.d_model, cfg.block_size if context is None else context
-    num_moe = len(cfg.moe_layer_indices)
-    moe = cfg.moe
-    return FlopsPerToken(
-        attention=cfg.n_layer * (2 * 4 * D * D + 2 * 2 * ctx * D),
-        dense_ffn=(cfg.n_layer - num_moe) * 2 * 2 * D * cfg.d_ff,
-        router=num_moe * 2 * D * moe.num_experts if moe is not None else 0,
-        experts=num_moe * min(moe.top_k, moe.num_experts) * moe.flops_per_pair if moe is not None else 0,
-        lm_head=2 * D * cfg.vocab_size,
-    )
-
-
-def flops_per_token(cfg: GPTConfig, *, context: int | None = None) -> int:
-    """Total activated forward FLOPs per token (see FlopsPerToken for what is counted)."""
-    return flops_breakdown(cfg, context=context).total
 
 
 def moe_flops_per_token(cfg: GPTConfig, experts_per_token: float | Tensor | Sequence[float | Tensor]) -> float:

@@ -33,88 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmoe.errors import UsageError, check_counts
+from xmoe.errors import UsageError
 from xmoe.moe import MoEConfig, MoELayer, MoEOutput, RoutingStats
 
+from .config import Seq2SeqConfig
+from .counts import moe_flops_budget, seq2seq_params
 from .layers import FeedForward, KVCache, SelfAttention
 
-NORMS = ("post", "pre")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Seq2SeqConfig:
-    """An encoder-decoder. ``moe`` replaces the FFN of encoder layer i (1-based) when
-    ``i % enc_moe_every == 0`` and of decoder layer i when ``dec_moe_every`` and
-    ``i % dec_moe_every == 0`` (0: no decoder MoE). ``moe=None`` is the dense model.
-    Token ids ``pad_id``/``bos_id``/``eos_id`` are the tokenizer's; ``max_len`` bounds the
-    positions of a source or target sequence (special tokens included)."""
-
-    vocab_size: int
-    max_len: int = 256
-    n_enc_layer: int = 6
-    n_dec_layer: int = 6
-    n_head: int = 8
-    d_model: int = 512
-    d_ff: int = 2048
-    dropout: float = 0.1  # embeddings, attention probabilities, residual branches
-    norm: str = "post"  # "post" (the paper, Vaswani et al.) or "pre"
-    enc_moe_every: int = 2
-    dec_moe_every: int = 0
-    moe: MoEConfig | None = None
-    pad_id: int = 0
-    bos_id: int = 2
-    eos_id: int = 3
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        check_counts("Seq2SeqConfig", **{name: getattr(self, name) for name in (
-            "vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff")})
-        check_counts("Seq2SeqConfig", minimum=0, **{name: getattr(self, name) for name in (
-            "enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id")})
-        if self.d_model % self.n_head:
-            raise UsageError(
-                f"Seq2SeqConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                f"pick n_head dividing d_model"
-            )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise UsageError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.norm not in NORMS:
-            raise UsageError(f"Seq2SeqConfig.norm={self.norm!r} is not one of {', '.join(NORMS)}")
-        ids = (self.pad_id, self.bos_id, self.eos_id)
-        if len(set(ids)) != 3 or max(ids) >= self.vocab_size:
-            raise UsageError(
-                f"Seq2SeqConfig pad_id, bos_id, eos_id = {ids} must be distinct ids below "
-                f"vocab_size={self.vocab_size}"
-            )
-        if self.moe is None:
-            return
-        if not isinstance(self.moe, MoEConfig):
-            raise UsageError(f"Seq2SeqConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
-        if self.moe.model_dim != self.d_model:
-            raise UsageError(
-                f"Seq2SeqConfig.moe.model_dim={self.moe.model_dim} differs from d_model={self.d_model}; "
-                f"build the MoEConfig with model_dim=d_model"
-            )
-        if not self.enc_moe_layer_indices and not self.dec_moe_layer_indices:
-            raise UsageError(
-                f"Seq2SeqConfig places no MoE layer (enc_moe_every={self.enc_moe_every}, "
-                f"dec_moe_every={self.dec_moe_every}); use moe=None for a dense model"
-            )
-
-    @property
-    def enc_moe_layer_indices(self) -> tuple[int, ...]:
-        """0-based indices of the encoder's MoE layers."""
-        return _moe_layer_indices(self.n_enc_layer, self.enc_moe_every if self.moe is not None else 0)
-
-    @property
-    def dec_moe_layer_indices(self) -> tuple[int, ...]:
-        """0-based indices of the decoder's MoE layers."""
-        return _moe_layer_indices(self.n_dec_layer, self.dec_moe_every if self.moe is not None else 0)
-
-
-def _moe_layer_indices(num_layers: int, every: int) -> tuple[int, ...]:
-    return tuple(i for i in range(num_layers) if every and (i + 1) % every == 0)
-
+# Seq2SeqConfig and its counts are torch-free (xmoe.models.config, .counts); exported here as well.
+__all__ = ["CrossAttention", "DecoderCache", "DecoderLayer", "EncoderLayer", "Memory", "Seq2Seq", "Seq2SeqConfig",
+           "Seq2SeqOutput", "moe_flops_budget", "num_params", "sinusoidal_positions"]
 
 def sinusoidal_positions(num_positions: int, d_model: int) -> Tensor:
     """Vaswani et al. (2017), Sec. 3.5: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
@@ -521,15 +449,8 @@ class _BeamState:
 # --- parameters and MoE FLOPs ----------------------------------------------------------------
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def moe_flops_budget(cfg: Seq2SeqConfig) -> float:
-    """Expert FLOPs per token summed over the MoE layers for the top-k model of equal
-    parameters (``moe.top_k`` experts per token per layer; for XMoE presets top_k is the
-    parameter-matched baseline's k)."""
-    if cfg.moe is None:
-        return 0.0
-    num_moe = len(cfg.enc_moe_layer_indices) + len(cfg.dec_moe_layer_indices)
-    return float(num_moe * min(cfg.moe.top_k, cfg.moe.num_experts) * cfg.moe.flops_per_pair)
+def num_params(model_or_cfg: nn.Module | Seq2SeqConfig) -> int:
+    """Parameters of a model, or of the Seq2Seq a config builds (counted without building it)."""
+    if isinstance(model_or_cfg, Seq2SeqConfig):
+        return seq2seq_params(model_or_cfg)
+    return sum(p.numel() for p in model_or_cfg.parameters())

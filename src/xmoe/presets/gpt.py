@@ -17,8 +17,9 @@ from functools import partial
 from typing import TypeVar
 
 from xmoe.errors import UsageError
-from xmoe.models.gpt import GPTConfig, flops_breakdown, num_params
-from xmoe.moe import MoEConfig
+from xmoe.models.config import GPTConfig
+from xmoe.models.counts import flops_breakdown, gpt_params
+from xmoe.moe.config import MoEConfig
 
 T = TypeVar("T")
 
@@ -142,7 +143,7 @@ def list_presets() -> list[PresetRow]:
     for name in PRESETS:
         cfg = get_preset(name)
         fl = flops_breakdown(cfg)
-        rows.append(PresetRow(name, f"{cfg.n_layer} d{cfg.d_model}", describe_moe(cfg.moe), num_params(cfg),
+        rows.append(PresetRow(name, f"{cfg.n_layer} d{cfg.d_model}", describe_moe(cfg.moe), gpt_params(cfg),
                               fl.experts, fl.total))
     return rows
 

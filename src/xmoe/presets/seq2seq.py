@@ -13,10 +13,9 @@ import dataclasses
 from collections.abc import Callable
 from functools import partial
 
-import torch
-
-from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params
-from xmoe.moe import MoEConfig
+from xmoe.models.config import Seq2SeqConfig
+from xmoe.models.counts import moe_flops_budget, seq2seq_params
+from xmoe.moe.config import MoEConfig
 
 from .gpt import PresetRow, build, describe_moe
 
@@ -76,13 +75,11 @@ def get_mt_preset(name: str, *, vocab_size: int | None = None) -> Seq2SeqConfig:
 
 
 def list_mt_presets() -> list[PresetRow]:
-    """One row per translation preset, for ``xmoe presets``; counted on the meta device, so
-    the base presets' 200M+ parameters are never allocated."""
+    """One row per translation preset, for ``xmoe presets``; parameters counted from the config
+    (xmoe.models.counts), so no model is built and no torch imported."""
     rows = []
     for name in MT_PRESETS:
         cfg = get_mt_preset(name)
-        with torch.device("meta"):
-            params = num_params(Seq2Seq(cfg))
         experts = describe_moe(cfg.moe)
         if cfg.moe is not None:
             where = [f"{side} layers {', '.join(str(i + 1) for i in layers)}"
@@ -90,5 +87,5 @@ def list_mt_presets() -> list[PresetRow]:
                                           ("decoder", cfg.dec_moe_layer_indices)) if layers]
             experts += f" in {'; '.join(where)}"
         layers = f"{cfg.n_enc_layer}+{cfg.n_dec_layer} d{cfg.d_model}"
-        rows.append(PresetRow(name, layers, experts, params, moe_flops_budget(cfg)))
+        rows.append(PresetRow(name, layers, experts, seq2seq_params(cfg), moe_flops_budget(cfg)))
     return rows
