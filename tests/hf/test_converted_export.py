@@ -64,3 +64,11 @@ def test_a_converted_hugging_face_model_exports_to_an_ordinary_folder(build, tmp
     again = XMoEConvertedForCausalLM.from_pretrained(tmp_path / "hf04").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, reference(x).logits, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_kind_knows_every_exported_model_type() -> None:
+    """checkpoint_kind names the model types of export-hf folders without importing transformers."""
+    from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
+    from xmoe.hf import XMoEConfig, XMoEConvertedConfig
+
+    assert sorted(XMOE_MODEL_TYPES) == sorted({XMoEConfig.model_type, XMoEConvertedConfig.model_type})

@@ -29,13 +29,13 @@ from pathlib import Path
 
 from torch import nn
 
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
 from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
 from .modeling_xmoe import XMoEForCausalLM
 from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 
-XMOE_MODEL_TYPES = (XMoEConfig.model_type, XMoEConvertedConfig.model_type)
 
 
 def is_xmoe_folder(path: str | os.PathLike) -> bool:

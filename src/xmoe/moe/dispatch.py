@@ -40,10 +40,6 @@ class Groups:
     expert_idx_N: Tensor  # int64 expert of each row (non-decreasing over the real rows)
     valid_N: Tensor | None  # static mode: True on real rows, False on padding; None otherwise
 
-    @property
-    def num_rows(self) -> int:
-        return self.expert_idx_N.shape[0]
-
 
 @dataclass(frozen=True)
 class DispatchPlan:
