@@ -29,8 +29,6 @@ def _assert_png(path: Path) -> None:
     assert data[:8] == PNG_MAGIC and len(data) > 8_000, f"{path.name} is no PNG, or nearly blank"
 
 
-# Moved from tests/training/test_report.py (the sweep left xmoe.training.report).
-
 SWEEP = [  # given out of order on purpose: the table sorts by threshold
     {"threshold": 0.9, "perplexity": 120.5, "moe_flops_ratio": 0.62, "experts_per_token": 2.48},
     {"threshold": 0.5, "perplexity": 131.25, "moe_flops_ratio": 0.31, "experts_per_token": 1.24},

@@ -1,7 +1,7 @@
 """What a ``--checkpoint`` holds, decided in one place (xmoe.checkpoints opens it).
 
     kind        what the path is                                        opened by
-    run         an `xmoe train` / `xmoe train-mt` run, or its           xmoe.training (load_lm, load_mt;
+    run         an `xmoe train` / `xmoe train-mt` run, or its           xmoe.tasks (lm.load_lm, mt.load_mt;
                 checkpoint folder (state.json)                          each names the other kind's commands)
     converted   a Hugging Face model made sparse by `xmoe convert`      xmoe.conversion.hf.load_converted
                 (xmoe_conversion.json beside config.json)

@@ -13,7 +13,7 @@ The baseline (ratio 1) is the top-k model of equal parameters, or, for a dense F
 experts (top_k = E: `xmoe convert`, the split8-* presets), that dense FFN: XMoE's "over 50% less
 computation" (Yang et al. 2024, Sec. 4) is a ratio below 1 at similar perplexity.
 
-How a point is measured depends on the model (``xmoe.training.evaluate_lm`` for a run, forward
+How a point is measured depends on the model (``xmoe.tasks.lm.evaluate_lm`` for a run, forward
 hooks on MoE layers here, transformers' routers in xmoe.hf.folders); the caller passes it to
 ``sweep`` as ``measure``, with ``dial`` to turn t. matplotlib (``pip install 'xmoe[report]'``) is
 imported only to draw, on a private Agg canvas (no pyplot state).

@@ -13,10 +13,10 @@ import transformers as tf
 
 from helpers.cli import run_cli as run
 from helpers.data import write_corpus
-from helpers.hf import WORDS, byte_level_tokenizer, tiny_family
+from helpers.hf import FAMILIES, WORDS, byte_level_tokenizer, tiny_family
 from xmoe.errors import UsageError
 from xmoe.hf import XMoEConfig, XMoEForCausalLM, adaptive
-from xmoe.hf.harness import run_tasks
+from xmoe.hf.harness import expert_flops, run_tasks
 from xmoe.models import GPTConfig
 from xmoe.moe import MoEConfig
 
@@ -101,3 +101,12 @@ def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and
     assert (out / "lm_eval.md").read_text().startswith("| routing |")
     assert not any(p.name.startswith("lm_eval") for p in folder.iterdir())
     assert tf.AutoConfig.from_pretrained(folder).moe_threshold == 0.9  # the folder is untouched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_flops_of_every_family(family) -> None:
+    """2 FLOPs per multiply-add over gate, up and down projections: 2 x 3 x hidden x expert width."""
+    model = tiny_family(family)
+    text = model.config.get_text_config()
+    width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    assert expert_flops(model, family) == (text.num_hidden_layers, 2 * 3 * text.hidden_size * width)

@@ -38,7 +38,7 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def run_config(task, preset: str | None, overrides: dict[str, str], *, out: str, resume: bool):
-    """The run config of a training command of ``task`` (xmoe.training.runs.TaskKind): --preset
+    """The run config of a training command of ``task`` (a task class of xmoe.tasks: LanguageModelling, Translation): --preset
     (None: the task's default, or with --resume the run's), its config flags, --resume."""
     from xmoe.training.runs import run_config
 

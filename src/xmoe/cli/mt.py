@@ -1,5 +1,5 @@
 """`xmoe train-mt`, `xmoe translate`, `xmoe eval-mt`: translation commands; the work lives in
-xmoe.training.mt.
+xmoe.tasks.mt.
 
     xmoe train-mt --preset cpu-xmoe-32x512 --data.src=train.en --data.tgt=train.de \\
         [--data.valid_src=val.en --data.valid_tgt=val.de] --out runs/mt [--resume] [--train.max_steps=2000 ...]

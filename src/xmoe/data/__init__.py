@@ -1,6 +1,6 @@
 """xmoe.data: corpora, byte-level BPE tokenizer, token cache and resumable LM batches.
 
-Imports nothing else from xmoe but ``xmoe.extras`` (the optional-dependency errors).
+Imports nothing else from xmoe but ``xmoe.errors`` and ``xmoe.extras`` (the errors a user sees).
 
     from xmoe.data import DataConfig, prepare_lm_data
     data = prepare_lm_data(DataConfig(path=None, vocab_size=4096), run_dir)

@@ -37,7 +37,6 @@ from .modeling_xmoe import XMoEForCausalLM
 from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 
 
-
 def is_xmoe_folder(path: str | os.PathLike) -> bool:
     """A Hugging Face folder holding an xmoe export (config.json with model_type "xmoe" or
     "xmoe_converted")."""

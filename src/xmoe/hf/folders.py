@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xmoe.checkpoint_kind import checkpoint_kind
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind
 from xmoe.errors import UsageError
 from xmoe.sweep import LayerCounts, SweepPoint, sweep
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
-from .export import XMOE_MODEL_TYPES
 
 
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:

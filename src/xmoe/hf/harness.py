@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
 from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 
 from .adaptive import moe_blocks
-from .export import XMOE_MODEL_TYPES
 from .folders import count_experts, histogram_mean, set_dial
 
 
@@ -51,10 +51,10 @@ def expert_flops(model: nn.Module, kind: str) -> tuple[int, int]:
         layers = model.moe_layers()
         return len(layers), layers[0].cfg.flops_per_pair if layers else 0
     blocks = moe_blocks(model)
-    experts = blocks[0].experts
-    num_experts = blocks[0].gate.num_experts
-    matrix_elements = sum(p.numel() for p in experts.parameters() if p.dim() == 3)
-    return len(blocks), 2 * matrix_elements // num_experts
+    if not blocks:
+        raise UsageError(f"found no MoE block in {type(model).__name__} to count expert FLOPs of")
+    matrices = [p for p in blocks[0].experts.parameters() if p.dim() == 3]  # [E, ., .] each; biases are 2-D
+    return len(blocks), 2 * sum(p.numel() for p in matrices) // matrices[0].shape[0]
 
 
 def run_tasks(model: nn.Module, tokenizer, kind: str, tasks: Sequence[str], thresholds: Sequence[float], *,

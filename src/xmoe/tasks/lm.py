@@ -23,7 +23,9 @@ from torch import Tensor
 from xmoe.data import TOKENIZER_FILE, DataConfig, LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
 from xmoe.distributed import Ranks, SingleProcess
 from xmoe.errors import UsageError
-from xmoe.models.gpt import GPT, IGNORE_INDEX, GPTConfig, flops_breakdown, moe_flops_per_token, num_params
+from xmoe.models.config import GPTConfig
+from xmoe.models.counts import flops_breakdown
+from xmoe.models.gpt import GPT, IGNORE_INDEX, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 from xmoe.presets import get_preset
 from xmoe.training.config import TrainConfig, with_overrides, to_dict
@@ -83,7 +85,6 @@ class LanguageModelling:
     name = "lm"
     config_class = LMRunConfig
     default_preset = "cpu-xmoe-64x128"
-    commands = "xmoe eval, generate or sweep-threshold, and xmoe train to --resume it"
     vocab_files = (TOKENIZER_FILE,)  # saved in the run folder; every checkpoint is bound to them
     also_resumable: tuple[str, ...] = ()  # beyond xmoe.training.runs.RESUMABLE_TRAIN_FIELDS
     config = staticmethod(lm_run_config)
@@ -165,7 +166,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     model.eval()
     device = next(model.parameters()).device
 
-    def forward(x_BL: Tensor, y_BL: Tensor):
+    def forward(x_BL: Tensor):
         with autocast_context(device, precision):
             return model(x_BL.to(device))
 
@@ -173,11 +174,11 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     layers = [RoutingSummary() for _ in model.moe_layers()]
     for index, (x_BL, y_BL) in enumerate(batches):
         if first is None:
-            first = x_BL, y_BL
+            first = x_BL
         seen += 1
         if index % ranks.world_size != ranks.rank:
             continue
-        out = forward(x_BL, y_BL)
+        out = forward(x_BL)
         total_loss += float(next_token_loss(out.logits_BLV, y_BL.to(device))) * y_BL.numel()
         total_tokens += y_BL.numel()
         for layer, s in zip(layers, out.stats, strict=True):
@@ -186,7 +187,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         raise UsageError("evaluation got no batches: the evaluation text is shorter than one sequence")
     mine = len(range(ranks.rank, seen, ranks.world_size))
     for _ in range(math.ceil(seen / ranks.world_size) - mine):
-        forward(*first)  # for the collectives inside; its numbers are not this rank's to count
+        forward(first)  # for the collectives inside; its numbers are not this rank's to count
 
     experts = [layer.cfg.num_experts for layer in model.moe_layers()]
     total_loss, total_tokens, layers = _sum_over_ranks(ranks, total_loss, total_tokens, layers, experts)

@@ -134,7 +134,6 @@ class Translation:
     name = "mt"
     config_class = MTRunConfig
     default_preset = "cpu-xmoe-32x512"
-    commands = "xmoe translate or eval-mt, and xmoe train-mt to --resume it"
     vocab_files = (SPM_FILE,)  # saved in the run folder; every checkpoint is bound to them
     # Beyond the training fields every task may change on a resume: decoding and evaluation only.
     also_resumable = ("decode.", "eval_bleu_sentences")

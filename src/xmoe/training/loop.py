@@ -239,7 +239,9 @@ class _Unread:
 
     A step whose loss or gradient norm is not finite stops the run at that read, before any
     checkpoint holds it: the weights it updated are never saved (checkpoints also refuse
-    non-finite weights, ``_check_finite``)."""
+    non-finite weights, ``_check_finite``). Until that read the run goes on, on NaN numbers if a
+    step diverged (the optimizer steps, a compute budget moves t): at most ``log_every`` steps,
+    none of which reaches a checkpoint."""
 
     def __init__(self, ranks: Ranks) -> None:
         self.ranks = ranks
