@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,7 +38,9 @@ from torch import Tensor, nn
 
 from xmoe.errors import UsageError
 from xmoe.extras import MissingExtra, needs_extra
+from xmoe.markdown import finite, fmt, md_row
 from xmoe.moe import MoELayer
+from xmoe.training.metrics import perplexity
 
 SWEEP_STEM = "threshold_sweep"  # + "_<data file stem>" for a sweep on other text than a run's own
 BASELINES = ("top-k", "dense")
@@ -73,8 +74,8 @@ class SweepPoint:
     @classmethod
     def from_dict(cls, row: dict, index: int = 0) -> SweepPoint:
         """A point from a JSON row; a UsageError naming the row when a required number is missing."""
-        missing = [k for k in ("perplexity", "moe_flops_ratio") if not _finite(row.get(k))]
-        if row.get("threshold") is not None and not _finite(row["threshold"]):
+        missing = [k for k in ("perplexity", "moe_flops_ratio") if not finite(row.get(k))]
+        if row.get("threshold") is not None and not finite(row["threshold"]):
             missing.insert(0, "threshold")
         if missing:
             raise UsageError(f"threshold sweep row {index} needs numbers for {missing}, got {row!r}")
@@ -140,8 +141,8 @@ class LayerCounts:
 
     def point(self, threshold: float | None, loss: float, tokens: int, **measured) -> SweepPoint:
         if not self.layers:
-            return SweepPoint(threshold, math.exp(min(loss, 50.0)), 1.0, loss=loss, tokens=tokens, **measured)
-        return SweepPoint(threshold, math.exp(min(loss, 50.0)), self.kept_flops / self.budget_flops,
+            return SweepPoint(threshold, perplexity(loss), 1.0, loss=loss, tokens=tokens, **measured)
+        return SweepPoint(threshold, perplexity(loss), self.kept_flops / self.budget_flops,
                           experts_per_token=self.kept_pairs / self.token_layers, loss=loss, tokens=tokens,
                           histogram=tuple(self.histogram), **measured)
 
@@ -209,15 +210,15 @@ def sweep_table(rows: Sequence[SweepPoint | dict]) -> str:
     points = _in_order(_points(rows))
     columns = [("t", lambda p: p.label)]
     if any(p.experts_per_token is not None for p in points):
-        columns.append(("experts/token", lambda p: _fmt(p.experts_per_token, ".2f")))
+        columns.append(("experts/token", lambda p: fmt(p.experts_per_token, ".2f")))
     columns += [("MoE FLOPs ratio", lambda p: f"{p.moe_flops_ratio:.3f}"),
                 ("perplexity", lambda p: f"{p.perplexity:.2f}")]
     if any(p.tokens_per_second is not None for p in points):
-        columns.append(("tokens/s", lambda p: _fmt(p.tokens_per_second, ".0f")))
+        columns.append(("tokens/s", lambda p: fmt(p.tokens_per_second, ".0f")))
     if any(p.histogram for p in points):
         columns.append(("share of tokens with 1, 2, ... experts", _histogram))
-    lines = [_md_row([name for name, _ in columns]), _md_row(["---"] * len(columns))]
-    lines += [_md_row([cell(p) for _, cell in columns]) for p in points]
+    lines = [md_row([name for name, _ in columns]), md_row(["---"] * len(columns))]
+    lines += [md_row([cell(p) for _, cell in columns]) for p in points]
     return "\n".join(lines)
 
 
@@ -343,14 +344,3 @@ def read_sweeps(folder: str | os.PathLike) -> dict[str, dict]:
             sweeps[path.name] = record
     return sweeps
 
-
-def _fmt(value, spec: str) -> str:
-    return format(value, spec) if value is not None else "-"
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"

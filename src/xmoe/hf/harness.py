@@ -28,6 +28,7 @@ from torch import nn
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
 from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
+from xmoe.markdown import md_row
 
 from .adaptive import moe_blocks
 from .folders import count_experts, histogram_mean, set_dial
@@ -108,11 +109,11 @@ def points_table(points: Sequence[TaskPoint]) -> str:
     """A markdown table: one row per point, one column per (task, metric)."""
     columns = sorted({(task, metric) for p in points for task, metrics in p.scores.items() for metric in metrics})
     header = ["routing", "experts/token", "MoE MFLOPs/token", *(f"{task} {metric}" for task, metric in columns)]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [md_row(header), md_row(["---"] * len(header))]
     for p in points:
         cells = [p.routing, f"{p.experts_per_token:.2f}", f"{p.moe_flops_per_token / 1e6:.3f}",
                  *(f"{p.scores.get(task, {}).get(metric, float('nan')):.4f}" for task, metric in columns)]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(md_row(cells))
     return "\n".join(rows)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from xmoe.extras import needs_extra
+from xmoe.markdown import finite
 
-from .table import finite
 
 LOSS_PNG = "loss.png"
 EXPERTS_PNG = "experts_per_token.png"

@@ -25,11 +25,11 @@ import warnings
 from pathlib import Path
 
 from xmoe.extras import MissingExtra
+from xmoe.markdown import finite, fmt, md_row
 from xmoe.sweep import read_sweeps, sweep_table
 from xmoe.training.metrics import METRICS_FILE, read_rows, split_rows
 
 from .plots import draw_plots, imbalance, last_routed_val, layer_name
-from .table import finite, fmt, md_row
 
 SUMMARY_MD = "summary.md"
 

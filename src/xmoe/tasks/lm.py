@@ -30,6 +30,7 @@ from xmoe.moe import RoutingSummary
 from xmoe.presets import get_preset
 from xmoe.training.config import TrainConfig, with_overrides, to_dict
 from xmoe.training.loop import TrainResult, autocast_context
+from xmoe.training.metrics import perplexity
 from xmoe.training.runs import LoadedRun, load_run, train_task
 
 from .routing import moe_objective, routing_summary
@@ -144,7 +145,7 @@ class LMEval:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
+        return perplexity(self.loss)
 
     def to_dict(self) -> dict:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,

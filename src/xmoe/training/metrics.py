@@ -6,6 +6,7 @@ writes it; reports and studies read it. Nothing here draws or formats (that is x
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -64,6 +65,11 @@ def _tensorboard(folder: Path, purge_step: int | None):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(folder), purge_step=purge_step)  # a resume drops the later events
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy), capped at exp(50) so that a diverged loss still prints a number."""
+    return math.exp(min(loss, 50.0))
 
 
 def read_rows(path: Path) -> list[dict]:
