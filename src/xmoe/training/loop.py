@@ -262,23 +262,24 @@ class _Unread:
         keys = list(self.steps[0][2])
         logs_SK = torch.stack([torch.stack([logs[k] for k in keys]) for _, _, logs, _, _ in self.steps]).double()
         tokens_S = torch.tensor([n for *_, n in self.steps], dtype=torch.float64, device=logs_SK.device)
-        summed = self.ranks.sum_tensor(torch.cat([logs_SK, tokens_S[:, None]], dim=1))
-        norms_S = torch.stack([norm for _, _, _, norm, _ in self.steps]).to(summed.device, torch.float64)
+        summed_SC = self.ranks.sum_tensor(torch.cat([logs_SK, tokens_S[:, None]], dim=1))
+        norms_S = torch.stack([norm for _, _, _, norm, _ in self.steps]).to(summed_SC.device, torch.float64)
+        table_SC = torch.cat([summed_SC, norms_S[:, None]], dim=1)  # per step: logs (summed), tokens, grad norm
         dials = budget_dials(model) if model is not None else []
-        ts = [d.threshold.to(summed.device, torch.float64) for d in dials]
-        flat = torch.cat([summed.flatten(), norms_S] + [t.reshape(1) for t in ts]).tolist()  # the one read
+        ts_L = [d.threshold.to(table_SC.device, torch.float64).reshape(1) for d in dials]
+        flat = torch.cat([table_SC.flatten(), *ts_L]).tolist()  # the one read
         seconds = time.perf_counter() - self.started
-        table, width = flat[:summed.numel()], len(keys) + 1
-        norms, thresholds = flat[summed.numel():summed.numel() + len(self.steps)], flat[summed.numel() + len(self.steps):]
+        width = table_SC.shape[1]
+        table = [flat[i * width:(i + 1) * width] for i in range(len(self.steps))]
+        thresholds = flat[len(self.steps) * width:]
         rows = []
-        for i, (step, lr, *_rest) in enumerate(self.steps):
-            values = table[i * width:(i + 1) * width]
+        for (step, lr, *_rest), (*values, _tokens, norm) in zip(self.steps, table):
             logs = {k: v / self.ranks.world_size for k, v in zip(keys, values)}
-            rows.append({"step": step, "split": "train", "lr": lr, "grad_norm": norms[i], **logs})
-            if not (math.isfinite(logs["loss"]) and math.isfinite(norms[i])):
+            rows.append({"step": step, "split": "train", "lr": lr, "grad_norm": norm, **logs})
+            if not (math.isfinite(logs["loss"]) and math.isfinite(norm)):
                 raise FloatingPointError(f"the run diverged at step {step}: loss {logs['loss']}, gradient norm "
-                                         f"{norms[i]}; {_NOT_SAVED}")
-        rows[-1]["tokens_per_s"] = sum(table[width - 1::width]) / seconds  # over the steps read
+                                         f"{norm}; {_NOT_SAVED}")
+        rows[-1]["tokens_per_s"] = sum(tokens for *_, tokens, _norm in table) / seconds  # over the steps read
         if thresholds:
             rows[-1] |= {"threshold": sum(thresholds) / len(thresholds), "threshold_layers": thresholds}
         self.steps.clear()
