@@ -10,6 +10,7 @@
     xmoe report runs/a
     xmoe convert --checkpoint runs/dense --experts 8 --out runs/dense-x8 [--partition clustered]
     xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (see xmoe.cli.hf)
+    xmoe lm-eval --checkpoint hf/a --tasks hellaswag   harness tasks at each threshold (xmoe.hf.harness)
     xmoe presets
     xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
     xmoe bench layer / decode
