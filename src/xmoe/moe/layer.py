@@ -13,8 +13,10 @@ non-finite check rides on it), none per expert and none in backward. ``static_sh
 has none at all: pairs are padded to a bound known from the shapes (Router.max_pairs).
 A padding mask (``forward(x, mask)``) adds one, to select the real tokens. Decoding on a CPU
 (eval, no grad, a few tokens: the ``direct`` backend) reads instead each token's top candidates
-and the logits (memory reads there, no sync), decides and plans on the host, and runs the plan
-with no mask, sort or scatter: about four ops per kept expert and five for the router.
+and the logits (memory reads there, no sync): the router decides on the host
+(router.HostDecision), the dispatcher groups the pairs by expert there (dispatch.HostPlan),
+and ``direct`` runs that plan with no mask, sort or scatter: about four ops per kept expert and
+five for the router.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
 """
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from .backends import Backend, choice_key, choose
 from .config import MoEConfig
-from .dispatch import LocalDispatcher
+from .dispatch import HostPlan, LocalDispatcher
 from .experts import Experts
 from .losses import load_balancing_loss, router_entropy, router_z_loss
 from .router import Router, RouterOutput
@@ -136,13 +138,13 @@ class MoELayer(nn.Module):
     def _plan(self, decision: RouterOutput):
         """The dispatcher's plan of the kept pairs: the call's one host read (none in static mode,
         which pads to a bound known from the shapes), with the non-finite check riding on it.
-        A decision taken on the host was that read, and comes planned."""
+        A decision taken on the host was that read, and is planned there too (HostPlan)."""
         if decision.host is not None:
             # On the host, as the decision was: a float64 sum of fp32 numbers cannot overflow,
             # so it is finite iff every logit is.
             if self._check_finite and not all(math.isfinite(sum(row)) for row in decision.logits_TE.tolist()):
                 raise _non_finite_error()
-            return decision.host
+            return HostPlan.from_decision(decision.host)
         num_tokens = decision.kept_TE.shape[0]
         max_pairs = self.router.max_pairs(num_tokens) if self.cfg.static_shapes else None
         finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None

@@ -13,12 +13,17 @@ in docs/method.md:
 
 and the top-k baseline (GShard-like; top_k=1 is Switch) with the same capacity machinery.
 
+A small call at inference on a CPU is decided on the host instead (``host_decision``): the same
+pairs and weights from each token's top candidates, as Python numbers (``HostDecision``), which
+the dispatcher groups by expert (dispatch.HostPlan).
+
 Shapes: T tokens, D model dim, E experts. Ties between equal probabilities go to the lower
 expert index; ties between equal priorities at a full expert go to the earlier token.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -28,7 +33,21 @@ from torch import Tensor, nn
 
 from .config import MoEConfig, capacity
 from .dial import Dial
-from .dispatch import HostPlan
+
+
+@dataclass(frozen=True)
+class HostDecision:
+    """A small call's decision taken on the host (``host_decision``): each token's kept experts,
+    most probable first, and their combine weights, as Python numbers. Capacity drops none of
+    these pairs (a call where it would is decided on tensors); the dispatcher groups them by
+    expert (dispatch.HostPlan)."""
+
+    experts: tuple[tuple[int, ...], ...]  # per token: its kept experts
+    weights: tuple[tuple[float, ...], ...]  # per token: their combine weights
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.experts)
 
 
 @dataclass(frozen=True)
@@ -43,7 +62,7 @@ class RouterOutput:
     probs_TE: Tensor  # fp32 softmax over all experts
     capacity: int | None  # slots per expert in this call; None when dropless
     masks: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)  # (wanted, kept, weights)
-    host: HostPlan | None = field(default=None, repr=False)  # the kept pairs on the host
+    host: HostDecision | None = field(default=None, repr=False)  # the kept pairs on the host
 
     @property
     def wanted_TE(self) -> Tensor:
@@ -68,8 +87,8 @@ class RouterOutput:
         """The masks of a host decision, built on first read and kept (in ``masks``)."""
         # A host decision is taken only where capacity drops nothing: wanted = kept.
         probs_TE, host = self.probs_TE, self.host
-        tokens = [t for tokens in host.tokens for t in tokens]
-        experts = [e for e, tokens in zip(host.experts, host.tokens) for _ in tokens]
+        tokens = [t for t, experts in enumerate(host.experts) for _ in experts]
+        experts = [e for experts in host.experts for e in experts]
         index = (probs_TE.new_tensor(tokens, dtype=torch.long), probs_TE.new_tensor(experts, dtype=torch.long))
         kept_TE = torch.zeros_like(probs_TE, dtype=torch.bool).index_put_(index, probs_TE.new_ones((), dtype=torch.bool))
         weights = probs_TE.new_tensor([w for weights in host.weights for w in weights])
@@ -205,13 +224,13 @@ def wanted_pairs(
     return wanted_TE, None
 
 
-def host_plan(
+def host_decision(
     probs_TE: Tensor, kind: str, threshold: float | Tensor, k: int, max_experts: int | None, slots: int | None,
     ones: bool,
-) -> HostPlan | None:
-    """A small call's decision taken on the host from each token's top candidates, its kept
-    pairs grouped by expert: the pairs of ``threshold_prefix`` / ``topk_mask`` (a property test
-    holds it to them) and their combine weights (``p``, or 1 with ``ones``), no [T, E] tensor.
+) -> HostDecision | None:
+    """A small call's decision taken on the host from each token's top candidates: the pairs of
+    ``threshold_prefix`` / ``topk_mask`` (a property test holds it to them) and their combine
+    weights (``p``, or 1 with ``ones``), no [T, E] tensor.
 
     For the CPU, where reading the candidates costs nothing, and a few tokens, where each op of
     the tensor path costs more than a Python loop over the tokens: one ``topk``, read once.
@@ -225,20 +244,17 @@ def host_plan(
     n = most if kind == "topk" else min(most, CANDIDATES)  # places the candidates decide
     top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
     threshold = float(threshold)
-    by_expert: dict[int, tuple[list[int], list[float]]] = {}
-    for t, (p, idx) in enumerate(zip(top_p.tolist(), top_idx.tolist())):  # the one host read
+    experts, weights = [], []
+    for p, idx in zip(top_p.tolist(), top_idx.tolist()):  # the one host read
         m = n if kind == "topk" else _prefix_length(p, threshold, min(len(p), most))
         if m > n or (m < len(p) and p[m - 1] == p[m]):
             return None
-        for e, w in zip(idx[:m], p):
-            tokens, weights = by_expert.setdefault(e, ([], []))
-            tokens.append(t)
-            weights.append(1.0 if ones else w)
-    if slots is not None and by_expert and max(len(tokens) for tokens, _ in by_expert.values()) > slots:
+        experts.append(tuple(idx[:m]))
+        weights.append((1.0,) * m if ones else tuple(p[:m]))
+    # An expert has at most one pair per token: only fewer slots than tokens can drop one.
+    if slots is not None and slots < len(experts) and max(Counter(e for row in experts for e in row).values()) > slots:
         return None
-    experts = sorted(by_expert)
-    return HostPlan(tuple(experts), tuple(by_expert[e][0] for e in experts), tuple(by_expert[e][1] for e in experts),
-                    top_p.shape[0])
+    return HostDecision(tuple(experts), tuple(weights))
 
 
 def _prefix_length(p: list[float], threshold: float, limit: int) -> int:
@@ -270,7 +286,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
         self.dial = Dial(cfg)
-        self._host_rule = not cfg.static_shapes and not cfg.renormalize  # host_plan can decide for it
+        self._host_rule = not cfg.static_shapes and not cfg.renormalize  # host_decision can decide for it
         self.reset_parameters()
 
     @property
@@ -299,7 +315,7 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor, *, on_host: bool = False) -> RouterOutput:
         """The decision for [T, D] tokens. ``on_host``: where it is exact and cheaper, decide on
-        the host (``host_plan``), leaving the masks to be built when read; the small-T path
+        the host (``host_decision``), leaving the masks to be built when read; the small-T path
         asks for it (MoELayer)."""
         # Routing decisions are discontinuous in p; bf16 logits would move tokens between
         # experts. Autocast is switched off so the gate really runs in fp32 (entered only when
@@ -314,10 +330,10 @@ class Router(nn.Module):
         # On the host: inference on the CPU. Its weights are numbers, which carry no gradient;
         # static mode reads nothing; renormalized weights are left to the tensors.
         if on_host and self._host_rule and device == "cpu" and not self.training and not torch.is_grad_enabled():
-            plan = host_plan(probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots,
-                             ones=cfg.combine == "ones")
-            if plan is not None:
-                return RouterOutput(logits_TE, probs_TE, slots, host=plan)
+            host = host_decision(probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots,
+                                 ones=cfg.combine == "ones")
+            if host is not None:
+                return RouterOutput(logits_TE, probs_TE, slots, host=host)
         with torch.no_grad():
             wanted_TE, order_TE = wanted_pairs(
                 probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, fast=not cfg.static_shapes

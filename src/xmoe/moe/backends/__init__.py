@@ -21,8 +21,9 @@ need every expert in this process.
     "direct"      local; the small-T path: each kept expert's GEMV chain on its tokens, added
                   straight into the output, with none of the per-call machinery the others
                   amortise over many tokens (backends/direct.py). The fastest for a few tokens.
-                  At inference on a CPU it runs a plan the router made on the host
-                  (``plans_on_host``: no mask, no sort, no scatter; dispatch.HostPlan).
+                  At inference on a CPU it runs a plan made on the host from the router's
+                  host decision (``plans_on_host``: no mask, no sort, no scatter;
+                  router.HostDecision grouped by expert into a dispatch.HostPlan).
     "triton"      local; one Triton kernel per projection for a variable number of experts per
                   token (backends/triton_moe.py). CUDA, or CPU under TRITON_INTERPRET=1 (tests).
 
@@ -86,7 +87,7 @@ class Backend:
     local: bool  # gathers and combines itself: every expert must be in this process
     static: bool  # runs without the host counts (static mode)
     problem: Callable[[object, Tensor], str | None] = _anywhere  # why it cannot run on x; None: it can
-    plans_on_host: bool = False  # runs a HostPlan too (a small call decided on the host)
+    plans_on_host: bool = False  # runs a HostPlan too (a small call decided and planned on the host)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -10,12 +10,13 @@ built to amortise it over thousands of tokens. This one does, per expert with pa
 and nothing else: no gather when the expert takes every token of the call (at T = 1, always),
 no autograd Function.
 
-At inference on the CPU the plan is a ``HostPlan`` (the router decided on the host and the
-pairs were grouped there, dispatch.py): the experts' tensors are views made once
-(``Experts.per_expert``), a weight is a number, and a token's weighted sum is accumulated by
-the GEMM itself (``out.addmm_(h, w2, alpha=w)``): per expert of one token, four ops
-(``addmm``, ``gelu``, ``addmm_``, ``add_`` of the bias) against the floor's three, and three for
-the first, whose ``addmm(b2, h, w2, beta=w, alpha=w)`` makes the sum.
+At inference on the CPU the plan is a ``HostPlan`` (the router decided on the host,
+router.HostDecision, and the dispatcher grouped the pairs by expert there, dispatch.py): the
+experts' tensors are views made once (``Experts.per_expert``), a weight is a number, and a
+token's weighted sum is accumulated by the GEMM itself (``out.addmm_(h, w2, alpha=w)``): per
+expert of one token, four ops (``addmm``, ``gelu``, ``addmm_``, ``add_`` of the bias) against
+the floor's three, and three for the first, whose ``addmm(b2, h, w2, beta=w, alpha=w)``
+makes the sum.
 
 With a ``DispatchPlan`` (training, or a call the host could not decide), its ops are plain
 differentiable torch ops, so autograd writes the backward (tested against the float64 oracle,
