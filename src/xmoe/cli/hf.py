@@ -32,7 +32,8 @@ def export_hf(*, checkpoint: str, out: str) -> None:
 
     written = export_hf(checkpoint, out)
     print(f"exported {checkpoint} -> {written}: load it with AutoModelForCausalLM.from_pretrained({str(written)!r}, "
-          f"trust_remote_code=True) (xmoe must be installed), or after `import xmoe.hf`")
+          f"trust_remote_code=True) (the folder's own code: no xmoe needed), or after `import xmoe.hf` "
+          f"(xmoe's layers)")
 
 
 def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None = None,
