@@ -142,6 +142,20 @@ def test_resume_continues_exactly(corpus, tmp_path, monkeypatch, overrides):
         assert ts == [layer.threshold for layer in a.moe_layers()] and all(t != 0.9 for t in ts)
 
 
+def test_evaluating_during_training_changes_nothing_in_training(corpus, tmp_path):
+    """Validation every 2 steps leaves the training steps as they are without it: after an
+    evaluation the model trains in training mode again (dropout on, the budget's t moving)."""
+    budget = {"model.moe.target_experts": "2"}
+    quiet = train_lm(tiny_config(corpus, tmp_path, budget), tmp_path / "quiet", progress=False)
+    checked = train_lm(tiny_config(corpus, tmp_path, budget, eval_every=2), tmp_path / "checked", progress=False)
+    assert checked.train_losses == quiet.train_losses  # bit for bit
+    a, b = load_lm(tmp_path / "quiet").model, load_lm(tmp_path / "checked").model
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    vals = [r["step"] for r in read_metrics(tmp_path / "checked" / "metrics.jsonl") if r["split"] == "val"]
+    assert vals == [2, 4, 6]  # it did evaluate in between (and at the end)
+
+
 def test_fresh_training_refuses_to_overwrite_a_run(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path, max_steps=1)
     train_lm(cfg, tmp_path / "run", progress=False)

@@ -208,6 +208,7 @@ def train_step(step_model: nn.Module, model: nn.Module, task: Task, optimizer: t
     Returns the step's logs (mean over its micro-batches) and gradient norm as device tensors,
     and this rank's token count: nothing is read to the host here (``_Unread`` reads them at
     the log steps). Batches are counted on the host before they move to the device."""
+    model.train()  # an evaluation before this step left it in eval mode
     totals: dict[str, Tensor] = {}
     tokens = 0
     try:
