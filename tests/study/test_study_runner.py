@@ -14,7 +14,7 @@ from helpers.training import cross_entropy_by_hand
 from xmoe.cli.main import main
 from xmoe.moe import MoELayer
 from xmoe.study import MEASUREMENTS, RESULTS_JSON, RESULTS_MD, plan_study, run_study
-from xmoe.study import measure as measure_module
+from xmoe.study import runner as runner_module
 from xmoe.tasks.lm import eval_batches, load_lm
 
 GRANULARITY = ["xmoe-8x256-t0.9", "xmoe-16x128-t0.9", "xmoe-32x64-t0.9", "xmoe-64x32-t0.9"]
@@ -114,7 +114,7 @@ def test_a_second_call_resumes_without_training(study, monkeypatch, corpus):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(measure_module, "train_lm", no_training)
+    monkeypatch.setattr(runner_module, "train_lm", no_training)
     logs = []
     again = run_study("granularity", scale="debug", data=str(corpus), out=out, steps=STEPS, log=logs.append)
     assert sum("finished before, skipped" in line for line in logs) == 4
@@ -127,7 +127,7 @@ def test_a_run_interrupted_after_training_is_only_measured(study, monkeypatch, c
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "runs/xmoe-32x64-t0.9-s0" / MEASUREMENTS).unlink()  # as if killed while evaluating
-    monkeypatch.setattr(measure_module, "train_lm", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(runner_module, "train_lm", lambda *a, **k: pytest.fail("trained again"))
     logs = []
     again = run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=logs.append)
     assert sum("finished before, skipped" in line for line in logs) == 3

@@ -16,6 +16,7 @@ Re-running the same command resumes: finished runs in --out are skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 
 from xmoe.errors import UsageError
@@ -74,15 +75,15 @@ def scales() -> tuple[str, ...]:
 def _own_scale(name: str, *, out, data: str | None, seeds: int, steps: int | None, overrides: dict[str, str],
                plan: bool, progress: bool, tabulate: bool) -> None:
     """The studies with a scale and seeds plan of their own: sharpen and budget."""
-    if name == "sharpen":
-        from xmoe.study.sharpen import ARMS, run_sharpen as run, spec, study_overrides as plan_overrides
-    else:
-        from xmoe.study.budget import ARMS, _overrides as plan_overrides, run_budget as run, spec
+    from xmoe.study import budget, sharpen
+
+    study = sharpen if name == "sharpen" else budget
     if plan:
-        extra = plan_overrides(steps=steps, data=data, overrides=overrides)
+        extra = sharpen.study_overrides(name, study.FIXED, steps=steps, data=data, overrides=overrides)
         key = "stage1" if name == "sharpen" else "seed0"  # the runs that start the study
         print(json.dumps({"out": str(out), key: {s.name: {"preset": s.preset, "overrides": s.overrides}
-                                                     for s in (spec(a, 0, extra) for a in ARMS)}}, indent=2))
+                                                     for s in (study.spec(a, 0, extra) for a in study.ARMS)}},
+                         indent=2))
         return
-    extra = {"train": not tabulate} if name == "budget" else {}
-    run(out=out, data=data, seeds=seeds, steps=steps, overrides=overrides, progress=progress, **extra)
+    run = sharpen.run_sharpen if name == "sharpen" else functools.partial(budget.run_budget, train=not tabulate)
+    run(out=out, data=data, seeds=seeds, steps=steps, overrides=overrides, progress=progress)

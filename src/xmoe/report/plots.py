@@ -202,9 +202,10 @@ def plot_translation_scores(val_rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def figure(nrows: int, ncols: int, *, panel: tuple[float, float], **subplot_kw: Any):
-    """A figure on its own Agg canvas (no pyplot state) and a 2-D array of axes."""
-    with needs_extra("report", "the report's plots"):
+def figure(nrows: int, ncols: int, *, panel: tuple[float, float], extra: str = "report", **subplot_kw: Any):
+    """A figure on its own Agg canvas (no pyplot state) and a 2-D array of axes; matplotlib comes
+    with ``extra`` (the report's, or the study's for xmoe.study's plots)."""
+    with needs_extra(extra, f"the {extra}'s plots"):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -240,9 +241,9 @@ def _box(quartiles: Sequence[float], label: str) -> dict:
     return {"label": label, "q1": q25, "med": q50, "q3": q75, "whislo": q25, "whishi": q75, "fliers": []}
 
 
-def save(fig, path: Path) -> None:
+def save(fig, path: Path, dpi: int = _DPI) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    fig.savefig(path, dpi=dpi)
 
 
 def imbalance(per_expert: Sequence[float]) -> float:
@@ -250,7 +251,3 @@ def imbalance(per_expert: Sequence[float]) -> float:
     mean = sum(per_expert) / len(per_expert)
     return max(per_expert) / mean if mean > 0 else 0.0
 
-
-__all__ = ["draw_plots", "figure", "imbalance", "last_routed_val", "layer_name", "plot_experts_histogram",
-           "plot_experts_over_training", "plot_loss", "plot_tokens_per_expert", "plot_top1_quartiles",
-           "plot_translation_scores", "save"]

@@ -32,6 +32,15 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
+def spread_cell(cell: dict | None, spec: str = ".2f", scale: float = 1.0) -> str:
+    """A table cell of a ``mean_std`` dict: "mean ± std", the mean alone for one value, "–" for
+    None (not measured). ``scale`` multiplies both (1e-6 for MFLOPs); a "+" in ``spec`` signs the mean."""
+    if cell is None:
+        return "–"
+    text = format(cell["mean"] * scale, spec)
+    return text if cell["std"] is None else f"{text} ± {format(cell['std'] * scale, spec.lstrip('+'))}"
+
+
 def exceeds_spread(a: dict, b: dict) -> bool | None:
     """Whether the means of ``a`` and ``b`` (mean_std dicts) differ by more than std_a + std_b;
     None when either has a single value (no spread to compare with)."""

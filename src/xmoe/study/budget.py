@@ -43,11 +43,9 @@ The protocol, fixed before any run:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,14 +54,14 @@ import torch
 import torch.nn.functional as F
 
 from xmoe.errors import UsageError, check_counts
-from xmoe.extras import needs_extra
-
+from xmoe.report.plots import figure, save
 from xmoe.training.compare import compute_matched_k
 
-from .aggregate import mean_std
-from .measure import is_finished, measure_run, read_json, write_json
-from .sharpen import EXPERTS, SCALE, Arm, preflight, study_overrides
-from .sharpen import spec as sharpen_spec
+from .aggregate import mean_std, spread_cell
+from .measure import is_finished, read_json, write_json
+from .plots import STUDY_DPI
+from .runner import Runner
+from .sharpen import EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
 
 BUDGETS = (1.5, 2.0, 4.0)
 TOPK = (1, 2, 4)
@@ -83,10 +81,6 @@ ARMS = (*CORE_ARMS, *REFERENCE_ARMS)
 # What tells the arms, seeds and splits apart: the study sets these itself.
 FIXED = ("model.moe.target_experts", "model.moe.top_k", "train.entropy_loss_coef", "train.seed", "model.moe.router",
          "data.test_fraction", "data.val_fraction")
-
-
-def spec(arm: Arm, seed: int, extra: dict[str, str]):
-    return sharpen_spec(arm, seed, extra)
 
 
 def arm_k(arm: Arm) -> float | None:
@@ -194,35 +188,24 @@ def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 
     ``train=False`` tabulates the runs finished so far and trains nothing; ``arms`` (a subset
     of ARMS) is for tests."""
     check_counts("study", seeds=seeds)
-    extra = _overrides(steps=steps, data=data, overrides=overrides)
+    extra = study_overrides("budget", FIXED, steps=steps, data=data, overrides=overrides)
     preflight(arms, extra, data=data)
     study = Study(Path(out), extra, seeds, arms)
-    started = time.time()
+    runner = Runner(study.out / "runs", progress=progress, log=log)
     if train:
         order = [(arm, s) for s in range(seeds) for arm in arms if arm.option != "reference"]
         order += [(arm, s) for s in range(seeds) for arm in arms if arm.option == "reference"]
         for arm, seed in order:
             s = spec(arm, seed, extra)
-            run_dir = study.run_dir(arm, seed)
-            state = "finished before" if is_finished(run_dir) else f"training ({(time.time() - started) / 60:.1f} min)"
-            log(f"{s.name}: {state}")
-            measure_run(s.config(), run_dir, progress=progress)
-            test_tokens(run_dir)
+            runner.measure(s)
+            test_tokens(runner.run_dir(s))
         speeds_path = study.out / "speeds.json"
         if not speeds_path.is_file():
             write_json(speeds_path, measure_speeds({a.name: study.run_dir(a, 0) for a in arms}, log=log))
     results = collect(study)
-    write_results(results, study.out)
-    log(f"done in {(time.time() - started) / 60:.1f} min: {study.out / 'results.md'}")
+    write_results(results, study.out, markdown, draw)
+    log(f"done in {runner.elapsed()}: {study.out / 'results.md'}")
     return results
-
-
-def _overrides(*, steps: int | None, data: str | None, overrides: dict[str, str] | None) -> dict[str, str]:
-    fixed = sorted(set(overrides or {}) & set(FIXED))
-    if fixed:
-        raise UsageError(f"xmoe study budget sets {', '.join(fixed)} itself (the arms, seeds and splits it "
-                         f"compares); drop {'it' if len(fixed) == 1 else 'them'}")
-    return study_overrides(steps=steps, data=data, overrides=overrides)
 
 
 def collect(study: Study) -> dict:
@@ -246,11 +229,7 @@ def collect(study: Study) -> dict:
             row["versus"] = versus(row, topk)
             row["difficulty"] = _difficulty(study, row, topk)
     return {
-        "study": "budget",
-        "scale_note": SCALE.note,
-        "data": study.extra.get("data.path", "default corpus (Python's reference docs and docstrings)"),
-        "overrides": {k: v for k, v in study.extra.items() if k != "data.path"},
-        "seeds": list(range(study.seeds)),
+        **settings("budget", study.extra, study.seeds),
         "arms": list(rows.values()),
         "meets_bar": [r["label"] for r in rows.values() if r["option"] == "budget" and r["versus"].get("meets_bar")],
     }
@@ -347,31 +326,15 @@ def _difficulty(study: Study, row: dict, topk: dict[float, dict]) -> dict | None
 # --- results --------------------------------------------------------------------------------
 
 
-def write_results(results: dict, out: Path) -> None:
-    results["plots"] = draw(results, out)
-    write_json(out / "results.json", results)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(markdown(results), encoding="utf-8")
-    os.replace(tmp, out / "results.md")
-
-
-def _cell(c: dict | None, spec: str = ".2f") -> str:
-    if c is None:
-        return "–"
-    return f"{c['mean']:{spec}}" + (f" ± {c['std']:{spec.lstrip('+')}}" if c["std"] is not None else "")
-
-
 def markdown(results: dict) -> str:
-    lines = [f"# Compute budget: XMoE against top-k at the same compute, {results['data']}", "",
-             f"{results['scale_note']}; seeds {results['seeds']}"
-             + (f"; overrides `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".", "",
+    lines = [*heading("Compute budget: XMoE against top-k at the same compute", results),
              "## Test split (whole), mean ± std over seeds", "",
              "| arm | seeds | test PPL | experts/token (test) | trained t (mean of layers) | train tok/s | "
              "inference tok/s |", "|---|---|---|---|---|---|---|"]
     for r in results["arms"]:
         speed = r.get("speed") or {}
-        lines.append(f"| {r['label']} | {len(r['seeds'])} | {_cell(r['perplexity'])} | {_cell(r['experts_per_token'])} | "
-                     f"{_cell(r['final_threshold'], '.3f')} | {speed.get('train_tokens_per_s', 0):.0f} | "
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | {spread_cell(r['perplexity'])} | {spread_cell(r['experts_per_token'])} | "
+                     f"{spread_cell(r['final_threshold'], '.3f')} | {speed.get('train_tokens_per_s', 0):.0f} | "
                      f"{speed.get('inference_tokens_per_s', 0):.0f} |")
     lines += ["", "Speeds: seed-0 models, measured interleaved in one process (one thread).", "",
               "## Against the compute-matched top-k", "",
@@ -394,7 +357,7 @@ def markdown(results: dict) -> str:
         bar = "(reference)" if r["option"] == "reference" else ("**yes**" if v.get("meets_bar") else "no")
         paired = v.get("above", {}).get("paired")
         lines.append(f"| {r['label']} | {v['measured_experts']:.2f} | {side('below')} | {side('above')} | "
-                     f"{_cell(paired, '+.2f') if paired else '–'} | {bar} |")
+                     f"{spread_cell(paired, '+.2f')} | {bar} |")
     verdict = (f"**Meets the bar:** {', '.join(results['meets_bar'])}." if results["meets_bar"] else
                "**No budget meets the bar**: at no budget does XMoE beat the compute-matched top-k by more than "
                "the seed spread.")
@@ -423,12 +386,8 @@ def markdown(results: dict) -> str:
 def draw(results: dict, out: Path) -> list[str]:
     """budget.png: test perplexity against experts per token (∝ expert FLOPs), against training
     and against inference tokens/s (interleaved)."""
-    with needs_extra("study", "the study's plots"):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    fig = Figure(figsize=(14, 4.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    fig, axes = figure(1, 3, panel=(14 / 3, 4.2), extra="study")
+    axes = axes[0]
     xs = (("experts_per_token", "experts per token (test; ∝ expert FLOPs)"),
           ("train_tokens_per_s", "training tokens/s (interleaved)"),
           ("inference_tokens_per_s", "inference tokens/s (interleaved)"))
@@ -451,8 +410,7 @@ def draw(results: dict, out: Path) -> list[str]:
     axes[0].set_xscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle("XMoE with a compute budget against top-k over the same 64 experts")
-    fig.tight_layout()
-    fig.savefig(out / "budget.png", dpi=110)
+    save(fig, out / "budget.png", dpi=STUDY_DPI)
     return ["budget.png"]
 
 

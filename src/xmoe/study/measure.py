@@ -1,4 +1,4 @@
-"""Train one study run (or finish an interrupted one) and measure it, in one process.
+"""Measure one trained study run, in the process that trained it (xmoe.study.runner).
 
 Measured per run (XMoE, Yang et al. 2024, Sec. 4: perplexity at equal parameters and the MoE
 computation; docs/method.md "Statistics"):
@@ -18,9 +18,10 @@ computation; docs/method.md "Statistics"):
                           (data.test_fraction > 0)
 
 ``measurements.json`` in the run folder, written last and atomically, marks a finished run; a
-study skips such runs when it resumes. ``sweep_run`` is a run's threshold sweep as `xmoe
-sweep-threshold` and the demo's dial write it (xmoe.sweep); ``inference_sweep`` the study's
-per-seed version, with timing and per-layer numbers for its tables.
+study skips such runs when it resumes (``read_measurements`` checks them against the plan).
+``sweep_run`` is a run's threshold sweep as `xmoe sweep-threshold` and the demo's dial write it
+(xmoe.sweep); ``inference_sweep`` the study's per-seed version, with timing and per-layer numbers
+for its tables.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from xmoe.checkpoints import set_threshold, training_capacity
 from xmoe.errors import UsageError
 from xmoe.models.gpt import flops_breakdown, num_params
 from xmoe.sweep import point_from_eval, sweep, write_sweep
-from xmoe.tasks.lm import LMEval, LMRunConfig, eval_batches, evaluate_lm, load_lm, train_lm
+from xmoe.tasks.lm import LMEval, LMRunConfig, eval_batches, evaluate_lm, load_lm
 from xmoe.training import LoadedRun, checkpoint_dir, from_dict, read_metrics, to_dict
 
 MEASUREMENTS = "measurements.json"
@@ -55,11 +56,15 @@ def read_json(path: Path) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
     """Write atomically: a crash leaves the old file (or none), never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -79,22 +84,20 @@ def _same_config(saved: dict, cfg: LMRunConfig) -> bool:
     return planned_config(from_dict(LMRunConfig, saved)) == planned_config(cfg)
 
 
-def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> dict:
-    """Train (or resume) the run in ``run_dir``, measure it, write measurements.json; a run that
-    already has one is only checked against ``cfg`` and read back."""
-    run_dir = Path(run_dir)
-    if is_finished(run_dir):
-        done = read_json(run_dir / MEASUREMENTS)
-        if not _same_config(done["config"], cfg):
-            raise UsageError(
-                f"{run_dir} holds a finished run with another config than this study plans (other "
-                f"--steps, --scale or --data?); use another --out, or delete {run_dir}"
-            )
-        return done
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    resumed_at = _train(cfg, run_dir, progress=progress)
-    train_seconds = time.perf_counter() - t0
+def read_measurements(cfg: LMRunConfig, run_dir: Path) -> dict:
+    """A finished run's measurements.json, refused when the run was trained with another config."""
+    done = read_json(run_dir / MEASUREMENTS)
+    if not _same_config(done["config"], cfg):
+        raise UsageError(
+            f"{run_dir} holds a finished run with another config than this study plans (other "
+            f"--steps, --scale or --data?); use another --out, or delete {run_dir}"
+        )
+    return done
+
+
+def measure_run(cfg: LMRunConfig, run_dir: Path, *, training: dict) -> dict:
+    """Measure the trained run in ``run_dir`` and write measurements.json; ``training``: what the
+    runner recorded while training it (seconds, the step it resumed from, the load average)."""
     loaded = load_lm(run_dir, device=cfg.train.device)
     batches = list(eval_batches(loaded, None, max_batches=cfg.train.eval_batches))
     dropless, infer_tps = timed_eval(loaded.model, batches, precision=cfg.train.precision)
@@ -104,9 +107,7 @@ def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> d
         "params": num_params(loaded.model),
         "steps": cfg.train.max_steps,
         "tokens_trained": cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len,
-        "train_seconds": train_seconds,
-        "resumed_at_step": resumed_at,
-        "load_average_before": load_before,
+        **training,
         "torch_threads": torch.get_num_threads(),
         "forward_flops_per_token_budget": flops_breakdown(loaded.model.cfg).total,
         "inference_tokens_per_s": infer_tps,
@@ -127,24 +128,6 @@ def measure_run(cfg: LMRunConfig, run_dir: Path, *, progress: bool = False) -> d
         }
     write_json(run_dir / MEASUREMENTS, result)
     return result
-
-
-def _train(cfg: LMRunConfig, run_dir: Path, *, progress: bool) -> int | None:
-    """Train from scratch, or continue a checkpoint left by an interrupted study; returns the
-    step resumed from (None for a fresh run)."""
-    try:
-        step = read_json(checkpoint_dir(run_dir) / "state.json")["step"]
-    except (ValueError, FileNotFoundError):  # no checkpoint yet (CheckpointError is a ValueError)
-        step = None
-    if step is None:
-        result = train_lm(cfg, run_dir, progress=progress)
-    elif step < cfg.train.max_steps:
-        result = train_lm(cfg, run_dir, resume=True, progress=progress)
-    else:
-        return step
-    if result.interrupted:
-        raise KeyboardInterrupt
-    return step
 
 
 def timed_eval(model, batches: list, *, precision: str = "auto", repeats: int = TIMING_REPEATS) -> tuple[LMEval, float]:

@@ -134,14 +134,15 @@ MAIN_VARIANTS = (
 
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
-    """One training run: a variant and a seed at a scale, as a preset plus overrides."""
+    """One training run: a preset plus overrides, trained into the folder ``name`` (xmoe.study.runner).
+    A study's run is a variant and a seed at a scale; ``label`` names its row in the tables."""
 
     name: str
-    label: str
-    variant: Variant
-    seed: int
     preset: str
     overrides: dict[str, str]
+    label: str = ""
+    variant: Variant | None = None
+    seed: int = 0
 
     def config(self) -> LMRunConfig:
         return lm_run_config(self.preset, overrides=self.overrides)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xmoe.extras import needs_extra
+from xmoe.report.plots import figure, save
 from xmoe.training import read_metrics
 
-_DPI = 110
+STUDY_DPI = 110
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
@@ -31,18 +31,8 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 def _figure(ncols: int):
-    with needs_extra("study", "the study's plots"):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.6 * ncols, 4.2))
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    fig, axes = figure(1, ncols, panel=(5.6, 4.2), extra="study")
+    return fig, axes[0]
 
 
 def _err(cell: dict | None) -> float:
@@ -65,7 +55,7 @@ def _main(results: dict, out: Path, path: Path) -> None:
     ax.set_title("Main comparison at equal parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path, dpi=STUDY_DPI)
 
 
 def _threshold(results: dict, out: Path, path: Path) -> None:
@@ -86,7 +76,7 @@ def _threshold(results: dict, out: Path, path: Path) -> None:
         ax.legend(fontsize=8)
     ax_ppl.set_title("Threshold: quality")
     ax_exp.set_title("Threshold: compute")
-    _save(fig, path)
+    save(fig, path, dpi=STUDY_DPI)
 
 
 def _granularity(results: dict, out: Path, path: Path) -> None:
@@ -108,7 +98,7 @@ def _granularity(results: dict, out: Path, path: Path) -> None:
     ax_exp.legend(fontsize=8)
     ax_ppl.set_title("Granularity: quality (XMoE t = 0.9)")
     ax_exp.set_title("Granularity: compute")
-    _save(fig, path)
+    save(fig, path, dpi=STUDY_DPI)
 
 
 def _loss_curves(results: dict, out: Path, path: Path, window: int = 10) -> None:
@@ -127,4 +117,4 @@ def _loss_curves(results: dict, out: Path, path: Path, window: int = 10) -> None
     ax.set_title(f"Training curves, seed {first_seed}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path, dpi=STUDY_DPI)

@@ -1,5 +1,13 @@
-"""Run a study: train and measure each planned run (skipping finished ones), then write
-results.json, results.md and the plots into the output folder.
+"""The experiment runner: every study and the demo train their runs through it.
+
+A plan is a list of runs (``RunSpec``: a preset and its overrides, under a name). ``Runner``
+trains each into ``folder/NAME`` once: a run trained to its last step is left as it is, an
+interrupted one continues from its last checkpoint, so the same command run again resumes where
+it stopped. A study measures each run after training it (``Runner.measure``); the demo
+(xmoe.study.demo) evaluates its runs itself.
+
+``run_study`` runs the paper's studies (xmoe.study.plan), then writes results.json, results.md
+and the plots into the output folder:
 
     out/runs/NAME/        one run folder each (checkpoint, tokenizer, metrics.jsonl, measurements.json)
     out/results.json      every setting, every run's numbers, the aggregated tables
@@ -7,8 +15,7 @@ results.json, results.md and the plots into the output folder.
     out/*.png             main.png, threshold.png, granularity.png, loss_curves.png
 
 The results are rewritten after every finished run, so an interrupted study still has tables
-of what finished; running the same command again resumes it (finished runs are read back,
-an interrupted run continues from its last checkpoint).
+of what finished.
 """
 
 from __future__ import annotations
@@ -17,21 +24,77 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from xmoe.extras import check_extra
+from xmoe.tasks.lm import train_lm
+from xmoe.training import checkpoint_dir
+from xmoe.training.checkpoint import read_state
 
 from .aggregate import pairwise, summarize
-from .measure import INFERENCE_SWEEP, MEASUREMENTS, inference_sweep, is_finished, measure_run, read_json, write_json
-from .plan import INFERENCE_THRESHOLDS, StudyPlan, Variant, plan_study
+from .measure import (INFERENCE_SWEEP, MEASUREMENTS, inference_sweep, is_finished, measure_run, read_json,
+                      read_measurements, write_json, write_text)
+from .plan import INFERENCE_THRESHOLDS, RunSpec, StudyPlan, Variant, plan_study
 from .plots import write_plots
 from .tables import results_markdown
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+
+
+@dataclass
+class Runner:
+    """Trains runs into ``folder`` and says what it does in ``log``. ``trainer(cfg, run_dir,
+    resume=)`` trains one run to its last step; without one, ``train_lm`` trains it quietly (a
+    progress bar with ``progress``) and a stop (Ctrl-C, SIGTERM) stops the plan."""
+
+    folder: Path
+    trainer: Callable[..., None] | None = None
+    progress: bool = False
+    log: Callable[[str], None] = print
+    started: float = field(default_factory=time.time)
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return Path(self.folder) / spec.name
+
+    def elapsed(self) -> str:
+        return f"{(time.time() - self.started) / 60:.1f} min"
+
+    def train(self, spec: RunSpec) -> int | None:
+        """Train ``spec``'s run to its last step: from scratch, on from the checkpoint an
+        interrupted run left, or not at all when it got there before. Returns the step its
+        checkpoint was at (None: a fresh run)."""
+        cfg, run_dir = spec.config(), self.run_dir(spec)
+        step = read_state(checkpoint_dir(run_dir))["step"] if (run_dir / "checkpoint").exists() else None
+        if step is not None and step >= cfg.train.max_steps:
+            self.log(f"{run_dir}: trained before ({cfg.train.max_steps} steps)")
+        elif self.trainer is not None:
+            self.trainer(cfg, run_dir, resume=step is not None)
+        elif train_lm(cfg, run_dir, resume=step is not None, progress=self.progress).interrupted:
+            raise KeyboardInterrupt
+        return step
+
+    def measure(self, spec: RunSpec, position: str = "") -> dict:
+        """Train ``spec``'s run and measure it (xmoe.study.measure); a run measured before is
+        only checked against ``spec`` and read back. ``position``: "[i/n] " for the log."""
+        run_dir = self.run_dir(spec)
+        if is_finished(run_dir):
+            self.log(f"{position}{spec.name}: finished before, skipped")
+            return read_measurements(spec.config(), run_dir)
+        self.log(f"{position}{spec.name}: training ({self.elapsed()} since start)")
+        load, t0 = os.getloadavg()[0], time.perf_counter()
+        resumed_at = self.train(spec)
+        training = {"train_seconds": time.perf_counter() - t0, "resumed_at_step": resumed_at,
+                    "load_average_before": load}
+        m = measure_run(spec.config(), run_dir, training=training)
+        self.log(f"    perplexity {m['perplexity']:.2f}, {m['train_seconds']:.0f} s, "
+                 f"{m['train_tokens_per_s']:.0f} train tok/s, {m['inference_tokens_per_s']:.0f} inference tok/s"
+                 + (f", {m['experts_per_token']:.2f} experts/token" if "experts_per_token" in m else ""))
+        return m
 
 
 def default_out(scale: str, data: str | None) -> Path:
@@ -57,29 +120,16 @@ def run_study(name: str, *, out: str | os.PathLike | None = None, data: str | No
                       overrides=overrides)
     check_extra("study", "the study's plots")  # before any training, not at the first results
     out = Path(out) if out is not None else default_out(scale, data)
-    started = time.time()
+    runner = Runner(out / "runs", progress=progress, log=log)
     log(f"study {name} at scale {scale}: {len(plan.runs)} runs -> {out}")
     inference_runs = {plan.run(v, s).name for v in plan.inference_models for s in plan.sweep_seeds}
     for i, spec in enumerate(plan.runs, 1):
-        run_dir = out / "runs" / spec.name
-        if is_finished(run_dir):
-            log(f"[{i}/{len(plan.runs)}] {spec.name}: finished before, skipped")
-            measure_run(spec.config(), run_dir)  # checks that it was trained with this plan's config
-        else:
-            log(f"[{i}/{len(plan.runs)}] {spec.name}: training ({_elapsed(started)} since start)")
-            m = measure_run(spec.config(), run_dir, progress=progress)
-            log(f"    perplexity {m['perplexity']:.2f}, {m['train_seconds']:.0f} s, "
-                f"{m['train_tokens_per_s']:.0f} train tok/s, {m['inference_tokens_per_s']:.0f} inference tok/s"
-                + (f", {m['experts_per_token']:.2f} experts/token" if "experts_per_token" in m else ""))
+        runner.measure(spec, f"[{i}/{len(plan.runs)}] ")
         if spec.name in inference_runs:
-            inference_sweep(spec.config(), run_dir, INFERENCE_THRESHOLDS)
+            inference_sweep(spec.config(), runner.run_dir(spec), INFERENCE_THRESHOLDS)
         write_results(plan, out)
-    log(f"done in {_elapsed(started)}: {out / RESULTS_MD}")
+    log(f"done in {runner.elapsed()}: {out / RESULTS_MD}")
     return read_json(out / RESULTS_JSON)
-
-
-def _elapsed(since: float) -> str:
-    return f"{(time.time() - since) / 60:.1f} min"
 
 
 def write_results(plan: StudyPlan, out: Path) -> dict:
@@ -88,10 +138,7 @@ def write_results(plan: StudyPlan, out: Path) -> dict:
     write_json(out / RESULTS_JSON, results)
     results["plots"] = write_plots(results, out)
     write_json(out / RESULTS_JSON, results)
-    md = out / RESULTS_MD
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(results_markdown(results), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text(out / RESULTS_MD, results_markdown(results))
     return results
 
 

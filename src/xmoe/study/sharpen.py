@@ -31,18 +31,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from xmoe.errors import UsageError, check_counts
-from xmoe.extras import check_extra, needs_extra
+from xmoe.extras import check_extra
+from xmoe.report.plots import figure, save
 from xmoe.training import read_metrics
 
-from .aggregate import mean_std, summarize
-from .measure import inference_sweep, is_finished, measure_run, read_json, write_json
+from .aggregate import mean_std, spread_cell, summarize
+from .measure import inference_sweep, read_json, write_json, write_text
 from .plan import CPU, INFERENCE_THRESHOLDS, RunSpec, Scale, Variant, run_spec
+from .plots import STUDY_DPI
+from .runner import Runner
 
 ENTROPY_COEFS = (0.03, 0.1, 0.3)
 ROUTER_LR_MULTS = (3.0, 10.0)
@@ -98,14 +100,15 @@ FIXED = ("train.entropy_loss_coef", "train.router_lr_mult", "train.seed", "model
          "data.val_fraction")
 
 
-def study_overrides(*, steps: int | None, data: str | None, overrides: dict[str, str] | None) -> dict[str, str]:
-    """The user's overrides for every run (``steps``: train.max_steps, ``data``: data.path); those
-    that would undo the design (FIXED) are refused."""
+def study_overrides(study: str, fixed: tuple[str, ...], *, steps: int | None, data: str | None,
+                    overrides: dict[str, str] | None) -> dict[str, str]:
+    """The user's overrides for every run of ``study`` (``steps``: train.max_steps, ``data``:
+    data.path); those that would undo its design (``fixed``) are refused."""
     extra = dict(overrides or {})
-    fixed = sorted(set(extra) & set(FIXED))
-    if fixed:
-        raise UsageError(f"xmoe study sharpen sets {', '.join(fixed)} itself (the arms, seeds and splits it "
-                         f"compares); drop {'it' if len(fixed) == 1 else 'them'}")
+    refused = sorted(set(extra) & set(fixed))
+    if refused:
+        raise UsageError(f"xmoe study {study} sets {', '.join(refused)} itself (the arms, seeds and splits it "
+                         f"compares); drop {'it' if len(refused) == 1 else 'them'}")
     if steps is not None:
         check_counts("study", steps=steps)
         extra["train.max_steps"] = str(steps)
@@ -137,19 +140,16 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
                 log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study in ``out``; write results.json, results.md and the plots."""
     check_counts("study", seeds=seeds)
-    extra = study_overrides(steps=steps, data=data, overrides=overrides)
+    extra = study_overrides("sharpen", FIXED, steps=steps, data=data, overrides=overrides)
     preflight(ARMS, extra, data=data)
     out = Path(out)
-    started = time.time()
+    runner = Runner(out / "runs", progress=progress, log=log)
 
     def measure(arm: Arm, seed: int) -> dict:
         s = spec(arm, seed, extra)
-        run_dir = out / "runs" / s.name
-        state = "finished before" if is_finished(run_dir) else f"training ({(time.time() - started) / 60:.1f} min)"
-        log(f"{s.name}: {state}")
-        m = measure_run(s.config(), run_dir, progress=progress)
+        m = runner.measure(s)
         if arm.router == "threshold":
-            inference_sweep(s.config(), run_dir, INFERENCE_THRESHOLDS, split="test")
+            inference_sweep(s.config(), runner.run_dir(s), INFERENCE_THRESHOLDS, split="test")
         return m
 
     first = {arm.name: measure(arm, 0) for arm in ARMS}
@@ -161,8 +161,8 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
         for arm in final_arms:
             measure(arm, seed)
     results = collect(out, extra, first, chosen, final_arms, seeds)
-    write_results(results, out)
-    log(f"done in {(time.time() - started) / 60:.1f} min: {out / 'results.md'}")
+    write_results(results, out, markdown, draw)
+    log(f"done in {runner.elapsed()}: {out / 'results.md'}")
     return results
 
 
@@ -188,11 +188,7 @@ def collect(out: Path, extra: dict[str, str], first: dict[str, dict], chosen: di
     for row in final[:-1]:
         row["meets_bar"] = meets_bar(row, topk)
     return {
-        "study": "sharpen",
-        "scale_note": SCALE.note,
-        "data": extra.get("data.path", "default corpus (Python's reference docs and docstrings)"),
-        "overrides": {k: v for k, v in extra.items() if k != "data.path"},
-        "seeds": list(range(seeds)),
+        **settings("sharpen", extra, seeds),
         "stage1": [{"arm": a.name, "option": a.option, "chosen": a in chosen.values(), **_stage1(first[a.name])}
                    for a in ARMS],
         "final": final,
@@ -217,21 +213,30 @@ def _stage1(m: dict) -> dict:
             "top1_median": sum(m["top1_median_layers"]) / len(m["top1_median_layers"])}
 
 
-def write_results(results: dict, out: Path) -> None:
-    results["plots"] = [draw(results, out)]
+def settings(study: str, extra: dict[str, str], seeds: int) -> dict:
+    """What results.json says first: the study, its scale, corpus, the user's overrides and the seeds."""
+    return {"study": study, "scale_note": SCALE.note,
+            "data": extra.get("data.path", "default corpus (Python's reference docs and docstrings)"),
+            "overrides": {k: v for k, v in extra.items() if k != "data.path"}, "seeds": list(range(seeds))}
+
+
+def write_results(results: dict, out: Path, markdown: Callable[[dict], str],
+                  draw: Callable[[dict, Path], list[str]]) -> None:
+    """results.json and results.md, with the plots ``draw`` makes."""
+    results["plots"] = draw(results, out)
     write_json(out / "results.json", results)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(markdown(results), encoding="utf-8")
-    os.replace(tmp, out / "results.md")
+    write_text(out / "results.md", markdown(results))
+
+
+def heading(title: str, results: dict) -> list[str]:
+    """The first lines of results.md: the title, the scale, the seeds and the user's overrides."""
+    return [f"# {title}, {results['data']}", "",
+            f"{results['scale_note']}; seeds {results['seeds']}"
+            + (f"; overrides `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".", ""]
 
 
 def markdown(results: dict) -> str:
-    def cell(c: dict, spec: str = ".2f") -> str:
-        return f"{c['mean']:{spec}}" + (f" ± {c['std']:{spec}}" if c["std"] is not None else "")
-
-    lines = [f"# Router sharpening, {results['data']}", "",
-             f"{results['scale_note']}; seeds {results['seeds']}"
-             + (f"; overrides `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".", "",
+    lines = [*heading("Router sharpening", results),
              "## Stage 1: every arm, seed 0, validation split (the choice)", "",
              "| arm | val PPL | experts/token (t = 0.9) | FLOPs vs top-k | median top-1 p | chosen |",
              "|---|---|---|---|---|---|"]
@@ -243,9 +248,9 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for r in results["final"]:
         bar = {True: "**yes**", False: "no", None: "(reference)"}[r.get("meets_bar")]
-        lines.append(f"| {r['label']} | {cell(r['perplexity'])} | {cell(r['experts_per_token'])} | "
-                     f"{cell(r['moe_flops_ratio'])}x | {cell(r['train_tokens_per_s'], '.0f')} | "
-                     f"{cell(r['inference_tokens_per_s'], '.0f')} | {bar} |")
+        lines.append(f"| {r['label']} | {spread_cell(r['perplexity'])} | {spread_cell(r['experts_per_token'])} | "
+                     f"{spread_cell(r['moe_flops_ratio'])}x | {spread_cell(r['train_tokens_per_s'], '.0f')} | "
+                     f"{spread_cell(r['inference_tokens_per_s'], '.0f')} | {bar} |")
     lines += ["", "## Threshold sweep at inference (test split; experts/token, FLOPs vs top-k, PPL)", ""]
     rows = [r for r in results["final"] if "sweep" in r]
     lines += ["| t | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
@@ -257,15 +262,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def draw(results: dict, out: Path) -> str:
+def draw(results: dict, out: Path) -> list[str]:
     """sharpen.png: experts per token over training (what the router wants, before capacity),
     and test perplexity against FLOPs vs top-k."""
-    with needs_extra("study", "the study's plots"):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    fig = Figure(figsize=(11.2, 4.2))
-    FigureCanvasAgg(fig)
-    ax_steps, ax_cost = fig.subplots(1, 2)
+    fig, axes = figure(1, 2, panel=(5.6, 4.2), extra="study")
+    ax_steps, ax_cost = axes[0]
     for row in results["final"]:
         curves = [[r for r in read_metrics(out / "runs" / f"{row['label']}-s{s}" / "metrics.jsonl")
                    if r.get("split") == "train"] for s in results["seeds"]]
@@ -283,6 +284,5 @@ def draw(results: dict, out: Path) -> str:
     for ax in (ax_steps, ax_cost):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "sharpen.png", dpi=110)
-    return "sharpen.png"
+    save(fig, out / "sharpen.png", dpi=STUDY_DPI)
+    return ["sharpen.png"]
