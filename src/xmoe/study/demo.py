@@ -4,18 +4,24 @@ XMoE's compute dial (its threshold sweep, xmoe.sweep).
 
     run_demo(preset="cpu-xmoe-64x128", steps=200, data=None, out="runs/demo", train=...)
 
-writes ``out/xmoe`` and ``out/topK`` for each baseline k. A stopped demo continues model by model:
-a model trained to ``steps`` is left as it is. ``train(cfg, run_dir, resume=, go_on=)`` trains one
-model and prints its evaluation (the `xmoe train` command's, which the CLI passes in).
+A small plan run by the studies' runner (xmoe.study.runner): the run ``xmoe``, then one run
+``topK`` for each baseline k, which XMoE's measured experts per token decides; each is trained
+into ``out/NAME``. A stopped demo continues model by model: a model trained to ``steps`` is left
+as it is. ``train(cfg, run_dir, resume=, go_on=)`` trains one model and prints its evaluation
+(the `xmoe train` command's, which the CLI passes in).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from xmoe.errors import UsageError
+
+from .plan import RunSpec
+from .runner import Runner
 
 # The compute budget the demo trains XMoE with (MoEConfig.target_experts, beyond the paper;
 # --paper-recipe trains the paper's fixed t = 0.9): see docs/results.md, "At the same compute".
@@ -31,7 +37,7 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
     """Train XMoE (``preset``) and its compute-matched top-k baselines for ``steps`` steps each on
     ``data`` (None: Python's own docs) into ``out``, print the dial and the closing comparison;
     ``go_on``: the command that continues the demo if it is stopped; ``steps`` None: DEMO_STEPS."""
-    from xmoe.tasks.lm import eval_batches, evaluate_lm, lm_run_config, load_lm
+    from xmoe.tasks.lm import eval_batches, evaluate_lm, load_lm
     from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
     from xmoe.report import write_report
 
@@ -44,14 +50,16 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
                          f"(or delete {out})")
     common = {"train.max_steps": str(steps), **DEMO_TRAIN, **({} if data is None else {"data.path": data})}
     budget = {} if paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
-    xmoe_cfg = lm_run_config(preset, overrides={**common, **budget})
+    xmoe_run = RunSpec(name="xmoe", preset=preset, overrides={**common, **budget})
+    xmoe_cfg = xmoe_run.config()
     moe = xmoe_cfg.model.moe
     if moe is None or moe.router != "threshold":
         raise UsageError(f"--preset {preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
 
+    runner = Runner(out, trainer=functools.partial(train, go_on=go_on))
     print(_recipe(moe, paper_recipe))
-    _train_once(train, xmoe_cfg, out / "xmoe", go_on)
-    xmoe = load_lm(out / "xmoe")
+    runner.train(xmoe_run)
+    xmoe = load_lm(runner.run_dir(xmoe_run))
     batches = list(eval_batches(xmoe, None, max_batches=xmoe_cfg.train.eval_batches))
     evals = {"xmoe": evaluate_lm(xmoe.model, batches).to_dict()}
     ks = compute_matched_k(evals["xmoe"]["experts_per_token"], moe.num_experts)
@@ -60,9 +68,10 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
           f"trained on the same tokens")
     models = {}
     for k in ks:
-        topk = lm_run_config(preset, overrides={**common, "model.moe.router": "topk", "model.moe.top_k": str(k)})
-        _train_once(train, topk, out / f"top{k}", go_on)
-        models[f"top-{k}"] = load_lm(out / f"top{k}").model
+        topk = RunSpec(name=f"top{k}", preset=preset,
+                       overrides={**common, "model.moe.router": "topk", "model.moe.top_k": str(k)})
+        runner.train(topk)
+        models[f"top-{k}"] = load_lm(runner.run_dir(topk)).model
         evals[f"top-{k}"] = evaluate_lm(models[f"top-{k}"], batches).to_dict()
 
     print("\nthe compute dial: XMoE evaluated at other thresholds (dropless)")
@@ -89,18 +98,6 @@ def _dial(xmoe, batches: list, report: Path) -> float:
     for dial, t in zip(dials, trained):
         dial.set_threshold(t)
     return mean
-
-
-def _train_once(train: Callable[..., None], cfg, run: Path, go_on: str) -> None:
-    """Train one model of the demo, or continue it; a finished one is left as it is."""
-    from xmoe.training import checkpoint_dir
-    from xmoe.training.checkpoint import read_state
-
-    started = (run / "checkpoint").exists()
-    if started and read_state(checkpoint_dir(run))["step"] >= cfg.train.max_steps:
-        print(f"{run}: trained before ({cfg.train.max_steps} steps)")
-        return
-    train(cfg, run, resume=started, go_on=go_on)
 
 
 def _recipe(moe, paper: bool) -> str:
