@@ -4,7 +4,7 @@ sweeps, lm-eval points. Imports nothing, so every floor may use it."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -19,3 +19,8 @@ def finite(value: Any) -> bool:
 
 def md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of a table: ``header``, its separator, then one line per row of cells."""
+    return [md_row(header), md_row(["---"] * len(header)), *(md_row(cells) for cells in rows)]

@@ -11,74 +11,83 @@ evaluation with the training capacity factor, the regime the model was trained i
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Callable, Sequence
+
+from xmoe.markdown import md_row, md_table
+
+from .aggregate import spread_cell
+
+
+def _spread(key: str, spec: str, scale: float = 1.0) -> Callable[[dict], str]:
+    return lambda row: spread_cell(row.get(key), spec, scale)
+
+
+def _layers(row: dict) -> str:
+    layers = row.get("experts_per_token_layers")
+    return " / ".join(f"{v:.2f}" for v in layers) if layers else "–"
+
+
+# Every column a table may show: its header and a row's cell (a row of aggregate.summarize).
+COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "params": ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
+    "seeds": ("seeds", lambda r: str(r["n"])),
+    "models": ("models", lambda r: str(r["n"])),
+    "ppl": ("val PPL", _spread("perplexity", ".2f")),
+    "capacity_ppl": ("val PPL, train capacity", _spread("capacity_perplexity", ".2f")),
+    "layers": ("experts/token per MoE layer", _layers),
+    "mflops": ("MoE MFLOPs/token", _spread("moe_flops_per_token", ".2f", 1e-6)),
+    "ratio": ("vs top-k FLOPs", _spread("moe_flops_ratio", ".2f")),
+    "train_experts": ("train experts/token", _spread("train_experts_per_token", ".2f")),
+    "dropped": ("dropped pairs/token (train capacity)", _spread("dropped_pairs_per_token", ".3f")),
+    "lost": ("train tokens that lost a pair", _spread("train_dropped_token_fraction", ".3f")),
+    "train_tps": ("train tok/s", _spread("train_tokens_per_s", ",.0f")),
+    "inference_tps": ("inference tok/s", _spread("inference_tokens_per_s", ",.0f")),
+    "sweep_tps": ("inference tok/s", _spread("tokens_per_second", ",.0f")),  # an inference sweep's point
+    "train_s": ("train s", _spread("train_seconds", ".0f")),
+}
+
+
+def _table(first: tuple[str, Callable[[dict], str]], columns: Sequence[str], rows: list[dict]) -> list[str]:
+    """A table of ``rows``: the ``first`` column (header, cell) that names a row, then ``columns``."""
+    header, cells = zip(first, *(COLUMNS[c] for c in columns))
+    return md_table(header, ([cell(r) for cell in cells] for r in rows)) + [""]
 
 
 def results_markdown(results: dict) -> str:
+    changed = results["user_overrides"]
     parts = [
         f"# xmoe study `{results['study']}`: {results['scale']} scale",
         "",
         f"Corpus: {results['data']}. Scale: {results['scale_note']}"
-        + (
-            f", changed on the command line: `{json.dumps(results['user_overrides'])}`"
-            if results["user_overrides"]
-            else ""
-        )
+        + (f", changed on the command line: `{json.dumps(changed)}`" if changed else "")
         + f". Seeds: main comparison {_seeds(results['seeds'])}, sweeps {_seeds(results['sweep_seeds'])}.",
         "",
     ]
     if results["missing_runs"]:
         parts += [f"**Not finished yet ({len(results['missing_runs'])}):** " + ", ".join(results["missing_runs"]), ""]
     if "main" in results:
-        parts += _main(results["main"])
+        parts += ["## Main comparison (equal parameters, same tokens and recipe)", ""]
+        parts += _table(("model", lambda r: r["label"]), ("params", "seeds", "ppl", "capacity_ppl", "layers", "mflops",
+                        "ratio", "train_experts", "dropped", "train_tps", "inference_tps", "train_s"),
+                        results["main"]["rows"])
+        parts += _pairs(results["main"])
     if "threshold_train" in results:
-        parts += _threshold(results["threshold_train"], results["threshold_inference"])
+        threshold = ("trained at t", lambda r: f"{r['threshold']:g}")
+        parts += ["## Threshold sweep at training time (one model per t)", ""]
+        parts += _table(threshold, ("seeds", "ppl", "capacity_ppl", "layers", "ratio", "train_experts", "lost",
+                                    "inference_tps"), results["threshold_train"]["rows"])
+        parts += ["## Threshold sweep at inference only (the models trained at t = 0.9, dropless)", ""]
+        parts += _table(("evaluated at t", threshold[1]), ("models", "ppl", "layers", "ratio", "sweep_tps"),
+                        results["threshold_inference"]["rows"])
     if "granularity" in results:
-        parts += _granularity(results["granularity"])
+        parts += ["## Granularity sweep (XMoE t = 0.9, equal total parameters)", ""]
+        parts += _table(("experts x width", lambda r: f"{r['num_experts']}x{r['expert_dim']}"),
+                        ("seeds", "ppl", "capacity_ppl", "layers", "mflops", "ratio", "train_tps", "inference_tps"),
+                        results["granularity"]["rows"])
     if results.get("plots"):
         parts += ["## Plots", ""] + [f"![{name}]({name})" for name in results["plots"]] + [""]
     parts += _settings(results)
     return "\n".join(parts)
-
-
-def _main(main: dict) -> list[str]:
-    header = [
-        "model",
-        "params",
-        "seeds",
-        "val PPL",
-        "val PPL, train capacity",
-        "experts/token per MoE layer",
-        "MoE MFLOPs/token",
-        "vs top-k FLOPs",
-        "train experts/token",
-        "dropped pairs/token (train capacity)",
-        "train tok/s",
-        "inference tok/s",
-        "train s",
-    ]
-    lines = _table(
-        header,
-        (
-            [
-                r["label"],
-                f"{r['params'] / 1e6:.2f}M",
-                str(r["n"]),
-                _ms(r, "perplexity", ".2f"),
-                _ms(r, "capacity_perplexity", ".2f"),
-                _layers(r),
-                _ms(r, "moe_flops_per_token", ".2f", 1e-6),
-                _ms(r, "moe_flops_ratio", ".2f"),
-                _ms(r, "train_experts_per_token", ".2f"),
-                _ms(r, "dropped_pairs_per_token", ".3f"),
-                _ms(r, "train_tokens_per_s", ",.0f"),
-                _ms(r, "inference_tokens_per_s", ",.0f"),
-                _ms(r, "train_seconds", ".0f"),
-            ]
-            for r in main["rows"]
-        ),
-    )
-    return ["## Main comparison (equal parameters, same tokens and recipe)", ""] + lines + [""] + _pairs(main)
 
 
 def _pairs(main: dict) -> list[str]:
@@ -87,7 +96,7 @@ def _pairs(main: dict) -> list[str]:
     if len(labels) < 2:
         return []
     cell = {(p["a"], p["b"]): p for p in main["pairs"]}
-    lines = [_row(["row − column"] + labels), _row(["---"] * (len(labels) + 1))]
+    lines = [md_row(["row − column"] + labels), md_row(["---"] * (len(labels) + 1))]
     for a in labels:
         cells = []
         for b in labels:
@@ -97,157 +106,32 @@ def _pairs(main: dict) -> list[str]:
                 continue
             diff = p["difference"] if (a, b) in cell else -p["difference"]
             cells.append(f"{diff:+.2f}" + ("*" if p["exceeds_spread"] else ""))
-        lines.append(_row([a] + cells))
-    return (
-        [
-            "Perplexity differences (row − column); `*`: larger than the spread, i.e. |difference| > "
-            "std_row + std_col (mean ± std intervals do not overlap; not a significance test).",
-            "",
-        ]
-        + lines
-        + [""]
-    )
-
-
-def _threshold(train: dict, inference: dict) -> list[str]:
-    header = [
-        "trained at t",
-        "seeds",
-        "val PPL",
-        "val PPL, train capacity",
-        "experts/token per MoE layer",
-        "vs top-k FLOPs",
-        "train experts/token",
-        "train tokens that lost a pair",
-        "inference tok/s",
-    ]
-    lines = _table(
-        header,
-        (
-            [
-                f"{r['threshold']:g}",
-                str(r["n"]),
-                _ms(r, "perplexity", ".2f"),
-                _ms(r, "capacity_perplexity", ".2f"),
-                _layers(r),
-                _ms(r, "moe_flops_ratio", ".2f"),
-                _ms(r, "train_experts_per_token", ".2f"),
-                _ms(r, "train_dropped_token_fraction", ".3f"),
-                _ms(r, "inference_tokens_per_s", ",.0f"),
-            ]
-            for r in train["rows"]
-        ),
-    )
-    header = ["evaluated at t", "models", "val PPL", "experts/token per MoE layer", "vs top-k FLOPs", "inference tok/s"]
-    inf = _table(
-        header,
-        (
-            [
-                f"{r['threshold']:g}",
-                str(r["n"]),
-                _ms(r, "perplexity", ".2f"),
-                _layers(r),
-                _ms(r, "moe_flops_ratio", ".2f"),
-                _ms(r, "tokens_per_second", ",.0f"),  # an inference sweep's point (xmoe.sweep)
-            ]
-            for r in inference["rows"]
-        ),
-    )
-    return (
-        ["## Threshold sweep at training time (one model per t)", ""]
-        + lines
-        + [""]
-        + ["## Threshold sweep at inference only (the models trained at t = 0.9, dropless)", ""]
-        + inf
-        + [""]
-    )
-
-
-def _granularity(gran: dict) -> list[str]:
-    header = [
-        "experts x width",
-        "seeds",
-        "val PPL",
-        "val PPL, train capacity",
-        "experts/token per MoE layer",
-        "MoE MFLOPs/token",
-        "vs top-k FLOPs",
-        "train tok/s",
-        "inference tok/s",
-    ]
-    lines = _table(
-        header,
-        (
-            [
-                f"{r['num_experts']}x{r['expert_dim']}",
-                str(r["n"]),
-                _ms(r, "perplexity", ".2f"),
-                _ms(r, "capacity_perplexity", ".2f"),
-                _layers(r),
-                _ms(r, "moe_flops_per_token", ".2f", 1e-6),
-                _ms(r, "moe_flops_ratio", ".2f"),
-                _ms(r, "train_tokens_per_s", ",.0f"),
-                _ms(r, "inference_tokens_per_s", ",.0f"),
-            ]
-            for r in gran["rows"]
-        ),
-    )
-    return ["## Granularity sweep (XMoE t = 0.9, equal total parameters)", ""] + lines + [""]
+        lines.append(md_row([a] + cells))
+    return ["Perplexity differences (row − column); `*`: larger than the spread, i.e. |difference| > "
+            "std_row + std_col (mean ± std intervals do not overlap; not a significance test).", "", *lines, ""]
 
 
 def _settings(results: dict) -> list[str]:
     env = results["environment"]
-    runs = results["runs"]
-    per_run = sorted(
-        {
-            json.dumps(
-                {k: v for k, v in r["overrides"].items() if k not in results["common_overrides"]}, sort_keys=True
-            )
-            for r in runs.values()
-        }
-    )
-    return (
-        [
-            "## Settings",
-            "",
-            f"Overrides common to every run (on top of each run's preset): `{json.dumps(results['common_overrides'])}`",
-            "",
-            "Per-run overrides (besides the common ones):",
-            "",
-        ]
-        + [f"- `{p}`" for p in per_run]
-        + [
-            "",
-            f"Environment: Python {env['python']}, torch {env['torch']}, {env['torch_threads']} threads, "
-            f"{env['cpu_count']} CPUs, {env['platform']}" + (f", GPU {env['cuda']}" if env["cuda"] else "") + ".",
-            "Each run's full resolved config, its measurements and the load average when it started are in "
-            "results.json (runs.NAME) and in its run folder.",
-            "",
-        ]
-    )
+    common = results["common_overrides"]
+    per_run = sorted({json.dumps({k: v for k, v in r["overrides"].items() if k not in common}, sort_keys=True)
+                      for r in results["runs"].values()})
+    return [
+        "## Settings",
+        "",
+        f"Overrides common to every run (on top of each run's preset): `{json.dumps(common)}`",
+        "",
+        "Per-run overrides (besides the common ones):",
+        "",
+        *(f"- `{p}`" for p in per_run),
+        "",
+        f"Environment: Python {env['python']}, torch {env['torch']}, {env['torch_threads']} threads, "
+        f"{env['cpu_count']} CPUs, {env['platform']}" + (f", GPU {env['cuda']}" if env["cuda"] else "") + ".",
+        "Each run's full resolved config, its measurements and the load average when it started are in "
+        "results.json (runs.NAME) and in its run folder.",
+        "",
+    ]
 
 
-def _ms(row: dict, key: str, spec: str, scale: float = 1.0) -> str:
-    if key not in row:
-        return "–"
-    cell = row[key]
-    text = format(cell["mean"] * scale, spec)
-    return text if cell["std"] is None else f"{text} ± {format(cell['std'] * scale, spec)}"
-
-
-def _layers(row: dict) -> str:
-    layers = row.get("experts_per_token_layers")
-    return " / ".join(f"{v:.2f}" for v in layers) if layers else "–"
-
-
-def _seeds(seeds: Sequence[Any]) -> str:
+def _seeds(seeds: Sequence) -> str:
     return ", ".join(str(s) for s in seeds)
-
-
-def _table(header: Sequence[str], rows) -> list[str]:
-    """Markdown lines: the header, its separator, then one line per row of cells."""
-    return [_row(header), _row(["---"] * len(header))] + [_row(cells) for cells in rows]
-
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
