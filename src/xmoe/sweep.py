@@ -23,12 +23,11 @@ Shape legend: B sequences, L sequence length, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from xmoe.errors import UsageError
 from xmoe.extras import MissingExtra, needs_extra
-from xmoe.markdown import finite, fmt, md_row
+from xmoe.markdown import finite, fmt, md_table
 from xmoe.moe import MoELayer
 from xmoe.training.metrics import perplexity
 
@@ -199,15 +198,10 @@ def _points(rows: Sequence[SweepPoint | dict]) -> list[SweepPoint]:
     return [r if isinstance(r, SweepPoint) else SweepPoint.from_dict(r, i) for i, r in enumerate(rows)]
 
 
-def _in_order(points: list[SweepPoint]) -> list[SweepPoint]:
-    """The model as loaded first, then by ascending t."""
-    return sorted(points, key=lambda p: (p.threshold is not None, p.threshold or 0.0))
-
-
 def sweep_table(rows: Sequence[SweepPoint | dict]) -> str:
     """A markdown table, one row per point (the model as loaded first, then ascending t); the
     experts, tokens/s and histogram columns appear when some point has them."""
-    points = _in_order(_points(rows))
+    points = sorted(_points(rows), key=lambda p: (p.threshold is not None, p.threshold or 0.0))
     columns = [("t", lambda p: p.label)]
     if any(p.experts_per_token is not None for p in points):
         columns.append(("experts/token", lambda p: fmt(p.experts_per_token, ".2f")))
@@ -217,9 +211,8 @@ def sweep_table(rows: Sequence[SweepPoint | dict]) -> str:
         columns.append(("tokens/s", lambda p: fmt(p.tokens_per_second, ".0f")))
     if any(p.histogram for p in points):
         columns.append(("share of tokens with 1, 2, ... experts", _histogram))
-    lines = [md_row([name for name, _ in columns]), md_row(["---"] * len(columns))]
-    lines += [md_row([cell(p) for _, cell in columns]) for p in points]
-    return "\n".join(lines)
+    header, cells = zip(*columns)
+    return "\n".join(md_table(header, ([cell(p) for cell in cells] for p in points)))
 
 
 def _histogram(point: SweepPoint) -> str:
@@ -316,19 +309,13 @@ def write_sweep(points: Sequence[SweepPoint], out: str | os.PathLike, *, data: s
     print(sweep_table(points))
     path = out / f"{name}.json"
     path.write_text(json.dumps(sweep_record(points, data=text, step=step, baseline=baseline), indent=2))
-    with _optional_plot():
+    try:
         plot_threshold_sweep(points, out / f"{name}.png", baseline=baseline, data=text)
         print(f"plot: {out / name}.png")
+    except MissingExtra as err:
+        warnings.warn(f"{err}; no plot drawn", stacklevel=2)
     print(f"json: {path}")
     return path
-
-
-@contextlib.contextmanager
-def _optional_plot() -> Iterator[None]:
-    try:
-        yield
-    except MissingExtra as err:
-        warnings.warn(f"{err}; no plot drawn", stacklevel=4)
 
 
 def read_sweeps(folder: str | os.PathLike) -> dict[str, dict]:

@@ -58,5 +58,3 @@ def describe_mt_eval(final: dict, *, bleu_sentences: int) -> str:
                  f"of the top-k model of equal parameters")
     return line
 
-
-__all__ = ["describe_eval", "describe_mt_eval", "flops_baseline", "is_dense_split"]

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 from xmoe.extras import MissingExtra
-from xmoe.markdown import finite, fmt, md_row
+from xmoe.markdown import finite, fmt, md_table
 from xmoe.sweep import read_sweeps, sweep_table
 from xmoe.training.metrics import METRICS_FILE, read_rows, split_rows
 
@@ -96,10 +96,9 @@ def _validation_section(val_rows: list[dict]) -> list[str]:
     last = val_rows[-1]
     # A language model reports perplexity; a translation run BLEU and chrF++ (and no perplexity).
     columns = [(name, key, spec) for name, key, spec in _VALIDATION_COLUMNS if finite(last.get(key))]
-    rows = [md_row(["step"] + [name for name, _, _ in columns] + ["tokens"]),
-            md_row(["---"] * (len(columns) + 2)),
-            md_row([str(last["step"])] + [format(last[key], spec) for _, key, spec in columns]
-                    + [f"{last.get('tokens', 0):,}"])]
+    rows = md_table(["step"] + [name for name, _, _ in columns] + ["tokens"],
+                    [[str(last["step"])] + [format(last[key], spec) for _, key, spec in columns]
+                     + [f"{last.get('tokens', 0):,}"]])
     return ["## Final validation", ""] + rows + [""]
 
 
@@ -110,14 +109,12 @@ _VALIDATION_COLUMNS = (("loss", "loss", ".4f"), ("perplexity", "perplexity", ".2
 def _routing_section(row: dict) -> list[str]:
     header = ["layer", "experts/token", "wanted/token", "dropped pairs", "top-1 prob. q25 / median / q75",
               "busiest expert / uniform", "idle experts"]
-    lines = [md_row(header), md_row(["---"] * len(header))]
-    for i, layer in enumerate(row["layers"]):
-        per_expert = layer["tokens_per_expert"]
-        lines.append(md_row([
-            layer_name(i), f"{layer['experts_per_token']:.2f}", fmt(layer.get("wanted_per_token"), ".2f"),
-            f"{layer['dropped_pairs']:,}", " / ".join(f"{q:.3f}" for q in layer["top1_quartiles"]),
-            f"{imbalance(per_expert):.2f}x", f"{sum(1 for n in per_expert if n == 0)} of {len(per_expert)}",
-        ]))
+    lines = md_table(header, ([
+        layer_name(i), f"{layer['experts_per_token']:.2f}", fmt(layer.get("wanted_per_token"), ".2f"),
+        f"{layer['dropped_pairs']:,}", " / ".join(f"{q:.3f}" for q in layer["top1_quartiles"]),
+        f"{imbalance(layer['tokens_per_expert']):.2f}x",
+        f"{layer['tokens_per_expert'].count(0)} of {len(layer['tokens_per_expert'])}",
+    ] for i, layer in enumerate(row["layers"])))
     dropped = sum(layer["dropped_pairs"] for layer in row["layers"])
     notes = [f"- Experts per token, mean over MoE layers: {row['experts_per_token']:.2f}",
              f"- Dropped (token, expert) pairs, all layers: {dropped:,}"]
@@ -136,5 +133,3 @@ def _flops(value: float) -> str:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.3g} FLOPs"
 
-
-__all__ = ["SUMMARY_MD", "summary_markdown", "write_report"]
