@@ -10,10 +10,10 @@ sweeps (training and inference) and the granularity sweep. `xmoe study NAME` run
 from .aggregate import exceeds_spread, mean_std, pairwise, summarize
 from .measure import MEASUREMENTS, inference_sweep, measure_run, training_numbers
 from .plan import SCALES, STUDIES, RunSpec, Scale, StudyPlan, Variant, plan_study
-from .runner import RESULTS_JSON, RESULTS_MD, default_out, run_study, write_results
+from .runner import RESULTS_JSON, RESULTS_MD, Runner, default_out, run_study, write_results
 
 __all__ = [
-    "MEASUREMENTS", "RESULTS_JSON", "RESULTS_MD", "SCALES", "STUDIES", "RunSpec", "Scale", "StudyPlan", "Variant",
+    "MEASUREMENTS", "RESULTS_JSON", "RESULTS_MD", "Runner", "SCALES", "STUDIES", "RunSpec", "Scale", "StudyPlan", "Variant",
     "default_out", "exceeds_spread", "inference_sweep", "mean_std", "measure_run", "pairwise", "plan_study",
     "run_study", "summarize", "training_numbers", "write_results",
 ]
