@@ -13,7 +13,7 @@ import torch
 from helpers.training import cross_entropy_by_hand
 from xmoe.cli.main import main
 from xmoe.moe import MoELayer
-from xmoe.study import MEASUREMENTS, RESULTS_JSON, RESULTS_MD, plan_study, run_study
+from xmoe.study import MEASUREMENTS, RESULTS_JSON, RESULTS_MD, Runner, plan_study, run_study
 from xmoe.study import runner as runner_module
 from xmoe.tasks.lm import eval_batches, load_lm
 
@@ -168,3 +168,18 @@ def test_a_config_field_added_since_a_run_finished_takes_its_default(study, corp
     path.write_text(json.dumps(m))
     with pytest.raises(ValueError, match="holds a finished run with another config"):
         run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=lambda s: None)
+
+
+def test_the_runner_trains_a_fresh_run_once_and_leaves_a_trained_one(study, corpus, tmp_path):
+    """Runner.train: a run with no checkpoint is trained from scratch (resume False); a run
+    trained to its last step is left as it is and said so, with the step it found."""
+    out, _, _ = study
+    spec = plan_study("granularity", scale="debug", data=str(corpus), steps=STEPS).runs[0]
+    calls, logs = [], []
+    fresh = Runner(tmp_path, trainer=lambda cfg, run_dir, resume: calls.append((cfg, run_dir, resume)),
+                   log=logs.append)
+    assert fresh.train(spec) is None
+    assert [(c.train.max_steps, d, r) for c, d, r in calls] == [(STEPS, tmp_path / spec.name, False)]
+    trained = Runner(out / "runs", trainer=lambda *a, **k: pytest.fail("trained again"), log=logs.append)
+    assert trained.train(spec) == STEPS
+    assert logs == [f"{out / 'runs' / spec.name}: trained before ({STEPS} steps)"]

@@ -196,7 +196,7 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
         extra["train.max_steps"] = str(steps)
     if data is not None:
         extra["data.path"] = str(data)
-    parts = _parts(name)
+    parts = ("main", "threshold", "granularity") if name == "all" else (name,)
     main = MAIN_VARIANTS if "main" in parts else ()
     train_t = tuple(Variant(router="threshold", num_experts=SWEEP_EXPERTS, threshold=t) for t in TRAIN_THRESHOLDS)
     train_t = train_t if "threshold" in parts else ()
@@ -215,10 +215,6 @@ def plan_study(name: str, *, scale: str = "cpu", seeds: int = 3, sweep_seeds: in
     return StudyPlan(name=name, scale=sc, data=data, seeds=tuple(range(seeds)), sweep_seeds=tuple(range(sweep_seeds)),
                      runs=tuple(runs.values()), main=main, train_thresholds=train_t, inference_models=inference,
                      granularity=gran, extra_overrides=dict(overrides or {}))
-
-
-def _parts(name: str) -> tuple[str, ...]:
-    return ("main", "threshold", "granularity") if name == "all" else (name,)
 
 
 def run_spec(scale: Scale, variant: Variant, seed: int, extra: dict[str, str]) -> RunSpec:
