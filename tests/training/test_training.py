@@ -18,7 +18,7 @@ from helpers.data import write_corpus
 from helpers.training import cross_entropy_by_hand, tiny_lm_config
 import xmoe
 from xmoe import UsageError
-from xmoe.cli.flags import config_overrides
+from xmoe.cli.main import config_overrides
 from xmoe.cli.main import build_parser, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
