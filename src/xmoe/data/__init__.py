@@ -14,7 +14,6 @@ Imports nothing else from xmoe but ``xmoe.errors`` and ``xmoe.extras`` (the erro
 """
 
 from .batches import TrainBatches, ValBatches
-from .cache import cached_arrays, default_cache_dir
 from .corpus import (
     DEFAULT_MODULES,
     TEXT_SUFFIXES,
@@ -23,7 +22,16 @@ from .corpus import (
     load_corpus,
     split_documents,
 )
-from .lm import DataConfig, LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
+from .lm import (
+    DataConfig,
+    LMData,
+    cached_arrays,
+    default_cache_dir,
+    describe_source,
+    load_eval_tokens,
+    load_tokenizer,
+    prepare_lm_data,
+)
 from .translation import TranslationData, TranslationDataConfig, SubwordVocab, prepare_translation_data, read_sentence_pairs
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
 

@@ -296,7 +296,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
 def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
     """Extending a run (a larger max_steps) re-stretches a schedule that spans max_steps: say so,
     with the learning rates before and after, and how to keep the old one."""
-    from .optim import lr_at
+    from .loop import lr_at
 
     before = [lr_at(s, saved) for s in range(step, min(step + 10, saved.max_steps) + 1)]
     after = [lr_at(s, new) for s in range(step, min(step + 10, saved.max_steps) + 1)]
