@@ -65,30 +65,19 @@ from xmoe.errors import CheckpointError, UsageError
 @dataclass(frozen=True)
 class Command:
     """One `xmoe` command: ``run``, whose signature is its flags, and what a signature cannot
-    say: ``config``, the run config its --section.field=VALUE flags set (passed as ``config``);
-    ``choices`` read when the command is used (their modules import torch); ``renamed``, old
-    flags that name their new spelling. A benchmark defines its own flags (``flags``), and its
-    ``run`` takes the parsed namespace."""
+    say: ``config``, the run config class (``module:Class``, imported when the command is used)
+    that its --section.field=VALUE flags set (passed as ``config``); ``choices`` read when the
+    command is used (their modules import torch); ``renamed``, old flags that name their new
+    spelling. A benchmark defines its own flags (``flags``), and its ``run`` takes the parsed
+    namespace."""
 
     run: Callable
-    config: Callable[[], type] | None = None
+    config: str | None = None
     choices: dict[str, Callable[[], tuple[str, ...]]] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
     flags: Callable[[argparse.ArgumentParser], None] | None = None
     help: str | None = None
     description: str | None = None
-
-
-def _lm_config() -> type:
-    from xmoe.tasks.lm import LMRunConfig
-
-    return LMRunConfig
-
-
-def _mt_config() -> type:
-    from xmoe.tasks.mt import MTRunConfig
-
-    return MTRunConfig
 
 
 def _bench(kind: str, help: str) -> Command:
@@ -101,10 +90,11 @@ def _bench(kind: str, help: str) -> Command:
 # Parameters the runner passes itself: the run config's flags, and the command line (to relaunch
 # it under torchrun, or to name the command that continues a stopped demo).
 SUPPLIED = ("config", "command_line")
+LM_RUN, MT_RUN = "xmoe.tasks.lm:LMRunConfig", "xmoe.tasks.mt:MTRunConfig"
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(lm.demo),
-    "train": Command(lm.train, config=_lm_config, renamed={"data": "data.path"}),
+    "train": Command(lm.train, config=LM_RUN, renamed={"data": "data.path"}),
     "eval": Command(lm.evaluate),
     "sweep-threshold": Command(lm.sweep_threshold),
     "generate": Command(lm.generate),
@@ -112,10 +102,10 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(convert.convert, choices={"partition": convert.partitions}, description=convert.__doc__),
     "export-hf": Command(hf.export_hf),
     "lm-eval": Command(hf.lm_eval),
-    "study": Command(study.study, config=_lm_config, choices={"name": study.names, "scale": study.scales},
+    "study": Command(study.study, config=LM_RUN, choices={"name": study.names, "scale": study.scales},
                      description=study.__doc__),
     "presets": Command(lm.presets),
-    "train-mt": Command(mt.train_mt, config=_mt_config, renamed={
+    "train-mt": Command(mt.train_mt, config=MT_RUN, renamed={
         "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src", "valid-tgt": "data.valid_tgt"}),
     "translate": Command(mt.translate),
     "eval-mt": Command(mt.eval_mt),
@@ -155,7 +145,8 @@ def _add_deferred(p: argparse.ArgumentParser, command: Command) -> None:
         if action.dest in command.choices:
             action.choices = command.choices[action.dest]()
     if command.config is not None:
-        add_config_flags(p, command.config(), renamed=command.renamed)
+        module, _, name = command.config.partition(":")
+        add_config_flags(p, getattr(importlib.import_module(module), name), renamed=command.renamed)
 
 
 class CommandParser(argparse.ArgumentParser):
