@@ -43,7 +43,7 @@ from xmoe.errors import UsageError
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_config, read_state
 from .config import apply_overrides, from_dict, to_dict
 from .loop import TrainResult, resolve_device, train
-from .stopping import raising
+from .stopping import StopSignals
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every",
@@ -83,7 +83,7 @@ def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[N
     try:
         fd = _lock(run_dir)  # inside the guard: a lock file a failed start wrote is undone too
         _remove_stale_temporaries(run_dir)
-        with raising():  # a SIGTERM while starting must reach the clean-up below
+        with StopSignals(raising=True):  # a SIGTERM while starting must reach the clean-up below
             yield
     except BaseException as err:
         mine = not isinstance(err, RunInUseError)  # another run's folder is left alone
