@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import inspect
 import os
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=command.config is None)
         if command.flags is None:
             add_signature(p, command.run, skip=SUPPLIED)
-        p.later(lambda p, command=command: _add_deferred(p, command))
+        p.later = functools.partial(_add_deferred, command=command)
         p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
         p.set_defaults(entry=command)
     return parser
@@ -154,20 +155,16 @@ class CommandParser(argparse.ArgumentParser):
 
     ``xmoe --help`` and ``xmoe presets`` must not import torch: the choices of `xmoe study`, the
     flags of `xmoe bench layer` and the run config's fields live in modules that do. Such a
-    command registers ``later(add)``; ``add(parser)`` runs before the command's arguments are
-    parsed or its help is printed, so only the command typed pays for its imports."""
+    command's parser holds ``later = add``; ``add(parser)`` runs before the command's arguments
+    are parsed or its help is printed, so only the command typed pays for its imports."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._later: list[Callable[[argparse.ArgumentParser], None]] = []
-
-    def later(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
-        self._later.append(add)
+    later: Callable[[argparse.ArgumentParser], None] | None = None
 
     def complete(self) -> CommandParser:
         """Add the deferred arguments (once)."""
-        while self._later:
-            self._later.pop(0)(self)
+        add, self.later = self.later, None
+        if add is not None:
+            add(self)
         return self
 
     def parse_known_args(self, args=None, namespace=None):

@@ -53,7 +53,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .manifest import hash_run_files
-from .metrics import MetricsLog, NoLog
+from .metrics import METRICS_FILE, MetricsLog, NoLog
 from .stopping import StopSignals
 
 
@@ -122,7 +122,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             )
     else:
         torch.manual_seed(cfg.seed + ranks.rank)  # ranks draw their own dropout masks
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if ranks.is_main else NoLog()
+    log = MetricsLog(run_dir / METRICS_FILE, keep_before=start) if ranks.is_main else NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
     # Every checkpoint of the run carries its id (xmoe.training.manifest); one id on every rank.
@@ -424,4 +424,4 @@ def _progress(start: int, total: int, enabled: bool, file=None):
 PROGRESS_TO_FILE_S = 60.0
 
 
-__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "checkpoint_dir"]
+__all__ = ["Task", "TrainResult", "autocast_context", "build_optimizer", "lr_at", "resolve_device", "train"]
