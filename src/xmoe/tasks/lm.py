@@ -3,9 +3,9 @@ through the run's own BPE tokenizer), its run config and recipe, its evaluation 
 with the routing of every MoE layer), and the entry points the CLI wires up (train, load,
 evaluate).
 
-Loss: the model's next-token cross entropy (GPT computes it in fp32), with the MoE loss terms of
-xmoe.tasks.routing (the paper's balancing loss; the z-loss and the router entropy where those
-options are on).
+Loss: the model's next-token cross entropy (GPT computes it in fp32), with the MoE loss terms
+of the recipe (xmoe.training.loop.moe_objective: the paper's balancing loss; the z-loss and the
+router entropy where those options are on).
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ from xmoe.models.gpt import GPT, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 from xmoe.presets import get_preset
 from xmoe.training.config import TrainConfig, with_overrides, to_dict
-from xmoe.training.loop import TrainResult, autocast_context
-from xmoe.training.metrics import perplexity
+from xmoe.training.loop import TrainResult, autocast_context, moe_objective
+from xmoe.training.metrics import perplexity, routing_summary
 from xmoe.training.runs import LoadedRun, load_run, train_task
-
-from .routing import moe_objective, routing_summary
 
 
 @dataclass(frozen=True, kw_only=True)

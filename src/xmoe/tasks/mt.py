@@ -42,10 +42,9 @@ from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
 from xmoe.training.config import TrainConfig, apply_overrides
-from xmoe.training.loop import TrainResult, autocast_context
+from xmoe.training.loop import TrainResult, autocast_context, moe_objective
+from xmoe.training.metrics import routing_summary
 from xmoe.training.runs import LoadedRun, load_run, train_task
-
-from .routing import moe_objective, routing_summary
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """One training loop for every model: the task says what a batch and a loss are; the loop does
 the rest (device, precision, accumulation, clipping, schedule, logging, evaluation,
 checkpoints, exact resume, stopping on Ctrl-C or SIGTERM: xmoe.training.stopping), with the
-optimizer and schedule of the XMoE recipe (``build_optimizer``, ``lr_at``).
+XMoE recipe every task trains with: its MoE loss terms (``moe_objective``), optimizer and schedule.
 
 A task is any object with:
 
@@ -234,7 +234,29 @@ def train_step(step_model: nn.Module, model: nn.Module, task: Task, optimizer: t
     return {key: value / cfg.grad_accum for key, value in totals.items()}, grad_norm, tokens
 
 
-# --- the optimizer and the schedule of the XMoE recipe (docs/method.md) ----------------------
+# --- the XMoE recipe (docs/method.md): the MoE loss terms, the optimizer and the schedule -----
+
+
+def moe_objective(ce: Tensor, out: Any, cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss a task trains with, and its logs, from the task's cross entropy ``ce`` and the
+    model output ``out`` (``aux_loss``, ``z_loss``, ``entropy_loss``: summed over MoE layers;
+    ``stats``: one RoutingStats per layer):
+
+        loss = ce + aux_loss_coef * (sum over MoE layers of l_aux) + z_loss_coef * (sum of z-losses)
+                  + entropy_loss_coef * (sum of mean router entropies)
+
+    The last two are options beyond the paper, off by default (docs/method.md, "Deviations").
+    The logs stay on the device: the loop reads them at its log steps."""
+    loss = (ce + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * out.z_loss
+            + cfg.entropy_loss_coef * out.entropy_loss)
+    logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach(),
+            "router_entropy": out.entropy_loss.detach()}
+    if out.stats:
+        logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+        logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
+        logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
+    return loss, logs
+
 
 BIASES = {"bias", "b1", "b2", "b3"}
 
@@ -424,4 +446,5 @@ def _progress(start: int, total: int, enabled: bool, file=None):
 PROGRESS_TO_FILE_S = 60.0
 
 
-__all__ = ["Task", "TrainResult", "autocast_context", "build_optimizer", "lr_at", "resolve_device", "train"]
+__all__ = ["Task", "TrainResult", "autocast_context", "build_optimizer", "lr_at", "moe_objective", "resolve_device",
+           "train"]
