@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -223,3 +224,13 @@ def test_default_cache_dir_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "xmoe" / "tokens"
+
+
+def test_the_language_model_side_loads_no_translation_code():
+    """xmoe.data exports the language-model data only: the LM task, and so `xmoe train`, load
+    none of translation's data, task or model (checked in a fresh interpreter)."""
+    code = ("import sys, xmoe.tasks.lm; "
+            "print(sorted(m for m in sys.modules if m.startswith(('xmoe.data.translation', 'xmoe.tasks.mt', "
+            "'xmoe.models.seq2seq'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
