@@ -38,7 +38,7 @@ from xmoe.data.translation import (
 from xmoe.distributed import Ranks
 from xmoe.errors import UsageError, check_counts
 from xmoe.extras import check_extra, needs_extra
-from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
+from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
 from xmoe.training.config import TrainConfig, apply_overrides
@@ -139,7 +139,7 @@ class Translation:
     config = staticmethod(mt_run_config)
     build_model = Seq2Seq
     load_vocab = staticmethod(load_subword_vocab)
-    num_params = None  # a Seq2Seq preset is small: no memory check before building
+    num_params = staticmethod(num_params)
 
     @staticmethod
     def prepare(cfg: MTRunConfig, run_dir, resume: bool, ranks: Ranks | None) -> TranslationData:

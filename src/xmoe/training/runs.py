@@ -178,8 +178,7 @@ def train_task(task, cfg, run_dir: str | os.PathLike, *, resume: bool = False, p
         data = task.prepare(cfg, run_dir, resume, ranks)
         check_same_data(saved_state, data.fingerprint, run_dir, task.describe_data(cfg))
         cfg = task.fit_vocab(cfg, data)
-        if task.num_params is not None:
-            check_fits_in_memory(task.num_params(cfg.model), f"preset {cfg.preset}")
+        check_fits_in_memory(task.num_params(cfg.model), f"preset {cfg.preset}")
         torch.manual_seed(cfg.train.seed)
         model = task.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
@@ -201,8 +200,7 @@ class LoadedRun:
 def load_run(task, path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
     """The run of ``task`` in ``path`` (a run or checkpoint folder), its model in eval mode."""
     cfg = saved_config(path, task)
-    if task.num_params is not None:
-        check_fits_in_memory(task.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
+    check_fits_in_memory(task.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
     model = task.build_model(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()
