@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,16 +119,6 @@ class LMData:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
-
-    @property
-    def eot_id(self) -> int:
-        return self.tokenizer.eot_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.tokenizer.decode(ids)
 
     def train_batches(self, *, batch_size: int, seq_len: int, seed: int = 0) -> TrainBatches:
         """Training batches; ``.batch(i)`` is a pure function of ``(seed, i)``."""
