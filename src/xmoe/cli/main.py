@@ -46,7 +46,6 @@ the command line, the run-config flags) are left out.
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import importlib
 import inspect
@@ -60,7 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xmoe.cli import convert, hf, lm, mt, study
-from xmoe.errors import CheckpointError, UsageError
+from xmoe.errors import CheckpointError, UsageError, is_disk_full
 
 
 @dataclass(frozen=True)
@@ -345,9 +344,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     except OSError as err:
         if isinstance(err, (FileNotFoundError, FileExistsError)):
             _user_error(args, err)
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(err):
             raise
-        _user_error(args, f"no space left on the device: {err}")
+        _user_error(args, f"no space left (a full disk, a quota or a file-size limit): {err}")
     except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
         from xmoe.training.stopping import exit_code, signal_name
 
