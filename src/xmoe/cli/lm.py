@@ -86,6 +86,9 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     print(f"report: {write_report(out)}")
 
 
+# --- `xmoe train --nproc N`: the run under torchrun -------------------------------------------
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -155,6 +158,9 @@ def _without_nproc(argv: list[str]) -> list[str]:
         elif not arg.startswith("--nproc="):
             out.append(arg)
     return out
+
+
+# --- using a trained model --------------------------------------------------------------------
 
 
 def evaluate(*, checkpoint: str, data: str | None = None, max_batches: int | None = None, capacity: bool = False,
