@@ -1,6 +1,6 @@
 """`xmoe <command>`: the command table, and how a command line becomes a call. Each command is a
-typed function (xmoe.cli.lm, .mt, .hf, .convert, .study) whose signature is its flags; the work
-lives in the library.
+typed function (xmoe.cli.lm, .mt, .hf, .convert, .study) whose signature is its flags
+(add_signature); the work lives in the library.
 
     xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
     xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
@@ -21,26 +21,6 @@ lives in the library.
 field's type), and nothing else sets those fields: one spelling per setting.
 A mistake the user can fix (xmoe.UsageError, a checkpoint or file that is not there) is one line
 and exit status 2; anything else is a bug and keeps its traceback.
-
-A command's flags are read from its function's signature and docstring, as LitGPT's CLI reads
-them through jsonargparse, but spelled the way `xmoe` has always spelled them
-(``--max-new-tokens``, ``--thresholds 0.5 0.7``, ``--resume`` without a value), which
-jsonargparse cannot do:
-
-    def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, top_k: int | None = None):
-        '''Sample text from a checkpoint.
-
-        Args:
-            checkpoint: run folder, Hugging Face folder or Hub id ORG/NAME
-            max_new_tokens: tokens to generate
-        '''
-
-becomes ``--checkpoint`` (required), ``--prompt`` (required), ``--max-new-tokens`` (int, 100)
-and ``--top-k`` (int or none). The rules: a positional-only parameter is a positional argument;
-a keyword without a default is a required flag; ``bool`` is a switch (default False); ``list[X]``
-takes one or more values; ``X | None`` is ``X`` or absent; ``Literal[...]`` lists its choices;
-the help is the parameter's line under "Args:". Parameters the runner supplies itself (SUPPLIED:
-the command line, the run-config flags) are left out.
 """
 
 from __future__ import annotations
@@ -174,8 +154,25 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_signature(parser: argparse.ArgumentParser, function: Callable, *, skip: tuple[str, ...] = ()) -> None:
-    """Add a flag to ``parser`` for every parameter of ``function`` but those named in ``skip``
-    (the rules: this module's docstring)."""
+    """Add a flag to ``parser`` for every parameter of ``function`` but those named in ``skip``.
+
+    The flags are read from the signature and the docstring, as LitGPT's CLI reads them through
+    jsonargparse, but spelled the way `xmoe` has always spelled them (``--max-new-tokens``,
+    ``--thresholds 0.5 0.7``, ``--resume`` without a value), which jsonargparse cannot do:
+
+        def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, top_k: int | None = None):
+            '''Sample text from a checkpoint.
+
+            Args:
+                checkpoint: run folder, Hugging Face folder or Hub id ORG/NAME
+                max_new_tokens: tokens to generate
+            '''
+
+    becomes ``--checkpoint`` (required), ``--prompt`` (required), ``--max-new-tokens`` (int,
+    100) and ``--top-k`` (int or none). The rules: a positional-only parameter is a positional
+    argument; a keyword without a default is a required flag; ``bool`` is a switch (default
+    False); ``list[X]`` takes one or more values; ``X | None`` is ``X`` or absent;
+    ``Literal[...]`` lists its choices; the help is the parameter's line under "Args:"."""
     hints = typing.get_type_hints(function)
     helps = parameter_help(function)
     for name, param in inspect.signature(function).parameters.items():
