@@ -24,7 +24,7 @@ from xmoe.models.gpt import GPT
 from xmoe.training import to_dict
 from xmoe.tasks.lm import lm_run_config
 from xmoe.training.checkpoint import Manifest, _read_shards, _state_template, save_sharded_checkpoint
-from xmoe.training.optim import build_optimizer
+from xmoe.training.loop import build_optimizer
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ from xmoe.distributed import DataParallelConfig, Layout, Parallel, SingleProcess
 from xmoe.models.gpt import GPT
 from xmoe.presets import get_preset
 from xmoe.training import TrainConfig
-from xmoe.training.optim import build_optimizer
+from xmoe.training.loop import build_optimizer
 
 COLLECTIVES = ("all_reduce", "all_to_all_single", "all_gather_single", "reduce_scatter_single",
                "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "broadcast")

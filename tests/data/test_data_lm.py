@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -52,10 +53,10 @@ def test_text_file_becomes_train_and_val_tokens(text_file, tmp_path):
     assert data.vocab_size == data.tokenizer.vocab_size <= 320
     assert data.train_tokens.dtype == data.val_tokens.dtype == np.uint16
     train_docs, val_docs = split_documents(load_corpus(str(text_file)), cfg.val_fraction)
-    assert data.decode(data.train_tokens) == "".join(doc + EOT for doc in train_docs)
-    assert data.decode(data.val_tokens) == "".join(doc + EOT for doc in val_docs)
+    assert data.tokenizer.decode(data.train_tokens) == "".join(doc + EOT for doc in train_docs)
+    assert data.tokenizer.decode(data.val_tokens) == "".join(doc + EOT for doc in val_docs)
     assert 0.03 < len(data.val_tokens) / len(data.train_tokens) < 0.07
-    assert data.decode(data.encode("the router.")) == "the router."
+    assert data.tokenizer.decode(data.tokenizer.encode("the router.")) == "the router."
     assert str(text_file) in data.source
 
 
@@ -63,12 +64,12 @@ def test_test_fraction_holds_out_the_end_of_the_corpus(text_file, tmp_path):
     """train | val | test in corpus order, cut at line starts; no test split by default."""
     text = text_file.read_text()
     data = prepare_lm_data(config(text_file, tmp_path, val_fraction=0.1, test_fraction=0.2), tmp_path / "run")
-    train, val, test = (data.decode(t).replace(EOT, "") for t in (data.train_tokens, data.val_tokens, data.test_tokens))
+    train, val, test = (data.tokenizer.decode(t).replace(EOT, "") for t in (data.train_tokens, data.val_tokens, data.test_tokens))
     assert train + val + test == text
     assert abs(len(test) / len(text) - 0.2) < 0.01 and abs(len(val) / len(text) - 0.1) < 0.01
     assert val.startswith(text[len(train)]) and text[len(train) - 1] == "\n" and text[len(train) + len(val) - 1] == "\n"
     first = next(iter(data.val_batches(batch_size=1, seq_len=8, split="test")))
-    assert data.decode(first[0][0]) == data.decode(data.test_tokens[:8])
+    assert data.tokenizer.decode(first[0][0]) == data.tokenizer.decode(data.test_tokens[:8])
 
     plain = prepare_lm_data(config(text_file, tmp_path), tmp_path / "run")
     assert plain.test_tokens is None
@@ -83,8 +84,8 @@ def test_folder_and_jsonl_load_every_document(form, tmp_path):
     path, docs = write_form(form, tmp_path)
     data = prepare_lm_data(config(path, tmp_path), tmp_path / "run")
     stream = np.concatenate([data.train_tokens, data.val_tokens])
-    assert int((stream == data.eot_id).sum()) == len(docs) + 1  # the split cuts one document
-    assert data.decode(stream).replace(EOT, "") == "".join(docs)
+    assert int((stream == data.tokenizer.eot_id).sum()) == len(docs) + 1  # the split cuts one document
+    assert data.tokenizer.decode(stream).replace(EOT, "") == "".join(docs)
 
 
 def test_second_call_hits_the_cache(text_file, tmp_path, monkeypatch):
@@ -113,7 +114,7 @@ def test_changed_content_or_tokenizer_misses_the_cache(text_file, tmp_path):
     changed = prepare_lm_data(config(text_file, tmp_path), tmp_path / "run1")
     assert changed.fingerprint != first.fingerprint
     assert changed.cache_entry != first.cache_entry
-    assert changed.decode(changed.val_tokens).endswith("One more line at the end.\n" + EOT)
+    assert changed.tokenizer.decode(changed.val_tokens).endswith("One more line at the end.\n" + EOT)
     other_vocab = DataConfig(path=str(text_file), vocab_size=300, cache_dir=str(tmp_path / "cache"))
     prepare_lm_data(other_vocab, tmp_path / "run2")
     assert len(entries(tmp_path / "cache")) == 3
@@ -223,3 +224,13 @@ def test_default_cache_dir_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "xmoe" / "tokens"
+
+
+def test_the_language_model_side_loads_no_translation_code():
+    """xmoe.data exports the language-model data only: the LM task, and so `xmoe train`, load
+    none of translation's data, task or model (checked in a fresh interpreter)."""
+    code = ("import sys, xmoe.tasks.lm; "
+            "print(sorted(m for m in sys.modules if m.startswith(('xmoe.data.translation', 'xmoe.tasks.mt', "
+            "'xmoe.models.seq2seq'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

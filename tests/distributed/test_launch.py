@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xmoe.cli.launch import _without_nproc
+from xmoe.cli.lm import _without_nproc
 
 
 def test_nproc_is_dropped_from_the_relaunched_command() -> None:

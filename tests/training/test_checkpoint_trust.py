@@ -29,7 +29,7 @@ from xmoe.models.gpt import GPT
 from xmoe.training import CheckpointError, load_checkpoint, to_dict
 from xmoe.tasks.lm import LanguageModelling, lm_run_config, load_lm, train_lm
 from xmoe.training.checkpoint import consolidate_checkpoint, save_sharded_checkpoint
-from xmoe.training.optim import build_optimizer
+from xmoe.training.loop import build_optimizer
 from xmoe.training.runs import saved_config
 from xmoe.training.shards import read_metadata
 

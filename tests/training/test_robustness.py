@@ -546,7 +546,7 @@ def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(
     and --train.schedule_steps keeps the old schedule (lr at its floor, as a direct check)."""
     from xmoe.training import apply_overrides
     from xmoe.tasks.lm import LanguageModelling
-    from xmoe.training.optim import lr_at
+    from xmoe.training.loop import lr_at
     from xmoe.training.runs import saved_config
 
     run = finished_run("run")

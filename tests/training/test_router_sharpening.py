@@ -10,7 +10,7 @@ import torch
 from xmoe.data import DataConfig
 from xmoe.training import TrainConfig, read_metrics
 from xmoe.tasks.lm import lm_run_config, load_lm, train_lm
-from xmoe.training.optim import build_optimizer
+from xmoe.training.loop import build_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -191,3 +191,24 @@ def test_an_export_onto_a_full_disk_is_one_error_and_keeps_the_earlier_export(tm
     assert f"the earlier export in {out} is intact" in str(error.value)
     assert json.loads((out / "config.json").read_text()) == {"model_type": "xmoe"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no half-written export left beside it
+
+
+@pytest.mark.parametrize("task", ["lm", "mt"])
+def test_a_model_larger_than_the_memory_is_refused_for_either_task(task, monkeypatch) -> None:
+    """Both tasks count a model's parameters from its config before building it; fp32 weights
+    that exceed the machine's memory are refused, one byte less than they need is enough."""
+    from xmoe.errors import UsageError
+    from xmoe.tasks.lm import LanguageModelling
+    from xmoe.tasks.mt import Translation, mt_run_config
+    from xmoe.training import runs
+
+    Task, cfg = ((LanguageModelling, lm_run_config("debug-xmoe")) if task == "lm"
+                 else (Translation, mt_run_config("debug-xmoe-16x64")))
+    params = sum(p.numel() for p in Task.build_model(cfg.model).parameters())  # counted on a built model
+    for memory, refused in ((4 * params, False), (4 * params - 1, True)):
+        monkeypatch.setattr(runs.os, "sysconf", lambda name: memory if name == "SC_PHYS_PAGES" else 1)
+        if refused:
+            with pytest.raises(UsageError, match=f"would have {params:,} parameters"):
+                runs.check_fits_in_memory(Task.num_params(cfg.model), "the preset")
+        else:
+            runs.check_fits_in_memory(Task.num_params(cfg.model), "the preset")

@@ -18,7 +18,7 @@ from helpers.data import write_corpus
 from helpers.training import cross_entropy_by_hand, tiny_lm_config
 import xmoe
 from xmoe import UsageError
-from xmoe.cli.flags import config_overrides
+from xmoe.cli.main import config_overrides
 from xmoe.cli.main import build_parser, main
 from xmoe.models.gpt import GPT
 from xmoe.training import (
@@ -324,7 +324,7 @@ def test_bad_device_and_flag_without_value_are_clear(capsys):
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""
-    from xmoe.training.optim import lr_at
+    from xmoe.training.loop import lr_at
 
     fixed = TrainConfig(lr=1e-3, max_steps=1000, schedule="inverse_sqrt", warmup_fraction=0.1, warmup_steps=512)
     for step, lr in ((0, 1e-3 / 512), (255, 5e-4), (511, 1e-3), (2047, 5e-4), (8191, 2.5e-4)):

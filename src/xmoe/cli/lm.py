@@ -1,13 +1,22 @@
 """The language-model commands: `xmoe demo / train / eval / sweep-threshold / generate / report /
-presets`. Each is a typed function whose signature is its flags (xmoe.cli.signature); the work
+presets`. Each is a typed function whose signature is its flags (xmoe.cli.main); the work
 lives in the library. eval, sweep-threshold and generate open any kind of checkpoint
 (xmoe.checkpoints): an `xmoe train` run here, a Hugging Face folder or Hub id in xmoe.cli.hf.
+
+`xmoe train --nproc N` re-runs the command under torchrun, and a process that torchrun started
+joins the run (xmoe.distributed.init_from_env):
+
+    xmoe train --nproc 2 --ep-size 2 --preset cpu-xmoe-64x128 --out runs/ep
+    torchrun --nproc-per-node 2 -m xmoe train --ep-size 2 --preset cpu-xmoe-64x128 --out runs/ep
 """
 
 from __future__ import annotations
 
 import contextlib
 import json as _json  # `json` is also a flag of `xmoe eval`
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,13 +53,12 @@ def train(*, out: str, preset: str | None = None, resume: bool = False, nproc: i
         ep_size: expert-parallel group size: each rank holds E/ep-size experts of every MoE layer
             (1 = experts replicated, pure data parallelism)
     """
-    from xmoe.cli import launch
-    from xmoe.cli.flags import run_config
     from xmoe.tasks.lm import LanguageModelling
+    from xmoe.training.runs import run_config
 
-    if nproc != 1 and not launch.under_torchrun():
-        sys.exit(launch.relaunch(command_line, nproc))
-    cfg = run_config(LanguageModelling, preset, config, out=out, resume=resume)
+    if nproc != 1 and not under_torchrun():
+        sys.exit(relaunch(command_line, nproc))
+    cfg = run_config(LanguageModelling, preset, config, resume_from=out if resume else None)
     train_and_report(cfg, Path(out), resume=resume, ep_size=ep_size)
 
 
@@ -58,12 +66,10 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     """Train the language model ``cfg`` into ``out`` (on every rank under torchrun), then print
     its evaluation and write its report; ``go_on``: the command that continues it, if stopped,
     when it is not ``xmoe train --out OUT --resume``."""
-    from xmoe.cli import launch
     from xmoe.tasks.lm import train_lm
-    from xmoe.report import describe_eval, write_report
     from xmoe.training.stopping import exit_if_interrupted
 
-    with launch.parallel_context(ep_size, cfg.train) as parallel:
+    with parallel_context(ep_size, cfg.train) as parallel:
         main_rank = parallel is None or parallel.is_main
         if main_rank:
             ranks = "" if parallel is None else f" on {parallel.world_size} ranks (ep {ep_size})"
@@ -74,8 +80,87 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     if go_on is None and parallel is not None:  # the same processes and layout continue it
         go_on = f"xmoe train --nproc {parallel.world_size} --ep-size {ep_size} --out {out} --resume"
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
+    from xmoe.report import describe_eval, write_report
+
     print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
     print(f"report: {write_report(out)}")
+
+
+# --- `xmoe train --nproc N`: the run under torchrun -------------------------------------------
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch(command_line: list[str], nproc: int) -> int:
+    """Run this same `xmoe` command (its arguments: ``command_line``) under torchrun with
+    ``nproc`` processes; its exit code."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "xmoe", *_without_nproc(command_line)]
+    print("launching:", " ".join(command), flush=True)
+    # torchrun and its ranks in a process group of their own: a stop reaches them once, from here.
+    return wait_forwarding_signals(subprocess.Popen(command, start_new_session=True))
+
+
+def wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``, the leader of its own process group, passing SIGINT and SIGTERM on to
+    the whole group (torchrun and every rank), so that the ranks stop together after their
+    coordinated save. Returns the exit status: 128 + the first signal (130, 143) if one came,
+    as for a process that signal stopped; otherwise ``proc``'s."""
+    from xmoe.training.stopping import STOP_SIGNALS, exit_code
+
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):  # the group has just ended
+            os.killpg(proc.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return exit_code(received[0]) if received else status
+
+
+@contextlib.contextmanager
+def parallel_context(ep_size: int, train):
+    """The Parallel of this rank under torchrun (None in a plain single process), set up from the
+    run's ``train`` config (train.device: auto, cpu, cuda; its collective timeout)."""
+    if not under_torchrun():
+        if ep_size != 1:
+            raise UsageError(f"--ep-size {ep_size} needs several processes: add --nproc N, or launch with torchrun")
+        yield None
+        return
+    import torch.distributed as dist
+
+    from xmoe.distributed import init_from_env
+
+    parallel, _ = init_from_env(ep_size, train.device, timeout_s=train.collective_timeout_s)
+    try:
+        yield parallel
+    finally:
+        dist.destroy_process_group()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+# --- using a trained model --------------------------------------------------------------------
 
 
 def evaluate(*, checkpoint: str, data: str | None = None, max_batches: int | None = None, capacity: bool = False,

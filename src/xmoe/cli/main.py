@@ -1,5 +1,6 @@
-"""`xmoe <command>`: the command table. Each command is a typed function (xmoe.cli.lm, .mt, .hf,
-.convert, .study) whose signature is its flags (xmoe.cli.signature); the work lives in the library.
+"""`xmoe <command>`: the command table, and how a command line becomes a call. Each command is a
+typed function (xmoe.cli.lm, .mt, .hf, .convert, .study) whose signature is its flags
+(add_signature); the work lives in the library.
 
     xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
     xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
@@ -25,48 +26,38 @@ and exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import errno
+import functools
 import importlib
 import inspect
 import os
+import re
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xmoe.cli import convert, hf, lm, mt, study
-from xmoe.cli.flags import CommandParser, add_config_flags, config_overrides
-from xmoe.cli.signature import add_signature, summary
-from xmoe.errors import CheckpointError, UsageError
+from xmoe.errors import CheckpointError, UsageError, is_disk_full
 
 
 @dataclass(frozen=True)
 class Command:
     """One `xmoe` command: ``run``, whose signature is its flags, and what a signature cannot
-    say: ``config``, the run config its --section.field=VALUE flags set (passed as ``config``);
-    ``choices`` read when the command is used (their modules import torch); ``renamed``, old
-    flags that name their new spelling. A benchmark defines its own flags (``flags``), and its
-    ``run`` takes the parsed namespace."""
+    say: ``config``, the run config class (``module:Class``, imported when the command is used)
+    that its --section.field=VALUE flags set (passed as ``config``); ``choices`` read when the
+    command is used (their modules import torch); ``renamed``, old flags that name their new
+    spelling. A benchmark defines its own flags (``flags``), and its ``run`` takes the parsed
+    namespace."""
 
     run: Callable
-    config: Callable[[], type] | None = None
+    config: str | None = None
     choices: dict[str, Callable[[], tuple[str, ...]]] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
     flags: Callable[[argparse.ArgumentParser], None] | None = None
     help: str | None = None
     description: str | None = None
-
-
-def _lm_config() -> type:
-    from xmoe.tasks.lm import LMRunConfig
-
-    return LMRunConfig
-
-
-def _mt_config() -> type:
-    from xmoe.tasks.mt import MTRunConfig
-
-    return MTRunConfig
 
 
 def _bench(kind: str, help: str) -> Command:
@@ -79,10 +70,11 @@ def _bench(kind: str, help: str) -> Command:
 # Parameters the runner passes itself: the run config's flags, and the command line (to relaunch
 # it under torchrun, or to name the command that continues a stopped demo).
 SUPPLIED = ("config", "command_line")
+LM_RUN, MT_RUN = "xmoe.tasks.lm:LMRunConfig", "xmoe.tasks.mt:MTRunConfig"
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(lm.demo),
-    "train": Command(lm.train, config=_lm_config, renamed={"data": "data.path"}),
+    "train": Command(lm.train, config=LM_RUN, renamed={"data": "data.path"}),
     "eval": Command(lm.evaluate),
     "sweep-threshold": Command(lm.sweep_threshold),
     "generate": Command(lm.generate),
@@ -90,10 +82,10 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(convert.convert, choices={"partition": convert.partitions}, description=convert.__doc__),
     "export-hf": Command(hf.export_hf),
     "lm-eval": Command(hf.lm_eval),
-    "study": Command(study.study, config=_lm_config, choices={"name": study.names, "scale": study.scales},
+    "study": Command(study.study, config=LM_RUN, choices={"name": study.names, "scale": study.scales},
                      description=study.__doc__),
     "presets": Command(lm.presets),
-    "train-mt": Command(mt.train_mt, config=_mt_config, renamed={
+    "train-mt": Command(mt.train_mt, config=MT_RUN, renamed={
         "src": "data.src", "tgt": "data.tgt", "valid-src": "data.valid_src", "valid-tgt": "data.valid_tgt"}),
     "translate": Command(mt.translate),
     "eval-mt": Command(mt.eval_mt),
@@ -119,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=command.config is None)
         if command.flags is None:
             add_signature(p, command.run, skip=SUPPLIED)
-        p.later(lambda p, command=command: _add_deferred(p, command))
+        p.later = functools.partial(_add_deferred, command=command)
         p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
         p.set_defaults(entry=command)
     return parser
@@ -133,7 +125,132 @@ def _add_deferred(p: argparse.ArgumentParser, command: Command) -> None:
         if action.dest in command.choices:
             action.choices = command.choices[action.dest]()
     if command.config is not None:
-        add_config_flags(p, command.config(), renamed=command.renamed)
+        module, _, name = command.config.partition(":")
+        add_config_flags(p, getattr(importlib.import_module(module), name), renamed=command.renamed)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose heavier arguments are added only when that command is used.
+
+    ``xmoe --help`` and ``xmoe presets`` must not import torch: the choices of `xmoe study`, the
+    flags of `xmoe bench layer` and the run config's fields live in modules that do. Such a
+    command's parser holds ``later = add``; ``add(parser)`` runs before the command's arguments
+    are parsed or its help is printed, so only the command typed pays for its imports."""
+
+    later: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def complete(self) -> CommandParser:
+        """Add the deferred arguments (once)."""
+        add, self.later = self.later, None
+        if add is not None:
+            add(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(CommandParser, self.complete()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(CommandParser, self.complete()).format_help()
+
+
+def add_signature(parser: argparse.ArgumentParser, function: Callable, *, skip: tuple[str, ...] = ()) -> None:
+    """Add a flag to ``parser`` for every parameter of ``function`` but those named in ``skip``.
+
+    The flags are read from the signature and the docstring, as LitGPT's CLI reads them through
+    jsonargparse, but spelled the way `xmoe` has always spelled them (``--max-new-tokens``,
+    ``--thresholds 0.5 0.7``, ``--resume`` without a value), which jsonargparse cannot do:
+
+        def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, top_k: int | None = None):
+            '''Sample text from a checkpoint.
+
+            Args:
+                checkpoint: run folder, Hugging Face folder or Hub id ORG/NAME
+                max_new_tokens: tokens to generate
+            '''
+
+    becomes ``--checkpoint`` (required), ``--prompt`` (required), ``--max-new-tokens`` (int,
+    100) and ``--top-k`` (int or none). The rules: a positional-only parameter is a positional
+    argument; a keyword without a default is a required flag; ``bool`` is a switch (default
+    False); ``list[X]`` takes one or more values; ``X | None`` is ``X`` or absent;
+    ``Literal[...]`` lists its choices; the help is the parameter's line under "Args:"."""
+    hints = typing.get_type_hints(function)
+    helps = parameter_help(function)
+    for name, param in inspect.signature(function).parameters.items():
+        if name in skip:
+            continue
+        kwargs = _argument(hints[name], param.default)
+        kwargs["help"] = helps.get(name)
+        if param.kind is param.POSITIONAL_ONLY:
+            parser.add_argument(name, **{k: v for k, v in kwargs.items() if k != "default" or v is not None})
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name,
+                                required=param.default is inspect.Parameter.empty, **kwargs)
+
+
+def _argument(hint, default) -> dict:
+    """argparse keywords for a parameter of type ``hint`` with ``default``."""
+    default = None if default is inspect.Parameter.empty else default
+    optional = _without_none(hint)
+    if optional is bool:
+        return {"action": "store_true", "default": bool(default)}
+    if typing.get_origin(optional) is list:
+        (item,) = typing.get_args(optional)
+        return {"type": item, "nargs": "+", "default": default}
+    if typing.get_origin(optional) is typing.Literal:
+        return {"choices": typing.get_args(optional), "default": default}
+    return {"type": optional, "default": default}
+
+
+def _without_none(hint):
+    """``X`` for ``X | None`` (or Optional[X]), else ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def parameter_help(function: Callable) -> dict[str, str]:
+    """{parameter: its help} from the "Args:" section of ``function``'s docstring, one entry
+    per ``name: text`` line, continued on more deeply indented lines."""
+    doc = inspect.getdoc(function) or ""
+    if "Args:" not in doc:
+        return {}
+    helps: dict[str, str] = {}
+    name = None
+    for line in doc.split("Args:", 1)[1].splitlines()[1:]:
+        entry = re.match(r"^ {4}(\w+): (.*)$", line)
+        if entry:
+            name, helps[entry[1]] = entry[1], entry[2]
+        elif line.startswith(" " * 5) and name:
+            helps[name] += " " + line.strip()
+        elif line.strip():
+            break
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def summary(function: Callable) -> str:
+    """The first line of ``function``'s docstring: the command's help in `xmoe --help`."""
+    return (inspect.getdoc(function) or "").partition("\n")[0].rstrip(".")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, *, renamed: dict[str, str] | None = None) -> None:
+    """A ``--section.field VALUE`` option for every field of the run config ``cls`` (the preset's
+    value unless given); ``renamed``: old flags (without --) that now fail naming their new key."""
+    from xmoe.training.config import config_keys
+
+    group = p.add_argument_group("run config", "every field of the preset's run config; values as JSON "
+                                 "(a tuple is a list, [0.9, 0.95]; None is null)")
+    p.usage = "%(prog)s [options] [--SECTION.FIELD=VALUE ...]"
+    keys = config_keys(cls)
+    for key in keys:
+        group.add_argument(f"--{key}", dest=key, metavar="VALUE", default=argparse.SUPPRESS)
+    p.set_defaults(config_class=cls, config_keys=keys, renamed=renamed or {})
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The run config flags given on the command line, by dotted key."""
+    return {key: getattr(args, key) for key in args.config_keys if hasattr(args, key)}
 
 
 def _call(command: Command, args: argparse.Namespace, argv: list[str]) -> None:
@@ -224,9 +341,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[s
     except OSError as err:
         if isinstance(err, (FileNotFoundError, FileExistsError)):
             _user_error(args, err)
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(err):
             raise
-        _user_error(args, f"no space left on the device: {err}")
+        _user_error(args, f"no space left (a full disk, a quota or a file-size limit): {err}")
     except KeyboardInterrupt as err:  # outside training (which saves and exits itself): nothing to save
         from xmoe.training.stopping import exit_code, signal_name
 

@@ -14,8 +14,6 @@ import json as _json  # `json` is also a flag of `xmoe eval-mt`
 import sys
 from pathlib import Path
 
-from xmoe.cli.flags import run_config
-
 
 def train_mt(*, out: str, preset: str | None = None, resume: bool = False, config: dict[str, str]) -> None:
     """Train a translation preset; --section.field=value flags set its run config.
@@ -25,11 +23,12 @@ def train_mt(*, out: str, preset: str | None = None, resume: bool = False, confi
         preset: see `xmoe presets` (default: cpu-xmoe-32x512; with --resume: the run's)
         resume: continue the run in --out exactly where it stopped
     """
-    from xmoe.tasks.mt import Translation, train_mt
     from xmoe.report import describe_mt_eval
+    from xmoe.tasks.mt import Translation, train_mt
+    from xmoe.training.runs import run_config
     from xmoe.training.stopping import exit_if_interrupted
 
-    cfg = run_config(Translation, preset, config, out=out, resume=resume)
+    cfg = run_config(Translation, preset, config, resume_from=out if resume else None)
     print(f"training {cfg.preset} on {cfg.data.src} -> {cfg.data.tgt}, run folder {out}")
     result = train_mt(cfg, out, resume=resume)
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train-mt", evaluate="xmoe eval-mt")

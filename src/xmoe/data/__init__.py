@@ -11,45 +11,16 @@ Imports nothing else from xmoe but ``xmoe.errors`` and ``xmoe.extras`` (the erro
     # evaluation of new text with a run's tokenizer
     tokens = load_eval_tokens("new.txt", run_dir)
     batches = ValBatches(tokens=tokens, batch_size=16, seq_len=256, name="'new.txt'")
+
+Translation's parallel text is xmoe.data.translation, not imported here: a language-model run
+loads none of it.
 """
 
 from .batches import TrainBatches, ValBatches
-from .cache import cached_arrays, default_cache_dir
-from .corpus import (
-    DEFAULT_MODULES,
-    TEXT_SUFFIXES,
-    corpus_fingerprint,
-    default_corpus,
-    load_corpus,
-    split_documents,
-)
-from .lm import DataConfig, LMData, describe_source, load_eval_tokens, load_tokenizer, prepare_lm_data
-from .translation import TranslationData, TranslationDataConfig, SubwordVocab, prepare_translation_data, read_sentence_pairs
+from .corpus import DEFAULT_MODULES, corpus_fingerprint, default_corpus, load_corpus, split_documents
+from .lm import DataConfig, LMData, default_cache_dir, load_eval_tokens, load_tokenizer, prepare_lm_data
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer
 
-__all__ = [
-    "BPETokenizer",
-    "DEFAULT_MODULES",
-    "DataConfig",
-    "EOT",
-    "LMData",
-    "TranslationData",
-    "TranslationDataConfig",
-    "TEXT_SUFFIXES",
-    "TOKENIZER_FILE",
-    "SubwordVocab",
-    "TrainBatches",
-    "ValBatches",
-    "cached_arrays",
-    "corpus_fingerprint",
-    "default_cache_dir",
-    "default_corpus",
-    "describe_source",
-    "load_corpus",
-    "load_eval_tokens",
-    "load_tokenizer",
-    "prepare_lm_data",
-    "prepare_translation_data",
-    "read_sentence_pairs",
-    "split_documents",
-]
+__all__ = ["BPETokenizer", "DEFAULT_MODULES", "DataConfig", "EOT", "LMData", "TOKENIZER_FILE", "TrainBatches",
+           "ValBatches", "corpus_fingerprint", "default_cache_dir", "default_corpus", "load_corpus", "load_eval_tokens",
+           "load_tokenizer", "prepare_lm_data", "split_documents"]

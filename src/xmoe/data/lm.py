@@ -12,16 +12,25 @@ run with the same inputs tokenizes nothing. New text for evaluation goes through
 tokenizer with ``load_eval_tokens``. Batch shape (batch size, sequence length) and the batch
 seed are not in DataConfig: they belong to the training run and are given to
 ``LMData.train_batches`` / ``LMData.val_batches``.
+
+The token cache: an entry is a folder ``<cache_dir>/<key>/`` holding one ``<name>.npy`` per
+array (memory-mapped on load), where the key hashes everything the tokens depend on. An entry is
+built in a hidden temporary folder beside it and published with one ``os.replace``, so an
+interrupted run leaves no entry or a whole one (and at worst a hidden ``.<key>.*.tmp`` folder,
+safe to delete); two runs racing on one key both build, the first rename wins and the other
+uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +39,15 @@ import numpy as np
 from xmoe.errors import UsageError
 
 from .batches import TrainBatches, ValBatches
-from .cache import cache_key, cached_arrays, default_cache_dir
 from .corpus import corpus_fingerprint, load_corpus, split_documents
+from .files import temporary_name
 from .tokenizer import TOKENIZER_FILE, BPETokenizer
 
 
 # 256 byte tokens of the byte-level alphabet + the <|endoftext|> separator.
 MIN_VOCAB_SIZE = 257
+# Bump when the layout or the meaning of cached tokens changes, so old entries are not reused.
+CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,16 +119,6 @@ class LMData:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
-
-    @property
-    def eot_id(self) -> int:
-        return self.tokenizer.eot_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.tokenizer.decode(ids)
 
     def train_batches(self, *, batch_size: int, seq_len: int, seed: int = 0) -> TrainBatches:
         """Training batches; ``.batch(i)`` is a pure function of ``(seed, i)``."""
@@ -224,6 +225,48 @@ def describe_source(path: str | None) -> str:
 
 def _cache_dir(cache_dir: str | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/xmoe/tokens``, or ``~/.cache/xmoe/tokens`` when that is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xmoe" / "tokens"
+
+
+def cache_key(**inputs: str | float | int | None) -> str:
+    """A short hex key for the given inputs (order of the keywords does not matter)."""
+    payload = json.dumps({"format": CACHE_FORMAT, **inputs}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+def cached_arrays(
+    cache_dir: Path,
+    key: str,
+    names: tuple[str, ...],
+    build: Callable[[], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of entry ``key``, read-only memory maps; ``build()`` them on a miss."""
+    entry = cache_dir / key
+    if not entry.is_dir():
+        arrays = build()
+        assert set(arrays) == set(names), f"build returned {sorted(arrays)}, expected {names}"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / temporary_name(key)
+        tmp.mkdir()
+        try:
+            for name, array in arrays.items():
+                with open(tmp / f"{name}.npy", "wb") as f:
+                    np.save(f, np.ascontiguousarray(array))
+                    f.flush()
+                    os.fsync(f.fileno())
+            try:
+                os.replace(tmp, entry)
+            except OSError:
+                if not entry.is_dir():  # not a lost race: a real error
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in names}
 
 
 def _tokenizer_hash(tokenizer: BPETokenizer) -> str:

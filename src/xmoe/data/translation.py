@@ -276,10 +276,6 @@ class TranslationData:
     valid_ref: list[str] = field(repr=False)
     fingerprint: str
 
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab.vocab_size
-
     def train_batches(self, *, max_tokens: int, seed: int = 0) -> TokenBatches:
         return TokenBatches(pairs=self.train, max_tokens=max_tokens, seed=seed)
 

@@ -37,31 +37,14 @@ class GPTConfig:
     def __post_init__(self) -> None:
         check_counts("GPTConfig", **{name: getattr(self, name) for name in (
             "vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "moe_every")})
-        if self.d_model % self.n_head:
-            raise UsageError(
-                f"GPTConfig.d_model={self.d_model} is not divisible by GPTConfig.n_head={self.n_head}; "
-                f"pick n_head dividing d_model (head dim = d_model / n_head)"
-            )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise UsageError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_width_and_moe(self)
         for name in ("init_std", "layer_norm_eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise UsageError(f"GPTConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.moe_output_bias, bool):
             raise UsageError(f"GPTConfig.moe_output_bias must be True or False, got {self.moe_output_bias!r}")
-        if self.moe is None:
-            return
-        if not isinstance(self.moe, MoEConfig):
-            raise UsageError(
-                f"GPTConfig.moe must be an xmoe.moe.MoEConfig or None (dense), got {type(self.moe).__name__}"
-            )
-        if self.moe.model_dim != self.d_model:
-            raise UsageError(
-                f"GPTConfig.moe.model_dim={self.moe.model_dim} differs from GPTConfig.d_model="
-                f"{self.d_model}; build the MoEConfig with model_dim=d_model"
-            )
-        if self.moe_every > self.n_layer:
+        if self.moe is not None and self.moe_every > self.n_layer:
             raise UsageError(
                 f"GPTConfig.moe_every={self.moe_every} > n_layer={self.n_layer} places no MoE layer; "
                 f"use moe_every <= n_layer, or moe=None for a dense model"
@@ -112,13 +95,7 @@ class Seq2SeqConfig:
             "vocab_size", "max_len", "n_enc_layer", "n_dec_layer", "n_head", "d_model", "d_ff")})
         check_counts("Seq2SeqConfig", minimum=0, **{name: getattr(self, name) for name in (
             "enc_moe_every", "dec_moe_every", "pad_id", "bos_id", "eos_id")})
-        if self.d_model % self.n_head:
-            raise UsageError(
-                f"Seq2SeqConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                f"pick n_head dividing d_model"
-            )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise UsageError(f"Seq2SeqConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_width_and_moe(self)
         if self.norm not in NORMS:
             raise UsageError(f"Seq2SeqConfig.norm={self.norm!r} is not one of {', '.join(NORMS)}")
         ids = (self.pad_id, self.bos_id, self.eos_id)
@@ -127,16 +104,7 @@ class Seq2SeqConfig:
                 f"Seq2SeqConfig pad_id, bos_id, eos_id = {ids} must be distinct ids below "
                 f"vocab_size={self.vocab_size}"
             )
-        if self.moe is None:
-            return
-        if not isinstance(self.moe, MoEConfig):
-            raise UsageError(f"Seq2SeqConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
-        if self.moe.model_dim != self.d_model:
-            raise UsageError(
-                f"Seq2SeqConfig.moe.model_dim={self.moe.model_dim} differs from d_model={self.d_model}; "
-                f"build the MoEConfig with model_dim=d_model"
-            )
-        if not self.enc_moe_layer_indices and not self.dec_moe_layer_indices:
+        if self.moe is not None and not self.enc_moe_layer_indices and not self.dec_moe_layer_indices:
             raise UsageError(
                 f"Seq2SeqConfig places no MoE layer (enc_moe_every={self.enc_moe_every}, "
                 f"dec_moe_every={self.dec_moe_every}); use moe=None for a dense model"
@@ -151,6 +119,22 @@ class Seq2SeqConfig:
     def dec_moe_layer_indices(self) -> tuple[int, ...]:
         """0-based indices of the decoder's MoE layers."""
         return _moe_layer_indices(self.n_dec_layer, self.dec_moe_every if self.moe is not None else 0)
+
+
+def _check_width_and_moe(cfg: GPTConfig | Seq2SeqConfig) -> None:
+    """What both models require: heads that divide the width, a dropout probability, and MoE
+    layers (if any) of the model's width."""
+    owner = type(cfg).__name__
+    if cfg.d_model % cfg.n_head:
+        raise UsageError(f"{owner}.d_model={cfg.d_model} is not divisible by {owner}.n_head={cfg.n_head}; pick "
+                         f"n_head dividing d_model (head dim = d_model / n_head)")
+    if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
+        raise UsageError(f"{owner}.dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.moe is not None and not isinstance(cfg.moe, MoEConfig):
+        raise UsageError(f"{owner}.moe must be an xmoe.moe.MoEConfig or None (dense), got {type(cfg.moe).__name__}")
+    if cfg.moe is not None and cfg.moe.model_dim != cfg.d_model:
+        raise UsageError(f"{owner}.moe.model_dim={cfg.moe.model_dim} differs from {owner}.d_model={cfg.d_model}; "
+                         f"build the MoEConfig with model_dim=d_model")
 
 
 def _moe_layer_indices(num_layers: int, every: int) -> tuple[int, ...]:

@@ -324,30 +324,10 @@ class Seq2Seq(nn.Module):
                 f"routing depend on the whole batch, and dropout would perturb the search)"
             )
 
-    @torch.no_grad()
     def greedy(self, src_BS: Tensor, *, max_len_a: float = 1.5, max_len_b: int = 10) -> list[list[int]]:
-        """Greedy decoding with the cache (eval mode only): the argmax token until EOS, forced
-        at each row's length limit; ids without BOS/EOS."""
-        self._check_eval("greedy")
-        cfg = self.cfg
-        memory = self.encode(src_BS)
-        B = src_BS.shape[0]
-        cache = self.new_cache()
-        out: list[list[int]] = [[] for _ in range(B)]
-        done_B = torch.zeros(B, dtype=torch.bool, device=src_BS.device)
-        prev_B1 = src_BS.new_full((B, 1), cfg.bos_id)
-        limit_B = self.output_limits(src_BS, max_len_a, max_len_b)
-        for step in range(int(limit_B.max())):
-            logits_BV = self._allowed(self.decode(prev_B1, memory, cache)[0][:, -1].float(), limit_B == step + 1)
-            next_B = logits_BV.argmax(dim=-1)
-            for b, (token, done) in enumerate(zip(next_B.tolist(), done_B.tolist())):
-                if not done and token != cfg.eos_id:
-                    out[b].append(token)
-            done_B |= next_B == cfg.eos_id
-            if bool(done_B.all()):
-                break
-            prev_B1 = next_B.masked_fill(done_B, cfg.pad_id)[:, None]  # finished rows feed padding: not routed
-        return out
+        """Greedy decoding (eval mode only): the argmax token until EOS, forced at each row's
+        length limit; ids without BOS/EOS. Beam search with one beam is exactly that."""
+        return self.beam_search(src_BS, beam=1, max_len_a=max_len_a, max_len_b=max_len_b)
 
     @torch.no_grad()
     def beam_search(self, src_BS: Tensor, *, beam: int = 4, length_penalty: float = 1.0,

@@ -3,8 +3,9 @@ through the run's own BPE tokenizer), its run config and recipe, its evaluation 
 with the routing of every MoE layer), and the entry points the CLI wires up (train, load,
 evaluate).
 
-Loss: the next-token cross entropy, in fp32, with the MoE loss terms of xmoe.tasks.routing (the
-paper's balancing loss; the z-loss and the router entropy where those options are on).
+Loss: the model's next-token cross entropy (GPT computes it in fp32), with the MoE loss terms
+of the recipe (xmoe.training.loop.moe_objective: the paper's balancing loss; the z-loss and the
+router entropy where those options are on).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from xmoe.data import TOKENIZER_FILE, DataConfig, LMData, ValBatches, load_eval_tokens, load_tokenizer, prepare_lm_data
@@ -25,15 +25,13 @@ from xmoe.distributed import Ranks, SingleProcess
 from xmoe.errors import UsageError
 from xmoe.models.config import GPTConfig
 from xmoe.models.counts import flops_breakdown
-from xmoe.models.gpt import GPT, IGNORE_INDEX, moe_flops_per_token, num_params
+from xmoe.models.gpt import GPT, moe_flops_per_token, num_params
 from xmoe.moe import RoutingSummary
 from xmoe.presets import get_preset
 from xmoe.training.config import TrainConfig, with_overrides, to_dict
-from xmoe.training.loop import TrainResult, autocast_context
-from xmoe.training.metrics import perplexity
+from xmoe.training.loop import TrainResult, autocast_context, moe_objective
+from xmoe.training.metrics import perplexity, routing_summary
 from xmoe.training.runs import LoadedRun, load_run, train_task
-
-from .routing import moe_objective, routing_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,13 +67,6 @@ def lm_run_config(preset: str, *, vocab_size: int | None = None, overrides: dict
     if sections:
         raise TypeError(f"unknown config sections: {', '.join(sections)}")
     return with_overrides(LMRunConfig, data, overrides or {})
-
-
-def next_token_loss(logits_BLV: Tensor, y_BL: Tensor) -> Tensor:
-    """Mean cross entropy over the targets (those not IGNORE_INDEX), from fp32 logits: a bf16
-    model's logits would round badly over the vocabulary."""
-    V = logits_BLV.shape[-1]
-    return F.cross_entropy(logits_BLV.float().reshape(-1, V), y_BL.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class LanguageModelling:
@@ -124,9 +115,9 @@ class LanguageModelling:
         return batch[0].numel()
 
     def loss(self, model: GPT, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        x_BL, y_BL = batch
-        out = model(x_BL)
-        return moe_objective(next_token_loss(out.logits_BLV, y_BL), out, self.train_cfg)
+        """The model's next-token cross entropy (fp32) with the MoE loss terms."""
+        out = model(*batch)
+        return moe_objective(out.loss, out, self.train_cfg)
 
     def evaluate(self, model: GPT, ranks: Ranks) -> dict:
         """The validation batches, each rank evaluating its share (``evaluate_lm``)."""
@@ -167,20 +158,20 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
     model.eval()
     device = next(model.parameters()).device
 
-    def forward(x_BL: Tensor):
+    def forward(x_BL: Tensor, y_BL: Tensor):
         with autocast_context(device, precision):
-            return model(x_BL.to(device))
+            return model(x_BL.to(device), y_BL.to(device))
 
     total_loss, total_tokens, first, seen = 0.0, 0, None, 0
     layers = [RoutingSummary() for _ in model.moe_layers()]
     for index, (x_BL, y_BL) in enumerate(batches):
         if first is None:
-            first = x_BL
+            first = x_BL, y_BL
         seen += 1
         if index % ranks.world_size != ranks.rank:
             continue
-        out = forward(x_BL)
-        total_loss += float(next_token_loss(out.logits_BLV, y_BL.to(device))) * y_BL.numel()
+        out = forward(x_BL, y_BL)
+        total_loss += float(out.loss) * y_BL.numel()
         total_tokens += y_BL.numel()
         for layer, s in zip(layers, out.stats, strict=True):
             layer.add(s)
@@ -188,7 +179,7 @@ def evaluate_lm(model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, precisi
         raise UsageError("evaluation got no batches: the evaluation text is shorter than one sequence")
     mine = len(range(ranks.rank, seen, ranks.world_size))
     for _ in range(math.ceil(seen / ranks.world_size) - mine):
-        forward(first)  # for the collectives inside; its numbers are not this rank's to count
+        forward(*first)  # for the collectives inside; its numbers are not this rank's to count
 
     experts = [layer.cfg.num_experts for layer in model.moe_layers()]
     total_loss, total_tokens, layers = _sum_over_ranks(ranks, total_loss, total_tokens, layers, experts)
@@ -238,4 +229,4 @@ def eval_batches(loaded: LoadedRun, data_path: str | None, *, batch_size: int | 
 
 
 __all__ = ["LMEval", "LMRunConfig", "LanguageModelling", "eval_batches", "evaluate_lm", "lm_run_config", "load_lm",
-           "next_token_loss", "train_lm"]
+           "train_lm"]

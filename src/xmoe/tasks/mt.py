@@ -38,14 +38,13 @@ from xmoe.data.translation import (
 from xmoe.distributed import Ranks
 from xmoe.errors import UsageError, check_counts
 from xmoe.extras import check_extra, needs_extra
-from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget
+from xmoe.models.seq2seq import Seq2Seq, Seq2SeqConfig, moe_flops_budget, num_params
 from xmoe.presets import get_mt_preset
 from xmoe.moe import RoutingSummary
 from xmoe.training.config import TrainConfig, apply_overrides
-from xmoe.training.loop import TrainResult, autocast_context
+from xmoe.training.loop import TrainResult, autocast_context, moe_objective
+from xmoe.training.metrics import routing_summary
 from xmoe.training.runs import LoadedRun, load_run, train_task
-
-from .routing import moe_objective, routing_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +139,7 @@ class Translation:
     config = staticmethod(mt_run_config)
     build_model = Seq2Seq
     load_vocab = staticmethod(load_subword_vocab)
-    num_params = None  # a Seq2Seq preset is small: no memory check before building
+    num_params = staticmethod(num_params)
 
     @staticmethod
     def prepare(cfg: MTRunConfig, run_dir, resume: bool, ranks: Ranks | None) -> TranslationData:

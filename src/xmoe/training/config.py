@@ -35,6 +35,7 @@ from xmoe.errors import UsageError, check_counts
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+DP_IMPLS = ("fsdp", "allreduce")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,10 +88,9 @@ class TrainConfig:
         span = self.schedule_steps
         if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 1):
             raise UsageError(f"train.schedule_steps must be a positive integer or None (= max_steps), got {span!r}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"train.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name, choices in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("dp_impl", DP_IMPLS)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"train.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise UsageError(f"train.betas must be two numbers in [0, 1) (Adam's moment decays), got "
                              f"{list(self.betas)}; e.g. --train.betas='[0.9, 0.95]'")
@@ -100,8 +100,6 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "entropy_loss_coef"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise UsageError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        if self.dp_impl not in ("fsdp", "allreduce"):
-            raise UsageError(f"train.dp_impl={self.dp_impl!r} is not one of fsdp, allreduce")
         if not 0 < self.collective_timeout_s < math.inf:
             raise UsageError(f"train.collective_timeout_s must be a positive number of seconds, "
                              f"got {self.collective_timeout_s!r}")

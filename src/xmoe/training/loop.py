@@ -1,6 +1,7 @@
 """One training loop for every model: the task says what a batch and a loss are; the loop does
 the rest (device, precision, accumulation, clipping, schedule, logging, evaluation,
-checkpoints, exact resume, stopping on Ctrl-C or SIGTERM: xmoe.training.stopping).
+checkpoints, exact resume, stopping on Ctrl-C or SIGTERM: xmoe.training.stopping), with the
+XMoE recipe every task trains with: its MoE loss terms (``moe_objective``), optimizer and schedule.
 
 A task is any object with:
 
@@ -39,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from xmoe.distributed import DataParallelConfig, Ranks, RanksLost, SingleProcess, lost_contact, reshard
 from xmoe.errors import UsageError
+from xmoe.moe import Router
 from xmoe.moe.dial import budget_dials, step_budgets
 
 from .checkpoint import (
@@ -51,8 +53,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .manifest import hash_run_files
-from .metrics import MetricsLog, NoLog
-from .optim import build_optimizer, lr_at
+from .metrics import METRICS_FILE, MetricsLog, NoLog
 from .stopping import StopSignals
 
 
@@ -121,7 +122,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
             )
     else:
         torch.manual_seed(cfg.seed + ranks.rank)  # ranks draw their own dropout masks
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_before=start) if ranks.is_main else NoLog()
+    log = MetricsLog(run_dir / METRICS_FILE, keep_before=start) if ranks.is_main else NoLog()
     step_model = torch.compile(model) if cfg.compile else model
 
     # Every checkpoint of the run carries its id (xmoe.training.manifest); one id on every rank.
@@ -231,6 +232,81 @@ def train_step(step_model: nn.Module, model: nn.Module, task: Task, optimizer: t
     optimizer.zero_grad(set_to_none=True)
     step_budgets(model, ranks.sum_tensor)  # budgeted routers: t follows the step's experts/token
     return {key: value / cfg.grad_accum for key, value in totals.items()}, grad_norm, tokens
+
+
+# --- the XMoE recipe (docs/method.md): the MoE loss terms, the optimizer and the schedule -----
+
+
+def moe_objective(ce: Tensor, out: Any, cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss a task trains with, and its logs, from the task's cross entropy ``ce`` and the
+    model output ``out`` (``aux_loss``, ``z_loss``, ``entropy_loss``: summed over MoE layers;
+    ``stats``: one RoutingStats per layer):
+
+        loss = ce + aux_loss_coef * (sum over MoE layers of l_aux) + z_loss_coef * (sum of z-losses)
+                  + entropy_loss_coef * (sum of mean router entropies)
+
+    The last two are options beyond the paper, off by default (docs/method.md, "Deviations").
+    The logs stay on the device: the loop reads them at its log steps."""
+    loss = (ce + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * out.z_loss
+            + cfg.entropy_loss_coef * out.entropy_loss)
+    logs = {"loss": loss.detach(), "ce": ce.detach(), "aux_loss": out.aux_loss.detach(),
+            "router_entropy": out.entropy_loss.detach()}
+    if out.stats:
+        logs["experts_per_token"] = torch.stack([s.kept_per_token for s in out.stats]).mean()
+        logs["wanted_experts_per_token"] = torch.stack([s.wanted_per_token for s in out.stats]).mean()
+        logs["dropped_token_fraction"] = torch.stack([s.dropped_token_fraction for s in out.stats]).mean()
+    return loss, logs
+
+
+BIASES = {"bias", "b1", "b2", "b3"}
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings, as GPT-2
+    setups do). ``router_lr_mult`` (beyond the paper, off at 1) puts the routers' gates in a
+    group of their own whose learning rate is ``lr_mult`` times the schedule's; the loop sets
+    ``lr * lr_mult`` per group."""
+    decay, no_decay, router = [], [], []
+    separate_router = cfg.router_lr_mult != 1.0  # else the paper's two groups, as older checkpoints hold
+    seen = set()
+    for _, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            # Embeddings, biases (expert biases are [E, F]: 2-D, still biases) and norm gains
+            # are not decayed.
+            is_embedding = isinstance(module, nn.Embedding)
+            if separate_router and isinstance(module, Router):
+                router.append(param)
+            else:
+                (no_decay if is_embedding or param.ndim < 2 or name in BIASES else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        groups.append({"params": router, "weight_decay": cfg.weight_decay, "lr_mult": cfg.router_lr_mult})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay
+    to ``lr * min_lr_ratio`` (LM), inverse square root (translation, Vaswani et al. 2017), or
+    constant. Warm-up lasts ``warmup_steps`` when set (the translation recipe's 512), else
+    ``warmup_fraction`` of the schedule's span, ``schedule_steps`` (default ``max_steps``); the
+    cosine decays over that span, then stays at its floor."""
+    span = cfg.schedule_steps or cfg.max_steps
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = max(1, round(cfg.warmup_fraction * span)) if cfg.warmup_fraction > 0 else 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(max(warmup, 1) / (step + 1))
+    progress = (step - warmup) / max(1, span - warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class _Unread:
@@ -370,4 +446,5 @@ def _progress(start: int, total: int, enabled: bool, file=None):
 PROGRESS_TO_FILE_S = 60.0
 
 
-__all__ = ["Task", "TrainResult", "train", "resolve_device", "autocast_context", "checkpoint_dir"]
+__all__ = ["Task", "TrainResult", "autocast_context", "build_optimizer", "lr_at", "moe_objective", "resolve_device",
+           "train"]

@@ -1,6 +1,7 @@
 """The run's metrics log, metrics.jsonl: one JSON object per line, each a train row (logged every
-``train.log_every`` steps) or a val row (an evaluation), with its ``step``. The training loop
-writes it; reports and studies read it. Nothing here draws or formats (that is xmoe.report).
+``train.log_every`` steps) or a val row (an evaluation, with its routing: ``routing_summary``),
+with its ``step``. The training loop writes it; reports and studies read it. Nothing here draws or
+formats (that is xmoe.report).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from xmoe.errors import UsageError
 
@@ -72,6 +73,18 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def routing_summary(layers: Sequence, flops_per_token: float, topk_flops_per_token: float) -> dict:
+    """An evaluation's routing, as both tasks report it: experts per token (mean over the MoE
+    layers), expert FLOPs per token against the top-k model of equal parameters, and each
+    layer's summary (``layers``: a RoutingSummary per MoE layer). Empty for a dense model."""
+    if not layers:
+        return {}
+    per_layer = [layer.to_dict() for layer in layers]
+    return {"experts_per_token": sum(layer["experts_per_token"] for layer in per_layer) / len(per_layer),
+            "moe_flops_per_token": flops_per_token, "topk_moe_flops_per_token": topk_flops_per_token,
+            "moe_flops_ratio": flops_per_token / topk_flops_per_token, "layers": per_layer}
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; errors name the file (and the line) and say what to do."""
     if not path.is_file():
@@ -118,4 +131,4 @@ def split_rows(rows: Iterable[dict]) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-__all__ = ["METRICS_FILE", "MetricsLog", "NoLog", "read_metrics", "read_rows", "split_rows"]
+__all__ = ["METRICS_FILE", "MetricsLog", "NoLog", "read_metrics", "read_rows", "routing_summary", "split_rows"]

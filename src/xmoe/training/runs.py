@@ -42,8 +42,8 @@ from xmoe.errors import UsageError
 
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_config, read_state
 from .config import apply_overrides, from_dict, to_dict
-from .loop import TrainResult, resolve_device, train
-from .stopping import raising
+from .loop import TrainResult, lr_at, resolve_device, train
+from .stopping import StopSignals
 
 # Fields a resume may change: they do not alter which batches come next or how steps update.
 RESUMABLE_TRAIN_FIELDS = ("max_steps", "schedule_steps", "log_every", "eval_every", "eval_batches", "save_every",
@@ -83,7 +83,7 @@ def run_folder(run_dir: Path, *, resume: bool, owner: bool = True) -> Iterator[N
     try:
         fd = _lock(run_dir)  # inside the guard: a lock file a failed start wrote is undone too
         _remove_stale_temporaries(run_dir)
-        with raising():  # a SIGTERM while starting must reach the clean-up below
+        with StopSignals(raising=True):  # a SIGTERM while starting must reach the clean-up below
             yield
     except BaseException as err:
         mine = not isinstance(err, RunInUseError)  # another run's folder is left alone
@@ -133,16 +133,16 @@ def _describe_holder(text: str) -> str:
 def _remove_stale_temporaries(run_dir: Path) -> None:
     for pattern in _STALE_TEMPORARIES:
         for path in run_dir.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _remove(path)
 
 
 def _undo_start(run_dir: Path, keep: set[str], created: bool) -> None:
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    for path in run_dir.iterdir():
-        if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in [run_dir] if created else [p for p in run_dir.iterdir() if p.name not in keep]:
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def run_config(task, preset: str | None, overrides: dict[str, str], *,
@@ -178,8 +178,7 @@ def train_task(task, cfg, run_dir: str | os.PathLike, *, resume: bool = False, p
         data = task.prepare(cfg, run_dir, resume, ranks)
         check_same_data(saved_state, data.fingerprint, run_dir, task.describe_data(cfg))
         cfg = task.fit_vocab(cfg, data)
-        if task.num_params is not None:
-            check_fits_in_memory(task.num_params(cfg.model), f"preset {cfg.preset}")
+        check_fits_in_memory(task.num_params(cfg.model), f"preset {cfg.preset}")
         torch.manual_seed(cfg.train.seed)
         model = task.build_model(cfg.model)  # every rank builds the same full model, then keeps its expert shard
         return train(model, task(data, cfg), cfg.train, run_dir, config=to_dict(cfg), resume=resume,
@@ -201,8 +200,7 @@ class LoadedRun:
 def load_run(task, path: str | os.PathLike, *, device: str = "auto") -> LoadedRun:
     """The run of ``task`` in ``path`` (a run or checkpoint folder), its model in eval mode."""
     cfg = saved_config(path, task)
-    if task.num_params is not None:
-        check_fits_in_memory(task.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
+    check_fits_in_memory(task.num_params(cfg.model), f"the model in {checkpoint_dir(path) / 'config.json'}")
     model = task.build_model(cfg.model)
     load_checkpoint(path, model)
     model.to(resolve_device(device)).eval()
@@ -280,24 +278,21 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
             f"(train.grad_accum={cfg.train.grad_accum} x {world_size} rank(s)), so the batches would differ{hint}"
         )
     _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
-    free = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | {"train.grad_accum", "model.vocab_size"}
-    free |= set(also_resumable)
+    allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable)
+    free = allowed | {"train.grad_accum", "model.vocab_size"}  # checked above; set by the data
     old, new = _flatten(to_dict(saved_cfg)), _flatten(to_dict(cfg))
     changed = sorted(key for key in old.keys() | new.keys()
                      if old.get(key) != new.get(key) and not _matches(key, free))
     if changed:
-        allowed = sorted({f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable))
         raise UsageError(
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
-            f"a resume may change only {', '.join(name + '*' if name.endswith('.') else name for name in allowed)}"
+            f"a resume may change only {', '.join(n + '*' if n.endswith('.') else n for n in sorted(allowed))}"
         )
 
 
 def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
     """Extending a run (a larger max_steps) re-stretches a schedule that spans max_steps: say so,
     with the learning rates before and after, and how to keep the old one."""
-    from .optim import lr_at
-
     before = [lr_at(s, saved) for s in range(step, min(step + 10, saved.max_steps) + 1)]
     after = [lr_at(s, new) for s in range(step, min(step + 10, saved.max_steps) + 1)]
     if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(before, after)):

@@ -8,9 +8,10 @@ reports a process killed by that signal. More signals while the checkpoint is wr
 and ignored, so the save always finishes. Once the checkpoint is safe (the final evaluation),
 ``interruptible()`` turns a signal into an immediate ``KeyboardInterrupt``.
 
-Before the loop (reading data, training a tokenizer) there is nothing to save: ``raising()``
-turns both signals into a ``Stopped`` exception there, so that a SIGTERM, which would otherwise
-end the process at once, lets a failed start clean up after itself (xmoe.training.runs).
+Before the loop (reading data, training a tokenizer) there is nothing to save:
+``StopSignals(raising=True)`` turns both signals into a ``Stopped`` exception there, so that a
+SIGTERM, which would otherwise end the process at once, lets a failed start clean up after
+itself (xmoe.training.runs).
 
 Handlers can only be installed from the main thread; elsewhere the previous behaviour stays.
 """
@@ -66,26 +67,9 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def raising() -> Iterator[None]:
-    """Inside, SIGINT and SIGTERM raise ``Stopped`` (a no-op outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame) -> None:
-        raise Stopped(signum)
-
-    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 class StopSignals:
-    """A context manager that turns SIGINT and SIGTERM into a request the loop polls.
+    """A context manager that turns SIGINT and SIGTERM into a request the loop polls
+    (``raising=True``: into ``Stopped`` at once, as inside ``interruptible()``).
 
         with StopSignals() as stop:
             for step in ...:
@@ -94,13 +78,13 @@ class StopSignals:
                     break
             save()                        # a second signal is announced and ignored
             with stop.interruptible():
-                evaluate()                # a signal here raises KeyboardInterrupt
+                evaluate()                # a signal here raises Stopped (a KeyboardInterrupt)
     """
 
-    def __init__(self, say: Callable[[str], None] = _say) -> None:
+    def __init__(self, say: Callable[[str], None] = _say, *, raising: bool = False) -> None:
         self.signum: int | None = None
         self._say = say
-        self._raise = False
+        self._raise = raising
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -120,7 +104,7 @@ class StopSignals:
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
-        """Inside, a signal stops the work at once (KeyboardInterrupt) instead of being deferred."""
+        """Inside, a signal stops the work at once (``Stopped``) instead of being deferred."""
         self._raise = True
         try:
             yield
@@ -132,7 +116,7 @@ class StopSignals:
         first = self.signum is None
         self.request(signum)
         if self._raise:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         if first:
             self._say(f"\n{name} received: finishing the current step, then saving a checkpoint")
         else:
