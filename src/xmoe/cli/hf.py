@@ -88,35 +88,27 @@ def sweep_threshold(checkpoint, *, data: str | None, max_batches: int | None, ca
                     thresholds: list[float], out: str | None, max_experts: int | None) -> None:
     """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder, a Hub id or a converted
     model: the report goes to --out or the current folder, never into the model's folder."""
-    from xmoe.sweep import write_sweep
+    from xmoe.hf.folders import measure, sweep_folder
+    from xmoe.sweep import sweep, threshold_dial, write_sweep
 
-    if checkpoint.kind == "converted":
-        check_folder_args(checkpoint.path, data, capacity, "a converted Hugging Face model")
-        refuse_max_experts(checkpoint.path, max_experts, "a converted Hugging Face model")
-        points = _sweep_converted(checkpoint, data, max_batches, device, thresholds)
+    converted = checkpoint.kind == "converted"
+    kind = "a converted Hugging Face model" if converted else "a Hugging Face model folder"
+    check_folder_args(checkpoint.path, data, capacity, kind)
+    if converted:
+        refuse_max_experts(checkpoint.path, max_experts, kind)
+    model, batches = _open_with_text(checkpoint, data, max_batches, device)
+    if converted:  # saved at t = 1, where it is the dense model: the baseline, not a point
+        points = sweep(thresholds, lambda: measure(model, batches), threshold_dial(model))
     else:
-        from xmoe.hf.folders import sweep_folder
-
-        check_folder_args(checkpoint.path, data, capacity)
-        model, batches = _open_with_text(checkpoint, data, max_batches, device)
         points = sweep_folder(model, batches, thresholds, max_experts=max_experts)
-    write_sweep(points, out or ".", data=data, step=None, baseline="dense" if checkpoint.kind == "converted"
-                else "top-k")
-
-
-def _sweep_converted(checkpoint, data: str, max_batches: int | None, device: str, thresholds: list[float]):
-    from xmoe.conversion.hf import sweep_converted
-    from xmoe.training.loop import resolve_device
-
-    return sweep_converted(checkpoint.path, data, thresholds, max_batches=max_batches or 8,
-                           device=resolve_device(device))
+    write_sweep(points, out or ".", data=data, step=None, baseline="dense" if converted else "top-k")
 
 
 def _open_with_text(checkpoint, data: str, max_batches: int | None, device: str):
     """The model at ``checkpoint`` and up to ``max_batches`` (8) batches of 8 windows of 256
     tokens of the text at ``data``, through its tokenizer."""
     from xmoe.checkpoints import open_checkpoint
-    from xmoe.hf.folders import text_batches
+    from xmoe.conversion.hf import text_batches
 
     model = open_checkpoint(checkpoint, device=device).model
     batches = text_batches(checkpoint.path, data, model, max_batches=max_batches or 8, batch_size=8, seq_len=256)

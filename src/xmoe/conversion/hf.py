@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ from xmoe.checkpoint_kind import CONVERSION_FILE, checkpoint_kind
 from xmoe.errors import CheckpointError, UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
-from xmoe.sweep import SweepPoint, hf_logits, measure_layers, sweep, threshold_dial
 
 from .ffn import DenseFFN
 from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
@@ -232,10 +230,22 @@ def _pieces(text: str, size: int = 1 << 16):
 
 
 def context_length(model: nn.Module, longest: int) -> int:
-    """``longest``, or less when the model's positions stop sooner."""
-    config = model.config
+    """``longest``, or less when the model's positions stop sooner (an exported converted model:
+    the original model's)."""
+    config = model.config.get_text_config()
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return min(longest, limit) if limit else longest
+
+
+def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
+                 batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+    """Up to ``max_batches`` batches of ``batch_size`` (inputs, targets) windows of ``seq_len``
+    tokens (fewer if the model's context is shorter) spread over the text at ``data``, through
+    the tokenizer in ``folder``."""
+    L = context_length(model, seq_len) + 1  # inputs and their next tokens
+    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
+    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
 
 
 def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
@@ -269,20 +279,6 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
     extra = {"converted_from": str(folder), "config": dataclasses.asdict(cfg), "calibration_data": str(data),
              "calibration_tokens": int(calibration_BL.numel()), "layers": [dataclasses.asdict(r) for r in reports]}
     return save_converted(model.cpu(), out, tokenizer=tokenizer, extra=extra), reports
-
-
-def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, thresholds: Sequence[float], *,
-                    max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
-                    device: str | torch.device = "cpu") -> list[SweepPoint]:
-    """The converted model in ``folder`` at each threshold (xmoe.sweep), on the text at ``data``:
-    up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
-    model's context is shorter), spread over the text."""
-    model = load_converted(folder).to(device)  # a clear error if folder holds no converted model
-    L = context_length(model, seq_len) + 1  # inputs and their next tokens
-    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
-    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
-    batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-    return sweep(thresholds, lambda: measure_layers(model, batches, hf_logits), threshold_dial(model))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

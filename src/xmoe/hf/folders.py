@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind
 from xmoe.errors import UsageError
-from xmoe.sweep import LayerCounts, SweepPoint, sweep
+from xmoe.sweep import LayerCounts, SweepPoint, measure_layers, sweep
 
-from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, moe_routers, own_top_k
 
 
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
@@ -99,38 +97,34 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoint:
     """Perplexity, experts per token, MoE FLOPs ratio and tokens/s of ``model`` as its dial is
-    set, on (inputs, targets) [B, L] pairs. The ratio's baseline is the model's own top-k (a MoE
-    family), or the top-k budget of its MoE layers (an xmoe export)."""
+    set, on (inputs, targets) [B, L] pairs (xmoe.sweep.measure_layers, its forwards timed). The
+    ratio's baseline is the model's own top-k (a MoE family), or the top-k budget of its MoE
+    layers (xmoe's own layers: an export, a converted model)."""
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
-    loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with count_experts(model, model.config.model_type) as counts:
-        for x_BL, y_BL in batches:
-            x_BL, y_BL = x_BL.to(device), y_BL.to(device)
-            start = time.perf_counter()
-            logits_BLV = model(x_BL, use_cache=False).logits
-            seconds += time.perf_counter() - start
-            loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
-            tokens += y_BL.numel()
-    speed = tokens / seconds
-    if isinstance(counts, LayerCounts):
-        return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
-    mean = histogram_mean(counts.histogram)
-    return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
-                      experts_per_token=mean, moe_flops_ratio=mean / own_top_k(model),
-                      histogram=tuple(counts.histogram), tokens_per_second=speed)
+    seconds = 0.0
+
+    def timed_logits(model: nn.Module, x_BL: Tensor) -> Tensor:
+        nonlocal seconds
+        start = time.perf_counter()
+        logits_BLV = model(x_BL, use_cache=False).logits
+        seconds += time.perf_counter() - start
+        return logits_BLV
+
+    if moe_routers(model):  # a MoE family's routers, counted by adaptive's hooks
+        with experts_per_token(model) as counts:
+            point = measure_layers(model, batches, timed_logits)
+        point = dataclasses.replace(point, experts_per_token=counts.mean, histogram=tuple(counts.histogram),
+                                    moe_flops_ratio=counts.mean / own_top_k(model))
+    else:  # xmoe's MoE layers, counted by measure_layers
+        point = measure_layers(model, batches, timed_logits)
+    return dataclasses.replace(point, tokens_per_second=point.tokens / seconds)
 
 
-def histogram_mean(histogram: list[int]) -> float:
-    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
-    routed = sum(histogram)
-    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
-
-
-def count_experts(model: nn.Module, kind: str):
+def count_experts(model: nn.Module):
     """A context manager whose value's ``histogram`` counts the experts each (token, MoE layer)
-    pair engaged while it is open (``kind``: the model_type)."""
-    return LayerCounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+    pair engaged while it is open."""
+    return experts_per_token(model) if moe_routers(model) else LayerCounts(model)
 
 
 def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
@@ -144,18 +138,3 @@ def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresho
         return routing if max_experts is not None else None  # a plain t labels itself
 
     return [own, *sweep(thresholds, lambda: measure(model, batches), dial)]
-
-
-def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
-                 batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
-    """Up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
-    model's context is shorter) spread over the text at ``data``, through the folder's tokenizer."""
-    from xmoe.conversion.hf import load_tokenizer, text_tokens
-    from xmoe.conversion.layer import even_windows
-
-    text_config = model.config.get_text_config()  # an exported converted model: the original model's
-    limit = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
-    L = (min(seq_len, limit) if limit else seq_len) + 1  # inputs and their next tokens
-    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
-    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
-    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]

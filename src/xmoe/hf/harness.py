@@ -30,8 +30,8 @@ from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.markdown import md_row
 
-from .adaptive import moe_blocks
-from .folders import count_experts, histogram_mean, set_dial
+from .adaptive import histogram_mean, moe_blocks
+from .folders import count_experts, set_dial
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def run_tasks(model: nn.Module, tokenizer, kind: str, tasks: Sequence[str], thre
     points, results = [], []
     for threshold in [None, *thresholds]:
         routing = set_dial(model, kind, threshold, max_experts if threshold is not None else None)
-        with torch.no_grad(), count_experts(model, kind) as counts:
+        with torch.no_grad(), count_experts(model) as counts:
             result = simple_evaluate(model=harness_model, tasks=list(tasks), task_manager=task_manager,
                                      limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
         scores = {task: _metrics(values) for task, values in result["results"].items()}

@@ -38,8 +38,8 @@ from ..experts import EXPERTS_IMPLEMENTATION
 from .base import ThresholdRouter, adapt_router, check_adaptable
 from .families import FAMILIES, SUPPORTED_FAMILIES, family_of
 
-__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "ExpertCounts", "adaptive", "experts_per_token", "is_adapted",
-           "moe_blocks", "moe_routers", "own_top_k"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "ExpertCounts", "adaptive", "experts_per_token", "histogram_mean",
+           "is_adapted", "moe_blocks", "moe_routers", "own_top_k"]
 
 
 def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = None) -> nn.Module:
@@ -100,8 +100,13 @@ class ExpertCounts:
 
     @property
     def mean(self) -> float:
-        total = sum(self.histogram)
-        return sum(n * c for n, c in enumerate(self.histogram)) / total if total else math.nan
+        return histogram_mean(self.histogram)
+
+
+def histogram_mean(histogram: list[int]) -> float:
+    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
+    routed = sum(histogram)
+    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
 
 
 @contextlib.contextmanager
