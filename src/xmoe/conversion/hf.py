@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from xmoe.checkpoint_kind import CONVERSION_FILE, checkpoint_kind
-from xmoe.errors import CheckpointError, UsageError
+from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
 
@@ -158,30 +158,18 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     meta = json.loads((path / CONVERSION_FILE).read_text())
     tf = _transformers()
     model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
-    moe = MoEConfig(**meta["moe"])
     dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else next(model.parameters()).dtype
-    for name in meta["modules"]:
-        bias = torch.zeros(moe.model_dim) if meta["bias"] else None
-        _replace(model, name, ConvertedMLP(MoELayer(moe), bias).to(dtype))
+    install_converted(model, meta["modules"], MoEConfig(**meta["moe"]), bias=meta["bias"], dtype=dtype)
     load_model(model, str(path / WEIGHTS_FILE))
     return model.eval()
 
 
-def is_converted_folder(path: str | os.PathLike) -> bool:
-    return _kind(path) == "converted"
-
-
-def is_hf_folder(path: str | os.PathLike) -> bool:
-    """A Hugging Face model folder (config.json), not an ``xmoe train`` run or a converted model."""
-    return _kind(path) in ("hf", "hf-dense")
-
-
-def _kind(path: str | os.PathLike) -> str | None:
-    """What xmoe.checkpoint_kind decides ``path`` holds; None for a path that holds no model."""
-    try:
-        return checkpoint_kind(path).kind
-    except CheckpointError:
-        return None
+def install_converted(model: nn.Module, modules: list[str], moe: MoEConfig, *, bias: bool,
+                      dtype: torch.dtype | None = None) -> None:
+    """Put a ConvertedMLP of ``moe`` (its weights still to be loaded) in place of each FFN named
+    in ``modules``: the converted model's architecture."""
+    for name in modules:
+        _replace(model, name, ConvertedMLP(MoELayer(moe), torch.zeros(moe.model_dim) if bias else None).to(dtype))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")

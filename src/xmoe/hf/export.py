@@ -29,7 +29,7 @@ from pathlib import Path
 
 from torch import nn
 
-from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind, hugging_face_config
 from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
@@ -40,7 +40,7 @@ from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 def is_xmoe_folder(path: str | os.PathLike) -> bool:
     """A Hugging Face folder holding an xmoe export (config.json with model_type "xmoe" or
     "xmoe_converted")."""
-    return _model_type(Path(path)) in XMOE_MODEL_TYPES
+    return (hugging_face_config(path) or {}).get("model_type") in XMOE_MODEL_TYPES
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
@@ -66,15 +66,15 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the ``xmoe train`` (or ``xmoe convert``) run at ``checkpoint`` to the folder ``out``."""
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.data import TOKENIZER_FILE
     from xmoe.data.tokenizer import EOT
     from xmoe.tasks.lm import load_lm
 
-    if is_converted_folder(checkpoint):
+    kind = checkpoint_kind(checkpoint)
+    if kind.kind == "converted":
         return export_converted(checkpoint, out)
-    if is_hf_folder(checkpoint):
-        raise UsageError(f"{checkpoint} is already a Hugging Face model folder (config.json); there is nothing to export")
+    if kind.kind != "run":
+        raise UsageError(f"{checkpoint} is already a Hugging Face model ({kind.what}); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT,
                         results=_last_validation(loaded.run_dir))
@@ -189,9 +189,3 @@ def model_card(model, results: dict | None) -> str:
                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
     return "\n".join(lines) + "\n"
 
-
-def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None

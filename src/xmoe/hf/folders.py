@@ -13,7 +13,6 @@ Shape legend: B windows, L window length, V vocabulary, E experts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind, hugging_face_config
 from xmoe.errors import UsageError
 from xmoe.sweep import LayerCounts, SweepPoint, measure_layers, sweep
 
@@ -57,10 +56,10 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
 
 
 def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder") from None
+    config = hugging_face_config(folder)
+    if config is None:
+        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder")
+    return config.get("model_type")
 
 
 def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
