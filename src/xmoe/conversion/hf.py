@@ -108,15 +108,6 @@ def convert_hf(model: nn.Module, calibration_BL: Tensor, cfg: ConversionConfig, 
     return reports
 
 
-def convert_hf_folder(path: str | os.PathLike, calibration_BL: Tensor, cfg: ConversionConfig) -> tuple[nn.Module, list[LayerReport]]:
-    """Load a causal LM saved in the local folder ``path`` (``save_pretrained``; nothing is
-    downloaded) and convert it."""
-    if not Path(path).is_dir():
-        raise UsageError(f"{path} is not a folder; give a local folder written by save_pretrained")
-    model = _transformers().AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    return model, convert_hf(model, calibration_BL, cfg)
-
-
 def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, extra: dict | None = None) -> Path:
     """Write a converted model to the new folder ``out``: its HF config, the weights
     (safetensors), where the converted FFNs sit with their MoE config (plus ``extra``, e.g. the

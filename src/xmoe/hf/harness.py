@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
+from xmoe.data.files import atomic_write_text
 from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.markdown import md_row
@@ -121,10 +122,6 @@ def write_points(points: Sequence[TaskPoint], out: str | os.PathLike) -> Path:
     """``lm_eval.json`` and ``lm_eval.md`` in ``out`` (made if missing); each file is written whole
     to a temporary name first, so an interrupted run leaves the earlier files as they were."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("lm_eval.json", json.dumps([p.to_dict() for p in points], indent=2)),
-                       ("lm_eval.md", points_table(points) + "\n")):
-        partial = out / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(out / name)
+    atomic_write_text(out / "lm_eval.json", json.dumps([p.to_dict() for p in points], indent=2))
+    atomic_write_text(out / "lm_eval.md", points_table(points) + "\n")
     return out / "lm_eval.json"
