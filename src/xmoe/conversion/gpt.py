@@ -96,8 +96,10 @@ def calibration_batch(loaded: LoadedRun, data: str | None, num_tokens: int) -> T
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
-                       calibration_tokens: int = 16384, data: str | None = None, device: str = "auto") -> Path:
-    """Convert the dense GPT run at ``checkpoint`` and write the converted run folder ``out``.
+                       calibration_tokens: int = 16384, data: str | None = None,
+                       device: str = "auto") -> tuple[Path, list[LayerReport]]:
+    """Convert the dense GPT run at ``checkpoint`` and write the converted run folder ``out``;
+    returns it with a report per FFN.
 
     ``out`` must not exist; it appears complete or not at all (written beside it, then renamed),
     and nothing is written when an input is wrong.
@@ -135,4 +137,4 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return out, reports
