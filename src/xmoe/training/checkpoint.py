@@ -132,7 +132,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimi
     stamp = ranks.broadcast(new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
                                          run_files=run_files or {}) if ranks.is_main else None)
     state = _state_template(model, optimizer, ranks).saved
-    state[_shard_stamp_key(ranks.rank)] = stamp.tensor(ranks.rank)
+    state[f"{RUN_KEY}.rank{ranks.rank}"] = stamp.tensor(ranks.rank)  # read back by _check_shard_stamps
     rng = _rng_file(ranks.rng_states())  # collective
     try:
         dcp.save(state, checkpoint_id=str(tmp / SHARDS_DIR))  # collective; raises on every rank if one fails
@@ -211,8 +211,9 @@ def _cleaned_up_on_error(tmp: Path, run_dir: Path):
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise CheckpointError(
-                f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
+                f"no space left (a full disk, a quota or a file-size limit: {reason}) while writing the "
                 f"checkpoint in {run_dir}; "
                 f"{_what_to_do_now(run_dir / 'checkpoint')}"
             ) from None
@@ -294,10 +295,6 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _reason(err: BaseException) -> str:
-    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
 def _what_to_do_now(target: Path) -> str:
@@ -449,10 +446,6 @@ def _load_shards(folder: Path, state: dict, reader: ShardReader, *, planner=None
             f"checkpoint {folder} does not match this model ({inner!r:.300}); it was made "
             f"with another config: load it with the config.json saved beside it"
         ) from None
-
-
-def _shard_stamp_key(rank: int) -> str:
-    return f"{RUN_KEY}.rank{rank}"
 
 
 def _check_shard_stamps(reader: ShardReader, manifest: Manifest, *, no_dist: bool) -> None:
