@@ -1,7 +1,8 @@
 """Evaluating Hugging Face MoE folders at several thresholds: what ``xmoe eval``,
 ``xmoe sweep-threshold`` and ``xmoe generate`` do on a folder written by ``xmoe export-hf`` (the
 dial is ``xmoe.moe.set_threshold``) or on a pretrained MoE model folder of a family ``adaptive``
-supports (the dial is ``adaptive``; without a threshold the model runs its own top-k).
+supports (the dial is ``adaptive``; without a threshold the model runs its own top-k), and,
+through ``measure``, on a model converted by ``xmoe convert``.
 
 Each point (xmoe.sweep.SweepPoint) reports perplexity on held-out text, experts per token (mean,
 and a histogram summed over the MoE layers), the MoE FLOPs ratio and tokens/s of the forward
