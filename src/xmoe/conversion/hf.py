@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
 
 from .ffn import DenseFFN
-from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
+from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows, new_folder
 
 WEIGHTS_FILE = "model.safetensors"
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -124,18 +122,12 @@ def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, 
     dtype = str(first.moe.router.weight.dtype).removeprefix("torch.")  # the FFNs' dtype (bf16 models stay bf16)
     meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None,
             "dtype": dtype, **(extra or {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_folder(out) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE))
         (tmp / CONVERSION_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
