@@ -121,16 +121,27 @@ def even_windows(tokens, num_tokens: int, seq_len: int, *, what: str = "the cali
 
 
 @contextlib.contextmanager
-def new_folder(out: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out`` to write a converted model into, renamed to ``out`` when the
-    block ends and removed on any error: ``out`` appears complete or not at all."""
+def new_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write a model folder into, renamed to ``out`` when the
+    block ends and removed on any error: ``out`` appears complete or not at all. With
+    ``replace``, an existing ``out`` is replaced only once the new folder is complete (and put
+    back if the rename fails); without, an ``out`` that appeared meanwhile is an error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    old = None
     try:
         yield tmp
+        if out.exists() and not replace:
+            raise UsageError(f"--out {out} appeared while it was being written; nothing was written there")
         if out.exists():
-            raise UsageError(f"--out {out} appeared while converting; the conversion was not written there")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "replaced"
+            out.rename(old)
         tmp.rename(out)
     except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:  # the replaced folder, or an empty folder once it was moved back
+            shutil.rmtree(old.parent, ignore_errors=True)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind, hugging_face_config
+from xmoe.conversion.layer import new_folder
 from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
@@ -99,38 +98,26 @@ def export_converted(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def _write(out: str | os.PathLike, model, tokenizer, card: str) -> Path:
     """``model.save_pretrained``, ``tokenizer.save_pretrained`` (if any) and the model ``card``
-    into a new folder beside ``out``, then renamed to ``out``: complete, or not at all; an earlier
-    export there is replaced only once the new one is written."""
+    into ``out`` (xmoe.conversion.layer.new_folder): complete, or not at all; an earlier export
+    there is replaced only once the new one is written."""
     out = Path(out)
     if out.exists() and not is_xmoe_folder(out):
         raise UsageError(
             f"--out {out} exists and is not an xmoe Hugging Face export; choose a new folder (an existing export "
             f"is replaced, anything else is left alone)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    old = None
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "export"
-            out.rename(old)
-        tmp.rename(out)
+        with new_folder(out, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(card)
     except BaseException as err:
-        if old is not None and not out.exists():
-            old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err):
-            earlier = f"; the earlier export in {out} is intact" if out.exists() else ""
-            raise OSError(errno.ENOSPC, f"no space left while writing the export {out} ({err}){earlier}. Free "
-                                        f"some space, then export again") from None
-        raise
-    finally:
-        if old is not None:  # the replaced export, or an empty folder once it was moved back
-            shutil.rmtree(old.parent, ignore_errors=True)
+        if not is_disk_full(err):
+            raise
+        earlier = f"; the earlier export in {out} is intact" if out.exists() else ""
+        raise OSError(errno.ENOSPC, f"no space left while writing the export {out} ({err}){earlier}. Free "
+                                    f"some space, then export again") from None
     return out
 
 
