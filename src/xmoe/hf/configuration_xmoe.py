@@ -50,9 +50,6 @@ class XMoEConvertedConfig(portable.XMoEConvertedConfig):
         super().__init__(**kwargs)
         moe_config(self)
 
-    def moe_config(self) -> MoEConfig:
-        return moe_config(self)
-
 
 def moe_config(config) -> MoEConfig | None:
     """The MoEConfig of ``config.moe``, routing at ``config.moe_threshold`` (its own start t when

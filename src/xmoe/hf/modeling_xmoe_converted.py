@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from xmoe.conversion.hf import install_converted
 
-from .configuration_xmoe import XMoEConvertedConfig
+from .configuration_xmoe import XMoEConvertedConfig, moe_config
 from .modeling_xmoe import DialMixin
 from .standalone.modeling_xmoe_converted import XMoEConvertedForCausalLM as PortableModel
 
@@ -34,7 +34,7 @@ class XMoEConvertedForCausalLM(DialMixin, PreTrainedModel, GenerationMixin):
     def __init__(self, config: XMoEConvertedConfig) -> None:
         super().__init__(config)
         self.model = AutoModelForCausalLM.from_config(config.base_config())
-        install_converted(self.model, config.converted_modules, config.moe_config(), bias=config.moe_output_bias)
+        install_converted(self.model, config.converted_modules, moe_config(config), bias=config.moe_output_bias)
         self._applied_threshold = config.moe_threshold
         self.post_init()
 
