@@ -48,6 +48,7 @@ class Checkpoint:
 
     path: str
     kind: str
+    model_type: str | None = None  # config.json's, for "hf" and "hf-dense"
 
     @property
     def what(self) -> str:
@@ -81,7 +82,7 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
     text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
     moe = config.get("model_type") in XMOE_MODEL_TYPES or any(
         config.get(field) or text_config.get(field) for field in _MOE_FIELDS)
-    return Checkpoint(str(path), "hf" if moe else "hf-dense")
+    return Checkpoint(str(path), "hf" if moe else "hf-dense", config.get("model_type"))
 
 
 def hugging_face_config(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind, hugging_face_config
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind
 from xmoe.errors import UsageError
 from xmoe.sweep import LayerCounts, SweepPoint, measure_layers, sweep
 
@@ -34,9 +33,10 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     ``xmoe export-hf`` folder, or a supported MoE family's; a UsageError naming anything else."""
     from transformers import AutoModelForCausalLM
 
-    hub = checkpoint_kind(path).kind == "hub"
-    if not hub:
-        _check_family(path, _model_type(Path(path)))
+    checkpoint = checkpoint_kind(path)
+    hub = checkpoint.kind == "hub"
+    if not hub:  # refused before its weights are read
+        _check_family(path, checkpoint.model_type)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=not hub, output_loading_info=True)
     except OSError as err:
@@ -54,13 +54,6 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
         raise UsageError(f"{path}: its config.json does not describe its weights ({details}); the model would "
                          f"run with freshly initialised layers. Use the config.json exported with the weights")
     return model.to(device).eval(), model_type
-
-
-def _model_type(folder: Path) -> str | None:
-    config = hugging_face_config(folder)
-    if config is None:
-        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder")
-    return config.get("model_type")
 
 
 def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
