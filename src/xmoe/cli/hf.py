@@ -60,7 +60,7 @@ def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None
     if limit is not None and not limit > 0:
         raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {limit:g}")
     model = open_checkpoint(checkpoint, device=device, takes=("hf", "hub"), command="lm-eval").model
-    points, _ = run_tasks(model, load_tokenizer(checkpoint), model.config.model_type, tasks,
+    points, _ = run_tasks(model, load_tokenizer(checkpoint), tasks,
                           [0.3, 0.5, 0.7, 0.9] if thresholds is None else thresholds, max_experts=max_experts,
                           limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot,
                           include_path=include_path, batch_size=batch_size)
@@ -75,7 +75,7 @@ def evaluate(checkpoint, *, data: str | None, max_batches: int | None, capacity:
 
     check_folder_args(checkpoint.path, data, capacity)
     model, batches = _open_with_text(checkpoint, data, max_batches, device)
-    routing = set_dial(model, model.config.model_type, threshold, max_experts)
+    routing = set_dial(model, threshold, max_experts)
     point = dataclasses.replace(measure(model, batches), threshold=threshold, routing=routing)
     if json_out:
         print(json.dumps(point.to_dict(), indent=2))
@@ -126,7 +126,7 @@ def generate(checkpoint, *, prompt: str, max_new_tokens: int, temperature: float
     from xmoe.hf.folders import set_dial
 
     model = open_checkpoint(checkpoint, device=device).model
-    set_dial(model, model.config.model_type, threshold, max_experts)
+    set_dial(model, threshold, max_experts)
     tokenizer = load_tokenizer(checkpoint.path)
     ids = tokenizer(prompt)["input_ids"]
     if not ids:

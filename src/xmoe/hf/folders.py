@@ -64,9 +64,9 @@ def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
     raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
 
-def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:
+def set_dial(model: nn.Module, threshold: float | None, max_experts: int | None = None) -> str:
     """Route ``model`` at ``threshold`` (None: as loaded); returns the routing's label."""
-    if kind in XMOE_MODEL_TYPES:
+    if model.config.model_type in XMOE_MODEL_TYPES:
         from xmoe.moe import set_threshold
 
         if max_experts is not None:
@@ -123,11 +123,10 @@ def count_experts(model: nn.Module):
 def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
                  max_experts: int | None = None) -> list[SweepPoint]:
     """The model as loaded (its own top-k, or its saved t), then each threshold, on the same batches."""
-    kind = model.config.model_type
-    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, kind, None))
+    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, None))
 
     def dial(threshold: float) -> str | None:
-        routing = set_dial(model, kind, threshold, max_experts)
+        routing = set_dial(model, threshold, max_experts)
         return routing if max_experts is not None else None  # a plain t labels itself
 
     return [own, *sweep(thresholds, lambda: measure(model, batches), dial)]
