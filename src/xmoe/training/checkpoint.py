@@ -262,10 +262,7 @@ def _indexed_optimizer_state(named: dict) -> dict:
     param groups, in order."""
     names = [name for group in named["param_groups"] for name in group["params"]]
     index = {name: i for i, name in enumerate(names)}
-    groups, first = [], 0
-    for group in named["param_groups"]:
-        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
-        first += len(group["params"])
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
     return {"state": {index[name]: entry for name, entry in named["state"].items()}, "param_groups": groups}
 
 
