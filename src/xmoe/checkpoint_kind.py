@@ -48,6 +48,7 @@ class Checkpoint:
 
     path: str
     kind: str
+    model_type: str | None = None  # config.json's, for "hf" and "hf-dense"
 
     @property
     def what(self) -> str:
@@ -74,19 +75,20 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(str(path), "run")
     if (folder / CONVERSION_FILE).is_file():
         return Checkpoint(str(path), "converted")
-    config = _hugging_face_config(folder)
+    config = hugging_face_config(folder)
     if config is None:
         raise CheckpointError(f"no checkpoint in {path}: expected {path}/checkpoint/state.json (written by "
                               f"`xmoe train`) or a Hugging Face model's config.json")
     text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
     moe = config.get("model_type") in XMOE_MODEL_TYPES or any(
         config.get(field) or text_config.get(field) for field in _MOE_FIELDS)
-    return Checkpoint(str(path), "hf" if moe else "hf-dense")
+    return Checkpoint(str(path), "hf" if moe else "hf-dense", config.get("model_type"))
 
 
-def _hugging_face_config(folder: Path) -> dict[str, Any] | None:
+def hugging_face_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's config.json as a dict, or None where there is none (or it is no JSON object)."""
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None

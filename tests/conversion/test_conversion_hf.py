@@ -10,7 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from xmoe.conversion import ConversionConfig, RouterFitConfig  # noqa: E402
 from xmoe.sweep import hf_logits, measure_layers, threshold_dial  # noqa: E402
-from xmoe.conversion.hf import ConvertedMLP, convert_hf, convert_hf_folder, load_converted, save_converted  # noqa: E402
+from xmoe.conversion.hf import (  # noqa: E402
+    ConvertedMLP, convert_hf, convert_hf_checkpoint, load_converted, save_converted,
+)
 
 FAST = RouterFitConfig(steps=30)
 
@@ -56,8 +58,8 @@ def test_hf_folder_in_converted_folder_out(tmp_path):
     x = torch.randint(64, (1, 10))
     with torch.no_grad():
         reference = model(input_ids=x).logits
-    converted, _ = convert_hf_folder(tmp_path / "dense", torch.randint(64, (2, 16)),
-                                     ConversionConfig(num_experts=2, router=FAST))
+    converted = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True)
+    convert_hf(converted, torch.randint(64, (2, 16)), ConversionConfig(num_experts=2, router=FAST))
     save_converted(converted, tmp_path / "sparse")
     with pytest.raises(ValueError, match="already exists"):
         save_converted(converted, tmp_path / "sparse")
@@ -65,4 +67,4 @@ def test_hf_folder_in_converted_folder_out(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not a folder"):
-        convert_hf_folder(tmp_path / "missing", x, ConversionConfig(num_experts=2))
+        convert_hf_checkpoint(tmp_path / "missing", tmp_path / "out", ConversionConfig(num_experts=2), data="text.txt")

@@ -62,7 +62,7 @@ def test_each_point_scores_the_model_at_its_own_routing(task_and_tokenizer) -> N
     model = tiny_family("olmoe", vocab_size=len(tokenizer))
     untouched = tiny_family("olmoe", vocab_size=len(tokenizer))
     untouched.load_state_dict(model.state_dict())
-    points, results = run_tasks(model, tokenizer, "olmoe", [TASK], [0.3], include_path=root, log_samples=True)
+    points, results = run_tasks(model, tokenizer, [TASK], [0.3], include_path=root, log_samples=True)
     own, low = points
     assert (own.routing, low.routing) == ("top-2 (the model's own)", "t=0.3")
     check_against_hand(own, results[0], untouched, tokenizer)
@@ -78,7 +78,7 @@ def test_an_unknown_task_is_named(task_and_tokenizer) -> None:
     root, tokenizer = task_and_tokenizer
     model = tiny_family("olmoe", vocab_size=len(tokenizer))
     with pytest.raises(UsageError, match="no_such_task.*--include-path"):
-        run_tasks(model, tokenizer, "olmoe", ["no_such_task"], [0.5])
+        run_tasks(model, tokenizer, ["no_such_task"], [0.5])
 
 
 def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and_tokenizer, tmp_path, capsys):
@@ -109,4 +109,4 @@ def test_expert_flops_of_every_family(family) -> None:
     model = tiny_family(family)
     text = model.config.get_text_config()
     width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
-    assert expert_flops(model, family) == (text.num_hidden_layers, 2 * 3 * text.hidden_size * width)
+    assert expert_flops(model) == (text.num_hidden_layers, 2 * 3 * text.hidden_size * width)

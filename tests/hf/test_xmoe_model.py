@@ -227,7 +227,7 @@ def test_a_budgeted_model_keeps_its_trained_t_through_export_and_from_pretrained
     assert all(layer.router.dial.threshold.dtype == torch.float64 for layer in loaded.moe_layers())
     assert all(float(layer.router.dial.step_tokens) == 0 == float(layer.router.dial.step_pairs)
                for layer in loaded.moe_layers())
-    assert set_dial(loaded, "xmoe", None) == "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
+    assert set_dial(loaded, None) == "t per layer " + ", ".join(f"{t:.3g}" for t in trained) + " (as trained)"
     set_threshold(loaded, 1.0)
     loaded.save_pretrained(tmp_path / "dialled")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "dialled")

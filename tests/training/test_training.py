@@ -202,7 +202,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_write_json", broken)
+    monkeypatch.setattr(ckpt, "write_manifest", broken)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, model=model, optimizer=None, step=2, config={})
     monkeypatch.undo()

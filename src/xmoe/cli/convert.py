@@ -42,12 +42,20 @@ def convert(*, checkpoint: str, experts: int, out: str, partition: str = "contig
     expect(kind, ("run", "hf-dense"), "convert")
     cfg = ConversionConfig(num_experts=experts, partition=partition)
     if kind.kind == "hf-dense":
-        return _convert_hf(checkpoint, out, cfg, data=data, calibration_tokens=calibration_tokens, device=device)
-    written = convert_checkpoint(checkpoint, out, cfg, calibration_tokens=calibration_tokens, data=data,
-                                 device=device)
-    print(f"converted {checkpoint} -> {written}: every FFN split into {experts} experts ({partition}), routers "
-          f"fitted; t = 1.0 reproduces the dense model")
-    print(f"next: xmoe sweep-threshold --checkpoint {written}   (or xmoe eval --checkpoint {written} --threshold 0.8)")
+        from xmoe.conversion.hf import convert_hf_checkpoint
+        from xmoe.training.loop import resolve_device
+
+        written, reports = convert_hf_checkpoint(checkpoint, out, cfg, data=data, calibration_tokens=calibration_tokens,
+                                                 device=resolve_device(device))
+        then = (f"xmoe sweep-threshold --checkpoint {written} --data HELD_OUT_TEXT   "
+                f"(in Python: xmoe.conversion.hf.load_converted({str(written)!r}))")
+    else:
+        written, reports = convert_checkpoint(checkpoint, out, cfg, calibration_tokens=calibration_tokens, data=data,
+                                              device=device)
+        then = f"xmoe sweep-threshold --checkpoint {written}   (or xmoe eval --checkpoint {written} --threshold 0.8)"
+    print(f"converted {checkpoint} -> {written}: {len(reports)} FFNs split into {experts} experts ({partition}), "
+          f"routers fitted; t = 1.0 reproduces the dense model")
+    print(f"next: {then}")
 
 
 def partitions() -> tuple[str, ...]:
@@ -55,15 +63,3 @@ def partitions() -> tuple[str, ...]:
     from xmoe.conversion.partition import PARTITIONS
 
     return PARTITIONS
-
-
-def _convert_hf(checkpoint: str, out: str, cfg, *, data: str | None, calibration_tokens: int, device: str) -> None:
-    from xmoe.conversion.hf import convert_hf_checkpoint
-    from xmoe.training.loop import resolve_device
-
-    written, reports = convert_hf_checkpoint(checkpoint, out, cfg, data=data, calibration_tokens=calibration_tokens,
-                                             device=resolve_device(device))
-    print(f"converted the Hugging Face model {checkpoint} -> {written}: {len(reports)} FFNs split into "
-          f"{cfg.num_experts} experts ({cfg.partition}), routers fitted; t = 1.0 reproduces the dense model")
-    print(f"next: xmoe sweep-threshold --checkpoint {written} --data HELD_OUT_TEXT   "
-          f"(in Python: xmoe.conversion.hf.load_converted({str(written)!r}))")

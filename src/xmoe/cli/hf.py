@@ -60,7 +60,7 @@ def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None
     if limit is not None and not limit > 0:
         raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {limit:g}")
     model = open_checkpoint(checkpoint, device=device, takes=("hf", "hub"), command="lm-eval").model
-    points, _ = run_tasks(model, load_tokenizer(checkpoint), model.config.model_type, tasks,
+    points, _ = run_tasks(model, load_tokenizer(checkpoint), tasks,
                           [0.3, 0.5, 0.7, 0.9] if thresholds is None else thresholds, max_experts=max_experts,
                           limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot,
                           include_path=include_path, batch_size=batch_size)
@@ -75,7 +75,7 @@ def evaluate(checkpoint, *, data: str | None, max_batches: int | None, capacity:
 
     check_folder_args(checkpoint.path, data, capacity)
     model, batches = _open_with_text(checkpoint, data, max_batches, device)
-    routing = set_dial(model, model.config.model_type, threshold, max_experts)
+    routing = set_dial(model, threshold, max_experts)
     point = dataclasses.replace(measure(model, batches), threshold=threshold, routing=routing)
     if json_out:
         print(json.dumps(point.to_dict(), indent=2))
@@ -88,35 +88,27 @@ def sweep_threshold(checkpoint, *, data: str | None, max_batches: int | None, ca
                     thresholds: list[float], out: str | None, max_experts: int | None) -> None:
     """`xmoe sweep-threshold` on ``checkpoint``, a Hugging Face folder, a Hub id or a converted
     model: the report goes to --out or the current folder, never into the model's folder."""
-    from xmoe.sweep import write_sweep
+    from xmoe.hf.folders import measure, sweep_folder
+    from xmoe.sweep import sweep, threshold_dial, write_sweep
 
-    if checkpoint.kind == "converted":
-        check_folder_args(checkpoint.path, data, capacity, "a converted Hugging Face model")
-        refuse_max_experts(checkpoint.path, max_experts, "a converted Hugging Face model")
-        points = _sweep_converted(checkpoint, data, max_batches, device, thresholds)
+    converted = checkpoint.kind == "converted"
+    kind = "a converted Hugging Face model" if converted else "a Hugging Face model folder"
+    check_folder_args(checkpoint.path, data, capacity, kind)
+    if converted:
+        refuse_max_experts(checkpoint.path, max_experts, kind)
+    model, batches = _open_with_text(checkpoint, data, max_batches, device)
+    if converted:  # saved at t = 1, where it is the dense model: the baseline, not a point
+        points = sweep(thresholds, lambda: measure(model, batches), threshold_dial(model))
     else:
-        from xmoe.hf.folders import sweep_folder
-
-        check_folder_args(checkpoint.path, data, capacity)
-        model, batches = _open_with_text(checkpoint, data, max_batches, device)
         points = sweep_folder(model, batches, thresholds, max_experts=max_experts)
-    write_sweep(points, out or ".", data=data, step=None, baseline="dense" if checkpoint.kind == "converted"
-                else "top-k")
-
-
-def _sweep_converted(checkpoint, data: str, max_batches: int | None, device: str, thresholds: list[float]):
-    from xmoe.conversion.hf import sweep_converted
-    from xmoe.training.loop import resolve_device
-
-    return sweep_converted(checkpoint.path, data, thresholds, max_batches=max_batches or 8,
-                           device=resolve_device(device))
+    write_sweep(points, out or ".", data=data, step=None, baseline="dense" if converted else "top-k")
 
 
 def _open_with_text(checkpoint, data: str, max_batches: int | None, device: str):
     """The model at ``checkpoint`` and up to ``max_batches`` (8) batches of 8 windows of 256
     tokens of the text at ``data``, through its tokenizer."""
     from xmoe.checkpoints import open_checkpoint
-    from xmoe.hf.folders import text_batches
+    from xmoe.conversion.hf import text_batches
 
     model = open_checkpoint(checkpoint, device=device).model
     batches = text_batches(checkpoint.path, data, model, max_batches=max_batches or 8, batch_size=8, seq_len=256)
@@ -134,7 +126,7 @@ def generate(checkpoint, *, prompt: str, max_new_tokens: int, temperature: float
     from xmoe.hf.folders import set_dial
 
     model = open_checkpoint(checkpoint, device=device).model
-    set_dial(model, model.config.model_type, threshold, max_experts)
+    set_dial(model, threshold, max_experts)
     tokenizer = load_tokenizer(checkpoint.path)
     ids = tokenizer(prompt)["input_ids"]
     if not ids:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from xmoe.training.checkpoint import read_state
 from xmoe.training.manifest import hash_run_files
 
 from .ffn import DenseFFN, expert_config
-from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
+from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows, new_folder
 from .partition import check_divides
 
 CONVERSION_FILE = "conversion.json"
@@ -96,8 +95,10 @@ def calibration_batch(loaded: LoadedRun, data: str | None, num_tokens: int) -> T
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
-                       calibration_tokens: int = 16384, data: str | None = None, device: str = "auto") -> Path:
-    """Convert the dense GPT run at ``checkpoint`` and write the converted run folder ``out``.
+                       calibration_tokens: int = 16384, data: str | None = None,
+                       device: str = "auto") -> tuple[Path, list[LayerReport]]:
+    """Convert the dense GPT run at ``checkpoint`` and write the converted run folder ``out``;
+    returns it with a report per FFN.
 
     ``out`` must not exist; it appears complete or not at all (written beside it, then renamed),
     and nothing is written when an input is wrong.
@@ -120,19 +121,11 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cf
     run_cfg = dataclasses.replace(
         loaded.cfg, model=model.cfg, preset=f"{loaded.cfg.preset}+convert-{cfg.num_experts}-{cfg.partition}")
     state = read_state(checkpoint_dir(checkpoint))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_folder(out) as tmp:
         shutil.copyfile(loaded.run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         save_checkpoint(tmp, model=model, optimizer=None, step=state["step"], config=to_dict(run_cfg),
                         extra={"converted_from": str(checkpoint)}, run_files=hash_run_files(tmp, [TOKENIZER_FILE]))
         summary = {"converted_from": str(checkpoint), "config": to_dict(cfg), "calibration_data": data,
                    "calibration_tokens": calibration_tokens, "layers": [dataclasses.asdict(r) for r in reports]}
         (tmp / CONVERSION_FILE).write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            raise UsageError(f"--out {out} appeared while converting; the conversion was not written there")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out, reports

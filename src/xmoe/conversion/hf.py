@@ -20,22 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from xmoe.checkpoint_kind import CONVERSION_FILE, checkpoint_kind
-from xmoe.errors import CheckpointError, UsageError
+from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.moe import MoEConfig, MoELayer
-from xmoe.sweep import SweepPoint, hf_logits, measure_layers, sweep, threshold_dial
 
 from .ffn import DenseFFN
-from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows
+from .layer import ConversionConfig, LayerReport, capture_inputs, convert_ffn, even_windows, new_folder
 
 WEIGHTS_FILE = "model.safetensors"
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -110,15 +106,6 @@ def convert_hf(model: nn.Module, calibration_BL: Tensor, cfg: ConversionConfig, 
     return reports
 
 
-def convert_hf_folder(path: str | os.PathLike, calibration_BL: Tensor, cfg: ConversionConfig) -> tuple[nn.Module, list[LayerReport]]:
-    """Load a causal LM saved in the local folder ``path`` (``save_pretrained``; nothing is
-    downloaded) and convert it."""
-    if not Path(path).is_dir():
-        raise UsageError(f"{path} is not a folder; give a local folder written by save_pretrained")
-    model = _transformers().AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    return model, convert_hf(model, calibration_BL, cfg)
-
-
 def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, extra: dict | None = None) -> Path:
     """Write a converted model to the new folder ``out``: its HF config, the weights
     (safetensors), where the converted FFNs sit with their MoE config (plus ``extra``, e.g. the
@@ -135,18 +122,12 @@ def save_converted(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, 
     dtype = str(first.moe.router.weight.dtype).removeprefix("torch.")  # the FFNs' dtype (bf16 models stay bf16)
     meta = {"modules": list(converted), "moe": dataclasses.asdict(first.moe.cfg), "bias": first.bias is not None,
             "dtype": dtype, **(extra or {})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with new_folder(out) as tmp:
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE))
         (tmp / CONVERSION_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -160,30 +141,18 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     meta = json.loads((path / CONVERSION_FILE).read_text())
     tf = _transformers()
     model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path, local_files_only=True))
-    moe = MoEConfig(**meta["moe"])
     dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else next(model.parameters()).dtype
-    for name in meta["modules"]:
-        bias = torch.zeros(moe.model_dim) if meta["bias"] else None
-        _replace(model, name, ConvertedMLP(MoELayer(moe), bias).to(dtype))
+    install_converted(model, meta["modules"], MoEConfig(**meta["moe"]), bias=meta["bias"], dtype=dtype)
     load_model(model, str(path / WEIGHTS_FILE))
     return model.eval()
 
 
-def is_converted_folder(path: str | os.PathLike) -> bool:
-    return _kind(path) == "converted"
-
-
-def is_hf_folder(path: str | os.PathLike) -> bool:
-    """A Hugging Face model folder (config.json), not an ``xmoe train`` run or a converted model."""
-    return _kind(path) in ("hf", "hf-dense")
-
-
-def _kind(path: str | os.PathLike) -> str | None:
-    """What xmoe.checkpoint_kind decides ``path`` holds; None for a path that holds no model."""
-    try:
-        return checkpoint_kind(path).kind
-    except CheckpointError:
-        return None
+def install_converted(model: nn.Module, modules: list[str], moe: MoEConfig, *, bias: bool,
+                      dtype: torch.dtype | None = None) -> None:
+    """Put a ConvertedMLP of ``moe`` (its weights still to be loaded) in place of each FFN named
+    in ``modules``: the converted model's architecture."""
+    for name in modules:
+        _replace(model, name, ConvertedMLP(MoELayer(moe), torch.zeros(moe.model_dim) if bias else None).to(dtype))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
@@ -232,10 +201,22 @@ def _pieces(text: str, size: int = 1 << 16):
 
 
 def context_length(model: nn.Module, longest: int) -> int:
-    """``longest``, or less when the model's positions stop sooner."""
-    config = model.config
+    """``longest``, or less when the model's positions stop sooner (an exported converted model:
+    the original model's)."""
+    config = model.config.get_text_config()
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return min(longest, limit) if limit else longest
+
+
+def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
+                 batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+    """Up to ``max_batches`` batches of ``batch_size`` (inputs, targets) windows of ``seq_len``
+    tokens (fewer if the model's context is shorter) spread over the text at ``data``, through
+    the tokenizer in ``folder``."""
+    L = context_length(model, seq_len) + 1  # inputs and their next tokens
+    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
+    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
 
 
 def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg: ConversionConfig, *,
@@ -269,20 +250,6 @@ def convert_hf_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, cfg
     extra = {"converted_from": str(folder), "config": dataclasses.asdict(cfg), "calibration_data": str(data),
              "calibration_tokens": int(calibration_BL.numel()), "layers": [dataclasses.asdict(r) for r in reports]}
     return save_converted(model.cpu(), out, tokenizer=tokenizer, extra=extra), reports
-
-
-def sweep_converted(folder: str | os.PathLike, data: str | os.PathLike, thresholds: Sequence[float], *,
-                    max_batches: int = 8, batch_size: int = 8, seq_len: int = 256,
-                    device: str | torch.device = "cpu") -> list[SweepPoint]:
-    """The converted model in ``folder`` at each threshold (xmoe.sweep), on the text at ``data``:
-    up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
-    model's context is shorter), spread over the text."""
-    model = load_converted(folder).to(device)  # a clear error if folder holds no converted model
-    L = context_length(model, seq_len) + 1  # inputs and their next tokens
-    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
-    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
-    batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
-    return sweep(thresholds, lambda: measure_layers(model, batches, hf_logits), threshold_dial(model))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

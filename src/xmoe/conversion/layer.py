@@ -2,15 +2,20 @@
 
 The model-specific modules (gpt.py, hf.py) read each FFN's weights into a ``DenseFFN``, capture
 its inputs on calibration text, and call ``convert_ffn``; they then put the returned MoELayer in
-the FFN's place and add the dense output bias once (ffn.py, equation (1)).
+the FFN's place and add the dense output bias once (ffn.py, equation (1)), and write the result
+through ``new_folder``.
 
 Shape legend: T calibration tokens, D model dim, F FFN width, E experts, G = F / E.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,3 +118,30 @@ def even_windows(tokens, num_tokens: int, seq_len: int, *, what: str = "the cali
         raise UsageError(f"{asked} asks for {num_tokens} tokens, fewer than one sequence of {seq_len}; ask for more")
     starts = np.linspace(0, len(tokens) - seq_len, count).astype(np.int64)
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write a model folder into, renamed to ``out`` when the
+    block ends and removed on any error: ``out`` appears complete or not at all. With
+    ``replace``, an existing ``out`` is replaced only once the new folder is complete (and put
+    back if the rename fails); without, an ``out`` that appeared meanwhile is an error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    old = None
+    try:
+        yield tmp
+        if out.exists() and not replace:
+            raise UsageError(f"--out {out} appeared while it was being written; nothing was written there")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "replaced"
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        if old is not None and not out.exists():
+            old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:  # the replaced folder, or an empty folder once it was moved back
+            shutil.rmtree(old.parent, ignore_errors=True)

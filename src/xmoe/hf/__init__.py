@@ -19,12 +19,13 @@ from xmoe.extras import MissingExtra
 
 try:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.moe import ExpertsInterface
 except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise MissingExtra("xmoe.hf needs transformers >= 5.17: pip install 'xmoe[hf]'") from err
 
 from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, is_adapted
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
-from .experts import EXPERTS_IMPLEMENTATION, register_experts
+from .experts import EXPERTS_IMPLEMENTATION, xmoe_experts_forward
 from .export import export_hf, export_model, is_xmoe_folder
 from .modeling_xmoe import XMoECausalLMOutput, XMoEForCausalLM
 from .modeling_xmoe_converted import XMoEConvertedForCausalLM
@@ -32,7 +33,7 @@ from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 for _config, _model in ((XMoEConfig, XMoEForCausalLM), (XMoEConvertedConfig, XMoEConvertedForCausalLM)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
-register_experts()
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, xmoe_experts_forward)  # experts_implementation="xmoe"
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",

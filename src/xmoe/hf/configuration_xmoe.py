@@ -30,23 +30,16 @@ class XMoEConfig(portable.XMoEConfig):
         self.to_gpt_config()
 
     def to_gpt_config(self) -> GPTConfig:
-        """The GPTConfig this config describes, its MoE layers built with ``moe_threshold``."""
-        return GPTConfig(
-            vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-            d_model=self.d_model, d_ff=self.d_ff, dropout=self.dropout, moe_every=self.moe_every,
-            moe=moe_config(self), init_std=self.init_std, layer_norm_eps=self.layer_norm_eps,
-            moe_output_bias=self.moe_output_bias,
-        )
+        """The GPTConfig this config describes (its fields are GPTConfig's), its MoE layers built
+        with ``moe_threshold``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig) if f.name != "moe"}
+        return GPTConfig(**fields, moe=moe_config(self))
 
     @classmethod
     def from_gpt_config(cls, cfg: GPTConfig, **kwargs) -> XMoEConfig:
-        """The config of an xmoe GPT built from ``cfg`` (``kwargs``: e.g. bos/eos token ids)."""
-        return cls(
-            vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            d_model=cfg.d_model, d_ff=cfg.d_ff, dropout=cfg.dropout, moe_every=cfg.moe_every,
-            moe=dataclasses.asdict(cfg.moe) if cfg.moe is not None else None, moe_output_bias=cfg.moe_output_bias,
-            layer_norm_eps=cfg.layer_norm_eps, init_std=cfg.init_std, xmoe_version=xmoe.__version__, **kwargs,
-        )
+        """The config of an xmoe GPT built from ``cfg`` (``kwargs``: e.g. bos/eos token ids); its
+        MoEConfig becomes a plain dict."""
+        return cls(**dataclasses.asdict(cfg), xmoe_version=xmoe.__version__, **kwargs)
 
 
 class XMoEConvertedConfig(portable.XMoEConvertedConfig):
@@ -56,9 +49,6 @@ class XMoEConvertedConfig(portable.XMoEConvertedConfig):
         kwargs.setdefault("xmoe_version", xmoe.__version__)
         super().__init__(**kwargs)
         moe_config(self)
-
-    def moe_config(self) -> MoEConfig:
-        return moe_config(self)
 
 
 def moe_config(config) -> MoEConfig | None:

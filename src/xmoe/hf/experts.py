@@ -80,9 +80,3 @@ def _linear(x: Tensor, w: Tensor, bias: Tensor | None, e: int, transposed: bool)
 def _bias(experts: nn.Module, name: str) -> Tensor | None:
     return getattr(experts, name) if getattr(experts, "has_bias", False) else None
 
-
-def register_experts() -> None:
-    """Make ``experts_implementation="xmoe"`` available to every transformers MoE model."""
-    from transformers.integrations.moe import ExpertsInterface
-
-    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, xmoe_experts_forward)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
+from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind, hugging_face_config
+from xmoe.conversion.layer import new_folder
 from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
@@ -40,7 +39,7 @@ from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 def is_xmoe_folder(path: str | os.PathLike) -> bool:
     """A Hugging Face folder holding an xmoe export (config.json with model_type "xmoe" or
     "xmoe_converted")."""
-    return _model_type(Path(path)) in XMOE_MODEL_TYPES
+    return (hugging_face_config(path) or {}).get("model_type") in XMOE_MODEL_TYPES
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
@@ -66,15 +65,15 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the ``xmoe train`` (or ``xmoe convert``) run at ``checkpoint`` to the folder ``out``."""
-    from xmoe.conversion.hf import is_converted_folder, is_hf_folder
     from xmoe.data import TOKENIZER_FILE
     from xmoe.data.tokenizer import EOT
     from xmoe.tasks.lm import load_lm
 
-    if is_converted_folder(checkpoint):
+    kind = checkpoint_kind(checkpoint)
+    if kind.kind == "converted":
         return export_converted(checkpoint, out)
-    if is_hf_folder(checkpoint):
-        raise UsageError(f"{checkpoint} is already a Hugging Face model folder (config.json); there is nothing to export")
+    if kind.kind != "run":
+        raise UsageError(f"{checkpoint} is already a Hugging Face model ({kind.what}); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT,
                         results=_last_validation(loaded.run_dir))
@@ -99,38 +98,26 @@ def export_converted(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def _write(out: str | os.PathLike, model, tokenizer, card: str) -> Path:
     """``model.save_pretrained``, ``tokenizer.save_pretrained`` (if any) and the model ``card``
-    into a new folder beside ``out``, then renamed to ``out``: complete, or not at all; an earlier
-    export there is replaced only once the new one is written."""
+    into ``out`` (xmoe.conversion.layer.new_folder): complete, or not at all; an earlier export
+    there is replaced only once the new one is written."""
     out = Path(out)
     if out.exists() and not is_xmoe_folder(out):
         raise UsageError(
             f"--out {out} exists and is not an xmoe Hugging Face export; choose a new folder (an existing export "
             f"is replaced, anything else is left alone)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    old = None
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent)) / "export"
-            out.rename(old)
-        tmp.rename(out)
+        with new_folder(out, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(card)
     except BaseException as err:
-        if old is not None and not out.exists():
-            old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err):
-            earlier = f"; the earlier export in {out} is intact" if out.exists() else ""
-            raise OSError(errno.ENOSPC, f"no space left while writing the export {out} ({err}){earlier}. Free "
-                                        f"some space, then export again") from None
-        raise
-    finally:
-        if old is not None:  # the replaced export, or an empty folder once it was moved back
-            shutil.rmtree(old.parent, ignore_errors=True)
+        if not is_disk_full(err):
+            raise
+        earlier = f"; the earlier export in {out} is intact" if out.exists() else ""
+        raise OSError(errno.ENOSPC, f"no space left while writing the export {out} ({err}){earlier}. Free "
+                                    f"some space, then export again") from None
     return out
 
 
@@ -189,9 +176,3 @@ def model_card(model, results: dict | None) -> str:
                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
     return "\n".join(lines) + "\n"
 
-
-def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None

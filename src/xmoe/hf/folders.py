@@ -1,7 +1,8 @@
 """Evaluating Hugging Face MoE folders at several thresholds: what ``xmoe eval``,
 ``xmoe sweep-threshold`` and ``xmoe generate`` do on a folder written by ``xmoe export-hf`` (the
 dial is ``xmoe.moe.set_threshold``) or on a pretrained MoE model folder of a family ``adaptive``
-supports (the dial is ``adaptive``; without a threshold the model runs its own top-k).
+supports (the dial is ``adaptive``; without a threshold the model runs its own top-k), and,
+through ``measure``, on a model converted by ``xmoe convert``.
 
 Each point (xmoe.sweep.SweepPoint) reports perplexity on held-out text, experts per token (mean,
 and a histogram summed over the MoE layers), the MoE FLOPs ratio and tokens/s of the forward
@@ -13,21 +14,17 @@ Shape legend: B windows, L window length, V vocabulary, E experts.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES, checkpoint_kind
 from xmoe.errors import UsageError
-from xmoe.sweep import LayerCounts, SweepPoint, sweep
+from xmoe.sweep import LayerCounts, SweepPoint, measure_layers, sweep
 
-from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, own_top_k
+from .adaptive import SUPPORTED_FAMILIES, adaptive, experts_per_token, moe_routers, own_top_k
 
 
 def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
@@ -36,9 +33,10 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     ``xmoe export-hf`` folder, or a supported MoE family's; a UsageError naming anything else."""
     from transformers import AutoModelForCausalLM
 
-    hub = checkpoint_kind(path).kind == "hub"
-    if not hub:
-        _check_family(path, _model_type(Path(path)))
+    checkpoint = checkpoint_kind(path)
+    hub = checkpoint.kind == "hub"
+    if not hub:  # refused before its weights are read
+        _check_family(path, checkpoint.model_type)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=not hub, output_loading_info=True)
     except OSError as err:
@@ -58,13 +56,6 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     return model.to(device).eval(), model_type
 
 
-def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        raise UsageError(f"{folder} holds no readable config.json, so it is no Hugging Face model folder") from None
-
-
 def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
     """A UsageError unless ``model_type`` is an ``xmoe export-hf`` folder's or a supported MoE family's."""
     if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
@@ -73,9 +64,9 @@ def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
     raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
 
 
-def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: int | None = None) -> str:
+def set_dial(model: nn.Module, threshold: float | None, max_experts: int | None = None) -> str:
     """Route ``model`` at ``threshold`` (None: as loaded); returns the routing's label."""
-    if kind in XMOE_MODEL_TYPES:
+    if model.config.model_type in XMOE_MODEL_TYPES:
         from xmoe.moe import set_threshold
 
         if max_experts is not None:
@@ -99,63 +90,43 @@ def set_dial(model: nn.Module, kind: str, threshold: float | None, max_experts: 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> SweepPoint:
     """Perplexity, experts per token, MoE FLOPs ratio and tokens/s of ``model`` as its dial is
-    set, on (inputs, targets) [B, L] pairs. The ratio's baseline is the model's own top-k (a MoE
-    family), or the top-k budget of its MoE layers (an xmoe export)."""
+    set, on (inputs, targets) [B, L] pairs (xmoe.sweep.measure_layers, its forwards timed). The
+    ratio's baseline is the model's own top-k (a MoE family), or the top-k budget of its MoE
+    layers (xmoe's own layers: an export, a converted model)."""
     device = next(model.parameters()).device
     model(batches[0][0][:1].to(device), use_cache=False)  # warm-up, not timed
-    loss_sum, tokens, seconds = 0.0, 0, 0.0
-    with count_experts(model, model.config.model_type) as counts:
-        for x_BL, y_BL in batches:
-            x_BL, y_BL = x_BL.to(device), y_BL.to(device)
-            start = time.perf_counter()
-            logits_BLV = model(x_BL, use_cache=False).logits
-            seconds += time.perf_counter() - start
-            loss_sum += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
-            tokens += y_BL.numel()
-    speed = tokens / seconds
-    if isinstance(counts, LayerCounts):
-        return counts.point(None, loss_sum / tokens, tokens, tokens_per_second=speed)
-    mean = histogram_mean(counts.histogram)
-    return SweepPoint(threshold=None, perplexity=math.exp(loss_sum / tokens), loss=loss_sum / tokens, tokens=tokens,
-                      experts_per_token=mean, moe_flops_ratio=mean / own_top_k(model),
-                      histogram=tuple(counts.histogram), tokens_per_second=speed)
+    seconds = 0.0
+
+    def timed_logits(model: nn.Module, x_BL: Tensor) -> Tensor:
+        nonlocal seconds
+        start = time.perf_counter()
+        logits_BLV = model(x_BL, use_cache=False).logits
+        seconds += time.perf_counter() - start
+        return logits_BLV
+
+    if moe_routers(model):  # a MoE family's routers, counted by adaptive's hooks
+        with experts_per_token(model) as counts:
+            point = measure_layers(model, batches, timed_logits)
+        point = dataclasses.replace(point, experts_per_token=counts.mean, histogram=tuple(counts.histogram),
+                                    moe_flops_ratio=counts.mean / own_top_k(model))
+    else:  # xmoe's MoE layers, counted by measure_layers
+        point = measure_layers(model, batches, timed_logits)
+    return dataclasses.replace(point, tokens_per_second=point.tokens / seconds)
 
 
-def histogram_mean(histogram: list[int]) -> float:
-    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
-    routed = sum(histogram)
-    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
-
-
-def count_experts(model: nn.Module, kind: str):
+def count_experts(model: nn.Module):
     """A context manager whose value's ``histogram`` counts the experts each (token, MoE layer)
-    pair engaged while it is open (``kind``: the model_type)."""
-    return LayerCounts(model) if kind in XMOE_MODEL_TYPES else experts_per_token(model)
+    pair engaged while it is open."""
+    return experts_per_token(model) if moe_routers(model) else LayerCounts(model)
 
 
 def sweep_folder(model: nn.Module, batches: list[tuple[Tensor, Tensor]], thresholds: list[float], *,
                  max_experts: int | None = None) -> list[SweepPoint]:
     """The model as loaded (its own top-k, or its saved t), then each threshold, on the same batches."""
-    kind = model.config.model_type
-    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, kind, None))
+    own = dataclasses.replace(measure(model, batches), routing=set_dial(model, None))
 
     def dial(threshold: float) -> str | None:
-        routing = set_dial(model, kind, threshold, max_experts)
+        routing = set_dial(model, threshold, max_experts)
         return routing if max_experts is not None else None  # a plain t labels itself
 
     return [own, *sweep(thresholds, lambda: measure(model, batches), dial)]
-
-
-def text_batches(folder: str | os.PathLike, data: str | os.PathLike, model: nn.Module, *, max_batches: int,
-                 batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
-    """Up to ``max_batches`` batches of ``batch_size`` windows of ``seq_len`` tokens (fewer if the
-    model's context is shorter) spread over the text at ``data``, through the folder's tokenizer."""
-    from xmoe.conversion.hf import load_tokenizer, text_tokens
-    from xmoe.conversion.layer import even_windows
-
-    text_config = model.config.get_text_config()  # an exported converted model: the original model's
-    limit = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
-    L = (min(seq_len, limit) if limit else seq_len) + 1  # inputs and their next tokens
-    tokens = text_tokens(load_tokenizer(folder), data, limit=4 * max_batches * batch_size * L)
-    windows = even_windows(tokens, max_batches * batch_size * L, L, what="the evaluation text", asked="--max-batches")
-    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from xmoe.checkpoint_kind import XMOE_MODEL_TYPES
+from xmoe.data.files import atomic_write_text
 from xmoe.errors import UsageError
 from xmoe.extras import needs_extra
 from xmoe.markdown import md_row
 
-from .adaptive import moe_blocks
-from .folders import count_experts, histogram_mean, set_dial
+from .adaptive import histogram_mean, moe_blocks
+from .folders import count_experts, set_dial
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class TaskPoint:
         return asdict(self)
 
 
-def expert_flops(model: nn.Module, kind: str) -> tuple[int, int]:
+def expert_flops(model: nn.Module) -> tuple[int, int]:
     """(MoE layers, forward FLOPs of one expert on one token) of ``model``."""
-    if kind in XMOE_MODEL_TYPES:
+    if model.config.model_type in XMOE_MODEL_TYPES:
         layers = model.moe_layers()
         return len(layers), layers[0].cfg.flops_per_pair if layers else 0
     blocks = moe_blocks(model)
@@ -58,7 +59,7 @@ def expert_flops(model: nn.Module, kind: str) -> tuple[int, int]:
     return len(blocks), 2 * sum(p.numel() for p in matrices) // matrices[0].shape[0]
 
 
-def run_tasks(model: nn.Module, tokenizer, kind: str, tasks: Sequence[str], thresholds: Sequence[float], *,
+def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], thresholds: Sequence[float], *,
               max_experts: int | None = None, limit: int | float | None = None, num_fewshot: int | None = None,
               include_path: str | os.PathLike | None = None, batch_size: int = 1,
               log_samples: bool = False) -> tuple[list[TaskPoint], list[dict]]:
@@ -80,11 +81,11 @@ def run_tasks(model: nn.Module, tokenizer, kind: str, tasks: Sequence[str], thre
                          f"registry{where}")
     device = next(model.parameters()).device
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    layers, flops_per_pair = expert_flops(model, kind)
+    layers, flops_per_pair = expert_flops(model)
     points, results = [], []
     for threshold in [None, *thresholds]:
-        routing = set_dial(model, kind, threshold, max_experts if threshold is not None else None)
-        with torch.no_grad(), count_experts(model, kind) as counts:
+        routing = set_dial(model, threshold, max_experts if threshold is not None else None)
+        with torch.no_grad(), count_experts(model) as counts:
             result = simple_evaluate(model=harness_model, tasks=list(tasks), task_manager=task_manager,
                                      limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
         scores = {task: _metrics(values) for task, values in result["results"].items()}
@@ -121,10 +122,6 @@ def write_points(points: Sequence[TaskPoint], out: str | os.PathLike) -> Path:
     """``lm_eval.json`` and ``lm_eval.md`` in ``out`` (made if missing); each file is written whole
     to a temporary name first, so an interrupted run leaves the earlier files as they were."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("lm_eval.json", json.dumps([p.to_dict() for p in points], indent=2)),
-                       ("lm_eval.md", points_table(points) + "\n")):
-        partial = out / f".{name}.partial"
-        partial.write_text(text)
-        partial.replace(out / name)
+    atomic_write_text(out / "lm_eval.json", json.dumps([p.to_dict() for p in points], indent=2))
+    atomic_write_text(out / "lm_eval.md", points_table(points) + "\n")
     return out / "lm_eval.json"

@@ -110,15 +110,10 @@ class DialMixin:
         self.config.auto_map = {"AutoConfig": f"configuration_xmoe.{type(self.config).__name__}",
                                 "AutoModelForCausalLM": f"{kind}.{type(self).__name__}"}
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        for name in ("configuration_xmoe.py", "xmoe_layer.py", f"{kind}.py"):
-            write_portable(name, Path(save_directory))
+        header = f"# Written by xmoe {xmoe.__version__}; needs only torch and transformers.\n"
+        for name in ("configuration_xmoe.py", "xmoe_layer.py", f"{kind}.py"):  # the portable modules
+            (Path(save_directory) / name).write_text(header + (PORTABLE_FOLDER / name).read_text())
         return out
-
-
-def write_portable(name: str, folder: Path) -> None:
-    """Copy the portable module ``name`` into ``folder``, under a line naming the xmoe that wrote it."""
-    code = (PORTABLE_FOLDER / name).read_text()
-    (folder / name).write_text(f"# Written by xmoe {xmoe.__version__}; needs only torch and transformers.\n{code}")
 
 
 class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):

@@ -13,13 +13,11 @@ with ``trust_remote_code=True`` where xmoe is not installed.
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from xmoe.conversion.hf import ConvertedMLP
-from xmoe.moe import MoELayer
+from xmoe.conversion.hf import install_converted
 
-from .configuration_xmoe import XMoEConvertedConfig
+from .configuration_xmoe import XMoEConvertedConfig, moe_config
 from .modeling_xmoe import DialMixin
 from .standalone.modeling_xmoe_converted import XMoEConvertedForCausalLM as PortableModel
 
@@ -36,12 +34,7 @@ class XMoEConvertedForCausalLM(DialMixin, PreTrainedModel, GenerationMixin):
     def __init__(self, config: XMoEConvertedConfig) -> None:
         super().__init__(config)
         self.model = AutoModelForCausalLM.from_config(config.base_config())
-        moe = config.moe_config()
-        for name in config.converted_modules:
-            bias_D = torch.zeros(moe.model_dim) if config.moe_output_bias else None
-            parent_name, _, attr = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, attr, ConvertedMLP(MoELayer(moe), bias_D))
+        install_converted(self.model, config.converted_modules, moe_config(config), bias=config.moe_output_bias)
         self._applied_threshold = config.moe_threshold
         self.post_init()
 

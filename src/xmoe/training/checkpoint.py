@@ -107,7 +107,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module | None = Non
     run_dir = Path(run_dir)
     tmp = _temp_folder(run_dir)
     with _cleaned_up_on_error(tmp, run_dir):
-        config_text = _json_text(config)
+        config_text = json.dumps(config, indent=2)
         stamp = new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
                           run_files=run_files or {})
         save_file(_distinct(model_state), str(tmp / MODEL_FILE), metadata={RUN_KEY: stamp.text()})
@@ -128,11 +128,11 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, model: nn.Module, optimi
     files, the manifest, and renames the folder into place, as ``save_checkpoint`` does."""
     run_dir = Path(run_dir)
     tmp = Path(ranks.broadcast(str(_temp_folder(run_dir)) if ranks.is_main else None))
-    config_text = _json_text(config)
+    config_text = json.dumps(config, indent=2)
     stamp = ranks.broadcast(new_stamp(step=step, config_text=config_text, run_id=(extra or {}).get("run_id"),
                                          run_files=run_files or {}) if ranks.is_main else None)
     state = _state_template(model, optimizer, ranks).saved
-    state[_shard_stamp_key(ranks.rank)] = stamp.tensor(ranks.rank)
+    state[f"{RUN_KEY}.rank{ranks.rank}"] = stamp.tensor(ranks.rank)  # read back by _check_shard_stamps
     rng = _rng_file(ranks.rng_states())  # collective
     try:
         dcp.save(state, checkpoint_id=str(tmp / SHARDS_DIR))  # collective; raises on every rank if one fails
@@ -182,8 +182,9 @@ def _rng_file(states: list[dict[str, Tensor]]) -> dict:
 def _write_common(tmp: Path, *, stamp: Stamp, config_text: str, extra: dict | None, rng: dict) -> None:
     """The files every checkpoint has, each with ``stamp``, then the manifest of everything in ``tmp``."""
     _torch_save({**rng, RUN_KEY: stamp.text()}, tmp / "rng.pt")
-    _write_json(tmp / "state.json", {"step": stamp.step, **(extra or {}), "run_id": stamp.run_id})
-    _write_text(tmp / "config.json", config_text)
+    state = {"step": stamp.step, **(extra or {}), "run_id": stamp.run_id}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    (tmp / "config.json").write_text(config_text, encoding="utf-8")
     write_manifest(tmp, stamp)
 
 
@@ -210,8 +211,9 @@ def _cleaned_up_on_error(tmp: Path, run_dir: Path):
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
             raise CheckpointError(
-                f"no space left (a full disk, a quota or a file-size limit: {_reason(err)}) while writing the "
+                f"no space left (a full disk, a quota or a file-size limit: {reason}) while writing the "
                 f"checkpoint in {run_dir}; "
                 f"{_what_to_do_now(run_dir / 'checkpoint')}"
             ) from None
@@ -260,10 +262,7 @@ def _indexed_optimizer_state(named: dict) -> dict:
     param groups, in order."""
     names = [name for group in named["param_groups"] for name in group["params"]]
     index = {name: i for i, name in enumerate(names)}
-    groups, first = [], 0
-    for group in named["param_groups"]:
-        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
-        first += len(group["params"])
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
     return {"state": {index[name]: entry for name, entry in named["state"].items()}, "param_groups": groups}
 
 
@@ -293,10 +292,6 @@ class _RecordingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _reason(err: BaseException) -> str:
-    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
 def _what_to_do_now(target: Path) -> str:
@@ -375,7 +370,9 @@ def _read_single_file(folder: Path, manifest: Manifest, state: _State) -> None:
     _check_weights_match(template["model"], tensors, folder)
     _fill(template["model"], tensors)
     if "optim" in template:
-        optimizer_state = _read_optimizer(folder, manifest)
+        if not (folder / "optimizer.pt").is_file():
+            raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed")
+        optimizer_state = _read_stamped(folder, manifest, "optimizer.pt", "the optimizer state")
         names = [name for group in template["optim"]["param_groups"] for name in group["params"]]
         try:  # optimizer.pt is keyed by position in the param groups, the template by name
             named = {names[int(i)]: entry for i, entry in optimizer_state["state"].items()}
@@ -386,13 +383,6 @@ def _read_single_file(folder: Path, manifest: Manifest, state: _State) -> None:
                     del template["optim"]["state"][name], state.live["optim"]["state"][name]
         except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"optimizer state in {folder} does not fit this model: {err!r}") from err
-
-
-def _read_optimizer(folder: Path, manifest: Manifest) -> dict:
-    """optimizer.pt, checked, without its stamp."""
-    if not (folder / "optimizer.pt").is_file():
-        raise CheckpointError(f"checkpoint {folder} has no optimizer.pt, so the run cannot be resumed")
-    return _read_stamped(folder, manifest, "optimizer.pt", "the optimizer state")
 
 
 def _read_rng(folder: Path, manifest: Manifest) -> dict:
@@ -453,10 +443,6 @@ def _load_shards(folder: Path, state: dict, reader: ShardReader, *, planner=None
             f"checkpoint {folder} does not match this model ({inner!r:.300}); it was made "
             f"with another config: load it with the config.json saved beside it"
         ) from None
-
-
-def _shard_stamp_key(rank: int) -> str:
-    return f"{RUN_KEY}.rank{rank}"
 
 
 def _check_shard_stamps(reader: ShardReader, manifest: Manifest, *, no_dist: bool) -> None:
@@ -598,19 +584,6 @@ def _distinct(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-
-
-def _json_text(data: dict) -> str:
-    return json.dumps(data, indent=2)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, _json_text(data))
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _fsync(path: Path) -> None:

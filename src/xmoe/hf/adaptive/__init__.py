@@ -38,8 +38,8 @@ from ..experts import EXPERTS_IMPLEMENTATION
 from .base import ThresholdRouter, adapt_router, check_adaptable
 from .families import FAMILIES, SUPPORTED_FAMILIES, family_of
 
-__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "ExpertCounts", "adaptive", "experts_per_token", "is_adapted",
-           "moe_blocks", "moe_routers", "own_top_k"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "ExpertCounts", "adaptive", "experts_per_token", "histogram_mean",
+           "is_adapted", "moe_blocks", "moe_routers", "own_top_k"]
 
 
 def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = None) -> nn.Module:
@@ -50,9 +50,7 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
     (training it afterwards raises). Calling it again on an adapted model changes the threshold
     and the cap."""
     _check_threshold(threshold)
-    routers = moe_routers(model)
-    if not routers:
-        raise UsageError(_unsupported(model))
+    routers = _routers_of(model)
     _check_max_experts(max_experts, routers[0])
     for router in routers:  # every check before any change
         check_adaptable(router)
@@ -65,15 +63,21 @@ def adaptive(model: nn.Module, *, threshold: float, max_experts: int | None = No
 
 def own_top_k(model: nn.Module) -> int:
     """The k of ``model``'s own top-k routing (read from its first MoE router)."""
-    routers = moe_routers(model)
-    if not routers:
-        raise UsageError(_unsupported(model))
-    return family_of(routers[0]).rule.own_top_k(routers[0])
+    router = _routers_of(model)[0]
+    return family_of(router).rule.own_top_k(router)
 
 
 def moe_routers(model: nn.Module) -> list[nn.Module]:
     """The routers of ``model``'s MoE blocks that a family in ``FAMILIES`` owns (adapted or not)."""
     return [m for m in model.modules() if family_of(m) is not None]
+
+
+def _routers_of(model: nn.Module) -> list[nn.Module]:
+    """``moe_routers``, or a UsageError saying why ``model`` has none."""
+    routers = moe_routers(model)
+    if not routers:
+        raise UsageError(_unsupported(model))
+    return routers
 
 
 def moe_blocks(model: nn.Module) -> list[nn.Module]:
@@ -100,8 +104,13 @@ class ExpertCounts:
 
     @property
     def mean(self) -> float:
-        total = sum(self.histogram)
-        return sum(n * c for n, c in enumerate(self.histogram)) / total if total else math.nan
+        return histogram_mean(self.histogram)
+
+
+def histogram_mean(histogram: list[int]) -> float:
+    """Mean experts per (token, layer) pair of a histogram[n] = pairs that engaged n experts."""
+    routed = sum(histogram)
+    return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
 
 
 @contextlib.contextmanager
@@ -109,9 +118,7 @@ def experts_per_token(model: nn.Module) -> Iterator[ExpertCounts]:
     """Count the experts each token engages in every MoE block while the ``with`` body runs
     (forward hooks on the routers; an unmodified model counts its own top-k). A slot counts when
     it names a real expert with a nonzero weight: the pairs an experts implementation must run."""
-    routers = moe_routers(model)
-    if not routers:
-        raise UsageError(_unsupported(model))
+    routers = _routers_of(model)
     counts = ExpertCounts()
 
     def hook(_router: nn.Module, _inputs, outputs) -> None:

@@ -12,6 +12,7 @@ experts are weighed as the family weighs its top k:
 - Gemma-4: renormalised, then times the router's learned ``per_expert_scale`` of each expert.
 
 At ``max_experts = k`` and t >= 1 each token keeps the family's top k with the family's weights.
+The shared expert (Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE) runs for every token, untouched.
 
 Shape legend: T tokens, D model dim, E experts, K slots per token.
 """
