@@ -103,49 +103,49 @@ def finite(rows: list[list[float]], logits_TE: Tensor) -> bool:
 def run_experts(experts: Experts, x_TD: Tensor, host: HostDecision, dtype: torch.dtype) -> Tensor:
     """The kept pairs of ``host`` through their experts in ``dtype``, weighted and summed per
     token: [T, D] fp32. Each expert runs once, on its tokens, from views of its weights (no
-    autograd).
-
-    Decoding's call, one token: every kept expert takes it, and the first one's GEMM makes the
-    sum (``_add_weighted``), with as few Python calls between the GEMMs as the dtype allows."""
+    autograd)."""
     views = experts.per_expert(dtype)
     if x_TD.dtype != dtype:
         x_TD = x_TD.to(dtype)
     activation = experts.activation
-    if x_TD.shape[0] > 1:
-        return _by_expert(activation, views, x_TD, HostPlan.from_decision(host))
-    elementwise = ELEMENTWISE.get(activation) if dtype == torch.float32 else None  # else: _add_weighted's casts
-    out_1D = None
-    for e, weight in zip(host.experts[0], host.weights[0]):
-        w1, b1, w2, b2, w3, b3 = views[e]
-        if elementwise is None or b1 is None or b2 is None:
-            out_1D = _add_weighted(out_1D, _hidden(activation, x_TD, w1, b1, w3, b3), w2, b2, weight)
-        elif out_1D is None:  # the same as _add_weighted, with no Python call between the GEMMs
-            out_1D = torch.addmm(b2, elementwise(torch.addmm(b1, x_TD, w1)), w2, beta=weight, alpha=weight)
-        else:
-            out_1D.addmm_(elementwise(torch.addmm(b1, x_TD, w1)), w2, alpha=weight).add_(b2, alpha=weight)
-    return out_1D
-
-
-def _by_expert(activation: str, views, x_TD: Tensor, plan: HostPlan) -> Tensor:
-    """A few tokens: each expert of ``plan`` once on its tokens, added into their rows."""
+    if x_TD.shape[0] == 1:  # decoding's call: every kept expert takes the one token
+        out_1D = None
+        for e, weight in zip(host.experts[0], host.weights[0]):
+            out_1D = _add_expert(out_1D, out_1D is None, x_TD, views[e], weight, activation)
+        return out_1D
+    plan = HostPlan.from_decision(host)
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)  # fp32: a token sums several experts
     x_rows, out_rows = x_TD.split(1), out_TD.split(1)  # views, for the experts of one token
+    fresh = [True] * plan.num_tokens  # rows nothing was added to yet
     for e, tokens, weights in zip(plan.experts, plan.tokens, plan.weights):
-        w1, b1, w2, b2, w3, b3 = views[e]
         if len(tokens) == 1:
             t = tokens[0]
-            _add_weighted(out_rows[t], _hidden(activation, x_rows[t], w1, b1, w3, b3), w2, b2, weights[0])
+            _add_expert(out_rows[t], fresh[t], x_rows[t], views[e], weights[0], activation)
+            fresh[t] = False
             continue
         # An expert's tokens are distinct and ascending: all of them is x itself.
-        index = None if len(tokens) == plan.num_tokens else x_TD.new_tensor(tokens, dtype=torch.long)
-        x_nD = x_TD if index is None else x_TD.index_select(0, index)
+        w1, b1, w2, b2, w3, b3 = views[e]
+        x_nD = x_TD if len(tokens) == plan.num_tokens else torch.cat([x_rows[t] for t in tokens])
         y_nD = _linear(_hidden(activation, x_nD, w1, b1, w3, b3), w2, b2)
-        weighted_nD = y_nD.float() * out_TD.new_tensor(weights).unsqueeze(1)
-        if index is None:
-            out_TD.add_(weighted_nD)
-        else:
-            out_TD.index_add_(0, index, weighted_nD)
+        for t, y_1D, weight in zip(tokens, y_nD.split(1), weights):  # a few rows: no index tensors
+            out_rows[t].add_(y_1D, alpha=weight)
+            fresh[t] = False
     return out_TD
+
+
+def _add_expert(out_1D: Tensor | None, fresh: bool, x_1D: Tensor, view: tuple, weight: float, activation: str) -> Tensor:
+    """``out + weight * FFN_e(x)`` for one token's row, in fp32, in ``out`` (None: a new one). Where
+    ``fresh`` (nothing added to ``out`` yet) the down GEMM writes the row itself,
+    ``addmm(b2, h, w2, beta=w, alpha=w)``; for fp32 experts with biases (GPT-2's) every step is
+    one op, with no Python call between the GEMMs."""
+    w1, b1, w2, b2, w3, b3 = view
+    elementwise = ELEMENTWISE.get(activation)
+    if elementwise is None or b1 is None or b2 is None or x_1D.dtype != torch.float32:
+        return _add_weighted(out_1D, _hidden(activation, x_1D, w1, b1, w3, b3), w2, b2, weight)
+    h_1F = elementwise(torch.addmm(b1, x_1D, w1))
+    if fresh:
+        return torch.addmm(b2, h_1F, w2, beta=weight, alpha=weight, out=out_1D)
+    return out_1D.addmm_(h_1F, w2, alpha=weight).add_(b2, alpha=weight)
 
 
 def _hidden(activation: str, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
