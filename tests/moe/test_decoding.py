@@ -81,3 +81,20 @@ def test_a_decoding_call_is_a_handful_of_ops(k: int) -> None:
     expected = ["view.default", "t.default", "mm.default", "_softmax.default"]
     expected += up_and_down + ["addmm.default"] + (up_and_down + ["addmm_.default", "add_.Tensor"]) * (k - 1)
     assert counted.ops == expected + ["view.default"]
+
+
+@pytest.mark.parametrize("part", ["router", "experts"])
+def test_a_hooked_router_or_experts_sees_every_decoding_call(part: str) -> None:
+    """Decoding does not call the router and the experts as modules; where one has a forward
+    hook, the call takes the general path, which does, and the hook fires. The same output."""
+    layer = make_layer(router="topk", top_k=2).eval()
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        unhooked = layer(x)
+        calls = []
+        handle = getattr(layer, part).register_forward_hook(lambda module, args, out: calls.append(out))
+        hooked = layer(x)
+        handle.remove()
+    assert unhooked.decision.host is not None and len(calls) == 1
+    torch.testing.assert_close(hooked.output, unhooked.output, rtol=1e-6, atol=1e-6)
+    _check(layer, x)

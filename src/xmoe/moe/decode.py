@@ -11,8 +11,8 @@ between them:
     router    linear and softmax, and one read of the probabilities to the host, where the rule
               decides (router.host_decision) and the non-finite check looks (``finite``)
     experts   for each kept expert of a token: the up GEMM, its activation, and the down GEMM
-              adding into the output with the combine weight as its ``alpha``; the first expert's
-              GEMM makes the output (``addmm(b2, h, w2, beta=w, alpha=w)``)
+              adding into the token's row with the combine weight as its ``alpha``; a token's
+              first expert writes the row itself (``addmm(b2, h, w2, beta=w, alpha=w)``)
 
 No masks, sort or scatter (the [T, E] masks are built only when read: statistics, hooks), the
 router and the experts are not called as modules where that changes nothing (no hooks, no
@@ -23,8 +23,9 @@ kept between calls (Experts.per_expert). A few tokens are grouped by expert on t
 Taken in eval mode under no grad, for a CPU input of at most DIRECT_MAX_TOKENS tokens, with the
 backend ``auto`` or ``direct`` and every expert in this process. ``decode`` returns None, and the
 layer runs its general path (which decides the same pairs), where the call needs the tensors:
-capacity would drop a pair (the priority order decides who), a hooked or wrapped router, a rule
-only the tensors apply (``renormalize``, static mode), or torch.compile tracing.
+capacity would drop a pair (the priority order decides who), a router or experts with hooks, a
+wrapped router, or a rule only the tensors apply (``renormalize``, static mode: torch.compile's
+mode never comes here).
 
 Shapes: T tokens, D model dim, F expert dim, E experts, n one expert's tokens.
 """
