@@ -137,33 +137,29 @@ def run_experts(experts: Experts, x_TD: Tensor, host: HostDecision, dtype: torch
 def _add_expert(out_1D: Tensor | None, fresh: bool, x_1D: Tensor, view: tuple, weight: float, activation: str) -> Tensor:
     """``out + weight * FFN_e(x)`` for one token's row, in fp32, in ``out`` (None: a new one). Where
     ``fresh`` (nothing added to ``out`` yet) the down GEMM writes the row itself,
-    ``addmm(b2, h, w2, beta=w, alpha=w)``; for fp32 experts with biases (GPT-2's) every step is
-    one op, with no Python call between the GEMMs."""
+    ``addmm(b2, h, w2, beta=w, alpha=w)``, else it adds with the weight as its ``alpha``. For
+    experts with biases and no gate (GPT-2's), every step is one op, with no Python call between
+    the GEMMs."""
     w1, b1, w2, b2, w3, b3 = view
     elementwise = ELEMENTWISE.get(activation)
-    if elementwise is None or b1 is None or b2 is None or x_1D.dtype != torch.float32:
-        return _add_weighted(out_1D, _hidden(activation, x_1D, w1, b1, w3, b3), w2, b2, weight)
-    h_1F = elementwise(torch.addmm(b1, x_1D, w1))
-    if fresh:
+    if elementwise is not None and b1 is not None:
+        h_1F = elementwise(torch.addmm(b1, x_1D, w1))
+    else:
+        h_1F = _hidden(activation, x_1D, w1, b1, w3, b3)
+    if h_1F.dtype != torch.float32:  # a GEMM takes one dtype: compute, then add in fp32
+        y_1D = _linear(h_1F, w2, b2)
+        return y_1D.float().mul_(weight) if out_1D is None else out_1D.add_(y_1D, alpha=weight)
+    if fresh and b2 is not None:
         return torch.addmm(b2, h_1F, w2, beta=weight, alpha=weight, out=out_1D)
-    return out_1D.addmm_(h_1F, w2, alpha=weight).add_(b2, alpha=weight)
+    if out_1D is None:
+        return torch.mm(h_1F, w2).mul_(weight)
+    out_1D.addmm_(h_1F, w2, alpha=weight)
+    return out_1D if b2 is None else out_1D.add_(b2, alpha=weight)
 
 
 def _hidden(activation: str, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
     """One expert's activation on its rows: act(x w1 + b1), gated by x w3 + b3 for SwiGLU."""
     return activate(activation, _linear(x_nD, w1, b1), None if w3 is None else _linear(x_nD, w3, b3))
-
-
-def _add_weighted(out_1D: Tensor | None, h_1F: Tensor, w2: Tensor, b2: Tensor | None, weight: float) -> Tensor:
-    """``out + weight * (h @ w2 + b2)`` in fp32, in ``out`` (None: a new one), in one GEMM where
-    the operands are fp32."""
-    if h_1F.dtype != torch.float32:  # a GEMM takes one dtype: compute, then add in fp32
-        y_1D = _linear(h_1F, w2, b2)
-        return y_1D.float().mul_(weight) if out_1D is None else out_1D.add_(y_1D, alpha=weight)
-    if out_1D is None:
-        return torch.mm(h_1F, w2).mul_(weight) if b2 is None else torch.addmm(b2, h_1F, w2, beta=weight, alpha=weight)
-    out_1D.addmm_(h_1F, w2, alpha=weight)
-    return out_1D if b2 is None else out_1D.add_(b2, alpha=weight)
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
