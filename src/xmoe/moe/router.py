@@ -258,6 +258,7 @@ def host_decision(
 
 
 def non_finite_error() -> FloatingPointError:
+    """What a layer call raises when a router logit is NaN or Inf (MoELayer, decode.py)."""
     return FloatingPointError(
         "MoE router logits contain NaN or Inf, so no routing decision is meaningful; the input "
         "or the router weights have diverged (lower the learning rate, check for fp16 overflow). "
