@@ -75,7 +75,8 @@ def decode(layer, x: Tensor) -> MoEOutput | None:
     probs_TE = logits_TE.softmax(dim=-1)
     rows = probs_TE.tolist()  # the call's one host read
     slots = capacity(len(rows), len(rows[0]), dial.eval_capacity_factor, cfg.min_capacity)
-    host = host_decision(rows, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots, ones=cfg.combine == "ones")
+    host = host_decision(rows, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots,
+                         ones=cfg.combine == "ones")
     if host is None:
         return None
     # None checks where it is free, and here it is (static mode never comes here).
@@ -134,7 +135,9 @@ def run_experts(experts: Experts, x_TD: Tensor, host: HostDecision, dtype: torch
     return out_TD
 
 
-def _add_expert(out_1D: Tensor | None, fresh: bool, x_1D: Tensor, view: tuple, weight: float, activation: str) -> Tensor:
+def _add_expert(
+    out_1D: Tensor | None, fresh: bool, x_1D: Tensor, view: tuple, weight: float, activation: str
+) -> Tensor:
     """``out + weight * FFN_e(x)`` for one token's row, in fp32, in ``out`` (None: a new one). Where
     ``fresh`` (nothing added to ``out`` yet) the down GEMM writes the row itself,
     ``addmm(b2, h, w2, beta=w, alpha=w)``, else it adds with the weight as its ``alpha``. For
@@ -157,7 +160,9 @@ def _add_expert(out_1D: Tensor | None, fresh: bool, x_1D: Tensor, view: tuple, w
     return out_1D if b2 is None else out_1D.add_(b2, alpha=weight)
 
 
-def _hidden(activation: str, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None) -> Tensor:
+def _hidden(
+    activation: str, x_nD: Tensor, w1: Tensor, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None
+) -> Tensor:
     """One expert's activation on its rows: act(x w1 + b1), gated by x w3 + b3 for SwiGLU."""
     return activate(activation, _linear(x_nD, w1, b1), None if w3 is None else _linear(x_nD, w3, b3))
 
