@@ -8,8 +8,9 @@ read (``Module.__getattr__``) ~1 µs even warm (benchmarks/README.md, "Decoding"
 the GEMVs alone; this path is the routing rule and those GEMVs with as little as it allows
 between them:
 
-    router    linear and softmax, and one read of the probabilities to the host, where the rule
-              decides (router.host_decision) and the non-finite check looks (``finite``)
+    router    the gate's GEMM (on its weight's transpose, kept: Router.weight_t) and softmax, and
+              one read of the probabilities to the host, where the rule decides
+              (router.host_decision) and the non-finite check looks (``finite``)
     experts   for each kept expert of a token: the up GEMM, its activation, and the down GEMM
               adding into the token's row with the combine weight as its ``alpha``; a token's
               first expert writes the row itself (``addmm(b2, h, w2, beta=w, alpha=w)``)
@@ -35,7 +36,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
@@ -70,8 +70,8 @@ def decode(layer, x: Tensor) -> MoEOutput | None:
     autocast = torch.is_autocast_enabled("cpu")
     if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32:
         logits_TE = gate_logits(x_TD, weight)
-    else:  # gate_logits with nothing to cast: a tensor method call costs several µs here
-        logits_TE = F.linear(x_TD, weight)
+    else:  # gate_logits with nothing to cast, and no transpose: each op costs ~10 µs here
+        logits_TE = torch.mm(x_TD, router.weight_t())
     probs_TE = logits_TE.softmax(dim=-1)
     rows = probs_TE.tolist()  # the call's one host read
     slots = capacity(len(rows), len(rows[0]), dial.eval_capacity_factor, cfg.min_capacity)

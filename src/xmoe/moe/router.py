@@ -312,6 +312,7 @@ class Router(nn.Module):
         self.dial = Dial(cfg)
         # host_decision can decide for it: static mode reads nothing, renormalized weights are left to the tensors.
         self._host_rule = not cfg.static_shapes and not cfg.renormalize
+        self._weight_t: tuple | None = None  # (the weight's address, its transpose) of weight_t
         self.reset_parameters()
 
     @property
@@ -337,6 +338,20 @@ class Router(nn.Module):
             nn.init.uniform_(self.weight, -bound, bound)
         else:
             nn.init.normal_(self.weight, std=self.cfg.init_std)
+
+    def weight_t(self) -> Tensor:
+        """``weight.T`` [D, E], a view kept between calls (no autograd), for decoding's gate
+        ``x @ weight_t()`` (decode.py): one op where ``F.linear`` makes two, a transpose and the
+        GEMM, each ~10 µs right after a weight stream. Keyed on the weight's address, as
+        Experts.per_expert's views are: the kept view keeps the storage alive, so a new weight
+        (``.data``, ``.to()``) cannot take the same address."""
+        weight = self._parameters["weight"]
+        if self._weight_t is None or self._weight_t[0] != weight.data_ptr():
+            self._weight_t = (weight.data_ptr(), weight.detach().t())
+        return self._weight_t[1]
+
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: a view is not state
+        return {**self.__dict__, "_weight_t": None}
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         """The decision for [T, D] tokens (decoding's calls are decided on the host instead,
