@@ -303,7 +303,7 @@ def test_inference_calls_of_a_few_tokens_match_oracle(case: Case, tokens: int) -
     """Decoding: eval mode, no grad, a few tokens, ``auto`` (the small-T path, decided and
     planned on the host where it can be). Output and decisions (the masks are built from the
     host decision when read) against the oracle; the host decides every call it can: all but a
-    renormalized rule, a tie at a token's last wanted place, and an expert over capacity."""
+    renormalized rule and an expert over capacity (ties included: the "ties" cases)."""
     layer, x = _setup(case, "auto")
     layer.eval()
     x = x[:tokens]
@@ -317,7 +317,4 @@ def test_inference_calls_of_a_few_tokens_match_oracle(case: Case, tokens: int) -
     assert torch.equal(out.decision.kept_TE, routing.kept_mask(E))
     assert torch.equal(out.decision.wanted_TE, routing.wanted_mask(E))
     torch.testing.assert_close(out.decision.combine_weights(), layer.route(x).combine_weights(), rtol=0, atol=0)
-    p_TE = out.decision.probs_TE.tolist()
-    tie = any(len(w) < E and sorted(p, reverse=True)[len(w) - 1] == sorted(p, reverse=True)[len(w)]
-              for p, w in zip(p_TE, routing.wanted))
-    assert (out.decision.host is not None) == (not layer.cfg.renormalize and not tie and not overflow(routing, E))
+    assert (out.decision.host is not None) == (not layer.cfg.renormalize and not overflow(routing, E))

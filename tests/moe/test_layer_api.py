@@ -172,6 +172,20 @@ def test_non_finite_logit_raises_when_decoding_too(logit: float) -> None:
         assert decision.host is not None and torch.isfinite(decision.probs_TE).all()
 
 
+def test_a_probability_that_underflows_is_not_a_non_finite_logit() -> None:
+    """Decoding checks the logits from the probabilities it read (all > 0: every logit finite);
+    a finite logit ~200 below the others gives p = 0 exactly, and the logits are read to tell it
+    from a -inf one: no error, and the output is the oracle's."""
+    layer = make_layer(**BASE).eval()
+    x = torch.zeros(1, 8)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        layer.router.weight[:, 0] = torch.tensor([1.0, 0.5, 0.0, -200.0])
+        out = layer(x)
+    assert out.decision.host is not None and out.decision.probs_TE[0, 3] == 0.0
+    torch.testing.assert_close(out.output.double(), run_oracle(layer, x)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_check_finite_false_skips_the_check(backend: str) -> None:
     layer = make_layer(**BASE, backend=backend, check_finite=False)

@@ -243,11 +243,11 @@ def test_router_fast_path_sorts_only_the_rows_that_need_it() -> None:
 @PROPERTY
 @given(probs=prob_rows(max_tokens=8, max_experts=10), data=st.data())
 def test_host_decision_is_the_rule(probs: torch.Tensor, data) -> None:
-    """A small call decided on the host (router.host_decision) keeps exactly the rule's pairs,
-    with their probabilities (or 1) as weights; or declines (None: a tie at a token's last
-    place, a prefix past the candidates, an expert over capacity), and then the tensors decide.
-    The dispatcher's grouping of it by expert (HostPlan.from_decision) holds the same pairs,
-    experts ascending, each one's tokens ascending. Few candidates put tokens on both sides."""
+    """A small call decided on the host (router.host_decision, from the probabilities read there)
+    keeps exactly the rule's pairs, ties included, most probable first, with their probabilities
+    (or 1) as weights; or declines (None) where capacity would drop a pair, and then the tensors
+    decide. The dispatcher's grouping of it by expert (HostPlan.from_decision) holds the same
+    pairs, experts ascending, each one's tokens ascending."""
     T, E = probs.shape
     kind = data.draw(st.sampled_from(["threshold", "topk"]), label="rule")
     threshold = data.draw(st.floats(0.05, 1.2), label="t")
@@ -255,14 +255,14 @@ def test_host_decision_is_the_rule(probs: torch.Tensor, data) -> None:
     cap = data.draw(st.one_of(st.none(), st.integers(1, E)), label="max_experts") if kind == "threshold" else None
     slots = data.draw(st.one_of(st.none(), st.integers(1, T)), label="slots")
     ones = data.draw(st.booleans(), label="ones")
-    with mock.patch.object(router_module, "CANDIDATES", data.draw(st.integers(1, 4), label="candidates")):
-        decision = router_module.host_decision(probs, kind, threshold, k, cap, slots, ones=ones)
-    wanted_TE = threshold_mask(probs, threshold, cap)[0] if kind == "threshold" else topk_mask(probs, k)[0]
+    decision = router_module.host_decision(probs.tolist(), kind, threshold, k, cap, slots, ones=ones)
+    wanted_TE, order_TE = threshold_mask(probs, threshold, cap) if kind == "threshold" else topk_mask(probs, k)
+    assert (decision is None) == (not torch.equal(apply_capacity(probs, wanted_TE, None, slots), wanted_TE))
     if decision is None:
         return
-    assert torch.equal(apply_capacity(probs, wanted_TE, None, slots), wanted_TE)  # it drops nothing
     assert decision.num_tokens == T
     for t, (experts, weights) in enumerate(zip(decision.experts, decision.weights)):
+        assert list(experts) == order_TE[t, :len(experts)].tolist()  # the rule's stable order
         assert sorted(experts) == torch.nonzero(wanted_TE[t]).squeeze(1).tolist()
         assert list(weights) == [1.0 if ones else probs[t, e].item() for e in experts]
     plan = HostPlan.from_decision(decision)
@@ -274,25 +274,22 @@ def test_host_decision_is_the_rule(probs: torch.Tensor, data) -> None:
 
 
 def test_host_decision_declines_only_where_it_must() -> None:
-    """Worked rows (E = 4, t = 0.9): distinct peaked rows are decided on the host; a tie at the
-    last wanted place, a prefix longer than the candidates, or an expert wanted by more tokens
-    than its slots, is left to the tensors."""
+    """Worked rows (E = 4, t = 0.9): rows are decided on the host, ties and long prefixes
+    included; an expert wanted by more tokens than its slots is left to the tensors."""
     decide = router_module.host_decision
-    rows = torch.tensor([[0.6, 0.25, 0.1, 0.05], [0.05, 0.1, 0.25, 0.6]])  # experts {0, 1, 2}, {3, 2, 1}
+    rows = [[0.6, 0.25, 0.1, 0.05], [0.05, 0.1, 0.25, 0.6]]  # experts {0, 1, 2}, {3, 2, 1}
     decision = decide(rows, "threshold", 0.9, 2, None, None, ones=False)
     assert decision.experts == ((0, 1, 2), (3, 2, 1))  # most probable first
-    assert decision.weights == ((rows[0, 0].item(), rows[0, 1].item(), rows[0, 2].item()),
-                                (rows[1, 3].item(), rows[1, 2].item(), rows[1, 1].item()))  # the fp32 p
+    assert decision.weights == ((0.6, 0.25, 0.1), (0.6, 0.25, 0.1))
     assert decision.num_tokens == 2
-    tie = torch.tensor([[0.5, 0.2, 0.2, 0.1]])  # top-2: expert 1 or 2? the rule says 1
-    assert decide(tie, "topk", 0.9, 2, None, None, ones=False) is None
-    assert sorted(decide(tie, "topk", 0.9, 3, None, None, ones=False).experts[0]) == [0, 1, 2]  # the tie is inside
-    with mock.patch.object(router_module, "CANDIDATES", 2):
-        assert decide(rows, "threshold", 0.9, 2, None, None, ones=False) is None  # wants 3 > 2 candidates
-        assert decide(rows, "threshold", 0.9, 2, 2, None, ones=False).experts == ((0, 1), (3, 2))
+    assert decide(rows, "threshold", 0.9, 2, 2, None, ones=False).experts == ((0, 1), (3, 2))  # max_experts
+    tie = [[0.5, 0.2, 0.2, 0.1]]  # top-2: expert 1 or 2? the rule says 1, the lower index
+    assert decide(tie, "topk", 0.9, 2, None, None, ones=False).experts == ((0, 1),)
+    assert decide([[0.25] * 4], "threshold", 0.9, 2, None, None, ones=False).experts == ((0, 1, 2, 3),)
+    assert decide([[0.25] * 4], "topk", 0.9, 1, None, None, ones=False).experts == ((0,),)
     assert decide(rows, "topk", 0.9, 1, None, 1, ones=True).weights == ((1.0,), (1.0,))  # experts 0 and 3: 1 slot each
-    assert decide(torch.tensor([[0.6, 0.4], [0.7, 0.3]]), "topk", 0.9, 1, None, 1, ones=False) is None  # overflow
-    assert decide(torch.tensor([[0.6, 0.4], [0.7, 0.3]]), "topk", 0.9, 1, None, 2, ones=False) is not None  # fits
+    assert decide([[0.6, 0.4], [0.7, 0.3]], "topk", 0.9, 1, None, 1, ones=False) is None  # overflow
+    assert decide([[0.6, 0.4], [0.7, 0.3]], "topk", 0.9, 1, None, 2, ones=False) is not None  # fits
 
 
 def test_host_plan_groups_a_decision_by_expert() -> None:

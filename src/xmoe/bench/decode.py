@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import random
 import statistics
 import sys
 import time
@@ -84,9 +85,10 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, sampl
     """Median seconds per call of each candidate: ``repeats`` rounds, each timing every candidate
     once (over enough calls to last about ``sample_s``), so drift hits all alike.
 
-    Each round starts one candidate later than the one before: a candidate's time depends on what
-    ran just before it (measured: a layer right after the dense FFN's 9 MB of weights ran ~30%
-    slower for its whole sample), so no candidate always follows the same one."""
+    Each round runs the candidates in a new order (shuffled, seeded): a candidate's time depends
+    on what ran just before it (measured: a layer right after the dense FFN's 9 MB of weights ran
+    ~30% slower for its whole sample), so none keeps the same predecessor. (Rounds that only
+    started one candidate later kept it in all rounds but one in every len(candidates).)"""
     now, calls = clock(), {}
     for name, fn in candidates.items():
         fn()  # warm-up
@@ -94,9 +96,10 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, sampl
         fn()
         calls[name] = max(1, round(sample_s / max(now() - start, 1e-7)))
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    order = list(candidates.items())
-    for r in range(repeats):
-        for name, fn in order[r % len(order):] + order[:r % len(order)]:
+    order, rng = list(candidates.items()), random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name, fn in order:
             start = now()
             for _ in range(calls[name]):
                 fn()

@@ -5,19 +5,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+# The activations that take no gate, each one torch function of ``up`` (no Python call of
+# its own: the decoding path calls them between GEMMs, decode.py).
+ELEMENTWISE = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": torch.relu}
+
+
 def activate(kind: str, up: Tensor, gate: Tensor | None) -> Tensor:
-    if kind == "gelu":
-        return F.gelu(up)
-    if kind == "gelu_tanh":
-        return F.gelu(up, approximate="tanh")
-    if kind == "relu":
-        return F.relu(up)
-    return F.silu(up) * gate
+    elementwise = ELEMENTWISE.get(kind)
+    return F.silu(up) * gate if elementwise is None else elementwise(up)
 
 
 def activate_backward(kind: str, g_h: Tensor, up: Tensor, gate: Tensor | None) -> tuple[Tensor, Tensor | None]:

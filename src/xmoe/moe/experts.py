@@ -159,11 +159,19 @@ class Experts(nn.Module):
         Keyed on the tensors' addresses: the kept views keep their storage alive, so a tensor
         made after them (a new cast, a parameter's new ``.data``) cannot take the same address.
         """
-        tensors = tuple([getattr(self, name) for name in PARAMS])  # getattr: a parametrization computes them
+        # Called between GEMMs that stream weights through the caches: no Python call it can avoid
+        # (nn.Module.__getattr__, comprehensions). A plain Experts holds its tensors as parameters;
+        # a subclass or a parametrization (PEFT's LoRA) may compute them on access.
+        if type(self) is Experts:
+            tensors = tuple(map(self._parameters.get, PARAMS))
+        else:
+            tensors = tuple([getattr(self, name) for name in PARAMS])
         if tensors[0].dtype != dtype:
             w = self.weights(dtype)
             tensors = (w.w1, w.b1, w.w2, w.b2, w.w3, w.b3)
-        key = tuple([None if t is None else t.data_ptr() for t in tensors])
+        key = []
+        for t in tensors:
+            key.append(None if t is None else t.data_ptr())
         if self._views is None or self._views[0] != key:
             with torch.no_grad():
                 split = [(None,) * self.num_experts if t is None else t.unbind(0) for t in tensors]

@@ -12,11 +12,9 @@ Host syncs: one per call (the per-expert pair counts, read when the dispatcher p
 non-finite check rides on it), none per expert and none in backward. ``static_shapes=True``
 has none at all: pairs are padded to a bound known from the shapes (Router.max_pairs).
 A padding mask (``forward(x, mask)``) adds one, to select the real tokens. Decoding on a CPU
-(eval, no grad, a few tokens: the ``direct`` backend) reads instead each token's top candidates
-and the logits (memory reads there, no sync): the router decides on the host
-(router.HostDecision), the dispatcher groups the pairs by expert there (dispatch.HostPlan),
-and ``direct`` runs that plan with no mask, sort or scatter: about four ops per kept expert and
-five for the router.
+(eval, no grad, a few tokens) takes its own path first (decode.py): the probabilities are read
+to the host (a memory read there, no sync), where the rule decides and the pairs are grouped by
+expert, and each kept expert's GEMMs run on views of its weights: no mask, sort or scatter.
 
 Shapes: T tokens, D model dim, E experts, N kept pairs.
 """
@@ -24,52 +22,17 @@ Shapes: T tokens, D model dim, E experts, N kept pairs.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from .backends import Backend, choice_key, choose
 from .config import MoEConfig
-from .dispatch import HostPlan, LocalDispatcher
+from .decode import decode
+from .dispatch import LocalDispatcher
 from .experts import Experts
-from .losses import load_balancing_loss, router_entropy, router_z_loss
-from .router import Router, RouterOutput
-from .stats import RoutingStats
-
-
-@dataclass(frozen=True)
-class MoEOutput:
-    """A layer call's output, and its router losses and statistics, each computed when first read
-    (then kept): a call whose losses and statistics nobody reads pays nothing for them."""
-
-    output: Tensor  # same shape and dtype as the input
-    decision: RouterOutput = field(repr=False)  # what the losses and statistics are computed from
-    cfg: MoEConfig = field(repr=False)
-    backend: str  # the backend that ran (what ``auto`` chose)
-
-    @cached_property
-    def stats(self) -> RoutingStats:
-        """The call's routing statistics (each computed when read)."""
-        d = self.decision
-        return RoutingStats(d.probs_TE, d.wanted_TE, d.kept_TE, d.capacity, self.cfg, self.backend)
-
-    @cached_property
-    def aux_loss(self) -> Tensor:
-        """fp32 scalar, the unscaled balancing loss; add 0.01 * aux_loss to the loss."""
-        return load_balancing_loss(self.decision.probs_TE)
-
-    @cached_property
-    def z_loss(self) -> Tensor:
-        """fp32 scalar, the router z-loss (optional; not in XMoE's recipe)."""
-        return router_z_loss(self.decision.logits_TE)
-
-    @cached_property
-    def entropy_loss(self) -> Tensor:
-        """fp32 scalar, mean router entropy (optional sharpening; not in XMoE's recipe)."""
-        return router_entropy(self.decision.logits_TE)
+from .output import MoEOutput
+from .router import Router, RouterOutput, non_finite_error
 
 
 class MoELayer(nn.Module):
@@ -95,7 +58,7 @@ class MoELayer(nn.Module):
         self._check_input(x_TD)
         decision = self.router(x_TD.reshape(-1, self.cfg.model_dim))
         if self._check_finite and not torch.isfinite(decision.logits_TE).all():
-            raise _non_finite_error()
+            raise non_finite_error()
         return decision
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
@@ -105,12 +68,16 @@ class MoELayer(nn.Module):
         masked tokens are never routed, take no capacity and no compute, and enter neither the
         balancing loss nor the statistics; their output is 0 (the residual carries them).
         """
+        if mask is None:
+            decoded = decode(self, x)  # inference on a CPU, a few tokens (decode.py); None: not such a call
+            if decoded is not None:
+                return decoded
         self._check_input(x)
         if mask is not None:
             return self._forward_masked(x, mask)
         x_TD = x.reshape(-1, self.cfg.model_dim)
         backend = self.backend_for(x_TD)
-        decision = self.router(x_TD, on_host=backend.plans_on_host)
+        decision = self.router(x_TD)
         plan = self._plan(decision)
         y_TD = self.experts(backend.run, x_TD, plan, self.dispatcher)  # dispatch, experts, combine
         return MoEOutput(y_TD.to(x.dtype).reshape(x.shape), decision, self.cfg, backend.name)
@@ -137,20 +104,13 @@ class MoELayer(nn.Module):
 
     def _plan(self, decision: RouterOutput):
         """The dispatcher's plan of the kept pairs: the call's one host read (none in static mode,
-        which pads to a bound known from the shapes), with the non-finite check riding on it.
-        A decision taken on the host was that read, and is planned there too (HostPlan)."""
-        if decision.host is not None:
-            # On the host, as the decision was: a float64 sum of fp32 numbers cannot overflow,
-            # so it is finite iff every logit is.
-            if self._check_finite and not all(math.isfinite(sum(row)) for row in decision.logits_TE.tolist()):
-                raise _non_finite_error()
-            return HostPlan.from_decision(decision.host)
+        which pads to a bound known from the shapes), with the non-finite check riding on it."""
         num_tokens = decision.kept_TE.shape[0]
         max_pairs = self.router.max_pairs(num_tokens) if self.cfg.static_shapes else None
         finite = torch.isfinite(decision.logits_TE).all() if self._check_finite else None
         plan = self.dispatcher.plan(decision.kept_TE, decision.weights_TE, max_pairs=max_pairs, read_along=finite)
         if finite is not None and not plan.read_along[-1]:
-            raise _non_finite_error()
+            raise non_finite_error()
         return plan
 
     @property
@@ -197,12 +157,3 @@ def set_threshold(model: nn.Module, threshold: float) -> int:
     for layer in layers:
         layer.set_threshold(threshold)
     return len(layers)
-
-
-def _non_finite_error() -> FloatingPointError:
-    return FloatingPointError(
-        "MoE router logits contain NaN or Inf, so no routing decision is meaningful; the input "
-        "or the router weights have diverged (lower the learning rate, check for fp16 overflow). "
-        "This check costs nothing extra in forward (it rides on the layer's one host sync); "
-        "MoEConfig(check_finite=False) turns it off."
-    )

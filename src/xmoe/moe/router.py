@@ -13,9 +13,9 @@ in docs/method.md:
 
 and the top-k baseline (GShard-like; top_k=1 is Switch) with the same capacity machinery.
 
-A small call at inference on a CPU is decided on the host instead (``host_decision``): the same
-pairs and weights from each token's top candidates, as Python numbers (``HostDecision``), which
-the dispatcher groups by expert (dispatch.HostPlan).
+A small call at inference on a CPU is decided on the host instead (``host_decision``, from the
+probabilities read there; decode.py): the same pairs and weights, as Python numbers
+(``HostDecision``), which the dispatcher groups by expert (dispatch.HostPlan).
 
 Shapes: T tokens, D model dim, E experts. Ties between equal probabilities go to the lower
 expert index; ties between equal priorities at a full expert go to the earlier token.
@@ -24,7 +24,7 @@ expert index; ties between equal priorities at a full expert go to the earlier t
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -225,47 +225,71 @@ def wanted_pairs(
 
 
 def host_decision(
-    probs_TE: Tensor, kind: str, threshold: float | Tensor, k: int, max_experts: int | None, slots: int | None,
-    ones: bool,
+    rows: list[list[float]], kind: str, threshold: float | Tensor, k: int, max_experts: int | None,
+    slots: int | None, ones: bool,
 ) -> HostDecision | None:
-    """A small call's decision taken on the host from each token's top candidates: the pairs of
-    ``threshold_prefix`` / ``topk_mask`` (a property test holds it to them) and their combine
-    weights (``p``, or 1 with ``ones``), no [T, E] tensor.
+    """A small call's decision taken on the host from its probabilities read there (``rows``, one
+    list of E per token): the pairs of ``threshold_prefix`` / ``topk_mask`` (a property test holds
+    it to them) and their combine weights (``p``, or 1 with ``ones``), no [T, E] tensor.
 
-    For the CPU, where reading the candidates costs nothing, and a few tokens, where each op of
-    the tensor path costs more than a Python loop over the tokens: one ``topk``, read once.
-    None where the candidates cannot decide, and the caller decides on tensors: a tie at a
-    token's last wanted place (the rule gives it to the lower expert index, ``topk`` to either),
-    a threshold prefix that goes on past the ``CANDIDATES``, or an expert wanted by more tokens
-    than its ``slots`` (the priority order then decides who is dropped).
+    For the CPU, where reading the probabilities costs nothing, and a few tokens, where each op
+    of the tensor path costs more than a Python loop over the tokens. A token's experts are
+    ordered as the rule's stable sort orders them, by descending p and equal ones by expert
+    index (Python's sort is stable), so ties are decided here too. None only where capacity
+    would drop a pair (an expert wanted by more tokens than its ``slots``): the priority order
+    then decides who is dropped, and the caller decides on tensors.
     """
-    E = probs_TE.shape[-1]
-    most = min(k, E) if kind == "topk" else (max_experts or E)  # the most experts a token may take
-    n = most if kind == "topk" else min(most, CANDIDATES)  # places the candidates decide
-    top_p, top_idx = probs_TE.topk(min(E, n + 1), dim=-1)  # descending; ties in no set order
+    E = len(rows[0])
+    most = min(k, E) if kind == "topk" else min(max_experts or E, E)  # the most experts a token may take
     threshold = float(threshold)
     experts, weights = [], []
-    for p, idx in zip(top_p.tolist(), top_idx.tolist()):  # the one host read
-        m = n if kind == "topk" else _prefix_length(p, threshold, min(len(p), most))
-        if m > n or (m < len(p) and p[m - 1] == p[m]):
-            return None
-        experts.append(tuple(idx[:m]))
-        weights.append((1.0,) * m if ones else tuple(p[:m]))
+    for p in rows:
+        if most == 1:
+            kept = [max(range(E), key=p.__getitem__)]  # the first of equal maxima: the lowest index
+        else:
+            order = sorted(range(E), key=p.__getitem__, reverse=True)  # stable, also reversed
+            kept = order[:most if kind == "topk" else _prefix_length(map(p.__getitem__, order), threshold, most)]
+        experts.append(tuple(kept))
+        weights.append((1.0,) * len(kept) if ones else tuple(map(p.__getitem__, kept)))
     # An expert has at most one pair per token: only fewer slots than tokens can drop one.
     if slots is not None and slots < len(experts) and max(Counter(e for row in experts for e in row).values()) > slots:
         return None
     return HostDecision(tuple(experts), tuple(weights))
 
 
-def _prefix_length(p: list[float], threshold: float, limit: int) -> int:
-    """How many of the first ``limit`` places of a token's sorted ``p`` the threshold rule
-    wants (``threshold_prefix``): place j iff j == 0 or p[0] + ... + p[j-1] < t, summed in the
-    same order and precision (float64) as there, so every comparison comes out the same."""
+def non_finite_error() -> FloatingPointError:
+    """What a layer call raises when a router logit is NaN or Inf (MoELayer, decode.py)."""
+    return FloatingPointError(
+        "MoE router logits contain NaN or Inf, so no routing decision is meaningful; the input "
+        "or the router weights have diverged (lower the learning rate, check for fp16 overflow). "
+        "This check costs nothing extra in forward (it rides on the layer's one host sync); "
+        "MoEConfig(check_finite=False) turns it off."
+    )
+
+
+def gate_logits(x_TD: Tensor, weight: Tensor) -> Tensor:
+    """The router's logits ``x W_g^T``, in fp32 whatever the input dtype. Routing decisions are
+    discontinuous in p; bf16 logits would move tokens between experts. Autocast is switched off
+    so the gate really runs in fp32 (entered only when on: at one token per call, every op of
+    the router shows in the layer's time)."""
+    device = x_TD.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return F.linear(x_TD.float(), weight.float())
+    return F.linear(x_TD.float(), weight.float())
+
+
+def _prefix_length(sorted_p: Iterable[float], threshold: float, limit: int) -> int:
+    """How many of the first ``limit`` places of a token's ``sorted_p`` (descending) the threshold
+    rule wants (``threshold_prefix``): place j iff j == 0 or p[0] + ... + p[j-1] < t, summed in
+    the same order and precision (float64) as there, so every comparison comes out the same."""
     if threshold >= 1.0:
         return limit
     mass, j = 0.0, 1
-    while j < limit:
-        mass += p[j - 1]
+    for p in sorted_p:  # p[j - 1]
+        if j >= limit:
+            break
+        mass += p
         if not mass < threshold:
             break
         j += 1
@@ -286,7 +310,9 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.model_dim))
         self.dial = Dial(cfg)
-        self._host_rule = not cfg.static_shapes and not cfg.renormalize  # host_decision can decide for it
+        # host_decision can decide for it: static mode reads nothing, renormalized weights are left to the tensors.
+        self._host_rule = not cfg.static_shapes and not cfg.renormalize
+        self._weight_t: tuple | None = None  # (the weight's address, its transpose) of weight_t
         self.reset_parameters()
 
     @property
@@ -313,27 +339,28 @@ class Router(nn.Module):
         else:
             nn.init.normal_(self.weight, std=self.cfg.init_std)
 
-    def forward(self, x_TD: Tensor, *, on_host: bool = False) -> RouterOutput:
-        """The decision for [T, D] tokens. ``on_host``: where it is exact and cheaper, decide on
-        the host (``host_decision``), leaving the masks to be built when read; the small-T path
-        asks for it (MoELayer)."""
-        # Routing decisions are discontinuous in p; bf16 logits would move tokens between
-        # experts. Autocast is switched off so the gate really runs in fp32 (entered only when
-        # on: at one token per call, every op of the router shows in the layer's time).
-        device = x_TD.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+    def weight_t(self) -> Tensor:
+        """``weight.T`` [D, E], a view kept between calls (no autograd), for decoding's gate
+        ``x @ weight_t()`` (decode.py): one op where ``F.linear`` makes two, a transpose and the
+        GEMM, each ~10 µs right after a weight stream. Keyed on the weight's address, as
+        Experts.per_expert's views are: the kept view keeps the storage alive, so a new weight
+        (``.data``, ``.to()``) cannot take the same address."""
+        weight = self._parameters["weight"]
+        if self._weight_t is None or self._weight_t[0] != weight.data_ptr():
+            self._weight_t = (weight.data_ptr(), weight.detach().t())
+        return self._weight_t[1]
+
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: a view is not state
+        return {**self.__dict__, "_weight_t": None}
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        """The decision for [T, D] tokens (decoding's calls are decided on the host instead,
+        decode.py, by ``host_decision``)."""
+        logits_TE = gate_logits(x_TD, self.weight)
         probs_TE = logits_TE.softmax(dim=-1)
         cfg, dial = self.cfg, self.dial
         factor = cfg.capacity_factor if self.training else dial.eval_capacity_factor
         slots = capacity(x_TD.shape[0], self.num_experts, factor, cfg.min_capacity)
-        # On the host: inference on the CPU. Its weights are numbers, which carry no gradient;
-        # static mode reads nothing; renormalized weights are left to the tensors.
-        if on_host and self._host_rule and device == "cpu" and not self.training and not torch.is_grad_enabled():
-            host = host_decision(probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, slots,
-                                 ones=cfg.combine == "ones")
-            if host is not None:
-                return RouterOutput(logits_TE, probs_TE, slots, host=host)
         with torch.no_grad():
             wanted_TE, order_TE = wanted_pairs(
                 probs_TE, cfg.router, dial.threshold, dial.top_k, dial.max_experts, fast=not cfg.static_shapes

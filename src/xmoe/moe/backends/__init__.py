@@ -21,9 +21,8 @@ need every expert in this process.
     "direct"      local; the small-T path: each kept expert's GEMV chain on its tokens, added
                   straight into the output, with none of the per-call machinery the others
                   amortise over many tokens (backends/direct.py). The fastest for a few tokens.
-                  At inference on a CPU it runs a plan made on the host from the router's
-                  host decision (``plans_on_host``: no mask, no sort, no scatter;
-                  router.HostDecision grouped by expert into a dispatch.HostPlan).
+                  At inference on a CPU the layer runs its GEMM chains from a plan made on
+                  the host instead (decode.py: no mask, no sort, no scatter).
     "triton"      local; one Triton kernel per projection for a variable number of experts per
                   token (backends/triton_moe.py). CUDA, or CPU under TRITON_INTERPRET=1 (tests).
 
@@ -87,7 +86,6 @@ class Backend:
     local: bool  # gathers and combines itself: every expert must be in this process
     static: bool  # runs without the host counts (static mode)
     problem: Callable[[object, Tensor], str | None] = _anywhere  # why it cannot run on x; None: it can
-    plans_on_host: bool = False  # runs a HostPlan too (a small call decided and planned on the host)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -98,7 +96,7 @@ BACKENDS: dict[str, Backend] = {
                 problem=grouped_mm_problem),
         Backend("fused", fused_backend, local=True, static=False),
         Backend("triton", triton_backend, local=True, static=True, problem=triton_problem),
-        Backend("direct", direct_backend, local=True, static=False, plans_on_host=True),  # the small-T path; auto picks it by size
+        Backend("direct", direct_backend, local=True, static=False),  # the small-T path; auto picks it by size
     )
 }
 
