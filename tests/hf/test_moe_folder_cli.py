@@ -45,6 +45,22 @@ def test_sweep_eval_and_generate_on_an_olmoe_folder(olmoe_folder, tmp_path, caps
     assert first == second and first.startswith("the quick")  # seeded
 
 
+def test_generate_on_an_olmoe_folder_reports_the_experts_its_tokens_got(olmoe_folder, capsys):
+    """At the model's own routing every token of every MoE block gets its top-k (the config's
+    num_experts_per_tok); with the threshold dial at t = 1 and a cap of 1 expert, exactly one."""
+    from transformers import AutoConfig
+
+    folder, _ = olmoe_folder
+    config = AutoConfig.from_pretrained(folder)
+    greedy = ["generate", "--checkpoint", str(folder), "--prompt", "the quick", "--max-new-tokens", "3",
+              "--temperature", "0"]
+    for extra, experts in (([], config.num_experts_per_tok), (["--threshold", "1.0", "--max-experts", "1"], 1)):
+        main(greedy + extra)
+        err = capsys.readouterr().err
+        layers = config.num_hidden_layers
+        assert f"{experts:.2f} experts per token (mean over {layers} MoE layer{'s' if layers > 1 else ''})" in err
+
+
 def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
     folder = tmp_path / "granite"
     folder.mkdir()

@@ -191,15 +191,24 @@ class ExpertCount:
 
 @contextlib.contextmanager
 def counting_experts(model: nn.Module) -> Iterator[ExpertCount]:
-    """Counts the experts every MoELayer of ``model`` keeps while the context is open (two small
-    ops per call, on the device, read once at the end)."""
+    """Counts the experts every MoE layer of ``model`` keeps while the context is open: xmoe's
+    MoELayers, or else the routers of a pretrained MoE family (xmoe.hf.adaptive, adapted or not).
+    Two small ops per call, on the device, read once at the end."""
     count = ExpertCount()
-
-    def hook(layer: MoELayer, inputs: tuple, out) -> None:
-        count.pairs = count.pairs + out.stats.kept_per_token * out.stats.num_tokens
-        count.tokens += out.stats.num_tokens
-
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if layers:
+        def hook(layer: MoELayer, inputs: tuple, out) -> None:
+            count.pairs = count.pairs + out.stats.kept_per_token * out.stats.num_tokens
+            count.tokens += out.stats.num_tokens
+    elif "transformers" in sys.modules:  # a transformers model (xmoe.hf needs the hf extra)
+        from xmoe.hf.adaptive import engaged_experts, moe_routers
+
+        layers = moe_routers(model)
+
+        def hook(router: nn.Module, inputs: tuple, outputs: tuple) -> None:
+            per_token_T = engaged_experts(outputs)
+            count.pairs = count.pairs + per_token_T.sum()
+            count.tokens += per_token_T.numel()
     count.layers = len(layers)
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:

@@ -113,18 +113,24 @@ def histogram_mean(histogram: list[int]) -> float:
     return sum(n * c for n, c in enumerate(histogram)) / routed if routed else math.nan
 
 
+def engaged_experts(outputs: tuple) -> Tensor:
+    """The experts each token engages [T], from a family router's outputs (scores [T, E], weights
+    [T, k], indices [T, k]): a slot counts when it names a real expert with a nonzero weight, the
+    pairs an experts implementation must run."""
+    scores_TE, weights_TK, index_TK = outputs[:3]
+    E = scores_TE.shape[-1]
+    return ((index_TK >= 0) & (index_TK < E) & (weights_TK != 0)).sum(dim=1)
+
+
 @contextlib.contextmanager
 def experts_per_token(model: nn.Module) -> Iterator[ExpertCounts]:
     """Count the experts each token engages in every MoE block while the ``with`` body runs
-    (forward hooks on the routers; an unmodified model counts its own top-k). A slot counts when
-    it names a real expert with a nonzero weight: the pairs an experts implementation must run."""
+    (forward hooks on the routers; an unmodified model counts its own top-k: ``engaged_experts``)."""
     routers = _routers_of(model)
     counts = ExpertCounts()
 
     def hook(_router: nn.Module, _inputs, outputs) -> None:
-        scores_TE, weights_TK, index_TK = outputs[:3]
-        E = scores_TE.shape[-1]
-        counts.add(((index_TK >= 0) & (index_TK < E) & (weights_TK != 0)).sum(dim=1), E)
+        counts.add(engaged_experts(outputs), outputs[0].shape[-1])
 
     handles = [router.register_forward_hook(hook) for router in routers]
     try:
