@@ -271,7 +271,7 @@ def test_router_gradient_flows_only_through_combine_weights() -> None:
     x = _x(4)
     out = layer(x)
     decision = layer.route(x)
-    kept_mass = decision.combine_weights().sum(dim=-1, keepdim=True)
+    kept_mass = decision.weights_TE.sum(dim=-1, keepdim=True)
     torch.testing.assert_close(out.output, kept_mass * layer.experts.b2[0], rtol=1e-5, atol=1e-6)
 
     out.output.sum().backward()
@@ -316,5 +316,5 @@ def test_inference_calls_of_a_few_tokens_match_oracle(case: Case, tokens: int) -
     torch.testing.assert_close(out.output.double(), y64, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.decision.kept_TE, routing.kept_mask(E))
     assert torch.equal(out.decision.wanted_TE, routing.wanted_mask(E))
-    torch.testing.assert_close(out.decision.combine_weights(), layer.route(x).combine_weights(), rtol=0, atol=0)
+    torch.testing.assert_close(out.decision.weights_TE, layer.route(x).weights_TE, rtol=0, atol=0)
     assert (out.decision.host is not None) == (not layer.cfg.renormalize and not overflow(routing, E))

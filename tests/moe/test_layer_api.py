@@ -319,7 +319,7 @@ def test_identical_init_gives_identical_experts(activation: str, init_std) -> No
     x = torch.randn(6, 8)
     _, _, weights64, _ = run_oracle(layer, x)
     decision = layer.route(x)
-    mass = decision.combine_weights().sum(dim=-1, keepdim=True)
+    mass = decision.weights_TE.sum(dim=-1, keepdim=True)
     single = MoELayer(MoEConfig(**{**BASE, "num_experts": 1}, top_k=1, activation=activation))
     with torch.no_grad():
         for name, p in single.experts.named_parameters():
@@ -358,7 +358,7 @@ def test_one_expert_layer_is_a_dense_mlp(backend: str, activation: str, rule: st
         mlp[2].weight.copy_(layer.experts.w2[0].T)
         mlp[2].bias.copy_(layer.experts.b2[0])
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(layer.route(x).combine_weights(), torch.ones(10, 1))
+    assert torch.equal(layer.route(x).weights_TE, torch.ones(10, 1))
     out = layer(x)
     torch.testing.assert_close(out.output, mlp(x), rtol=1e-5, atol=1e-6)
     assert out.output.shape == (2, 5, 8)

@@ -160,7 +160,7 @@ def test_stats_count_kept_pairs_consistently(setup) -> None:
     assert stats.capacity == routing.capacity == decision.capacity
     assert all(1 <= k <= E for k in wanted_T)
     num_kept = int(stats.tokens_per_expert.sum())
-    assert num_kept == sum(kept_T) == int((decision.combine_weights() != 0).sum())
+    assert num_kept == sum(kept_T) == int((decision.weights_TE != 0).sum())
     assert stats.tokens_per_expert.tolist() == [sum(1 for t, e in routing.kept if e == x_) for x_ in range(E)]
     if routing.capacity is not None:
         assert max(stats.tokens_per_expert.tolist(), default=0) <= routing.capacity

@@ -212,7 +212,7 @@ def test_route_combine_weights_equal_oracle(cfg: dict) -> None:
     x = torch.randn(20, 8, generator=torch.Generator().manual_seed(5))
     _, _, weights64, routing = run_oracle(layer, x)
     assert routing.margin > 2e-6  # decisions far from fp32 rounding of the boundaries
-    weights = layer.route(x).combine_weights()
+    weights = layer.route(x).weights_TE
     assert weights.shape == (20, 8) and weights.dtype == torch.float32
     torch.testing.assert_close(weights.double(), weights64.detach(), rtol=1e-6, atol=1e-7)
     # Zeros exactly where nothing is computed.

@@ -23,6 +23,7 @@ expert index; ties between equal priorities at a full expert go to the earlier t
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,24 +68,21 @@ class RouterOutput:
     @property
     def wanted_TE(self) -> Tensor:
         """bool: the router picked this pair (before capacity)."""
-        return (self.masks or self._host_masks())[0]
+        return (self.masks or self._host_masks)[0]
 
     @property
     def kept_TE(self) -> Tensor:
         """bool: the pair survived capacity and will be computed."""
-        return (self.masks or self._host_masks())[1]
+        return (self.masks or self._host_masks)[1]
 
     @property
     def weights_TE(self) -> Tensor:
-        """fp32 combine weights, 0 where not kept."""
-        return (self.masks or self._host_masks())[2]
+        """fp32 combine weights (what each expert's output is multiplied by), 0 where not kept."""
+        return (self.masks or self._host_masks)[2]
 
-    def combine_weights(self) -> Tensor:
-        """Dense [T, E] fp32 weights each expert output is multiplied by; 0 where not computed."""
-        return self.weights_TE
-
+    @functools.cached_property  # kept in the instance's __dict__: a cache, which frozen allows
     def _host_masks(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The masks of a host decision, built on first read and kept (in ``masks``)."""
+        """The masks of a host decision, built on first read."""
         # A host decision is taken only where capacity drops nothing: wanted = kept.
         probs_TE, host = self.probs_TE, self.host
         tokens = [t for t, experts in enumerate(host.experts) for _ in experts]
@@ -93,8 +91,7 @@ class RouterOutput:
         kept_TE = torch.zeros_like(probs_TE, dtype=torch.bool).index_put_(index, probs_TE.new_ones((), dtype=torch.bool))
         weights = probs_TE.new_tensor([w for weights in host.weights for w in weights])
         weights_TE = torch.zeros_like(probs_TE).index_put_(index, weights)
-        object.__setattr__(self, "masks", (kept_TE, kept_TE, weights_TE))  # frozen: a cache, not a change
-        return self.masks
+        return kept_TE, kept_TE, weights_TE
 
 
 def threshold_prefix(sorted_p_TK: Tensor, threshold: float | Tensor, max_experts: int | None = None) -> Tensor:
