@@ -119,16 +119,32 @@ def test_wrong_last_dimension(method: str) -> None:
         call(torch.tensor(1.0))
 
 
+# Training, and decoding's sizes at inference (1 and 3 tokens: the CPU decoding path, moe/decode.py).
+CALLS = [pytest.param(False, 3, id="training"), pytest.param(True, 1, id="decoding-1"),
+         pytest.param(True, 3, id="decoding-3")]
+
+
+def _call(layer: MoELayer, x: torch.Tensor, inference: bool):
+    if not inference:
+        return layer(x)
+    layer.eval()
+    with torch.no_grad():
+        return layer(x)
+
+
+@pytest.mark.parametrize("inference, tokens", CALLS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
-def test_integer_input(dtype) -> None:
+def test_integer_input(dtype, inference: bool, tokens: int) -> None:
     with pytest.raises(ValueError, match="floating-point"):
-        make_layer(**BASE)(torch.ones(3, 8, dtype=dtype))
+        _call(make_layer(**BASE), torch.ones(tokens, 8, dtype=dtype), inference)
 
 
-def test_dtype_mismatch_without_autocast() -> None:
+@pytest.mark.parametrize("inference, tokens", CALLS)
+def test_dtype_mismatch_without_autocast(inference: bool, tokens: int) -> None:
     layer = make_layer(**BASE)
-    with pytest.raises(ValueError, match="dtype"):
-        layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(ValueError, match="does not match the layer's parameter dtype"):
+            _call(layer, torch.randn(tokens, 8, dtype=dtype), inference)
     with pytest.raises(ValueError, match="dtype"):
         layer.route(torch.randn(3, 8, dtype=torch.float64))
 

@@ -68,7 +68,9 @@ def decode(layer, x: Tensor) -> MoEOutput | None:
     dial, weight = router._modules["dial"], router._parameters["weight"]
     x_TD = x.reshape(-1, D)
     autocast = torch.is_autocast_enabled("cpu")
-    if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.dtype != weight.dtype and not autocast:  # the general path says what is wrong
+        return None
+    if autocast or x.dtype != torch.float32:
         logits_TE = gate_logits(x_TD, weight)
     else:  # gate_logits with nothing to cast, and no transpose: each op costs ~10 µs here
         logits_TE = torch.mm(x_TD, router.weight_t())
