@@ -49,6 +49,21 @@ def test_decoding_follows_every_kind_of_weight_change(activation: str) -> None:
     _check(copy.deepcopy(layer), x.double())
 
 
+def test_decoding_follows_a_weight_cut_to_fewer_experts() -> None:
+    """A weight replaced by a slice of itself (the first 4 of 8 experts) starts at the old
+    address: the kept views (the gate's transpose, the experts' views) must not serve the old
+    shape."""
+    layer = make_layer(router="topk", top_k=2).eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(4))
+    _check(layer, x)
+    with torch.no_grad():
+        layer.router.weight = nn.Parameter(layer.router.weight[:4])
+        for name in ("w1", "b1", "w2", "b2"):
+            setattr(layer.experts, name, nn.Parameter(getattr(layer.experts, name)[:4]))
+        assert layer(x).decision.probs_TE.shape == (2, 4)
+    _check(layer, x)
+
+
 def test_decoding_under_autocast_follows_the_weights() -> None:
     """Under bf16 autocast the views are of the cached bf16 cast, which a weight update renews."""
     layer = make_layer(router="topk", top_k=2, model_dim=16).eval()

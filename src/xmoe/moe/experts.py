@@ -156,8 +156,9 @@ class Experts(nn.Module):
         For reading without autograd (the small-T path, under ``torch.no_grad``): a decoding
         call runs a few experts, and indexing the stacked weights would cost an op per tensor
         per expert per call. The views are made without autograd, so they carry no gradient.
-        Keyed on the tensors' addresses: the kept views keep their storage alive, so a tensor
-        made after them (a new cast, a parameter's new ``.data``) cannot take the same address.
+        Keyed on the tensors' addresses and shapes: the kept views keep their storage alive, so a
+        tensor made after them (a new cast, a parameter's new ``.data``) cannot take the same
+        address, and one that is a slice of the old (fewer experts) has another shape.
         """
         # Called between GEMMs that stream weights through the caches: no Python call it can avoid
         # (nn.Module.__getattr__, comprehensions). A plain Experts holds its tensors as parameters;
@@ -171,7 +172,7 @@ class Experts(nn.Module):
             tensors = (w.w1, w.b1, w.w2, w.b2, w.w3, w.b3)
         key = []
         for t in tensors:
-            key.append(None if t is None else t.data_ptr())
+            key.append(None if t is None else (t.data_ptr(), t.shape))
         if self._views is None or self._views[0] != key:
             with torch.no_grad():
                 split = [(None,) * self.num_experts if t is None else t.unbind(0) for t in tensors]

@@ -339,12 +339,14 @@ class Router(nn.Module):
     def weight_t(self) -> Tensor:
         """``weight.T`` [D, E], a view kept between calls (no autograd), for decoding's gate
         ``x @ weight_t()`` (decode.py): one op where ``F.linear`` makes two, a transpose and the
-        GEMM, each ~10 µs right after a weight stream. Keyed on the weight's address, as
+        GEMM, each ~10 µs right after a weight stream. Keyed on the weight's address and shape, as
         Experts.per_expert's views are: the kept view keeps the storage alive, so a new weight
-        (``.data``, ``.to()``) cannot take the same address."""
+        (``.data``, ``.to()``) cannot take the same address, and one that is a slice of the old
+        (fewer experts) has another shape."""
         weight = self._parameters["weight"]
-        if self._weight_t is None or self._weight_t[0] != weight.data_ptr():
-            self._weight_t = (weight.data_ptr(), weight.detach().t())
+        key = (weight.data_ptr(), weight.shape)
+        if self._weight_t is None or self._weight_t[0] != key:
+            self._weight_t = (key, weight.detach().t())
         return self._weight_t[1]
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: a view is not state
