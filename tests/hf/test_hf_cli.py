@@ -64,7 +64,8 @@ def test_cli_on_the_export_matches_the_run(runs, tmp_path, capsys, monkeypatch):
     assert "| t=0.9 (as saved) |" in table and "| 0.3 |" in table and "tokens/s" in table
 
 
-def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tmp_path, capsys):
+def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
@@ -74,6 +75,7 @@ def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tm
     cases = [
         (["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(other)], "not an xmoe Hugging Face export"),
         (["export-hf", "--checkpoint", str(runs / "missing"), "--out", str(out)], "does not exist"),
+        (["export-hf", "--checkpoint", "runs/missing", "--out", str(out)], "does not exist"),  # shaped like ORG/NAME
         (["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "again")], "already a Hugging Face model"),
         (["eval", "--checkpoint", str(out)], "--data"),
     ]

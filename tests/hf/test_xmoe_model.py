@@ -270,3 +270,15 @@ def test_generation_past_block_size_slides_the_window_as_xmoe_generate_does():
     assert torch.equal(model.generate(prompt, max_new_tokens=40, do_sample=False, use_cache=False), expected)
     with pytest.raises(ValueError, match="block_size"):  # a forward call is not windowed: too long is an error
         model(torch.randint(VOCAB, (1, 49)))
+
+
+def test_load_folder_names_a_folder_that_holds_no_hugging_face_model(tmp_path):
+    """A folder whose config.json names no model_type is said to hold no Hugging Face model, not
+    a model of type None."""
+    from xmoe.errors import UsageError
+    from xmoe.hf.folders import load_folder
+
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2}))
+    with pytest.raises(UsageError, match=r"holds no Hugging Face model \(no config.json naming a model_type\); "
+                                         r"this command takes an `xmoe export-hf` folder"):
+        load_folder(tmp_path)

@@ -72,7 +72,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     kind = checkpoint_kind(checkpoint)
     if kind.kind == "converted":
         return export_converted(checkpoint, out)
-    if kind.kind != "run":
+    if kind.kind in ("hf", "hf-dense"):  # a missing folder named like a Hub id ("runs/a") is a run not there
         raise UsageError(f"{checkpoint} is already a Hugging Face model ({kind.what}); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT,

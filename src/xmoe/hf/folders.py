@@ -61,7 +61,9 @@ def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
     if model_type in XMOE_MODEL_TYPES or model_type in SUPPORTED_FAMILIES:
         return
     supported = f"an `xmoe export-hf` folder or a Hugging Face {', '.join(SUPPORTED_FAMILIES)} model folder"
-    raise UsageError(f"{path} holds a Hugging Face {model_type!r} model; this command takes {supported}")
+    held = "no Hugging Face model (no config.json naming a model_type)" if model_type is None else \
+        f"a Hugging Face {model_type!r} model"
+    raise UsageError(f"{path} holds {held}; this command takes {supported}")
 
 
 def set_dial(model: nn.Module, threshold: float | None, max_experts: int | None = None) -> str:
