@@ -63,8 +63,8 @@ class DispatchPlan:
 
 @dataclass(frozen=True)
 class HostPlan:
-    """A small call's kept pairs grouped by expert, on the host: the plan the small-T path runs
-    from (backends/direct.py), grouped in Python from the router's host decision, with no
+    """A small call's kept pairs grouped by expert, on the host: the plan decoding runs a few
+    tokens from (decode.run_experts), grouped in Python from the router's host decision, with no
     tensor op."""
 
     experts: tuple[int, ...]  # the experts with pairs, ascending
