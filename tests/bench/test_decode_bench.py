@@ -30,6 +30,15 @@ def test_floor_runs_each_kept_expert_once_on_its_own_tokens(monkeypatch) -> None
     assert experts_per_token == kept_TE.sum().item() / 4
 
 
+def test_gate_floor_reads_the_layers_probabilities() -> None:
+    layer = bench.build_layers(TINY, seed=0)["xmoe-sharp"]
+    x = torch.randn(3, TINY.model_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        rows = bench.gate_floor(layer, x)()
+    expected = torch.softmax(x.double() @ layer.router.weight.detach().double().T, dim=-1)
+    torch.testing.assert_close(torch.tensor(rows, dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_active_params_count_what_a_decoded_token_reads() -> None:
     torch.manual_seed(0)
     plain = GPT(dense("debug"))
@@ -56,7 +65,7 @@ def test_script_runs_end_to_end(capsys) -> None:
     args = argparse.Namespace(shapes=["tiny"], tokens=[1, 3], repeats=1, new_tokens=2, no_generate=False, seed=0)
     rows = bench.run(args)
     assert [(r["tokens"], r["layer"]) for r in rows["layer"]] == [(t, name) for t in (1, 3) for name, *_ in bench.ROUTERS]
-    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows["layer"])
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["floor_gate_ms"] > 0 for r in rows["layer"])
     assert [r["model"] for r in rows["generate"]] == ["dense", *(name for name, *_ in bench.ROUTERS)]
     assert rows["generate"][0]["allowed_speedup"] == 1.0
     assert "| tiny | 1 | top-1 |" in capsys.readouterr().out

@@ -16,7 +16,12 @@ Per layer, eval mode, no grad, T tokens per call:
 each next to its **active-weights floor**: a plain GEMM chain over exactly the experts its
 router kept for these tokens, each expert once, on its own tokens (weights pre-split, rows
 pre-gathered: the matmuls and activations and nothing else). ``/ floor`` is the layer's time
-over that floor; ``/ dense`` its time over the dense FFN's.
+over that floor; ``/ dense`` its time over the dense FFN's. The floor leaves the routing out.
+``floor + gate`` adds the least a router can cost in front of it, in the same call: the gate's
+GEMM, the softmax and one read of the probabilities (nothing decided, nothing checked). Run
+right after the weights of the previous call, as a layer's gate runs, it costs several times
+what it costs timed alone in a loop. ``/ (floor + gate)`` is what the layer adds to the work a
+routed layer cannot skip.
 
 End to end: ``GPT.generate`` at batch 1 (random weights; the MoE models share every weight but
 their routers), ms per new token, the speed-up over the dense model, and the speed-up the
@@ -155,6 +160,21 @@ def active_weights_floor(layer: MoELayer, x_TD: Tensor) -> tuple[Callable[[], No
     return run, kept_TE.sum(dim=-1).float().mean().item()
 
 
+def gate_floor(layer: MoELayer, x_TD: Tensor) -> Callable[[], list]:
+    """The least routing ``x_TD`` can cost: the gate's GEMM (on a transpose made beforehand), the
+    softmax and one read of the probabilities to the host. No rule applied, no check."""
+    weight_t = layer.router.weight.detach().t()
+    return lambda: torch.mm(x_TD, weight_t).softmax(dim=-1).tolist()
+
+
+def floor_and_gate(gate: Callable[[], list], floor: Callable[[], None]) -> Callable[[], None]:
+    """The gate, then the active-weights floor: the least a routed layer's call can do."""
+    def run() -> None:
+        gate()
+        floor()
+    return run
+
+
 def bench_layer(shape: DecodeShape, tokens: int, layers: dict[str, MoELayer], dense, repeats: int, seed: int) -> list[dict]:
     """One row per router at ``tokens`` tokens per call."""
     x = torch.randn(tokens, shape.model_dim, generator=torch.Generator().manual_seed(seed + tokens))
@@ -163,12 +183,14 @@ def bench_layer(shape: DecodeShape, tokens: int, layers: dict[str, MoELayer], de
     for name, layer in layers.items():
         candidates[name] = lambda layer=layer: layer(x)
         candidates[f"{name} floor"], experts_per_token[name] = active_weights_floor(layer, x)
+        candidates[f"{name} floor + gate"] = floor_and_gate(gate_floor(layer, x), candidates[f"{name} floor"])
     with torch.no_grad():
         med = interleaved(candidates, repeats)
     return [{
         "shape": shape.name, "tokens": tokens, "layer": name, "experts_per_token": experts_per_token[name],
-        "ms": 1e3 * med[name], "floor_ms": 1e3 * med[f"{name} floor"], "dense_ms": 1e3 * med["dense"],
-        "vs_floor": med[name] / med[f"{name} floor"], "vs_dense": med[name] / med["dense"],
+        "ms": 1e3 * med[name], "floor_ms": 1e3 * med[f"{name} floor"], "floor_gate_ms": 1e3 * med[f"{name} floor + gate"],
+        "dense_ms": 1e3 * med["dense"], "vs_floor": med[name] / med[f"{name} floor"],
+        "vs_floor_gate": med[name] / med[f"{name} floor + gate"], "vs_dense": med[name] / med["dense"],
     } for name in layers]
 
 
@@ -297,11 +319,12 @@ def bench_generate(shape: DecodeShape, models: dict[str, nn.Module], new_tokens:
 
 
 def print_layer_table(rows: list[dict]) -> None:
-    print("| shape | T | layer | experts/token | ms | floor ms | / floor | / dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | T | layer | experts/token | ms | floor ms | floor + gate ms | / floor | / (floor + gate) | / dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['tokens']} | {r['layer']} | {r['experts_per_token']:.2f} | {r['ms']:.3f} | "
-              f"{r['floor_ms']:.3f} | {r['vs_floor']:.2f} | {r['vs_dense']:.2f} |")
+              f"{r['floor_ms']:.3f} | {r['floor_gate_ms']:.3f} | {r['vs_floor']:.2f} | {r['vs_floor_gate']:.2f} | "
+              f"{r['vs_dense']:.2f} |")
 
 
 def print_generate_table(rows: list[dict]) -> None:
