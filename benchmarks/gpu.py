@@ -21,6 +21,10 @@ nothing and downloads nothing. The sections, in order of value (``--plan`` print
 - graphs: static mode captured in a CUDA graph and replayed, against eager (static and the
   default backend), at decode sizes (T = 1, 4, 16, 64 tokens) and at S1, forward in eval mode;
   and at S1 forward+backward in training (``torch.cuda.make_graphed_callables``).
+- decode: the decode benchmark's layers (xmoe.bench.decode: top-8, top-2, top-1, XMoE with a sharp
+  and a soft router, GPT-2-small shapes) and the dense FFN of top-8's FLOPs, bf16, eval, at 1, 4 and
+  16 tokens per call: eager, and static mode replayed from a CUDA graph (decoding on a GPU is
+  launch-bound), each against the dense FFN timed the same way.
 - compile-*: static mode under ``torch.compile(fullgraph=True, dynamic=False)``, the compile cache
   reset first so each shape gets its own static graph: compile time, time and peak memory.
 - training: steps of bf16 training of 4-layer gpt2-dense, gpt2-topk-64x384 and gpt2-xmoe-64x384
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import gc
 import io
@@ -67,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmoe.bench import decode as decode_bench
 from xmoe.bench import layer as layer_bench
 from xmoe.bench.probes import cuda_syncs
 from xmoe.models.gpt import GPT, flops_breakdown, moe_flops_per_token
@@ -517,6 +523,65 @@ def graph_verdict(ms: dict[str, float], got: list[Tensor] | None, expected: list
             "graph_vs_eager": ms["eager"] / ms["CUDA graph"] if "eager" in ms else None}
 
 
+# --- decoding ----------------------------------------------------------------------------------------
+
+
+def measure_decode(ctx: Context) -> Iterator[dict]:
+    """Does a token that engages fewer experts take less time at decode on a GPU? The decode
+    benchmark's layers (one set of experts, routers calibrated on the CPU) and its dense FFN, in
+    bf16, at the decode sizes: eager (the default backend, one host sync per call) and static mode
+    replayed from a CUDA graph, whose replay is checked against eager static mode (its threshold
+    routers capped at the shape's top-k experts per token: static mode needs a bound). Every
+    candidate of a size is timed in one interleaved round."""
+    shape = decode_bench.SHAPES["tiny" if ctx.quick else "gpt2"]
+    moved = {"dtype": torch.bfloat16, "device": ctx.device}
+    dense = decode_ffn(shape).to(**moved)
+    layers = {}
+    for name, layer in decode_bench.build_layers(shape, SEED).items():
+        bound = {} if layer.cfg.router == "topk" else {"max_experts": shape.top_k}  # static mode's bound
+        static = MoELayer(dataclasses.replace(layer.cfg, static_shapes=True, **bound)).eval()
+        static.load_state_dict(layer.state_dict())
+        layers[name] = (copy.deepcopy(layer).to(**moved), static.to(**moved))
+    for num_tokens in DECODE_TOKENS[:3]:
+        x = ctx.tokens(num_tokens, shape.model_dim)
+        with torch.no_grad():
+            calls = {"dense eager": lambda: dense(x)}
+            replay, _, dense_status = captured(lambda: cuda_graph(lambda: dense(x), ctx), ctx)
+            if replay is not None:
+                calls["dense CUDA graph"] = replay
+            graphs = {}
+            for name, (eager, static) in layers.items():
+                calls[f"{name} eager"] = lambda eager=eager: eager(x)
+                calls[f"{name} eager static"] = lambda static=static: static(x)
+                graphs[name] = captured(lambda static=static: cuda_graph(lambda: static(x).output, ctx), ctx)
+                if graphs[name][0] is not None:
+                    calls[f"{name} CUDA graph"] = graphs[name][0]
+            ms = median_ms(calls, ctx, inner=1 if ctx.quick else 20)
+            for name, (eager, static) in layers.items():
+                yield decode_row(name, static, x, ms, graphs[name], ctx)
+
+
+def decode_ffn(shape: decode_bench.DecodeShape) -> nn.Module:
+    """The dense FFN the decode benchmark compares with: D x (top_k * F), GeLU, biases."""
+    torch.manual_seed(SEED)
+    hidden = shape.top_k * shape.expert_dim
+    return nn.Sequential(nn.Linear(shape.model_dim, hidden), nn.GELU(), nn.Linear(hidden, shape.model_dim)).eval()
+
+
+def decode_row(name: str, static: MoELayer, x: Tensor, ms: dict[str, float], graph: tuple, ctx: Context) -> dict:
+    """One layer at one decode size: its times, the dense FFN's, and the graph's check."""
+    replay, got, status = graph
+    mine = {kind: ms[f"{name} {kind}"] for kind in ("eager", "eager static", "CUDA graph") if f"{name} {kind}" in ms}
+    kept_TE = static.route(x).kept_TE
+    row = {"tokens": x.shape[0], "layer": name, "experts_per_token": kept_TE.sum().item() / x.shape[0],
+           "static_rows": static.router.max_pairs(x.shape[0]), "ms": mine,
+           "dense_ms": {kind: ms[f"dense {kind}"] for kind in ("eager", "CUDA graph") if f"dense {kind}" in ms}}
+    row["eager_vs_dense"] = mine["eager"] / row["dense_ms"]["eager"]
+    both = "CUDA graph" in mine and "CUDA graph" in row["dense_ms"]
+    row["graph_vs_dense_graph"] = mine["CUDA graph"] / row["dense_ms"]["CUDA graph"] if both else None
+    return {**row, **graph_verdict(mine, got, [static(x).output], status, ctx)}
+
+
 # --- torch.compile -------------------------------------------------------------------------------------
 
 
@@ -664,6 +729,19 @@ def render_graphs(rows: list[dict]) -> str:
         "eager: the default backend with its one host sync per call.")
 
 
+def render_decode(rows: list[dict]) -> str:
+    names = ("eager", "eager static", "CUDA graph")
+    return table(["tokens", "layer", "experts/token", "static rows", *(f"{n} ms" for n in names), "dense eager ms",
+                  "dense graph ms", "eager / dense eager", "graph / dense graph", "graph error", "graph"],
+                 [[r["tokens"], r["layer"], f"{r['experts_per_token']:.2f}", r["static_rows"],
+                   *(_f(r["ms"].get(n), ".3f") for n in names), _f(r["dense_ms"]["eager"], ".3f"),
+                   _f(r["dense_ms"].get("CUDA graph"), ".3f"), f"{r['eager_vs_dense']:.2f}",
+                   _f(r["graph_vs_dense_graph"], ".2f"), _f(r["graph_error"], ".1e"), r["graph"]] for r in rows]) + (
+        "\n\ndense: one FFN of top-8's FLOPs and weights (xmoe.bench.decode). A layer's graph replays static "
+        "mode, which pads its pairs to `static rows` (the rows past the kept pairs are not computed); its "
+        "threshold routers take at most top-k experts per token, the bound static mode needs.")
+
+
 def render_compile(rows: list[dict]) -> str:
     return table(["shape", "pass", "backend", "first call s", "eager static ms", "compiled ms", "speed-up",
                   "peak MB eager", "peak MB compiled", "graphs"],
@@ -705,6 +783,8 @@ SECTIONS = [
     _layer_section("S1", 15),
     Section("graphs", "static mode in a CUDA graph against eager, decode sizes and S1", 20, measure_graphs,
             render_graphs, checks=True),
+    Section("decode", "decoding: eager and CUDA graphs against the dense FFN (issue 22)", 20, measure_decode,
+            render_decode, checks=True),
     _layer_section("paper", 15),
     _compile_section("S1", 60),
     _compile_section("paper", 60),

@@ -66,6 +66,14 @@ def test_dry_run_writes_every_section(tmp_path) -> None:
     for row in graphs:  # everything but the capture ran; the capture says why not
         assert row["ms"]["eager static"] > 0 and row["ok"] is None and "CUDA device" in row["graph"]
 
+    decode = sections["decode"]["rows"]
+    routers = [name for name, *_ in gpu.decode_bench.ROUTERS]
+    assert [(r["tokens"], r["layer"]) for r in decode] == [(t, name) for t in gpu.DECODE_TOKENS[:3] for name in routers]
+    for row in decode:  # eager and eager static timed next to the dense FFN; the capture says why not
+        assert row["ms"]["eager"] > 0 and row["ms"]["eager static"] > 0 and row["dense_ms"]["eager"] > 0
+        assert row["ok"] is None and "CUDA device" in row["graph"]
+        assert row["static_rows"] >= row["experts_per_token"] * row["tokens"]
+
     for name in ("compile-S1", "compile-paper"):  # each shape its own graphs, compiled afresh
         fwd, fwd_bwd = sections[name]["rows"]
         assert fwd["first_call_s"] > 0 and fwd_bwd["ms"]["compiled"] > 0
