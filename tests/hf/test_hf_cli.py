@@ -107,3 +107,15 @@ def test_a_failure_while_writing_keeps_the_earlier_export(runs, tmp_path, capsys
         main(["export-hf", "--checkpoint", str(runs / "split8-debug"), "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_run_that_evaluates_with_capacity_exports_only_with_dropless(runs, tmp_path, capsys):
+    run = tmp_path / "capped"
+    main(["train", "--preset", "debug-xmoe", "--out", str(run), f"--data.path={runs / 'corpus.txt'}", *TINY_TRAIN,
+          f"--data.cache_dir={runs / 'cache'}", "--model.moe.eval_capacity_factor=1.0"])
+    out = tmp_path / "hf"
+    with pytest.raises(SystemExit):
+        main(["export-hf", "--checkpoint", str(run), "--out", str(out)])
+    assert "--dropless" in capsys.readouterr().err and not out.exists()
+    run_cli(["export-hf", "--checkpoint", str(run), "--out", str(out), "--dropless"], capsys)
+    assert json.loads((out / "config.json").read_text())["moe"]["eval_capacity_factor"] is None

@@ -225,3 +225,30 @@ def test_an_exported_converted_model_loads_and_generates_where_xmoe_is_not_insta
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(x).logits, rtol=0, atol=1e-5)
     assert torch.equal(tokens, reference.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id))
+
+
+def test_a_model_that_evaluates_with_capacity_is_exported_only_dropless(tmp_path):
+    """The folder's code has no capacity: exporting a model whose evaluation drops pairs is
+    refused, and ``dropless=True`` writes it to route dropless, computing what xmoe computes
+    dropless (and not what it computes with capacity: the check is not vacuous)."""
+    from xmoe.errors import UsageError
+    from xmoe.hf.standalone.modeling_xmoe import XMoEForCausalLM as Portable
+
+    gpt = _gpt(capacity_factor=1.0, eval_capacity_factor=0.5)
+    with pytest.raises(UsageError, match="--dropless"):
+        export_model(gpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(UsageError, match="eval_capacity_factor=0.5"):
+        hf_from_gpt(gpt).save_pretrained(tmp_path / "direct")
+
+    export_model(gpt, tmp_path / "hf", dropless=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["moe"]["eval_capacity_factor"] is None
+    x = torch.randint(VOCAB, (3, 20))
+    with torch.no_grad():
+        capped = gpt(x).logits_BLV
+        for layer in gpt.moe_layers():
+            layer.router.dial.eval_capacity_factor = None
+        dropless = gpt(x).logits_BLV
+        exported = Portable.from_pretrained(tmp_path / "hf").eval()(x).logits
+    torch.testing.assert_close(exported, dropless, rtol=0, atol=1e-5)
+    assert not torch.allclose(capped, dropless, atol=1e-3)

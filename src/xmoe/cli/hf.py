@@ -21,16 +21,18 @@ import json
 from xmoe.errors import UsageError
 
 
-def export_hf(*, checkpoint: str, out: str) -> None:
+def export_hf(*, checkpoint: str, out: str, dropless: bool = False) -> None:
     """Write an xmoe LM run as a Hugging Face folder (AutoModelForCausalLM).
 
     Args:
         checkpoint: run folder of `xmoe train` or `xmoe convert`
         out: new folder (an earlier export there is replaced once the new one is complete)
+        dropless: write a model that evaluates with capacity (eval_capacity_factor) to route dropless, as the
+            folder's modeling code does (without it, such a model is refused)
     """
     from xmoe.hf import export_hf
 
-    written = export_hf(checkpoint, out)
+    written = export_hf(checkpoint, out, dropless=dropless)
     print(f"exported {checkpoint} -> {written}: load it with AutoModelForCausalLM.from_pretrained({str(written)!r}, "
           f"trust_remote_code=True) (the folder's own code: no xmoe needed), or after `import xmoe.hf` "
           f"(xmoe's layers)")

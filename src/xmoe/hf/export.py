@@ -20,6 +20,7 @@ replaced only once the new one is complete, so a failure never destroys it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -43,10 +44,14 @@ def is_xmoe_folder(path: str | os.PathLike) -> bool:
 
 
 def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
-                 eot_token: str | None = None, results: dict | None = None) -> Path:
+                 eot_token: str | None = None, results: dict | None = None, dropless: bool = False) -> Path:
     """Write the xmoe GPT ``model`` (with the byte-level BPE ``tokenizer_file`` written by xmoe's
     data pipeline, whose ``eot_token`` ends documents) as a Hugging Face folder at ``out``;
-    ``results``: the training run's numbers for the model card (e.g. its last validation row)."""
+    ``results``: the training run's numbers for the model card (e.g. its last validation row).
+
+    A folder routes dropless (its modeling code has no capacity). A model that evaluates with
+    capacity (``eval_capacity_factor``) is refused unless ``dropless``: then it is written to
+    route dropless, as ``xmoe eval`` routes models trained with the presets."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = None
@@ -58,13 +63,17 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
         if eot_token is not None:
             eot_id = tokenizer.convert_tokens_to_ids(eot_token)
             special = {"eos_token_id": eot_id, "bos_token_id": eot_id, "pad_token_id": eot_id}
-    hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(model.cfg, **special))
+    cfg = model.cfg
+    if dropless and cfg.moe is not None:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=None))
+    hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(cfg, **special))
     hf_model.transformer.load_state_dict(model.state_dict())
     return _write(out, hf_model, tokenizer, model_card(hf_model, results))
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the ``xmoe train`` (or ``xmoe convert``) run at ``checkpoint`` to the folder ``out``."""
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dropless: bool = False) -> Path:
+    """Export the ``xmoe train`` (or ``xmoe convert``) run at ``checkpoint`` to the folder ``out``
+    (``dropless``: export_model)."""
     from xmoe.data import TOKENIZER_FILE
     from xmoe.data.tokenizer import EOT
     from xmoe.tasks.lm import load_lm
@@ -76,7 +85,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise UsageError(f"{checkpoint} is already a Hugging Face model ({kind.what}); there is nothing to export")
     loaded = load_lm(checkpoint, device="cpu")
     return export_model(loaded.model, out, tokenizer_file=loaded.run_dir / TOKENIZER_FILE, eot_token=EOT,
-                        results=_last_validation(loaded.run_dir))
+                        results=_last_validation(loaded.run_dir), dropless=dropless)
 
 
 def export_converted(folder: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 import xmoe
+from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, IGNORE_INDEX
 from xmoe.moe import Dial, MoELayer, RoutingStats, set_threshold
 
@@ -103,6 +104,7 @@ class DialMixin:
         """transformers' save_pretrained, with the dial as it routes now, the xmoe version, and the
         portable modeling code (``auto_map``) instead of this file."""
         self.apply_dial()  # a config edit not yet applied wins over the layers' t
+        check_dropless(self)
         if self.moe_threshold is not None:  # None: no threshold layer, or a budget's t per layer
             self.config.moe_threshold = self._applied_threshold = self.moe_threshold
         self.config.xmoe_version = xmoe.__version__
@@ -114,6 +116,21 @@ class DialMixin:
         for name in ("configuration_xmoe.py", "xmoe_layer.py", f"{kind}.py"):  # the portable modules
             (Path(save_directory) / name).write_text(header + (PORTABLE_FOLDER / name).read_text())
         return out
+
+
+def check_dropless(model: nn.Module) -> None:
+    """A saved folder routes with its portable code, which is dropless (as cached decoding must
+    be: a call of one new token per sequence would fill an expert's slots differently from a full
+    forward). A model whose MoE layers evaluate with capacity would compute other outputs there."""
+    factors = {m.router.dial.eval_capacity_factor for m in model.modules() if isinstance(m, MoELayer)}
+    factors = (factors | {(model.config.moe or {}).get("eval_capacity_factor")}) - {None}
+    if factors:
+        raise UsageError(
+            f"this model evaluates with capacity (eval_capacity_factor={factors.pop()}), and the modeling code "
+            f"a saved folder carries routes dropless, so the folder would compute other outputs than xmoe does; "
+            f"export it to route dropless: `xmoe export-hf --dropless` (Python: xmoe.hf.export_model(..., "
+            f"dropless=True)), or build the model with eval_capacity_factor=None"
+        )
 
 
 class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):
