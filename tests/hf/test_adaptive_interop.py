@@ -120,12 +120,35 @@ def test_models_without_a_rule_are_refused_with_the_reason():
         adaptive(dense_gemma, threshold=0.5)
 
 
-def test_a_router_wrapped_by_offloading_hooks_is_refused():
-    from accelerate.hooks import ModelHook, add_hook_to_module
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_an_offloaded_model_is_adapted_through_its_hooks(family):
+    """accelerate's offloading (device_map with offload, ``cpu_offload``) wraps every module's
+    forward on the instance, weights moved in only for the call: the adapted routers run the
+    threshold rule inside those hooks, and the outputs equal an adapted copy never offloaded."""
+    import copy
 
+    from accelerate import cpu_offload
+
+    model = tiny_family(family)
+    plain = copy.deepcopy(model)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert all("forward" in vars(router) for router in moe_routers(model))  # the hooks' wrappers
+    x = torch.randint(VOCAB, (2, 9))
+    for threshold in (0.3, 0.9):
+        adaptive(model, threshold=threshold)
+        adaptive(plain, threshold=threshold)
+        with torch.no_grad(), experts_per_token(model) as offloaded, experts_per_token(plain) as reference:
+            got, expected = model(x).logits, plain(x).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert offloaded.mean == reference.mean
+    assert offloaded.mean > 1.0  # t = 0.9 engages more than one expert: the rule ran, not the family's own
+
+
+def test_a_router_whose_forward_is_replaced_otherwise_is_refused():
     model = tiny_family("qwen3_moe")
-    add_hook_to_module(moe_routers(model)[1], ModelHook())
-    with pytest.raises(ValueError, match="forward is wrapped on the module itself"):
+    router = moe_routers(model)[1]
+    router.forward = lambda hidden_states: type(router).forward(router, hidden_states)
+    with pytest.raises(ValueError, match="forward is replaced on the module itself"):
         adaptive(model, threshold=0.5)
     assert not is_adapted(model)  # refused before any router changed
 

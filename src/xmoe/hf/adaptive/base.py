@@ -25,6 +25,7 @@ Shape legend: T tokens, D model dim, E experts, K slots per token.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +97,13 @@ class ThresholdRouter(nn.Module):
 
 
 def check_adaptable(router: nn.Module) -> None:
-    """Refuse a router whose ``forward`` is replaced on the instance: a new class would not run."""
-    if "forward" in vars(router):
+    """Refuse a router whose ``forward`` is replaced on the instance, unless by accelerate's hooks
+    (``_hooked``): a new class would not run."""
+    if "forward" in vars(router) and not _hooked(router):
         raise UsageError(
-            f"{type(router).__name__}.forward is wrapped on the module itself (as accelerate's offloading "
-            f"hooks do), so a threshold rule would never run; load the model without offloading "
-            f"(device_map on devices that hold every router) before xmoe.hf.adaptive"
+            f"{type(router).__name__}.forward is replaced on the module itself, so a threshold rule would "
+            f"never run; remove that replacement before xmoe.hf.adaptive (accelerate's hooks, as device_map "
+            f"offloading adds, are followed)"
         )
 
 
@@ -110,8 +112,17 @@ def adapt_router(router: nn.Module, rule: type[ThresholdRouter], *, threshold: f
     """Route ``router`` (a family's router, or one adapted before) by ``rule`` at ``threshold``."""
     if not isinstance(router, ThresholdRouter):
         router.__class__ = _threshold_class(rule, type(router))
+        if _hooked(router):  # the hooks call the forward they wrapped: now the rule's
+            router._old_forward = types.MethodType(type(router).forward, router)
     router.threshold, router.max_experts = threshold, max_experts
     router.train(False)
+
+
+def _hooked(router: nn.Module) -> bool:
+    """Whether accelerate's hooks wrap the router's forward (offloading, device_map): they replace
+    ``forward`` on the instance by one that moves the weights in, then calls ``_old_forward``,
+    the forward they wrapped (accelerate.hooks.add_hook_to_module)."""
+    return hasattr(router, "_hf_hook") and "_old_forward" in vars(router)
 
 
 @functools.cache  # one class per (rule, family): the adapted routers of a model share it
