@@ -33,7 +33,7 @@ from xmoe.conversion.layer import new_folder
 from xmoe.errors import UsageError, is_disk_full
 
 from .configuration_xmoe import XMoEConfig, XMoEConvertedConfig
-from .modeling_xmoe import XMoEForCausalLM
+from .modeling_xmoe import XMoEForCausalLM, capacity_mismatch
 from .modeling_xmoe_converted import XMoEConvertedForCausalLM
 
 
@@ -67,6 +67,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
     if dropless and cfg.moe is not None:
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=None))
     hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(cfg, **special))
+    if (mismatch := capacity_mismatch(hf_model)) is not None:
+        raise UsageError(mismatch)
     hf_model.transformer.load_state_dict(model.state_dict())
     return _write(out, hf_model, tokenizer, model_card(hf_model, results))
 

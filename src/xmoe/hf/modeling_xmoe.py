@@ -25,6 +25,7 @@ Shape legend: B batch, L sequence length, S cached + new positions, E experts, V
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 import xmoe
-from xmoe.errors import UsageError
 from xmoe.models.gpt import GPT, IGNORE_INDEX
 from xmoe.moe import Dial, MoELayer, RoutingStats, set_threshold
 
@@ -104,7 +104,8 @@ class DialMixin:
         """transformers' save_pretrained, with the dial as it routes now, the xmoe version, and the
         portable modeling code (``auto_map``) instead of this file."""
         self.apply_dial()  # a config edit not yet applied wins over the layers' t
-        check_dropless(self)
+        if (mismatch := capacity_mismatch(self)) is not None:  # a warning: the Trainer saves checkpoints here
+            warnings.warn(mismatch, stacklevel=2)
         if self.moe_threshold is not None:  # None: no threshold layer, or a budget's t per layer
             self.config.moe_threshold = self._applied_threshold = self.moe_threshold
         self.config.xmoe_version = xmoe.__version__
@@ -118,19 +119,19 @@ class DialMixin:
         return out
 
 
-def check_dropless(model: nn.Module) -> None:
-    """A saved folder routes with its portable code, which is dropless (as cached decoding must
-    be: a call of one new token per sequence would fill an expert's slots differently from a full
-    forward). A model whose MoE layers evaluate with capacity would compute other outputs there."""
+def capacity_mismatch(model: nn.Module) -> str | None:
+    """What is wrong with saving ``model`` as a folder, if its MoE layers evaluate with capacity:
+    a folder routes with its portable code, which is dropless (as cached decoding must be: a call
+    of one new token per sequence would fill an expert's slots differently from a full forward),
+    so it would compute other outputs. None when nothing is."""
     factors = {m.router.dial.eval_capacity_factor for m in model.modules() if isinstance(m, MoELayer)}
     factors = (factors | {(model.config.moe or {}).get("eval_capacity_factor")}) - {None}
-    if factors:
-        raise UsageError(
-            f"this model evaluates with capacity (eval_capacity_factor={factors.pop()}), and the modeling code "
-            f"a saved folder carries routes dropless, so the folder would compute other outputs than xmoe does; "
-            f"export it to route dropless: `xmoe export-hf --dropless` (Python: xmoe.hf.export_model(..., "
-            f"dropless=True)), or build the model with eval_capacity_factor=None"
-        )
+    if not factors:
+        return None
+    return (f"this model evaluates with capacity (eval_capacity_factor={factors.pop()}), and the modeling code a "
+            f"saved folder carries routes dropless, so the folder computes other outputs than xmoe does; export "
+            f"it to route dropless: `xmoe export-hf --dropless` (Python: xmoe.hf.export_model(..., dropless=True)), "
+            f"or build the model with eval_capacity_factor=None")
 
 
 class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):
