@@ -13,7 +13,7 @@ from unittest import mock
 
 from xmoe.moe import apply_capacity, threshold_mask, topk_mask
 from xmoe.moe import router as router_module
-from xmoe.moe.dispatch import HostPlan
+from xmoe.moe.decode import HostPlan
 
 # A probability: mostly arbitrary, sometimes one of a few exact values so that ties happen.
 _weight = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 0.125, 0.25, 0.5]))
@@ -246,7 +246,7 @@ def test_host_decision_is_the_rule(probs: torch.Tensor, data) -> None:
     """A small call decided on the host (router.host_decision, from the probabilities read there)
     keeps exactly the rule's pairs, ties included, most probable first, with their probabilities
     (or 1) as weights; or declines (None) where capacity would drop a pair, and then the tensors
-    decide. The dispatcher's grouping of it by expert (HostPlan.from_decision) holds the same
+    decide. Decoding's grouping of it by expert (decode.HostPlan.from_decision) holds the same
     pairs, experts ascending, each one's tokens ascending."""
     T, E = probs.shape
     kind = data.draw(st.sampled_from(["threshold", "topk"]), label="rule")

@@ -75,14 +75,14 @@ def scales() -> tuple[str, ...]:
 def _own_scale(name: str, *, out, data: str | None, seeds: int, steps: int | None, overrides: dict[str, str],
                plan: bool, progress: bool, tabulate: bool) -> None:
     """The studies with a scale and seeds plan of their own: sharpen and budget."""
-    from xmoe.study import budget, sharpen
+    from xmoe.study import arms, budget, sharpen
 
     study = sharpen if name == "sharpen" else budget
     if plan:
-        extra = sharpen.study_overrides(name, study.FIXED, steps=steps, data=data, overrides=overrides)
+        extra = arms.study_overrides(name, study.FIXED, steps=steps, data=data, overrides=overrides)
         key = "stage1" if name == "sharpen" else "seed0"  # the runs that start the study
         print(json.dumps({"out": str(out), key: {s.name: {"preset": s.preset, "overrides": s.overrides}
-                                                     for s in (study.spec(a, 0, extra) for a in study.ARMS)}},
+                                                     for s in (arms.spec(a, 0, extra) for a in study.ARMS)}},
                          indent=2))
         return
     run = sharpen.run_sharpen if name == "sharpen" else functools.partial(budget.run_budget, train=not tabulate)

@@ -19,7 +19,7 @@ No masks, sort or scatter (the [T, E] masks are built only when read: statistics
 router and the experts are not called as modules where that changes nothing (no hooks, no
 wrapper), module attributes are read from the modules' dicts, and the expert weights are views
 kept between calls (Experts.per_expert). A few tokens are grouped by expert on the host
-(dispatch.HostPlan), each expert running once on its tokens.
+(``HostPlan``), each expert running once on its tokens.
 
 Taken in eval mode under no grad, for a CPU input of at most DIRECT_MAX_TOKENS tokens, with the
 backend ``auto`` or ``direct`` and every expert in this process. ``decode`` returns None, and the
@@ -34,6 +34,7 @@ Shapes: T tokens, D model dim, F expert dim, E experts, n one expert's tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,6 @@ from torch.nn.modules import module as _module
 from .activations import ELEMENTWISE, activate
 from .backends import DIRECT_MAX_TOKENS
 from .config import capacity
-from .dispatch import HostPlan
 from .experts import Experts
 from .output import MoEOutput
 from .router import HostDecision, Router, RouterOutput, gate_logits, host_decision, non_finite_error
@@ -102,6 +102,31 @@ def finite(rows: list[list[float]], logits_TE: Tensor) -> bool:
     if min(map(min, rows)) > 0.0 and math.isfinite(sum(map(sum, rows))):
         return True
     return math.isfinite(sum(map(sum, logits_TE.tolist())))
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """A small call's kept pairs grouped by expert on the host, in Python from the router's host
+    decision (no tensor op, no sync): the plan ``run_experts`` runs a few tokens from."""
+
+    experts: tuple[int, ...]  # the experts with pairs, ascending
+    tokens: tuple[tuple[int, ...], ...]  # each one's tokens, ascending
+    weights: tuple[tuple[float, ...], ...]  # their combine weights
+    num_tokens: int
+
+    @classmethod
+    def from_decision(cls, decision: HostDecision) -> HostPlan:
+        """Group a host decision's pairs by expert (capacity was applied by the router: every
+        pair of the decision runs)."""
+        by_expert: dict[int, tuple[list[int], list[float]]] = {}
+        for t, (experts, weights) in enumerate(zip(decision.experts, decision.weights)):
+            for e, w in zip(experts, weights):
+                tokens, expert_weights = by_expert.setdefault(e, ([], []))
+                tokens.append(t)
+                expert_weights.append(w)
+        experts = sorted(by_expert)
+        return cls(tuple(experts), tuple(tuple(by_expert[e][0]) for e in experts),
+                   tuple(tuple(by_expert[e][1]) for e in experts), decision.num_tokens)
 
 
 def run_experts(experts: Experts, x_TD: Tensor, host: HostDecision, dtype: torch.dtype) -> Tensor:

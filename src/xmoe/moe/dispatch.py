@@ -12,10 +12,6 @@ them in this order (layer.py):
 the same three methods, that sends the rows to the ranks holding their experts
 (xmoe.distributed.experts). Nothing here is [T, E, C]-sized: memory follows the kept pairs.
 
-A small call decided on the host (CPU, inference; router.HostDecision) is planned there too:
-``HostPlan.from_decision`` groups its kept pairs by expert in Python, with no tensor op and
-no sync (the small-T path).
-
 Host syncs: building a plan reads the per-expert pair counts to the host once (the layer's one
 sync per call), because the experts' groups are sliced by them. In static mode it reads
 nothing: the pairs are padded to a bound known from the shapes, and padding rows (after
@@ -27,13 +23,9 @@ Shapes: T tokens, D model dim, E experts, N kept pairs (or their static bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .router import HostDecision
 
 
 @dataclass(frozen=True)
@@ -59,32 +51,6 @@ class DispatchPlan:
     @property
     def counts(self) -> tuple[int, ...] | None:
         return self.groups.counts
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    """A small call's kept pairs grouped by expert, on the host: the plan decoding runs a few
-    tokens from (decode.run_experts), grouped in Python from the router's host decision, with no
-    tensor op."""
-
-    experts: tuple[int, ...]  # the experts with pairs, ascending
-    tokens: tuple[tuple[int, ...], ...]  # each one's tokens, ascending
-    weights: tuple[tuple[float, ...], ...]  # their combine weights
-    num_tokens: int
-
-    @classmethod
-    def from_decision(cls, decision: HostDecision) -> HostPlan:
-        """Group a host decision's pairs by expert (capacity was applied by the router: every
-        pair of the decision runs)."""
-        by_expert: dict[int, tuple[list[int], list[float]]] = {}
-        for t, (experts, weights) in enumerate(zip(decision.experts, decision.weights)):
-            for e, w in zip(experts, weights):
-                tokens, expert_weights = by_expert.setdefault(e, ([], []))
-                tokens.append(t)
-                expert_weights.append(w)
-        experts = sorted(by_expert)
-        return cls(tuple(experts), tuple(tuple(by_expert[e][0]) for e in experts),
-                   tuple(tuple(by_expert[e][1]) for e in experts), decision.num_tokens)
 
 
 class LocalDispatcher:

@@ -15,7 +15,7 @@ and the top-k baseline (GShard-like; top_k=1 is Switch) with the same capacity m
 
 A small call at inference on a CPU is decided on the host instead (``host_decision``, from the
 probabilities read there; decode.py): the same pairs and weights, as Python numbers
-(``HostDecision``), which decoding groups by expert (decode.run_experts, dispatch.HostPlan).
+(``HostDecision``), which decoding groups by expert (decode.run_experts, decode.HostPlan).
 
 Shapes: T tokens, D model dim, E experts. Ties between equal probabilities go to the lower
 expert index; ties between equal priorities at a full expert go to the earlier token.
@@ -41,7 +41,7 @@ class HostDecision:
     """A small call's decision taken on the host (``host_decision``): each token's kept experts,
     most probable first, and their combine weights, as Python numbers. Capacity drops none of
     these pairs (a call where it would is decided on tensors); decoding groups them by expert
-    (decode.run_experts, dispatch.HostPlan)."""
+    (decode.run_experts, decode.HostPlan)."""
 
     experts: tuple[tuple[int, ...], ...]  # per token: its kept experts
     weights: tuple[tuple[float, ...], ...]  # per token: their combine weights

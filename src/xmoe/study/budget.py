@@ -58,10 +58,10 @@ from xmoe.report.plots import figure, save
 from xmoe.training.compare import compute_matched_k
 
 from .aggregate import mean_std, spread_cell
+from .arms import EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
 from .measure import is_finished, read_json, write_json
 from .plots import STUDY_DPI
 from .runner import Runner
-from .sharpen import EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
 
 BUDGETS = (1.5, 2.0, 4.0)
 TOPK = (1, 2, 4)

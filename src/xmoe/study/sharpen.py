@@ -29,53 +29,24 @@ The protocol, fixed before any run:
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from xmoe.errors import UsageError, check_counts
-from xmoe.extras import check_extra
+from xmoe.errors import check_counts
 from xmoe.report.plots import figure, save
 from xmoe.training import read_metrics
 
 from .aggregate import mean_std, spread_cell, summarize
-from .measure import inference_sweep, read_json, write_json, write_text
-from .plan import CPU, INFERENCE_THRESHOLDS, RunSpec, Scale, Variant, run_spec
+from .arms import Arm, heading, preflight, settings, spec, study_overrides, write_results
+from .measure import inference_sweep, read_json
+from .plan import INFERENCE_THRESHOLDS
 from .plots import STUDY_DPI
 from .runner import Runner
 
 ENTROPY_COEFS = (0.03, 0.1, 0.3)
 ROUTER_LR_MULTS = (3.0, 10.0)
 BAR_FLOPS_RATIO = 0.5
-EXPERTS = 64
-
-SCALE = Scale(
-    name="sharpen",
-    family="cpu",
-    d_ff=CPU.d_ff,
-    model=CPU.model,
-    train={"train.max_steps": "1000", "train.batch_size": "8", "train.seq_len": "64", "train.lr": "2e-3",
-           "train.eval_every": "0", "train.save_every": "250", "train.log_every": "10", "train.eval_batches": "20"},
-    data={"data.val_fraction": "0.05", "data.test_fraction": "0.05"},
-    note="cpu-* family shrunk to d_model 128, FFN 512 (experts 64 x 64); 1,000 steps x 8 x 64 tokens, lr 2e-3",
-)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Arm:
-    """One training recipe of the study: a model (XMoE or top-k) and the options it turns on."""
-
-    name: str
-    router: str = "threshold"
-    option: str | None = None  # sharpen: "entropy" or "router_lr"; budget: "budget" or "reference"
-    overrides: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def variant(self) -> Variant:
-        return Variant(router=self.router, num_experts=EXPERTS)
-
 
 PAPER = Arm(name="paper")
 TOPK = Arm(name="topk", router="topk")
@@ -86,45 +57,9 @@ OPTION_ARMS = (
       for m in ROUTER_LR_MULTS),
 )
 ARMS = (PAPER, *OPTION_ARMS, TOPK)
-
-
-def spec(arm: Arm, seed: int, extra: dict[str, str]) -> RunSpec:
-    """The run of ``arm`` at ``seed``: the scale's family model, the arm's options, then ``extra``."""
-    base = run_spec(SCALE, arm.variant, seed, {})
-    return RunSpec(name=f"{arm.name}-s{seed}", label=arm.name, variant=arm.variant, seed=seed, preset=base.preset,
-                   overrides={**base.overrides, **arm.overrides, **extra})
-
-
 # What tells the arms apart, seeds apart and test from validation: the study sets these itself.
 FIXED = ("train.entropy_loss_coef", "train.router_lr_mult", "train.seed", "model.moe.router", "data.test_fraction",
          "data.val_fraction")
-
-
-def study_overrides(study: str, fixed: tuple[str, ...], *, steps: int | None, data: str | None,
-                    overrides: dict[str, str] | None) -> dict[str, str]:
-    """The user's overrides for every run of ``study`` (``steps``: train.max_steps, ``data``:
-    data.path); those that would undo its design (``fixed``) are refused."""
-    extra = dict(overrides or {})
-    refused = sorted(set(extra) & set(fixed))
-    if refused:
-        raise UsageError(f"xmoe study {study} sets {', '.join(refused)} itself (the arms, seeds and splits it "
-                         f"compares); drop {'it' if len(refused) == 1 else 'them'}")
-    if steps is not None:
-        check_counts("study", steps=steps)
-        extra["train.max_steps"] = str(steps)
-    if data is not None:
-        extra["data.path"] = str(data)
-    return extra
-
-
-def preflight(arms: tuple[Arm, ...], extra: dict[str, str], *, data: str | None) -> None:
-    """What a study checks before its first run: the corpus exists, the plots can be drawn, and
-    every arm's config builds (a bad override fails now, not an hour in)."""
-    if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
-    check_extra("study", "the study's plots")
-    for arm in arms:
-        spec(arm, 0, extra).config()
 
 
 def select(arms: list[Arm], measured: dict[str, dict]) -> Arm:
@@ -211,28 +146,6 @@ def _stage1(m: dict) -> dict:
     return {"val_perplexity": m["perplexity"], "experts_per_token": m["experts_per_token"],
             "moe_flops_ratio": m["moe_flops_ratio"],
             "top1_median": sum(m["top1_median_layers"]) / len(m["top1_median_layers"])}
-
-
-def settings(study: str, extra: dict[str, str], seeds: int) -> dict:
-    """What results.json says first: the study, its scale, corpus, the user's overrides and the seeds."""
-    return {"study": study, "scale_note": SCALE.note,
-            "data": extra.get("data.path", "default corpus (Python's reference docs and docstrings)"),
-            "overrides": {k: v for k, v in extra.items() if k != "data.path"}, "seeds": list(range(seeds))}
-
-
-def write_results(results: dict, out: Path, markdown: Callable[[dict], str],
-                  draw: Callable[[dict, Path], list[str]]) -> None:
-    """results.json and results.md, with the plots ``draw`` makes."""
-    results["plots"] = draw(results, out)
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", markdown(results))
-
-
-def heading(title: str, results: dict) -> list[str]:
-    """The first lines of results.md: the title, the scale, the seeds and the user's overrides."""
-    return [f"# {title}, {results['data']}", "",
-            f"{results['scale_note']}; seeds {results['seeds']}"
-            + (f"; overrides `{json.dumps(results['overrides'])}`" if results["overrides"] else "") + ".", ""]
 
 
 def markdown(results: dict) -> str:
