@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from xmoe.errors import UsageError, check_counts
 from xmoe.report.plots import figure, save
-from xmoe.training.compare import compute_matched_k
+from .compare import compute_matched_k
 
 from .aggregate import mean_std, spread_cell
 from .arms import EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
@@ -154,7 +154,7 @@ def measure_speeds(run_dirs: dict[str, Path], log: Callable[[str], None] = print
     """Training and inference tokens/s of each run's model, interleaved (compare.interleaved_speeds)
     on the first test batches; the load average is recorded beside them."""
     from xmoe.tasks.lm import eval_batches, load_lm
-    from xmoe.training.compare import interleaved_speeds
+    from .compare import interleaved_speeds
 
     loaded = {name: load_lm(d, device="cpu") for name, d in run_dirs.items()}
     batches = list(eval_batches(next(iter(loaded.values())), None, split="test", max_batches=SPEED_BATCHES))

@@ -38,7 +38,7 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
     ``data`` (None: Python's own docs) into ``out``, print the dial and the closing comparison;
     ``go_on``: the command that continues the demo if it is stopped; ``steps`` None: DEMO_STEPS."""
     from xmoe.tasks.lm import eval_batches, evaluate_lm, load_lm
-    from xmoe.training.compare import compute_matched_k, describe_comparison, interleaved_speeds
+    from .compare import compute_matched_k, describe_comparison, interleaved_speeds
     from xmoe.report import write_report
 
     steps = DEMO_STEPS if steps is None else steps
