@@ -546,7 +546,7 @@ def measure_decode(ctx: Context) -> Iterator[dict]:
         x = ctx.tokens(num_tokens, shape.model_dim)
         with torch.no_grad():
             calls = {"dense eager": lambda: dense(x)}
-            replay, _, dense_status = captured(lambda: cuda_graph(lambda: dense(x), ctx), ctx)
+            replay, _, _ = captured(lambda: cuda_graph(lambda: dense(x), ctx), ctx)
             if replay is not None:
                 calls["dense CUDA graph"] = replay
             graphs = {}
@@ -570,7 +570,7 @@ def decode_ffn(shape: decode_bench.DecodeShape) -> nn.Module:
 
 def decode_row(name: str, static: MoELayer, x: Tensor, ms: dict[str, float], graph: tuple, ctx: Context) -> dict:
     """One layer at one decode size: its times, the dense FFN's, and the graph's check."""
-    replay, got, status = graph
+    _, got, status = graph
     mine = {kind: ms[f"{name} {kind}"] for kind in ("eager", "eager static", "CUDA graph") if f"{name} {kind}" in ms}
     kept_TE = static.route(x).kept_TE
     row = {"tokens": x.shape[0], "layer": name, "experts_per_token": kept_TE.sum().item() / x.shape[0],
