@@ -70,6 +70,9 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
             return Checkpoint(str(path), "hub")
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist; train one with "
                               f"`xmoe train --out {path}` (a Hugging Face Hub id is written ORG/NAME)")
+    if folder.is_file():
+        raise CheckpointError(f"{path} is a file; a checkpoint is a folder: the run folder `xmoe train --out` "
+                              f"wrote, or a Hugging Face model's folder (the one holding this file: {folder.parent})")
     if any((candidate / "state.json").is_file()
            for candidate in (folder, folder / "checkpoint", folder / "checkpoint.previous")):
         return Checkpoint(str(path), "run")

@@ -4,6 +4,7 @@ and a command given the wrong kind names the command that takes it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,6 +60,14 @@ def test_a_folder_with_no_model_says_what_was_expected(folders):
     with pytest.raises(CheckpointError, match=r"expected .*checkpoint/state.json .* or a Hugging Face model's "
                                               r"config.json"):
         checkpoint_kind(folders["empty"])
+
+
+def test_a_file_is_refused_naming_its_folder(folders):
+    weights = folders["run"] / "checkpoint" / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a file; a checkpoint is a folder.*holding this "
+                                              + re.escape(f"file: {folders['run'] / 'checkpoint'})")):
+        checkpoint_kind(weights)
 
 
 @pytest.mark.parametrize("name, command, fix", [
