@@ -417,6 +417,22 @@ def test_the_demo_compares_a_budgeted_xmoe_at_its_trained_t_after_the_dial(corpu
     assert f"| {math.exp(total / count):.2f} |" in closing.splitlines()[4]
 
 
+def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_path, monkeypatch, capsys):
+    """`xmoe demo --preset debug-xmoe`: the demo's 128-token sequences are cut to the preset's
+    64-token context (they were refused: seq_len exceeds block_size, with no flag to fix it)."""
+    from xmoe.cli import main as cli
+    from xmoe.presets import get_preset
+    from xmoe.study import demo
+
+    small_demo(cli, monkeypatch, tmp_path)
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {k: v for k, v in demo.DEMO_TRAIN.items() if k != "train.seq_len"})
+    context = get_preset("debug-xmoe").block_size
+    assert context < demo.DEMO_SEQ_LEN
+    cli.main(["demo", "--steps", "1", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")])
+    for run in (tmp_path / "d").iterdir():
+        assert load_lm(run).cfg.train.seq_len == context
+
+
 def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):
     """A second `xmoe demo` on the same --out names --resume; --resume trains only what is
     missing (here a top-k model) and closes with every model."""
