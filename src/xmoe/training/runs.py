@@ -277,7 +277,6 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
             f"{saved_cfg.train.grad_accum} x {saved_world} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {world_size} rank(s)), so the batches would differ{hint}"
         )
-    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
     allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable)
     free = allowed | {"train.grad_accum", "model.vocab_size"}  # checked above; set by the data
     old, new = _flatten(to_dict(saved_cfg)), _flatten(to_dict(cfg))
@@ -288,6 +287,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(n + '*' if n.endswith('.') else n for n in sorted(allowed))}"
         )
+    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)  # only for a resume that runs
 
 
 def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
