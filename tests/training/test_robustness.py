@@ -257,6 +257,18 @@ def test_a_refused_resume_gives_no_schedule_warning_first(corpus, tmp_path):
             check_resumable(saved, changed, tmp_path, saved_state={"step": 2})
 
 
+def test_a_new_run_refuses_a_hugging_face_model_folder(corpus, tmp_path):
+    """`xmoe train --out hf/a` (an export) trained with the export's tokenizer.json and added a
+    checkpoint beside the model's files, after which commands took the folder for a run."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "xmoe"}')
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds a Hugging Face model .* choose another --out"):
+        train_lm(tiny_config(corpus, tmp_path), folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
+
+
 def test_sigterm_while_starting_cleans_up_like_a_failed_start(corpus, tmp_path, monkeypatch):
     """Item 5 with a signal: SIGTERM while the data is prepared (a tokenizer already written)
     used to end the process at once, leaving the tokenizer for the next run to reuse."""

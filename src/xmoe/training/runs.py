@@ -258,6 +258,11 @@ def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
         )
+    if (run_dir / "config.json").is_file():  # export-hf, convert or save_pretrained wrote it
+        raise FileExistsError(
+            f"{run_dir} holds a Hugging Face model (config.json): a new run would put its files among the model's "
+            f"and train with the model's tokenizer; choose another --out"
+        )
     return None
 
 
