@@ -321,6 +321,14 @@ def test_bad_device_and_flag_without_value_are_clear(capsys):
     assert "argument --train.compile: expected one argument" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a GPU this torch does not see")
+def test_a_training_device_without_a_gpu_names_the_train_flag(corpus, tmp_path):
+    """The run's device is --train.device; the message told a user of `xmoe train` to use --device."""
+    cfg = tiny_lm_config(corpus, tmp_path, device="cuda")
+    with pytest.raises(UsageError, match=r"--train.device=cuda: this torch sees no CUDA GPU; use --train.device=cpu"):
+        train_lm(cfg, tmp_path / "run", progress=False)
+
+
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""
