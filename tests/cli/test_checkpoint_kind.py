@@ -62,6 +62,22 @@ def test_a_folder_with_no_model_says_what_was_expected(folders):
         checkpoint_kind(folders["empty"])
 
 
+def test_a_folder_of_runs_names_them(tmp_path):
+    """`xmoe eval --checkpoint runs/demo` and `xmoe report runs/demo`: the demo's runs are one
+    level down (runs/demo/xmoe, runs/demo/top2); the messages name them."""
+    from xmoe.training.metrics import read_rows
+
+    demo = tmp_path / "demo"
+    for name in ("xmoe", "top2"):
+        _write(demo / name / "checkpoint", "state.json", {"step": 3})
+    (demo / "notes").mkdir()
+    named = re.escape(f"it holds runs one level down: {demo / 'top2'}, {demo / 'xmoe'}: give one of them")
+    with pytest.raises(CheckpointError, match=named):
+        checkpoint_kind(demo)
+    with pytest.raises(FileNotFoundError, match=named):
+        read_rows(demo / "metrics.jsonl")
+
+
 def test_a_file_is_refused_naming_its_folder(folders):
     weights = folders["run"] / "checkpoint" / "model.safetensors"
     weights.write_bytes(b"")
