@@ -70,6 +70,9 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
             return Checkpoint(str(path), "hub")
         raise CheckpointError(f"no checkpoint at {path}: the folder does not exist; train one with "
                               f"`xmoe train --out {path}` (a Hugging Face Hub id is written ORG/NAME)")
+    if folder.is_file():
+        raise CheckpointError(f"{path} is a file; a checkpoint is a folder: the run folder `xmoe train --out` "
+                              f"wrote, or a Hugging Face model's folder (the one holding this file: {folder.parent})")
     if any((candidate / "state.json").is_file()
            for candidate in (folder, folder / "checkpoint", folder / "checkpoint.previous")):
         return Checkpoint(str(path), "run")
@@ -78,11 +81,23 @@ def checkpoint_kind(path: str | os.PathLike) -> Checkpoint:
     config = hugging_face_config(folder)
     if config is None:
         raise CheckpointError(f"no checkpoint in {path}: expected {path}/checkpoint/state.json (written by "
-                              f"`xmoe train`) or a Hugging Face model's config.json")
+                              f"`xmoe train`) or a Hugging Face model's config.json{runs_inside_hint(folder)}")
     text_config = config.get("text_config") or {}  # multimodal checkpoints (Gemma-4, Qwen3.5-MoE)
     moe = config.get("model_type") in XMOE_MODEL_TYPES or any(
         config.get(field) or text_config.get(field) for field in _MOE_FIELDS)
     return Checkpoint(str(path), "hf" if moe else "hf-dense", config.get("model_type"))
+
+
+def runs_inside_hint(folder: str | os.PathLike) -> str:
+    """"; it holds runs one level down: A, B: give one of them" where ``folder`` is no run but
+    its subfolders are (`xmoe demo --out runs/demo` trains runs/demo/xmoe and runs/demo/topK),
+    else ""."""
+    try:
+        runs = sorted(str(child) for child in Path(folder).iterdir()
+                      if (child / "checkpoint" / "state.json").is_file())
+    except OSError:
+        return ""
+    return f"; it holds runs one level down: {', '.join(runs)}: give one of them" if runs else ""
 
 
 def hugging_face_config(folder: str | os.PathLike) -> dict[str, Any] | None:

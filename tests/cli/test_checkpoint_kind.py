@@ -4,6 +4,7 @@ and a command given the wrong kind names the command that takes it."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,6 +60,30 @@ def test_a_folder_with_no_model_says_what_was_expected(folders):
     with pytest.raises(CheckpointError, match=r"expected .*checkpoint/state.json .* or a Hugging Face model's "
                                               r"config.json"):
         checkpoint_kind(folders["empty"])
+
+
+def test_a_folder_of_runs_names_them(tmp_path):
+    """`xmoe eval --checkpoint runs/demo` and `xmoe report runs/demo`: the demo's runs are one
+    level down (runs/demo/xmoe, runs/demo/top2); the messages name them."""
+    from xmoe.training.metrics import read_rows
+
+    demo = tmp_path / "demo"
+    for name in ("xmoe", "top2"):
+        _write(demo / name / "checkpoint", "state.json", {"step": 3})
+    (demo / "notes").mkdir()
+    named = re.escape(f"it holds runs one level down: {demo / 'top2'}, {demo / 'xmoe'}: give one of them")
+    with pytest.raises(CheckpointError, match=named):
+        checkpoint_kind(demo)
+    with pytest.raises(FileNotFoundError, match=named):
+        read_rows(demo / "metrics.jsonl")
+
+
+def test_a_file_is_refused_naming_its_folder(folders):
+    weights = folders["run"] / "checkpoint" / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a file; a checkpoint is a folder.*holding this "
+                                              + re.escape(f"file: {folders['run'] / 'checkpoint'})")):
+        checkpoint_kind(weights)
 
 
 @pytest.mark.parametrize("name, command, fix", [

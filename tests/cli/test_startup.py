@@ -49,6 +49,9 @@ def test_the_command_table_and_help_import_no_heavy_module() -> None:
     assert _heavy(probe["help"]) == [], "xmoe --help"
     for command in ("train", "sweep-threshold", "study", "presets", "bench"):  # the help lists every command
         assert command in probe["printed"]
+    # examples for a user, not the module's notes for its developers (it printed "add_signature")
+    examples = probe["printed"].split("examples:\n", 1)[1]
+    assert "xmoe demo" in examples and "add_signature" not in probe["printed"] and "xmoe.cli" not in examples
 
 
 def test_presets_imports_no_heavy_module() -> None:

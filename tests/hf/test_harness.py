@@ -81,6 +81,22 @@ def test_an_unknown_task_is_named(task_and_tokenizer) -> None:
         run_tasks(model, tokenizer, ["no_such_task"], [0.5])
 
 
+def test_a_task_whose_data_cannot_be_downloaded_says_so(task_and_tokenizer, tmp_path, monkeypatch) -> None:
+    """Offline, a registry task's data set is a ConnectionError deep inside `datasets`: it is a
+    UsageError naming the task and what to do."""
+    datasets_config = pytest.importorskip("datasets.config")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)  # fails at once, as with no network
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "remote.yaml").write_text(
+        "task: xmoe_remote_task\ndataset_path: xmoe-tests/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n")
+    _root, tokenizer = task_and_tokenizer
+    model = tiny_family("olmoe", vocab_size=len(tokenizer))
+    with pytest.raises(UsageError, match="xmoe_remote_task: the harness could not download.*--include-path"):
+        run_tasks(model, tokenizer, ["xmoe_remote_task"], [], include_path=tmp_path)
+
+
 def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and_tokenizer, tmp_path, capsys):
     root, tokenizer = task_and_tokenizer
     moe = MoEConfig(model_dim=32, num_experts=8, expert_dim=16, router="threshold", threshold=0.9, top_k=2)

@@ -91,6 +91,23 @@ def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "other"]  # no temporary folder left behind
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),  # transformers sampled with it
+    (["--top-k", "0"], "top_k must be a positive integer"),  # transformers took 0 as no top-k
+    (["--top-k", "-3"], "top_k must be a positive integer"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),  # transformers: a traceback
+])
+def test_generate_refuses_a_bad_sampling_setting_alike_on_a_run_and_its_export(runs, tmp_path, capsys, flags,
+                                                                             message):
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    for checkpoint in (runs / "debug-xmoe", out):
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "--checkpoint", str(checkpoint), "--prompt", "the", *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_failure_while_writing_keeps_the_earlier_export(runs, tmp_path, capsys, monkeypatch):
     from xmoe.hf import XMoEForCausalLM
 

@@ -73,7 +73,7 @@ def test_a_folder_with_an_unsupported_moe_is_named(tmp_path, capsys):
         assert "'granitemoe'" in err and "olmoe, flex_olmo, qwen2_moe, qwen3_moe" in err
 
 
-@pytest.mark.parametrize("kind", ["a Hugging Face model folder", "a converted Hugging Face model"])
+@pytest.mark.parametrize("kind", ["a Hugging Face MoE model", "a converted Hugging Face model"])
 def test_folder_commands_need_text_and_take_no_capacity(kind) -> None:
     """eval / sweep-threshold on either kind of Hugging Face folder: one clear line each."""
     from xmoe.cli.hf import check_folder_args
@@ -83,6 +83,15 @@ def test_folder_commands_need_text_and_take_no_capacity(kind) -> None:
     with pytest.raises(ValueError, match=f"--capacity: {kind} is evaluated dropless"):
         check_folder_args("m", "t.txt", True, kind)
     check_folder_args("m", "t.txt", False, kind)
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep-threshold"])
+def test_a_hub_id_without_text_is_called_a_hub_id(command, tmp_path, capsys, monkeypatch) -> None:
+    """ORG/NAME that is no local folder is named a Hub id (not a folder) when --data is missing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main([command, "--checkpoint", "org/some-moe"])
+    assert "org/some-moe is a Hugging Face Hub id, which brings no evaluation text" in capsys.readouterr().err
 
 
 def test_a_hub_id_is_handed_to_transformers(olmoe_folder, tmp_path, capsys, monkeypatch):

@@ -46,6 +46,13 @@ def one_error_line(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
+def test_train_mt_without_its_files_names_the_flags_that_give_them(tmp_path, capsys):
+    """It named --src and --tgt, which `xmoe train-mt` does not take."""
+    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", "--out", str(tmp_path / "run")])
+    assert "(--data.src=FILE --data.tgt=FILE)" in line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", [["eval"], ["sweep-threshold"], ["generate", "--prompt", "sun"]])
 def test_lm_commands_on_a_translation_run_say_which_command_to_use(runs, capsys, command):
     """Item 13: not "unknown config keys for LMRunConfig: decode, ..."."""

@@ -137,8 +137,10 @@ def test_a_run_interrupted_after_training_is_only_measured(study, monkeypatch, c
 
 def test_a_finished_run_with_another_config_is_refused(study, corpus):
     out, _, _ = study
+    logs = []
     with pytest.raises(ValueError, match="holds a finished run with another config"):
-        run_study("granularity", scale="debug", data=str(corpus), out=out, steps=STEPS + 1, log=lambda s: None)
+        run_study("granularity", scale="debug", data=str(corpus), out=out, steps=STEPS + 1, log=logs.append)
+    assert not any("skipped" in line for line in logs)  # it said "finished before, skipped" first
 
 
 def test_cli_runs_the_study(study, corpus, capsys):

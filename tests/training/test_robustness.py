@@ -240,6 +240,35 @@ def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, t
     assert not stale.exists() and not half_tokenizer.exists()
 
 
+def test_a_refused_resume_gives_no_schedule_warning_first(corpus, tmp_path):
+    """A resume that changes train.lr is refused; the warning that a larger max_steps moves the
+    schedule was printed before that refusal, about a run that never continued."""
+    import warnings
+
+    from xmoe.errors import UsageError
+    from xmoe.training import apply_overrides
+    from xmoe.training.runs import check_resumable
+
+    saved = tiny_config(corpus, tmp_path, max_steps=2)
+    changed = apply_overrides(saved, {"train.max_steps": "4", "train.lr": "1e-2"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UsageError, match="these may not change: train.lr"):
+            check_resumable(saved, changed, tmp_path, saved_state={"step": 2})
+
+
+def test_a_new_run_refuses_a_hugging_face_model_folder(corpus, tmp_path):
+    """`xmoe train --out hf/a` (an export) trained with the export's tokenizer.json and added a
+    checkpoint beside the model's files, after which commands took the folder for a run."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "xmoe"}')
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds a Hugging Face model .* choose another --out"):
+        train_lm(tiny_config(corpus, tmp_path), folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
+
+
 def test_sigterm_while_starting_cleans_up_like_a_failed_start(corpus, tmp_path, monkeypatch):
     """Item 5 with a signal: SIGTERM while the data is prepared (a tokenizer already written)
     used to end the process at once, leaving the tokenizer for the next run to reuse."""

@@ -321,6 +321,14 @@ def test_bad_device_and_flag_without_value_are_clear(capsys):
     assert "argument --train.compile: expected one argument" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a GPU this torch does not see")
+def test_a_training_device_without_a_gpu_names_the_train_flag(corpus, tmp_path):
+    """The run's device is --train.device; the message told a user of `xmoe train` to use --device."""
+    cfg = tiny_lm_config(corpus, tmp_path, device="cuda")
+    with pytest.raises(UsageError, match=r"--train.device=cuda: this torch sees no CUDA GPU; use --train.device=cpu"):
+        train_lm(cfg, tmp_path / "run", progress=False)
+
+
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""
@@ -415,6 +423,22 @@ def test_the_demo_compares_a_budgeted_xmoe_at_its_trained_t_after_the_dial(corpu
     assert f"t trained to {sum(trained) / len(trained):.3f}" in closing
     total, count = cross_entropy_by_hand(xmoe.model, list(eval_batches(xmoe, None, max_batches=2)))
     assert f"| {math.exp(total / count):.2f} |" in closing.splitlines()[4]
+
+
+def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_path, monkeypatch, capsys):
+    """`xmoe demo --preset debug-xmoe`: the demo's 128-token sequences are cut to the preset's
+    64-token context (they were refused: seq_len exceeds block_size, with no flag to fix it)."""
+    from xmoe.cli import main as cli
+    from xmoe.presets import get_preset
+    from xmoe.study import demo
+
+    small_demo(cli, monkeypatch, tmp_path)
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {k: v for k, v in demo.DEMO_TRAIN.items() if k != "train.seq_len"})
+    context = get_preset("debug-xmoe").block_size
+    assert context < demo.DEMO_SEQ_LEN
+    cli.main(["demo", "--steps", "1", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")])
+    for run in (tmp_path / "d").iterdir():
+        assert load_lm(run).cfg.train.seq_len == context
 
 
 def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):

@@ -75,7 +75,7 @@ def evaluate(checkpoint, *, data: str | None, max_batches: int | None, capacity:
     """`xmoe eval` on ``checkpoint``, a Hugging Face folder or Hub id (xmoe.checkpoint_kind)."""
     from xmoe.hf.folders import measure, set_dial
 
-    check_folder_args(checkpoint.path, data, capacity)
+    check_folder_args(checkpoint.path, data, capacity, checkpoint.what)
     model, batches = _open_with_text(checkpoint, data, max_batches, device)
     routing = set_dial(model, threshold, max_experts)
     point = dataclasses.replace(measure(model, batches), threshold=threshold, routing=routing)
@@ -94,7 +94,7 @@ def sweep_threshold(checkpoint, *, data: str | None, max_batches: int | None, ca
     from xmoe.sweep import sweep, threshold_dial, write_sweep
 
     converted = checkpoint.kind == "converted"
-    kind = "a converted Hugging Face model" if converted else "a Hugging Face model folder"
+    kind = checkpoint.what
     check_folder_args(checkpoint.path, data, capacity, kind)
     if converted:
         refuse_max_experts(checkpoint.path, max_experts, kind)
@@ -144,9 +144,8 @@ def generate(checkpoint, *, prompt: str, max_new_tokens: int, temperature: float
     print(tokenizer.decode(out[0].tolist()))
 
 
-def check_folder_args(checkpoint: str, data: str | None, capacity: bool,
-                      kind: str = "a Hugging Face model folder") -> None:
-    """eval / sweep-threshold on a Hugging Face folder (``kind`` names it): text must be given
+def check_folder_args(checkpoint: str, data: str | None, capacity: bool, kind: str) -> None:
+    """eval / sweep-threshold on a Hugging Face folder or Hub id (``kind`` names it): text must be given
     and there is no training capacity to turn on."""
     if data is None:
         raise UsageError(f"{checkpoint} is {kind}, which brings no evaluation text: "

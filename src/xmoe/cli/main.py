@@ -1,26 +1,12 @@
 """`xmoe <command>`: the command table, and how a command line becomes a call. Each command is a
 typed function (xmoe.cli.lm, .mt, .hf, .convert, .study) whose signature is its flags
-(add_signature); the work lives in the library.
+(add_signature); the work lives in the library. What `xmoe --help` shows after the commands is
+EXAMPLES.
 
-    xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
-    xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
-    xmoe train --nproc 2 --ep-size 2 ...        the same on 2 processes, experts split over them (torchrun)
-    xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
-    xmoe sweep-threshold --checkpoint runs/a [--thresholds 0.5 0.7 0.9 1.0]
-    xmoe generate --checkpoint runs/a --prompt "def "
-    xmoe report runs/a
-    xmoe convert --checkpoint runs/dense --experts 8 --out runs/dense-x8 [--partition clustered]
-    xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (see xmoe.cli.hf)
-    xmoe lm-eval --checkpoint hf/a --tasks hellaswag   harness tasks at each threshold (xmoe.hf.harness)
-    xmoe presets
-    xmoe train-mt / translate / eval-mt         translation (see xmoe.cli.mt)
-    xmoe bench layer / decode
-
-`train`, `train-mt` and `study` take every field of the run config as a dotted flag
-(--train.max_steps=200, --model.moe.threshold=0.8; xmoe.training.config reads each value as its
-field's type), and nothing else sets those fields: one spelling per setting.
-A mistake the user can fix (xmoe.UsageError, a checkpoint or file that is not there) is one line
-and exit status 2; anything else is a bug and keeps its traceback.
+`train`, `train-mt` and `study` take every field of the run config as a dotted flag, read by
+xmoe.training.config as its field's type, and nothing else sets those fields: one spelling per
+setting. A mistake the user can fix (xmoe.UsageError, a checkpoint or file that is not there) is
+one line and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -94,11 +80,30 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+EXAMPLES = """examples:
+    xmoe demo                                   the main job: XMoE and top-k trained, compared (CPU, minutes)
+    xmoe train --preset cpu-xmoe-64x128 --out runs/a [--data.path=PATH] [--resume] [--train.max_steps=200 ...]
+    xmoe train --nproc 2 --ep-size 2 ...        the same on 2 processes, experts split over them (torchrun)
+    xmoe eval --checkpoint runs/a [--data PATH] [--threshold 0.7] [--capacity]
+    xmoe sweep-threshold --checkpoint runs/a [--thresholds 0.5 0.7 0.9 1.0]
+    xmoe generate --checkpoint runs/a --prompt "def "
+    xmoe report runs/a
+    xmoe convert --checkpoint runs/dense --experts 8 --out runs/dense-x8 [--partition clustered]
+    xmoe export-hf --checkpoint runs/a --out hf/a   a Hugging Face folder (AutoModelForCausalLM)
+    xmoe lm-eval --checkpoint hf/a --tasks hellaswag   lm-evaluation-harness tasks at each threshold
+    xmoe presets
+    xmoe train-mt / translate / eval-mt         translation
+    xmoe bench layer / decode
+
+`train`, `train-mt` and `study` take every field of the run config as a dotted flag
+(--train.max_steps=200, --model.moe.threshold=0.8; `xmoe train --help` lists them).
+"""
+
 def build_parser() -> argparse.ArgumentParser:
     """The `xmoe` parser, from COMMANDS. Building it imports nothing heavy: a command's run-config
     flags, choices and benchmark flags are added when that command is used (CommandParser)."""
     parser = argparse.ArgumentParser(prog="xmoe", description="XMoE: sparse MoE with a threshold router",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     groups: dict[str, argparse._SubParsersAction] = {}
     for name, command in COMMANDS.items():

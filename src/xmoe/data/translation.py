@@ -285,7 +285,8 @@ def prepare_translation_data(cfg: TranslationDataConfig, run_dir: str | os.PathL
     """Read and split the pairs, train the joint vocabulary on the training pairs (or, with
     ``reuse_vocab``, load RUN/spm.model, which must exist: a resume), encode and filter."""
     if cfg.src is None or cfg.tgt is None:
-        raise UsageError("data.src and data.tgt are required: the parallel training files (--src, --tgt)")
+        raise UsageError("data.src and data.tgt are required: the parallel training files "
+                         "(--data.src=FILE --data.tgt=FILE)")
     src, tgt = read_sentence_pairs(cfg.src, cfg.tgt)
     paths = [cfg.src, cfg.tgt]
     if cfg.valid_src is not None:

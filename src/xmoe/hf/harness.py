@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], thresholds: Seq
     points, results = [], []
     for threshold in [None, *thresholds]:
         routing = set_dial(model, threshold, max_experts if threshold is not None else None)
-        with torch.no_grad(), count_experts(model) as counts:
+        with torch.no_grad(), count_experts(model) as counts, _task_data_reachable(tasks):
             result = simple_evaluate(model=harness_model, tasks=list(tasks), task_manager=task_manager,
                                      limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
         scores = {task: _metrics(values) for task, values in result["results"].items()}
@@ -94,6 +95,18 @@ def run_tasks(model: nn.Module, tokenizer, tasks: Sequence[str], thresholds: Seq
                                 moe_flops_per_token=mean * layers * flops_per_pair, scores=scores))
         results.append(result)
     return points, results
+
+
+@contextmanager
+def _task_data_reachable(tasks: Sequence[str]):
+    """A task whose data set is not cached and cannot be downloaded (no network, or HF_HUB_OFFLINE)
+    as a UsageError: the harness's `datasets` raises ConnectionError, deep in its own stack."""
+    try:
+        yield
+    except ConnectionError as error:
+        raise UsageError(f"--tasks {' '.join(tasks)}: the harness could not download a task's data set ({error}); "
+                         "run it once where the Hugging Face Hub is reachable (the data is then cached), or write "
+                         "a task whose data is a local file and pass its folder with --include-path") from error
 
 
 def _metrics(values: dict) -> dict[str, float]:

@@ -178,7 +178,7 @@ class GPT(nn.Module):
         ``temperature == 0`` is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the
         smallest set whose probability reaches top_p (nucleus sampling).
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         if idx_BL.ndim != 2 or idx_BL.shape[1] == 0:
             raise UsageError(f"generate needs a [B, L] prompt with L >= 1, got shape {tuple(idx_BL.shape)}")
         if any(layer.router.dial.eval_capacity_factor is not None for layer in self.moe_layers()):
@@ -206,7 +206,9 @@ class GPT(nn.Module):
         return idx_BL
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuses a setting generate cannot sample with (xmoe generate checks it for every kind of
+    model, before loading one: transformers' own checks are tracebacks, and some let top_p > 1 pass)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):

@@ -27,8 +27,8 @@ from .runner import Runner
 # --paper-recipe trains the paper's fixed t = 0.9): see docs/results.md, "At the same compute".
 DEMO_BUDGET = 2.0
 DEMO_STEPS = 200  # per model: XMoE and its one or two compute-matched top-k models fit about 5 minutes
-DEMO_TRAIN = {"train.batch_size": "8", "train.seq_len": "128", "train.eval_every": "100",
-              "train.save_every": "100", "train.lr": "2e-3"}
+DEMO_SEQ_LEN = 128  # tokens per sequence, or the preset's context where it is shorter (debug-xmoe: 64)
+DEMO_TRAIN = {"train.batch_size": "8", "train.eval_every": "100", "train.save_every": "100", "train.lr": "2e-3"}
 SPEED_BATCHES = 4  # validation batches the closing speed columns are measured on
 
 
@@ -37,7 +37,7 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
     """Train XMoE (``preset``) and its compute-matched top-k baselines for ``steps`` steps each on
     ``data`` (None: Python's own docs) into ``out``, print the dial and the closing comparison;
     ``go_on``: the command that continues the demo if it is stopped; ``steps`` None: DEMO_STEPS."""
-    from xmoe.tasks.lm import eval_batches, evaluate_lm, load_lm
+    from xmoe.tasks.lm import eval_batches, evaluate_lm, lm_run_config, load_lm
     from .compare import compute_matched_k, describe_comparison, interleaved_speeds
     from xmoe.report import write_report
 
@@ -48,7 +48,9 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
     if not resume and (out / "xmoe" / "checkpoint").exists():
         raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
                          f"(or delete {out})")
-    common = {"train.max_steps": str(steps), **DEMO_TRAIN, **({} if data is None else {"data.path": data})}
+    seq_len = min(DEMO_SEQ_LEN, lm_run_config(preset).model.block_size)
+    common = {"train.max_steps": str(steps), "train.seq_len": str(seq_len), **DEMO_TRAIN,
+              **({} if data is None else {"data.path": data})}
     budget = {} if paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
     xmoe_run = RunSpec(name="xmoe", preset=preset, overrides={**common, **budget})
     xmoe_cfg = xmoe_run.config()

@@ -83,8 +83,9 @@ class Runner:
         only checked against ``spec`` and read back. ``position``: "[i/n] " for the log."""
         run_dir = self.run_dir(spec)
         if is_finished(run_dir):
+            measured = read_measurements(spec.config(), run_dir)  # refuses a run of another config
             self.log(f"{position}{spec.name}: finished before, skipped")
-            return read_measurements(spec.config(), run_dir)
+            return measured
         self.log(f"{position}{spec.name}: training ({self.elapsed()} since start)")
         load, t0 = os.getloadavg()[0], time.perf_counter()
         resumed_at = self.train(spec)

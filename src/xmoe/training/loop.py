@@ -73,15 +73,17 @@ class TrainResult:
     signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if any
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device ``name`` ("auto": CUDA if this torch sees a GPU, else CPU) names; a
+    mistake is a UsageError naming ``flag``, the setting that gave it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"{flag}={name}: not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu or auto")
+        raise UsageError(f"{flag}={name}: this torch sees no CUDA GPU; use {flag}=cpu or {flag}=auto")
     return device
 
 
@@ -106,7 +108,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, *
     """
     run_dir = Path(run_dir)
     ranks = ranks or SingleProcess()
-    device = ranks.device or resolve_device(cfg.device)
+    device = ranks.device or resolve_device(cfg.device, flag="--train.device")
     model.to(device)
     ranks.shard(model, DataParallelConfig(impl=cfg.dp_impl, reshard_after_forward=cfg.reshard_after_forward,
                                        mixed_precision=device.type == "cuda" and _bf16(device, cfg.precision)))

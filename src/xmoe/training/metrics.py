@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from xmoe.checkpoint_kind import runs_inside_hint
 from xmoe.errors import UsageError
 
 METRICS_FILE = "metrics.jsonl"
@@ -88,7 +89,8 @@ def routing_summary(layers: Sequence, flops_per_token: float, topk_flops_per_tok
 def read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; errors name the file (and the line) and say what to do."""
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}; give the folder `xmoe train --out` wrote")
+        raise FileNotFoundError(f"no metrics file at {path}; give the folder `xmoe train --out` wrote"
+                                f"{runs_inside_hint(path.parent)}")
     rows = read_metrics(path)
     if not rows:
         raise UsageError(f"{path} has no rows; the run logged nothing yet (train at least one step)")

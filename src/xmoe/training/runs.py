@@ -258,6 +258,11 @@ def begin_run(run_dir: Path, *, resume: bool) -> dict | None:
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out"
         )
+    if (run_dir / "config.json").is_file():  # export-hf, convert or save_pretrained wrote it
+        raise FileExistsError(
+            f"{run_dir} holds a Hugging Face model (config.json): a new run would put its files among the model's "
+            f"and train with the model's tokenizer; choose another --out"
+        )
     return None
 
 
@@ -277,7 +282,6 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
             f"{saved_cfg.train.grad_accum} x {saved_world} rank(s)); this run would take {micro} "
             f"(train.grad_accum={cfg.train.grad_accum} x {world_size} rank(s)), so the batches would differ{hint}"
         )
-    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)
     allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS} | set(also_resumable)
     free = allowed | {"train.grad_accum", "model.vocab_size"}  # checked above; set by the data
     old, new = _flatten(to_dict(saved_cfg)), _flatten(to_dict(cfg))
@@ -288,6 +292,7 @@ def check_resumable(saved_cfg, cfg, run_dir: Path, *, saved_state: dict, world_s
             f"--resume continues {run_dir} exactly, so these may not change: {', '.join(changed)}; "
             f"a resume may change only {', '.join(n + '*' if n.endswith('.') else n for n in sorted(allowed))}"
         )
+    _warn_if_schedule_moves(saved_cfg.train, cfg.train, saved_state["step"], run_dir)  # only for a resume that runs
 
 
 def _warn_if_schedule_moves(saved, new, step: int, run_dir: Path) -> None:
