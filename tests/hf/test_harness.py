@@ -119,6 +119,26 @@ def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and
     assert tf.AutoConfig.from_pretrained(folder).moe_threshold == 0.9  # the folder is untouched
 
 
+def test_lm_eval_on_the_export_of_a_converted_gpt2(task_and_tokenizer, tmp_path, capsys):
+    """`xmoe convert` a GPT-2, `xmoe export-hf` it, `xmoe lm-eval` the folder: an
+    XMoEConvertedForCausalLM, which had no moe_layers() (an AttributeError at the first point)."""
+    from xmoe.conversion import ConversionConfig, RouterFitConfig
+    from xmoe.conversion.hf import convert_hf, save_converted
+
+    root, tokenizer = task_and_tokenizer
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2,
+                                            n_head=2, n_inner=64)).eval()
+    convert_hf(gpt2, torch.randint(len(tokenizer), (4, 16)),
+               ConversionConfig(num_experts=4, threshold=0.8, router=RouterFitConfig(steps=5)))
+    save_converted(gpt2, tmp_path / "converted", tokenizer=tokenizer)
+    run(["export-hf", "--checkpoint", str(tmp_path / "converted"), "--out", str(tmp_path / "hf")], capsys)
+    run(["lm-eval", "--checkpoint", str(tmp_path / "hf"), "--tasks", TASK, "--include-path", str(root),
+         "--thresholds", "1.0", "--out", str(tmp_path / "scores")], capsys)
+    at_one = json.loads((tmp_path / "scores" / "lm_eval.json").read_text())[1]
+    # t = 1: all 4 experts of width 64 / 4 = 16; GPT-2's FFN is 2 matrices of 32 x 16; 2 layers
+    assert at_one["experts_per_token"] == 4.0 and at_one["moe_flops_per_token"] == 4 * 2 * (2 * 2 * 32 * 16)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_flops_of_every_family(family) -> None:
     """2 FLOPs per multiply-add over gate, up and down projections: 2 x 3 x hidden x expert width."""
