@@ -441,6 +441,26 @@ def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_pa
         assert load_lm(run).cfg.train.seq_len == context
 
 
+def test_a_demo_resumed_with_other_flags_is_refused_and_a_top_k_preset_named(corpus, tmp_path, monkeypatch, capsys):
+    """`xmoe demo --resume` without the flags the demo started with planned other runs and took
+    the trained ones as its own ("trained before (1 steps)", "64 experts" of another preset);
+    a top-k preset was refused for its target_experts instead of as no XMoE preset."""
+    from xmoe.cli import main as cli
+
+    small_demo(cli, monkeypatch, tmp_path)
+    argv = ["demo", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")]
+    cli.main([*argv, "--steps", "2"])
+    capsys.readouterr()
+    top_k = ["demo", "--preset", "debug-topk", "--out", str(tmp_path / "t")]
+    for again in ([*argv, "--steps", "1", "--resume"], top_k):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(again)
+        assert refused.value.code == 2
+    first, second = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert "d/xmoe holds a run with another config than this demo plans (other --preset, --steps" in first
+    assert "--preset debug-topk is not an XMoE preset" in second
+
+
 def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):
     """A second `xmoe demo` on the same --out names --resume; --resume trains only what is
     missing (here a top-k model) and closes with every model."""
