@@ -53,6 +53,17 @@ def test_train_mt_without_its_files_names_the_flags_that_give_them(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_mt_writes_hypotheses_into_a_new_folder_and_refuses_a_folder_as_the_file(runs, tmp_path, capsys):
+    """--hyp-out in a folder that did not exist failed after the decoding, losing the scores."""
+    vsrc, vtgt = runs["valid"]
+    argv = ["eval-mt", "--checkpoint", str(runs["mt"]), "--src", vsrc, "--ref", vtgt, "--json"]
+    main([*argv, "--hyp-out", str(tmp_path / "new" / "hyp.txt")])
+    assert "bleu" in json.loads(capsys.readouterr().out)
+    assert len((tmp_path / "new" / "hyp.txt").read_text().splitlines()) == len(open(vsrc).read().splitlines())
+    line = one_error_line(capsys, [*argv, "--hyp-out", str(tmp_path)])
+    assert f"--hyp-out {tmp_path} is a folder" in line
+
+
 @pytest.mark.parametrize("command", [["eval"], ["sweep-threshold"], ["generate", "--prompt", "sun"]])
 def test_lm_commands_on_a_translation_run_say_which_command_to_use(runs, capsys, command):
     """Item 13: not "unknown config keys for LMRunConfig: decode, ..."."""
