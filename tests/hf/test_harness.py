@@ -14,6 +14,7 @@ import transformers as tf
 from helpers.cli import run_cli as run
 from helpers.data import write_corpus
 from helpers.hf import FAMILIES, WORDS, byte_level_tokenizer, tiny_family
+from xmoe.cli.main import main
 from xmoe.errors import UsageError
 from xmoe.hf import XMoEConfig, XMoEForCausalLM, adaptive
 from xmoe.hf.harness import expert_flops, run_tasks
@@ -95,6 +96,17 @@ def test_a_task_whose_data_cannot_be_downloaded_says_so(task_and_tokenizer, tmp_
     model = tiny_family("olmoe", vocab_size=len(tokenizer))
     with pytest.raises(UsageError, match="xmoe_remote_task: the harness could not download.*--include-path"):
         run_tasks(model, tokenizer, ["xmoe_remote_task"], [], include_path=tmp_path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--thresholds", "0.5", "0"], "--thresholds 0: threshold must be a number > 0"),  # a traceback after a point
+    (["--batch-size", "0"], "--batch-size must be a positive number of sequences, got 0"),  # was accepted
+    (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more examples, got -1"),  # was accepted
+])
+def test_lm_eval_checks_its_flags_before_loading(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lm-eval", "--checkpoint", str(tmp_path / "no-model-needed"), "--tasks", TASK, *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and_tokenizer, tmp_path, capsys):

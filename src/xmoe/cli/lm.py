@@ -215,7 +215,7 @@ def sweep_threshold(*, checkpoint: str, data: str | None = None, max_batches: in
     from xmoe.cli import hf
 
     _check_max_batches(max_batches)
-    _check_thresholds(thresholds)
+    hf.check_thresholds(thresholds)
     opened = _open(checkpoint, "sweep-threshold", takes=("run", "converted", "hf", "hub"))
     if opened.kind == "converted" or opened.is_hugging_face:
         return hf.sweep_threshold(opened, data=data, max_batches=max_batches, capacity=capacity, device=device,
@@ -234,18 +234,6 @@ def _check_max_batches(max_batches: int | None) -> None:
     """--max-batches, checked before loading (a Hugging Face folder took 0 for its default of 8)."""
     if max_batches is not None and max_batches < 1:
         raise UsageError(f"--max-batches must be a positive number of batches, got {max_batches}")
-
-
-def _check_thresholds(thresholds: list[float]) -> None:
-    """--thresholds, each checked before loading (a bad one late in the list stopped the sweep
-    after the points before it, and was named --threshold)."""
-    from xmoe.moe.config import check_threshold
-
-    for threshold in thresholds:
-        try:
-            check_threshold(threshold)
-        except ValueError as err:
-            raise UsageError(f"--thresholds {threshold:g}: {err}") from None
 
 
 def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
