@@ -96,6 +96,17 @@ def test_a_cuda_device_without_a_gpu_is_a_usage_error() -> None:
         bench.run(bench_args(["--device", "cuda", "--shapes", "tiny"]))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),  # 0 was taken for the default, 3
+    (["--target-k", "0"], "--target-k must be between 1 and the shapes' experts (8), got 0"),  # settled at 1.02
+    (["--target-k", "100"], "--target-k must be between 1 and the shapes' experts (8), got 100"),  # settled at 6.7
+])
+def test_impossible_settings_are_refused(flags, message) -> None:
+    with pytest.raises(UsageError) as refused:
+        bench.run(bench_args(["--shapes", "tiny", *flags]))
+    assert message in str(refused.value)
+
+
 def bench_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

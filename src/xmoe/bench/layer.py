@@ -299,9 +299,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes or (list(FULL) if args.full else ["small", "S1"])
-    repeats = args.repeats or (7 if args.full else 3)
+    repeats = args.repeats if args.repeats is not None else (7 if args.full else 3)
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {repeats}")
+    fewest = min(SHAPES[name].num_experts for name in shapes)
+    if not 1 <= args.target_k <= fewest:  # the bisection would settle at the nearest reachable mean instead
+        raise UsageError(f"--target-k must be between 1 and the shapes' experts ({fewest}), got {args.target_k:g}")
     print(f"# xmoe layer benchmark: {device}, {dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {repeats}, threshold router t=0.9, capacity factor 8")
     rows = []
