@@ -329,6 +329,24 @@ def test_a_training_device_without_a_gpu_names_the_train_flag(corpus, tmp_path):
         train_lm(cfg, tmp_path / "run", progress=False)
 
 
+def test_a_run_trained_on_a_relative_path_is_evaluated_from_another_folder(corpus, tmp_path, monkeypatch, capsys):
+    """--data.path=corpus.txt was saved as given, so `xmoe eval` (which re-reads the run's
+    validation split) and --resume failed in any other folder: "data path 'corpus.txt' does not exist"."""
+    from helpers.cli import TINY_TRAIN
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(corpus, here / "corpus.txt")
+    monkeypatch.chdir(here)
+    main(["train", "--preset", "debug-xmoe", "--out", str(tmp_path / "run"), "--data.path=corpus.txt", *TINY_TRAIN,
+          f"--data.cache_dir={tmp_path / 'cache'}"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(tmp_path / "run"), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert load_lm(tmp_path / "run").cfg.data.path == str(here / "corpus.txt")
+
+
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""

@@ -79,6 +79,7 @@ class LanguageModelling:
     config_class = LMRunConfig
     default_preset = "cpu-xmoe-64x128"
     vocab_files = (TOKENIZER_FILE,)  # saved in the run folder; every checkpoint is bound to them
+    path_fields = ("data.path",)  # saved absolute: eval, generate and --resume then work from any folder
     also_resumable: tuple[str, ...] = ()  # beyond xmoe.training.runs.RESUMABLE_TRAIN_FIELDS
     config = staticmethod(lm_run_config)
     build_model = GPT
