@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from xmoe.bench import decode as bench
+from xmoe.errors import UsageError
 from xmoe.models import GPT
 from xmoe.presets.gpt import dense, with_moe
 
@@ -58,6 +59,13 @@ def test_generation_report_counts_experts_and_tokens() -> None:
         model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=0)
     assert out.getvalue().startswith("3 new tokens in ")
     assert "tokens/s, 2.00 experts per token (mean over 1 MoE layer)" in out.getvalue()  # top-2 exactly
+
+
+def test_no_new_tokens_is_refused() -> None:
+    """--new-tokens 0 was a ZeroDivisionError after the per-layer timings."""
+    args = argparse.Namespace(shapes=["tiny"], tokens=[1], repeats=1, new_tokens=0, no_generate=False, seed=0)
+    with pytest.raises(UsageError, match="--new-tokens must be positive"):
+        bench.run(args)
 
 
 @pytest.mark.slow  # about 20 s: the routers' calibration

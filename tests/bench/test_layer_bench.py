@@ -8,10 +8,13 @@ the layer, and the two GEMM-only ones to the kept pairs' row counts.
 from __future__ import annotations
 
 import argparse
+import json
 
+import pytest
 import torch
 
 from xmoe.bench import layer as bench
+from xmoe.errors import UsageError
 
 TINY = bench.Shape("tiny", tokens=96, model_dim=16, expert_dim=8, num_experts=8, top_k=2)
 
@@ -77,6 +80,31 @@ def test_script_prints_a_table(capsys) -> None:
     assert "timing fused and the baselines" in captured.err  # progress, on stderr
     table = captured.out
     assert "| small T=1024 D=256 F=128 E=32 | fwd+bwd |" in table and "expert-GEMM fraction" in table
+
+
+def test_json_rows_go_into_a_new_folder(tmp_path) -> None:
+    """--json into a folder that did not exist failed after the timings, losing them."""
+    path = tmp_path / "new" / "rows.json"
+    rows = bench.run(bench_args(["--shapes", "tiny", "--repeats", "1", "--backends", "loop", "--no-static",
+                                 "--json", str(path)]))
+    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a GPU this torch does not see")
+def test_a_cuda_device_without_a_gpu_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--device cuda: this torch sees no CUDA GPU"):  # was torch's AssertionError
+        bench.run(bench_args(["--device", "cuda", "--shapes", "tiny"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),  # 0 was taken for the default, 3
+    (["--target-k", "0"], "--target-k must be between 1 and the shapes' experts (8), got 0"),  # settled at 1.02
+    (["--target-k", "100"], "--target-k must be between 1 and the shapes' experts (8), got 100"),  # settled at 6.7
+])
+def test_impossible_settings_are_refused(flags, message) -> None:
+    with pytest.raises(UsageError) as refused:
+        bench.run(bench_args(["--shapes", "tiny", *flags]))
+    assert message in str(refused.value)
 
 
 def bench_args(argv: list[str]) -> argparse.Namespace:

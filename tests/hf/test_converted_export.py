@@ -58,6 +58,10 @@ def test_a_converted_hugging_face_model_exports_to_an_ordinary_folder(build, tmp
               "--threshold", t, "--json"])
         evals[t] = json.loads(capsys.readouterr().out)
     assert evals["0.3"]["experts_per_token"] < evals["1.0"]["experts_per_token"] == 4.0
+    # as saved (no --threshold): an AttributeError (no moe_layers) before
+    main(["eval", "--checkpoint", str(tmp_path / "hf"), "--data", str(tmp_path / "text.txt"), "--max-batches", "1",
+          "--json"])
+    assert json.loads(capsys.readouterr().out)["routing"] == "t=0.8 (as saved)"
     set_threshold(exported, 0.4)
     set_threshold(reference, 0.4)
     exported.save_pretrained(tmp_path / "hf04")

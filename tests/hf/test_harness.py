@@ -14,6 +14,7 @@ import transformers as tf
 from helpers.cli import run_cli as run
 from helpers.data import write_corpus
 from helpers.hf import FAMILIES, WORDS, byte_level_tokenizer, tiny_family
+from xmoe.cli.main import main
 from xmoe.errors import UsageError
 from xmoe.hf import XMoEConfig, XMoEForCausalLM, adaptive
 from xmoe.hf.harness import expert_flops, run_tasks
@@ -97,6 +98,17 @@ def test_a_task_whose_data_cannot_be_downloaded_says_so(task_and_tokenizer, tmp_
         run_tasks(model, tokenizer, ["xmoe_remote_task"], [], include_path=tmp_path)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--thresholds", "0.5", "0"], "--thresholds 0: threshold must be a number > 0"),  # a traceback after a point
+    (["--batch-size", "0"], "--batch-size must be a positive number of sequences, got 0"),  # was accepted
+    (["--num-fewshot", "-1"], "--num-fewshot must be 0 or more examples, got -1"),  # was accepted
+])
+def test_lm_eval_checks_its_flags_before_loading(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lm-eval", "--checkpoint", str(tmp_path / "no-model-needed"), "--tasks", TASK, *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and_tokenizer, tmp_path, capsys):
     root, tokenizer = task_and_tokenizer
     moe = MoEConfig(model_dim=32, num_experts=8, expert_dim=16, router="threshold", threshold=0.9, top_k=2)
@@ -117,6 +129,26 @@ def test_lm_eval_command_on_an_xmoe_export_writes_to_out_not_the_folder(task_and
     assert (out / "lm_eval.md").read_text().startswith("| routing |")
     assert not any(p.name.startswith("lm_eval") for p in folder.iterdir())
     assert tf.AutoConfig.from_pretrained(folder).moe_threshold == 0.9  # the folder is untouched
+
+
+def test_lm_eval_on_the_export_of_a_converted_gpt2(task_and_tokenizer, tmp_path, capsys):
+    """`xmoe convert` a GPT-2, `xmoe export-hf` it, `xmoe lm-eval` the folder: an
+    XMoEConvertedForCausalLM, which had no moe_layers() (an AttributeError at the first point)."""
+    from xmoe.conversion import ConversionConfig, RouterFitConfig
+    from xmoe.conversion.hf import convert_hf, save_converted
+
+    root, tokenizer = task_and_tokenizer
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=32, n_layer=2,
+                                            n_head=2, n_inner=64)).eval()
+    convert_hf(gpt2, torch.randint(len(tokenizer), (4, 16)),
+               ConversionConfig(num_experts=4, threshold=0.8, router=RouterFitConfig(steps=5)))
+    save_converted(gpt2, tmp_path / "converted", tokenizer=tokenizer)
+    run(["export-hf", "--checkpoint", str(tmp_path / "converted"), "--out", str(tmp_path / "hf")], capsys)
+    run(["lm-eval", "--checkpoint", str(tmp_path / "hf"), "--tasks", TASK, "--include-path", str(root),
+         "--thresholds", "1.0", "--out", str(tmp_path / "scores")], capsys)
+    at_one = json.loads((tmp_path / "scores" / "lm_eval.json").read_text())[1]
+    # t = 1: all 4 experts of width 64 / 4 = 16; GPT-2's FFN is 2 matrices of 32 x 16; 2 layers
+    assert at_one["experts_per_token"] == 4.0 and at_one["moe_flops_per_token"] == 4 * 2 * (2 * 2 * 32 * 16)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

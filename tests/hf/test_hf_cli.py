@@ -108,6 +108,33 @@ def test_generate_refuses_a_bad_sampling_setting_alike_on_a_run_and_its_export(r
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "sweep-threshold"])
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_max_batches_below_one_is_refused_alike_on_a_run_and_its_export(runs, tmp_path, capsys, command, count):
+    """On a folder 0 meant its default of 8 batches and -1 was a traceback; on a run the message
+    named ValBatches.max_batches."""
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    report = ["--out", str(tmp_path / "sweep")] if command == "sweep-threshold" else []
+    for checkpoint in (runs / "debug-xmoe", out):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--checkpoint", str(checkpoint), "--data", str(runs / "corpus.txt"), "--max-batches",
+                  count, *report])
+        assert exit_.value.code == 2
+        assert f"--max-batches must be a positive number of batches, got {count}" in capsys.readouterr().err
+
+
+def test_sweep_thresholds_are_checked_before_any_point(runs, tmp_path, capsys):
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--checkpoint", str(runs / "debug-xmoe"), "--out", str(out)], capsys)
+    for checkpoint in (runs / "debug-xmoe", out):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep-threshold", "--checkpoint", str(checkpoint), "--data", str(runs / "corpus.txt"),
+                  "--thresholds", "0.5", "0", "--out", str(tmp_path / "sweep")])
+        assert exit_.value.code == 2 and "--thresholds 0: threshold must be a number > 0" in capsys.readouterr().err
+        assert not (tmp_path / "sweep").exists()  # no point measured before the refusal
+
+
 def test_a_failure_while_writing_keeps_the_earlier_export(runs, tmp_path, capsys, monkeypatch):
     from xmoe.hf import XMoEForCausalLM
 

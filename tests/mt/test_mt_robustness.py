@@ -51,6 +51,22 @@ def test_train_mt_without_its_files_names_the_flags_that_give_them(tmp_path, cap
     line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", "--out", str(tmp_path / "run")])
     assert "(--data.src=FILE --data.tgt=FILE)" in line
     assert not (tmp_path / "run").exists()
+    (tmp_path / "blank.txt").write_text("\n" * 300)
+    blank = str(tmp_path / "blank.txt")
+    line = one_error_line(capsys, ["train-mt", "--preset", "debug-xmoe-16x64", "--out", str(tmp_path / "run"),
+                                   f"--data.src={blank}", f"--data.tgt={blank}"])
+    assert "check that --data.src and --data.tgt are the training files" in line
+
+
+def test_eval_mt_writes_hypotheses_into_a_new_folder_and_refuses_a_folder_as_the_file(runs, tmp_path, capsys):
+    """--hyp-out in a folder that did not exist failed after the decoding, losing the scores."""
+    vsrc, vtgt = runs["valid"]
+    argv = ["eval-mt", "--checkpoint", str(runs["mt"]), "--src", vsrc, "--ref", vtgt, "--json"]
+    main([*argv, "--hyp-out", str(tmp_path / "new" / "hyp.txt")])
+    assert "bleu" in json.loads(capsys.readouterr().out)
+    assert len((tmp_path / "new" / "hyp.txt").read_text().splitlines()) == len(open(vsrc).read().splitlines())
+    line = one_error_line(capsys, [*argv, "--hyp-out", str(tmp_path)])
+    assert f"--hyp-out {tmp_path} is a folder" in line
 
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep-threshold"], ["generate", "--prompt", "sun"]])

@@ -138,7 +138,7 @@ def test_a_run_interrupted_after_training_is_only_measured(study, monkeypatch, c
 def test_a_finished_run_with_another_config_is_refused(study, corpus):
     out, _, _ = study
     logs = []
-    with pytest.raises(ValueError, match="holds a finished run with another config"):
+    with pytest.raises(ValueError, match="holds a run with another config than this study plans"):
         run_study("granularity", scale="debug", data=str(corpus), out=out, steps=STEPS + 1, log=logs.append)
     assert not any("skipped" in line for line in logs)  # it said "finished before, skipped" first
 
@@ -168,7 +168,7 @@ def test_a_config_field_added_since_a_run_finished_takes_its_default(study, corp
     run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=lambda s: None)
     m["config"]["train"]["z_loss_coef"] = 0.5  # a real difference is still refused
     path.write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="holds a finished run with another config"):
+    with pytest.raises(ValueError, match="holds a run with another config than this study plans"):
         run_study("granularity", scale="debug", data=str(corpus), out=copy, steps=STEPS, log=lambda s: None)
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -243,7 +245,6 @@ def test_leftover_checkpoint_temporaries_are_removed_on_the_next_start(corpus, t
 def test_a_refused_resume_gives_no_schedule_warning_first(corpus, tmp_path):
     """A resume that changes train.lr is refused; the warning that a larger max_steps moves the
     schedule was printed before that refusal, about a run that never continued."""
-    import warnings
 
     from xmoe.errors import UsageError
     from xmoe.training import apply_overrides
@@ -267,6 +268,19 @@ def test_a_new_run_refuses_a_hugging_face_model_folder(corpus, tmp_path):
     with pytest.raises(FileExistsError, match="holds a Hugging Face model .* choose another --out"):
         train_lm(tiny_config(corpus, tmp_path), folder, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "tokenizer.json"]
+
+
+def test_a_new_run_says_it_reuses_a_tokenizer_left_in_its_folder(corpus, tmp_path):
+    """A run whose checkpoint was deleted leaves its tokenizer.json; a new run in that folder on
+    other text trained with it without a word."""
+    run = tmp_path / "run"
+    train_lm(tiny_config(corpus, tmp_path, max_steps=1), run, progress=False)
+    shutil.rmtree(run / "checkpoint")
+    with pytest.warns(UserWarning, match="tokenizer.json is left from an earlier run; this new run trains with it"):
+        train_lm(tiny_config(corpus, tmp_path, max_steps=1), run, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh folder: nothing to say
+        train_lm(tiny_config(corpus, tmp_path, max_steps=1), tmp_path / "fresh", progress=False)
 
 
 def test_sigterm_while_starting_cleans_up_like_a_failed_start(corpus, tmp_path, monkeypatch):
@@ -322,7 +336,6 @@ def trained_once(tmp_path_factory):
 @pytest.fixture
 def finished_run(trained_once, tmp_path, corpus):
     """Copies of the finished run (made with the same text as ``corpus``)."""
-    import shutil
 
     assert corpus.read_text() == (trained_once / "corpus.txt").read_text()
 
@@ -362,7 +375,6 @@ def test_a_flipped_bit_in_any_checkpoint_file_is_refused_naming_it(corpus, tmp_p
 
 def test_another_runs_weights_with_the_same_shapes_are_refused(corpus, tmp_path, finished_run):
     """Item 4: same preset and shapes, another config (seed): the weights name their config."""
-    import shutil
 
     from xmoe.training import CheckpointError
 
@@ -588,7 +600,6 @@ def test_extending_a_finished_run_warns_that_the_schedule_moves_and_can_keep_it(
     kept = apply_overrides(saved, {"train.max_steps": "4", "train.schedule_steps": "2"}).train
     assert [lr_at(s, kept) for s in range(4)] == pytest.approx([3e-3, 3e-3, 3e-5, 3e-5], rel=1e-12)
     other = finished_run("other")
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the old schedule: no warning

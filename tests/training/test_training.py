@@ -329,6 +329,24 @@ def test_a_training_device_without_a_gpu_names_the_train_flag(corpus, tmp_path):
         train_lm(cfg, tmp_path / "run", progress=False)
 
 
+def test_a_run_trained_on_a_relative_path_is_evaluated_from_another_folder(corpus, tmp_path, monkeypatch, capsys):
+    """--data.path=corpus.txt was saved as given, so `xmoe eval` (which re-reads the run's
+    validation split) and --resume failed in any other folder: "data path 'corpus.txt' does not exist"."""
+    from helpers.cli import TINY_TRAIN
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(corpus, here / "corpus.txt")
+    monkeypatch.chdir(here)
+    main(["train", "--preset", "debug-xmoe", "--out", str(tmp_path / "run"), "--data.path=corpus.txt", *TINY_TRAIN,
+          f"--data.cache_dir={tmp_path / 'cache'}"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    main(["eval", "--checkpoint", str(tmp_path / "run"), "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert load_lm(tmp_path / "run").cfg.data.path == str(here / "corpus.txt")
+
+
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""
@@ -439,6 +457,26 @@ def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_pa
     cli.main(["demo", "--steps", "1", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")])
     for run in (tmp_path / "d").iterdir():
         assert load_lm(run).cfg.train.seq_len == context
+
+
+def test_a_demo_resumed_with_other_flags_is_refused_and_a_top_k_preset_named(corpus, tmp_path, monkeypatch, capsys):
+    """`xmoe demo --resume` without the flags the demo started with planned other runs and took
+    the trained ones as its own ("trained before (1 steps)", "64 experts" of another preset);
+    a top-k preset was refused for its target_experts instead of as no XMoE preset."""
+    from xmoe.cli import main as cli
+
+    small_demo(cli, monkeypatch, tmp_path)
+    argv = ["demo", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")]
+    cli.main([*argv, "--steps", "2"])
+    capsys.readouterr()
+    top_k = ["demo", "--preset", "debug-topk", "--out", str(tmp_path / "t")]
+    for again in ([*argv, "--steps", "1", "--resume"], top_k):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(again)
+        assert refused.value.code == 2
+    first, second = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert "d/xmoe holds a run with another config than this demo plans (other --preset, --steps" in first
+    assert "--preset debug-topk is not an XMoE preset" in second
 
 
 def test_a_demo_is_refused_twice_and_continues_with_resume(corpus, tmp_path, monkeypatch, capsys):

@@ -346,8 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, list[dict]]:
-    if args.repeats < 1 or min(args.tokens) < 1:
-        raise UsageError("--repeats and --tokens must be positive")
+    if args.repeats < 1 or min(args.tokens) < 1 or args.new_tokens < 1:
+        raise UsageError("--repeats, --tokens and --new-tokens must be positive")
     print(f"# xmoe decode benchmark: cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}, interleaved; eval mode, no grad")
     layer_rows, generate_rows = [], []

@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -292,11 +293,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch sees no CUDA GPU; leave --device out to run on the CPU")
+    if args.json:  # its folder made now: a path that cannot take the file fails before the timings, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes or (list(FULL) if args.full else ["small", "S1"])
-    repeats = args.repeats or (7 if args.full else 3)
+    repeats = args.repeats if args.repeats is not None else (7 if args.full else 3)
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {repeats}")
+    fewest = min(SHAPES[name].num_experts for name in shapes)
+    if not 1 <= args.target_k <= fewest:  # the bisection would settle at the nearest reachable mean instead
+        raise UsageError(f"--target-k must be between 1 and the shapes' experts ({fewest}), got {args.target_k:g}")
     print(f"# xmoe layer benchmark: {device}, {dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {repeats}, threshold router t=0.9, capacity factor 8")
     rows = []

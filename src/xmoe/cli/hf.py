@@ -61,6 +61,11 @@ def lm_eval(*, checkpoint: str, tasks: list[str], thresholds: list[float] | None
 
     if limit is not None and not limit > 0:
         raise UsageError(f"--limit must be > 0 (documents per task, or a fraction of them below 1), got {limit:g}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive number of sequences, got {batch_size}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be 0 or more examples, got {num_fewshot}")
+    check_thresholds(thresholds)
     model = open_checkpoint(checkpoint, device=device, takes=("hf", "hub"), command="lm-eval").model
     points, _ = run_tasks(model, load_tokenizer(checkpoint), tasks,
                           [0.3, 0.5, 0.7, 0.9] if thresholds is None else thresholds, max_experts=max_experts,
@@ -142,6 +147,18 @@ def generate(checkpoint, *, prompt: str, max_new_tokens: int, temperature: float
         out = model.generate(torch.tensor([ids], device=on), max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.eos_token_id, **sampling)
     print(tokenizer.decode(out[0].tolist()))
+
+
+def check_thresholds(thresholds: list[float] | None) -> None:
+    """--thresholds, each checked before loading (a bad one late in the list stopped the run
+    after the points before it)."""
+    from xmoe.moe.config import check_threshold
+
+    for threshold in thresholds or ():
+        try:
+            check_threshold(threshold)
+        except ValueError as err:
+            raise UsageError(f"--thresholds {threshold:g}: {err}") from None
 
 
 def check_folder_args(checkpoint: str, data: str | None, capacity: bool, kind: str) -> None:

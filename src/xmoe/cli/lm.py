@@ -171,6 +171,7 @@ def evaluate(*, checkpoint: str, data: str | None = None, max_batches: int | Non
     Args:
         checkpoint: run folder (or its checkpoint folder), Hugging Face folder, or Hub id ORG/NAME
         data: evaluate on this text instead of the run's validation split
+        max_batches: at most this many batches (default: all of a run's text; 8 for a Hugging Face folder)
         capacity: apply the training capacity (default: dropless, so no token depends on its neighbours)
         threshold: change t at inference
         json: print the full result as JSON
@@ -178,6 +179,7 @@ def evaluate(*, checkpoint: str, data: str | None = None, max_batches: int | Non
     """
     from xmoe.cli import hf
 
+    _check_max_batches(max_batches)
     opened = _open(checkpoint, "eval", takes=("run", "hf", "hub"))
     if opened.is_hugging_face:
         return hf.evaluate(opened, data=data, max_batches=max_batches, capacity=capacity, device=device,
@@ -204,6 +206,7 @@ def sweep_threshold(*, checkpoint: str, data: str | None = None, max_batches: in
     Args:
         checkpoint: run folder (or its checkpoint folder), converted or Hugging Face folder, or Hub id ORG/NAME
         data: evaluate on this text instead of the run's validation split
+        max_batches: at most this many batches (default: all of a run's text; 8 for a Hugging Face folder)
         capacity: apply the training capacity (default: dropless, so no token depends on its neighbours)
         out: default: RUN/report for an xmoe run; the current folder for a Hugging Face or converted
             model (never the model's folder)
@@ -211,6 +214,8 @@ def sweep_threshold(*, checkpoint: str, data: str | None = None, max_batches: in
     """
     from xmoe.cli import hf
 
+    _check_max_batches(max_batches)
+    hf.check_thresholds(thresholds)
     opened = _open(checkpoint, "sweep-threshold", takes=("run", "converted", "hf", "hub"))
     if opened.kind == "converted" or opened.is_hugging_face:
         return hf.sweep_threshold(opened, data=data, max_batches=max_batches, capacity=capacity, device=device,
@@ -223,6 +228,12 @@ def sweep_threshold(*, checkpoint: str, data: str | None = None, max_batches: in
     with training_capacity(loaded.model) if capacity else contextlib.nullcontext():
         sweep_run(loaded, thresholds, eval_batches(loaded, data, max_batches=max_batches),
                   Path(out or Path(loaded.run_dir) / "report"), data=data)
+
+
+def _check_max_batches(max_batches: int | None) -> None:
+    """--max-batches, checked before loading (a Hugging Face folder took 0 for its default of 8)."""
+    if max_batches is not None and max_batches < 1:
+        raise UsageError(f"--max-batches must be a positive number of batches, got {max_batches}")
 
 
 def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,

@@ -14,6 +14,8 @@ import json as _json  # `json` is also a flag of `xmoe eval-mt`
 import sys
 from pathlib import Path
 
+from xmoe.errors import UsageError
+
 
 def train_mt(*, out: str, preset: str | None = None, resume: bool = False, config: dict[str, str]) -> None:
     """Train a translation preset; --section.field=value flags set its run config.
@@ -69,6 +71,16 @@ def translate(*, checkpoint: str, beam: int | None = None, length_penalty: float
         print(hyp)
 
 
+def _output_file(path: str) -> Path:
+    """--hyp-out, its folder made now: a path that cannot take the file fails before the
+    decoding, not after it (which lost the scores)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"--hyp-out {path} is a folder; give the name of the file to write the translations to")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def eval_mt(*, checkpoint: str, src: str, ref: str, hyp_out: str | None = None, json: bool = False,
             beam: int | None = None, length_penalty: float | None = None, threshold: float | None = None,
             device: str = "auto") -> None:
@@ -83,12 +95,13 @@ def eval_mt(*, checkpoint: str, src: str, ref: str, hyp_out: str | None = None, 
     from xmoe.data.translation import read_sentence_pairs
     from xmoe.tasks.mt import evaluate_mt
 
+    hyp_file = _output_file(hyp_out) if hyp_out else None
     loaded, decode = _load(checkpoint, "eval-mt", beam=beam, length_penalty=length_penalty, threshold=threshold,
                            device=device)
     sources, references = read_sentence_pairs(src, ref)
     summary, hyps = evaluate_mt(loaded, sources, references, decode=decode)
-    if hyp_out:
-        Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if hyp_file:
+        hyp_file.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if json:
         print(_json.dumps(summary, indent=2))
         return

@@ -312,7 +312,7 @@ def prepare_translation_data(cfg: TranslationDataConfig, run_dir: str | os.PathL
         for path, lines in ((cfg.src, src), (cfg.tgt, tgt)):
             if not any(lines):
                 raise UsageError(f"{path} has {len(lines)} lines and all are empty: there is no text to learn "
-                                 f"a vocabulary from; check that --src and --tgt are the training files")
+                                 f"a vocabulary from; check that --data.src and --data.tgt are the training files")
         vocab = train_subword_vocab(src + tgt, run_dir, cfg.vocab_size)
     return TranslationData(
         vocab=vocab,

@@ -84,11 +84,14 @@ class DialMixin:
             set_threshold(self, t)
         self._applied_threshold = t
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in module order: xmoe's GPT blocks', or the FFNs a conversion replaced."""
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
     @property
     def moe_threshold(self) -> float | None:
         """The t every threshold layer routes with now (None when they differ or there are none)."""
-        layers = [m for m in self.modules() if isinstance(m, MoELayer) and m.router.kind == "threshold"]
-        thresholds = {layer.threshold for layer in layers}
+        thresholds = {layer.threshold for layer in self.moe_layers() if layer.router.kind == "threshold"}
         return thresholds.pop() if len(thresholds) == 1 else None
 
     @classmethod
@@ -158,9 +161,6 @@ class XMoEForCausalLM(DialMixin, XMoEPreTrainedModel, WindowedGenerationMixin):
             module.reset_parameters()
         elif isinstance(module, Dial):  # its unsaved per-step counts; a trained t comes with the weights
             module.reset_counts()
-
-    def moe_layers(self) -> list[MoELayer]:
-        return self.transformer.moe_layers()
 
     def forward(
         self,

@@ -30,6 +30,9 @@ DEMO_STEPS = 200  # per model: XMoE and its one or two compute-matched top-k mod
 DEMO_SEQ_LEN = 128  # tokens per sequence, or the preset's context where it is shorter (debug-xmoe: 64)
 DEMO_TRAIN = {"train.batch_size": "8", "train.eval_every": "100", "train.save_every": "100", "train.lr": "2e-3"}
 SPEED_BATCHES = 4  # validation batches the closing speed columns are measured on
+# Why a run in --out is not the one this demo plans: a --resume without the flags the demo started with.
+DEMO_FLAGS = ("this demo plans (other --preset, --steps, --data or --paper-recipe? continue a demo with the flags "
+              "it started with and --resume)")
 
 
 def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.PathLike, paper_recipe: bool,
@@ -48,17 +51,18 @@ def run_demo(*, preset: str, steps: int | None, data: str | None, out: str | os.
     if not resume and (out / "xmoe" / "checkpoint").exists():
         raise UsageError(f"{out} already holds a demo; continue it with --resume, or pass --out NEW_DIR "
                          f"(or delete {out})")
-    seq_len = min(DEMO_SEQ_LEN, lm_run_config(preset).model.block_size)
+    model = lm_run_config(preset).model
+    if model.moe is None or model.moe.router != "threshold":
+        raise UsageError(f"--preset {preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
+    seq_len = min(DEMO_SEQ_LEN, model.block_size)
     common = {"train.max_steps": str(steps), "train.seq_len": str(seq_len), **DEMO_TRAIN,
               **({} if data is None else {"data.path": data})}
     budget = {} if paper_recipe else {"model.moe.target_experts": f"{DEMO_BUDGET:g}"}
     xmoe_run = RunSpec(name="xmoe", preset=preset, overrides={**common, **budget})
     xmoe_cfg = xmoe_run.config()
     moe = xmoe_cfg.model.moe
-    if moe is None or moe.router != "threshold":
-        raise UsageError(f"--preset {preset} is not an XMoE preset; pick a *-xmoe-* one (xmoe presets)")
 
-    runner = Runner(out, trainer=functools.partial(train, go_on=go_on))
+    runner = Runner(out, trainer=functools.partial(train, go_on=go_on), planned=DEMO_FLAGS)
     print(_recipe(moe, paper_recipe))
     runner.train(xmoe_run)
     xmoe = load_lm(runner.run_dir(xmoe_run))

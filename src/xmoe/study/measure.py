@@ -84,14 +84,21 @@ def _same_config(saved: dict, cfg: LMRunConfig) -> bool:
     return planned_config(from_dict(LMRunConfig, saved)) == planned_config(cfg)
 
 
-def read_measurements(cfg: LMRunConfig, run_dir: Path) -> dict:
+STUDY_FLAGS = "this study plans (other --steps, --scale or --data?)"
+
+
+def check_planned(saved: dict, cfg: LMRunConfig, run_dir: Path, planned: str = STUDY_FLAGS) -> None:
+    """Refuse the run in ``run_dir``, saved with config ``saved``, unless it is the run ``cfg``
+    plans; ``planned`` says whose plan and which flags make another one."""
+    if not _same_config(saved, cfg):
+        raise UsageError(f"{run_dir} holds a run with another config than {planned}; use another --out, or "
+                         f"delete {run_dir}")
+
+
+def read_measurements(cfg: LMRunConfig, run_dir: Path, planned: str = STUDY_FLAGS) -> dict:
     """A finished run's measurements.json, refused when the run was trained with another config."""
     done = read_json(run_dir / MEASUREMENTS)
-    if not _same_config(done["config"], cfg):
-        raise UsageError(
-            f"{run_dir} holds a finished run with another config than this study plans (other "
-            f"--steps, --scale or --data?); use another --out, or delete {run_dir}"
-        )
+    check_planned(done["config"], cfg, run_dir, planned)
     return done
 
 

@@ -33,11 +33,11 @@ import torch
 from xmoe.extras import check_extra
 from xmoe.tasks.lm import train_lm
 from xmoe.training import checkpoint_dir
-from xmoe.training.checkpoint import read_state
+from xmoe.training.checkpoint import read_config, read_state
 
 from .aggregate import pairwise, summarize
-from .measure import (INFERENCE_SWEEP, MEASUREMENTS, inference_sweep, is_finished, measure_run, read_json,
-                      read_measurements, write_json, write_text)
+from .measure import (INFERENCE_SWEEP, MEASUREMENTS, STUDY_FLAGS, check_planned, inference_sweep, is_finished,
+                      measure_run, read_json, read_measurements, write_json, write_text)
 from .plan import INFERENCE_THRESHOLDS, RunSpec, StudyPlan, Variant, plan_study
 from .plots import write_plots
 from .tables import results_markdown
@@ -56,6 +56,7 @@ class Runner:
     trainer: Callable[..., None] | None = None
     progress: bool = False
     log: Callable[[str], None] = print
+    planned: str = STUDY_FLAGS  # whose plan, and the flags that would plan another run (for refusals)
     started: float = field(default_factory=time.time)
 
     def run_dir(self, spec: RunSpec) -> Path:
@@ -70,6 +71,8 @@ class Runner:
         checkpoint was at (None: a fresh run)."""
         cfg, run_dir = spec.config(), self.run_dir(spec)
         step = read_state(checkpoint_dir(run_dir))["step"] if (run_dir / "checkpoint").exists() else None
+        if step is not None:  # trained before, maybe with other flags: another run, not this one
+            check_planned(read_config(run_dir), cfg, run_dir, self.planned)
         if step is not None and step >= cfg.train.max_steps:
             self.log(f"{run_dir}: trained before ({cfg.train.max_steps} steps)")
         elif self.trainer is not None:
@@ -83,7 +86,7 @@ class Runner:
         only checked against ``spec`` and read back. ``position``: "[i/n] " for the log."""
         run_dir = self.run_dir(spec)
         if is_finished(run_dir):
-            measured = read_measurements(spec.config(), run_dir)  # refuses a run of another config
+            measured = read_measurements(spec.config(), run_dir, self.planned)  # refuses a run of another config
             self.log(f"{position}{spec.name}: finished before, skipped")
             return measured
         self.log(f"{position}{spec.name}: training ({self.elapsed()} since start)")

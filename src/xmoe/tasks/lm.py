@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -78,6 +79,7 @@ class LanguageModelling:
     config_class = LMRunConfig
     default_preset = "cpu-xmoe-64x128"
     vocab_files = (TOKENIZER_FILE,)  # saved in the run folder; every checkpoint is bound to them
+    path_fields = ("data.path",)  # saved absolute: eval, generate and --resume then work from any folder
     also_resumable: tuple[str, ...] = ()  # beyond xmoe.training.runs.RESUMABLE_TRAIN_FIELDS
     config = staticmethod(lm_run_config)
     build_model = GPT
@@ -86,7 +88,12 @@ class LanguageModelling:
 
     @staticmethod
     def prepare(cfg: LMRunConfig, run_dir: Path, resume: bool, ranks: Ranks | None) -> LMData:
-        """Tokenizer and token cache, written by one rank; the others wait, then reuse them."""
+        """Tokenizer and token cache, written by one rank; the others wait, then reuse them. A new
+        run is told when it reuses a tokenizer an earlier run left (its checkpoint deleted, or a
+        start killed before its first save)."""
+        if not resume and (Path(run_dir) / TOKENIZER_FILE).is_file() and (ranks is None or ranks.is_main):
+            warnings.warn(f"{Path(run_dir) / TOKENIZER_FILE} is left from an earlier run; this new run trains with "
+                          f"it, not with a tokenizer of its own data (delete it first to train one)", stacklevel=2)
         if ranks is None:
             return prepare_lm_data(cfg.data, run_dir)
         data = prepare_lm_data(cfg.data, run_dir) if ranks.is_main else None

@@ -134,6 +134,7 @@ class Translation:
     config_class = MTRunConfig
     default_preset = "cpu-xmoe-32x512"
     vocab_files = (SPM_FILE,)  # saved in the run folder; every checkpoint is bound to them
+    path_fields = ("data.src", "data.tgt", "data.valid_src", "data.valid_tgt")  # saved absolute (see lm)
     # Beyond the training fields every task may change on a resume: decoding and evaluation only.
     also_resumable = ("decode.", "eval_bleu_sentences")
     config = staticmethod(mt_run_config)

@@ -153,7 +153,9 @@ def run_config(task, preset: str | None, overrides: dict[str, str], *,
     if "model.vocab_size" in overrides:
         raise UsageError(f"--model.vocab_size: a run's vocabulary is its tokenizer's, trained on the data; set "
                          f"--data.vocab_size={overrides['model.vocab_size']} instead (the model follows it)")
-    if resume_from is None:
+    if resume_from is None:  # a relative file path would resolve against whichever folder a later command runs in
+        overrides = {key: os.path.abspath(value) if key in task.path_fields and value != "null" else value
+                     for key, value in overrides.items()}
         return task.config(preset or task.default_preset, overrides=overrides)
     saved = saved_config(resume_from, task)
     if preset is not None and preset != saved.preset:
