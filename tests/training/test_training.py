@@ -345,6 +345,10 @@ def test_a_run_trained_on_a_relative_path_is_evaluated_from_another_folder(corpu
     main(["eval", "--checkpoint", str(tmp_path / "run"), "--json"])
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
     assert load_lm(tmp_path / "run").cfg.data.path == str(here / "corpus.txt")
+    monkeypatch.chdir(here)  # --resume with the same relative flag is the same run
+    main(["train", "--out", str(tmp_path / "run"), "--data.path=corpus.txt", *TINY_TRAIN, "--train.max_steps=4",
+          f"--data.cache_dir={tmp_path / 'cache'}", "--resume"])
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():

@@ -153,14 +153,27 @@ def run_config(task, preset: str | None, overrides: dict[str, str], *,
     if "model.vocab_size" in overrides:
         raise UsageError(f"--model.vocab_size: a run's vocabulary is its tokenizer's, trained on the data; set "
                          f"--data.vocab_size={overrides['model.vocab_size']} instead (the model follows it)")
-    if resume_from is None:  # a relative file path would resolve against whichever folder a later command runs in
-        overrides = {key: os.path.abspath(value) if key in task.path_fields and value != "null" else value
-                     for key, value in overrides.items()}
-        return task.config(preset or task.default_preset, overrides=overrides)
+    if resume_from is None:
+        return task.config(preset or task.default_preset, overrides=_absolute_paths(task, overrides))
     saved = saved_config(resume_from, task)
     if preset is not None and preset != saved.preset:
         raise UsageError(f"--resume: {resume_from} was trained with --preset {saved.preset}, not {preset}")
-    return apply_overrides(saved, overrides)
+    return apply_overrides(saved, _absolute_paths(task, overrides, saved))
+
+
+def _absolute_paths(task, overrides: dict[str, str], saved=None) -> dict[str, str]:
+    """``overrides`` with the task's file paths made absolute: a relative one would resolve
+    against whichever folder a later command (eval, --resume) runs in. On a resume, a path that
+    names the file the run saved (as given then, relative or not) changes nothing and is left out."""
+    saved_flat = {} if saved is None else _flatten(to_dict(saved))
+    out = {}
+    for key, value in overrides.items():
+        if key in task.path_fields and value != "null":
+            value = os.path.abspath(value)
+            if saved_flat.get(key) is not None and os.path.abspath(saved_flat[key]) == value:
+                continue
+        out[key] = value
+    return out
 
 
 def train_task(task, cfg, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
