@@ -98,7 +98,7 @@ def relaunch(command_line: list[str], nproc: int) -> int:
     ``nproc`` processes; its exit code."""
     if nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {nproc}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    command = [sys.executable, "-m", "xmoe.cli.torchrun", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "xmoe", *_without_nproc(command_line)]
     print("launching:", " ".join(command), flush=True)
     # torchrun and its ranks in a process group of their own: a stop reaches them once, from here.
