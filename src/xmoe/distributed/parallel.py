@@ -37,6 +37,8 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -230,6 +232,7 @@ class Parallel(Ranks):
                             ignored_params={p for p in block.parameters() if p in experts})
             fully_shard(model, mesh=world, reshard_after_forward=dp.reshard_after_forward, mp_policy=policy,
                         ignored_params=experts)
+            quiet_view_outputs(model)
 
     def batch_index(self, index: int) -> int:
         """Micro-batch ``index`` of this rank: the global sequence interleaves the ranks, so W ranks
@@ -421,3 +424,14 @@ def _sum_sq(params: list[nn.Parameter], device: torch.device) -> Tensor:
             grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             total += grad.double().pow(2).sum()
     return total
+
+
+def quiet_view_outputs(model: nn.Module) -> None:
+    """Silence FSDP2's warning that ``model``'s sharded modules return views: a linear layer's output
+    on [B, L, D] input is one, and so is the MoE layer's reshaped output. An in-place op on such a
+    view would skip the pre-backward all-gather; xmoe uses them out of place only (the residual
+    adds, the loss), so the warning, printed by every rank, says nothing about these runs."""
+    names = "|".join(sorted({re.escape(type(m).__name__) for m in model.modules() if isinstance(m, FSDPModule)}))
+    warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \(({names})\) returned a view tensor",
+                            category=UserWarning)
+
