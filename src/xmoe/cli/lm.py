@@ -82,7 +82,8 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
     from xmoe.report import describe_eval, write_report
 
-    print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0))
+    print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0,
+                        after_training=True))
     print(f"report: {write_report(out)}")
 
 

@@ -17,10 +17,12 @@ def flops_baseline(moe) -> str:
     return f"top-{moe.top_k} over the same {moe.num_experts} experts"
 
 
-def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool = False) -> str:
+def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool = False,
+                  after_training: bool = False) -> str:
     """An LM evaluation (``LMEval.to_dict()``) in words, with what to do when nothing is saved
     yet; ``moe``: the model's MoEConfig; ``on``: the text evaluated, if not the validation split;
-    ``sharpened``: the run already trained with the router entropy loss."""
+    ``sharpened``: the run already trained with the router entropy loss; ``after_training``: it
+    follows the training's progress bar, whose experts per token training's capacity limited."""
     what = "validation loss" if on is None else f"loss on {on}"
     lines = [f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)"]
     if "layers" not in summary:
@@ -32,8 +34,11 @@ def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool 
     ratio = summary["moe_flops_ratio"]
     verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
     median_top1 = statistics.fmean(layer["top1_quartiles"][1] for layer in summary["layers"])
+    capped = ""
+    if after_training and moe.capacity_factor is not None and moe.eval_capacity_factor is None:
+        capped = f"; evaluated dropless (training's capacity factor {moe.capacity_factor:g} kept fewer: the progress bar's count)"
     lines += [
-        f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer})",
+        f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer}){capped}",
         f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = {ratio:.1%} of "
         f"{flops_baseline(moe)} ({verdict})",
         f"router confidence: median top-1 probability {median_top1:.3f} "
