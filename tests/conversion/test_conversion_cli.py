@@ -47,6 +47,7 @@ def test_bad_inputs_are_clear_errors_and_leave_out_untouched(runs, capsys):
     (existing / "keep.txt").write_text("mine")
     cases = [
         (["--checkpoint", str(runs / "dense"), "--experts", "7", "--out", str(runs / "new7")], "do not divide"),
+        (["--checkpoint", str(runs / "dense"), "--experts", "0", "--out", str(runs / "new7")], "--experts must be at least 1"),
         (["--checkpoint", str(runs / "missing"), "--experts", "8", "--out", str(runs / "new8")], "does not exist"),
         (["--checkpoint", str(runs / "dense"), "--experts", "8", "--out", str(existing)], "already exists"),
     ]

@@ -35,6 +35,8 @@ def convert(*, checkpoint: str, experts: int, out: str, partition: str = "contig
     from xmoe.checkpoints import checkpoint_kind, expect
     from xmoe.conversion import ConversionConfig, convert_checkpoint
 
+    if experts < 1:
+        raise UsageError(f"--experts must be at least 1 (experts per FFN, dividing its d_ff), got {experts}")
     kind = checkpoint_kind(checkpoint)
     if kind.kind == "converted":
         raise UsageError(f"{checkpoint} is already converted (it holds xmoe_conversion.json); convert the "
