@@ -194,19 +194,20 @@ def test_the_training_loop_imports_no_report_code() -> None:
     assert sorted(m for m in modules if m == "xmoe.report" or m.startswith(("xmoe.report.", "matplotlib"))) == []
 
 
-@pytest.mark.parametrize("capacity_factor, after_training, noted", [(8.0, True, True), (8.0, False, False),
-                                                                     (None, True, False)])
-def test_the_evaluation_after_training_says_why_it_counts_more_experts_than_the_bar(
-        capacity_factor, after_training, noted) -> None:
-    """Training's progress bar counts experts per token under its capacity; the evaluation that
-    follows is dropless and counts more: it says so, where that is the case."""
+@pytest.mark.parametrize("last_train, noted", [({"experts_per_token": 8.0, "wanted_experts_per_token": 14.1}, True),
+                                               ({"experts_per_token": 2.0, "wanted_experts_per_token": 2.0}, False),
+                                               (None, False)])
+def test_the_evaluation_after_training_says_why_it_counts_more_experts_than_the_bar(last_train, noted) -> None:
+    """Training's progress bar counts the pairs its capacity kept; where it dropped some, the
+    evaluation that follows (dropless) counts more, and says why; where it dropped none (a
+    budget's t set on training batches, say), it does not blame capacity."""
     from xmoe.moe import MoEConfig
     from xmoe.report import describe_eval
 
-    moe = MoEConfig(model_dim=8, num_experts=16, expert_dim=4, capacity_factor=capacity_factor)
+    moe = MoEConfig(model_dim=8, num_experts=16, expert_dim=4, capacity_factor=8.0)
     layer = {"experts_per_token": 14.2, "top1_quartiles": [0.05, 0.08, 0.1], "tokens_per_expert": [1] * 16}
     summary = {"loss": 5.0, "perplexity": 148.4, "tokens": 384, "experts_per_token": 14.2, "layers": [layer],
                "moe_flops_per_token": 4.7e5, "moe_flops_ratio": 7.1}
-    text = describe_eval(summary, moe, after_training=after_training)
-    assert ("evaluated dropless (training's capacity factor 8 kept fewer" in text) == noted
+    text = describe_eval(summary, moe, last_train=last_train)
+    assert ("evaluated dropless, where training's capacity dropped pairs (14.10 wanted, 8.00 kept" in text) == noted
     assert "experts per token: 14.20 on average (per MoE layer: 14.20)" in text

@@ -81,9 +81,11 @@ def train_and_report(cfg, out: Path, *, resume: bool = False, ep_size: int = 1, 
         go_on = f"xmoe train --nproc {parallel.world_size} --ep-size {ep_size} --out {out} --resume"
     exit_if_interrupted(result, cfg.train.max_steps, out, train="xmoe train", evaluate="xmoe eval", resume=go_on)
     from xmoe.report import describe_eval, write_report
+    from xmoe.training.metrics import METRICS_FILE, read_metrics
 
+    train_rows = [row for row in read_metrics(out / METRICS_FILE) if row.get("split") == "train"]
     print(describe_eval(result.final_eval, cfg.model.moe, sharpened=cfg.train.entropy_loss_coef > 0,
-                        after_training=True))
+                        last_train=train_rows[-1] if train_rows else None))
     print(f"report: {write_report(out)}")
 
 

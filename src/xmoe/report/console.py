@@ -18,11 +18,12 @@ def flops_baseline(moe) -> str:
 
 
 def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool = False,
-                  after_training: bool = False) -> str:
+                  last_train: dict | None = None) -> str:
     """An LM evaluation (``LMEval.to_dict()``) in words, with what to do when nothing is saved
     yet; ``moe``: the model's MoEConfig; ``on``: the text evaluated, if not the validation split;
-    ``sharpened``: the run already trained with the router entropy loss; ``after_training``: it
-    follows the training's progress bar, whose experts per token training's capacity limited."""
+    ``sharpened``: the run already trained with the router entropy loss; ``last_train``: the
+    training's last logged row, when this evaluation follows its progress bar (which counts the
+    pairs capacity kept: where it dropped some, the evaluation, dropless, says so)."""
     what = "validation loss" if on is None else f"loss on {on}"
     lines = [f"{what} {summary['loss']:.4f}, perplexity {summary['perplexity']:.2f} ({summary['tokens']} tokens)"]
     if "layers" not in summary:
@@ -34,9 +35,11 @@ def describe_eval(summary: dict, moe, on: str | None = None, *, sharpened: bool 
     ratio = summary["moe_flops_ratio"]
     verdict = f"{1 - ratio:.0%} saved" if ratio <= 1 else f"{ratio:.2f}x its compute: nothing saved yet"
     median_top1 = statistics.fmean(layer["top1_quartiles"][1] for layer in summary["layers"])
-    capped = ""
-    if after_training and moe.capacity_factor is not None and moe.eval_capacity_factor is None:
-        capped = f"; evaluated dropless (training's capacity factor {moe.capacity_factor:g} kept fewer: the progress bar's count)"
+    capped, last_train = "", last_train or {}
+    kept, wanted = last_train.get("experts_per_token"), last_train.get("wanted_experts_per_token")
+    if kept is not None and wanted is not None and wanted > kept + 0.005 and moe.eval_capacity_factor is None:
+        capped = (f"; evaluated dropless, where training's capacity dropped pairs ({wanted:.2f} wanted, {kept:.2f} "
+                  f"kept in its last logged step: the progress bar's count)")
     lines += [
         f"experts per token: {summary['experts_per_token']:.2f} on average (per MoE layer: {per_layer}){capped}",
         f"MoE expert FLOPs per token: {summary['moe_flops_per_token'] / 1e6:.2f}M = {ratio:.1%} of "
