@@ -351,6 +351,19 @@ def test_a_run_trained_on_a_relative_path_is_evaluated_from_another_folder(corpu
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
 
 
+@pytest.mark.parametrize("given, saved", [("corpus.txt", "{here}/corpus.txt"), ('"corpus.txt"', "{here}/corpus.txt"),
+                                          ("~/corpus.txt", "{home}/corpus.txt"), ("/abs/corpus.txt", "/abs/corpus.txt"),
+                                          ("none", None), ("None", None), ("null", None)])
+def test_a_data_path_is_saved_absolute_as_the_parser_reads_it(given, saved, tmp_path, monkeypatch):
+    """Unquoted, ~ expanded (no shell does it after --data.path=), and none / null for the default corpus."""
+    from xmoe.tasks.lm import LanguageModelling
+    from xmoe.training.runs import run_config
+
+    monkeypatch.chdir(tmp_path)
+    expected = None if saved is None else saved.format(here=tmp_path, home=os.path.expanduser("~"))
+    assert run_config(LanguageModelling, "debug-xmoe", {"data.path": given}).data.path == expected
+
+
 def test_lr_at_with_fixed_warmup_steps_and_with_warmup_fraction():
     """Hand-computed: inverse sqrt with 512 warm-up steps (lr (s+1)/512, then lr sqrt(512/(s+1)));
     warmup_steps overrides warmup_fraction; without it the fraction of max_steps is used."""

@@ -135,11 +135,11 @@ def with_overrides(cls: type, defaults: dict, overrides: dict[str, str]) -> Any:
     parser = _parser(cls)
     parser.set_defaults(defaults)
     with _one_line_errors():
-        flags = [f"--{key}={_flag_value(value)}" for key, value in overrides.items()]
+        flags = [f"--{key}={flag_value(value)}" for key, value in overrides.items()]
         return _build(cls, parser, parser.parse_args(flags))
 
 
-def _flag_value(value: str) -> str:
+def flag_value(value: str) -> str:
     """An override's text as the parser takes it: None as null, and a JSON string (the README
     says values are JSON: --train.precision='"bf16"') without its quotes."""
     if value in ("none", "None"):

@@ -41,7 +41,7 @@ from xmoe.distributed import Ranks
 from xmoe.errors import UsageError
 
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_config, read_state
-from .config import apply_overrides, from_dict, to_dict
+from .config import apply_overrides, flag_value, from_dict, to_dict
 from .loop import TrainResult, lr_at, resolve_device, train
 from .stopping import StopSignals
 
@@ -168,9 +168,10 @@ def _absolute_paths(task, overrides: dict[str, str], saved=None) -> dict[str, st
     saved_flat = {} if saved is None else _flatten(to_dict(saved))
     out = {}
     for key, value in overrides.items():
-        if key in task.path_fields and value != "null":
-            value = os.path.abspath(value)
-            if saved_flat.get(key) is not None and os.path.abspath(saved_flat[key]) == value:
+        path = flag_value(value) if key in task.path_fields else "null"  # as the parser reads it: unquoted, none
+        if path != "null":
+            value = os.path.abspath(os.path.expanduser(path))  # no shell expands ~ after --data.path=
+            if saved_flat.get(key) is not None and os.path.abspath(os.path.expanduser(saved_flat[key])) == value:
                 continue
         out[key] = value
     return out
