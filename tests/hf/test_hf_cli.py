@@ -92,11 +92,12 @@ def test_bad_inputs_are_clear_and_an_existing_export_survives_a_failure(runs, tm
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),  # transformers sampled with it
-    (["--top-k", "0"], "top_k must be a positive integer"),  # transformers took 0 as no top-k
-    (["--top-k", "-3"], "top_k must be a positive integer"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),  # transformers sampled with it
+    (["--top-k", "0"], "--top-k must be a positive integer, got 0"),  # transformers took 0 as no top-k
+    (["--top-k", "-3"], "--top-k must be a positive integer"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),  # transformers: a traceback
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
 ])
 def test_generate_refuses_a_bad_sampling_setting_alike_on_a_run_and_its_export(runs, tmp_path, capsys, flags,
                                                                              message):

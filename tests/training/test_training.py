@@ -460,20 +460,25 @@ def test_the_demo_compares_a_budgeted_xmoe_at_its_trained_t_after_the_dial(corpu
     assert f"| {math.exp(total / count):.2f} |" in closing.splitlines()[4]
 
 
-def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("demo_seq_len", [None, 48])
+def test_the_demo_trains_a_preset_of_short_context_at_its_context(corpus, tmp_path, monkeypatch, capsys,
+                                                                  demo_seq_len):
     """`xmoe demo --preset debug-xmoe`: the demo's 128-token sequences are cut to the preset's
-    64-token context (they were refused: seq_len exceeds block_size, with no flag to fix it)."""
+    64-token context (they were refused: seq_len exceeds block_size, with no flag to fix it); a
+    demo length under the context (48) is kept."""
     from xmoe.cli import main as cli
     from xmoe.presets import get_preset
     from xmoe.study import demo
 
     small_demo(cli, monkeypatch, tmp_path)
     monkeypatch.setattr(demo, "DEMO_TRAIN", {k: v for k, v in demo.DEMO_TRAIN.items() if k != "train.seq_len"})
+    if demo_seq_len is not None:
+        monkeypatch.setattr(demo, "DEMO_SEQ_LEN", demo_seq_len)
     context = get_preset("debug-xmoe").block_size
-    assert context < demo.DEMO_SEQ_LEN
+    assert demo_seq_len or context < demo.DEMO_SEQ_LEN
     cli.main(["demo", "--steps", "1", "--preset", "debug-xmoe", "--data", str(corpus), "--out", str(tmp_path / "d")])
     for run in (tmp_path / "d").iterdir():
-        assert load_lm(run).cfg.train.seq_len == context
+        assert load_lm(run).cfg.train.seq_len == (demo_seq_len or context)
 
 
 def test_a_demo_resumed_with_other_flags_is_refused_and_a_top_k_preset_named(corpus, tmp_path, monkeypatch, capsys):

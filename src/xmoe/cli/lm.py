@@ -253,9 +253,9 @@ def generate(*, checkpoint: str, prompt: str, max_new_tokens: int = 100, tempera
     from xmoe.cli import hf
     from xmoe.models.gpt import check_sampling
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, flags=True)
     opened = _open(checkpoint, "generate", takes=("run", "hf", "hub"))
     if opened.is_hugging_face:
         return hf.generate(opened, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -206,17 +206,23 @@ class GPT(nn.Module):
         return idx_BL
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, *,
+                   flags: bool = False) -> None:
     """Refuses a setting generate cannot sample with (xmoe generate checks it for every kind of
-    model, before loading one: transformers' own checks are tracebacks, and some let top_p > 1 pass)."""
+    model, before loading one: transformers' own checks are tracebacks, and some let top_p > 1
+    pass). ``flags``: name the settings as the command's flags (--top-k), not as arguments."""
+    def name(argument: str) -> str:
+        return "--" + argument.replace("_", "-") if flags else argument
+
+    unset = "" if flags else " or None"
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        raise UsageError(f"{name('max_new_tokens')} must be a non-negative integer, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise UsageError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise UsageError(f"{name('temperature')} must be >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise UsageError(f"{name('top_k')} must be a positive integer{unset}, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise UsageError(f"{name('top_p')} must be in (0, 1]{unset}, got {top_p!r}")
 
 
 def _sample(
