@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import gc
 import io
@@ -530,18 +529,19 @@ def measure_decode(ctx: Context) -> Iterator[dict]:
     """Does a token that engages fewer experts take less time at decode on a GPU? The decode
     benchmark's layers (one set of experts, routers calibrated on the CPU) and its dense FFN, in
     bf16, at the decode sizes: eager (the default backend, one host sync per call) and static mode
-    replayed from a CUDA graph, whose replay is checked against eager static mode (its threshold
-    routers capped at the shape's top-k experts per token: static mode needs a bound). Every
-    candidate of a size is timed in one interleaved round."""
+    replayed from a CUDA graph, whose replay is checked against eager static mode (threshold
+    routers capped at the shape's top-k experts per token in both, the bound static mode needs).
+    Every candidate of a size is timed in one interleaved round."""
     shape = decode_bench.SHAPES["tiny" if ctx.quick else "gpt2"]
     moved = {"dtype": torch.bfloat16, "device": ctx.device}
     dense = decode_ffn(shape).to(**moved)
     layers = {}
     for name, layer in decode_bench.build_layers(shape, SEED).items():
-        bound = {} if layer.cfg.router == "topk" else {"max_experts": shape.top_k}  # static mode's bound
-        static = MoELayer(dataclasses.replace(layer.cfg, static_shapes=True, **bound)).eval()
-        static.load_state_dict(layer.state_dict())
-        layers[name] = (copy.deepcopy(layer).to(**moved), static.to(**moved))
+        bound = {} if layer.cfg.router == "topk" else {"max_experts": shape.top_k}  # static mode's bound, for both
+        eager, static = (MoELayer(dataclasses.replace(layer.cfg, static_shapes=s, **bound)).eval() for s in (False, True))
+        for built in (eager, static):
+            built.load_state_dict(layer.state_dict())
+        layers[name] = (eager.to(**moved), static.to(**moved))
     for num_tokens in DECODE_TOKENS[:3]:
         x = ctx.tokens(num_tokens, shape.model_dim)
         with torch.no_grad():
@@ -738,8 +738,8 @@ def render_decode(rows: list[dict]) -> str:
                    _f(r["dense_ms"].get("CUDA graph"), ".3f"), f"{r['eager_vs_dense']:.2f}",
                    _f(r["graph_vs_dense_graph"], ".2f"), _f(r["graph_error"], ".1e"), r["graph"]] for r in rows]) + (
         "\n\ndense: one FFN of top-8's FLOPs and weights (xmoe.bench.decode). A layer's graph replays static "
-        "mode, which pads its pairs to `static rows` (the rows past the kept pairs are not computed); its "
-        "threshold routers take at most top-k experts per token, the bound static mode needs.")
+        "mode, which pads its pairs to `static rows` (the rows past the kept pairs are not computed); threshold "
+        "routers take at most top-k experts per token in every column, the bound static mode needs.")
 
 
 def render_compile(rows: list[dict]) -> str:

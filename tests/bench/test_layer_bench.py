@@ -88,6 +88,8 @@ def test_json_rows_go_into_a_new_folder(tmp_path) -> None:
     rows = bench.run(bench_args(["--shapes", "tiny", "--repeats", "1", "--backends", "loop", "--no-static",
                                  "--json", str(path)]))
     assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+    with pytest.raises(UsageError, match="is a folder"):  # before the timings, not at open() after them
+        bench.run(bench_args(["--shapes", "tiny", "--json", str(tmp_path / "new")]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="names a GPU this torch does not see")

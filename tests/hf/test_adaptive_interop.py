@@ -144,6 +144,31 @@ def test_an_offloaded_model_is_adapted_through_its_hooks(family):
     assert offloaded.mean > 1.0  # t = 0.9 engages more than one expert: the rule ran, not the family's own
 
 
+def test_removing_the_offloading_hooks_before_or_after_adapting_keeps_the_rule():
+    """accelerate's remove_hook_from_module leaves each module's forward on the instance, bound:
+    the family's own before adapting, the rule's after. Adapting (again) follows either."""
+    import copy
+
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    x = torch.randint(VOCAB, (2, 9))
+    base = tiny_family("qwen3_moe")
+    before, after = copy.deepcopy(base), copy.deepcopy(base)
+    with torch.no_grad():
+        expected = adaptive(base, threshold=0.5)(x).logits
+    for model in (before, after):
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    remove_hook_from_module(before, recurse=True)
+    adaptive(before, threshold=0.5)
+    adaptive(after, threshold=0.9)
+    remove_hook_from_module(after, recurse=True)
+    adaptive(after, threshold=0.5)
+    with torch.no_grad():
+        for model in (before, after):
+            torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_a_router_whose_forward_is_replaced_otherwise_is_refused():
     model = tiny_family("qwen3_moe")
     router = moe_routers(model)[1]

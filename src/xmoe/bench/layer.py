@@ -296,6 +296,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this torch sees no CUDA GPU; leave --device out to run on the CPU")
     if args.json:  # its folder made now: a path that cannot take the file fails before the timings, not after
+        if Path(args.json).is_dir():
+            raise UsageError(f"--json {args.json} is a folder; give the name of the file to write the rows to")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes or (list(FULL) if args.full else ["small", "S1"])

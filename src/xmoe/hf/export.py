@@ -65,7 +65,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, *, tokenizer_file: st
             special = {"eos_token_id": eot_id, "bos_token_id": eot_id, "pad_token_id": eot_id}
     cfg = model.cfg
     if dropless and cfg.moe is not None:
-        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=None))
+        try:
+            cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, eval_capacity_factor=None))
+        except ValueError as err:  # static mode's bound was the capacity (MoEConfig says what to set instead)
+            raise UsageError(f"--dropless: this model cannot route dropless as configured: {err}") from None
     hf_model = XMoEForCausalLM(XMoEConfig.from_gpt_config(cfg, **special))
     if (mismatch := capacity_mismatch(hf_model)) is not None:
         raise UsageError(mismatch)

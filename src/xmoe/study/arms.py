@@ -15,6 +15,8 @@ from .measure import write_json, write_text
 from .plan import CPU, RunSpec, Variant, run_spec
 
 EXPERTS = 64
+# Why a run in --out is not one these studies plan (the Runner's refusal names it).
+ARM_FLAGS = "this study plans (other --steps, --data, --seeds or --section.field overrides?)"
 
 SCALE = replace(  # the CPU scale's model (d_model 128), trained longer on smaller batches, with a test split
     CPU,

@@ -58,7 +58,7 @@ from xmoe.report.plots import figure, save
 from .compare import compute_matched_k
 
 from .aggregate import mean_std, spread_cell
-from .arms import EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
+from .arms import ARM_FLAGS, EXPERTS, Arm, heading, preflight, settings, spec, study_overrides, write_results
 from .measure import is_finished, read_json, write_json
 from .plots import STUDY_DPI
 from .runner import Runner
@@ -191,7 +191,7 @@ def run_budget(*, out: str | os.PathLike, data: str | None = None, seeds: int = 
     extra = study_overrides("budget", FIXED, steps=steps, data=data, overrides=overrides)
     preflight(arms, extra, data=data)
     study = Study(Path(out), extra, seeds, arms)
-    runner = Runner(study.out / "runs", progress=progress, log=log)
+    runner = Runner(study.out / "runs", progress=progress, log=log, planned=ARM_FLAGS)
     if train:
         order = [(arm, s) for s in range(seeds) for arm in arms if arm.option != "reference"]
         order += [(arm, s) for s in range(seeds) for arm in arms if arm.option == "reference"]

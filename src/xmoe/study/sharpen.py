@@ -38,7 +38,7 @@ from xmoe.report.plots import figure, save
 from xmoe.training import read_metrics
 
 from .aggregate import mean_std, spread_cell, summarize
-from .arms import Arm, heading, preflight, settings, spec, study_overrides, write_results
+from .arms import ARM_FLAGS, Arm, heading, preflight, settings, spec, study_overrides, write_results
 from .measure import inference_sweep, read_json
 from .plan import INFERENCE_THRESHOLDS
 from .plots import STUDY_DPI
@@ -78,7 +78,7 @@ def run_sharpen(*, out: str | os.PathLike, data: str | None = None, seeds: int =
     extra = study_overrides("sharpen", FIXED, steps=steps, data=data, overrides=overrides)
     preflight(ARMS, extra, data=data)
     out = Path(out)
-    runner = Runner(out / "runs", progress=progress, log=log)
+    runner = Runner(out / "runs", progress=progress, log=log, planned=ARM_FLAGS)
 
     def measure(arm: Arm, seed: int) -> dict:
         s = spec(arm, seed, extra)

@@ -98,8 +98,9 @@ class ThresholdRouter(nn.Module):
 
 def check_adaptable(router: nn.Module) -> None:
     """Refuse a router whose ``forward`` is replaced on the instance, unless by accelerate's hooks
-    (``_hooked``): a new class would not run."""
-    if "forward" in vars(router) and not _hooked(router):
+    (``_hooked``) or by its own class's forward (what removing those hooks leaves): a new class
+    would not run."""
+    if "forward" in vars(router) and not _hooked(router) and not _own_forward(router):
         raise UsageError(
             f"{type(router).__name__}.forward is replaced on the module itself, so a threshold rule would "
             f"never run; remove that replacement before xmoe.hf.adaptive (accelerate's hooks, as device_map "
@@ -110,12 +111,21 @@ def check_adaptable(router: nn.Module) -> None:
 def adapt_router(router: nn.Module, rule: type[ThresholdRouter], *, threshold: float,
                  max_experts: int | None) -> None:
     """Route ``router`` (a family's router, or one adapted before) by ``rule`` at ``threshold``."""
+    if _own_forward(router):  # accelerate's hooks removed: the class's forward, bound; the class decides
+        del router.forward
     if not isinstance(router, ThresholdRouter):
         router.__class__ = _threshold_class(rule, type(router))
         if _hooked(router):  # the hooks call the forward they wrapped: now the rule's
             router._old_forward = types.MethodType(type(router).forward, router)
     router.threshold, router.max_experts = threshold, max_experts
     router.train(False)
+
+
+def _own_forward(router: nn.Module) -> bool:
+    """Whether the instance's ``forward`` is its class's own, bound to it (accelerate's
+    remove_hook_from_module leaves the forward it had wrapped there)."""
+    forward = vars(router).get("forward")
+    return getattr(forward, "__self__", None) is router and getattr(forward, "__func__", None) is type(router).forward
 
 
 def _hooked(router: nn.Module) -> bool:
