@@ -122,12 +122,12 @@ class DialMixin:
         return out
 
 
-def capacity_mismatch(model: nn.Module) -> str | None:
+def capacity_mismatch(model: DialMixin) -> str | None:
     """What is wrong with saving ``model`` as a folder, if its MoE layers evaluate with capacity:
     a folder routes with its portable code, which is dropless (as cached decoding must be: a call
     of one new token per sequence would fill an expert's slots differently from a full forward),
     so it would compute other outputs. None when nothing is."""
-    factors = {m.router.dial.eval_capacity_factor for m in model.modules() if isinstance(m, MoELayer)}
+    factors = {layer.router.dial.eval_capacity_factor for layer in model.moe_layers()}
     factors = (factors | {(model.config.moe or {}).get("eval_capacity_factor")}) - {None}
     if not factors:
         return None
